@@ -1,0 +1,155 @@
+"""Shared pieces of the experiment recipes: the mdistiller training recipe and the per-pair table.
+
+Each `configs/<dataset>_<method>.py` file builds on these; every loss group (kd, dkd, lskd, ctkd)
+is always present, filled with the pair's published settings, so `--config.method=dkd` on any
+file gives the reference DKD recipe for that pair. Sources: ../shared/spec/methods.md and §7 of
+mdistiller_spec.md.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# teacher -> student pairs of the Sort-KD / DKD CIFAR-100 tables.
+# lr 0.01 for MobileNet/ShuffleNet students; DKD's beta per pair (methods.md, DKD table).
+CIFAR_PAIRS = {
+    "res56_res20": dict(teacher="resnet56", student="resnet20", dkd_beta=2.0, lr=0.05),
+    "res110_res32": dict(teacher="resnet110", student="resnet32", dkd_beta=2.0, lr=0.05),
+    "res32x4_res8x4": dict(teacher="resnet32x4", student="resnet8x4", dkd_beta=8.0, lr=0.05),
+    "wrn40_2_wrn16_2": dict(teacher="wrn_40_2", student="wrn_16_2", dkd_beta=6.0, lr=0.05),
+    "wrn40_2_wrn40_1": dict(teacher="wrn_40_2", student="wrn_40_1", dkd_beta=6.0, lr=0.05),
+    "vgg13_vgg8": dict(teacher="vgg13", student="vgg8", dkd_beta=6.0, lr=0.05),
+    "res32x4_shuv1": dict(teacher="resnet32x4", student="ShuffleV1", dkd_beta=8.0, lr=0.01),
+    "res32x4_shuv2": dict(teacher="resnet32x4", student="ShuffleV2", dkd_beta=8.0, lr=0.01),
+    "wrn40_2_shuv1": dict(teacher="wrn_40_2", student="ShuffleV1", dkd_beta=8.0, lr=0.01),
+    "vgg13_mv2": dict(teacher="vgg13", student="MobileNetV2", dkd_beta=6.0, lr=0.01),
+    "res50_mv2": dict(teacher="ResNet50", student="MobileNetV2", dkd_beta=8.0, lr=0.01),
+}
+
+IMAGENET_PAIRS = {
+    "r34_r18": dict(teacher="imagenet_ResNet34", student="imagenet_ResNet18", dkd_beta=0.5,
+                    lskd_ce_weight=1.0),
+    "r50_mv1": dict(teacher="imagenet_ResNet50", student="imagenet_MobileNetV1", dkd_beta=2.0,
+                    lskd_ce_weight=0.1),
+}
+
+
+def parse_arg(arg: str | None, pairs: dict, default: str) -> tuple[str, bool]:
+  """Splits `PAIR[,runlocal]` and checks the pair name."""
+  parts = [p for p in (arg or default).split(",") if p]
+  pair = parts[0] if parts and parts[0] != "runlocal" else default
+  unknown = [p for p in parts if p not in (pair, "runlocal")]
+  if pair not in pairs or unknown:
+    raise ValueError(
+        f"Unknown config argument {arg!r}. Use PAIR or PAIR,runlocal with PAIR one of: "
+        f"{', '.join(sorted(pairs))}.")
+  return pair, "runlocal" in parts
+
+
+def default_teacher_checkpoint(teacher: str) -> str:
+  """Where scripts/port_weights.py puts a converted teacher unless told otherwise."""
+  return f"teachers/{teacher}"
+
+
+def _optional(field_type: type) -> ml_collections.FieldReference:
+  """A field that defaults to None but can be set from the command line."""
+  return ml_collections.FieldReference(None, field_type=field_type)
+
+
+def _base_config(method: str, pair: str, teacher: str, student: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.pair = pair
+  c.method = method
+  c.sort = True
+  c.teacher = ml_collections.ConfigDict(dict(
+      name=teacher, checkpoint=default_teacher_checkpoint(teacher)))
+  c.student = ml_collections.ConfigDict(dict(name=student))
+  # name: a tfds dataset; folder: an image folder with train/<class>/ and test/<class>/.
+  c.data = ml_collections.ConfigDict(dict(
+      name="cifar100", data_dir=_optional(str), folder=_optional(str), cache_dir=_optional(str),
+      image_size=32, train_split="train", test_split="test",
+      max_train_examples=_optional(int), max_test_examples=_optional(int)))
+  # Run settings: none of these change the numbers, only speed and output.
+  c.seed = 0
+  c.dtype = "float32"
+  c.steps_per_dispatch = 8
+  c.log_every_steps = 200
+  c.checkpoints_to_keep = 2
+  return c
+
+
+def cifar_config(arg: str | None, method: str) -> ml_collections.ConfigDict:
+  """The CIFAR-100 recipe of mdistiller (spec §7.1–7.5) for one pair and method."""
+  pair, runlocal = parse_arg(arg, CIFAR_PAIRS, "res32x4_res8x4")
+  p = CIFAR_PAIRS[pair]
+  c = _base_config(method, pair, p["teacher"], p["student"])
+
+  # Optimiser and schedule: SGD(0.9), coupled wd on every student parameter, per-epoch steps.
+  c.batch_size = 64
+  c.eval_batch_size = 1000
+  c.num_epochs = 240
+  c.lr = p["lr"]
+  c.lr_decay_epochs = (150, 180, 210)
+  c.lr_decay_rate = 0.1
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+
+  # Loss hyper-parameters (methods.md). `method` picks the group that is used.
+  c.kd = ml_collections.ConfigDict(dict(temperature=4.0, ce_weight=0.1, kd_weight=0.9))
+  c.dkd = ml_collections.ConfigDict(dict(
+      ce_weight=1.0, alpha=1.0, beta=p["dkd_beta"], temperature=4.0, warmup_epochs=20))
+  c.lskd = ml_collections.ConfigDict(dict(
+      base="kd", temperature=2.0, ce_weight=0.1, kd_weight=9.0, dkd_weight_scale=9.0))
+  c.ctkd = ml_collections.ConfigDict(dict(
+      base="kd", standardize=False, t_start=1.0, t_end=20.0, init=1.0, ramp_epochs=10))
+
+  if runlocal:  # a CPU smoke test: tiny batches, two short epochs.
+    c.batch_size = 16
+    c.eval_batch_size = 64
+    c.num_epochs = 2
+    c.lr_decay_epochs = (1,)
+    c.dkd.warmup_epochs = 2
+    c.ctkd.ramp_epochs = 2
+    c.steps_per_dispatch = 2
+    c.log_every_steps = 4
+    c.data.max_train_examples = 72
+    c.data.max_test_examples = 100
+  return c
+
+
+def imagenet_config(arg: str | None, method: str) -> ml_collections.ConfigDict:
+  """The ImageNet recipe of mdistiller (spec §7.5): batch 512, 100 epochs, lr 0.2, wd 1e-4."""
+  pair, runlocal = parse_arg(arg, IMAGENET_PAIRS, "r34_r18")
+  p = IMAGENET_PAIRS[pair]
+  c = _base_config(method, pair, p["teacher"], p["student"])
+  c.data.update(name="imagenet2012", image_size=224, test_split="validation")
+  c.data.shuffle_buffer = 16 * 1024
+
+  c.batch_size = 512
+  c.eval_batch_size = 500
+  c.num_epochs = 100
+  c.lr = 0.2
+  c.lr_decay_epochs = (30, 60, 90)
+  c.lr_decay_rate = 0.1
+  c.momentum = 0.9
+  c.weight_decay = 1e-4
+
+  c.kd = ml_collections.ConfigDict(dict(temperature=1.0, ce_weight=0.5, kd_weight=0.5))
+  c.dkd = ml_collections.ConfigDict(dict(
+      ce_weight=1.0, alpha=1.0, beta=p["dkd_beta"], temperature=1.0, warmup_epochs=1))
+  c.lskd = ml_collections.ConfigDict(dict(
+      base="kd", temperature=2.0, ce_weight=p["lskd_ce_weight"], kd_weight=9.0,
+      dkd_weight_scale=9.0))
+  c.ctkd = ml_collections.ConfigDict(dict(
+      base="kd", standardize=False, t_start=1.0, t_end=20.0, init=1.0, ramp_epochs=5))
+  c.steps_per_dispatch = 1
+  c.log_every_steps = 100
+
+  if runlocal:  # mock-data smoke test: small crops, a few images.
+    c.data.update(image_size=64, shuffle_buffer=64, max_train_examples=16, max_test_examples=10)
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.num_epochs = 1
+    c.lr_decay_epochs = (1,)
+    c.log_every_steps = 1
+  return c

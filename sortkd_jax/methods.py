@@ -1,0 +1,133 @@
+"""Distillation methods: which losses a config's `method` adds up, and where Sort goes.
+
+A small registry in the scenic style: a config only names the method; this module turns the
+student logits, the frozen teacher's logits and the labels into named loss terms. The total
+loss is the sum of the terms (mdistiller sums its loss dict, spec §7.2). Definitions and
+per-method weights: ../shared/spec/methods.md.
+
+Sort (when `config.sort`) corrects the teacher logits once, before temperature or
+standardisation; it commutes with both, so every method sees the same corrected logits.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import ml_collections
+
+from sortkd_jax import losses
+from sortkd_jax.sort import sort_teacher_logits
+
+LossTerms = dict[str, jax.Array]
+
+METHODS = ("vanilla", "kd", "dkd", "lskd", "ctkd")
+BASE_LOSSES = ("kd", "dkd")
+
+
+def uses_teacher(config: ml_collections.ConfigDict) -> bool:
+  return config.method != "vanilla"
+
+
+def learns_temperature(config: ml_collections.ConfigDict) -> bool:
+  """CTKD adds one trainable scalar θ, optimised together with the student."""
+  return config.method == "ctkd"
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails early, naming the valid choices, for an unknown method or base loss."""
+  if config.method not in METHODS:
+    raise ValueError(f"Unknown config.method {config.method!r}; choose one of {METHODS}.")
+  for group in ("lskd", "ctkd"):
+    if config.method == group and config[group].base not in BASE_LOSSES:
+      raise ValueError(f"config.{group}.base must be one of {BASE_LOSSES}, "
+                       f"got {config[group].base!r}.")
+
+
+def _kd(z, v, y, *, ce_weight, kd_weight, temperature) -> LossTerms:
+  """methods.md KD: λ_CE·CE + λ_KD·T²·KL."""
+  return {"ce": ce_weight * losses.cross_entropy(z, y),
+          "kd": kd_weight * losses.kd(z, v, temperature)}
+
+
+def _dkd(z, v, y, epoch, *, ce_weight, alpha, beta, temperature, warmup_epochs,
+         ce_logits=None) -> LossTerms:
+  """methods.md DKD: λ_CE·CE + min(epoch/warmup, 1)·(α·TCKD + β·NCKD)."""
+  ce_logits = z if ce_logits is None else ce_logits
+  warmup = losses.dkd_warmup_factor(epoch, warmup_epochs)
+  return {"ce": ce_weight * losses.cross_entropy(ce_logits, y),
+          "kd": warmup * losses.dkd(z, v, y, alpha, beta, temperature)}
+
+
+def _standardized(config, z, v, y, epoch, base: str, temperature) -> LossTerms:
+  """LSKD: the base loss on z-scored logits at base temperature τ; CE keeps the raw logits."""
+  zs, vs = losses.standardize(z), losses.standardize(v)
+  ls = config.lskd
+  if base == "kd":
+    return {"ce": ls.ce_weight * losses.cross_entropy(z, y),
+            "kd": ls.kd_weight * losses.kd(zs, vs, temperature)}
+  d = config.dkd
+  return _dkd(zs, vs, y, epoch, ce_weight=d.ce_weight, alpha=d.alpha * ls.dkd_weight_scale,
+              beta=d.beta * ls.dkd_weight_scale, temperature=temperature,
+              warmup_epochs=d.warmup_epochs, ce_logits=z)
+
+
+def _vanilla(config, z, v, y, epoch, theta) -> LossTerms:
+  return {"ce": losses.cross_entropy(z, y)}
+
+
+def _kd_method(config, z, v, y, epoch, theta) -> LossTerms:
+  return _kd(z, v, y, **config.kd)
+
+
+def _dkd_method(config, z, v, y, epoch, theta) -> LossTerms:
+  return _dkd(z, v, y, epoch, **config.dkd)
+
+
+def _lskd_method(config, z, v, y, epoch, theta) -> LossTerms:
+  return _standardized(config, z, v, y, epoch, config.lskd.base, config.lskd.temperature)
+
+
+def _ctkd_method(config, z, v, y, epoch, theta) -> LossTerms:
+  """CTKD (global): τ = t_start + t_end·sigmoid(θ) with θ behind a gradient-reversal layer.
+
+  θ ascends the distillation loss while the student descends it; λ follows the cosine ramp.
+  The learned τ replaces the base loss's temperature (KD's T, DKD's T, or LSKD's τ).
+  """
+  c = config.ctkd
+  reversed_theta = losses.reverse_gradient(theta, losses.ctkd_lambda(epoch, c.ramp_epochs))
+  temperature = losses.ctkd_temperature(reversed_theta, c.t_start, c.t_end)
+  if c.standardize:
+    terms = _standardized(config, z, v, y, epoch, c.base, temperature)
+  elif c.base == "kd":
+    terms = _kd(z, v, y, ce_weight=config.kd.ce_weight, kd_weight=config.kd.kd_weight,
+                temperature=temperature)
+  else:
+    terms = _dkd(z, v, y, epoch, **{**config.dkd, "temperature": temperature})
+  return terms
+
+
+_REGISTRY: dict[str, Callable[..., LossTerms]] = {
+    "vanilla": _vanilla, "kd": _kd_method, "dkd": _dkd_method,
+    "lskd": _lskd_method, "ctkd": _ctkd_method,
+}
+
+
+def loss_terms(config: ml_collections.ConfigDict, student_logits: jax.Array,
+               teacher_logits: jax.Array | None, labels: jax.Array, epoch: jax.Array,
+               ctkd_theta: jax.Array | None = None) -> LossTerms:
+  """The named, weighted loss terms of `config.method` for one batch.
+
+  Args:
+    student_logits: [B, K] raw student logits (gradients flow through them).
+    teacher_logits: [B, K] frozen teacher logits, or None for `vanilla`.
+    labels: [B] integer labels.
+    epoch: the 1-based epoch of this step (DKD warm-up and CTKD's λ depend on it).
+    ctkd_theta: CTKD's learnable scalar θ (only for `ctkd`).
+  """
+  if teacher_logits is not None:
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    if config.sort:
+      teacher_logits = sort_teacher_logits(teacher_logits, labels)
+  return _REGISTRY[config.method](config, student_logits, teacher_logits, labels, epoch,
+                                  ctkd_theta)
