@@ -1,0 +1,82 @@
+"""The mdistiller model zoo in Flax NNX (spec §2–§4), with a name → constructor registry.
+
+``create_model(name, num_classes=None, *, rngs, dtype=jnp.float32)`` builds any of the 27
+architectures of ``mdistiller_state_dict_keys.json``: the CIFAR registry names and
+``imagenet_ResNet18/34/50``, ``imagenet_MobileNetV1``. Models take NHWC float input and
+return float32 logits ``[B, num_classes]``; parameters are float32 ``nnx.Param``, BN
+running statistics float32 ``nnx.BatchStat``, and ``dtype`` is the compute dtype.
+
+A fresh model is in train mode (as a fresh torch module); ``model.eval()`` /
+``model.train()`` switch every BatchNorm. Attribute paths mirror the PyTorch state-dict
+keys (``sortkd_jax.porting`` translates them).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sortkd_jax.models import (cifar_resnet, imagenet_resnet, mobilenetv1, mobilenetv2,
+                               resnetv2, shufflenetv1, shufflenetv2, vgg, wrn)
+from sortkd_jax.models.layers import BatchNorm
+
+__all__ = ["MODEL_NAMES", "create_model", "count_params", "default_num_classes", "BatchNorm"]
+
+# name -> (builder(name, num_classes, *, rngs, dtype), default num_classes)
+_REGISTRY: dict[str, tuple[Callable[..., nnx.Module], int]] = {}
+for _family, _classes in (
+    (cifar_resnet, 100), (wrn, 100), (vgg, 100), (mobilenetv2, 100), (shufflenetv1, 100),
+    (shufflenetv2, 100), (resnetv2, 100), (imagenet_resnet, 1000), (mobilenetv1, 1000)):
+  for _name in _family.CONFIGS:
+    _REGISTRY[_name] = (_family.build, _classes)
+
+# Same order as mdistiller_state_dict_keys.json.
+MODEL_NAMES: tuple[str, ...] = (
+    "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+    "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8",
+    "vgg11", "vgg13", "vgg16", "vgg19", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50",
+    "ResNet18", "imagenet_ResNet18", "imagenet_ResNet34", "imagenet_ResNet50",
+    "imagenet_MobileNetV1")
+assert set(MODEL_NAMES) == set(_REGISTRY), sorted(set(MODEL_NAMES) ^ set(_REGISTRY))
+
+
+def _check_name(name: str) -> None:
+  if name not in _REGISTRY:
+    raise ValueError(
+        f"Unknown model name {name!r}. Valid names: {', '.join(MODEL_NAMES)}.")
+
+
+def default_num_classes(name: str) -> int:
+  """100 for the CIFAR names, 1000 for ``imagenet_*``."""
+  _check_name(name)
+  return _REGISTRY[name][1]
+
+
+def create_model(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32) -> nnx.Module:
+  """Builds the named architecture with the reference initialisation (spec §1 table).
+
+  Args:
+    name: one of ``MODEL_NAMES`` (case-sensitive, as in mdistiller's registries).
+    num_classes: classifier width; None → 100 (CIFAR) or 1000 (``imagenet_*``).
+    rngs: ``nnx.Rngs`` for initialisation (only the ``params`` stream is used, and no RNG
+      state is kept in the model).
+    dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters and BN statistics stay
+      float32 and logits are returned as float32.
+  """
+  _check_name(name)
+  builder, default = _REGISTRY[name]
+  if num_classes is None:
+    num_classes = default
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+  return builder(name, num_classes, rngs=rngs, dtype=dtype)
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of trainable scalars (``nnx.Param``); BN running stats are not counted,
+  matching the spec's parameter table (§4)."""
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,264 @@
+"""Building blocks shared by the mdistiller model zoo (spec §1), in Flax NNX, NHWC.
+
+Everything here reproduces PyTorch semantics exactly enough that ported weights give
+PyTorch's logits (fixtures agree to ~1e-6) and that training from scratch starts from the
+same distributions as the reference:
+
+* ``BatchNorm``: torch ``BatchNorm2d`` (eps 1e-5, momentum 0.1 in torch terms), storing
+  torch's own ``running_mean``/``running_var`` (unbiased) so porting copies them verbatim.
+* ``conv`` / ``linear``: ``nnx.Conv`` / ``nnx.Linear`` with explicit symmetric padding
+  (never ``'SAME'``, spec §1 "Padding") and the per-family initialisers of the spec's
+  init table.
+* pooling and channel shuffle helpers with torch's padding conventions.
+
+Module attribute paths mirror torch state-dict keys (see ``sortkd_jax.porting``), so a
+torch ``nn.Sequential`` with parameter-free entries (ReLU, pools) becomes an ``nnx.List``
+holding ``None`` at those indices: the state path ``('conv', 3, 'kernel')`` is then
+``conv.3.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# --------------------------------------------------------------------------------------
+# Initialisers (spec §1 init table). Flax kernels are [kh, kw, in/groups, out] for convs
+# and [in, out] for linears; torch's fans are fan_in = in/groups·k², fan_out = out·k².
+# --------------------------------------------------------------------------------------
+
+
+def _fans(shape: Sequence[int]) -> tuple[int, int]:
+  receptive = math.prod(shape[:-2]) if len(shape) > 2 else 1
+  return shape[-2] * receptive, shape[-1] * receptive
+
+
+def normal_fan_out() -> Initializer:
+  """normal(0, √(2/(k²·out))): torch ``kaiming_normal_(mode='fan_out', relu)`` and the
+  ``normal_(0, sqrt(2/n))`` loops of WRN/VGG/MobileNetV2/ImageNet ResNet (untruncated)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    _, fan_out = _fans(shape)
+    return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / fan_out)
+
+  return init
+
+
+def normal(std: float) -> Initializer:
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.normal(key, shape, dtype) * std
+
+  return init
+
+
+def torch_default_kernel() -> Initializer:
+  """PyTorch's default Conv/Linear weight init, kaiming_uniform(a=√5) ≡ U(±1/√fan_in)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    fan_in, _ = _fans(shape)
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def torch_default_bias(fan_in: int) -> Initializer:
+  """PyTorch's default bias init U(±1/√fan_in) (the bias alone does not know fan_in)."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+zeros = nnx.initializers.zeros
+
+
+# --------------------------------------------------------------------------------------
+# Conv / Linear factories.
+# --------------------------------------------------------------------------------------
+
+
+def conv(
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    stride: int = 1,
+    *,
+    padding: int | None = None,
+    groups: int = 1,
+    bias: bool = False,
+    kernel_init: Initializer,
+    bias_init: Initializer | None = None,
+    rngs: nnx.Rngs,
+    dtype: Dtype = jnp.float32,
+) -> nnx.Conv:
+  """A torch ``Conv2d`` as ``nnx.Conv``: symmetric padding ``kernel // 2`` by default
+  (spec §1: 3×3 pads 1, 1×1 pads 0, 7×7 pads 3), ``groups`` → ``feature_group_count``."""
+  p = kernel // 2 if padding is None else padding
+  if bias and bias_init is None:
+    bias_init = torch_default_bias(in_ch // groups * kernel * kernel)
+  return nnx.Conv(
+      in_ch,
+      out_ch,
+      (kernel, kernel),
+      (stride, stride),
+      padding=((p, p), (p, p)),
+      feature_group_count=groups,
+      use_bias=bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=kernel_init,
+      bias_init=bias_init if bias else zeros,
+      rngs=rngs,
+  )
+
+
+def linear(
+    in_f: int,
+    out_f: int,
+    *,
+    kernel_init: Initializer | None = None,
+    bias_init: Initializer | None = None,
+    rngs: nnx.Rngs,
+    dtype: Dtype = jnp.float32,
+) -> nnx.Linear:
+  """A torch ``Linear`` (with bias); defaults are torch's U(±1/√in) for weight and bias."""
+  return nnx.Linear(
+      in_f,
+      out_f,
+      use_bias=True,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=kernel_init or torch_default_kernel(),
+      bias_init=bias_init or torch_default_bias(in_f),
+      rngs=rngs,
+  )
+
+
+# --------------------------------------------------------------------------------------
+# BatchNorm with PyTorch semantics.
+# --------------------------------------------------------------------------------------
+
+
+class BatchNorm(nnx.Module):
+  """``torch.nn.BatchNorm2d`` over NHWC inputs (spec §1 "BatchNorm").
+
+  Train mode (``use_running_average=False``): normalise with the batch mean and the
+  *biased* batch variance over (N, H, W); then ``running ← (1−m)·running + m·stat`` with
+  m = 0.1 and the *unbiased* variance (n/(n−1)), exactly torch's buffers. Eval mode: use
+  the running statistics. ``model.train()`` / ``model.eval()`` (``set_attributes``) and
+  ``nnx.view(model, use_running_average=...)`` (``set_view``) switch the mode.
+
+  Statistics are computed in float32 whatever the compute ``dtype``; the running stats
+  are ``nnx.BatchStat`` in float32. Reductions use plain ``jnp`` ops without
+  ``axis_name``: under ``jax.jit`` with the batch sharded over a mesh, XLA computes them
+  over the global batch.
+
+  ``stat_updates`` = 2 reproduces WRN's double running-stat update (spec §2.3 quirk: the
+  ``preact_feats`` BN calls run the same layer again on the same tensor in training), i.e.
+  the update is applied twice: running ← 0.81·running + 0.19·stat.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      momentum: float = 0.1,
+      epsilon: float = 1e-5,
+      stat_updates: int = 1,
+      use_running_average: bool = False,
+      dtype: Dtype = jnp.float32,
+  ):
+    self.num_features = num_features
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.stat_updates = stat_updates
+    self.use_running_average = use_running_average
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Hook for ``nnx.view``."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axes = tuple(range(x.ndim - 1))
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axis=axes)
+      # Two-pass (mean of squared deviations): no cancellation for large-mean channels.
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      n = math.prod(x.shape[a] for a in axes)
+      unbiased = var * (n / max(n - 1, 1))
+      m = self.momentum
+      r_mean, r_var = self.mean[...], self.var[...]
+      bm, bv = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(unbiased)
+      for _ in range(self.stat_updates):
+        r_mean = (1.0 - m) * r_mean + m * bm
+        r_var = (1.0 - m) * r_var + m * bv
+      self.mean[...] = r_mean
+      self.var[...] = r_var
+    # Fold into one multiply-add per element, in the compute dtype.
+    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+    shift = self.bias[...] - mean * inv
+    return x.astype(self.dtype) * inv.astype(self.dtype) + shift.astype(self.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Parameter-free ops (NHWC).
+# --------------------------------------------------------------------------------------
+
+relu = jax.nn.relu
+
+
+def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
+  """torch ``MaxPool2d``: padding never wins (−∞)."""
+  p = padding
+  return jax.lax.reduce_window(
+      x, -jnp.inf, jax.lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1),
+      ((0, 0), (p, p), (p, p), (0, 0)))
+
+
+def avg_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
+  """torch ``AvgPool2d`` with ``count_include_pad=True``: always divide by kernel²."""
+  p = padding
+  s = jax.lax.reduce_window(
+      x, jnp.zeros((), x.dtype), jax.lax.add, (1, kernel, kernel, 1),
+      (1, stride, stride, 1), ((0, 0), (p, p), (p, p), (0, 0)))
+  return s / jnp.asarray(kernel * kernel, x.dtype)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] → [B, C]. Every head pool of the zoo reduces to 1×1 at its native
+  input size (spec §9.3), where this equals the fixed-kernel torch pool."""
+  return jnp.mean(x, axis=(1, 2))
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+  """ShuffleNet channel shuffle in NHWC (spec §1): output channel i·g + j ← input
+  channel j·(C/g) + i. A reshape/transpose of the last axis only."""
+  if groups == 1:
+    return x
+  *lead, c = x.shape
+  x = x.reshape(*lead, groups, c // groups)
+  x = jnp.swapaxes(x, -1, -2)
+  return x.reshape(*lead, c)
+
+
+def logits_f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
