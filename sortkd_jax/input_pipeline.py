@@ -1,0 +1,510 @@
+"""Input pipelines: whole-split arrays for CIFAR, tf.data streams for ImageNet (spec §7.3).
+
+CIFAR-sized data fits on the device, so a split is loaded once as host NumPy (uint8 images,
+int32 labels); the trainer places it on the device(s) and crops/flips/normalises inside the jitted
+step (`augment.cifar_train_augment`). ImageNet is streamed with tf.data, cropped to uint8 on the
+host, and normalised on the device (`augment.normalize`).
+
+TensorFlow is imported lazily, only inside the functions that read data, and never sees the
+accelerators, so the training core does not import it and it takes no GPU memory.
+"""
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+from absl import logging
+
+if TYPE_CHECKING:
+  import tensorflow as tf
+
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "sortkd_jax")
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # the files tfds.ImageFolder reads
+_FOLDER_LAYOUT = "<folder>/<split>/<class_name>/<image>.jpg|.jpeg|.png"
+_IMAGE_SIZE_HINT = "Set config.data.image_size to match, or resize the images beforehand."
+# torchvision RandomResizedCrop defaults used by mdistiller's ImageNet train transform (§7.3).
+_CROP_SCALE = (0.08, 1.0)
+_CROP_RATIO = (3 / 4, 4 / 3)
+_CROP_ATTEMPTS = 10
+
+
+@functools.cache
+def _tf() -> tuple[Any, Any]:
+  """(tensorflow, tensorflow_datasets), imported on first use with GPUs hidden from TF."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  tf.config.set_visible_devices([], "GPU")
+  return tf, tfds
+
+
+# ----------------------------------------------------------------------------- whole-split arrays
+
+
+def validate_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """Returns `labels` as int32 after checking they are integer class ids in [0, num_classes).
+
+  An out-of-range id would otherwise be gathered silently (clamped or NaN) on the device.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool):
+    raise ValueError(
+        f"labels must be a 1-D integer array of class ids; got dtype {labels.dtype} and "
+        f"shape {labels.shape}."
+    )
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(
+        f"{bad.size} of {labels.size} labels lie outside [0, {num_classes}): e.g. "
+        f"{np.unique(bad)[:10].tolist()}. Check the dataset's label feature or the class folders."
+    )
+  return labels.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySplit:
+  """A whole split in host memory: uint8 images [N, H, W, 3], int32 labels [N]."""
+
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  class_names: tuple[str, ...] | None = None
+
+  def __post_init__(self):
+    if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+      raise ValueError(
+          f"images must be uint8 [N, H, W, 3]; got {self.images.dtype} {self.images.shape}."
+      )
+    if len(self.images) != len(self.labels):
+      raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels.")
+    if self.labels.dtype != np.int32:
+      raise ValueError(f"labels must be int32 (see validate_labels); got {self.labels.dtype}.")
+    validate_labels(self.labels, self.num_classes)
+
+
+def load_array_split(
+    *,
+    name: str | None = None,
+    split: str,
+    data_dir: str | None = None,
+    folder: str | None = None,
+    cache_dir: str | None = None,
+    image_size: int = 32,
+    download: bool = False,
+) -> ArraySplit:
+  """Loads a whole image-classification split as host arrays (CIFAR-100 in spec §7.3).
+
+  Sources, `folder` taking precedence over `name` when both are given:
+  * `folder`: an image folder `<folder>/<split>/<class_name>/<image>` read by
+    `tfds.ImageFolder`: label ids index the class names sorted over all splits, and the
+    examples come in tfds' fixed shuffled order. Decoding takes a while (12 s for CIFAR-10's
+    50,000 JPEGs on two cores, 0.7 s from the cache), so the arrays are cached as
+    `<cache_dir>/<folder name>-<split>-<hash of the absolute path>.npz` (default cache_dir
+    `~/.cache/sortkd_jax`) and reused while the split's file count, total size, newest mtime
+    and the class list are unchanged.
+  * `name`: a tfds dataset with 'image' and 'label' features, e.g. 'cifar100', already prepared
+    under `data_dir` (tfds' default when None). Nothing is downloaded unless `download=True`:
+    offline, tfds retries for minutes before failing.
+
+  Every image must be `image_size` x `image_size` x 3; nothing is resized.
+  """
+  if folder is not None:
+    return _load_folder_split(folder, split, cache_dir, image_size)
+  if name is None:
+    raise ValueError("Pass a tfds dataset `name` (e.g. 'cifar100') or an image `folder`.")
+  ds, _, label = _open_split(name=name, folder=None, split=split, data_dir=data_dir,
+                             download=download)
+  images, labels = _to_arrays(ds, image_size, f"tfds dataset {name!r}, split {split!r}")
+  return ArraySplit(images, validate_labels(labels, label.num_classes), label.num_classes,
+                    tuple(label.names))
+
+
+def _load_folder_split(folder: str, split: str, cache_dir: str | None,
+                       image_size: int) -> ArraySplit:
+  """Image-folder branch of `load_array_split`, with the decoded-array cache."""
+  folder = os.path.abspath(os.path.expanduser(folder))
+  _check_folder_split(folder, split)
+  fingerprint = _folder_fingerprint(folder, split)
+  cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
+  digest = hashlib.sha1(folder.encode()).hexdigest()[:12]
+  cache_path = os.path.join(cache_dir, f"{os.path.basename(folder)}-{split}-{digest}.npz")
+  where = f"image folder {folder}, split {split!r}"
+
+  if os.path.exists(cache_path):
+    with np.load(cache_path) as cached:
+      if str(cached["fingerprint"]) == fingerprint:
+        images, labels = cached["images"], cached["labels"]
+        class_names = tuple(str(c) for c in cached["class_names"])
+        _check_image_size(images.shape, image_size, f"{where} (cached in {cache_path})")
+        return ArraySplit(images, validate_labels(labels, len(class_names)),
+                          len(class_names), class_names)
+
+  ds, _, label = _open_split(name=None, folder=folder, split=split, data_dir=None, download=False)
+  logging.info("Decoding %s; the arrays will be cached in %s.", where, cache_path)
+  images, labels = _to_arrays(ds, image_size, where)
+  class_names = tuple(label.names)
+  labels = validate_labels(labels, len(class_names))
+  os.makedirs(cache_dir, exist_ok=True)
+  partial_path = f"{cache_path}.{os.getpid()}.tmp.npz"  # atomic: processes may race here
+  np.savez(partial_path, images=images, labels=labels, class_names=np.array(class_names),
+           fingerprint=np.array(fingerprint))
+  os.replace(partial_path, cache_path)
+  return ArraySplit(images, labels, len(class_names), class_names)
+
+
+def _check_folder_split(folder: str, split: str) -> None:
+  split_dir = os.path.join(folder, split)
+  if not os.path.isdir(split_dir):
+    found = None
+    if os.path.isdir(folder):
+      found = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    raise FileNotFoundError(
+        f"No split {split!r} in image folder {folder} (expected {split_dir}). Expected layout: "
+        f"{_FOLDER_LAYOUT}; "
+        + (f"splits found: {found}." if found is not None else "the folder does not exist.")
+    )
+
+
+def _folder_fingerprint(folder: str, split: str) -> str:
+  """Cheap change detector for the cache: class list, and the split's file count/bytes/mtime."""
+  classes = sorted({c.name for s in os.scandir(folder) if s.is_dir()
+                    for c in os.scandir(s.path) if c.is_dir()})
+  count = size = newest = 0
+  for class_dir in os.scandir(os.path.join(folder, split)):
+    if not class_dir.is_dir():
+      continue
+    for f in os.scandir(class_dir.path):
+      if f.name.lower().endswith(_IMAGE_EXTENSIONS):
+        stat = f.stat()
+        count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
+  return json.dumps(dict(classes=classes, files=count, bytes=size, newest_mtime_ns=newest))
+
+
+def _check_image_size(shape: tuple[int, ...], image_size: int, where: str) -> None:
+  if tuple(shape[1:]) != (image_size, image_size, 3):
+    raise ValueError(
+        f"{where}: images are {shape[1:]}, expected ({image_size}, {image_size}, 3). "
+        f"{_IMAGE_SIZE_HINT}"
+    )
+
+
+def _to_arrays(ds: "tf.data.Dataset", image_size: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes a tf.data split of {'image', 'label'} into (uint8 images, labels) NumPy arrays.
+
+  Images of the wrong size are padded/cropped only so that batching works; they are then
+  reported together (file names where known), not returned.
+  """
+  tf, tfds = _tf()
+  image_shape = ds.element_spec["image"].shape
+  if image_shape.rank != 3 or image_shape[-1] != 3:
+    raise ValueError(f"{where}: images must be RGB [H, W, 3]; this dataset has {image_shape}.")
+
+  def check(index, ex):
+    shape = tf.shape(ex["image"])
+    return dict(
+        image=tf.image.resize_with_crop_or_pad(ex["image"], image_size, image_size),
+        label=ex["label"],
+        ok=tf.reduce_all(shape[:2] == image_size),
+        shape=shape,
+        name=ex.get("image/filename", tf.strings.as_string(index)),
+    )
+
+  ds = ds.enumerate().map(check, num_parallel_calls=tf.data.AUTOTUNE).batch(2048)
+  chunks = list(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+  if not chunks:
+    raise ValueError(f"{where} has no examples.")
+  batch = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  if not batch["ok"].all():
+    bad = np.flatnonzero(~batch["ok"])
+    examples = ", ".join(f"{batch['name'][i].decode()} {tuple(batch['shape'][i].tolist())}"
+                         for i in bad[:5])
+    raise ValueError(
+        f"{where}: {len(bad)} of {len(bad) + batch['ok'].sum()} images are not "
+        f"({image_size}, {image_size}, 3), e.g. {examples}. {_IMAGE_SIZE_HINT}"
+    )
+  return batch["image"], batch["label"]
+
+
+def epoch_permutation(key: jax.Array, num_examples: int) -> jax.Array:
+  """The order of one epoch over an on-device split: every example once (spec §7.3 shuffle)."""
+  return jax.random.permutation(key, num_examples)
+
+
+# ----------------------------------------------------------------------------- tfds / folder source
+
+
+def _open_split(
+    *,
+    name: str | None,
+    folder: str | None,
+    split: str,
+    data_dir: str | None,
+    download: bool,
+    manual_dir: str | None = None,
+    decode: bool = True,
+    shuffle_seed: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tuple["tf.data.Dataset", int, Any]:
+  """(this process's shard as tf.data, examples in the whole split, the ClassLabel feature).
+
+  tfds datasets are split per process with `tfds.split_for_jax_process` (shard sizes differ by
+  at most one) and read only in part. `tfds.ImageFolder` has no sub-splits, so folders are
+  sharded with `Dataset.shard` after the file read: every process reads every file, which costs
+  I/O on many hosts (prepare a tfds dataset for multi-host ImageNet). With `shuffle_seed`, tfds
+  shuffles its files each epoch (a folder keeps tfds' fixed shuffled order).
+  """
+  tf, tfds = _tf()
+  decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
+  if folder is not None:
+    folder = os.path.abspath(os.path.expanduser(folder))
+    _check_folder_split(folder, split)
+    builder = tfds.ImageFolder(folder)
+    full = builder.as_dataset(split=split, decoders=decoders)
+    local = full.shard(process_count, process_index)
+  elif name is not None:
+    builder = tfds.builder(name, data_dir=data_dir)
+    if download or manual_dir:
+      config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+      builder.download_and_prepare(download_config=config)
+    full = _tfds_as_dataset(builder, data_dir, split=split)
+    local = _tfds_as_dataset(
+        builder, data_dir,
+        split=tfds.split_for_jax_process(split, process_index=process_index,
+                                         process_count=process_count),
+        decoders=decoders,
+        shuffle_files=shuffle_seed is not None,
+        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
+    )
+  else:
+    raise ValueError("Pass a tfds dataset `name` (e.g. 'imagenet2012') or an image `folder`.")
+  total = int(full.cardinality())
+  if total < 0:
+    raise ValueError(f"The size of split {split!r} is unknown to tf.data; cannot shard or pad it.")
+  return local, total, builder.info.features["label"]
+
+
+def _tfds_as_dataset(builder: Any, data_dir: str | None, **kwargs: Any) -> Any:
+  """`builder.as_dataset`, turning tfds' "could not find data" into guidance."""
+  try:
+    return builder.as_dataset(**kwargs)
+  except Exception as err:
+    if builder.is_prepared():
+      raise
+    raise FileNotFoundError(
+        f"tfds dataset {builder.name!r} is not prepared under data_dir="
+        f"{data_dir or '~/tensorflow_datasets (tfds default)'}. Either prepare it once where "
+        f"there is internet (`tfds build {builder.name} --data_dir=DIR`; ImageNet needs "
+        "`--manual_dir` holding the ILSVRC2012 tars) and pass --config.data.data_dir=DIR, or "
+        f"pass --config.data.folder=DIR with an image folder laid out as {_FOLDER_LAYOUT}."
+    ) from err
+
+
+# ----------------------------------------------------------------------------- ImageNet streams
+
+
+def _process_shard(process_index: int | None, process_count: int | None,
+                   global_batch_size: int) -> tuple[int, int, int]:
+  """(process index, process count, per-process batch), defaulting to JAX's processes."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % count:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} must be divisible by the {count} processes."
+    )
+  return index, count, global_batch_size // count
+
+
+def _resize_uint8(image: Any, size: Any) -> Any:
+  """Bilinear resize with antialiasing (PIL's bilinear, as torchvision uses), back to uint8."""
+  tf, _ = _tf()
+  image = tf.image.resize(image, size, method="bilinear", antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _random_resized_crop_window(height: Any, width: Any, seed: Any) -> tuple[Any, Any, Any, Any]:
+  """torchvision `RandomResizedCrop.get_params` (§7.3): (top, left, h, w) as int32 tensors.
+
+  Ten tries of area ~ U(0.08, 1)·H·W and log-aspect ~ U(log 3/4, log 4/3); the first crop that
+  fits wins, else the centre crop clamped to the aspect range. All tries are drawn at once.
+  """
+  tf, _ = _tf()
+  area_seed, ratio_seed, top_seed, left_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  area = tf.cast(height * width, tf.float32)
+  target = area * tf.random.stateless_uniform([_CROP_ATTEMPTS], area_seed, *_CROP_SCALE)
+  log_ratio = tf.random.stateless_uniform(
+      [_CROP_ATTEMPTS], ratio_seed, math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1]))
+  aspect = tf.exp(log_ratio)
+  ws = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
+  hs = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
+  fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+
+  fheight, fwidth = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  in_ratio = fwidth / fheight
+  centre_w = tf.where(in_ratio > _CROP_RATIO[1],
+                      tf.cast(tf.round(fheight * _CROP_RATIO[1]), tf.int32), width)
+  centre_h = tf.where(in_ratio < _CROP_RATIO[0],
+                      tf.cast(tf.round(fwidth / _CROP_RATIO[0]), tf.int32), height)
+  found = tf.reduce_any(fits)
+  h = tf.where(found, hs[first], centre_h)
+  w = tf.where(found, ws[first], centre_w)
+  # torchvision: randint(0, H - h + 1) after a successful try, else the centre.
+  top = tf.where(found, tf.random.stateless_uniform(
+      [], top_seed, 0, height - h + 1, dtype=tf.int32), (height - h) // 2)
+  left = tf.where(found, tf.random.stateless_uniform(
+      [], left_seed, 0, width - w + 1, dtype=tf.int32), (width - w) // 2)
+  return top, left, h, w
+
+
+def _train_image(encoded: Any, seed: Any, image_size: int) -> Any:
+  """RandomResizedCrop(image_size) + RandomHorizontalFlip on encoded bytes, uint8 out (§7.3).
+
+  JPEGs are decoded only inside the crop window; other formats (PNG) are decoded whole.
+  """
+  tf, _ = _tf()
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+
+  def jpeg():
+    shape = tf.image.extract_jpeg_shape(encoded)
+    top, left, h, w = _random_resized_crop_window(shape[0], shape[1], crop_seed)
+    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, h, w]), channels=3)
+
+  def other():
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    shape = tf.shape(image)
+    top, left, h, w = _random_resized_crop_window(shape[0], shape[1], crop_seed)
+    return image[top:top + h, left:left + w]
+
+  crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  image = _resize_uint8(crop, [image_size, image_size])
+  return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+def _eval_image(encoded: Any, image_size: int, resize_size: int) -> Any:
+  """Resize(resize_size) on the shorter side + CenterCrop(image_size), torchvision's rounding."""
+  tf, _ = _tf()
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  short, long = tf.minimum(height, width), tf.maximum(height, width)
+  new_long = resize_size * long // short  # torchvision: int(size * long / short)
+  new_h = tf.where(height <= width, resize_size, new_long)
+  new_w = tf.where(height <= width, new_long, resize_size)
+  image = _resize_uint8(image, tf.stack([new_h, new_w]))
+  # torchvision CenterCrop: int(round((new - size) / 2)), Python's round half to even.
+  top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2), tf.int32)
+  return image[top:top + image_size, left:left + image_size]
+
+
+def imagenet_train_dataset(
+    *,
+    global_batch_size: int,
+    name: str | None = "imagenet2012",
+    folder: str | None = None,
+    split: str = "train",
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    download: bool = False,
+    image_size: int = 224,
+    shuffle_buffer: int = 16 * 1024,
+    seed: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> "tf.data.Dataset":
+  """This process's endless stream of train batches {'image': uint8 [b, S, S, 3], 'label': int32}.
+
+  mdistiller's ImageNet train transform (spec §7.3), with b = global_batch_size / processes and
+  the last partial batch of the stream dropped. Shuffled per epoch (files and a buffer of
+  `shuffle_buffer` examples); crops/flips are seeded per example, so a run is reproducible.
+  `manual_dir` (the ILSVRC2012 tars) or `download` prepares the tfds dataset first if needed.
+  """
+  tf, _ = _tf()
+  index, count, local_batch = _process_shard(process_index, process_count, global_batch_size)
+  base_seed = seed * count + index
+  ds, _, _ = _open_split(name=name, folder=folder, split=split, data_dir=data_dir,
+                         download=download, manual_dir=manual_dir, decode=False,
+                         shuffle_seed=base_seed, process_index=index, process_count=count)
+  ds = ds.shuffle(shuffle_buffer, seed=base_seed, reshuffle_each_iteration=True).repeat()
+
+  def transform(i, ex):
+    example_seed = tf.stack([tf.constant(base_seed, tf.int64), i])
+    return {"image": _train_image(ex["image"], example_seed, image_size),
+            "label": tf.cast(ex["label"], tf.int32)}
+
+  ds = ds.enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def imagenet_eval_dataset(
+    *,
+    global_batch_size: int,
+    name: str | None = "imagenet2012",
+    folder: str | None = None,
+    split: str = "validation",
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    download: bool = False,
+    image_size: int = 224,
+    resize_size: int = 256,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> "tf.data.Dataset":
+  """This process's eval batches {'image': uint8, 'label': int32, 'mask': bool}, one pass.
+
+  Resize(256) + CenterCrop(224) (spec §7.3). No example is dropped: the last batches are padded
+  with mask=False entries, and every process yields ceil(ceil(N / processes) / b) batches so
+  that all processes step together.
+  """
+  tf, _ = _tf()
+  if resize_size < image_size:
+    raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}.")
+  index, count, local_batch = _process_shard(process_index, process_count, global_batch_size)
+  ds, total, _ = _open_split(name=name, folder=folder, split=split, data_dir=data_dir,
+                             download=download, manual_dir=manual_dir, decode=False,
+                             process_index=index, process_count=count)
+  per_process = -(-total // count)  # ceil: the largest shard
+  num_batches = -(-per_process // local_batch)
+  ds = ds.map(lambda ex: {"image": _eval_image(ex["image"], image_size, resize_size),
+                          "label": tf.cast(ex["label"], tf.int32),
+                          "mask": tf.constant(True)},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  padding = {"image": tf.zeros([image_size, image_size, 3], tf.uint8),
+             "label": tf.constant(0, tf.int32), "mask": tf.constant(False)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+  return ds.take(num_batches * local_batch).batch(local_batch).prefetch(tf.data.AUTOTUNE)
+
+
+def prefetch_to_device(
+    batches: Iterable[dict[str, np.ndarray]], size: int, sharding: jax.sharding.Sharding
+) -> Iterator[dict[str, jax.Array]]:
+  """Turns per-process NumPy batches into global jax.Arrays, keeping `size` transfers in flight.
+
+  Each leaf's leading axis is this process's slice of the global batch, assembled with
+  `jax.make_array_from_process_local_data(sharding, leaf)`; transfers are asynchronous, so
+  queueing them ahead overlaps host-to-device copies with the step. Use
+  `prefetch_to_device(ds.as_numpy_iterator(), 2, NamedSharding(mesh, P('data')))`.
+  """
+  queue = collections.deque()
+  iterator = iter(batches)
+
+  def enqueue(n: int) -> None:
+    for batch in itertools.islice(iterator, n):
+      queue.append(jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(sharding, x), batch))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)

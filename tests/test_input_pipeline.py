@@ -1,0 +1,234 @@
+"""Input pipelines (spec §7.3): split arrays, image folders + cache, ImageNet tf.data, prefetch."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from sortkd_jax import input_pipeline as ip  # noqa: E402
+
+CLASSES = ("cat", "ant", "bee")  # created unsorted; label ids follow sorted names
+
+
+def _write_image(path: str, image: np.ndarray) -> None:
+  if path.endswith(".png"):
+    tf.io.write_file(path, tf.io.encode_png(image))
+  else:
+    tf.io.write_file(path, tf.io.encode_jpeg(image, quality=100))
+
+
+def _colour(k: int, i: int) -> int:
+  """A constant pixel value identifying class k (in CLASSES order) and image i."""
+  return 1 + 60 * k + i
+
+
+def _make_folder(root, per_split=(("train", 4), ("test", 2)), size=(32, 32), ext=".png") -> str:
+  for split, count in per_split:
+    for k, name in enumerate(CLASSES):
+      os.makedirs(root / split / name)
+      for i in range(count):
+        image = np.full((*size, 3), _colour(k, i), np.uint8)
+        _write_image(str(root / split / name / f"{i:04d}{ext}"), image)
+  return str(root)
+
+
+# ----------------------------------------------------------------------------- whole-split arrays
+
+
+def test_mock_cifar100_split():
+  with tfds.testing.mock_data(num_examples=20):
+    split = ip.load_array_split(name="cifar100", split="train")
+  assert split.images.shape == (20, 32, 32, 3) and split.images.dtype == np.uint8
+  assert split.labels.shape == (20,) and split.labels.dtype == np.int32
+  assert split.num_classes == 100 and len(split.class_names) == 100
+  assert split.labels.min() >= 0 and split.labels.max() < 100
+
+
+def test_mock_cifar100_wrong_image_size():
+  with tfds.testing.mock_data(num_examples=4), pytest.raises(ValueError, match=r"\(28, 28, 3\)"):
+    ip.load_array_split(name="cifar100", split="test", image_size=28)
+
+
+def test_unprepared_tfds_dataset_says_how_to_provide_data(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.data.folder") as err:
+    ip.load_array_split(name="cifar10", split="test", data_dir=str(tmp_path))
+  assert str(tmp_path) in str(err.value) and "config.data.data_dir" in str(err.value)
+
+
+def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkeypatch):
+  folder = _make_folder(tmp_path / "data")
+  cache = str(tmp_path / "cache")
+  split = ip.load_array_split(folder=folder, split="train", cache_dir=cache)
+  assert split.num_classes == 3 and split.class_names == ("ant", "bee", "cat")
+  assert split.images.shape == (12, 32, 32, 3)
+  k = (split.images[:, 0, 0, 0].astype(int) - 1) // 60  # which CLASSES entry wrote each image
+  assert (split.images == split.images[:, :1, :1, :1]).all()
+  np.testing.assert_array_equal(split.labels, [sorted(CLASSES).index(CLASSES[j]) for j in k])
+  assert len(os.listdir(cache)) == 1
+  test = ip.load_array_split(folder=folder, split="test", cache_dir=cache)
+  assert len(test.labels) == 6 and test.class_names == split.class_names
+
+  def no_decoding(*args, **kwargs):
+    raise RuntimeError("decoded again")
+
+  monkeypatch.setattr(tfds, "ImageFolder", no_decoding)
+  again = ip.load_array_split(folder=folder, split="train", cache_dir=cache)
+  np.testing.assert_array_equal(again.images, split.images)
+  np.testing.assert_array_equal(again.labels, split.labels)
+
+  _write_image(os.path.join(folder, "train", "ant", "extra.png"), np.zeros((32, 32, 3), np.uint8))
+  with pytest.raises(RuntimeError, match="decoded again"):  # the changed folder is re-read
+    ip.load_array_split(folder=folder, split="train", cache_dir=cache)
+  monkeypatch.undo()
+  assert len(ip.load_array_split(folder=folder, split="train", cache_dir=cache).labels) == 13
+
+
+def test_missing_folder_or_split(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    ip.load_array_split(folder=str(tmp_path / "nowhere"), split="train")
+  folder = _make_folder(tmp_path / "data", per_split=(("train", 1),))
+  with pytest.raises(FileNotFoundError, match=r"splits found: \['train'\]"):
+    ip.load_array_split(folder=folder, split="test", cache_dir=str(tmp_path / "cache"))
+
+
+def test_folder_of_wrong_image_size(tmp_path):
+  folder = _make_folder(tmp_path / "data", per_split=(("train", 2),), size=(8, 8))
+  cache = tmp_path / "cache"
+  with pytest.raises(ValueError, match=r"6 of 6 images are not \(32, 32, 3\).*\(8, 8, 3\)"):
+    ip.load_array_split(folder=folder, split="train", cache_dir=str(cache))
+  assert not cache.exists() or not os.listdir(cache)
+
+
+def test_validate_labels():
+  out = ip.validate_labels(np.array([0, 2, 9], np.int64), 10)
+  assert out.dtype == np.int32 and out.tolist() == [0, 2, 9]
+  with pytest.raises(ValueError, match=r"2 of 4 labels lie outside \[0, 10\).*\[-1, 10\]"):
+    ip.validate_labels(np.array([0, -1, 10, 3]), 10)
+  with pytest.raises(ValueError, match="integer"):
+    ip.validate_labels(np.array([0.0, 1.0]), 10)
+  with pytest.raises(ValueError, match="outside"):
+    ip.ArraySplit(np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 5], np.int32), num_classes=5)
+
+
+def test_epoch_permutation():
+  key = jax.random.key(0)
+  order = np.asarray(ip.epoch_permutation(key, 1000))
+  np.testing.assert_array_equal(np.sort(order), np.arange(1000))
+  jitted = jax.jit(ip.epoch_permutation, static_argnums=1)(key, 1000)
+  np.testing.assert_array_equal(order, np.asarray(jitted))
+  assert not np.array_equal(order, np.asarray(ip.epoch_permutation(jax.random.key(1), 1000)))
+
+
+# ----------------------------------------------------------------------------- ImageNet streams
+
+
+def test_random_resized_crop_window_ranges_and_fallback():
+  @tf.function
+  def window(height, width, seeds):
+    return tf.map_fn(lambda s: tf.stack(ip._random_resized_crop_window(height, width, s)),
+                     seeds, fn_output_signature=tf.int32)
+
+  seeds = tf.stack([tf.zeros(500, tf.int64), tf.range(500, dtype=tf.int64)], axis=1)
+  top, left, h, w = window(100, 80, seeds).numpy().T
+  assert (top >= 0).all() and (left >= 0).all()
+  assert (top + h <= 100).all() and (left + w <= 80).all()
+  area = h * w / 8000
+  assert area.min() > 0.07 and area.max() <= 1 and area.max() > 0.9
+  aspect = w / h
+  assert aspect.min() > 0.7 and aspect.max() < 1.42
+  assert len(set(zip(top, left))) > 100
+  # A 10x200 strip: every try is taller than 10, so torchvision's centre fallback applies,
+  # w = round(10 * 4/3) = 13 at left = (200 - 13) // 2.
+  np.testing.assert_array_equal(window(10, 200, seeds[:20]).numpy(),
+                                np.tile([0, 93, 10, 13], (20, 1)))
+
+
+def test_eval_geometry_is_torchvision_resize_then_centre_crop():
+  image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)
+  got = ip._eval_image(tf.io.encode_png(image), image_size=224, resize_size=256).numpy()
+  # Shorter side 300 -> 256, longer int(256 * 400 / 300) = 341; crop top round(32 / 2) = 16,
+  # left round(117 / 2) = 58 (round half to even, as Python's round).
+  resized = tf.image.resize(image, [256, 341], method="bilinear", antialias=True).numpy()
+  want = np.clip(np.round(resized[16:240, 58:282]), 0, 255).astype(np.uint8)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_mock_imagenet_train_and_eval():
+  with tfds.testing.mock_data(num_examples=10):
+    train = ip.imagenet_train_dataset(global_batch_size=4, shuffle_buffer=8)
+    for batch in train.take(3).as_numpy_iterator():
+      assert batch["image"].shape == (4, 224, 224, 3) and batch["image"].dtype == np.uint8
+      assert batch["label"].dtype == np.int32
+      assert 0 <= batch["label"].min() <= batch["label"].max() < 1000
+    batches = list(ip.imagenet_eval_dataset(global_batch_size=4).as_numpy_iterator())
+    want = [ex["label"] for ex in tfds.load("imagenet2012", split="validation").as_numpy_iterator()]
+  masks = [b["mask"].tolist() for b in batches]
+  assert masks == [[True] * 4, [True] * 4, [True, True, False, False]]
+  assert all(b["image"].shape == (4, 224, 224, 3) for b in batches)
+  labels = np.concatenate([b["label"] for b in batches])[:10]
+  np.testing.assert_array_equal(labels, want)
+
+
+def test_folder_streams_shard_across_processes(tmp_path):
+  """7 images of mixed sizes and formats, 2 processes: eval covers each example exactly once."""
+  sizes = [(40, 30), (30, 50), (24, 24), (64, 20), (33, 47), (20, 20), (50, 60)]
+  for i, size in enumerate(sizes):
+    name = CLASSES[i % 2]
+    os.makedirs(tmp_path / "val" / name, exist_ok=True)
+    _write_image(str(tmp_path / "val" / name / f"{i}{'.png' if i % 3 else '.jpg'}"),
+                 np.full((*size, 3), 20 + 30 * i, np.uint8))
+  seen, batch_counts = [], []
+  for index in range(2):
+    common = dict(name=None, folder=str(tmp_path), split="val", global_batch_size=4,
+                  image_size=16, process_index=index, process_count=2)
+    batches = list(ip.imagenet_eval_dataset(resize_size=20, **common).as_numpy_iterator())
+    batch_counts.append(len(batches))
+    for b in batches:
+      assert b["image"].shape == (2, 16, 16, 3)
+      seen += [(int(l), int(np.round((im.mean() - 20) / 30))) for l, im, m in
+               zip(b["label"], b["image"], b["mask"]) if m]
+    for b in ip.imagenet_train_dataset(shuffle_buffer=4, **common).take(4).as_numpy_iterator():
+      assert b["image"].shape == (2, 16, 16, 3) and b["label"].dtype == np.int32
+  assert batch_counts == [2, 2]  # ceil(ceil(7 / 2) / 2) on each process
+  labels = {"ant": 0, "cat": 1}
+  assert sorted(seen) == sorted((labels[CLASSES[i % 2]], i) for i in range(7))
+
+
+def test_prefetch_to_device_on_four_devices():
+  script = textwrap.dedent("""
+      import jax, numpy as np
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      from sortkd_jax.input_pipeline import prefetch_to_device
+      assert jax.device_count() == 4
+      sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+      pulled = []
+      def batches():
+          for i in range(5):
+              pulled.append(i)
+              yield {"image": np.full((8, 2, 2, 3), i, np.uint8),
+                     "label": np.arange(8, dtype=np.int32) + i}
+      it = prefetch_to_device(batches(), 2, sharding)
+      first = next(it)
+      assert len(pulled) == 2, pulled
+      out = [first, *it]
+      assert len(out) == 5
+      for i, b in enumerate(out):
+          assert isinstance(b["image"], jax.Array) and b["image"].sharding == sharding
+          assert len(b["label"].addressable_shards) == 4
+          np.testing.assert_array_equal(b["label"], np.arange(8) + i)
+          assert (np.asarray(b["image"]) == i).all()
+      print("ok")
+  """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(ip.__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
