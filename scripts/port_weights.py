@@ -1,0 +1,110 @@
+"""Converts PyTorch (mdistiller / RepDistiller / torchvision) weights to a sortkd_jax model
+checkpoint (an orbax directory readable by `sortkd_jax.checkpoint.load_model`).
+
+mdistiller's CIFAR-100 teachers: download `cifar_teachers.tar` from the mdistiller GitHub
+release "checkpoints", untar it into `download_ckpts/`, then e.g.
+
+  python scripts/port_weights.py --arch resnet32x4 \
+      --src download_ckpts/cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth \
+      --dst teachers/resnet32x4
+
+(likewise resnet56, resnet110, ResNet50, wrn_40_2, vgg13: `<name>_vanilla/ckpt_epoch_240.pth`).
+ImageNet teachers are torchvision's v1 files, e.g.
+
+  python scripts/port_weights.py --arch imagenet_ResNet34 --src resnet34-333f7ec4.pth \
+      --dst teachers/imagenet_ResNet34
+
+An mdistiller trainer file (`latest`, `best`, `epoch_N`) holds student and teacher; choose
+one with `--component student|teacher`. Hyphenated flag spellings (`--num-classes`) work too.
+Needs torch (the CPU build is enough) only to read the .pth file.
+"""
+
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+from absl import app, flags, logging  # noqa: E402
+
+flags.DEFINE_string("arch", None, "Architecture, e.g. resnet32x4, wrn_40_2, imagenet_ResNet34.")
+flags.DEFINE_string("src", None, "PyTorch checkpoint file (.pth).")
+flags.DEFINE_string("dst", None, "Output directory (orbax checkpoint + sortkd_model.json).")
+flags.DEFINE_integer("num_classes", None,
+                     "Classifier width; default: read from the checkpoint.")
+flags.DEFINE_enum("component", "student", ["student", "teacher"],
+                  "Which model of an mdistiller distiller checkpoint (module.student./"
+                  "module.teacher. keys) to convert; ignored for single-model files.")
+flags.DEFINE_bool("overwrite", False, "Replace --dst if it exists.")
+flags.DEFINE_bool("trust_pickle", False,
+                  "Allow torch.load(weights_only=False) for files holding pickled Python "
+                  "objects. Executes code from the file: trusted files only.")
+flags.mark_flags_as_required(["arch", "src", "dst"])
+FLAGS = flags.FLAGS
+
+
+def _fail(message: str) -> None:
+  print(f"port_weights.py: error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every write step at INFO
+  from sortkd_jax import checkpoint, models, porting  # noqa: PLC0415 - keep --help fast
+
+  arch, src, dst = FLAGS.arch, FLAGS.src, FLAGS.dst
+  if arch not in models.MODEL_NAMES:
+    _fail(f"unknown --arch {arch!r}. Valid names: {', '.join(models.MODEL_NAMES)}.")
+  if os.path.exists(dst) and not FLAGS.overwrite:
+    _fail(f"--dst {dst!r} already exists; pass --overwrite to replace it, or choose another "
+          "directory.")
+  try:
+    state_dict = porting.load_torch_state_dict(src, FLAGS.component,
+                                               trust_pickle=FLAGS.trust_pickle)
+    model = porting.port_state_dict(arch, state_dict, FLAGS.num_classes)
+  except FileNotFoundError as e:
+    _fail(str(e))
+  except ImportError as e:
+    _fail(str(e))
+  except porting.PortingError as e:
+    _fail(f"{src!r} does not fit --arch {arch}.\n{e}")
+  except ValueError as e:  # TorchFileError and other readable problems
+    _fail(str(e))
+
+  num_classes = _num_classes(model)
+  info = checkpoint.save_model(
+      dst, model, arch=arch, num_classes=num_classes, overwrite=FLAGS.overwrite,
+      metadata={"source": os.path.abspath(src), "component": FLAGS.component,
+                "converted_by": "scripts/port_weights.py"})
+  n_tensors = len([k for k in state_dict if not k.endswith("num_batches_tracked")])
+  first = ", ".join(f"{v:.6f}" for v in info["logits_checksum"]["first"])
+  print(f"Converted {src}\n"
+        f"  arch          {arch} ({num_classes} classes)\n"
+        f"  tensors       {n_tensors} (+ {len(state_dict) - n_tensors} num_batches_tracked, "
+        "ignored)\n"
+        f"  parameters    {info['param_count']:,}\n"
+        f"  logits check  sum {info['logits_checksum']['sum']:.6f}; first [{first}]\n"
+        f"                ({info['logits_checksum']['input']})\n"
+        f"  written to    {os.path.abspath(dst)}")
+
+
+def _num_classes(model) -> int:
+  """The classifier width: the output size of the model's only 2-D (Linear) weight."""
+  from sortkd_jax import porting  # noqa: PLC0415
+  return next(s[0] for s in porting.torch_key_shapes(model).values() if len(s) == 2)
+
+
+def _dehyphenate(arg: str) -> str:
+  """`--num-classes=3` → `--num_classes=3` (absl flag names use underscores)."""
+  if not arg.startswith("--"):
+    return arg
+  name, sep, value = arg[2:].partition("=")
+  return "--" + name.replace("-", "_") + sep + value
+
+
+if __name__ == "__main__":
+  sys.argv = [sys.argv[0]] + [_dehyphenate(a) for a in sys.argv[1:]]
+  app.run(main)

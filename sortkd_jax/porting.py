@@ -1,0 +1,426 @@
+"""PyTorch → Flax porting of mdistiller weights (spec §6 and §9.1).
+
+The NNX models of ``sortkd_jax.models`` keep PyTorch's module names, so every variable's
+state path *is* its torch key after a leaf rename (spec §9.1):
+
+=================  =====================  ===========================================
+NNX path leaf      torch key leaf         layout
+=================  =====================  ===========================================
+conv ``kernel``    ``weight``             [O, I/g, kh, kw] → [kh, kw, I/g, O]
+linear ``kernel``  ``weight``             [out, in] → [in, out]
+``bias``           ``bias``               same
+BN ``scale``       ``weight``             same
+BN ``mean``        ``running_mean``       same (torch's buffer, copied verbatim)
+BN ``var``         ``running_var``        same (torch's *unbiased* buffer, verbatim)
+=================  =====================  ===========================================
+
+``num_batches_tracked`` is accepted and ignored. ``('layer1', 0, 'conv1', 'kernel')`` ↔
+``layer1.0.conv1.weight``.
+
+torch is optional: only ``load_torch_state_dict`` imports it (CPU build is enough).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sortkd_jax import models
+
+__all__ = [
+    "PortingError",
+    "TorchFileError",
+    "port_state_dict",
+    "load_torch_state_dict",
+    "torch_key_shapes",
+    "nnx_path_to_torch_key",
+    "export_state_dict",
+]
+
+_LEAF_TO_TORCH = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
+_MAX_LISTED = 25
+
+
+class PortingError(ValueError):
+  """A state dict does not fit the requested architecture.
+
+  Attributes:
+    missing: torch keys the model needs that the state dict lacks.
+    unexpected: state-dict keys the model has no place for.
+    mismatched: ``(key, expected_torch_shape, got_shape)`` triples.
+  """
+
+  def __init__(self, message: str, *, missing=(), unexpected=(), mismatched=()):
+    super().__init__(message)
+    self.missing = list(missing)
+    self.unexpected = list(unexpected)
+    self.mismatched = list(mismatched)
+
+
+class TorchFileError(ValueError):
+  """A ``.pth`` file is missing, unreadable or not a state-dict container."""
+
+
+# --------------------------------------------------------------------------------------
+# Key translation.
+# --------------------------------------------------------------------------------------
+
+
+def nnx_path_to_torch_key(path: tuple) -> str:
+  """``('layer1', 0, 'conv1', 'kernel')`` → ``'layer1.0.conv1.weight'``."""
+  *prefix, leaf = path
+  if leaf not in _LEAF_TO_TORCH:
+    raise ValueError(f"No torch name for NNX variable {path!r} (leaf {leaf!r}).")
+  return ".".join([*map(str, prefix), _LEAF_TO_TORCH[leaf]])
+
+
+def _torch_shape(nnx_shape: tuple[int, ...]) -> tuple[int, ...]:
+  if len(nnx_shape) == 4:  # [kh, kw, I/g, O] -> [O, I/g, kh, kw]
+    kh, kw, i, o = nnx_shape
+    return (o, i, kh, kw)
+  if len(nnx_shape) == 2:  # [in, out] -> [out, in]
+    return (nnx_shape[1], nnx_shape[0])
+  return tuple(nnx_shape)
+
+
+def _to_nnx_layout(a: np.ndarray) -> np.ndarray:
+  if a.ndim == 4:
+    return np.transpose(a, (2, 3, 1, 0))
+  if a.ndim == 2:
+    return a.T
+  return a
+
+
+def _to_torch_layout(a: np.ndarray) -> np.ndarray:
+  if a.ndim == 4:
+    return np.transpose(a, (3, 2, 0, 1))
+  if a.ndim == 2:
+    return a.T
+  return a
+
+
+def _table(model: nnx.Module) -> dict[str, tuple[str, tuple, tuple[int, ...]]]:
+  """torch key → (collection, NNX path, NNX shape), in the model's state order."""
+  _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  table = {}
+  for coll, state in (("params", params), ("batch_stats", stats)):
+    for path, var in nnx.to_flat_state(state):
+      table[nnx_path_to_torch_key(path)] = (coll, tuple(path), tuple(var.shape))
+  return table
+
+
+def _abstract_model(name: str, num_classes: int | None, dtype=jnp.float32) -> nnx.Module:
+  return nnx.eval_shape(
+      lambda: models.create_model(name, num_classes, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def torch_key_shapes(model_or_name: nnx.Module | str, num_classes: int | None = None
+                     ) -> dict[str, tuple[int, ...]]:
+  """The torch state-dict keys (without ``num_batches_tracked``) and torch-layout shapes
+  that a model of this architecture holds, in the model's state order."""
+  if isinstance(model_or_name, str):
+    return dict(_named_key_shapes(model_or_name, num_classes))
+  return {k: _torch_shape(shape) for k, (_, _, shape) in _table(model_or_name).items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _named_key_shapes(name: str, num_classes: int | None):
+  return tuple(torch_key_shapes(_abstract_model(name, num_classes)).items())
+
+
+def _classifier_key(name: str) -> str:
+  """The torch key of the classifier weight (the model's only 2-D kernel)."""
+  keys = [k for k, s in torch_key_shapes(name).items() if len(s) == 2]
+  assert len(keys) == 1, keys
+  return keys[0]
+
+
+# --------------------------------------------------------------------------------------
+# State dict → model.
+# --------------------------------------------------------------------------------------
+
+
+def _as_numpy(value: Any, key: str) -> np.ndarray:
+  if isinstance(value, np.ndarray):
+    return value
+  if type(value).__module__.startswith("torch"):  # a torch.Tensor; no torch import needed
+    t = value.detach().cpu()
+    if t.is_floating_point():
+      t = t.float()  # bf16/fp16 checkpoints; numpy has no bfloat16
+    return t.numpy()
+  try:
+    return np.asarray(value)
+  except Exception as e:  # pragma: no cover - defensive
+    raise PortingError(f"State-dict entry {key!r} is not an array ({type(value).__name__}).") from e
+
+
+def _strip_prefix(sd: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+  if sd and all(k.startswith(prefix) for k in sd):
+    return {k[len(prefix):]: v for k, v in sd.items()}
+  return dict(sd)
+
+
+def _natural(key: str) -> list:
+  """Sort key putting ``layer1.2`` before ``layer1.10``."""
+  return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split(".")]
+
+
+def _listing(title: str, items: list[str]) -> list[str]:
+  if not items:
+    return []
+  lines = [f"  {title}:"]
+  lines += [f"    {it}" for it in items[:_MAX_LISTED]]
+  if len(items) > _MAX_LISTED:
+    lines.append(f"    ... and {len(items) - _MAX_LISTED} more")
+  return lines
+
+
+def _matching_archs(keys: set[str]) -> list[str]:
+  """Registry names whose key set equals ``keys`` (for a helpful error hint)."""
+  out = []
+  for name in models.MODEL_NAMES:
+    try:
+      if set(torch_key_shapes(name)) == keys:
+        out.append(name)
+    except Exception:  # pragma: no cover - hint only
+      pass
+  return out
+
+
+def port_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int | None = None,
+                    *, dtype=jnp.float32) -> nnx.Module:
+  """Builds ``name`` holding exactly the weights of a PyTorch ``state_dict``, in eval mode.
+
+  Args:
+    name: a ``sortkd_jax.models.MODEL_NAMES`` architecture.
+    state_dict: torch key → NumPy array or torch tensor, e.g. mdistiller's
+      ``ckpt["model"]``. A DataParallel ``module.`` prefix is accepted;
+      ``num_batches_tracked`` is optional and ignored.
+    num_classes: the classifier width; None infers it from the classifier weight.
+    dtype: compute dtype of the returned model (weights stay float32).
+
+  Raises:
+    PortingError: strict loading failed (lists missing keys, unexpected keys and shape
+      mismatches), or ``num_classes`` disagrees with the checkpoint.
+  """
+  if name not in models.MODEL_NAMES:
+    raise ValueError(f"Unknown architecture {name!r}. Valid names: {', '.join(models.MODEL_NAMES)}.")
+  sd = _strip_prefix(state_dict, "module.")
+
+  cls_key = _classifier_key(name)
+  if cls_key in sd:
+    got = int(np.shape(sd[cls_key])[0]) if np.ndim(sd[cls_key]) == 2 else None
+    if num_classes is None:
+      num_classes = got
+    elif got is not None and got != num_classes:
+      raise PortingError(
+          f"The checkpoint's classifier {cls_key!r} has {got} classes but num_classes="
+          f"{num_classes} was requested for {name!r}. Pass num_classes={got} (or "
+          f"--num-classes {got}), or use a checkpoint trained with {num_classes} classes.",
+          mismatched=[(cls_key, (num_classes,), (got,))])
+
+  abstract = _abstract_model(name, num_classes, dtype)
+  table = _table(abstract)
+
+  missing = sorted((k for k in table if k not in sd), key=_natural)
+  unexpected, mismatched = [], []
+  arrays: dict[str, np.ndarray] = {}
+  for key, value in sd.items():
+    if key.endswith(".num_batches_tracked") and (
+        key[:-len("num_batches_tracked")] + "running_mean") in table:
+      continue
+    if key not in table:
+      unexpected.append(key)
+      continue
+    a = _as_numpy(value, key)
+    expected = _torch_shape(table[key][2])
+    if tuple(a.shape) != expected:
+      mismatched.append((key, expected, tuple(a.shape)))
+      continue
+    arrays[key] = a
+
+  if missing or unexpected or mismatched:
+    lines = [
+        f"Cannot port the state dict into {name!r} (num_classes={num_classes}): "
+        f"{len(missing)} missing key(s), {len(unexpected)} unexpected key(s), "
+        f"{len(mismatched)} shape mismatch(es)."
+    ]
+    lines += _listing("missing keys (the model has them, the state dict does not)", missing)
+    lines += _listing("unexpected keys (in the state dict, not in the model)",
+                      sorted(unexpected, key=_natural))
+    lines += _listing("shape mismatches (key: expected torch shape, got)",
+                      [f"{k}: expected {tuple(e)}, got {tuple(g)}" for k, e, g in mismatched])
+    if missing or unexpected:
+      given = {k for k in sd if not k.endswith(".num_batches_tracked")}
+      archs = [a for a in _matching_archs(given) if a != name]
+      if archs:
+        lines.append(f"  The keys match architecture(s) {archs}: use that --arch / name.")
+      else:
+        lines.append("  Check the architecture name, and for distiller checkpoints "
+                     "(module.student./module.teacher.) the component.")
+    raise PortingError("\n".join(lines), missing=missing, unexpected=unexpected,
+                       mismatched=mismatched)
+
+  graphdef, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+  pure = {"params": {}, "batch_stats": {}}
+  for key, (coll, path, _) in table.items():
+    node = pure[coll]
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = jnp.asarray(_to_nnx_layout(arrays[key]).astype(np.float32))
+  nnx.replace_by_pure_dict(params, pure["params"])
+  nnx.replace_by_pure_dict(stats, pure["batch_stats"])
+  model = nnx.merge(graphdef, params, stats)
+  model.eval()
+  return model
+
+
+def export_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+  """The inverse of ``port_state_dict``: torch key → NumPy array in torch layout
+  (``num_batches_tracked`` omitted). Useful to load JAX-trained weights in mdistiller."""
+  _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  out = {}
+  for state in (params, stats):
+    for path, var in nnx.to_flat_state(state):
+      out[nnx_path_to_torch_key(path)] = _to_torch_layout(np.asarray(var[...]))
+  return out
+
+
+# --------------------------------------------------------------------------------------
+# Reading PyTorch files.
+# --------------------------------------------------------------------------------------
+
+
+def _import_torch():
+  try:
+    import torch  # noqa: PLC0415 - optional dependency
+  except ImportError as e:
+    raise ImportError(
+        "Reading PyTorch .pth files needs torch: `pip install torch` (the CPU build is "
+        "enough, e.g. `pip install torch --index-url https://download.pytorch.org/whl/cpu`). "
+        "torch is needed only for reading .pth files, not for training.") from e
+  return torch
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+  return isinstance(obj, Mapping) and len(obj) > 0 and all(
+      isinstance(k, str) and (isinstance(v, np.ndarray) or type(v).__module__.startswith("torch"))
+      for k, v in obj.items())
+
+
+def _looks_like_torch_file(path: str) -> bool:
+  """A torch.save zip archive or a legacy (pickle protocol ≥ 2) torch file."""
+  with open(path, "rb") as f:
+    head = f.read(2)
+  return head == b"PK" or head[:1] == b"\x80"
+
+
+def _unpickler_detail(message: str) -> str:
+  """The informative line of torch's long 'Weights only load failed' message."""
+  lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+  for i, ln in enumerate(lines):
+    if "WeightsUnpickler error" in ln:
+      rest = ln.split("WeightsUnpickler error", 1)[1].lstrip(": ").strip()
+      return rest or (lines[i + 1] if i + 1 < len(lines) else ln)
+  return lines[-1] if lines else "unknown error"
+
+
+def load_torch_state_dict(path: str | os.PathLike, component: str = "student", *,
+                          trust_pickle: bool = False) -> dict[str, np.ndarray]:
+  """Reads a PyTorch checkpoint and returns a flat state dict of NumPy arrays.
+
+  Understands (spec §6):
+    * mdistiller/RepDistiller teacher files ``ckpt_epoch_240.pth``:
+      ``{"model": sd, "epoch", "accuracy", "optimizer"}``;
+    * mdistiller trainer files ``latest``/``best``/``epoch_N``:
+      ``{"model": distiller.state_dict(), ...}`` with ``module.student.``/
+      ``module.teacher.`` keys → the requested ``component``;
+    * ``student_*`` files ``{"model": student_sd}``; bare state dicts (torchvision files).
+
+  Args:
+    path: the ``.pth`` file.
+    component: ``"student"`` or ``"teacher"``: which half of a distiller checkpoint to
+      return. Ignored for files holding a single model.
+    trust_pickle: retry with ``weights_only=False`` if the file holds objects beyond
+      tensors and plain containers. This executes pickled code: only for trusted files.
+
+  Raises:
+    FileNotFoundError: no such file.
+    TorchFileError: the file is not a readable torch checkpoint, or holds no state dict.
+    ImportError: torch is not installed.
+  """
+  path = os.fspath(path)
+  if component not in ("student", "teacher"):
+    raise ValueError(f"component must be 'student' or 'teacher', got {component!r}.")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"No such checkpoint file: {path!r}. For mdistiller's CIFAR teachers, download "
+        "cifar_teachers.tar from the mdistiller GitHub release 'checkpoints' and untar it "
+        "into download_ckpts/.")
+  torch = _import_torch()
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    detail = _unpickler_detail(str(e))
+    if "unsupported global" not in detail.lower() or not _looks_like_torch_file(path):
+      raise TorchFileError(
+          f"{path!r} is not a readable PyTorch checkpoint (corrupt or not a torch.save "
+          f"file: {detail}). Download or copy it again.") from e
+    if not trust_pickle:
+      raise TorchFileError(
+          f"{path!r} holds Python objects that torch.load(weights_only=True) refuses to "
+          f"unpickle ({detail}). If you trust the file, retry with trust_pickle=True "
+          "(scripts/port_weights.py --trust_pickle).") from e
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e2:
+      raise TorchFileError(f"{path!r} is not a readable PyTorch checkpoint ({e2}).") from e2
+  except Exception as e:  # truncated zip, empty file, ...
+    raise TorchFileError(
+        f"{path!r} is not a readable PyTorch checkpoint (corrupt or not a torch.save file: "
+        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected end of file'}"
+        "). Download or copy it again.") from e
+
+  if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+    sd = obj["model"]
+  elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+    sd = obj["state_dict"]
+  elif _is_tensor_dict(obj):
+    sd = obj
+  else:
+    keys = list(obj.keys())[:10] if isinstance(obj, Mapping) else type(obj).__name__
+    raise TorchFileError(
+        f"{path!r} holds no state dict (expected a 'model' entry or a dict of tensors; "
+        f"found {keys}).")
+
+  sd = _strip_prefix({str(k): v for k, v in sd.items()}, "module.")
+  halves = {c: {k[len(c) + 1:]: v for k, v in sd.items() if k.startswith(c + ".")}
+            for c in ("student", "teacher")}
+  if halves["student"] or halves["teacher"]:
+    if not halves[component]:
+      raise TorchFileError(
+          f"{path!r} is a distiller checkpoint without a {component!r} component "
+          f"(found {[c for c in halves if halves[c]]}).")
+    sd = halves[component]
+  out = {}
+  for k, v in sd.items():
+    if not (isinstance(v, np.ndarray) or type(v).__module__.startswith("torch")):
+      continue  # e.g. non-tensor extras some trainers store in state dicts
+    out[k] = _as_numpy(v, k)
+  if not out:
+    raise TorchFileError(f"{path!r}: the state dict is empty.")
+  return out
