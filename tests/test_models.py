@@ -1,0 +1,293 @@
+"""The model zoo: structure equals mdistiller's state dicts, parameter counts, init, and
+PyTorch BatchNorm semantics (spec §1, §2.3 quirk, §4)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from sortkd_jax import models, porting
+from sortkd_jax.models import layers as L
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "porting")
+with open(os.path.join(FIXTURES, "mdistiller_state_dict_keys.json")) as _f:
+  SPEC_KEYS = json.load(_f)
+
+# Spec §4, trainable parameters.
+PARAM_COUNTS = {
+    "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756,
+    "resnet44": 667_188, "resnet56": 861_620, "resnet110": 1_736_564,
+    "resnet8x4": 1_233_540, "resnet32x4": 7_433_860, "wrn_16_1": 180_916,
+    "wrn_16_2": 703_284, "wrn_40_1": 569_780, "wrn_40_2": 2_255_156, "vgg8": 3_965_028,
+    "vgg11": 9_277_284, "vgg13": 9_462_180, "vgg16": 14_774_436, "vgg19": 20_086_692,
+    "MobileNetV2": 812_836, "ShuffleV1": 949_258, "ShuffleV2": 1_355_528,
+    "ResNet50": 23_705_252, "ResNet18": 11_220_132, "imagenet_ResNet18": 11_689_512,
+    "imagenet_ResNet34": 21_797_672, "imagenet_ResNet50": 25_557_032,
+    "imagenet_MobileNetV1": 4_231_976,
+}
+
+
+@nnx.jit
+def forward(model, x):
+  """Jitted forward; in train mode the updated BN statistics are written back."""
+  return model(x)
+
+
+def abstract(name, num_classes=None):
+  return nnx.eval_shape(lambda: models.create_model(name, num_classes, rngs=nnx.Rngs(0)))
+
+
+def test_registry_names_are_the_spec_models():
+  assert tuple(SPEC_KEYS) == models.MODEL_NAMES
+  assert set(PARAM_COUNTS) == set(models.MODEL_NAMES)
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_state_paths_are_the_torch_keys(name):
+  """Every NNX variable path translates to exactly one torch key of the JSON, with the
+  torch-layout shape, and nothing else lives in the model's state."""
+  model = abstract(name)
+  _, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  assert not jax.tree.leaves(rest), f"unexpected non-Param/BatchStat state: {rest}"
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves((params, stats)))
+  expected = {k: tuple(s) for k, s in SPEC_KEYS[name] if not k.endswith("num_batches_tracked")}
+  got = porting.torch_key_shapes(model)
+  assert len(got) == len(expected)
+  assert set(got) == set(expected), (sorted(set(got) - set(expected)),
+                                     sorted(set(expected) - set(got)))
+  assert got == expected
+  assert models.count_params(model) == PARAM_COUNTS[name]
+
+
+def test_create_model_contract():
+  with pytest.raises(ValueError, match="Valid names: resnet8, .*imagenet_MobileNetV1"):
+    models.create_model("resnet9", rngs=nnx.Rngs(0))
+  assert models.default_num_classes("wrn_40_2") == 100
+  assert models.default_num_classes("imagenet_ResNet34") == 1000
+  m = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))
+  out = forward(m, jnp.zeros((2, 32, 32, 3)))
+  assert out.shape == (2, 10) and out.dtype == jnp.float32
+  assert porting.torch_key_shapes(abstract("imagenet_MobileNetV1", 7))["fc.weight"] == (7, 1024)
+
+
+def test_bf16_compute_keeps_float32_params_stats_and_logits():
+  m = models.create_model("ShuffleV2", rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
+  out = forward(m, x)  # train mode: updates the running statistics
+  assert out.dtype == jnp.float32 and out.shape == (4, 100)
+  _, params, stats = nnx.split(m, nnx.Param, nnx.BatchStat)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves((params, stats)))
+  assert np.isfinite(np.asarray(out)).all()
+  # Same weights in float32: bf16 compute stays close.
+  m32 = models.create_model("ShuffleV2", rngs=nnx.Rngs(0))
+  ref = forward(m32, x)
+  assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.05 * np.abs(np.asarray(ref)).max() + 0.05
+  for a, b in zip(jax.tree.leaves(nnx.state(m, nnx.BatchStat)),
+                  jax.tree.leaves(nnx.state(m32, nnx.BatchStat))):
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02)
+
+
+# --------------------------------------------------------------------------------------
+# BatchNorm: PyTorch semantics.
+# --------------------------------------------------------------------------------------
+
+
+def _np_bn_train(x, gamma, beta, rm, rv, momentum=0.1, eps=1e-5, updates=1):
+  x = x.astype(np.float64)
+  mean = x.mean(axis=(0, 1, 2))
+  var = x.var(axis=(0, 1, 2))
+  n = x.shape[0] * x.shape[1] * x.shape[2]
+  y = (x - mean) / np.sqrt(var + eps) * gamma + beta
+  for _ in range(updates):
+    rm = (1 - momentum) * rm + momentum * mean
+    rv = (1 - momentum) * rv + momentum * var * n / (n - 1)
+  return y, rm, rv
+
+
+def _bn_with_stats(c, rng, dtype=jnp.float32, updates=1):
+  bn = L.BatchNorm(c, dtype=dtype, stat_updates=updates)
+  gamma, beta = rng.uniform(0.5, 1.5, c), rng.uniform(-0.3, 0.3, c)
+  rm, rv = rng.normal(size=c), rng.uniform(0.5, 2.0, c)
+  bn.scale[...] = jnp.asarray(gamma, jnp.float32)
+  bn.bias[...] = jnp.asarray(beta, jnp.float32)
+  bn.mean[...] = jnp.asarray(rm, jnp.float32)
+  bn.var[...] = jnp.asarray(rv, jnp.float32)
+  return bn, gamma, beta, rm, rv
+
+
+@pytest.mark.parametrize("updates", [1, 2])
+def test_batchnorm_train_eval_match_numpy(updates):
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(6, 5, 4, 8)) * 3 + 2).astype(np.float32)
+  bn, gamma, beta, rm, rv = _bn_with_stats(8, rng, updates=updates)
+  y = bn(jnp.asarray(x))
+  ry, rrm, rrv = _np_bn_train(x, gamma, beta, rm, rv, updates=updates)
+  np.testing.assert_allclose(y, ry, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(bn.mean[...], rrm, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(bn.var[...], rrv, rtol=1e-5, atol=1e-6)
+  bn.eval()
+  y_eval = bn(jnp.asarray(x))
+  ref_eval = (x - rrm) / np.sqrt(rrv + 1e-5) * gamma + beta
+  np.testing.assert_allclose(y_eval, ref_eval, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(bn.mean[...], rrm, rtol=1e-6)  # eval: no update
+
+
+def test_batchnorm_matches_torch_batchnorm2d():
+  rng = np.random.default_rng(1)
+  x = (rng.normal(size=(8, 6, 6, 16)) * 2 - 1).astype(np.float32)
+  bn, gamma, beta, rm, rv = _bn_with_stats(16, rng)
+  tbn = torch.nn.BatchNorm2d(16)
+  with torch.no_grad():
+    tbn.weight.copy_(torch.tensor(gamma)); tbn.bias.copy_(torch.tensor(beta))
+    tbn.running_mean.copy_(torch.tensor(rm)); tbn.running_var.copy_(torch.tensor(rv))
+    ty = tbn.train()(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+  y = bn(jnp.asarray(x))
+  np.testing.assert_allclose(y, ty, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(bn.mean[...], tbn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(bn.var[...], tbn.running_var.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_bf16_keeps_float32_statistics():
+  rng = np.random.default_rng(2)
+  x = (rng.normal(size=(16, 4, 4, 8)) * 4 + 100).astype(np.float32)  # large mean
+  bn, gamma, beta, rm, rv = _bn_with_stats(8, rng, dtype=jnp.bfloat16)
+  y = bn(jnp.asarray(x, jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16
+  assert bn.mean[...].dtype == jnp.float32 and bn.var[...].dtype == jnp.float32
+  xb = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+  ry, rrm, rrv = _np_bn_train(xb, gamma, beta, rm, rv)
+  np.testing.assert_allclose(bn.mean[...], rrm, rtol=1e-5)
+  np.testing.assert_allclose(bn.var[...], rrv, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(y, np.float32), ry, rtol=1e-2, atol=1e-2)
+
+
+def test_train_eval_switch_reaches_every_batchnorm():
+  m = models.create_model("MobileNetV2", rngs=nnx.Rngs(0))
+  bns = [mod for _, mod in nnx.iter_modules(m) if isinstance(mod, L.BatchNorm)]
+  assert len(bns) == 53 and not any(b.use_running_average for b in bns)  # fresh = train
+  m.eval()
+  assert all(b.use_running_average for b in bns)
+  m.train()
+  assert not any(b.use_running_average for b in bns)
+  view = nnx.view(m, use_running_average=True)
+  assert all(b.use_running_average for _, b in nnx.iter_modules(view) if isinstance(b, L.BatchNorm))
+  assert not any(b.use_running_average for b in bns)
+
+
+def test_split_merge_train_step_updates_only_batch_stats():
+  """The trainer's pattern: split, merge inside jit, train-mode forward, read stats back."""
+  m = models.create_model("resnet8", rngs=nnx.Rngs(0))
+  graphdef, params, stats = nnx.split(m, nnx.Param, nnx.BatchStat)
+
+  @jax.jit
+  def step(params, stats, x):
+    model = nnx.merge(graphdef, params, stats)
+    logits = model(x)
+    return logits, nnx.state(model, nnx.BatchStat)
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)), jnp.float32)
+  logits, new_stats = step(params, stats, x)
+  assert logits.shape == (8, 100)
+  old, new = nnx.to_pure_dict(stats), nnx.to_pure_dict(new_stats)
+  np.testing.assert_allclose(new["bn1"]["mean"], 0.1 * np.asarray(
+      m.conv1(x)).mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+  assert not np.allclose(new["layer3"][0]["bn2"]["var"], old["layer3"][0]["bn2"]["var"])
+
+
+def test_wrn_double_running_stat_update():
+  """Spec §2.3 quirk: block2.layer.0.bn1, block3.layer.0.bn1 and the head bn1 update
+  twice per training forward (running ← 0.81·running + 0.19·batch); the logits and the
+  other BNs are unaffected."""
+  m2 = models.create_model("wrn_16_1", rngs=nnx.Rngs(0))
+  doubled = {".".join(map(str, p)) for p, mod in nnx.iter_modules(m2)
+             if isinstance(mod, L.BatchNorm) and mod.stat_updates == 2}
+  assert doubled == {"block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"}
+  # Same weights and non-trivial running stats, single update everywhere.
+  rng = np.random.default_rng(0)
+  for _, mod in nnx.iter_modules(m2):
+    if isinstance(mod, L.BatchNorm):
+      mod.mean[...] = jnp.asarray(rng.normal(size=mod.num_features), jnp.float32)
+      mod.var[...] = jnp.asarray(rng.uniform(0.5, 2, size=mod.num_features), jnp.float32)
+  m1 = nnx.clone(m2)
+  for _, mod in nnx.iter_modules(m1):
+    if isinstance(mod, L.BatchNorm):
+      mod.stat_updates = 1
+  before = nnx.to_pure_dict(nnx.state(m2, nnx.BatchStat))
+  x = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
+  np.testing.assert_array_equal(m1(x), m2(x))
+  s1 = nnx.to_pure_dict(nnx.state(m1, nnx.BatchStat))
+  s2 = nnx.to_pure_dict(nnx.state(m2, nnx.BatchStat))
+
+  def get(tree, path):
+    for p in path.split("."):
+      tree = tree[int(p) if p.isdigit() else p]
+    return tree
+
+  for path in ("block2.layer.0.bn1", "block3.layer.0.bn1", "bn1", "block1.layer.0.bn1",
+               "block2.layer.1.bn2"):
+    for stat in ("mean", "var"):
+      r0, r1, r2 = (np.asarray(get(t, path)[stat], np.float64) for t in (before, s1, s2))
+      batch = (r1 - 0.9 * r0) / 0.1
+      expected = 0.81 * r0 + 0.19 * batch if path in doubled else r1
+      np.testing.assert_allclose(r2, expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Parameter-free ops and initialisation.
+# --------------------------------------------------------------------------------------
+
+
+def test_channel_shuffle_matches_nchw_reference():
+  x = np.arange(2 * 12, dtype=np.float32).reshape(1, 1, 2, 12)  # NHWC, C = 12
+  for g in (2, 3):
+    nchw = x.transpose(0, 3, 1, 2)
+    n, c, h, w = nchw.shape
+    ref = nchw.reshape(n, g, c // g, h, w).transpose(0, 2, 1, 3, 4).reshape(n, c, h, w)
+    np.testing.assert_array_equal(L.channel_shuffle(jnp.asarray(x), g),
+                                  ref.transpose(0, 2, 3, 1))
+
+
+def test_avg_pool_counts_padding_and_max_pool_ignores_it():
+  x = jnp.ones((1, 4, 4, 1))
+  out = np.asarray(L.avg_pool(x, 3, 2, 1))[0, :, :, 0]
+  np.testing.assert_allclose(out, [[4 / 9, 6 / 9], [6 / 9, 1.0]])
+  t = torch.nn.functional.avg_pool2d(torch.ones(1, 1, 4, 4), 3, 2, 1)
+  np.testing.assert_allclose(out, t[0, 0].numpy())
+  np.testing.assert_array_equal(L.max_pool(-jnp.ones((1, 4, 4, 1)), 3, 2, 1), -1.0)
+
+
+def _std(x):
+  return float(np.std(np.asarray(x)))
+
+
+def test_initialisation_follows_the_reference():
+  """Spec §1 init table (statistical checks on large tensors)."""
+  r = models.create_model("resnet8x4", rngs=nnx.Rngs(0))
+  k = r.layer3[0].conv2.kernel[...]  # [3, 3, 256, 256], kaiming normal fan_out
+  assert abs(_std(k) / np.sqrt(2 / (9 * 256)) - 1) < 0.02
+  assert abs(float(np.mean(k))) < 1e-3
+  bound = 1 / np.sqrt(256)
+  assert 0.9 * bound < float(np.abs(r.fc.kernel[...]).max()) <= bound  # torch default Linear
+  assert 0.9 * bound < float(np.abs(r.fc.bias[...]).max()) <= bound
+  np.testing.assert_array_equal(r.bn1.scale[...], 1.0)
+  np.testing.assert_array_equal(r.bn1.bias[...], 0.0)
+
+  s = models.create_model("ShuffleV1", rngs=nnx.Rngs(0))  # kaiming_uniform(a=√5)
+  k = s.layer3[1].conv1.kernel[...]  # [1, 1, 320/3 → 320, 240] grouped: fan_in = 320/3·1
+  fan_in = k.shape[0] * k.shape[1] * k.shape[2]
+  assert 0.95 / np.sqrt(fan_in) < float(np.abs(k).max()) <= 1 / np.sqrt(fan_in)
+
+  v = models.create_model("vgg8", rngs=nnx.Rngs(0))
+  assert abs(_std(v.classifier.kernel[...]) / 0.01 - 1) < 0.05
+  np.testing.assert_array_equal(v.classifier.bias[...], 0.0)
+  np.testing.assert_array_equal(v.block3[0].bias[...], 0.0)
+  assert abs(_std(v.block3[0].kernel[...]) / np.sqrt(2 / (9 * 512)) - 1) < 0.02
+
+  w = models.create_model("wrn_16_2", rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(w.fc.bias[...], 0.0)
+  assert float(np.abs(w.fc.kernel[...]).max()) <= 1 / np.sqrt(128)

@@ -1,0 +1,284 @@
+"""torch → Flax porting: reference logits of mdistiller's own PyTorch models for all 27
+architectures, strict key checks, .pth readers, model checkpoints and the port script.
+
+Fixtures (tests/fixtures/porting/<name>.npz, recipe of /work/shared/fixtures/porting):
+weights are regenerated from ``seed`` with ``default_rng(seed).random(shape)`` walking the
+keys of ``mdistiller_state_dict_keys.json`` in order (running stats come from the file):
+4-D ``(2u−1)·√(6/(in/g·kh·kw))``, 2-D ``(2u−1)·√(3/in)``, BN weight ``0.5+0.5u``, bias
+``0.2u−0.1``. Input ``default_rng(seed+1).random((N,S,S,3))·2−1`` (N=4, S=32 for CIFAR;
+N=2, S=224 for ImageNet); ``logits`` is PyTorch's eval-mode output.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from sortkd_jax import checkpoint, models, porting
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "porting")
+SCRIPT = os.path.join(ROOT, "scripts", "port_weights.py")
+with open(os.path.join(FIXTURES, "mdistiller_state_dict_keys.json")) as _f:
+  SPEC_KEYS = json.load(_f)
+
+
+@functools.cache
+def fixture(name):
+  """(state_dict of float32 NumPy arrays in JSON order, NHWC input, reference logits)."""
+  f = np.load(os.path.join(FIXTURES, f"{name}.npz"))
+  seed = int(f["seed"])
+  rng = np.random.default_rng(seed)
+  sd = {}
+  for key, shape in SPEC_KEYS[name]:
+    if key.endswith("num_batches_tracked"):
+      sd[key] = np.array(0, np.int64)
+      continue
+    if key.endswith(("running_mean", "running_var")):
+      sd[key] = f[f"bn/{key}"]
+      continue
+    u = rng.random(shape)
+    if len(shape) == 4:
+      a = (2 * u - 1) * np.sqrt(6 / (shape[1] * shape[2] * shape[3]))
+    elif len(shape) == 2:
+      a = (2 * u - 1) * np.sqrt(3 / shape[1])
+    elif key.endswith("bias"):
+      a = 0.2 * u - 0.1
+    else:
+      a = 0.5 + 0.5 * u
+    sd[key] = a.astype(np.float32)
+  n, s = (2, 224) if name.startswith("imagenet_") else (4, 32)
+  x = (np.random.default_rng(seed + 1).random((n, s, s, 3)) * 2 - 1).astype(np.float32)
+  return sd, x, f["logits"]
+
+
+def rel_err(out, ref):
+  return float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_fixture_logits(name):
+  sd, x, ref = fixture(name)
+  model = porting.port_state_dict(name, sd)
+  assert models.count_params(model) == sum(
+      v.size for k, v in sd.items() if not k.endswith(("running_mean", "running_var",
+                                                       "num_batches_tracked")))
+  out = model(jnp.asarray(x))
+  assert out.shape == ref.shape and out.dtype == jnp.float32
+  assert rel_err(out, ref) < 1e-4
+  if name == "resnet8":  # export is the exact inverse
+    back = porting.export_state_dict(model)
+    assert set(back) == {k for k in sd if not k.endswith("num_batches_tracked")}
+    for k, v in back.items():
+      np.testing.assert_array_equal(v, sd[k])
+
+
+# --------------------------------------------------------------------------------------
+# port_state_dict: strictness and conveniences.
+# --------------------------------------------------------------------------------------
+
+
+def test_porting_accepts_prefix_tensors_and_missing_num_batches_tracked():
+  sd, x, ref = fixture("resnet8")
+  variant = {"module." + k: torch.from_numpy(v.copy()) for k, v in sd.items()
+             if not k.endswith("num_batches_tracked")}
+  model = porting.port_state_dict("resnet8", variant)
+  assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
+  assert all(b.use_running_average for _, b in nnx.iter_modules(model)
+             if isinstance(b, models.BatchNorm))
+
+
+def test_porting_error_lists_missing_unexpected_and_mismatched():
+  sd, _, _ = fixture("resnet8")
+  bad = dict(sd)
+  del bad["layer1.0.conv1.weight"], bad["bn1.running_var"]
+  bad["layer9.extra.weight"] = np.zeros(3, np.float32)
+  bad["layer2.0.conv2.weight"] = np.zeros((32, 32, 1, 1), np.float32)
+  with pytest.raises(porting.PortingError) as e:
+    porting.port_state_dict("resnet8", bad)
+  msg = str(e.value)
+  assert isinstance(e.value, ValueError)
+  assert "2 missing key(s), 1 unexpected key(s), 1 shape mismatch(es)" in msg
+  for text in ("layer1.0.conv1.weight", "bn1.running_var", "layer9.extra.weight",
+               "layer2.0.conv2.weight: expected (32, 32, 3, 3), got (32, 32, 1, 1)"):
+    assert text in msg
+  assert e.value.missing == ["bn1.running_var", "layer1.0.conv1.weight"]
+  assert e.value.unexpected == ["layer9.extra.weight"]
+  assert e.value.mismatched == [("layer2.0.conv2.weight", (32, 32, 3, 3), (32, 32, 1, 1))]
+
+
+def test_wrong_architecture_names_the_right_one():
+  sd, _, _ = fixture("resnet14")
+  with pytest.raises(porting.PortingError, match=r"match architecture\(s\) \['resnet14'\]"):
+    porting.port_state_dict("resnet8", sd)
+  with pytest.raises(ValueError, match="Unknown architecture 'resnet9'"):
+    porting.port_state_dict("resnet9", sd)
+
+
+def test_num_classes_inferred_and_checked():
+  sd, _, _ = fixture("resnet8")
+  sd10 = dict(sd, **{"fc.weight": sd["fc.weight"][:10], "fc.bias": sd["fc.bias"][:10]})
+  model = porting.port_state_dict("resnet8", sd10)
+  assert model(jnp.zeros((1, 32, 32, 3))).shape == (1, 10)
+  with pytest.raises(porting.PortingError, match="has 10 classes but num_classes=100"):
+    porting.port_state_dict("resnet8", sd10, num_classes=100)
+
+
+# --------------------------------------------------------------------------------------
+# Reading .pth files.
+# --------------------------------------------------------------------------------------
+
+
+def _torch_sd(sd):
+  return {k: torch.tensor(0) if k.endswith("num_batches_tracked") else torch.from_numpy(v.copy())
+          for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def pth_files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("pth")
+  sd, _, _ = fixture("resnet8")
+  tsd = _torch_sd(sd)
+  teacher = {"model": tsd, "epoch": 240, "accuracy": torch.tensor(72.34),
+             "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(3)}},
+                           "param_groups": [{"lr": 0.05, "momentum": 0.9, "dampening": 0,
+                                             "weight_decay": 5e-4, "nesterov": False,
+                                             "params": [0]}]}}
+  other = {k: v * 0 for k, v in tsd.items()}  # a different second model
+  latest = {"epoch": 3, "best_acc": 1.0, "optimizer": {},
+            "model": {**{f"module.student.{k}": v for k, v in tsd.items()},
+                      **{f"module.teacher.{k}": v for k, v in other.items()}}}
+  files = {"teacher": d / "ckpt_epoch_240.pth", "latest": d / "latest",
+           "student": d / "student_best", "bare": d / "bare.pth"}
+  torch.save(teacher, files["teacher"])
+  torch.save(latest, files["latest"])
+  torch.save({"model": tsd}, files["student"])
+  torch.save(tsd, files["bare"], _use_new_zipfile_serialization=False)  # legacy format
+  (d / "corrupt.pth").write_bytes(b"definitely not a checkpoint" * 10)
+  files["corrupt"] = d / "corrupt.pth"
+  return {k: str(v) for k, v in files.items()}
+
+
+@pytest.mark.parametrize("kind", ["teacher", "latest", "student", "bare"])
+def test_pth_round_trip(pth_files, kind):
+  _, x, ref = fixture("resnet8")
+  sd = porting.load_torch_state_dict(pth_files[kind])
+  assert all(isinstance(v, np.ndarray) for v in sd.values())
+  model = porting.port_state_dict("resnet8", sd)
+  assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
+
+
+def test_pth_component_selection(pth_files):
+  t = porting.load_torch_state_dict(pth_files["latest"], "teacher")
+  s = porting.load_torch_state_dict(pth_files["latest"], "student")
+  assert set(t) == set(s) == set(SPEC_KEYS["resnet8"][i][0] for i in range(56))
+  assert not np.any(t["fc.weight"]) and np.any(s["fc.weight"])
+
+
+def test_pth_errors(pth_files, tmp_path, monkeypatch):
+  with pytest.raises(FileNotFoundError, match="nope.pth"):
+    porting.load_torch_state_dict(str(tmp_path / "nope.pth"))
+  with pytest.raises(porting.TorchFileError, match="corrupt.pth.*not a readable PyTorch"):
+    porting.load_torch_state_dict(pth_files["corrupt"])
+  monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+  with pytest.raises(ImportError, match="pip install torch"):
+    porting.load_torch_state_dict(pth_files["bare"])
+
+
+# --------------------------------------------------------------------------------------
+# Model checkpoints and the port script.
+# --------------------------------------------------------------------------------------
+
+
+def test_save_load_model(tmp_path):
+  # vgg11: nnx.List containers with gaps (block2.0, .1, .3, .4) must survive orbax.
+  sd, x, ref = fixture("vgg11")
+  model = porting.port_state_dict("vgg11", sd)
+  dst = str(tmp_path / "ckpt")
+  info = checkpoint.save_model(dst, model, arch="vgg11", num_classes=100,
+                               metadata={"source": "fixture"})
+  assert sorted(os.listdir(dst)) == ["sortkd_model.json", "state"]
+  assert [p for p in os.listdir(tmp_path) if p != "ckpt"] == []  # no temp leftovers
+  loaded, meta = checkpoint.load_model(dst)
+  assert meta["arch"] == "vgg11" and meta["num_classes"] == 100
+  assert meta["param_count"] == 9_277_284 and meta["metadata"] == {"source": "fixture"}
+  assert meta["logits_checksum"] == info["logits_checksum"]
+  assert all(b.use_running_average for _, b in nnx.iter_modules(loaded)
+             if isinstance(b, models.BatchNorm))
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(loaded))):
+    np.testing.assert_array_equal(a, b)
+  assert rel_err(loaded(jnp.asarray(x)), ref) < 1e-4
+  with pytest.raises(FileExistsError, match="overwrite"):
+    checkpoint.save_model(dst, model, arch="vgg11", num_classes=100)
+  checkpoint.save_model(dst, model, arch="vgg11", num_classes=100, overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+  bf16, _ = checkpoint.load_model(dst, dtype=jnp.bfloat16)
+  assert bf16.classifier.kernel[...].dtype == jnp.float32
+  out = bf16(jnp.asarray(x))
+  assert out.dtype == jnp.float32 and rel_err(out, ref) < 0.05
+
+
+def test_load_model_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="port_weights.py"):
+    checkpoint.load_model(str(tmp_path / "missing"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="not a sortkd model checkpoint.*port_weights.py"):
+    checkpoint.load_model(str(tmp_path / "empty"))
+
+
+def run_script(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                        env=env, cwd=str(ROOT), timeout=300)
+
+
+def test_port_weights_script(pth_files, tmp_path):
+  _, x, ref = fixture("resnet8")
+  dst = str(tmp_path / "teachers" / "resnet8")
+  r = run_script("--arch", "resnet8", "--src", pth_files["teacher"], "--dst", dst)
+  assert r.returncode == 0, r.stderr
+  assert "resnet8 (100 classes)" in r.stdout and "83,892" in r.stdout
+  assert "47 (+ 9 num_batches_tracked" in r.stdout
+  model, meta = checkpoint.load_model(dst)
+  assert meta["metadata"]["source"] == pth_files["teacher"]
+  assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
+  assert f"sum {meta['logits_checksum']['sum']:.6f}" in r.stdout
+
+  r = run_script("--arch", "resnet8", "--src", pth_files["teacher"], "--dst", dst)
+  assert r.returncode != 0 and "already exists; pass --overwrite" in r.stderr
+  r = run_script("--arch", "resnet8", "--src", pth_files["latest"], "--dst", dst,
+                 "--component", "teacher", "--overwrite")
+  assert r.returncode == 0, r.stderr
+  _, meta = checkpoint.load_model(dst)
+  assert meta["metadata"]["component"] == "teacher"
+  assert meta["logits_checksum"]["sum"] == 0.0  # the all-zero teacher half
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "wrong_arch", "wrong_classes",
+                                  "unknown_arch"])
+def test_port_weights_script_errors(pth_files, tmp_path, case):
+  args = {"missing": ("resnet8", str(tmp_path / "nope.pth"), []),
+          "corrupt": ("resnet8", pth_files["corrupt"], []),
+          "wrong_arch": ("resnet20", pth_files["teacher"], []),
+          "wrong_classes": ("resnet8", pth_files["teacher"], ["--num-classes", "10"]),
+          "unknown_arch": ("resnet9", pth_files["teacher"], [])}[case]
+  expect = {"missing": "No such checkpoint file",
+            "corrupt": "not a readable PyTorch checkpoint",
+            "wrong_arch": "does not fit --arch resnet20",
+            "wrong_classes": "has 100 classes but num_classes=10",
+            "unknown_arch": "unknown --arch 'resnet9'. Valid names: resnet8"}[case]
+  arch, src, extra = args
+  dst = tmp_path / "out"
+  r = run_script("--arch", arch, "--src", src, "--dst", str(dst), *extra)
+  assert r.returncode == 1
+  assert expect in r.stderr
+  assert "Traceback" not in r.stderr
+  assert not dst.exists()
