@@ -67,8 +67,10 @@ def _base_config(method: str, pair: str, teacher: str, student: str) -> ml_colle
   # name: a tfds dataset; folder: an image folder with train/<class>/ and test/<class>/.
   c.data = ml_collections.ConfigDict(dict(
       name="cifar100", data_dir=_optional(str), folder=_optional(str), cache_dir=_optional(str),
-      image_size=32, train_split="train", test_split="test",
+      image_size=32, train_split="train", test_split="test", download=True,
       max_train_examples=_optional(int), max_test_examples=_optional(int)))
+  # on_device: the split lives on the accelerator, augmented in the step; tf_data: streamed.
+  c.data.pipeline = "on_device"
   # Run settings: none of these change the numbers, only speed and output.
   c.seed = 0
   c.dtype = "float32"
@@ -122,8 +124,10 @@ def imagenet_config(arg: str | None, method: str) -> ml_collections.ConfigDict:
   pair, runlocal = parse_arg(arg, IMAGENET_PAIRS, "r34_r18")
   p = IMAGENET_PAIRS[pair]
   c = _base_config(method, pair, p["teacher"], p["student"])
-  c.data.update(name="imagenet2012", image_size=224, test_split="validation")
+  c.data.update(name="imagenet2012", image_size=224, test_split="validation", download=False,
+                pipeline="tf_data")
   c.data.shuffle_buffer = 16 * 1024
+  c.data.manual_dir = _optional(str)  # the ILSVRC2012 tars, to prepare the tfds dataset once
 
   c.batch_size = 512
   c.eval_batch_size = 500

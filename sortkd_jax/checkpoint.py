@@ -9,6 +9,10 @@ directory, e.g. a teacher ported from PyTorch by ``scripts/port_weights.py``::
 
 The directory is assembled under a temporary sibling name and renamed into place, so a
 crash never leaves a directory at DIR that looks valid.
+
+Training checkpoints (``TrainCheckpointer``): the whole training state of a run, every epoch,
+in ``<workdir>/checkpoints/<epoch>/`` (orbax ``CheckpointManager``; the latest N and the best
+test top-1 are kept).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 from flax import nnx
 
 from sortkd_jax import models
@@ -161,3 +166,80 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[nnx.Modul
   model = nnx.merge(graphdef, params, stats)
   model.eval()
   return model, info
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def is_train_workdir(path: str) -> bool:
+  """Whether `path` is the workdir of a training run of this project."""
+  return os.path.isdir(os.path.join(path, TRAIN_CHECKPOINT_DIR))
+
+
+TRAIN_CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainCheckpointer:
+  """Per-epoch training checkpoints in `<workdir>/checkpoints`: the latest N plus the best.
+
+  Each epoch saves the whole TrainState (student, optimizer state, CTKD θ, step, PRNG key)
+  and a small JSON (epoch metrics, best top-1, architecture). Saves are asynchronous and
+  atomic: orbax writes into a temporary directory and renames it when complete, so a crash
+  during a save leaves the previous checkpoint as the latest valid one.
+  """
+
+  def __init__(self, directory: str, keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    policy = cm.AnyPreservationPolicy([
+        cm.LatestN(keep), cm.BestN(get_metric_fn=lambda m: m["test_top1"], n=1)])
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(preservation_policy=policy))
+
+  def latest_epoch(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
+    self._manager.save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics={"test_top1": meta["test_top1"]})
+
+  def restore(self, epoch: int, target: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores into the structure (and dtypes) of `target`, e.g. a freshly created state."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = self._manager.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+  def best_epoch(self) -> int:
+    """The kept epoch with the highest test top-1."""
+    steps = self._manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    metas = {s: self._manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+             for s in steps}
+    return max(steps, key=lambda s: (metas[s].meta["test_top1"], s))
+
+  def restore_raw(self, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state as nested dicts, without a target (for reading a run's student)."""
+    restored = self._manager.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def load_student_from_workdir(workdir: str, *, dtype=jnp.float32) -> tuple[nnx.Module, dict]:
+  """The best-epoch student of a training run, in eval mode, and its metadata."""
+  ckpt = TrainCheckpointer(os.path.join(workdir, TRAIN_CHECKPOINT_DIR))
+  try:
+    state, meta = ckpt.restore_raw(ckpt.best_epoch())
+  finally:
+    ckpt.close()
+  model = models.create_model(meta["arch"], meta["num_classes"], rngs=nnx.Rngs(0), dtype=dtype)
+  nnx.replace_by_pure_dict(params := nnx.state(model, nnx.Param), state["params"]["student"])
+  nnx.replace_by_pure_dict(stats := nnx.state(model, nnx.BatchStat), state["batch_stats"])
+  nnx.update(model, params, stats)
+  model.eval()
+  return model, meta

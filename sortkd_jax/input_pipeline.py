@@ -309,6 +309,15 @@ def _tfds_as_dataset(builder: Any, data_dir: str | None, **kwargs: Any) -> Any:
     ) from err
 
 
+def split_info(*, split: str, name: str | None = None, folder: str | None = None,
+               data_dir: str | None = None, manual_dir: str | None = None,
+               download: bool = False, **unused_stream_options: Any) -> tuple[int, int]:
+  """(number of examples, number of classes) of a split, without reading its images."""
+  _, total, label = _open_split(name=name, folder=folder, split=split, data_dir=data_dir,
+                                download=download, manual_dir=manual_dir, decode=False)
+  return total, label.num_classes
+
+
 # ----------------------------------------------------------------------------- ImageNet streams
 
 

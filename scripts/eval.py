@@ -1,0 +1,55 @@
+"""Evaluates a student or teacher checkpoint on a test split: loss, top-1, top-5.
+
+  python scripts/eval.py --checkpoint runs/kd --config configs/cifar_kd.py:res32x4_res8x4
+  python scripts/eval.py --checkpoint teachers/resnet32x4 --config configs/cifar_kd.py
+  python scripts/eval.py --checkpoint ckpt_epoch_240.pth --arch resnet32x4 --config configs/cifar_kd.py
+
+`--checkpoint` is a training workdir (its best epoch), a directory from scripts/port_weights.py,
+or a PyTorch file (then `--arch` names the architecture). The config only supplies the data
+(`--config.data.folder=DIR`, `--config.data.data_dir=DIR`, ...) and the evaluation batch size.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file(
+    "config", "configs/cifar_vanilla.py", "Recipe whose data section names the test split.")
+flags.DEFINE_string("checkpoint", None, "Workdir, ported checkpoint directory or .pth file.")
+flags.DEFINE_string("arch", None, "Architecture (required for .pth files).")
+flags.mark_flag_as_required("checkpoint")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  from sortkd_jax import teachers, train
+
+  config = FLAGS.config
+  if not os.path.exists(FLAGS.checkpoint):
+    sys.exit(f"error: checkpoint {FLAGS.checkpoint!r} does not exist.")
+  _, test_split = train.load_splits(config.data)
+  try:
+    model, arch = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
+                                             num_classes=test_split.num_classes)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  network, variables = train.freeze(model)
+  mesh = train.make_mesh()
+  evaluate = train.make_evaluator(mesh, test_split.images, test_split.labels,
+                                  config.eval_batch_size)
+  result = {"checkpoint": FLAGS.checkpoint, "arch": arch, "split": config.data.test_split,
+            "num_examples": int(len(test_split.labels)),
+            **evaluate(network, train.replicate(variables, mesh))}
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,85 @@
+"""Run output: metrics.jsonl, TensorBoard events and readable console lines (process 0 only).
+
+big_vision-style: one JSON object per log period and per epoch in `<workdir>/metrics.jsonl`,
+`[epoch E step S] name = value` lines on the console, images/s and ETA that leave compilation
+out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+
+class Reporter:
+  """Writes metrics from process 0; every other process only keeps time."""
+
+  def __init__(self, workdir: str, total_steps: int, batch_size: int):
+    self._is_writer = jax.process_index() == 0
+    self._total_steps = total_steps
+    self._batch_size = batch_size
+    self._jsonl = None
+    self._tb = None
+    self._window_start: tuple[float, int] | None = None
+    if self._is_writer:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        logging.warning("tensorboardX is not installed: no TensorBoard events are written.")
+
+  def start_timing(self, step: int) -> None:
+    """Starts the throughput window (call after the first, compiling dispatch finished)."""
+    self._window_start = (time.perf_counter(), step)
+
+  def throughput(self, step: int) -> tuple[float | None, float | None]:
+    """Images/s since the last call and the ETA in seconds, then opens a new window."""
+    if self._window_start is None:
+      return None, None
+    t0, s0 = self._window_start
+    now = time.perf_counter()
+    self._window_start = (now, step)
+    if step <= s0 or now <= t0:
+      return None, None
+    steps_per_s = (step - s0) / (now - t0)
+    return steps_per_s * self._batch_size, (self._total_steps - step) / steps_per_s
+
+  def write(self, kind: str, epoch: int, step: int, metrics: dict[str, Any]) -> None:
+    if not self._is_writer:
+      return
+    record = {"kind": kind, "epoch": epoch, "step": step,
+              **{k: _plain(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for name, value in record.items():
+        if isinstance(value, float) and name not in ("epoch", "step"):
+          self._tb.add_scalar(f"{kind}/{name}", value, step)
+      self._tb.flush()
+    shown = ", ".join(f"{k} = {_fmt(v)}" for k, v in metrics.items() if v is not None)
+    logging.info("[%s epoch %d step %d] %s", kind, epoch, step, shown)
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(value: Any) -> Any:
+  if hasattr(value, "item"):
+    value = value.item()
+  return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _fmt(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:.6g}"
+  return str(value)

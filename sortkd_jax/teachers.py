@@ -1,0 +1,78 @@
+"""Loading the frozen teacher from whatever the user has: a ported checkpoint, a .pth, or a run.
+
+`config.teacher.checkpoint` may be
+  * a directory written by `scripts/port_weights.py` (orbax, with its model metadata),
+  * a PyTorch file (mdistiller/RepDistiller teacher, mdistiller trainer file, torchvision file,
+    bare state dict), converted on the fly, or
+  * the workdir of a run of this project (e.g. `configs/cifar_vanilla.py`): its best
+    checkpoint's student becomes the teacher.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from sortkd_jax import checkpoint
+from sortkd_jax import models
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".pth.tar", ".bin")
+
+
+def missing_teacher_message(name: str, path: str) -> str:
+  return (
+      f"Teacher checkpoint {path!r} for {name} does not exist.\n"
+      "mdistiller's CIFAR-100 teachers are in `cifar_teachers.tar` on the mdistiller GitHub "
+      "release 'checkpoints' (untar it: cifar_teachers/<name>_vanilla/ckpt_epoch_240.pth); "
+      "ImageNet teachers are torchvision's v1 files (resnet34-333f7ec4.pth, "
+      "resnet50-19c8e357.pth). Convert one with\n"
+      f"  python scripts/port_weights.py --arch {name} "
+      f"--src download_ckpts/cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth --dst {path}\n"
+      "or pass --config.teacher.checkpoint=FILE.pth to convert on the fly, or the workdir of a "
+      "configs/cifar_vanilla.py run of this project.")
+
+
+def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | None = None,
+                      dtype: jnp.dtype = jnp.float32) -> tuple[nnx.Module, str]:
+  """A model in eval mode from a ported checkpoint, a PyTorch file or a run's workdir.
+
+  Returns the model and its architecture name. `arch` is required for PyTorch files (they do
+  not say what they hold) and checked against the others; `num_classes`, when given, too.
+  """
+  if os.path.isfile(path):
+    if arch is None:
+      raise ValueError(f"{path} is a PyTorch file: say which architecture it holds (--arch).")
+    from sortkd_jax import porting
+    model = porting.port_state_dict(arch, porting.load_torch_state_dict(path),
+                                    num_classes=num_classes)
+    if jnp.dtype(dtype) != jnp.float32:  # porting builds float32; rebuild at the compute dtype.
+      target = models.create_model(arch, num_classes, rngs=nnx.Rngs(0), dtype=dtype)
+      nnx.update(target, nnx.state(model))
+      model = target
+    model.eval()
+    return model, arch
+  if checkpoint.is_train_workdir(path):
+    model, meta = checkpoint.load_student_from_workdir(path, dtype=dtype)
+  else:
+    model, meta = checkpoint.load_model(path, dtype=dtype)
+  if arch is not None and meta["arch"] != arch:
+    raise ValueError(f"{path} holds a {meta['arch']}, not a {arch}; point to a {arch} "
+                     f"checkpoint or set the architecture to {meta['arch']}.")
+  if num_classes is not None and meta["num_classes"] != num_classes:
+    raise ValueError(f"The model in {path} has {meta['num_classes']} classes but the data has "
+                     f"{num_classes}; use the data set it was trained on.")
+  model.eval()
+  return model, meta["arch"]
+
+
+def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *,
+                 dtype: jnp.dtype = jnp.float32) -> nnx.Module:
+  """The frozen teacher of a run: `teacher.name` loaded from `teacher.checkpoint`."""
+  path = teacher.checkpoint
+  if not path or not os.path.exists(path):
+    raise FileNotFoundError(missing_teacher_message(teacher.name, path))
+  model, _ = load_frozen_model(path, arch=teacher.name, num_classes=num_classes, dtype=dtype)
+  return model

@@ -1,0 +1,578 @@
+"""Training and evaluation of a student by (Sort-)distillation: one `train_and_evaluate` entry.
+
+The core is pure functions of pytrees, jitted once: `(state, batch) -> (state, metrics)`. The
+student is an NNX module split into a graphdef and pure-dict states; `nnx.merge` happens only
+inside the jitted functions. Data parallelism: `jax.jit` over a 1-D device mesh with the batch
+sharded on 'data' and everything else replicated, so BatchNorm statistics are over the global
+batch and results do not depend on the device count.
+
+CIFAR-sized splits live on the device: each epoch draws a permutation, and batches are
+gathered, augmented (crop + flip) and normalised inside the step. `steps_per_dispatch` steps run
+in one `lax.scan`, metrics stay on the device until the log period. ImageNet streams tf.data
+batches prefetched to the device. Recipe and reference behaviour: mdistiller_spec.md §7.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sortkd_jax import augment
+from sortkd_jax import checkpoint
+from sortkd_jax import losses
+from sortkd_jax import methods
+from sortkd_jax import models
+from sortkd_jax import reporting
+from sortkd_jax import teachers
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; checkpointed every epoch."""
+  step: jax.Array            # optimizer steps taken (int32 scalar)
+  params: PyTree             # {'student': ..., ['ctkd_theta': scalar]}
+  batch_stats: PyTree        # student BatchNorm running statistics
+  opt_state: optax.OptState
+  rng: jax.Array             # raw PRNG key; augmentation keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A network's graphdef, called with its variables: hashable, so it can be a static argument."""
+  graphdef: nnx.GraphDef
+
+  def __call__(self, variables: tuple[PyTree, ...], images: jax.Array) -> jax.Array:
+    return nnx.merge(self.graphdef, *variables)(images)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """mdistiller's per-epoch step schedule: lr·rate^k, k = #{s : epoch > s}, epochs from 1."""
+  return optax.piecewise_constant_schedule(
+      config.lr, {int(s) * steps_per_epoch: config.lr_decay_rate for s in config.lr_decay_epochs})
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
+  """torch.optim.SGD as mdistiller uses it: coupled L2 decay on every parameter, then momentum.
+
+  Update: g ← ∇L + wd·θ; buf ← m·buf + g; θ ← θ − lr·buf (spec §7.2); no Nesterov.
+  """
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum))
+
+
+def epoch_of_step(step: jax.Array, steps_per_epoch: int) -> jax.Array:
+  """The 1-based epoch that optimizer step `step` (0-based) belongs to, as float32."""
+  return (step // steps_per_epoch + 1).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _train_step(state: TrainState, teacher_vars, images, labels, *, config, student_graphdef,
+                teacher: Network | None, optimizer, steps_per_epoch):
+  """One SGD step on a (sharded) batch of normalised images. Returns summed batch metrics."""
+  epoch = epoch_of_step(state.step, steps_per_epoch)
+  teacher_logits = None if teacher is None else teacher(teacher_vars, images)
+
+  def loss_fn(params):
+    student = nnx.merge(student_graphdef, params["student"], state.batch_stats)
+    logits = student(images)
+    terms = methods.loss_terms(config, logits, teacher_logits, labels, epoch,
+                               params.get("ctkd_theta"))
+    new_stats = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
+    return sum(terms.values()), (terms, logits, new_stats)
+
+  (loss, (terms, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        batch_stats=new_stats, opt_state=opt_state)
+  n = jnp.float32(labels.shape[0])
+  metrics = {"loss": loss * n, "top1": losses.topk_correct(logits, labels, 1).sum(),
+             "count": n, **{f"loss_{k}": v * n for k, v in terms.items()}}
+  if "ctkd_theta" in state.params:
+    temperature = losses.ctkd_temperature(state.params["ctkd_theta"], config.ctkd.t_start,
+                                          config.ctkd.t_end)
+    metrics["ctkd_temperature"] = temperature * n
+  return state, metrics
+
+
+def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *, num_steps,
+                 batch_size, batch_sharding, mean, std, compute_dtype, **step_kwargs):
+  """`num_steps` steps over perm[start:start+num_steps·batch_size], in one dispatch."""
+
+  def body(state, i):
+    idx = jax.lax.dynamic_slice_in_dim(perm, start + i * batch_size, batch_size)
+    idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
+    key = jax.random.fold_in(state.rng, state.step)
+    x = augment.cifar_train_augment(key, images[idx], mean=mean, std=std, dtype=compute_dtype)
+    x = jax.lax.with_sharding_constraint(x, batch_sharding)
+    return _train_step(state, teacher_vars, x, labels[idx], **step_kwargs)
+
+  state, metrics = jax.lax.scan(body, state, jnp.arange(num_steps))
+  return state, jax.tree.map(lambda m: m.sum(0), metrics)
+
+
+def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_sharding, mean, std,
+                 compute_dtype, **step_kwargs):
+  """One step on a device batch already cropped and flipped by tf.data (ImageNet)."""
+  x = jax.lax.with_sharding_constraint(augment.normalize(images, mean, std, compute_dtype),
+                                       batch_sharding)
+  return _train_step(state, teacher_vars, x, labels, **step_kwargs)
+
+
+def _eval_batch_sums(model: Network, variables, images, labels, mask, *, batch_sharding,
+                     mean, std, compute_dtype):
+  """Summed CE, top-1 and top-5 hits of one masked batch of uint8 images."""
+  x = jax.lax.with_sharding_constraint(augment.normalize(images, mean, std, compute_dtype),
+                                       batch_sharding)
+  logits = model(variables, x).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return {"loss": (ce * mask).sum(), "top1": (losses.topk_correct(logits, labels, 1) * mask).sum(),
+          "top5": (losses.topk_correct(logits, labels, 5) * mask).sum(), "count": mask.sum()}
+
+
+def _eval_sums(model: Network, variables, images, labels, mask, **kwargs):
+  """`_eval_batch_sums` summed over [num_batches, batch, ...] padded data, in one dispatch."""
+
+  def body(totals, batch):
+    return jax.tree.map(jnp.add, totals, _eval_batch_sums(model, variables, *batch, **kwargs)), None
+
+  zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "top1", "top5", "count")}
+  totals, _ = jax.lax.scan(body, zeros, (images, labels, mask))
+  return totals
+
+
+def _eval_summary(sums: dict[str, np.ndarray]) -> dict[str, float]:
+  count = sums["count"]
+  return {"test_loss": float(sums["loss"] / count), "test_top1": float(100 * sums["top1"] / count),
+          "test_top5": float(100 * sums["top5"] / count)}
+
+
+def make_evaluator(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                   dtype: jnp.dtype = jnp.float32, mean=augment.CIFAR_MEAN,
+                   std=augment.CIFAR_STD) -> Callable[[Network, PyTree], dict[str, float]]:
+  """A function computing test loss, top-1 and top-5 (%) of a network on a whole split.
+
+  The split is padded to whole batches with a mask and held on the device; one dispatch per
+  evaluation. Matches mdistiller's validate (spec §7.4): per-example means over the set.
+  """
+  batch_size = round_to_devices(batch_size, mesh.size, "the evaluation batch size")
+  data = replicate(pad_for_eval(images, labels.astype(np.int32), batch_size), mesh)
+  sums_fn = jax.jit(functools.partial(
+      _eval_sums, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
+      compute_dtype=dtype), static_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
+
+  def evaluate(network: Network, variables: PyTree) -> dict[str, float]:
+    return _eval_summary(to_host(sums_fn(network, variables, *data)))
+
+  return evaluate
+
+
+def make_streaming_evaluator(mesh: Mesh, batches: Callable[[], Iterator[dict[str, jax.Array]]],
+                             *, dtype: jnp.dtype = jnp.float32, mean=augment.IMAGENET_MEAN,
+                             std=augment.IMAGENET_STD
+                             ) -> Callable[[Network, PyTree], dict[str, float]]:
+  """Like `make_evaluator`, over a fresh pass of masked device batches (ImageNet)."""
+  sums_fn = jax.jit(functools.partial(
+      _eval_batch_sums, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
+      compute_dtype=dtype), static_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
+
+  def evaluate(network: Network, variables: PyTree) -> dict[str, float]:
+    totals = None
+    for batch in batches():
+      sums = sums_fn(network, variables, batch["image"], batch["label"],
+                     batch["mask"].astype(jnp.float32))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return _eval_summary(to_host(totals))
+
+  return evaluate
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Joins a multi-process run: explicit coordinator flags, or SLURM / Open MPI launches.
+
+  Every process then sees all devices of the run in `jax.devices()`; a single process on one
+  machine needs nothing.
+  """
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif any(int(os.environ.get(v, "1")) > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
+    jax.distributed.initialize()
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over every device of every process, axis 'data'."""
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Places host values on every device; works with several processes (same value on each)."""
+  sharding = NamedSharding(mesh, P())
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+  return jax.tree.map(put, tree)
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  if config.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}.")
+  return jnp.dtype(config.dtype)
+
+
+def split_student(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.GraphDef, PyTree, PyTree]:
+  """Train- and eval-mode graphdefs of the student, and its params and BN statistics."""
+  model.eval()
+  eval_graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+  model.train()
+  train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return (train_graphdef, eval_graphdef, nnx.to_pure_dict(params),
+          nnx.to_pure_dict(batch_stats))
+
+
+def freeze(model: nnx.Module) -> tuple[Network, tuple[PyTree, PyTree]]:
+  """An eval-mode network and its pure variables (the teacher never leaves eval mode)."""
+  model.eval()
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return Network(graphdef), (nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats))
+
+
+def to_host(tree: PyTree) -> PyTree:
+  """Fetches replicated arrays (also those spanning several processes) as NumPy values."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
+                       optimizer: optax.GradientTransformation):
+  """A fresh student (reference initialisation), optimizer state and PRNG key."""
+  rng = jax.random.key_data(jax.random.PRNGKey(config.seed))
+  student = models.create_model(config.student.name, num_classes,
+                                rngs=nnx.Rngs(config.seed), dtype=compute_dtype(config))
+  train_graphdef, eval_graphdef, params, batch_stats = split_student(student)
+  params = {"student": params}
+  if methods.learns_temperature(config):
+    params["ctkd_theta"] = jnp.asarray(config.ctkd.init, jnp.float32)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                     opt_state=optimizer.init(params), rng=rng)
+  return state, train_graphdef, eval_graphdef
+
+
+@dataclasses.dataclass
+class EvalData:
+  """A whole test split, padded to [num_batches, batch, ...] with a mask, on the device."""
+  images: jax.Array
+  labels: jax.Array
+  mask: jax.Array
+
+
+def pad_for_eval(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tuple[np.ndarray, ...]:
+  """Pads to whole batches and masks the padding, so no test example is ever dropped."""
+  n = len(labels)
+  num_batches = max(1, math.ceil(n / batch_size))
+  pad = num_batches * batch_size - n
+  images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+  labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
+  mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
+  shape = (num_batches, batch_size)
+  return (images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape))
+
+
+def round_to_devices(batch_size: int, num_devices: int, what: str) -> int:
+  if batch_size % num_devices:
+    raise ValueError(f"{what} {batch_size} is not divisible by the {num_devices} devices; "
+                     f"choose a multiple of {num_devices}.")
+  return batch_size
+
+
+def epoch_plan(num_examples: int, batch_size: int, num_devices: int,
+               steps_per_dispatch: int) -> list[tuple[int, int, int]]:
+  """An epoch as dispatches (num_steps, batch_size, first example index in the permutation).
+
+  Chunks of `steps_per_dispatch` full batches, then the smaller last batch, so every image is
+  used once per epoch as in mdistiller (drop_last=False). The last batch is rounded down to a
+  multiple of the device count: fewer than `num_devices` images of an epoch are left out.
+  """
+  full_steps, remainder = divmod(num_examples, batch_size)
+  remainder -= remainder % num_devices
+  chunk = max(1, int(steps_per_dispatch))
+  plan = [(min(chunk, full_steps - i), batch_size, i * batch_size)
+          for i in range(0, full_steps, chunk)]
+  if remainder:
+    plan.append((1, remainder, full_steps * batch_size))
+  if not plan:
+    raise ValueError(f"The training split has {num_examples} images, fewer than one batch of "
+                     f"{batch_size}; lower config.batch_size.")
+  return plan
+
+
+def build_train_chunk(config: ml_collections.ConfigDict, mesh: Mesh, *,
+                      student_graphdef: nnx.GraphDef, teacher: Network | None,
+                      optimizer: optax.GradientTransformation, steps_per_epoch: int,
+                      mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD) -> Callable:
+  """The jitted, state-donating `(state, teacher_vars, images, labels, perm, start) ->
+  (state, metric sums)` over `num_steps` steps of `batch_size` (both static)."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(
+      functools.partial(
+          _train_chunk, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
+          compute_dtype=compute_dtype(config), config=config, student_graphdef=student_graphdef,
+          teacher=teacher, optimizer=optimizer, steps_per_epoch=steps_per_epoch),
+      static_argnames=("num_steps", "batch_size"), donate_argnums=(0,),
+      out_shardings=replicated)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def load_splits(data: ml_collections.ConfigDict):
+  """Train and test splits as host arrays, optionally truncated for smoke tests."""
+  from sortkd_jax import input_pipeline  # TensorFlow stays out of the core's import graph.
+
+  source = dict(name=data.name, data_dir=data.data_dir, folder=data.folder,
+                cache_dir=data.cache_dir, image_size=data.image_size, download=data.download)
+  splits = []
+  for split, limit in ((data.train_split, data.max_train_examples),
+                       (data.test_split, data.max_test_examples)):
+    s = input_pipeline.load_array_split(split=split, **source)
+    if limit is not None:
+      s = dataclasses.replace(s, images=s.images[:limit], labels=s.labels[:limit])
+    splits.append(s)
+  return splits
+
+
+@dataclasses.dataclass
+class _Feed:
+  """How one run gets its batches: the steps of an epoch, and the test-set evaluator."""
+  num_classes: int
+  steps_per_epoch: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  # (state, epoch) -> iterator of (state, metric sums, steps taken), set once state exists.
+  run_epoch: Callable[[TrainState, int], Iterator[tuple[TrainState, PyTree, int]]] = None
+  evaluate: Callable[[Network, PyTree], dict[str, float]] = None
+
+
+def _on_device_feed(config, mesh, batch_size) -> tuple[_Feed, Callable]:
+  """CIFAR-sized splits held on the device, augmented inside the step (the default)."""
+  train_split, test_split = load_splits(config.data)
+  n = len(train_split.labels)
+  plan = epoch_plan(n, batch_size, mesh.size, config.steps_per_dispatch)
+  feed = _Feed(train_split.num_classes, sum(k for k, _, _ in plan), augment.CIFAR_MEAN,
+               augment.CIFAR_STD)
+  logging.info("%d train / %d test images, %d classes; %d steps per epoch.", n,
+               len(test_split.labels), feed.num_classes, feed.steps_per_epoch)
+
+  def finish(state, teacher_vars, **chunk_kwargs):
+    replicated = NamedSharding(mesh, P())
+    images, labels = replicate((train_split.images, train_split.labels), mesh)
+    data_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+    permutation = jax.jit(lambda epoch: jax.random.permutation(
+        jax.random.fold_in(data_rng, epoch), n), out_shardings=replicated)
+    chunk = build_train_chunk(config, mesh, mean=feed.mean, std=feed.std, **chunk_kwargs)
+    t = time.perf_counter()
+    args = (state, teacher_vars, images, labels, permutation(1), jnp.int32(0))
+    compiled = {(k, b): chunk.lower(*args, num_steps=k, batch_size=b).compile()
+                for k, b, _ in plan}
+    logging.info("Compiled %d train-step variants in %.1f s.", len(compiled),
+                 time.perf_counter() - t)
+
+    def run_epoch(state, epoch):
+      perm = permutation(epoch)
+      for k, b, start in plan:
+        state, metrics = compiled[k, b](state, teacher_vars, images, labels, perm,
+                                        jnp.int32(start))
+        yield state, metrics, k
+
+    feed.run_epoch = run_epoch
+    feed.evaluate = make_evaluator(mesh, test_split.images, test_split.labels,
+                                   config.eval_batch_size, dtype=compute_dtype(config),
+                                   mean=feed.mean, std=feed.std)
+
+  return feed, finish
+
+
+def _streaming_feed(config, mesh, batch_size) -> tuple[_Feed, Callable]:
+  """ImageNet: tf.data batches of this process's shard, prefetched to the device."""
+  from sortkd_jax import input_pipeline
+
+  d = config.data
+  source = dict(name=d.name, folder=d.folder, data_dir=d.data_dir, manual_dir=d.manual_dir,
+                download=d.download, image_size=d.image_size)
+  n, num_classes = input_pipeline.split_info(split=d.train_split, **source)
+  if d.max_train_examples is not None:
+    n = min(n, d.max_train_examples)
+  feed = _Feed(num_classes, math.ceil(n / batch_size), augment.IMAGENET_MEAN,
+               augment.IMAGENET_STD)
+  batch_sharding = NamedSharding(mesh, P("data"))
+  logging.info("%d train images, %d classes; %d steps per epoch.", n, feed.num_classes,
+               feed.steps_per_epoch)
+
+  def finish(state, teacher_vars, **step_kwargs):
+    step = jax.jit(functools.partial(
+        _train_batch, batch_sharding=batch_sharding, mean=feed.mean, std=feed.std,
+        compute_dtype=compute_dtype(config), config=config, **step_kwargs), donate_argnums=(0,),
+        out_shardings=NamedSharding(mesh, P()))
+    stream = {}
+
+    def run_epoch(state, epoch):
+      if "batches" not in stream:  # one endless stream, seeded by the epoch it starts in
+        ds = input_pipeline.imagenet_train_dataset(
+            global_batch_size=batch_size, split=d.train_split, shuffle_buffer=d.shuffle_buffer,
+            seed=config.seed * 100_003 + epoch, **source)
+        stream["batches"] = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(), 2,
+                                                              batch_sharding)
+      for _ in range(feed.steps_per_epoch):
+        batch = next(stream["batches"])
+        state, metrics = step(state, teacher_vars, batch["image"], batch["label"])
+        yield state, metrics, 1
+
+    def eval_batches():
+      ds = input_pipeline.imagenet_eval_dataset(
+          global_batch_size=config.eval_batch_size, split=d.test_split,
+          resize_size=round(d.image_size * 256 / 224), **source)
+      if d.max_test_examples is not None:
+        ds = ds.take(math.ceil(d.max_test_examples / config.eval_batch_size))
+      return input_pipeline.prefetch_to_device(ds.as_numpy_iterator(), 2, batch_sharding)
+
+    feed.run_epoch = run_epoch
+    feed.evaluate = make_streaming_evaluator(mesh, eval_batches, dtype=compute_dtype(config),
+                                             mean=feed.mean, std=feed.std)
+
+  return feed, finish
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config.student` by `config.method` (+Sort), evaluating after every epoch.
+
+  Re-running with the same workdir resumes from the latest checkpoint. Returns a summary:
+  best and last test top-1 and the final state (NumPy).
+  """
+  methods.validate(config)
+  dtype = compute_dtype(config)
+  mesh = make_mesh()
+  batch_size = round_to_devices(config.batch_size, mesh.size, "config.batch_size")
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(config, workdir)
+  logging.info("%d devices (%s), %d processes.", mesh.size, jax.devices()[0].device_kind,
+               jax.process_count())
+
+  streaming = config.data.get("pipeline", "on_device") == "tf_data"
+  feed, finish_feed = (_streaming_feed if streaming else _on_device_feed)(config, mesh,
+                                                                          batch_size)
+  steps_per_epoch = feed.steps_per_epoch
+  optimizer = make_optimizer(config, steps_per_epoch)
+  state, train_graphdef, eval_graphdef = create_train_state(config, feed.num_classes, optimizer)
+  teacher, teacher_vars = None, None
+  if methods.uses_teacher(config):
+    teacher, teacher_vars = freeze(teachers.load_teacher(config.teacher, feed.num_classes,
+                                                         dtype=dtype))
+
+  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR),
+                                      keep=config.checkpoints_to_keep)
+  start_epoch, best_top1 = 1, 0.0
+  latest = ckpt.latest_epoch()
+  if latest is not None:
+    state, meta = ckpt.restore(latest, state)
+    start_epoch, best_top1 = latest + 1, meta["best_top1"]
+    logging.info("Resuming from %s at epoch %d (best top-1 so far %.2f).", ckpt.directory,
+                 start_epoch, best_top1)
+
+  state, teacher_vars = replicate((state, teacher_vars), mesh)
+  finish_feed(state, teacher_vars, student_graphdef=train_graphdef, teacher=teacher,
+              optimizer=optimizer, steps_per_epoch=steps_per_epoch)
+  if teacher is not None and start_epoch == 1:
+    logging.info("Teacher %s on the test split: %s", config.teacher.name,
+                 feed.evaluate(teacher, teacher_vars))
+
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  reporter = reporting.Reporter(workdir, config.num_epochs * steps_per_epoch, batch_size)
+  step = int(to_host(state.step))
+  reporter.start_timing(step)
+  pending, epoch_pending = [], []   # per-dispatch metric sums, still on the device
+  steps_since_log = 0
+  last_top1 = None
+
+  def averages(epoch: int, metrics_list) -> dict[str, float]:
+    sums = _sum_host(metrics_list)
+    count = sums.pop("count")
+    out = {k: v / count for k, v in sums.items()}
+    out["top1"] *= 100
+    if not math.isfinite(out["loss"]):
+      raise FloatingPointError(
+          f"The training loss is {out['loss']} in epoch {epoch} (step {step}): stopping. "
+          f"The last good checkpoint stays in {ckpt.directory}; lower config.lr or check the "
+          "data and teacher, then re-run the same command to resume from it.")
+    return out
+
+  try:
+    for epoch in range(start_epoch, config.num_epochs + 1):
+      epoch_start = time.perf_counter()
+      for state, metrics, num_steps in feed.run_epoch(state, epoch):
+        pending.append(metrics)
+        epoch_pending.append(metrics)
+        step += num_steps
+        steps_since_log += num_steps
+        if steps_since_log >= config.log_every_steps:
+          train_metrics = averages(epoch, pending)
+          img_s, eta = reporter.throughput(step)
+          reporter.write("train", epoch, step, {**train_metrics, "lr": float(schedule(step - 1)),
+                                                "img_per_s": img_s, "eta_s": eta})
+          pending, steps_since_log = [], 0
+      epoch_metrics = averages(epoch, epoch_pending)
+      epoch_pending = []
+      test = feed.evaluate(Network(eval_graphdef), (state.params["student"], state.batch_stats))
+      last_top1 = test["test_top1"]
+      best_top1 = max(best_top1, last_top1)
+      reporter.write("epoch", epoch, step, {
+          **{f"train_{k}": v for k, v in epoch_metrics.items()}, **test,
+          "best_top1": best_top1, "lr": float(schedule(step - 1)),
+          "epoch_time_s": time.perf_counter() - epoch_start})
+      ckpt.save(epoch, state, {"best_top1": best_top1, "test_top1": last_top1, "step": step,
+                               "arch": config.student.name, "num_classes": feed.num_classes})
+  finally:
+    ckpt.close()
+    reporter.close()
+
+  logging.info("Best test top-1 %.2f, last %s.", best_top1, last_top1)
+  return {"best_top1": best_top1, "last_top1": last_top1, "state": to_host(state)}
+
+
+def _sum_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
+  fetched = to_host(metrics_list)
+  return {k: float(sum(np.asarray(m[k], np.float64) for m in fetched)) for k in fetched[0]}
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -1,0 +1,203 @@
+"""End-to-end tests of the main job on tfds mock data: every method, resume, errors, schedules."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from flax import nnx
+
+from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
+from sortkd_jax import checkpoint, losses, methods, models, train
+
+CONFIG_MODULES = {"vanilla": cifar_vanilla, "kd": cifar_kd, "dkd": cifar_dkd,
+                  "lskd": cifar_lskd, "ctkd": cifar_ctkd}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  """A small random resnet8 teacher, saved as scripts/port_weights.py would save it."""
+  path = str(tmp_path_factory.mktemp("teacher") / "resnet8")
+  model = models.create_model("resnet8", 100, rngs=nnx.Rngs(42))
+  checkpoint.save_model(path, model, arch="resnet8", num_classes=100)
+  return path
+
+
+def tiny_config(recipe, teacher_dir, **overrides):
+  """A runlocal recipe shrunk further: resnet8 → resnet8, 40 train images (2 full batches + 8)."""
+  config = CONFIG_MODULES[recipe].get_config("res56_res20,runlocal")
+  config.student.name = "resnet8"
+  config.teacher.name = "resnet8"
+  config.teacher.checkpoint = teacher_dir
+  config.data.max_train_examples = 40
+  config.data.max_test_examples = 30
+  config.eval_batch_size = 16
+  config.log_every_steps = 2
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("method", sorted(CONFIG_MODULES))
+def test_runlocal_every_method(method, teacher_dir, tmp_path):
+  workdir = str(tmp_path / method)
+  config = tiny_config(method, teacher_dir)
+  with tfds.testing.mock_data(num_examples=64):
+    result = train.train_and_evaluate(config, workdir)
+  records = read_metrics(workdir)
+  epochs = [r for r in records if r["kind"] == "epoch"]
+  assert [r["epoch"] for r in epochs] == [1, 2]
+  for r in epochs:
+    assert np.isfinite(r["train_loss"]) and 0 <= r["test_top1"] <= 100
+    assert r["test_top5"] >= r["test_top1"]
+  assert any(r["kind"] == "train" for r in records)
+  assert result["best_top1"] == max(r["test_top1"] for r in epochs)
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "2"
+  terms = {k for k in epochs[0] if k.startswith("train_loss_")}
+  assert terms == ({"train_loss_ce"} if method == "vanilla" else {"train_loss_ce", "train_loss_kd"})
+  if method == "ctkd":
+    theta = result["state"].params["ctkd_theta"]
+    assert theta != pytest.approx(1.0), "CTKD's θ must be trained"
+    assert 1.0 < epochs[-1]["train_ctkd_temperature"] < 21.0
+
+
+def test_resume_is_bit_identical(teacher_dir, tmp_path):
+  config = tiny_config("kd", teacher_dir)
+  with tfds.testing.mock_data(num_examples=64):
+    straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+    config.num_epochs = 1
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    config.num_epochs = 2
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  jax.tree.map(np.testing.assert_array_equal, straight["state"], resumed["state"])
+  epochs = [r["epoch"] for r in read_metrics(str(tmp_path / "resumed")) if r["kind"] == "epoch"]
+  assert epochs == [1, 2]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_dir, tmp_path):
+  workdir = str(tmp_path / "nan")
+  config = tiny_config("kd", teacher_dir, num_epochs=1)
+  with tfds.testing.mock_data(num_examples=64):
+    train.train_and_evaluate(config, workdir)
+    config.num_epochs = 2
+    config.lr = 1e30
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+      train.train_and_evaluate(config, workdir)
+  assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
+
+
+def test_missing_teacher_says_where_teachers_come_from(tmp_path):
+  config = tiny_config("kd", str(tmp_path / "nowhere"))
+  with tfds.testing.mock_data(num_examples=64):
+    with pytest.raises(FileNotFoundError, match="port_weights.py --arch resnet8"):
+      train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
+  config = tiny_config("kd", teacher_dir)
+  config.teacher.name = "resnet20"
+  with tfds.testing.mock_data(num_examples=64):
+    with pytest.raises(ValueError, match="holds a resnet8"):
+      train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("method", "fitnet", "Unknown config.method"),
+    ("lskd.base", "crd", "config.lskd.base"),
+    ("dtype", "float16", "config.dtype"),
+])
+def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message):
+  method = "lskd" if key.startswith("lskd") else "kd"
+  config = tiny_config(method, teacher_dir, **{key: value})
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_unknown_pair_lists_the_pairs():
+  with pytest.raises(ValueError, match="res32x4_res8x4"):
+    cifar_kd.get_config("res32x4_res9x4")
+
+
+def test_every_config_and_pair_builds():
+  for module in CONFIG_MODULES.values():
+    for pair in common.CIFAR_PAIRS:
+      config = module.get_config(pair)
+      assert config.student.name in models.MODEL_NAMES
+      assert config.teacher.name in models.MODEL_NAMES
+  cfg = cifar_dkd.get_config("res32x4_shuv1")
+  assert (cfg.lr, cfg.dkd.beta, cfg.sort) == (0.01, 8.0, True)
+  assert cifar_dkd.get_config("res56_res20").dkd.beta == 2.0
+  assert cifar_dkd.get_config("vgg13_mv2").dkd.beta == 6.0
+
+
+def test_learning_rate_schedule_is_per_epoch_steps():
+  config = cifar_kd.get_config("res32x4_res8x4")
+  schedule = train.learning_rate_schedule(config, steps_per_epoch=782)
+  lr = lambda epoch: float(schedule((epoch - 1) * 782))  # first step of a 1-based epoch
+  assert lr(1) == pytest.approx(0.05) and lr(150) == pytest.approx(0.05)
+  assert float(schedule(150 * 782 - 1)) == pytest.approx(0.05)
+  assert lr(151) == pytest.approx(0.005) and lr(180) == pytest.approx(0.005)
+  assert lr(181) == pytest.approx(0.0005) and lr(211) == pytest.approx(0.00005)
+
+
+def test_epoch_of_step_is_one_based():
+  assert [float(train.epoch_of_step(jnp.int32(s), 10)) for s in (0, 9, 10, 25)] == [1, 1, 2, 3]
+
+
+def test_dkd_warmup_scales_only_the_distillation_term():
+  config = cifar_dkd.get_config("res32x4_res8x4")
+  rng = np.random.default_rng(0)
+  z, v = (jnp.asarray(rng.normal(size=(8, 100)), jnp.float32) for _ in range(2))
+  y = jnp.asarray(rng.integers(0, 100, 8))
+  full = losses.dkd(z, methods.sort_teacher_logits(v, y), y, 1.0, 8.0, 4.0)
+  for epoch, factor in ((1, 0.05), (10, 0.5), (20, 1.0), (100, 1.0)):
+    terms = methods.loss_terms(config, z, v, y, jnp.float32(epoch))
+    np.testing.assert_allclose(terms["kd"], factor * full, rtol=1e-6)
+    np.testing.assert_allclose(terms["ce"], losses.cross_entropy(z, y), rtol=1e-6)
+
+
+def test_ctkd_gradient_reversal_and_lambda_schedule():
+  config = cifar_ctkd.get_config("res32x4_res8x4")
+  rng = np.random.default_rng(1)
+  z, v = (jnp.asarray(rng.normal(size=(8, 100)), jnp.float32) for _ in range(2))
+  y = jnp.asarray(rng.integers(0, 100, 8))
+
+  def kd_term(theta, epoch):
+    return methods.loss_terms(config, z, v, y, jnp.float32(epoch), theta)["kd"]
+
+  def plain_kd(theta):  # the same loss with θ not reversed
+    t = losses.ctkd_temperature(theta, 1.0, 20.0)
+    return 0.9 * losses.kd(z, methods.sort_teacher_logits(v, y), t)
+
+  theta = jnp.float32(1.0)
+  plain = jax.grad(plain_kd)(theta)
+  for epoch in (1, 5, 10, 30):
+    lam = 0.5 * (1 - np.cos(np.pi * min(epoch, 10) / 10))
+    np.testing.assert_allclose(kd_term(theta, epoch), plain_kd(theta), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(kd_term)(theta, epoch), -lam * plain, rtol=1e-5)
+
+
+def test_sort_flag_changes_only_the_teacher_side():
+  config = cifar_kd.get_config("res32x4_res8x4")
+  z = jnp.asarray([[0.1, 0.2, 0.3, 0.4]])
+  v = jnp.asarray([[3.0, 5.0, 1.0, 4.0]])
+  y = jnp.asarray([2])
+  with_sort = methods.loss_terms(config, z, v, y, jnp.float32(1))
+  config.sort = False
+  without = methods.loss_terms(config, z, v, y, jnp.float32(1))
+  assert with_sort["ce"] == without["ce"]
+  sorted_v = jnp.asarray([[1.0, 4.0, 5.0, 3.0]])  # y takes the max, classes above move down
+  np.testing.assert_allclose(with_sort["kd"], 0.9 * losses.kd(z, sorted_v, 4.0), rtol=1e-6)
