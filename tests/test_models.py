@@ -291,3 +291,39 @@ def test_initialisation_follows_the_reference():
   w = models.create_model("wrn_16_2", rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(w.fc.bias[...], 0.0)
   assert float(np.abs(w.fc.kernel[...]).max()) <= 1 / np.sqrt(128)
+
+
+def test_pools_are_differentiable():
+  """avg_pool must lower to reduce_window_sum (a generic reduce_window has no VJP)."""
+  x = jnp.ones((1, 4, 4, 2))
+  g = jax.jit(jax.grad(lambda x: L.avg_pool(x, 3, 2, 1).sum()))(x)
+  np.testing.assert_allclose(g[0, :2, :2, 0], [[1 / 9, 2 / 9], [2 / 9, 4 / 9]], rtol=1e-6)
+  ramp = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  g = jax.jit(jax.grad(lambda x: L.max_pool(x * ramp, 3, 2, 1).sum()))(x)
+  # The gradient goes to each window's maximum: positions (1,1)=5, (1,3)=7, (3,1)=13, (3,3)=15.
+  expected = np.zeros((4, 4))
+  expected[1, 1], expected[1, 3], expected[3, 1], expected[3, 3] = 5, 7, 13, 15
+  np.testing.assert_array_equal(g[0, :, :, 0], expected)
+
+
+def test_train_step_gradient_with_pure_dict_states():
+  """The trainer's pattern (pure-dict params/stats, merge inside value_and_grad under jit)
+  through ShuffleV1, which has every special op: grouped/depthwise convs, shuffles,
+  the count_include_pad avg-pool shortcut and concatenations."""
+  m = models.create_model("ShuffleV1", rngs=nnx.Rngs(0))
+  graphdef, params, stats = nnx.split(m, nnx.Param, nnx.BatchStat)
+  params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+
+  def loss_fn(params, stats):
+    model = nnx.merge(graphdef, params, stats)
+    logits = model(x)
+    loss = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), jnp.array([3, 7])])
+    return loss, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+  (loss, new_stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, stats)
+  assert np.isfinite(float(loss))
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads["layer1"][0]["conv1"]["kernel"]).sum()) > 0
+  assert not np.allclose(new_stats["layer2"][3]["bn2"]["var"], stats["layer2"][3]["bn2"]["var"])

@@ -255,15 +255,17 @@ def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Ar
   """torch ``MaxPool2d``: padding never wins (−∞)."""
   p = padding
   return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1),
+      x, np.array(-np.inf, x.dtype), jax.lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1),
       ((0, 0), (p, p), (p, p), (0, 0)))
 
 
 def avg_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
   """torch ``AvgPool2d`` with ``count_include_pad=True``: always divide by kernel²."""
   p = padding
+  # The init value must be a concrete 0 so that JAX lowers this to reduce_window_sum,
+  # which (unlike a generic reduce_window) is differentiable.
   s = jax.lax.reduce_window(
-      x, jnp.zeros((), x.dtype), jax.lax.add, (1, kernel, kernel, 1),
+      x, np.array(0, x.dtype), jax.lax.add, (1, kernel, kernel, 1),
       (1, stride, stride, 1), ((0, 0), (p, p), (p, p), (0, 0)))
   return s / jnp.asarray(kernel * kernel, x.dtype)
 
