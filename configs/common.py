@@ -74,7 +74,7 @@ def _base_config(method: str, pair: str, teacher: str, student: str) -> ml_colle
   # Run settings: none of these change the numbers, only speed and output.
   c.seed = 0
   c.dtype = "float32"
-  c.steps_per_dispatch = 8
+  c.steps_per_dispatch = _optional(int)  # None: 8 on GPU/TPU, 1 on CPU (train.py says why)
   c.log_every_steps = 200
   c.checkpoints_to_keep = 2
   return c
@@ -146,7 +146,6 @@ def imagenet_config(arg: str | None, method: str) -> ml_collections.ConfigDict:
       dkd_weight_scale=9.0))
   c.ctkd = ml_collections.ConfigDict(dict(
       base="kd", standardize=False, t_start=1.0, t_end=20.0, init=1.0, ramp_epochs=5))
-  c.steps_per_dispatch = 1
   c.log_every_steps = 100
 
   if runlocal:  # mock-data smoke test: small crops, a few images.

@@ -1,0 +1,184 @@
+"""Throughput of the real training step (and of evaluation) on synthetic CIFAR-shaped data.
+
+  python scripts/benchmark.py --config configs/cifar_kd.py:res32x4_res8x4 \
+      --batch-size 64 --steps-per-dispatch 16
+  python scripts/benchmark.py --config configs/cifar_kd.py:res32x4_res8x4 \
+      --batch-size 2048 --dtype bfloat16
+
+What is timed is the function the trainer runs: gather from the on-device split, crop/flip/
+normalise, frozen teacher forward, Sort, the method's loss, student forward/backward and the SGD
+update, `--steps-per-dispatch` steps per dispatch. Compilation and warm-up are reported
+separately; each figure is the median of `--windows` timed windows. `--breakdown` also times the
+parts on their own (teacher forward, student step without teacher, Sort, augmentation).
+Prints one JSON object per measurement, then a table. Needs neither TensorFlow nor data.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from sortkd_jax import augment, methods, models, train  # noqa: E402
+from sortkd_jax.sort import sort_teacher_logits  # noqa: E402
+
+config_flags.DEFINE_config_file("config", "configs/cifar_kd.py:res32x4_res8x4",
+                                "Recipe whose method, models and loss are benchmarked.")
+flags.DEFINE_integer("batch-size", None, "Global batch size (default: the config's).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: config's).")
+flags.DEFINE_integer("steps-per-dispatch", None, "Steps per dispatch (default: config's).")
+flags.DEFINE_integer("num-examples", 50_000, "Size of the synthetic training split.")
+flags.DEFINE_integer("num-classes", 100, "Classes of the synthetic data.")
+flags.DEFINE_integer("windows", 5, "Timed windows; the median is reported.")
+flags.DEFINE_float("window-seconds", 2.0, "Approximate length of one timed window.")
+flags.DEFINE_boolean("eval", True, "Also time evaluation (10,000 images, eval batch size).")
+flags.DEFINE_boolean("breakdown", False, "Also time the step's parts on their own.")
+flags.DEFINE_string("json", None, "Also append the JSON lines to this file.")
+FLAGS = flags.FLAGS
+
+
+def timed_windows(run_once, items_per_call: int, windows: int, seconds: float) -> dict:
+  """Median items/s over windows of repeated calls; `run_once` must block on its result."""
+  t = time.perf_counter()
+  run_once()
+  calls = max(1, int(seconds / max(time.perf_counter() - t, 1e-6)))
+  rates = []
+  for _ in range(windows):
+    t = time.perf_counter()
+    for _ in range(calls):
+      run_once()
+    rates.append(calls * items_per_call / (time.perf_counter() - t))
+  return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
+          "calls_per_window": calls}
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  config.unlock()
+  batch_size = FLAGS["batch-size"].value or config.batch_size
+  config.dtype = FLAGS.dtype or config.dtype
+  k = (FLAGS["steps-per-dispatch"].value or config.steps_per_dispatch
+       or train.default_steps_per_dispatch())
+  n, num_classes = FLAGS["num-examples"].value, FLAGS["num-classes"].value
+  dtype = train.compute_dtype(config)
+  mesh = train.make_mesh()
+  common = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+            "jax": jax.__version__, "method": config.method, "sort": bool(config.sort),
+            "student": config.student.name,
+            "teacher": config.teacher.name if methods.uses_teacher(config) else None,
+            "dtype": config.dtype, "batch_size": batch_size}
+  results = []
+
+  def report(kind, **fields):
+    record = {"measurement": kind, **common, **fields}
+    results.append(record)
+    line = json.dumps(record)
+    print(line, flush=True)
+    if FLAGS.json:
+      with open(FLAGS.json, "a") as f:
+        f.write(line + "\n")
+
+  rng = np.random.default_rng(0)
+  images_np = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+  labels_np = rng.integers(0, num_classes, (n,), dtype=np.int32)
+  steps_per_epoch = sum(s for s, _, _ in train.epoch_plan(n, batch_size, mesh.size, k))
+  optimizer = train.make_optimizer(config, steps_per_epoch)
+  state, train_graphdef, eval_graphdef = train.create_train_state(config, num_classes, optimizer)
+  teacher = teacher_vars = None
+  if methods.uses_teacher(config):
+    teacher, teacher_vars = train.freeze(models.create_model(
+        config.teacher.name, num_classes, rngs=nnx.Rngs(1), dtype=dtype))
+  state, images, labels, teacher_vars = train.replicate(
+      (state, images_np, labels_np, teacher_vars), mesh)
+  chunk = train.build_train_chunk(config, mesh, student_graphdef=train_graphdef,
+                                  teacher=teacher, optimizer=optimizer,
+                                  steps_per_epoch=steps_per_epoch)
+  perm = jax.random.permutation(jax.random.PRNGKey(0), n)
+  start = jnp.int32(0)
+
+  t = time.perf_counter()
+  compiled = chunk.lower(state, teacher_vars, images, labels, perm, start, num_steps=k,
+                         batch_size=batch_size).compile()
+  compile_s = time.perf_counter() - t
+  box = {"state": state}
+
+  def run_once():
+    box["state"], metrics = compiled(box["state"], teacher_vars, images, labels, perm, start)
+    jax.block_until_ready(metrics)
+
+  t = time.perf_counter()
+  run_once()
+  warmup_s = time.perf_counter() - t
+  stats = timed_windows(run_once, k * batch_size, FLAGS.windows, FLAGS["window-seconds"].value)
+  report("train_step", steps_per_dispatch=k, compile_s=compile_s, first_call_s=warmup_s, **stats)
+
+  if FLAGS.eval:
+    evaluate = train.make_evaluator(mesh, images_np[:10_000], labels_np[:10_000],
+                                    config.eval_batch_size, dtype=dtype)
+    student_vars = (box["state"].params["student"], box["state"].batch_stats)
+    network = train.Network(eval_graphdef)
+    t = time.perf_counter()
+    evaluate(network, student_vars)
+    first = time.perf_counter() - t
+    stats = timed_windows(lambda: evaluate(network, student_vars), 10_000, FLAGS.windows,
+                          FLAGS["window-seconds"].value)
+    report("eval_student", eval_batch_size=config.eval_batch_size, first_call_s=first, **stats)
+
+  if FLAGS.breakdown:
+    x = augment.normalize(images[:batch_size], augment.CIFAR_MEAN, augment.CIFAR_STD, dtype)
+    y = labels[:batch_size]
+    # Each part takes its inputs as arguments, so XLA cannot fold it into a constant.
+    parts = {"augment": (jax.jit(lambda imgs: augment.cifar_train_augment(
+        jax.random.PRNGKey(0), imgs, dtype=dtype)), (images[:batch_size],))}
+    if teacher is not None:
+      parts["teacher_forward"] = (jax.jit(teacher), (teacher_vars, x))
+      parts["sort"] = (jax.jit(sort_teacher_logits), (teacher(teacher_vars, x), y))
+    for name, (fn, args) in parts.items():
+      fn(*args).block_until_ready()
+      stats = timed_windows(lambda: fn(*args).block_until_ready(), batch_size, FLAGS.windows,
+                            FLAGS["window-seconds"].value / 2)
+      report(f"part_{name}", **stats)
+    if teacher is not None:  # the same step without a teacher: the student's share
+      vanilla = config.copy_and_resolve_references()
+      vanilla.method = "vanilla"
+      v_chunk = train.build_train_chunk(vanilla, mesh, student_graphdef=train_graphdef,
+                                        teacher=None, optimizer=optimizer,
+                                        steps_per_epoch=steps_per_epoch)
+      v_state = train.replicate(train.create_train_state(vanilla, num_classes, optimizer)[0],
+                                mesh)
+      v_compiled = v_chunk.lower(v_state, None, images, labels, perm, start, num_steps=k,
+                                 batch_size=batch_size).compile()
+      vbox = {"state": v_state}
+
+      def run_vanilla():
+        vbox["state"], m = v_compiled(vbox["state"], None, images, labels, perm, start)
+        jax.block_until_ready(m)
+
+      run_vanilla()
+      stats = timed_windows(run_vanilla, k * batch_size, FLAGS.windows,
+                            FLAGS["window-seconds"].value / 2)
+      report("part_student_step_without_teacher", steps_per_dispatch=k, **stats)
+
+  print(f"\n{'measurement':<36}{'images/s':>14}  details")
+  for r in results:
+    detail = ", ".join(f"{key}={r[key]:.1f}" if isinstance(r[key], float) else f"{key}={r[key]}"
+                       for key in ("steps_per_dispatch", "compile_s", "eval_batch_size")
+                       if key in r)
+    print(f"{r['measurement']:<36}{r['images_per_s']:>14,.0f}  {detail}")
+  print(f"device: {common['device']} x{common['num_devices']}, jax {common['jax']}, "
+        f"{common['method']}{'+Sort' if common['sort'] else ''} {common['teacher']} -> "
+        f"{common['student']}, batch {batch_size}, {common['dtype']}")
+
+
+if __name__ == "__main__":
+  app.run(main)
