@@ -18,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from sortkd_jax import reporting  # noqa: E402
+
 config_flags.DEFINE_config_file(
     "config", "configs/cifar_vanilla.py", "Recipe whose data section names the test split.")
 flags.DEFINE_string("checkpoint", None, "Workdir, ported checkpoint directory or .pth file.")
@@ -30,6 +32,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  reporting.quiet_library_info_logs()
   from sortkd_jax import teachers, train
 
   config = FLAGS.config

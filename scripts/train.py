@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sortkd_jax import train  # noqa: E402
+from sortkd_jax import reporting, train  # noqa: E402
 
 config_flags.DEFINE_config_file(
     "config", None, "Experiment recipe, e.g. configs/cifar_kd.py:res32x4_res8x4.",
@@ -32,6 +32,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  reporting.quiet_library_info_logs()
   train.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                      FLAGS.process_id)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

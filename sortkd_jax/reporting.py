@@ -16,6 +16,18 @@ import jax
 from absl import logging
 
 
+def quiet_library_info_logs() -> None:
+  """Keeps the console readable: orbax's and tfds' INFO chatter is dropped, warnings stay."""
+  import logging as std_logging
+
+  class _Filter(std_logging.Filter):
+    def filter(self, record):
+      return record.levelno >= std_logging.WARNING or not any(
+          f"/{lib}/" in record.pathname for lib in ("orbax", "tensorflow_datasets", "etils"))
+
+  logging.get_absl_handler().addFilter(_Filter())
+
+
 class Reporter:
   """Writes metrics from process 0; every other process only keeps time."""
 
@@ -64,7 +76,7 @@ class Reporter:
           self._tb.add_scalar(f"{kind}/{name}", value, step)
       self._tb.flush()
     shown = ", ".join(f"{k} = {_fmt(v)}" for k, v in metrics.items() if v is not None)
-    logging.info("[%s epoch %d step %d] %s", kind, epoch, step, shown)
+    logging.info("[%s] epoch %d, step %d: %s", kind, epoch, step, shown)
 
   def close(self) -> None:
     if self._jsonl is not None:

@@ -201,3 +201,21 @@ def test_sort_flag_changes_only_the_teacher_side():
   assert with_sort["ce"] == without["ce"]
   sorted_v = jnp.asarray([[1.0, 4.0, 5.0, 3.0]])  # y takes the max, classes above move down
   np.testing.assert_allclose(with_sort["kd"], 0.9 * losses.kd(z, sorted_v, 4.0), rtol=1e-6)
+
+
+def test_imagenet_runlocal_streams_mock_data(tmp_path):
+  """The tf.data path (ImageNet recipe) end to end on mock imagenet2012, at 64 px."""
+  from configs import imagenet_kd
+  teacher = str(tmp_path / "teacher")
+  checkpoint.save_model(teacher, models.create_model("imagenet_ResNet18", 1000, rngs=nnx.Rngs(3)),
+                        arch="imagenet_ResNet18", num_classes=1000)
+  config = imagenet_kd.get_config("r34_r18,runlocal")
+  config.teacher.name = "imagenet_ResNet18"
+  config.teacher.checkpoint = teacher
+  workdir = str(tmp_path / "run")
+  with tfds.testing.mock_data(num_examples=16):
+    result = train.train_and_evaluate(config, workdir)
+  epochs = [r for r in read_metrics(workdir) if r["kind"] == "epoch"]
+  assert [r["epoch"] for r in epochs] == [1]
+  assert np.isfinite(epochs[0]["train_loss"]) and np.isfinite(epochs[0]["test_loss"])
+  assert int(result["state"].step) == 2  # 16 images, batch 8
