@@ -115,8 +115,13 @@ def load_array_split(
     under `data_dir` (tfds' default when None). Nothing is downloaded unless `download=True`:
     offline, tfds retries for minutes before failing.
 
+  * `name="synthetic"`: random CIFAR-shaped data (50,000 train / 10,000 test images, 100
+    classes, fixed seeds), for benchmarks and timing whole runs where no data set is at hand.
+
   Every image must be `image_size` x `image_size` x 3; nothing is resized.
   """
+  if folder is None and name == SYNTHETIC:
+    return synthetic_split(split, image_size)
   if folder is not None:
     return _load_folder_split(folder, split, cache_dir, image_size)
   if name is None:
@@ -126,6 +131,20 @@ def load_array_split(
   images, labels = _to_arrays(ds, image_size, f"tfds dataset {name!r}, split {split!r}")
   return ArraySplit(images, validate_labels(labels, label.num_classes), label.num_classes,
                     tuple(label.names))
+
+
+SYNTHETIC = "synthetic"
+_SYNTHETIC_SIZES = {"train": 50_000, "test": 10_000}
+
+
+def synthetic_split(split: str, image_size: int = 32, num_classes: int = 100) -> ArraySplit:
+  """Random uint8 images and labels shaped like CIFAR-100's `split` (no TensorFlow needed)."""
+  if split not in _SYNTHETIC_SIZES:
+    raise ValueError(f"Synthetic data has splits {sorted(_SYNTHETIC_SIZES)}, not {split!r}.")
+  rng = np.random.default_rng(sorted(_SYNTHETIC_SIZES).index(split))
+  n = _SYNTHETIC_SIZES[split]
+  return ArraySplit(rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8),
+                    rng.integers(0, num_classes, (n,), dtype=np.int32), num_classes)
 
 
 def _load_folder_split(folder: str, split: str, cache_dir: str | None,

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One-call GPU check of the speed targets (issue #5), sized to finish in under 8 minutes.
+#
+# The GPU machines have JAX, flax, optax, orbax and chex but no ml-collections/tensorboardX;
+# fetch those wheels once, where pip works, into .whl/ (git-ignored):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl ml-collections==1.1.0 tensorboardX
+# then run on the device machine, from the repository root, carrying .whl:
+#   bash scripts/gpu_check.sh            # results in $OUT (or /tmp/gpu_check)
+# EPOCHS=2 shortens the whole-run check (a smoke test of this script, e.g. on CPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+EPOCHS=${EPOCHS:-240}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONUNBUFFERED=1
+CFG=configs/cifar_kd.py:res32x4_res8x4
+BENCH="python3 scripts/benchmark.py --config $CFG --windows 3 --window-seconds 1.5 --json $OUT/bench.jsonl"
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/device.txt"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
+
+# Targets 1 and 2: >= 40,000 img/s at batch 64 fp32; >= 110,000 img/s at batch 2048 bf16.
+$BENCH --batch-size 64 --steps-per-dispatch 1 --noeval 2>&1 | tail -n 4
+$BENCH --batch-size 64 --steps-per-dispatch 16 2>&1 | tail -n 5
+$BENCH --batch-size 2048 --dtype bfloat16 --steps-per-dispatch 4 --noeval 2>&1 | tail -n 4
+
+# Target 3: a whole 240-epoch KD+Sort run, per-epoch eval and checkpoints, in <= 6 minutes.
+python3 - <<'PY'
+from flax import nnx
+from sortkd_jax import checkpoint, models
+checkpoint.save_model("/tmp/gpu_check_teacher", models.create_model(
+    "resnet32x4", 100, rngs=nnx.Rngs(0)), arch="resnet32x4", num_classes=100)
+PY
+rm -rf /tmp/gpu_check_run
+start=$(date +%s.%N)
+timeout 420 python3 scripts/train.py --config $CFG --config.data.name=synthetic \
+    --config.teacher.checkpoint=/tmp/gpu_check_teacher --config.num_epochs="$EPOCHS" \
+    --config.log_every_steps=100000 --workdir /tmp/gpu_check_run > "$OUT/run.log" 2>&1
+rc=$?
+end=$(date +%s.%N)
+grep -E "Compiled|epoch $EPOCHS,|Best" "$OUT/run.log" | tail -n 3
+cp /tmp/gpu_check_run/metrics.jsonl "$OUT/run_metrics.jsonl" 2>/dev/null
+python3 -c "print(f'whole run: {$EPOCHS} epochs in {$end - $start:.1f} s wall (rc=$rc)')" | tee -a "$OUT/device.txt"
