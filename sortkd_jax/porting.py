@@ -395,6 +395,10 @@ def load_torch_state_dict(path: str | os.PathLike, component: str = "student", *
         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected end of file'}"
         "). Download or copy it again.") from e
 
+  if isinstance(obj, Mapping) and callable(getattr(obj.get("model"), "state_dict", None)):
+    obj = dict(obj, model=obj["model"].state_dict())  # a pickled nn.Module (trust_pickle)
+  elif callable(getattr(obj, "state_dict", None)):
+    obj = obj.state_dict()
   if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
     sd = obj["model"]
   elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

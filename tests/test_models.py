@@ -67,6 +67,9 @@ def test_state_paths_are_the_torch_keys(name):
 def test_create_model_contract():
   with pytest.raises(ValueError, match="Valid names: resnet8, .*imagenet_MobileNetV1"):
     models.create_model("resnet9", rngs=nnx.Rngs(0))
+  for bad in (0, 10.0, True):
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+      models.create_model("resnet8", bad, rngs=nnx.Rngs(0))
   assert models.default_num_classes("wrn_40_2") == 100
   assert models.default_num_classes("imagenet_ResNet34") == 1000
   m = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))

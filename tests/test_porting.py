@@ -188,6 +188,11 @@ def test_pth_errors(pth_files, tmp_path, monkeypatch):
     porting.load_torch_state_dict(str(tmp_path / "nope.pth"))
   with pytest.raises(porting.TorchFileError, match="corrupt.pth.*not a readable PyTorch"):
     porting.load_torch_state_dict(pth_files["corrupt"])
+  pickled = str(tmp_path / "whole_module.pth")  # torch.save(model): needs full unpickling
+  torch.save({"model": torch.nn.Linear(2, 3), "epoch": 1}, pickled)
+  with pytest.raises(porting.TorchFileError, match="trust_pickle"):
+    porting.load_torch_state_dict(pickled)
+  assert set(porting.load_torch_state_dict(pickled, trust_pickle=True)) == {"weight", "bias"}
   monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
   with pytest.raises(ImportError, match="pip install torch"):
     porting.load_torch_state_dict(pth_files["bare"])

@@ -13,6 +13,7 @@ keys (``sortkd_jax.porting`` translates them).
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import jax
@@ -71,8 +72,13 @@ def create_model(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs,
   builder, default = _REGISTRY[name]
   if num_classes is None:
     num_classes = default
-  if not isinstance(num_classes, int) or num_classes < 1:
+  try:  # ints and NumPy ints; not floats or bools
+    n = None if isinstance(num_classes, bool) else operator.index(num_classes)
+  except TypeError:
+    n = None
+  if n is None or n < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+  num_classes = n
   return builder(name, num_classes, rngs=rngs, dtype=dtype)
 
 
