@@ -21,174 +21,174 @@ import optax
 from jax import lax
 
 __all__ = [
-    "cross_entropy",
-    "topk_correct",
-    "kd",
-    "dkd",
-    "dkd_warmup_factor",
-    "standardize",
-    "ctkd_temperature",
-    "ctkd_lambda",
-    "reverse_gradient",
+  "cross_entropy",
+  "topk_correct",
+  "kd",
+  "dkd",
+  "dkd_warmup_factor",
+  "standardize",
+  "ctkd_temperature",
+  "ctkd_lambda",
+  "reverse_gradient",
 ]
 
 ArrayLike = jax.typing.ArrayLike
 
 
 def _compute(x: ArrayLike) -> jax.Array:
-    """Cast to the compute dtype: at least float32 (bf16/f16 upcast), float64 kept."""
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  """Cast to the compute dtype: at least float32 (bf16/f16 upcast), float64 kept."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _kl_rows(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
-    """Row-wise KL(p||q) from log-probabilities, summed over the last axis.
+  """Row-wise KL(p||q) from log-probabilities, summed over the last axis.
 
-    ``log_p`` comes from a log-softmax of finite logits, so it is finite; where p underflows to 0
-    the term is 0 * finite = 0, the 0 * log 0 = 0 convention of ``F.kl_div``.
-    """
-    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  ``log_p`` comes from a log-softmax of finite logits, so it is finite; where p underflows to 0
+  the term is 0 * finite = 0, the 0 * log 0 = 0 convention of ``F.kl_div``.
+  """
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
-    """Mean softmax cross-entropy at temperature 1, no label smoothing (spec §8.1)."""
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(_compute(logits), labels))
+  """Mean softmax cross-entropy at temperature 1, no label smoothing (spec §8.1)."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(_compute(logits), labels))
 
 
 def topk_correct(logits: ArrayLike, labels: ArrayLike, k: int) -> jax.Array:
-    """Whether each label is among the top-``k`` logits, as a bool array of shape ``labels.shape``.
+  """Whether each label is among the top-``k`` logits, as a bool array of shape ``labels.shape``.
 
-    The label's rank is the number of classes strictly above it plus the equal-valued classes of
-    lower index, i.e. ties go to the lower class index, as in ``jax.lax.top_k`` and a stable
-    descending sort. ``torch.topk(k, largest=True, sorted=True)`` does not specify which tied
-    element it returns (on CPU it does not follow index order), so only exact ties at the k-th
-    place can make the two disagree. Labels outside ``[0, K)`` count as wrong.
-    """
-    x = jnp.asarray(logits)
-    labels = jnp.asarray(labels)[..., None]
-    num_classes = x.shape[-1]
-    valid = (labels >= 0) & (labels < num_classes)
-    x_label = jnp.take_along_axis(x, jnp.clip(labels, 0, num_classes - 1), axis=-1)
-    cls = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1)
-    ahead = (x > x_label) | ((x == x_label) & (cls < labels))
-    return (jnp.sum(ahead, axis=-1) < k) & valid[..., 0]
+  The label's rank is the number of classes strictly above it plus the equal-valued classes of
+  lower index, i.e. ties go to the lower class index, as in ``jax.lax.top_k`` and a stable
+  descending sort. ``torch.topk(k, largest=True, sorted=True)`` does not specify which tied
+  element it returns (on CPU it does not follow index order), so only exact ties at the k-th
+  place can make the two disagree. Labels outside ``[0, K)`` count as wrong.
+  """
+  x = jnp.asarray(logits)
+  labels = jnp.asarray(labels)[..., None]
+  num_classes = x.shape[-1]
+  valid = (labels >= 0) & (labels < num_classes)
+  x_label = jnp.take_along_axis(x, jnp.clip(labels, 0, num_classes - 1), axis=-1)
+  cls = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1)
+  ahead = (x > x_label) | ((x == x_label) & (cls < labels))
+  return (jnp.sum(ahead, axis=-1) < k) & valid[..., 0]
 
 
 def kd(student_logits: ArrayLike, teacher_logits: ArrayLike, temperature: ArrayLike) -> jax.Array:
-    """Hinton KD: T**2 * mean_b KL(softmax(v/T) || softmax(z/T)) (methods.md "KD", spec §8.2)."""
-    t = _compute(temperature)
-    log_q = jax.nn.log_softmax(_compute(student_logits) / t, axis=-1)
-    log_p = jax.nn.log_softmax(lax.stop_gradient(_compute(teacher_logits)) / t, axis=-1)
-    return jnp.mean(_kl_rows(log_p, log_q)) * t**2
+  """Hinton KD: T**2 * mean_b KL(softmax(v/T) || softmax(z/T)) (methods.md "KD", spec §8.2)."""
+  t = _compute(temperature)
+  log_q = jax.nn.log_softmax(_compute(student_logits) / t, axis=-1)
+  log_p = jax.nn.log_softmax(lax.stop_gradient(_compute(teacher_logits)) / t, axis=-1)
+  return jnp.mean(_kl_rows(log_p, log_q)) * t**2
 
 
 def _binary_log_probs(scaled: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """log p_y and log sum_{i != y} p_i of softmax(scaled), through the binary logit.
+  """log p_y and log sum_{i != y} p_i of softmax(scaled), through the binary logit.
 
-    With l = scaled_y - logsumexp_{i != y} scaled_i, the two are log_sigmoid(l) and
-    log_sigmoid(-l): in exact arithmetic the reference's log of masked sums of the softmax, but
-    finite when one probability underflows in float32 (the reference then takes log 0), and more
-    accurate near b = 1 than either log of a masked sum or a difference of two log-sum-exps.
-    """
-    other_lse = jax.nn.logsumexp(jnp.where(target, -jnp.inf, scaled), axis=-1)
-    logit = jnp.sum(jnp.where(target, scaled, 0.0), axis=-1) - other_lse
-    return jax.nn.log_sigmoid(logit), jax.nn.log_sigmoid(-logit)
+  With l = scaled_y - logsumexp_{i != y} scaled_i, the two are log_sigmoid(l) and
+  log_sigmoid(-l): in exact arithmetic the reference's log of masked sums of the softmax, but
+  finite when one probability underflows in float32 (the reference then takes log 0), and more
+  accurate near b = 1 than either log of a masked sum or a difference of two log-sum-exps.
+  """
+  other_lse = jax.nn.logsumexp(jnp.where(target, -jnp.inf, scaled), axis=-1)
+  logit = jnp.sum(jnp.where(target, scaled, 0.0), axis=-1) - other_lse
+  return jax.nn.log_sigmoid(logit), jax.nn.log_sigmoid(-logit)
 
 
 def dkd(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    labels: ArrayLike,
-    alpha: ArrayLike,
-    beta: ArrayLike,
-    temperature: ArrayLike,
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  labels: ArrayLike,
+  alpha: ArrayLike,
+  beta: ArrayLike,
+  temperature: ArrayLike,
 ) -> jax.Array:
-    """Decoupled KD, alpha * TCKD + beta * NCKD, without the warm-up (methods.md "DKD", spec §8.3).
+  """Decoupled KD, alpha * TCKD + beta * NCKD, without the warm-up (methods.md "DKD", spec §8.3).
 
-    TCKD = T**2 * mean_b KL(b_v || b_z) over the binary [target, non-target] probabilities. As in
-    the reference, the teacher's b is a masked sum of its softmax (not 1 - p_y); the logs of both
-    binary distributions come from log-sum-exp of the masked logits (``_binary_log_probs``)
-    instead of ``log`` of those sums: the same value in exact arithmetic, without the reference's
-    infinite loss when a student probability underflows.
+  TCKD = T**2 * mean_b KL(b_v || b_z) over the binary [target, non-target] probabilities. As in
+  the reference, the teacher's b is a masked sum of its softmax (not 1 - p_y); the logs of both
+  binary distributions come from log-sum-exp of the masked logits (``_binary_log_probs``)
+  instead of ``log`` of those sums: the same value in exact arithmetic, without the reference's
+  infinite loss when a student probability underflows.
 
-    NCKD = T**2 * mean_b KL(softmax(v/T - 1000 e_y) || softmax(z/T - 1000 e_y)). The -1000 offset
-    on the temperature-scaled target logit is kept for parity with the reference: it equals exact
-    exclusion of the target unless that scaled logit leads all others by more than ~900, where
-    the reference itself stops excluding it. Labels must lie in ``[0, K)``.
-    """
-    t = _compute(temperature)
-    z = _compute(student_logits) / t
-    v = lax.stop_gradient(_compute(teacher_logits)) / t
-    target = jax.nn.one_hot(labels, z.shape[-1], dtype=jnp.bool_)
+  NCKD = T**2 * mean_b KL(softmax(v/T - 1000 e_y) || softmax(z/T - 1000 e_y)). The -1000 offset
+  on the temperature-scaled target logit is kept for parity with the reference: it equals exact
+  exclusion of the target unless that scaled logit leads all others by more than ~900, where
+  the reference itself stops excluding it. Labels must lie in ``[0, K)``.
+  """
+  t = _compute(temperature)
+  z = _compute(student_logits) / t
+  v = lax.stop_gradient(_compute(teacher_logits)) / t
+  target = jax.nn.one_hot(labels, z.shape[-1], dtype=jnp.bool_)
 
-    p_v = jax.nn.softmax(v, axis=-1)
-    b_v_target = jnp.sum(jnp.where(target, p_v, 0.0), axis=-1)
-    b_v_other = jnp.sum(jnp.where(target, 0.0, p_v), axis=-1)
-    log_v_target, log_v_other = _binary_log_probs(v, target)
-    log_z_target, log_z_other = _binary_log_probs(z, target)
-    tckd_rows = b_v_target * (log_v_target - log_z_target) + b_v_other * (log_v_other - log_z_other)
-    tckd = jnp.mean(tckd_rows) * t**2
+  p_v = jax.nn.softmax(v, axis=-1)
+  b_v_target = jnp.sum(jnp.where(target, p_v, 0.0), axis=-1)
+  b_v_other = jnp.sum(jnp.where(target, 0.0, p_v), axis=-1)
+  log_v_target, log_v_other = _binary_log_probs(v, target)
+  log_z_target, log_z_other = _binary_log_probs(z, target)
+  tckd_rows = b_v_target * (log_v_target - log_z_target) + b_v_other * (log_v_other - log_z_other)
+  tckd = jnp.mean(tckd_rows) * t**2
 
-    offset = jnp.where(target, 1000.0, 0.0)
-    nckd = jnp.mean(_kl_rows(jax.nn.log_softmax(v - offset), jax.nn.log_softmax(z - offset))) * t**2
-    return alpha * tckd + beta * nckd
+  offset = jnp.where(target, 1000.0, 0.0)
+  nckd = jnp.mean(_kl_rows(jax.nn.log_softmax(v - offset), jax.nn.log_softmax(z - offset))) * t**2
+  return alpha * tckd + beta * nckd
 
 
 def dkd_warmup_factor(epoch: ArrayLike, warmup: ArrayLike) -> jax.Array:
-    """DKD's loss warm-up min(epoch / warmup, 1), epochs counted from 1 (spec §8.3, item 6)."""
-    return jnp.minimum(_compute(epoch) / warmup, 1.0)
+  """DKD's loss warm-up min(epoch / warmup, 1), epochs counted from 1 (spec §8.3, item 6)."""
+  return jnp.minimum(_compute(epoch) / warmup, 1.0)
 
 
 def standardize(logits: ArrayLike, eps: float = 1e-7) -> jax.Array:
-    """LSKD's per-row z-score (x - mean) / (eps + std), std with the 1/(K-1) estimator.
+  """LSKD's per-row z-score (x - mean) / (eps + std), std with the 1/(K-1) estimator.
 
-    methods.md "LSKD" (Sun et al., CVPR 2024), as the reference code (the paper writes 1/K).
-    A constant row maps to zeros; its gradient is kept finite by a guarded square root.
-    """
-    x = _compute(logits)
-    centred = x - jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.sum(centred**2, axis=-1, keepdims=True) / (x.shape[-1] - 1)
-    positive = var > 0
-    std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
-    return centred / (eps + std)
+  methods.md "LSKD" (Sun et al., CVPR 2024), as the reference code (the paper writes 1/K).
+  A constant row maps to zeros; its gradient is kept finite by a guarded square root.
+  """
+  x = _compute(logits)
+  centred = x - jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.sum(centred**2, axis=-1, keepdims=True) / (x.shape[-1] - 1)
+  positive = var > 0
+  std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+  return centred / (eps + std)
 
 
 def ctkd_temperature(theta: ArrayLike, t_start: float = 1.0, t_end: float = 20.0) -> jax.Array:
-    """CTKD's global temperature t_start + t_end * sigmoid(theta) (methods.md "CTKD").
+  """CTKD's global temperature t_start + t_end * sigmoid(theta) (methods.md "CTKD").
 
-    With the defaults it lies in (1, 21); theta = 1 (the initial value) gives about 15.62.
-    """
-    return t_start + t_end * jax.nn.sigmoid(_compute(theta))
+  With the defaults it lies in (1, 21); theta = 1 (the initial value) gives about 15.62.
+  """
+  return t_start + t_end * jax.nn.sigmoid(_compute(theta))
 
 
 def ctkd_lambda(epoch: ArrayLike, ramp_epochs: ArrayLike) -> jax.Array:
-    """CTKD's reversal strength 1/2 (1 - cos(pi min(e, E) / E)), epochs from 1 (methods.md "CTKD").
+  """CTKD's reversal strength 1/2 (1 - cos(pi min(e, E) / E)), epochs from 1 (methods.md "CTKD").
 
-    About 0.024 at epoch 1 for E = 10, 1 from epoch E on.
-    """
-    e = jnp.minimum(_compute(epoch), ramp_epochs)
-    return 0.5 * (1.0 - jnp.cos(math.pi * e / ramp_epochs))
+  About 0.024 at epoch 1 for E = 10, 1 from epoch E on.
+  """
+  e = jnp.minimum(_compute(epoch), ramp_epochs)
+  return 0.5 * (1.0 - jnp.cos(math.pi * e / ramp_epochs))
 
 
 @jax.custom_vjp
 def _reverse_gradient(x: jax.Array, scale: jax.Array) -> jax.Array:
-    return x
+  return x
 
 
 def _reverse_gradient_fwd(x: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return x, scale
+  return x, scale
 
 
 def _reverse_gradient_bwd(scale: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return (-scale * g).astype(g.dtype), jnp.zeros_like(scale)
+  return (-scale * g).astype(g.dtype), jnp.zeros_like(scale)
 
 
 _reverse_gradient.defvjp(_reverse_gradient_fwd, _reverse_gradient_bwd)
 
 
 def reverse_gradient(x: ArrayLike, scale: ArrayLike) -> jax.Array:
-    """Gradient reversal (CTKD): identity forward, cotangent multiplied by -scale backward.
+  """Gradient reversal (CTKD): identity forward, cotangent multiplied by -scale backward.
 
-    ``scale`` (CTKD's lambda) may be traced; it receives a zero cotangent.
-    """
-    return _reverse_gradient(jnp.asarray(x), _compute(scale))
+  ``scale`` (CTKD's lambda) may be traced; it receives a zero cotangent.
+  """
+  return _reverse_gradient(jnp.asarray(x), _compute(scale))

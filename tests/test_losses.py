@@ -15,288 +15,288 @@ RTOL = 1e-5
 
 # ---------------------------------------------------------------- float64 references
 def np_softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
 
 
 def np_log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def np_kl_sum(p, log_q):
-    """sum over all entries of p (log p - log q), with 0 log 0 = 0 (F.kl_div, reduction='sum')."""
-    safe_p = np.where(p > 0, p, 1.0)
-    return np.sum(np.where(p > 0, p * (np.log(safe_p) - log_q), 0.0))
+  """sum over all entries of p (log p - log q), with 0 log 0 = 0 (F.kl_div, reduction='sum')."""
+  safe_p = np.where(p > 0, p, 1.0)
+  return np.sum(np.where(p > 0, p * (np.log(safe_p) - log_q), 0.0))
 
 
 def np_kd(z, v, t):
-    z, v = np.float64(z), np.float64(v)
-    rows = z.size // z.shape[-1]
-    return t**2 * np_kl_sum(np_softmax(v / t), np_log_softmax(z / t)) / rows
+  z, v = np.float64(z), np.float64(v)
+  rows = z.size // z.shape[-1]
+  return t**2 * np_kl_sum(np_softmax(v / t), np_log_softmax(z / t)) / rows
 
 
 def np_dkd(z, v, y, alpha, beta, t):
-    """mdistiller's dkd_loss as described in spec §8.3 (masked sums, -1000 offset, sum / B)."""
-    z, v = np.float64(z), np.float64(v)
-    gt = np.eye(z.shape[-1])[y]
-    b = len(y)
+  """mdistiller's dkd_loss as described in spec §8.3 (masked sums, -1000 offset, sum / B)."""
+  z, v = np.float64(z), np.float64(v)
+  gt = np.eye(z.shape[-1])[y]
+  b = len(y)
 
-    def binary(p):
-        return np.stack([(p * gt).sum(-1), (p * (1 - gt)).sum(-1)], -1)
+  def binary(p):
+    return np.stack([(p * gt).sum(-1), (p * (1 - gt)).sum(-1)], -1)
 
-    b_s, b_t = binary(np_softmax(z / t)), binary(np_softmax(v / t))
-    tckd = np_kl_sum(b_t, np.log(b_s)) * t**2 / b
-    p_t2 = np_softmax(v / t - 1000.0 * gt)
-    log_p_s2 = np_log_softmax(z / t - 1000.0 * gt)
-    nckd = np_kl_sum(p_t2, log_p_s2) * t**2 / b
-    return alpha * tckd + beta * nckd
+  b_s, b_t = binary(np_softmax(z / t)), binary(np_softmax(v / t))
+  tckd = np_kl_sum(b_t, np.log(b_s)) * t**2 / b
+  p_t2 = np_softmax(v / t - 1000.0 * gt)
+  log_p_s2 = np_log_softmax(z / t - 1000.0 * gt)
+  nckd = np_kl_sum(p_t2, log_p_s2) * t**2 / b
+  return alpha * tckd + beta * nckd
 
 
 def np_nckd_exact(z, v, y, t):
-    """NCKD with the target removed exactly: softmax over the K-1 non-target classes."""
-    keep = np.eye(z.shape[-1])[y] == 0
-    zs = np.float64(z)[keep].reshape(len(y), -1)
-    vs = np.float64(v)[keep].reshape(len(y), -1)
-    return np_kd(zs, vs, t)
+  """NCKD with the target removed exactly: softmax over the K-1 non-target classes."""
+  keep = np.eye(z.shape[-1])[y] == 0
+  zs = np.float64(z)[keep].reshape(len(y), -1)
+  vs = np.float64(v)[keep].reshape(len(y), -1)
+  return np_kd(zs, vs, t)
 
 
 def np_standardize(x, eps=1e-7):
-    x = np.float64(x)
-    return (x - x.mean(-1, keepdims=True)) / (eps + x.std(-1, ddof=1, keepdims=True))
+  x = np.float64(x)
+  return (x - x.mean(-1, keepdims=True)) / (eps + x.std(-1, ddof=1, keepdims=True))
 
 
 def _logits(seed, shape=(8, 100), scale=3.0):
-    rng = np.random.default_rng(seed)
-    z = (scale * rng.standard_normal(shape)).astype(np.float32)
-    v = (scale * rng.standard_normal(shape)).astype(np.float32)
-    y = rng.integers(0, shape[-1], shape[:-1])
-    return z, v, y
+  rng = np.random.default_rng(seed)
+  z = (scale * rng.standard_normal(shape)).astype(np.float32)
+  v = (scale * rng.standard_normal(shape)).astype(np.float32)
+  y = rng.integers(0, shape[-1], shape[:-1])
+  return z, v, y
 
 
 def _assert_scalar_close(actual, expected, rtol=RTOL):
-    chex.assert_shape(actual, ())
-    chex.assert_type(actual, jnp.float32)
-    np.testing.assert_allclose(float(actual), expected, rtol=rtol)
+  chex.assert_shape(actual, ())
+  chex.assert_type(actual, jnp.float32)
+  np.testing.assert_allclose(float(actual), expected, rtol=rtol)
 
 
 # ---------------------------------------------------------------- CE and accuracy
 def test_cross_entropy():
-    z, _, y = _logits(0)
-    expected = -np.mean(np_log_softmax(np.float64(z))[np.arange(len(y)), y])
-    _assert_scalar_close(jax.jit(losses.cross_entropy)(z, y), expected)
+  z, _, y = _logits(0)
+  expected = -np.mean(np_log_softmax(np.float64(z))[np.arange(len(y)), y])
+  _assert_scalar_close(jax.jit(losses.cross_entropy)(z, y), expected)
 
 
 def test_topk_correct_ties_go_to_lower_index():
-    x = jnp.array([[1.0, 5.0, 5.0, 5.0, 2.0]] * 6)
-    labels = jnp.array([1, 2, 2, 3, 4, 5])
-    ks = [1, 1, 2, 3, 4, 5]
-    got = [bool(losses.topk_correct(x[i], labels[i], k)) for i, k in enumerate(ks)]
-    # ranks under "ties to the lower index": class 1 -> 1, 2 -> 2, 3 -> 3, 4 -> 4; label 5 invalid.
-    assert got == [True, False, True, True, True, False]
-    assert not bool(losses.topk_correct(x[0], jnp.array(3), 2))
-    assert not bool(losses.topk_correct(x[0], jnp.array(-1), 5))
+  x = jnp.array([[1.0, 5.0, 5.0, 5.0, 2.0]] * 6)
+  labels = jnp.array([1, 2, 2, 3, 4, 5])
+  ks = [1, 1, 2, 3, 4, 5]
+  got = [bool(losses.topk_correct(x[i], labels[i], k)) for i, k in enumerate(ks)]
+  # ranks under "ties to the lower index": class 1 -> 1, 2 -> 2, 3 -> 3, 4 -> 4; label 5 invalid.
+  assert got == [True, False, True, True, True, False]
+  assert not bool(losses.topk_correct(x[0], jnp.array(3), 2))
+  assert not bool(losses.topk_correct(x[0], jnp.array(-1), 5))
 
 
 def test_topk_correct_matches_stable_ranking():
-    rng = np.random.default_rng(1)
-    x = rng.integers(0, 6, (64, 10)).astype(np.float32)  # heavy ties
-    y = rng.integers(0, 10, 64)
-    rank = np.array([sorted(range(10), key=lambda i: (-r[i], i)).index(t) for r, t in zip(x, y)])
-    for k in (1, 3, 5):
-        got = jax.jit(losses.topk_correct, static_argnums=2)(x, y, k)
-        chex.assert_shape(got, (64,))
-        np.testing.assert_array_equal(got, rank < k)
-        # Same membership as jax.lax.top_k, which also prefers the lower index on ties.
-        top = np.asarray(jax.lax.top_k(x, k)[1])
-        np.testing.assert_array_equal(got, (top == y[:, None]).any(-1))
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 6, (64, 10)).astype(np.float32)  # heavy ties
+  y = rng.integers(0, 10, 64)
+  rank = np.array([sorted(range(10), key=lambda i: (-r[i], i)).index(t) for r, t in zip(x, y)])
+  for k in (1, 3, 5):
+    got = jax.jit(losses.topk_correct, static_argnums=2)(x, y, k)
+    chex.assert_shape(got, (64,))
+    np.testing.assert_array_equal(got, rank < k)
+    # Same membership as jax.lax.top_k, which also prefers the lower index on ties.
+    top = np.asarray(jax.lax.top_k(x, k)[1])
+    np.testing.assert_array_equal(got, (top == y[:, None]).any(-1))
 
 
 # ---------------------------------------------------------------- KD, DKD, LSKD
 @pytest.mark.parametrize("t", [1.0, 4.0, 2.5])
 def test_kd_matches_reference(t):
-    z, v, _ = _logits(2)
-    _assert_scalar_close(jax.jit(losses.kd)(z, v, t), np_kd(z, v, t))
-    # Student gradient: T * (softmax(z/T) - softmax(v/T)) / B.
-    grad = jax.grad(losses.kd)(z, v, t)
-    expected = t * (np_softmax(np.float64(z) / t) - np_softmax(np.float64(v) / t)) / len(z)
-    np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-7)
+  z, v, _ = _logits(2)
+  _assert_scalar_close(jax.jit(losses.kd)(z, v, t), np_kd(z, v, t))
+  # Student gradient: T * (softmax(z/T) - softmax(v/T)) / B.
+  grad = jax.grad(losses.kd)(z, v, t)
+  expected = t * (np_softmax(np.float64(z) / t) - np_softmax(np.float64(v) / t)) / len(z)
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_kd_averages_over_all_leading_dims():
-    z, v, _ = _logits(3, shape=(2, 3, 10))
-    _assert_scalar_close(losses.kd(z, v, 4.0), np_kd(z, v, 4.0))
+  z, v, _ = _logits(3, shape=(2, 3, 10))
+  _assert_scalar_close(losses.kd(z, v, 4.0), np_kd(z, v, 4.0))
 
 
 @pytest.mark.parametrize(
-    "alpha,beta,t",
-    [(1.0, 8.0, 4.0), (1.0, 2.0, 4.0), (1.0, 6.0, 4.0), (1.0, 0.5, 1.0), (1.0, 2.0, 1.0),
-     (1.0, 0.0, 4.0), (0.0, 1.0, 4.0), (0.0, 1.0, 1.0), (1.0, 0.0, 1.0)],
+  "alpha,beta,t",
+  [(1.0, 8.0, 4.0), (1.0, 2.0, 4.0), (1.0, 6.0, 4.0), (1.0, 0.5, 1.0), (1.0, 2.0, 1.0),
+   (1.0, 0.0, 4.0), (0.0, 1.0, 4.0), (0.0, 1.0, 1.0), (1.0, 0.0, 1.0)],
 )
 def test_dkd_matches_reference(alpha, beta, t):
-    z, v, y = _logits(4)
-    v[np.arange(4), y[:4]] += 6.0  # a confident teacher on half the rows
-    got = jax.jit(losses.dkd)(z, v, y, alpha, beta, t)
-    _assert_scalar_close(got, np_dkd(z, v, y, alpha, beta, t))
+  z, v, y = _logits(4)
+  v[np.arange(4), y[:4]] += 6.0  # a confident teacher on half the rows
+  got = jax.jit(losses.dkd)(z, v, y, alpha, beta, t)
+  _assert_scalar_close(got, np_dkd(z, v, y, alpha, beta, t))
 
 
 def test_nckd_offset_equals_exact_exclusion():
-    z, v, y = _logits(5)
-    for t in (1.0, 4.0):
-        exact = np_nckd_exact(z, v, y, t)
-        np.testing.assert_allclose(np_dkd(z, v, y, 0.0, 1.0, t), exact, rtol=1e-12)
-        _assert_scalar_close(losses.dkd(z, v, y, 0.0, 1.0, t), exact)
+  z, v, y = _logits(5)
+  for t in (1.0, 4.0):
+    exact = np_nckd_exact(z, v, y, t)
+    np.testing.assert_allclose(np_dkd(z, v, y, 0.0, 1.0, t), exact, rtol=1e-12)
+    _assert_scalar_close(losses.dkd(z, v, y, 0.0, 1.0, t), exact)
 
 
 def test_lskd_is_kd_on_standardized_logits():
-    z, v, y = _logits(6, scale=7.0)
-    tau = 2.0
-    zs, vs = np_standardize(z), np_standardize(v)
-    expected = tau**2 * np.mean(
-        np.sum(np_softmax(vs / tau) * (np_log_softmax(vs / tau) - np_log_softmax(zs / tau)), -1)
-    )
-    got = jax.jit(lambda a, b: losses.kd(losses.standardize(a), losses.standardize(b), tau))(z, v)
-    _assert_scalar_close(got, expected)
-    # LSKD + DKD: alpha and beta times 9, T = tau.
-    got = losses.dkd(losses.standardize(z), losses.standardize(v), y, 9.0, 72.0, tau)
-    _assert_scalar_close(got, np_dkd(zs, vs, y, 9.0, 72.0, tau))
+  z, v, y = _logits(6, scale=7.0)
+  tau = 2.0
+  zs, vs = np_standardize(z), np_standardize(v)
+  expected = tau**2 * np.mean(
+    np.sum(np_softmax(vs / tau) * (np_log_softmax(vs / tau) - np_log_softmax(zs / tau)), -1)
+  )
+  got = jax.jit(lambda a, b: losses.kd(losses.standardize(a), losses.standardize(b), tau))(z, v)
+  _assert_scalar_close(got, expected)
+  # LSKD + DKD: alpha and beta times 9, T = tau.
+  got = losses.dkd(losses.standardize(z), losses.standardize(v), y, 9.0, 72.0, tau)
+  _assert_scalar_close(got, np_dkd(zs, vs, y, 9.0, 72.0, tau))
 
 
 def test_standardize():
-    z, _, _ = _logits(7, shape=(4, 3, 10), scale=50.0)
-    z[0, 0] = 1.5  # constant row: zero spread
-    got = losses.standardize(z)
-    chex.assert_shape(got, z.shape)
-    chex.assert_type(got, jnp.float32)
-    np.testing.assert_allclose(got, np_standardize(z), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(got[0, 0], np.zeros(10))
-    assert np.allclose(np.std(np.asarray(got[1:]), -1, ddof=1), 1.0, rtol=1e-5)
-    chex.assert_type(losses.standardize(z.astype(jnp.bfloat16)), jnp.float32)
-    grad = jax.grad(lambda a: jnp.sum(losses.standardize(a) * jnp.arange(10.0)))(jnp.asarray(z))
-    assert np.isfinite(np.asarray(grad)).all()
+  z, _, _ = _logits(7, shape=(4, 3, 10), scale=50.0)
+  z[0, 0] = 1.5  # constant row: zero spread
+  got = losses.standardize(z)
+  chex.assert_shape(got, z.shape)
+  chex.assert_type(got, jnp.float32)
+  np.testing.assert_allclose(got, np_standardize(z), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got[0, 0], np.zeros(10))
+  assert np.allclose(np.std(np.asarray(got[1:]), -1, ddof=1), 1.0, rtol=1e-5)
+  chex.assert_type(losses.standardize(z.astype(jnp.bfloat16)), jnp.float32)
+  grad = jax.grad(lambda a: jnp.sum(losses.standardize(a) * jnp.arange(10.0)))(jnp.asarray(z))
+  assert np.isfinite(np.asarray(grad)).all()
 
 
 # ---------------------------------------------------------------- dtypes, traced T, gradients
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_inputs_are_computed_in_float32(dtype):
-    z, v, y = _logits(8)
-    zh, vh = jnp.asarray(z, dtype), jnp.asarray(v, dtype)
-    z32, v32 = np.asarray(zh, np.float32), np.asarray(vh, np.float32)
-    for fn, args, args32, ref in [
-        (losses.kd, (zh, vh, 4.0), (z32, v32, 4.0), np_kd(z32, v32, 4.0)),
-        (losses.dkd, (zh, vh, y, 1.0, 8.0, 4.0), (z32, v32, y, 1.0, 8.0, 4.0),
-         np_dkd(z32, v32, y, 1.0, 8.0, 4.0)),
-        (losses.cross_entropy, (zh, y), (z32, y), None),
-    ]:
-        got = jax.jit(fn)(*args)
-        chex.assert_type(got, jnp.float32)
-        chex.assert_trees_all_equal(got, jax.jit(fn)(*args32))  # cast at entry, nothing else
-        if ref is not None:
-            _assert_scalar_close(got, ref)
+  z, v, y = _logits(8)
+  zh, vh = jnp.asarray(z, dtype), jnp.asarray(v, dtype)
+  z32, v32 = np.asarray(zh, np.float32), np.asarray(vh, np.float32)
+  for fn, args, args32, ref in [
+    (losses.kd, (zh, vh, 4.0), (z32, v32, 4.0), np_kd(z32, v32, 4.0)),
+    (losses.dkd, (zh, vh, y, 1.0, 8.0, 4.0), (z32, v32, y, 1.0, 8.0, 4.0),
+     np_dkd(z32, v32, y, 1.0, 8.0, 4.0)),
+    (losses.cross_entropy, (zh, y), (z32, y), None),
+  ]:
+    got = jax.jit(fn)(*args)
+    chex.assert_type(got, jnp.float32)
+    chex.assert_trees_all_equal(got, jax.jit(fn)(*args32))  # cast at entry, nothing else
+    if ref is not None:
+      _assert_scalar_close(got, ref)
 
 
 def test_temperature_may_be_traced_and_gets_gradients_from_both_sides():
-    z, v, y = _logits(9, shape=(4, 20))
-    t0, h = 3.0, 1e-4
-    for fn, ref in [
-        (lambda t: losses.kd(z, v, t), lambda t: np_kd(z, v, t)),
-        (lambda t: losses.dkd(z, v, y, 1.0, 8.0, t), lambda t: np_dkd(z, v, y, 1.0, 8.0, t)),
-    ]:
-        value, grad = jax.jit(jax.value_and_grad(fn))(jnp.float32(t0))
-        _assert_scalar_close(value, ref(t0))
-        np.testing.assert_allclose(grad, (ref(t0 + h) - ref(t0 - h)) / (2 * h), rtol=1e-3)
+  z, v, y = _logits(9, shape=(4, 20))
+  t0, h = 3.0, 1e-4
+  for fn, ref in [
+    (lambda t: losses.kd(z, v, t), lambda t: np_kd(z, v, t)),
+    (lambda t: losses.dkd(z, v, y, 1.0, 8.0, t), lambda t: np_dkd(z, v, y, 1.0, 8.0, t)),
+  ]:
+    value, grad = jax.jit(jax.value_and_grad(fn))(jnp.float32(t0))
+    _assert_scalar_close(value, ref(t0))
+    np.testing.assert_allclose(grad, (ref(t0 + h) - ref(t0 - h)) / (2 * h), rtol=1e-3)
 
 
 def test_teacher_logits_get_no_gradient():
-    z, v, y = _logits(10, shape=(4, 20))
-    np.testing.assert_array_equal(jax.grad(losses.kd, argnums=1)(z, v, 4.0), 0.0)
-    np.testing.assert_array_equal(jax.grad(losses.dkd, argnums=1)(z, v, y, 1.0, 8.0, 4.0), 0.0)
+  z, v, y = _logits(10, shape=(4, 20))
+  np.testing.assert_array_equal(jax.grad(losses.kd, argnums=1)(z, v, 4.0), 0.0)
+  np.testing.assert_array_equal(jax.grad(losses.dkd, argnums=1)(z, v, y, 1.0, 8.0, 4.0), 0.0)
 
 
 @pytest.mark.parametrize("t", [1.0, 4.0, 1e4])
 def test_extreme_logits_give_finite_losses_and_gradients(t):
-    k = 10
-    z = np.zeros((4, k), np.float32)
-    v = np.zeros((4, k), np.float32)
-    z[0, 0], z[1, 1], z[2], z[3, 5] = 1e4, -1e4, np.linspace(-1e4, 1e4, k), 1e4
-    v[0, 1], v[1, 1], v[2], v[3, 3] = 1e4, 1e4, np.linspace(1e4, -1e4, k), -1e4
-    y = np.array([1, 1, 0, 3])  # student sure of a wrong class; teacher target logit far ahead
+  k = 10
+  z = np.zeros((4, k), np.float32)
+  v = np.zeros((4, k), np.float32)
+  z[0, 0], z[1, 1], z[2], z[3, 5] = 1e4, -1e4, np.linspace(-1e4, 1e4, k), 1e4
+  v[0, 1], v[1, 1], v[2], v[3, 3] = 1e4, 1e4, np.linspace(1e4, -1e4, k), -1e4
+  y = np.array([1, 1, 0, 3])  # student sure of a wrong class; teacher target logit far ahead
 
-    def total(z, t):
-        return (
-            losses.kd(z, v, t)
-            + losses.dkd(z, v, y, 1.0, 8.0, t)
-            + losses.kd(losses.standardize(z), losses.standardize(v), t)
-            + losses.cross_entropy(z, y)
-        )
+  def total(z, t):
+    return (
+      losses.kd(z, v, t)
+      + losses.dkd(z, v, y, 1.0, 8.0, t)
+      + losses.kd(losses.standardize(z), losses.standardize(v), t)
+      + losses.cross_entropy(z, y)
+    )
 
-    value, grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(z, jnp.float32(t))
-    assert np.isfinite(float(value))
-    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+  value, grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(z, jnp.float32(t))
+  assert np.isfinite(float(value))
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
 def test_dkd_tckd_finite_where_the_reference_log_underflows():
-    # The student's non-target probability (~3e-87) underflows in float32: the log of the masked
-    # sum would be -inf (an infinite loss); the log-sum-exp form matches float64.
-    z = np.array([[200.0, 0.0, 0.0]], np.float32)
-    v = np.array([[0.0, 1.0, 2.0]], np.float32)
-    y = np.array([0])
-    _assert_scalar_close(losses.dkd(z, v, y, 1.0, 0.0, 1.0), np_dkd(z, v, y, 1.0, 0.0, 1.0))
+  # The student's non-target probability (~3e-87) underflows in float32: the log of the masked
+  # sum would be -inf (an infinite loss); the log-sum-exp form matches float64.
+  z = np.array([[200.0, 0.0, 0.0]], np.float32)
+  v = np.array([[0.0, 1.0, 2.0]], np.float32)
+  y = np.array([0])
+  _assert_scalar_close(losses.dkd(z, v, y, 1.0, 0.0, 1.0), np_dkd(z, v, y, 1.0, 0.0, 1.0))
 
 
 # ---------------------------------------------------------------- schedules and CTKD
 def test_schedules():
-    np.testing.assert_allclose(losses.dkd_warmup_factor(1, 20), 0.05, rtol=1e-6)
-    np.testing.assert_allclose(losses.dkd_warmup_factor(10, 20), 0.5, rtol=1e-6)
-    for epoch in (20, 240):
-        np.testing.assert_array_equal(losses.dkd_warmup_factor(epoch, 20), 1.0)
-    np.testing.assert_array_equal(losses.dkd_warmup_factor(1, 1), 1.0)
+  np.testing.assert_allclose(losses.dkd_warmup_factor(1, 20), 0.05, rtol=1e-6)
+  np.testing.assert_allclose(losses.dkd_warmup_factor(10, 20), 0.5, rtol=1e-6)
+  for epoch in (20, 240):
+    np.testing.assert_array_equal(losses.dkd_warmup_factor(epoch, 20), 1.0)
+  np.testing.assert_array_equal(losses.dkd_warmup_factor(1, 1), 1.0)
 
-    lam1 = losses.ctkd_lambda(1, 10)
-    np.testing.assert_allclose(lam1, (1 - math.cos(math.pi / 10)) / 2, rtol=1e-6)
-    np.testing.assert_allclose(lam1, 0.0245, atol=1e-4)
-    np.testing.assert_allclose(losses.ctkd_lambda(5, 10), 0.5, rtol=1e-6)
-    np.testing.assert_allclose(losses.ctkd_lambda(1, 5), (1 - math.cos(math.pi / 5)) / 2, rtol=1e-6)
-    for epoch in (10, 11, 240):
-        np.testing.assert_allclose(losses.ctkd_lambda(epoch, 10), 1.0, rtol=1e-7)
+  lam1 = losses.ctkd_lambda(1, 10)
+  np.testing.assert_allclose(lam1, (1 - math.cos(math.pi / 10)) / 2, rtol=1e-6)
+  np.testing.assert_allclose(lam1, 0.0245, atol=1e-4)
+  np.testing.assert_allclose(losses.ctkd_lambda(5, 10), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(losses.ctkd_lambda(1, 5), (1 - math.cos(math.pi / 5)) / 2, rtol=1e-6)
+  for epoch in (10, 11, 240):
+    np.testing.assert_allclose(losses.ctkd_lambda(epoch, 10), 1.0, rtol=1e-7)
 
-    t0 = losses.ctkd_temperature(1.0)
-    np.testing.assert_allclose(t0, 1.0 + 20.0 / (1.0 + math.exp(-1.0)), rtol=1e-6)
-    np.testing.assert_allclose(t0, 15.6, atol=0.05)
-    extremes = losses.ctkd_temperature(jnp.array([-50.0, 50.0]))
-    np.testing.assert_allclose(extremes, [1.0, 21.0], rtol=1e-6)
-    np.testing.assert_allclose(losses.ctkd_temperature(0.0, 2.0, 10.0), 7.0, rtol=1e-6)
+  t0 = losses.ctkd_temperature(1.0)
+  np.testing.assert_allclose(t0, 1.0 + 20.0 / (1.0 + math.exp(-1.0)), rtol=1e-6)
+  np.testing.assert_allclose(t0, 15.6, atol=0.05)
+  extremes = losses.ctkd_temperature(jnp.array([-50.0, 50.0]))
+  np.testing.assert_allclose(extremes, [1.0, 21.0], rtol=1e-6)
+  np.testing.assert_allclose(losses.ctkd_temperature(0.0, 2.0, 10.0), 7.0, rtol=1e-6)
 
-    # Traced epochs under jit.
-    jitted = jax.jit(lambda e: (losses.dkd_warmup_factor(e, 20), losses.ctkd_lambda(e, 10)))
-    np.testing.assert_allclose(jitted(jnp.int32(5)), (0.25, 0.5), rtol=1e-6)
+  # Traced epochs under jit.
+  jitted = jax.jit(lambda e: (losses.dkd_warmup_factor(e, 20), losses.ctkd_lambda(e, 10)))
+  np.testing.assert_allclose(jitted(jnp.int32(5)), (0.25, 0.5), rtol=1e-6)
 
 
 def test_reverse_gradient():
-    x = jnp.asarray(np.random.default_rng(11).standard_normal((3, 4)), jnp.float32)
-    w = jnp.arange(12.0).reshape(3, 4)
-    chex.assert_trees_all_equal(losses.reverse_gradient(x, 0.7), x)
+  x = jnp.asarray(np.random.default_rng(11).standard_normal((3, 4)), jnp.float32)
+  w = jnp.arange(12.0).reshape(3, 4)
+  chex.assert_trees_all_equal(losses.reverse_gradient(x, 0.7), x)
 
-    def weighted(a, scale):
-        return jnp.sum(w * losses.reverse_gradient(a, scale))
+  def weighted(a, scale):
+    return jnp.sum(w * losses.reverse_gradient(a, scale))
 
-    gx, gs = jax.jit(jax.grad(weighted, argnums=(0, 1)))(x, jnp.float32(0.7))  # traced scale
-    chex.assert_trees_all_close(gx, -0.7 * w, rtol=1e-6)
-    chex.assert_trees_all_equal(gs, jnp.float32(0.0))
-    xb = x.astype(jnp.bfloat16)
-    gb = jax.grad(lambda a: jnp.sum(losses.reverse_gradient(a, 2.0).astype(jnp.float32)))(xb)
-    chex.assert_type(gb, jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(gb, np.float32), -2.0)
+  gx, gs = jax.jit(jax.grad(weighted, argnums=(0, 1)))(x, jnp.float32(0.7))  # traced scale
+  chex.assert_trees_all_close(gx, -0.7 * w, rtol=1e-6)
+  chex.assert_trees_all_equal(gs, jnp.float32(0.0))
+  xb = x.astype(jnp.bfloat16)
+  gb = jax.grad(lambda a: jnp.sum(losses.reverse_gradient(a, 2.0).astype(jnp.float32)))(xb)
+  chex.assert_type(gb, jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(gb, np.float32), -2.0)
 
 
 def test_ctkd_temperature_ascends_the_kd_loss():
-    z, v, _ = _logits(12, shape=(4, 20))
+  z, v, _ = _logits(12, shape=(4, 20))
 
-    def kd_at(theta, lam):
-        return losses.kd(z, v, losses.ctkd_temperature(losses.reverse_gradient(theta, lam)))
+  def kd_at(theta, lam):
+    return losses.kd(z, v, losses.ctkd_temperature(losses.reverse_gradient(theta, lam)))
 
-    lam = losses.ctkd_lambda(3, 10)
-    reversed_grad = jax.grad(kd_at)(jnp.float32(1.0), lam)
-    plain_grad = jax.grad(lambda th: losses.kd(z, v, losses.ctkd_temperature(th)))(jnp.float32(1.0))
-    assert plain_grad != 0.0
-    np.testing.assert_allclose(reversed_grad, -lam * plain_grad, rtol=1e-6)
+  lam = losses.ctkd_lambda(3, 10)
+  reversed_grad = jax.grad(kd_at)(jnp.float32(1.0), lam)
+  plain_grad = jax.grad(lambda th: losses.kd(z, v, losses.ctkd_temperature(th)))(jnp.float32(1.0))
+  assert plain_grad != 0.0
+  np.testing.assert_allclose(reversed_grad, -lam * plain_grad, rtol=1e-6)
