@@ -12,7 +12,9 @@ crash never leaves a directory at DIR that looks valid.
 
 Training checkpoints (``TrainCheckpointer``): the whole training state of a run, every epoch,
 in ``<workdir>/checkpoints/<epoch>/`` (orbax ``CheckpointManager``; the latest N and the best
-test top-1 are kept).
+test top-1 are kept). In a multi-process run every process calls save and restore (orbax
+coordinates them; process 0 writes the metadata) on one directory shared by all. Restores go to
+this process's first device, so a checkpoint reads back on any number of devices or processes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,18 @@ from sortkd_jax import models
 MODEL_JSON = "sortkd_model.json"
 MODEL_FORMAT = "sortkd_model"
 _STATE_DIR = "state"
+
+
+def _local_target(tree: Any) -> Any:
+  """Restore targets on this process's first device, from (abstract) arrays or orbax metadata.
+
+  Orbax otherwise restores onto the devices recorded at save time, which fails when a
+  checkpoint written on N devices (or by several processes) is read with another topology;
+  every process of a multi-process run reads its own copy, then `train.replicate` places it.
+  """
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 @jax.jit
@@ -153,7 +167,7 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[nnx.Modul
   target = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
   ckptr = ocp.StandardCheckpointer()
   try:
-    restored = ckptr.restore(os.path.join(path, _STATE_DIR), target)
+    restored = ckptr.restore(os.path.join(path, _STATE_DIR), _local_target(target))
   except Exception as e:
     raise ValueError(
         f"Could not restore the weights in {path!r} as a {info['arch']} with "
@@ -193,7 +207,9 @@ class TrainCheckpointer:
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(keep), cm.BestN(get_metric_fn=lambda m: m["test_top1"], n=1)])
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(preservation_policy=policy))
+        self.directory, options=ocp.CheckpointManagerOptions(preservation_policy=policy),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_epoch(self) -> int | None:
     return self._manager.latest_step()
@@ -205,7 +221,7 @@ class TrainCheckpointer:
 
   def restore(self, epoch: int, target: Any) -> tuple[Any, dict[str, Any]]:
     """Restores into the structure (and dtypes) of `target`, e.g. a freshly created state."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = _local_target(jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
     restored = self._manager.restore(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
@@ -221,8 +237,9 @@ class TrainCheckpointer:
 
   def restore_raw(self, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The state as nested dicts, without a target (for reading a run's student)."""
+    abstract = _local_target(self._manager.item_metadata(epoch)["state"].tree)
     restored = self._manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
   def close(self) -> None:

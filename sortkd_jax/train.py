@@ -10,6 +10,15 @@ CIFAR-sized splits live on the device: each epoch draws a permutation, and batch
 gathered, augmented (crop + flip) and normalised inside the step. `steps_per_dispatch` steps run
 in one `lax.scan`, metrics stay on the device until the log period. ImageNet streams tf.data
 batches prefetched to the device. Recipe and reference behaviour: mdistiller_spec.md §7.
+
+Several processes (hosts): `maybe_initialize_distributed` joins them and the mesh spans every
+device of every process. A CIFAR-sized split is small, so every process loads all of it and
+`replicate` puts it on every device; the permutation is drawn on the device from the seed, so
+all processes gather the same global batch (deliberately: no per-process input). ImageNet is
+where each process reads its own shard with tf.data and `input_pipeline.prefetch_to_device`
+assembles the global batch with `jax.make_array_from_process_local_data`. Process 0 writes
+config.json, metrics and TensorBoard events; every process takes part in orbax checkpoints,
+whose directory must be the same shared path for all.
 """
 
 from __future__ import annotations
@@ -222,12 +231,18 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   """Joins a multi-process run: explicit coordinator flags, or SLURM / Open MPI launches.
 
   Every process then sees all devices of the run in `jax.devices()`; a single process on one
-  machine needs nothing.
+  machine needs nothing. Processes other than 0 then log warnings and errors only.
   """
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif any(int(os.environ.get(v, "1")) > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
     jax.distributed.initialize()
+  else:
+    return
+  logging.info("Process %d of %d: %d local devices, %d in all.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
 
 
 def make_mesh() -> Mesh:
@@ -394,7 +409,11 @@ class _Feed:
 
 
 def _on_device_feed(config, mesh, batch_size) -> tuple[_Feed, Callable]:
-  """CIFAR-sized splits held on the device, augmented inside the step (the default)."""
+  """CIFAR-sized splits held on the device, augmented inside the step (the default).
+
+  With several processes each one loads the whole split (identical on all), so the global
+  batch is gathered on the device from the replicated split, with no per-process input.
+  """
   train_split, test_split = load_splits(config.data)
   n = len(train_split.labels)
   plan = epoch_plan(n, batch_size, mesh.size, config.steps_per_dispatch)
