@@ -233,9 +233,13 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   Every process then sees all devices of the run in `jax.devices()`; a single process on one
   machine needs nothing. Processes other than 0 then log warnings and errors only.
   """
+  # srun sets SLURM_STEP_ID; a plain `python` inside an allocation (salloc) must not wait for
+  # peers that were never started.
+  slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
+  open_mpi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif any(int(os.environ.get(v, "1")) > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
+  elif slurm or open_mpi:
     jax.distributed.initialize()
   else:
     return
