@@ -42,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sortkd_jax import augment
 from sortkd_jax import checkpoint
+from sortkd_jax import input_pipeline  # imports TensorFlow only when data is first read
 from sortkd_jax import losses
 from sortkd_jax import methods
 from sortkd_jax import models
@@ -308,14 +309,6 @@ def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
   return state, train_graphdef, eval_graphdef
 
 
-@dataclasses.dataclass
-class EvalData:
-  """A whole test split, padded to [num_batches, batch, ...] with a mask, on the device."""
-  images: jax.Array
-  labels: jax.Array
-  mask: jax.Array
-
-
 def pad_for_eval(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tuple[np.ndarray, ...]:
   """Pads to whole batches and masks the padding, so no test example is ever dropped."""
   n = len(labels)
@@ -384,10 +377,8 @@ def build_train_chunk(config: ml_collections.ConfigDict, mesh: Mesh, *,
 # ----------------------------------------------------------------------------- the job
 
 
-def load_splits(data: ml_collections.ConfigDict):
+def load_splits(data: ml_collections.ConfigDict) -> list[input_pipeline.ArraySplit]:
   """Train and test splits as host arrays, optionally truncated for smoke tests."""
-  from sortkd_jax import input_pipeline  # TensorFlow stays out of the core's import graph.
-
   source = dict(name=data.name, data_dir=data.data_dir, folder=data.folder,
                 cache_dir=data.cache_dir, image_size=data.image_size, download=data.download)
   splits = []
@@ -457,8 +448,6 @@ def _on_device_feed(config, mesh, batch_size) -> tuple[_Feed, Callable]:
 
 def _streaming_feed(config, mesh, batch_size) -> tuple[_Feed, Callable]:
   """ImageNet: tf.data batches of this process's shard, prefetched to the device."""
-  from sortkd_jax import input_pipeline
-
   d = config.data
   source = dict(name=d.name, folder=d.folder, data_dir=d.data_dir, manual_dir=d.manual_dir,
                 download=d.download, image_size=d.image_size)

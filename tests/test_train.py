@@ -219,3 +219,14 @@ def test_imagenet_runlocal_streams_mock_data(tmp_path):
   assert [r["epoch"] for r in epochs] == [1]
   assert np.isfinite(epochs[0]["train_loss"]) and np.isfinite(epochs[0]["test_loss"])
   assert int(result["state"].step) == 2  # 16 images, batch 8
+
+
+def test_training_core_does_not_import_tensorflow():
+  """TF is for input only: importing the trainer must not load it (it would grab the GPU)."""
+  import subprocess
+  import sys
+  code = ("import sys, sortkd_jax.train, sortkd_jax.models, sortkd_jax.methods; "
+          "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.stdout.strip() == "[]"
