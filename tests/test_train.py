@@ -230,3 +230,35 @@ def test_training_core_does_not_import_tensorflow():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.stdout.strip() == "[]"
+
+
+def test_eval_script_reports_accuracy_of_a_checkpoint(teacher_dir, tmp_path):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "scripts/eval.py", "--checkpoint", teacher_dir,
+         "--config", "configs/cifar_kd.py:res56_res20", "--config.data.name=synthetic",
+         "--config.data.max_test_examples=64", "--config.eval_batch_size=32"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert (result["arch"], result["num_examples"]) == ("resnet8", 64)
+  assert 0 <= result["test_top1"] <= result["test_top5"] <= 100
+  missing = subprocess.run(cmd[:2] + ["--checkpoint", str(tmp_path / "none")] + cmd[4:],
+                           capture_output=True, text=True, cwd=repo, env=env, timeout=300)
+  assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+def test_interrupted_save_leaves_the_last_good_checkpoint(teacher_dir, tmp_path):
+  """A crash mid-save leaves only orbax's temporary directory, which resume ignores."""
+  workdir = str(tmp_path / "crash")
+  config = tiny_config("kd", teacher_dir, num_epochs=1)
+  with tfds.testing.mock_data(num_examples=64):
+    train.train_and_evaluate(config, workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    os.makedirs(os.path.join(ckpt_dir, "2.orbax-checkpoint-tmp-1234", "state"))
+    assert checkpoint.TrainCheckpointer(ckpt_dir).latest_epoch() == 1
+    config.num_epochs = 2
+    result = train.train_and_evaluate(config, workdir)
+  assert int(result["state"].step) == 2 * 3
