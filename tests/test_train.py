@@ -262,3 +262,14 @@ def test_interrupted_save_leaves_the_last_good_checkpoint(teacher_dir, tmp_path)
     config.num_epochs = 2
     result = train.train_and_evaluate(config, workdir)
   assert int(result["state"].step) == 2 * 3
+
+
+def test_bfloat16_mixed_precision_keeps_float32_state(teacher_dir, tmp_path):
+  config = tiny_config("dkd", teacher_dir, dtype="bfloat16", num_epochs=1)
+  with tfds.testing.mock_data(num_examples=64):
+    result = train.train_and_evaluate(config, str(tmp_path / "bf16"))
+  state = result["state"]
+  for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state)):
+    assert leaf.dtype in (np.float32, np.int32), leaf.dtype
+  epoch = [r for r in read_metrics(str(tmp_path / "bf16")) if r["kind"] == "epoch"][0]
+  assert np.isfinite(epoch["train_loss"]) and np.isfinite(epoch["test_loss"])
