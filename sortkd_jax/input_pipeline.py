@@ -292,9 +292,17 @@ def _open_split(
     local = full.shard(process_count, process_index)
   elif name is not None:
     builder = tfds.builder(name, data_dir=data_dir)
-    if download or manual_dir:
+    if (download or manual_dir) and not builder.is_prepared():
       config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-      builder.download_and_prepare(download_config=config)
+      try:
+        builder.download_and_prepare(download_config=config)
+      except Exception as err:
+        raise RuntimeError(
+            f"Could not download and prepare tfds dataset {name!r} under data_dir="
+            f"{data_dir or '~/tensorflow_datasets'} ({type(err).__name__}: {err}). Offline? "
+            f"Prepare it where there is internet (`tfds build {name} --data_dir=DIR`) and pass "
+            "--config.data.data_dir=DIR, or pass --config.data.folder=DIR with an image "
+            f"folder laid out as {_FOLDER_LAYOUT}.") from err
     full = _tfds_as_dataset(builder, data_dir, split=split)
     local = _tfds_as_dataset(
         builder, data_dir,
