@@ -28,6 +28,11 @@ $BENCH --batch-size 64 --steps-per-dispatch 1 --noeval 2>&1 | tail -n 4
 $BENCH --batch-size 64 --steps-per-dispatch 16 2>&1 | tail -n 5
 $BENCH --batch-size 2048 --dtype bfloat16 --steps-per-dispatch 4 --noeval 2>&1 | tail -n 4
 
+# Issue #3's figure: eval-mode forward of resnet32x4 at batch 256 (the eval_student line).
+python3 scripts/benchmark.py --config configs/cifar_vanilla.py:res32x4_res8x4 \
+    --config.student.name=resnet32x4 --config.eval_batch_size=256 --batch-size 256 \
+    --windows 3 --window-seconds 1 --json "$OUT/bench.jsonl" 2>&1 | tail -n 5
+
 # Target 3: a whole 240-epoch KD+Sort run, per-epoch eval and checkpoints, in <= 6 minutes.
 python3 - <<'PY'
 from flax import nnx
