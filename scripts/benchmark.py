@@ -40,7 +40,7 @@ flags.DEFINE_integer("num-examples", 50_000, "Size of the synthetic training spl
 flags.DEFINE_integer("num-classes", 100, "Classes of the synthetic data.")
 flags.DEFINE_integer("windows", 5, "Timed windows; the median is reported.")
 flags.DEFINE_float("window-seconds", 2.0, "Approximate length of one timed window.")
-flags.DEFINE_boolean("eval", True, "Also time evaluation (10,000 images, eval batch size).")
+flags.DEFINE_boolean("eval", True, "Also time evaluation (up to 10,000 images).")
 flags.DEFINE_boolean("breakdown", False, "Also time the step's parts on their own.")
 flags.DEFINE_string("json", None, "Also append the JSON lines to this file.")
 FLAGS = flags.FLAGS
@@ -123,16 +123,18 @@ def main(argv):
   report("train_step", steps_per_dispatch=k, compile_s=compile_s, first_call_s=warmup_s, **stats)
 
   if FLAGS.eval:
-    evaluate = train.make_evaluator(mesh, images_np[:10_000], labels_np[:10_000],
+    n_eval = min(n, 10_000)
+    evaluate = train.make_evaluator(mesh, images_np[:n_eval], labels_np[:n_eval],
                                     config.eval_batch_size, dtype=dtype)
     student_vars = (box["state"].params["student"], box["state"].batch_stats)
     network = train.Network(eval_graphdef)
     t = time.perf_counter()
     evaluate(network, student_vars)
     first = time.perf_counter() - t
-    stats = timed_windows(lambda: evaluate(network, student_vars), 10_000, FLAGS.windows,
+    stats = timed_windows(lambda: evaluate(network, student_vars), n_eval, FLAGS.windows,
                           FLAGS["window-seconds"].value)
-    report("eval_student", eval_batch_size=config.eval_batch_size, first_call_s=first, **stats)
+    report("eval_student", eval_batch_size=config.eval_batch_size, eval_images=n_eval,
+           first_call_s=first, **stats)
 
   if FLAGS.breakdown:
     x = augment.normalize(images[:batch_size], augment.CIFAR_MEAN, augment.CIFAR_STD, dtype)
