@@ -12,29 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sortkd_jax.models import layers as L
-
-
-class BasicBlock(nnx.Module):
-  """conv1-bn1-ReLU-conv2-bn2, add shortcut, then ReLU (the add precedes the ReLU)."""
-
-  def __init__(self, in_ch: int, out_ch: int, stride: int, *, rngs: nnx.Rngs, dtype):
-    kw = dict(kernel_init=L.normal_fan_out(), rngs=rngs, dtype=dtype)
-    self.conv1 = L.conv(in_ch, out_ch, 3, stride, **kw)
-    self.bn1 = L.BatchNorm(out_ch, dtype=dtype)
-    self.conv2 = L.conv(out_ch, out_ch, 3, 1, **kw)
-    self.bn2 = L.BatchNorm(out_ch, dtype=dtype)
-    if stride != 1 or in_ch != out_ch:
-      self.downsample = nnx.List(
-          [L.conv(in_ch, out_ch, 1, stride, **kw), L.BatchNorm(out_ch, dtype=dtype)])
-    else:
-      self.downsample = None
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    out = L.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    if self.downsample is not None:
-      x = self.downsample[1](self.downsample[0](x))
-    return L.relu(out + x)
+from sortkd_jax.models.resnet_blocks import BasicBlock
 
 
 class CifarResNet(nnx.Module):

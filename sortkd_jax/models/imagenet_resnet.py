@@ -15,54 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sortkd_jax.models import layers as L
-
-
-def _downsample(in_ch, out_ch, stride, kw, dtype):
-  if stride != 1 or in_ch != out_ch:
-    return nnx.List([L.conv(in_ch, out_ch, 1, stride, **kw), L.BatchNorm(out_ch, dtype=dtype)])
-  return None
-
-
-class BasicBlock(nnx.Module):
-  expansion = 1
-
-  def __init__(self, in_ch: int, planes: int, stride: int, *, rngs: nnx.Rngs, dtype):
-    kw = dict(kernel_init=L.normal_fan_out(), rngs=rngs, dtype=dtype)
-    self.conv1 = L.conv(in_ch, planes, 3, stride, **kw)
-    self.bn1 = L.BatchNorm(planes, dtype=dtype)
-    self.conv2 = L.conv(planes, planes, 3, 1, **kw)
-    self.bn2 = L.BatchNorm(planes, dtype=dtype)
-    self.downsample = _downsample(in_ch, planes, stride, kw, dtype)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    out = L.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    if self.downsample is not None:
-      x = self.downsample[1](self.downsample[0](x))
-    return L.relu(out + x)
-
-
-class Bottleneck(nnx.Module):
-  expansion = 4
-
-  def __init__(self, in_ch: int, planes: int, stride: int, *, rngs: nnx.Rngs, dtype):
-    kw = dict(kernel_init=L.normal_fan_out(), rngs=rngs, dtype=dtype)
-    out_ch = planes * self.expansion
-    self.conv1 = L.conv(in_ch, planes, 1, 1, **kw)
-    self.bn1 = L.BatchNorm(planes, dtype=dtype)
-    self.conv2 = L.conv(planes, planes, 3, stride, **kw)
-    self.bn2 = L.BatchNorm(planes, dtype=dtype)
-    self.conv3 = L.conv(planes, out_ch, 1, 1, **kw)
-    self.bn3 = L.BatchNorm(out_ch, dtype=dtype)
-    self.downsample = _downsample(in_ch, out_ch, stride, kw, dtype)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    out = L.relu(self.bn1(self.conv1(x)))
-    out = L.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    if self.downsample is not None:
-      x = self.downsample[1](self.downsample[0](x))
-    return L.relu(out + x)
+from sortkd_jax.models.resnet_blocks import BasicBlock, Bottleneck
 
 
 class ImageNetResNet(nnx.Module):
