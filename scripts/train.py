@@ -35,7 +35,13 @@ def main(argv):
   reporting.quiet_library_info_logs()
   train.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                      FLAGS.process_id)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+    # Bad input (config, data, teacher) or a diverged run: the message says what to do; the
+    # traceback is still there with --verbosity=1.
+    logging.debug("Traceback:", exc_info=True)
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -68,11 +68,16 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
   return model, meta["arch"]
 
 
+def check_teacher_exists(teacher: ml_collections.ConfigDict) -> None:
+  """Fails before any data is read if the teacher checkpoint is missing."""
+  if not teacher.checkpoint or not os.path.exists(teacher.checkpoint):
+    raise FileNotFoundError(missing_teacher_message(teacher.name, teacher.checkpoint))
+
+
 def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *,
                  dtype: jnp.dtype = jnp.float32) -> nnx.Module:
   """The frozen teacher of a run: `teacher.name` loaded from `teacher.checkpoint`."""
-  path = teacher.checkpoint
-  if not path or not os.path.exists(path):
-    raise FileNotFoundError(missing_teacher_message(teacher.name, path))
-  model, _ = load_frozen_model(path, arch=teacher.name, num_classes=num_classes, dtype=dtype)
+  check_teacher_exists(teacher)
+  model, _ = load_frozen_model(teacher.checkpoint, arch=teacher.name, num_classes=num_classes,
+                               dtype=dtype)
   return model

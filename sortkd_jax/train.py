@@ -501,6 +501,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best and last test top-1 and the final state (NumPy).
   """
   methods.validate(config)
+  if methods.uses_teacher(config):
+    teachers.check_teacher_exists(config.teacher)
   dtype = compute_dtype(config)
   mesh = make_mesh()
   batch_size = round_to_devices(config.batch_size, mesh.size, "config.batch_size")
