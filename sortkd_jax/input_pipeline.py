@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -167,10 +168,14 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
         return ArraySplit(images, validate_labels(labels, len(class_names)),
                           len(class_names), class_names)
 
-  ds, _, label = _open_split(name=None, folder=folder, split=split, data_dir=None, download=False)
   logging.info("Decoding %s; the arrays will be cached in %s.", where, cache_path)
-  images, labels = _to_arrays(ds, image_size, where)
-  class_names = tuple(label.names)
+  if _have_tensorflow():
+    ds, _, label = _open_split(name=None, folder=folder, split=split, data_dir=None,
+                               download=False)
+    images, labels = _to_arrays(ds, image_size, where)
+    class_names = tuple(label.names)
+  else:
+    images, labels, class_names = _decode_folder_with_pil(folder, split, image_size, where)
   labels = validate_labels(labels, len(class_names))
   os.makedirs(cache_dir, exist_ok=True)
   partial_path = f"{cache_path}.{os.getpid()}.tmp.npz"  # atomic: processes may race here
@@ -178,6 +183,37 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
            fingerprint=np.array(fingerprint))
   os.replace(partial_path, cache_path)
   return ArraySplit(images, labels, len(class_names), class_names)
+
+
+def _have_tensorflow() -> bool:
+  return importlib.util.find_spec("tensorflow_datasets") is not None
+
+
+def _decode_folder_with_pil(folder: str, split: str, image_size: int,
+                            where: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+  """The image-folder split decoded with Pillow, for machines without TensorFlow (e.g. GPU
+  boxes). Labels index the class names sorted over all splits, as `tfds.ImageFolder` does;
+  files come in sorted order rather than tfds' shuffled one (the trainer permutes anyway)."""
+  from PIL import Image
+
+  class_names = tuple(sorted({c.name for s in os.scandir(folder) if s.is_dir()
+                              for c in os.scandir(s.path) if c.is_dir()}))
+  files = sorted((os.path.join(d.path, f.name), class_names.index(d.name))
+                 for d in os.scandir(os.path.join(folder, split)) if d.is_dir()
+                 for f in os.scandir(d.path) if f.name.lower().endswith(_IMAGE_EXTENSIONS))
+  if not files:
+    raise ValueError(f"{where} has no examples.")
+  images, bad = [], []
+  for path, _ in files:
+    with Image.open(path) as image:
+      array = np.asarray(image.convert("RGB"))
+    if array.shape != (image_size, image_size, 3):
+      bad.append(f"{os.path.basename(path)} {array.shape}")
+    images.append(array)
+  if bad:
+    raise ValueError(f"{where}: {len(bad)} of {len(files)} images are not ({image_size}, "
+                     f"{image_size}, 3), e.g. {', '.join(bad[:5])}. {_IMAGE_SIZE_HINT}")
+  return np.stack(images), np.array([label for _, label in files], np.int32), class_names
 
 
 def _check_folder_split(folder: str, split: str) -> None:

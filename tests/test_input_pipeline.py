@@ -232,3 +232,18 @@ def test_prefetch_to_device_on_four_devices():
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_image_folder_without_tensorflow_decodes_with_pillow(tmp_path, monkeypatch):
+  """GPU machines may lack TensorFlow: the folder is then read with Pillow, to the same data."""
+  folder = _make_folder(tmp_path / "data")
+  with_tf = ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "c1"))
+  monkeypatch.setattr(ip, "_have_tensorflow", lambda: False)
+  monkeypatch.setattr(tfds, "ImageFolder", None)  # any use of tfds would fail
+  with_pil = ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "c2"))
+  assert with_pil.class_names == with_tf.class_names
+  key = lambda s: sorted(zip(s.images[:, 0, 0, 0].tolist(), s.labels.tolist()))
+  assert key(with_pil) == key(with_tf)
+  _write_image(os.path.join(folder, "train", "ant", "big.png"), np.zeros((40, 32, 3), np.uint8))
+  with pytest.raises(ValueError, match=r"big.png \(40, 32, 3\)"):
+    ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "c3"))
