@@ -70,3 +70,19 @@ class Bottleneck(nnx.Module):
     out = L.relu(self.bn1(self.conv1(x)))
     out = L.relu(self.bn2(self.conv2(out)))
     return _add_shortcut(self, self.bn3(self.conv3(out)), x)
+
+
+def add_stages(net: nnx.Module, block, num_blocks, *, projection: str = "downsample",
+               rngs: nnx.Rngs, dtype) -> int:
+  """Sets `net.layer1..layer4` (torchvision widths 64–512, strides 1, 2, 2, 2) from a stem of
+  64 channels; returns the width the classifier sees."""
+  in_ch = 64
+  for s, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)),
+                                          start=1):
+    blocks = []
+    for i in range(n):
+      blocks.append(block(in_ch, planes, stride if i == 0 else 1, projection=projection,
+                          rngs=rngs, dtype=dtype))
+      in_ch = planes * block.expansion
+    setattr(net, f"layer{s}", nnx.List(blocks))
+  return in_ch

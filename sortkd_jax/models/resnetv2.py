@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sortkd_jax.models import layers as L
-from sortkd_jax.models.resnet_blocks import BasicBlock, Bottleneck
+from sortkd_jax.models.resnet_blocks import BasicBlock, Bottleneck, add_stages
 
 
 class ResNetV2(nnx.Module):
@@ -22,14 +22,7 @@ class ResNetV2(nnx.Module):
     self.dtype = dtype
     self.conv1 = L.conv(3, 64, 3, 1, kernel_init=L.normal_fan_out(), **kw)
     self.bn1 = L.BatchNorm(64, dtype=dtype)
-    in_ch = 64
-    for s, (planes, n, stride) in enumerate(
-        zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)), start=1):
-      blocks = []
-      for i in range(n):
-        blocks.append(block(in_ch, planes, stride if i == 0 else 1, projection="shortcut", **kw))
-        in_ch = planes * block.expansion
-      setattr(self, f"layer{s}", nnx.List(blocks))
+    in_ch = add_stages(self, block, num_blocks, projection="shortcut", **kw)
     self.linear = L.linear(in_ch, num_classes, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
