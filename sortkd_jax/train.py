@@ -465,17 +465,14 @@ def _streaming_feed(config, mesh, batch_size) -> tuple[_Feed, Callable]:
         _train_batch, batch_sharding=batch_sharding, mean=feed.mean, std=feed.std,
         compute_dtype=compute_dtype(config), config=config, **step_kwargs), donate_argnums=(0,),
         out_shardings=NamedSharding(mesh, P()))
-    stream = {}
 
     def run_epoch(state, epoch):
-      if "batches" not in stream:  # one endless stream, seeded by the epoch it starts in
-        ds = input_pipeline.imagenet_train_dataset(
-            global_batch_size=batch_size, split=d.train_split, shuffle_buffer=d.shuffle_buffer,
-            seed=config.seed * 100_003 + epoch, **source)
-        stream["batches"] = input_pipeline.prefetch_to_device(ds.as_numpy_iterator(), 2,
-                                                              batch_sharding)
-      for _ in range(feed.steps_per_epoch):
-        batch = next(stream["batches"])
+      # A stream per epoch, seeded by the epoch alone: a resumed run sees the same batches.
+      ds = input_pipeline.imagenet_train_dataset(
+          global_batch_size=batch_size, split=d.train_split, shuffle_buffer=d.shuffle_buffer,
+          seed=config.seed * 100_003 + epoch, **source)
+      batches = ds.take(feed.steps_per_epoch).as_numpy_iterator()
+      for batch in input_pipeline.prefetch_to_device(batches, 2, batch_sharding):
         state, metrics = step(state, teacher_vars, batch["image"], batch["label"])
         yield state, metrics, 1
 

@@ -221,6 +221,37 @@ def test_imagenet_runlocal_streams_mock_data(tmp_path):
   assert int(result["state"].step) == 2  # 16 images, batch 8
 
 
+def test_imagenet_resume_is_bit_identical(tmp_path):
+  """Each tf.data epoch is seeded by its number, so resuming replays the same batches.
+
+  Reads a small image folder: tfds.testing.mock_data fakes the file system while it builds a
+  dataset, which would break the previous epoch's asynchronous checkpoint commit."""
+  from PIL import Image
+  from configs import imagenet_kd
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 16), ("val", 4)):
+    for k in range(2):
+      os.makedirs(tmp_path / "data" / split / f"class{k}")
+      for i in range(count // 2):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), np.uint8)).save(
+            tmp_path / "data" / split / f"class{k}" / f"{i}.jpg")
+  teacher = str(tmp_path / "teacher")
+  checkpoint.save_model(teacher, models.create_model("resnet8", 2, rngs=nnx.Rngs(3)),
+                        arch="resnet8", num_classes=2)
+  config = imagenet_kd.get_config("r34_r18,runlocal")
+  config.teacher.update(name="resnet8", checkpoint=teacher)
+  config.student.name = "resnet8"
+  config.data.update(name=None, folder=str(tmp_path / "data"), test_split="val", image_size=32)
+  config.num_epochs = 2
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  config.num_epochs = 1
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  config.num_epochs = 2
+  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert int(resumed["state"].step) == 4
+  jax.tree.map(np.testing.assert_array_equal, straight["state"], resumed["state"])
+
+
 def test_training_core_does_not_import_tensorflow():
   """TF is for input only: importing the trainer must not load it (it would grab the GPU)."""
   import subprocess
