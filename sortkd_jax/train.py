@@ -191,7 +191,7 @@ def make_evaluator(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_siz
   The split is padded to whole batches with a mask and held on the device; one dispatch per
   evaluation. Matches mdistiller's validate (spec §7.4): per-example means over the set.
   """
-  batch_size = round_to_devices(batch_size, mesh.size, "the evaluation batch size")
+  batch_size = eval_batch_size(batch_size, mesh.size)
   data = replicate(pad_for_eval(images, labels.astype(np.int32), batch_size), mesh)
   sums_fn = jax.jit(functools.partial(
       _eval_sums, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
@@ -319,6 +319,11 @@ def pad_for_eval(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tup
   mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
   shape = (num_batches, batch_size)
   return (images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape))
+
+
+def eval_batch_size(requested: int, num_devices: int) -> int:
+  """Evaluation pads and masks its batches, so any size works: round up to the devices."""
+  return -(-requested // num_devices) * num_devices
 
 
 def round_to_devices(batch_size: int, num_devices: int, what: str) -> int:
@@ -476,12 +481,14 @@ def _streaming_feed(config, mesh, batch_size) -> tuple[_Feed, Callable]:
         state, metrics = step(state, teacher_vars, batch["image"], batch["label"])
         yield state, metrics, 1
 
+    eval_batch = eval_batch_size(config.eval_batch_size, mesh.size)
+
     def eval_batches():
       ds = input_pipeline.imagenet_eval_dataset(
-          global_batch_size=config.eval_batch_size, split=d.test_split,
+          global_batch_size=eval_batch, split=d.test_split,
           resize_size=round(d.image_size * 256 / 224), **source)
       if d.max_test_examples is not None:
-        ds = ds.take(math.ceil(d.max_test_examples / config.eval_batch_size))
+        ds = ds.take(math.ceil(d.max_test_examples / eval_batch))
       return input_pipeline.prefetch_to_device(ds.as_numpy_iterator(), 2, batch_sharding)
 
     feed.run_epoch = run_epoch
