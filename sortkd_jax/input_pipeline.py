@@ -171,7 +171,8 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   logging.info("Decoding %s; the arrays will be cached in %s.", where, cache_path)
   if _have_tensorflow():
     ds, _, label = _open_split(name=None, folder=folder, split=split, data_dir=None,
-                               download=False)
+                               download=False, decode=False)
+    ds = ds.map(lambda ex: {**ex, "image": decode_image(ex["image"])})
     images, labels = _to_arrays(ds, image_size, where)
     class_names = tuple(label.names)
   else:
@@ -241,7 +242,8 @@ def _folder_fingerprint(folder: str, split: str) -> str:
       if f.name.lower().endswith(_IMAGE_EXTENSIONS):
         stat = f.stat()
         count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
-  return json.dumps(dict(classes=classes, files=count, bytes=size, newest_mtime_ns=newest))
+  return json.dumps(dict(classes=classes, files=count, bytes=size, newest_mtime_ns=newest,
+                         decoder="exact-idct"))
 
 
 def _check_image_size(shape: tuple[int, ...], image_size: int, where: str) -> None:
@@ -439,6 +441,17 @@ def _random_resized_crop_window(height: Any, width: Any, seed: Any) -> tuple[Any
   return top, left, h, w
 
 
+def decode_image(encoded: Any) -> Any:
+  """Encoded bytes to uint8 [H, W, 3]; JPEGs with the exact IDCT, so pixels equal PIL's.
+
+  torchvision reads ImageNet through PIL; TF's default fast IDCT is about 1 grey level off."""
+  tf, _ = _tf()
+  return tf.cond(
+      tf.io.is_jpeg(encoded),
+      lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+
+
 def _train_image(encoded: Any, seed: Any, image_size: int) -> Any:
   """RandomResizedCrop(image_size) + RandomHorizontalFlip on encoded bytes, uint8 out (§7.3).
 
@@ -450,7 +463,8 @@ def _train_image(encoded: Any, seed: Any, image_size: int) -> Any:
   def jpeg():
     shape = tf.image.extract_jpeg_shape(encoded)
     top, left, h, w = _random_resized_crop_window(shape[0], shape[1], crop_seed)
-    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, h, w]), channels=3)
+    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, h, w]), channels=3,
+                                         dct_method="INTEGER_ACCURATE")
 
   def other():
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
@@ -466,7 +480,7 @@ def _train_image(encoded: Any, seed: Any, image_size: int) -> Any:
 def _eval_image(encoded: Any, image_size: int, resize_size: int) -> Any:
   """Resize(resize_size) on the shorter side + CenterCrop(image_size), torchvision's rounding."""
   tf, _ = _tf()
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image = decode_image(encoded)
   shape = tf.shape(image)
   height, width = shape[0], shape[1]
   short, long = tf.minimum(height, width), tf.maximum(height, width)

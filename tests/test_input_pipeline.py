@@ -160,6 +160,19 @@ def test_eval_geometry_is_torchvision_resize_then_centre_crop():
   np.testing.assert_array_equal(got, want)
 
 
+def test_jpeg_decoding_equals_pillow(tmp_path):
+  """torchvision decodes with PIL; TF's default fast IDCT would be about 1 grey level off."""
+  from PIL import Image
+  rng = np.random.default_rng(1)
+  smooth = np.cumsum(rng.integers(-8, 9, (96, 80, 3)), axis=1) % 256
+  Image.fromarray(smooth.astype(np.uint8)).save(tmp_path / "a.jpg", quality=85)
+  encoded = tf.io.read_file(str(tmp_path / "a.jpg"))
+  want = np.asarray(Image.open(tmp_path / "a.jpg").convert("RGB"))
+  np.testing.assert_array_equal(ip.decode_image(encoded).numpy(), want)
+  png = tf.io.encode_png(want)
+  np.testing.assert_array_equal(ip.decode_image(png).numpy(), want)
+
+
 def test_mock_imagenet_train_and_eval():
   with tfds.testing.mock_data(num_examples=10):
     train = ip.imagenet_train_dataset(global_batch_size=4, shuffle_buffer=8)
