@@ -10,11 +10,18 @@ normalise, frozen teacher forward, Sort, the method's loss, student forward/back
 update, `--steps-per-dispatch` steps per dispatch. Compilation and warm-up are reported
 separately; each figure is the median of `--windows` timed windows. `--breakdown` also times the
 parts on their own (teacher forward, student step without teacher, Sort, augmentation).
+`--profile DIR` traces a few dispatches with `jax.profiler` (open DIR in TensorBoard or
+Perfetto) and reports where the device time goes: time inside XLA ops against wall time (the
+rest is launch gaps and host work) and the op kinds that take it (cudnn-conv, fusions, ...).
 Prints one JSON object per measurement, then a table. Needs neither TensorFlow nor data.
 """
 
+import collections
+import glob
+import gzip
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -43,6 +50,7 @@ flags.DEFINE_float("window-seconds", 2.0, "Approximate length of one timed windo
 flags.DEFINE_boolean("eval", True, "Also time evaluation (up to 10,000 images).")
 flags.DEFINE_boolean("breakdown", False, "Also time the step's parts on their own.")
 flags.DEFINE_string("json", None, "Also append the JSON lines to this file.")
+flags.DEFINE_string("profile", None, "Trace a few train-step dispatches into this directory.")
 FLAGS = flags.FLAGS
 
 
@@ -59,6 +67,33 @@ def timed_windows(run_once, items_per_call: int, windows: int, seconds: float) -
     rates.append(calls * items_per_call / (time.perf_counter() - t))
   return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
           "calls_per_window": calls}
+
+
+def summarize_trace(trace_dir: str, calls: int, top: int = 12) -> dict:
+  """Per-dispatch op time by op kind (HLO name without its number) from a Perfetto trace.
+
+  On GPUs the ops are the kernels on the device's streams; on CPU, ops run on several threads
+  at once, so their time may exceed the wall time.
+  """
+  path = max(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+             key=os.path.getmtime)
+  with gzip.open(path) as f:
+    events = json.load(f)["traceEvents"]
+  names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
+  ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+  on_streams = [e for e in ops if names.get((e["pid"], e.get("tid")), "").startswith("Stream")]
+  ops = on_streams or ops
+  kinds = collections.defaultdict(lambda: [0.0, 0])
+  for e in ops:
+    kind = kinds[re.sub(r"\.\d+$", "", e["args"]["hlo_op"])]
+    kind[0] += e["dur"] / 1000 / calls
+    kind[1] += 1 / calls
+  ranked = sorted(kinds.items(), key=lambda item: -item[1][0])
+  return {"trace": path, "device_streams": bool(on_streams),
+          "op_ms_per_call": sum(ms for ms, _ in kinds.values()),
+          "ops_per_call": sum(n for _, n in kinds.values()),
+          "top_ops": [[name, round(ms, 4), round(n, 1)] for name, (ms, n) in ranked[:top]]}
 
 
 def main(argv):
@@ -121,6 +156,21 @@ def main(argv):
   warmup_s = time.perf_counter() - t
   stats = timed_windows(run_once, k * batch_size, FLAGS.windows, FLAGS["window-seconds"].value)
   report("train_step", steps_per_dispatch=k, compile_s=compile_s, first_call_s=warmup_s, **stats)
+
+  if FLAGS.profile:
+    calls = 3
+    with jax.profiler.trace(FLAGS.profile, create_perfetto_trace=True):
+      t = time.perf_counter()
+      for _ in range(calls):
+        run_once()
+      wall_ms = (time.perf_counter() - t) * 1000 / calls
+    summary = summarize_trace(FLAGS.profile, calls)
+    report("profile_train_step", steps_per_dispatch=k, wall_ms_per_call=wall_ms,
+           images_per_s=k * batch_size / wall_ms * 1000, **summary)
+    print(f"\nper dispatch of {k} steps: {wall_ms:.2f} ms wall, "
+          f"{summary['op_ms_per_call']:.2f} ms in {summary['ops_per_call']:.0f} XLA ops")
+    for name, ms, count in summary["top_ops"]:
+      print(f"  {name:<40}{ms:>10.3f} ms {count:>8.1f} ops")
 
   if FLAGS.eval:
     n_eval = min(n, 10_000)
