@@ -206,8 +206,11 @@ class TrainCheckpointer:
     self.directory = os.path.abspath(directory)
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(keep), cm.BestN(get_metric_fn=lambda m: m["test_top1"], n=1)])
+    # best_fn makes orbax write each step's metrics, so the policy still sees the epochs
+    # saved before a restart (without them it keeps those forever).
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(preservation_policy=policy),
+        self.directory, options=ocp.CheckpointManagerOptions(
+            preservation_policy=policy, best_fn=lambda m: m["test_top1"], best_mode="max"),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
 

@@ -295,6 +295,17 @@ def test_interrupted_save_leaves_the_last_good_checkpoint(teacher_dir, tmp_path)
   assert int(result["state"].step) == 2 * 3
 
 
+def test_checkpoints_beyond_latest_and_best_are_deleted_across_restarts(tmp_path):
+  top1 = {1: 50.0, 2: 10.0, 3: 20.0, 4: 30.0, 5: 40.0}
+  for epochs in ([1], [2, 3], [4, 5]):  # three processes, as a twice-resumed run
+    ckpt = checkpoint.TrainCheckpointer(str(tmp_path), keep=2)
+    for epoch in epochs:
+      ckpt.save(epoch, {"w": jnp.ones(3)}, {"test_top1": top1[epoch], "best_top1": 50.0})
+    ckpt.close()
+  assert sorted(int(d) for d in os.listdir(tmp_path)) == [1, 4, 5]
+  assert checkpoint.TrainCheckpointer(str(tmp_path)).best_epoch() == 1
+
+
 def test_bfloat16_mixed_precision_keeps_float32_state(teacher_dir, tmp_path):
   config = tiny_config("dkd", teacher_dir, dtype="bfloat16", num_epochs=1)
   with tfds.testing.mock_data(num_examples=64):
