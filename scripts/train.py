@@ -33,9 +33,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   reporting.quiet_library_info_logs()
-  train.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                     FLAGS.process_id)
   try:
+    train.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                       FLAGS.process_id)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
     # Bad input (config, data, teacher) or a diverged run: the message says what to do; the

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -238,6 +239,12 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   # peers that were never started.
   slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
   open_mpi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(v is not None for v in explicit) and any(v is None for v in explicit):
+    raise ValueError("A multi-process launch by flags needs all of --coordinator_address, "
+                     "--num_processes and --process_id (SLURM and Open MPI need none).")
+  if num_processes is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}.")
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif slurm or open_mpi:
@@ -505,12 +512,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best and last test top-1 and the final state (NumPy).
   """
   methods.validate(config)
+  for key in ("batch_size", "eval_batch_size", "num_epochs"):
+    if not (isinstance(config[key], int) and config[key] > 0):
+      raise ValueError(f"config.{key} must be a positive integer, got {config[key]!r}.")
   if methods.uses_teacher(config):
     teachers.check_teacher_exists(config.teacher)
   dtype = compute_dtype(config)
   mesh = make_mesh()
   batch_size = round_to_devices(config.batch_size, mesh.size, "config.batch_size")
   os.makedirs(workdir, exist_ok=True)
+  _check_same_run(config, workdir)
   _write_config(config, workdir)
   logging.info("%d devices (%s), %d processes.", mesh.size, jax.devices()[0].device_kind,
                jax.process_count())
@@ -536,6 +547,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Resuming from %s at epoch %d (best top-1 so far %.2f).", ckpt.directory,
                  start_epoch, best_top1)
 
+  if start_epoch > config.num_epochs:
+    logging.info("The run in %s has finished its %d epochs (best top-1 %.2f); raise "
+                 "--config.num_epochs to continue it.", workdir, latest, best_top1)
+    ckpt.close()
+    return {"best_top1": best_top1, "last_top1": meta["test_top1"], "state": to_host(state)}
+
   state, teacher_vars = replicate((state, teacher_vars), mesh)
   finish_feed(state, teacher_vars, student_graphdef=train_graphdef, teacher=teacher,
               optimizer=optimizer, steps_per_epoch=steps_per_epoch)
@@ -557,10 +574,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     out = {k: v / count for k, v in sums.items()}
     out["top1"] *= 100
     if not math.isfinite(out["loss"]):
+      good = ckpt.latest_epoch()
+      kept = (f"The last good checkpoint (epoch {good}) stays in {ckpt.directory}."
+              if good else "No epoch finished, so there is no checkpoint.")
       raise FloatingPointError(
           f"The training loss is {out['loss']} in epoch {epoch} (step {step}): stopping. "
-          f"The last good checkpoint stays in {ckpt.directory}; lower config.lr or check the "
-          "data and teacher, then re-run the same command to resume from it.")
+          f"{kept} Check the data and the teacher, or lower config.lr (in a new --workdir: "
+          "a workdir resumes only with its own config).")
     return out
 
   try:
@@ -599,6 +619,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _sum_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
   fetched = to_host(metrics_list)
   return {k: float(sum(np.asarray(m[k], np.float64) for m in fetched)) for k in fetched[0]}
+
+
+# Fields a resumed run may change: they do not alter what the checkpoints were trained on.
+RESUMABLE_CHANGES = ("num_epochs", "log_every_steps", "steps_per_dispatch", "eval_batch_size",
+                     "checkpoints_to_keep", "teacher.checkpoint", "data.data_dir",
+                     "data.cache_dir", "data.download", "data.manual_dir",
+                     "data.max_test_examples")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume checkpoints that were trained with another recipe."""
+  saved_path = os.path.join(workdir, "config.json")
+  if not (checkpoint.is_train_workdir(workdir) and os.path.exists(saved_path)):
+    return
+  with open(saved_path) as f:
+    saved = _flat(json.load(f))
+  current = _flat(json.loads(config.to_json_best_effort()))
+  changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+             for k in sorted(saved.keys() | current.keys())
+             if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+  if changed:
+    raise ValueError(
+        f"{workdir} holds a run with another config ({'; '.join(changed)}). Use a new "
+        f"--workdir, or the run's own settings to resume it (only "
+        f"{', '.join(RESUMABLE_CHANGES)} may change).")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

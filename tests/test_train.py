@@ -89,14 +89,30 @@ def test_resume_is_bit_identical(teacher_dir, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_dir, tmp_path):
   workdir = str(tmp_path / "nan")
-  config = tiny_config("kd", teacher_dir, num_epochs=1)
+  config = tiny_config("kd", teacher_dir, lr_decay_rate=1e30)  # epoch 2's lr diverges
   with tfds.testing.mock_data(num_examples=64):
-    train.train_and_evaluate(config, workdir)
-    config.num_epochs = 2
-    config.lr = 1e30
-    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+    with pytest.raises(FloatingPointError, match=r"last good checkpoint \(epoch 1\)"):
       train.train_and_evaluate(config, workdir)
   assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
+
+
+def test_workdir_of_another_config_is_refused_and_a_finished_run_returns(teacher_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config("kd", teacher_dir, num_epochs=1)
+  with tfds.testing.mock_data(num_examples=64):
+    first = train.train_and_evaluate(config, workdir)
+    saved = open(os.path.join(workdir, "config.json")).read()
+    config.sort = False
+    config.student.name = "resnet20"
+    with pytest.raises(ValueError, match="sort: True -> False; student.name: 'resnet8'"):
+      train.train_and_evaluate(config, workdir)
+    assert open(os.path.join(workdir, "config.json")).read() == saved
+    config.sort, config.student.name = True, "resnet8"
+    config.log_every_steps = 1  # allowed to change
+    again = train.train_and_evaluate(config, workdir)
+  assert again["best_top1"] == first["best_top1"]
+  assert [r["epoch"] for r in read_metrics(workdir) if r["kind"] == "epoch"] == [1]
+  jax.tree.map(np.testing.assert_array_equal, first["state"], again["state"])
 
 
 def test_missing_teacher_says_where_teachers_come_from(tmp_path):
@@ -118,12 +134,21 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("method", "fitnet", "Unknown config.method"),
     ("lskd.base", "crd", "config.lskd.base"),
     ("dtype", "float16", "config.dtype"),
+    ("batch_size", 0, "config.batch_size must be a positive"),
+    ("num_epochs", 0, "config.num_epochs must be a positive"),
 ])
 def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message):
   method = "lskd" if key.startswith("lskd") else "kd"
   config = tiny_config(method, teacher_dir, **{key: value})
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_incomplete_multi_process_flags_are_refused():
+  with pytest.raises(ValueError, match="needs all of --coordinator_address"):
+    train.maybe_initialize_distributed(None, 2, 0)
+  with pytest.raises(ValueError, match=r"--process_id must be in \[0, 2\)"):
+    train.maybe_initialize_distributed("localhost:12355", 2, 2)
 
 
 def test_unknown_pair_lists_the_pairs():
