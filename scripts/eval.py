@@ -13,7 +13,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -21,7 +22,8 @@ from ml_collections import config_flags  # noqa: E402
 from sortkd_jax import reporting  # noqa: E402
 
 config_flags.DEFINE_config_file(
-    "config", "configs/cifar_vanilla.py", "Recipe whose data section names the test split.")
+    "config", os.path.join(REPO, "configs", "cifar_vanilla.py"),
+    "Recipe whose data section names the test split.")
 flags.DEFINE_string("checkpoint", None, "Workdir, ported checkpoint directory or .pth file.")
 flags.DEFINE_string("arch", None, "Architecture (required for .pth files).")
 flags.mark_flag_as_required("checkpoint")
@@ -38,20 +40,21 @@ def main(argv):
   config = FLAGS.config
   if not os.path.exists(FLAGS.checkpoint):
     sys.exit(f"error: checkpoint {FLAGS.checkpoint!r} does not exist.")
-  _, test_split = train.load_splits(config.data)
   try:
+    (test_split,) = train.load_splits(config.data, include_train=False)
     model, arch = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
                                              num_classes=test_split.num_classes)
-  except (ValueError, FileNotFoundError) as e:
+    network, variables = train.freeze(model)
+    mesh = train.make_mesh()
+    evaluate = train.make_evaluator(mesh, test_split.images, test_split.labels,
+                                    config.eval_batch_size)
+    metrics = evaluate(network, train.replicate(variables, mesh))
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
+    logging.debug("Traceback:", exc_info=True)
     sys.exit(f"error: {e}")
-  network, variables = train.freeze(model)
-  mesh = train.make_mesh()
-  evaluate = train.make_evaluator(mesh, test_split.images, test_split.labels,
-                                  config.eval_batch_size)
-  result = {"checkpoint": FLAGS.checkpoint, "arch": arch, "split": config.data.test_split,
-            "num_examples": int(len(test_split.labels)),
-            **evaluate(network, train.replicate(variables, mesh))}
-  print(json.dumps(result))
+  print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": arch,
+                    "split": config.data.test_split,
+                    "num_examples": int(len(test_split.labels)), **metrics}))
 
 
 if __name__ == "__main__":

@@ -389,13 +389,16 @@ def build_train_chunk(config: ml_collections.ConfigDict, mesh: Mesh, *,
 # ----------------------------------------------------------------------------- the job
 
 
-def load_splits(data: ml_collections.ConfigDict) -> list[input_pipeline.ArraySplit]:
-  """Train and test splits as host arrays, optionally truncated for smoke tests."""
+def load_splits(data: ml_collections.ConfigDict,
+                include_train: bool = True) -> list[input_pipeline.ArraySplit]:
+  """Train and test splits (or the test split alone) as host arrays, optionally truncated."""
   source = dict(name=data.name, data_dir=data.data_dir, folder=data.folder,
                 cache_dir=data.cache_dir, image_size=data.image_size, download=data.download)
+  wanted = [(data.test_split, data.max_test_examples)]
+  if include_train:
+    wanted.insert(0, (data.train_split, data.max_train_examples))
   splits = []
-  for split, limit in ((data.train_split, data.max_train_examples),
-                       (data.test_split, data.max_test_examples)):
+  for split, limit in wanted:
     s = input_pipeline.load_array_split(split=split, **source)
     if limit is not None:
       s = dataclasses.replace(s, images=s.images[:limit], labels=s.labels[:limit])

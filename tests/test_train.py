@@ -304,6 +304,13 @@ def test_eval_script_reports_accuracy_of_a_checkpoint(teacher_dir, tmp_path):
   missing = subprocess.run(cmd[:2] + ["--checkpoint", str(tmp_path / "none")] + cmd[4:],
                            capture_output=True, text=True, cwd=repo, env=env, timeout=300)
   assert missing.returncode != 0 and "does not exist" in missing.stderr
+  # From another directory, with the default config: a missing folder is one error line.
+  no_data = subprocess.run(
+      [sys.executable, os.path.join(repo, "scripts", "eval.py"), "--checkpoint", teacher_dir,
+       f"--config.data.folder={tmp_path / 'nodata'}"],
+      capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+  assert no_data.returncode == 1 and "error: No split 'test'" in no_data.stderr
+  assert "Traceback" not in no_data.stderr
 
 
 def test_interrupted_save_leaves_the_last_good_checkpoint(teacher_dir, tmp_path):
