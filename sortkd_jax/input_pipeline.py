@@ -194,7 +194,7 @@ def _decode_folder_with_pil(folder: str, split: str, image_size: int,
                             where: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
   """The image-folder split decoded with Pillow, for machines without TensorFlow (e.g. GPU
   boxes). Labels index the class names sorted over all splits, as `tfds.ImageFolder` does;
-  files come in sorted order rather than tfds' shuffled one (the trainer permutes anyway)."""
+  files come in a fixed shuffled order (not tfds' one), so a truncated split mixes classes."""
   from PIL import Image
 
   class_names = tuple(sorted({c.name for s in os.scandir(folder) if s.is_dir()
@@ -202,8 +202,7 @@ def _decode_folder_with_pil(folder: str, split: str, image_size: int,
   files = sorted((os.path.join(d.path, f.name), class_names.index(d.name))
                  for d in os.scandir(os.path.join(folder, split)) if d.is_dir()
                  for f in os.scandir(d.path) if f.name.lower().endswith(_IMAGE_EXTENSIONS))
-  if not files:
-    raise ValueError(f"{where} has no examples.")
+  files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
   images, bad = [], []
   for path, _ in files:
     with Image.open(path) as image:
@@ -228,6 +227,12 @@ def _check_folder_split(folder: str, split: str) -> None:
         f"{_FOLDER_LAYOUT}; "
         + (f"splits found: {found}." if found is not None else "the folder does not exist.")
     )
+  has_images = any(f.name.lower().endswith(_IMAGE_EXTENSIONS)
+                   for class_dir in os.scandir(split_dir) if class_dir.is_dir()
+                   for f in os.scandir(class_dir.path))
+  if not has_images:
+    raise ValueError(f"Image folder split {split_dir} has no images. Expected layout: "
+                     f"{_FOLDER_LAYOUT}.")
 
 
 def _folder_fingerprint(folder: str, split: str) -> str:

@@ -96,6 +96,10 @@ def test_missing_folder_or_split(tmp_path):
   folder = _make_folder(tmp_path / "data", per_split=(("train", 1),))
   with pytest.raises(FileNotFoundError, match=r"splits found: \['train'\]"):
     ip.load_array_split(folder=folder, split="test", cache_dir=str(tmp_path / "cache"))
+  for name in ("a", "b"):
+    os.makedirs(tmp_path / "empty" / "train" / name)
+  with pytest.raises(ValueError, match="has no images"):
+    ip.load_array_split(folder=str(tmp_path / "empty"), split="train")
 
 
 def test_folder_of_wrong_image_size(tmp_path):
@@ -257,6 +261,7 @@ def test_image_folder_without_tensorflow_decodes_with_pillow(tmp_path, monkeypat
   assert with_pil.class_names == with_tf.class_names
   key = lambda s: sorted(zip(s.images[:, 0, 0, 0].tolist(), s.labels.tolist()))
   assert key(with_pil) == key(with_tf)
+  assert len(set(with_pil.labels[:4].tolist())) > 1  # shuffled: a truncated split mixes classes
   _write_image(os.path.join(folder, "train", "ant", "big.png"), np.zeros((40, 32, 3), np.uint8))
   with pytest.raises(ValueError, match=r"big.png \(40, 32, 3\)"):
     ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "c3"))
