@@ -46,11 +46,6 @@ def parse_arg(arg: str | None, pairs: dict, default: str) -> tuple[str, bool]:
   return pair, "runlocal" in parts
 
 
-def default_teacher_checkpoint(teacher: str) -> str:
-  """Where scripts/port_weights.py puts a converted teacher unless told otherwise."""
-  return f"teachers/{teacher}"
-
-
 def _optional(field_type: type) -> ml_collections.FieldReference:
   """A field that defaults to None but can be set from the command line."""
   return ml_collections.FieldReference(None, field_type=field_type)
@@ -61,8 +56,9 @@ def _base_config(method: str, pair: str, teacher: str, student: str) -> ml_colle
   c.pair = pair
   c.method = method
   c.sort = True
-  c.teacher = ml_collections.ConfigDict(dict(
-      name=teacher, checkpoint=default_teacher_checkpoint(teacher)))
+  c.teacher = ml_collections.ConfigDict(dict(name=teacher))
+  # Where the README's port_weights.py command puts it; follows --config.teacher.name.
+  c.teacher.checkpoint = "teachers/" + c.teacher.get_ref("name")
   c.student = ml_collections.ConfigDict(dict(name=student))
   # name: a tfds dataset; folder: an image folder with train/<class>/ and test/<class>/.
   c.data = ml_collections.ConfigDict(dict(

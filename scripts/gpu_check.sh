@@ -50,6 +50,7 @@ fi
 
 # Target 3: a whole 240-epoch KD+Sort run, per-epoch eval and checkpoints, in <= 6 minutes.
 # The run is stopped at the limit: then the target is missed, and the epochs done are reported.
+rm -rf /tmp/gpu_check_teacher
 python3 - <<'PY'
 from flax import nnx
 from sortkd_jax import checkpoint, models

@@ -151,6 +151,13 @@ def test_incomplete_multi_process_flags_are_refused():
     train.maybe_initialize_distributed("localhost:12355", 2, 2)
 
 
+def test_default_teacher_checkpoint_follows_the_teacher_name():
+  config = cifar_kd.get_config("res32x4_res8x4")
+  assert config.teacher.checkpoint == "teachers/resnet32x4"
+  config.teacher.name = "resnet56"
+  assert config.teacher.checkpoint == "teachers/resnet56"
+
+
 def test_unknown_pair_lists_the_pairs():
   with pytest.raises(ValueError, match="res32x4_res8x4"):
     cifar_kd.get_config("res32x4_res9x4")
