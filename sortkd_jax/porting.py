@@ -62,13 +62,16 @@ class PortingError(ValueError):
     missing: torch keys the model needs that the state dict lacks.
     unexpected: state-dict keys the model has no place for.
     mismatched: ``(key, expected_torch_shape, got_shape)`` triples.
+    checkpoint_classes: the checkpoint's class count when only that disagrees, else None.
   """
 
-  def __init__(self, message: str, *, missing=(), unexpected=(), mismatched=()):
+  def __init__(self, message: str, *, missing=(), unexpected=(), mismatched=(),
+               checkpoint_classes=None):
     super().__init__(message)
     self.missing = list(missing)
     self.unexpected = list(unexpected)
     self.mismatched = list(mismatched)
+    self.checkpoint_classes = checkpoint_classes
 
 
 class TorchFileError(ValueError):
@@ -231,7 +234,7 @@ def port_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int |
           f"The checkpoint's classifier {cls_key!r} has {got} classes but num_classes="
           f"{num_classes} was requested for {name!r}. Pass num_classes={got} (or "
           f"--num-classes {got}), or use a checkpoint trained with {num_classes} classes.",
-          mismatched=[(cls_key, (num_classes,), (got,))])
+          mismatched=[(cls_key, (num_classes,), (got,))], checkpoint_classes=got)
 
   abstract = _abstract_model(name, num_classes, dtype)
   table = _table(abstract)
@@ -268,7 +271,8 @@ def port_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int |
       given = {k for k in sd if not k.endswith(".num_batches_tracked")}
       archs = [a for a in _matching_archs(given) if a != name]
       if archs:
-        lines.append(f"  The keys match architecture(s) {archs}: use that --arch / name.")
+        lines.append(f"  The keys match architecture(s) {archs}: use that name "
+                     "(--arch of the scripts, --config.teacher.name of a run).")
       else:
         lines.append("  Check the architecture name, and for distiller checkpoints "
                      "(module.student./module.teacher.) the component.")

@@ -46,8 +46,14 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
     if arch is None:
       raise ValueError(f"{path} is a PyTorch file: say which architecture it holds (--arch).")
     from sortkd_jax import porting
-    model = porting.port_state_dict(arch, porting.load_torch_state_dict(path),
-                                    num_classes=num_classes)
+    try:
+      model = porting.port_state_dict(arch, porting.load_torch_state_dict(path),
+                                      num_classes=num_classes)
+    except porting.PortingError as e:
+      if e.checkpoint_classes is None:
+        raise
+      raise ValueError(f"The model in {path} has {e.checkpoint_classes} classes but the data "
+                       f"has {num_classes}; use the data set it was trained on.") from e
     if jnp.dtype(dtype) != jnp.float32:  # porting builds float32; rebuild at the compute dtype.
       target = models.create_model(arch, num_classes, rngs=nnx.Rngs(0), dtype=dtype)
       nnx.update(target, nnx.state(model))

@@ -167,6 +167,13 @@ def pth_files(tmp_path_factory):
   return {k: str(v) for k, v in files.items()}
 
 
+def test_pth_teacher_for_data_of_another_class_count(pth_files):
+  """A run or eval.py gets its class count from the data: the message says so."""
+  from sortkd_jax import teachers
+  with pytest.raises(ValueError, match="has 100 classes but the data has 10; use the data set"):
+    teachers.load_frozen_model(pth_files["teacher"], arch="resnet8", num_classes=10)
+
+
 @pytest.mark.parametrize("kind", ["teacher", "latest", "student", "bare"])
 def test_pth_round_trip(pth_files, kind):
   _, x, ref = fixture("resnet8")
