@@ -75,10 +75,13 @@ def main(argv):
     _fail(str(e))
 
   num_classes = _num_classes(model)
-  info = checkpoint.save_model(
-      dst, model, arch=arch, num_classes=num_classes, overwrite=FLAGS.overwrite,
-      metadata={"source": os.path.abspath(src), "component": FLAGS.component,
-                "converted_by": "scripts/port_weights.py"})
+  try:
+    info = checkpoint.save_model(
+        dst, model, arch=arch, num_classes=num_classes, overwrite=FLAGS.overwrite,
+        metadata={"source": os.path.abspath(src), "component": FLAGS.component,
+                  "converted_by": "scripts/port_weights.py"})
+  except FileExistsError as e:
+    _fail(str(e))
   n_tensors = len([k for k in state_dict if not k.endswith("num_batches_tracked")])
   first = ", ".join(f"{v:.6f}" for v in info["logits_checksum"]["first"])
   print(f"Converted {src}\n"

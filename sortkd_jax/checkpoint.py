@@ -93,9 +93,16 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
   path = os.path.abspath(os.fspath(path))
   if arch not in models.MODEL_NAMES:
     raise ValueError(f"Unknown arch {arch!r}. Valid names: {', '.join(models.MODEL_NAMES)}.")
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path!r} already exists; pass overwrite=True (--overwrite) "
-                          "to replace it.")
+  if os.path.exists(path):
+    if not overwrite:
+      raise FileExistsError(f"{path!r} already exists; pass overwrite=True (--overwrite) "
+                            "to replace it.")
+    replaceable = os.path.isfile(os.path.join(path, MODEL_JSON)) or (
+        os.path.isdir(path) and not os.listdir(path))
+    if not replaceable:
+      what = "a training workdir" if is_train_workdir(path) else "not a model checkpoint"
+      raise FileExistsError(f"{path!r} is {what}; overwriting replaces only a model "
+                            "checkpoint directory (or an empty one). Choose another path.")
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   tree = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
   info = {

@@ -523,6 +523,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dtype = compute_dtype(config)
   mesh = make_mesh()
   batch_size = round_to_devices(config.batch_size, mesh.size, "config.batch_size")
+  if os.path.isfile(os.path.join(workdir, checkpoint.MODEL_JSON)):
+    raise ValueError(f"{workdir} holds a model checkpoint (e.g. a ported teacher), not a "
+                     "training run; choose another --workdir.")
   os.makedirs(workdir, exist_ok=True)
   _check_same_run(config, workdir)
   _write_config(config, workdir)

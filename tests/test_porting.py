@@ -232,6 +232,11 @@ def test_save_load_model(tmp_path):
     checkpoint.save_model(dst, model, arch="vgg11", num_classes=100)
   checkpoint.save_model(dst, model, arch="vgg11", num_classes=100, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+  run = tmp_path / "run"
+  os.makedirs(run / checkpoint.TRAIN_CHECKPOINT_DIR)
+  with pytest.raises(FileExistsError, match="is a training workdir"):  # never deletes a run
+    checkpoint.save_model(str(run), model, arch="vgg11", num_classes=100, overwrite=True)
+  assert os.listdir(run) == [checkpoint.TRAIN_CHECKPOINT_DIR]
   bf16, _ = checkpoint.load_model(dst, dtype=jnp.bfloat16)
   assert bf16.classifier.kernel[...].dtype == jnp.float32
   out = bf16(jnp.asarray(x))

@@ -115,6 +115,12 @@ def test_workdir_of_another_config_is_refused_and_a_finished_run_returns(teacher
   jax.tree.map(np.testing.assert_array_equal, first["state"], again["state"])
 
 
+def test_a_model_checkpoint_is_not_a_workdir(teacher_dir):
+  config = tiny_config("kd", teacher_dir)
+  with pytest.raises(ValueError, match="holds a model checkpoint"):
+    train.train_and_evaluate(config, teacher_dir)
+
+
 def test_missing_teacher_says_where_teachers_come_from(tmp_path):
   config = tiny_config("kd", str(tmp_path / "nowhere"))
   with tfds.testing.mock_data(num_examples=64):
