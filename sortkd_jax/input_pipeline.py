@@ -11,6 +11,7 @@ accelerators, so the training core does not import it and it takes no GPU memory
 
 import collections
 import dataclasses
+import difflib
 import functools
 import hashlib
 import importlib.util
@@ -333,8 +334,19 @@ def _open_split(
     builder = tfds.ImageFolder(folder)
     full = builder.as_dataset(split=split, decoders=decoders)
     local = full.shard(process_count, process_index)
+  elif name == SYNTHETIC:
+    raise ValueError("data.name='synthetic' is random CIFAR-shaped data for the on-device "
+                     "pipeline (the CIFAR configs), not for tf.data streams (ImageNet).")
   elif name is not None:
-    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+      close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
+      raise ValueError(
+          f"Unknown tfds dataset {name!r}" + (f" (did you mean {', '.join(close)}?)" if close
+                                              else "")
+          + f". Use a tfds name such as cifar100 or imagenet2012, {SYNTHETIC!r} (CIFAR "
+          "configs), or --config.data.folder=DIR.") from None
     if (download or manual_dir) and not builder.is_prepared():
       config = tfds.download.DownloadConfig(manual_dir=manual_dir)
       try:

@@ -90,6 +90,13 @@ def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkey
   assert len(ip.load_array_split(folder=folder, split="train", cache_dir=cache).labels) == 13
 
 
+def test_unknown_tfds_name_suggests_close_ones():
+  with pytest.raises(ValueError, match="Unknown tfds dataset 'cifar1000' \\(did you mean cifar100"):
+    ip.load_array_split(name="cifar1000", split="train")
+  with pytest.raises(ValueError, match="on-device pipeline"):
+    ip.split_info(name=ip.SYNTHETIC, split="train")
+
+
 def test_missing_folder_or_split(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     ip.load_array_split(folder=str(tmp_path / "nowhere"), split="train")
