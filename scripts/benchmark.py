@@ -107,6 +107,12 @@ def main(argv):
   n, num_classes = FLAGS["num-examples"].value, FLAGS["num-classes"].value
   dtype = train.compute_dtype(config)
   mesh = train.make_mesh()
+  try:  # the trainer's own checks
+    train.round_to_devices(batch_size, mesh.size, "the batch size")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if n < batch_size:
+    raise app.UsageError(f"--num-examples {n} is smaller than the batch size {batch_size}.")
   common = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
             "jax": jax.__version__, "method": config.method, "sort": bool(config.sort),
             "student": config.student.name,
@@ -227,9 +233,11 @@ def main(argv):
                        for key in ("steps_per_dispatch", "compile_s", "eval_batch_size")
                        if key in r)
     print(f"{r['measurement']:<36}{r['images_per_s']:>14,.0f}  {detail}")
+  pair = (f"{common['teacher']} -> {common['student']}" if common["teacher"]
+          else common["student"])
   print(f"device: {common['device']} x{common['num_devices']}, jax {common['jax']}, "
-        f"{common['method']}{'+Sort' if common['sort'] else ''} {common['teacher']} -> "
-        f"{common['student']}, batch {batch_size}, {common['dtype']}")
+        f"{common['method']}{'+Sort' if common['sort'] else ''} {pair}, batch {batch_size}, "
+        f"{common['dtype']}")
 
 
 if __name__ == "__main__":

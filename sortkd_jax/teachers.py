@@ -60,6 +60,7 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
       model = target
     model.eval()
     return model, arch
+  _check_not_inside_a_run(path)
   if checkpoint.is_train_workdir(path):
     model, meta = checkpoint.load_student_from_workdir(path, dtype=dtype)
   else:
@@ -72,6 +73,19 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
                      f"{num_classes}; use the data set it was trained on.")
   model.eval()
   return model, meta["arch"]
+
+
+def _check_not_inside_a_run(path: str) -> None:
+  """Points to the workdir when given a run's checkpoint folders or a run without any."""
+  path = os.path.normpath(path)
+  for workdir in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+    if checkpoint.is_train_workdir(workdir) and path.startswith(
+        os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR)):
+      raise ValueError(f"{path} is inside the training run {workdir}: pass the workdir itself "
+                       "(its best epoch is used).")
+  if os.path.isfile(os.path.join(path, "config.json")) and not checkpoint.is_train_workdir(path):
+    raise FileNotFoundError(f"The training run in {path} has no checkpoint yet: no epoch "
+                            "finished.")
 
 
 def check_teacher_exists(teacher: ml_collections.ConfigDict) -> None:

@@ -121,6 +121,18 @@ def test_a_model_checkpoint_is_not_a_workdir(teacher_dir):
     train.train_and_evaluate(config, teacher_dir)
 
 
+def test_checkpoint_folders_of_a_run_point_to_its_workdir(tmp_path):
+  from sortkd_jax import teachers
+  os.makedirs(tmp_path / "run" / "checkpoints" / "2")
+  for inside in ("checkpoints", "checkpoints/2"):
+    with pytest.raises(ValueError, match="pass the workdir itself"):
+      teachers.load_frozen_model(str(tmp_path / "run" / inside))
+  os.makedirs(tmp_path / "failed")
+  (tmp_path / "failed" / "config.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
+    teachers.load_frozen_model(str(tmp_path / "failed"))
+
+
 def test_missing_teacher_says_where_teachers_come_from(tmp_path):
   config = tiny_config("kd", str(tmp_path / "nowhere"))
   with tfds.testing.mock_data(num_examples=64):
