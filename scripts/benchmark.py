@@ -35,7 +35,7 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sortkd_jax import augment, methods, models, train  # noqa: E402
+from sortkd_jax import augment, methods, models, reporting, train  # noqa: E402
 from sortkd_jax.sort import sort_teacher_logits  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/cifar_kd.py:res32x4_res8x4",
@@ -241,4 +241,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=reporting.parse_flags_briefly)

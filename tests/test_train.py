@@ -176,6 +176,23 @@ def test_default_teacher_checkpoint_follows_the_teacher_name():
   assert config.teacher.checkpoint == "teachers/resnet56"
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/cifar_kd.py:res56_res20", "--config.num_epoch=3"],
+     "error: the config has no field 'num_epoch'; did you mean 'num_epochs'?"),
+    (["--config=configs/cifar_kd.py:NOPE"], "error: Unknown config argument 'NOPE'"),
+    (["--config=configs/nope.py"], "error: [Errno 2] No such file"),
+])
+def test_config_errors_of_the_script_are_one_line(tmp_path, args, message):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "scripts/train.py", *args, f"--workdir={tmp_path}"],
+                       capture_output=True, text=True, cwd=repo, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 1 and message in out.stderr
+  assert "Traceback" not in out.stderr
+
+
 def test_unknown_pair_lists_the_pairs():
   with pytest.raises(ValueError, match="res32x4_res8x4"):
     cifar_kd.get_config("res32x4_res9x4")
