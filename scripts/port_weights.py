@@ -70,7 +70,8 @@ def main(argv):
   except ImportError as e:
     _fail(str(e))
   except porting.PortingError as e:
-    _fail(f"{src!r} does not fit --arch {arch}.\n{e}")
+    _fail(f"{src!r} does not fit --arch {arch}.\n{e}\n  (In an mdistiller trainer file - "
+          "latest, best, epoch_N - --component picks the student (default) or the teacher.)")
   except ValueError as e:  # TorchFileError and other readable problems
     _fail(str(e))
 

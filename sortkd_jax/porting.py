@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -370,6 +371,9 @@ def load_torch_state_dict(path: str | os.PathLike, component: str = "student", *
   path = os.fspath(path)
   if component not in ("student", "teacher"):
     raise ValueError(f"component must be 'student' or 'teacher', got {component!r}.")
+  if os.path.isdir(path):
+    raise FileNotFoundError(f"{path!r} is a directory; pass the checkpoint file in it (e.g. "
+                            "cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth).")
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"No such checkpoint file: {path!r}. For mdistiller's CIFAR teachers, download "
@@ -377,7 +381,9 @@ def load_torch_state_dict(path: str | os.PathLike, component: str = "student", *
         "into download_ckpts/.")
   torch = _import_torch()
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # a non-torch pickle warns before it fails, misleadingly
+      warnings.filterwarnings("ignore", message="Detected pickle protocol")
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     detail = _unpickler_detail(str(e))
     if "unsupported global" not in detail.lower() or not _looks_like_torch_file(path):

@@ -167,6 +167,11 @@ def pth_files(tmp_path_factory):
   return {k: str(v) for k, v in files.items()}
 
 
+def test_a_directory_is_not_a_checkpoint_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match="is a directory; pass the checkpoint file"):
+    porting.load_torch_state_dict(str(tmp_path))
+
+
 def test_pth_teacher_for_data_of_another_class_count(pth_files):
   """A run or eval.py gets its class count from the data: the message says so."""
   from sortkd_jax import teachers
