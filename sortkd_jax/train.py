@@ -515,19 +515,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best and last test top-1 and the final state (NumPy).
   """
   methods.validate(config)
-  for key in ("batch_size", "eval_batch_size", "num_epochs"):
-    if not (isinstance(config[key], int) and config[key] > 0):
-      raise ValueError(f"config.{key} must be a positive integer, got {config[key]!r}.")
+  _check_sizes(config)
   if methods.uses_teacher(config):
     teachers.check_teacher_exists(config.teacher)
   dtype = compute_dtype(config)
   mesh = make_mesh()
   batch_size = round_to_devices(config.batch_size, mesh.size, "config.batch_size")
-  if os.path.isfile(os.path.join(workdir, checkpoint.MODEL_JSON)):
-    raise ValueError(f"{workdir} holds a model checkpoint (e.g. a ported teacher), not a "
-                     "training run; choose another --workdir.")
+  _check_workdir(config, workdir)
   os.makedirs(workdir, exist_ok=True)
-  _check_same_run(config, workdir)
   _write_config(config, workdir)
   logging.info("%d devices (%s), %d processes.", mesh.size, jax.devices()[0].device_kind,
                jax.process_count())
@@ -644,8 +639,17 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to resume checkpoints that were trained with another recipe."""
+def _check_sizes(config: ml_collections.ConfigDict) -> None:
+  for key in ("batch_size", "eval_batch_size", "num_epochs"):
+    if not (isinstance(config[key], int) and config[key] > 0):
+      raise ValueError(f"config.{key} must be a positive integer, got {config[key]!r}.")
+
+
+def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a model directory, and checkpoints that were trained with another recipe."""
+  if os.path.isfile(os.path.join(workdir, checkpoint.MODEL_JSON)):
+    raise ValueError(f"{workdir} holds a model checkpoint (e.g. a ported teacher), not a "
+                     "training run; choose another --workdir.")
   saved_path = os.path.join(workdir, "config.json")
   if not (checkpoint.is_train_workdir(workdir) and os.path.exists(saved_path)):
     return
