@@ -561,6 +561,7 @@ def imagenet_eval_dataset(
     download: bool = False,
     image_size: int = 224,
     resize_size: int = 256,
+    max_examples: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> "tf.data.Dataset":
@@ -568,7 +569,8 @@ def imagenet_eval_dataset(
 
   Resize(256) + CenterCrop(224) (spec §7.3). No example is dropped: the last batches are padded
   with mask=False entries, and every process yields ceil(ceil(N / processes) / b) batches so
-  that all processes step together.
+  that all processes step together. `max_examples` (smoke tests) keeps the first
+  ceil(max_examples / processes) of each process's shard.
   """
   tf, _ = _tf()
   if resize_size < image_size:
@@ -578,6 +580,9 @@ def imagenet_eval_dataset(
                              download=download, manual_dir=manual_dir, decode=False,
                              process_index=index, process_count=count)
   per_process = -(-total // count)  # ceil: the largest shard
+  if max_examples is not None:
+    per_process = min(per_process, -(-max_examples // count))
+    ds = ds.take(per_process)
   num_batches = -(-per_process // local_batch)
   ds = ds.map(lambda ex: {"image": _eval_image(ex["image"], image_size, resize_size),
                           "label": tf.cast(ex["label"], tf.int32),

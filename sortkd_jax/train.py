@@ -496,9 +496,8 @@ def _streaming_feed(config, mesh, batch_size) -> tuple[_Feed, Callable]:
     def eval_batches():
       ds = input_pipeline.imagenet_eval_dataset(
           global_batch_size=eval_batch, split=d.test_split,
-          resize_size=round(d.image_size * 256 / 224), **source)
-      if d.max_test_examples is not None:
-        ds = ds.take(math.ceil(d.max_test_examples / eval_batch))
+          resize_size=round(d.image_size * 256 / 224), max_examples=d.max_test_examples,
+          **source)
       return input_pipeline.prefetch_to_device(ds.as_numpy_iterator(), 2, batch_sharding)
 
     feed.run_epoch = run_epoch

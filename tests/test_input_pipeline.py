@@ -193,8 +193,10 @@ def test_mock_imagenet_train_and_eval():
       assert 0 <= batch["label"].min() <= batch["label"].max() < 1000
     batches = list(ip.imagenet_eval_dataset(global_batch_size=4).as_numpy_iterator())
     want = [ex["label"] for ex in tfds.load("imagenet2012", split="validation").as_numpy_iterator()]
+    capped = list(ip.imagenet_eval_dataset(global_batch_size=4, max_examples=5).as_numpy_iterator())
   masks = [b["mask"].tolist() for b in batches]
   assert masks == [[True] * 4, [True] * 4, [True, True, False, False]]
+  assert [b["mask"].tolist() for b in capped] == [[True] * 4, [True, False, False, False]]
   assert all(b["image"].shape == (4, 224, 224, 3) for b in batches)
   labels = np.concatenate([b["label"] for b in batches])[:10]
   np.testing.assert_array_equal(labels, want)
