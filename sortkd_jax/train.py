@@ -101,11 +101,11 @@ def epoch_of_step(step: jax.Array, steps_per_epoch: int) -> jax.Array:
 # ----------------------------------------------------------------------------- the step
 
 
-def _train_step(state: TrainState, teacher_vars, images, labels, *, config, student_graphdef,
-                teacher: Network | None, optimizer, steps_per_epoch):
-  """One SGD step on a (sharded) batch of normalised images. Returns summed batch metrics."""
+def _train_step(state: TrainState, images, labels, teacher_logits, *, config, student_graphdef,
+                optimizer, steps_per_epoch):
+  """One SGD step on a (sharded) batch of normalised images and the frozen teacher's logits
+  (None without a teacher). Returns summed batch metrics."""
   epoch = epoch_of_step(state.step, steps_per_epoch)
-  teacher_logits = None if teacher is None else teacher(teacher_vars, images)
 
   def loss_fn(params):
     student = nnx.merge(student_graphdef, params["student"], state.batch_stats)
@@ -130,30 +130,57 @@ def _train_step(state: TrainState, teacher_vars, images, labels, *, config, stud
   return state, metrics
 
 
-def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *, num_steps,
-                 batch_size, batch_sharding, mean, std, compute_dtype, **step_kwargs):
-  """`num_steps` steps over perm[start:start+num_steps·batch_size], in one dispatch."""
+def _teacher_logits(teacher: Network, teacher_vars, xs: jax.Array,
+                    batch_sharding: NamedSharding) -> jax.Array:
+  """The frozen teacher on the [steps, batch, ...] inputs of a whole dispatch, as one batch.
 
-  def body(state, i):
+  Small-batch convolutions use a GPU poorly, and the teacher (eval-mode BatchNorm) treats each
+  example alone, so its logits need not be computed step by step. The big batch is put in
+  device-major order, so that each device holds its own slices of every step's batch.
+  """
+  k, b = xs.shape[:2]
+  d = batch_sharding.mesh.size
+  flat = xs.reshape(k, d, b // d, *xs.shape[2:]).swapaxes(0, 1).reshape(k * b, *xs.shape[2:])
+  logits = teacher(teacher_vars, jax.lax.with_sharding_constraint(flat, batch_sharding))
+  logits = logits.reshape(d, k, b // d, -1).swapaxes(0, 1).reshape(k, b, -1)
+  return jax.lax.with_sharding_constraint(
+      logits, NamedSharding(batch_sharding.mesh, P(None, "data")))
+
+
+def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *, num_steps,
+                 batch_size, batch_sharding, mean, std, compute_dtype, teacher, **step_kwargs):
+  """`num_steps` steps over perm[start:start+num_steps·batch_size], in one dispatch: the batches
+  are gathered and augmented and the teacher's logits computed for all steps first, then the
+  student's steps run in a scan."""
+
+  def batch(i):
     idx = jax.lax.dynamic_slice_in_dim(perm, start + i * batch_size, batch_size)
     idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
-    key = jax.random.fold_in(state.rng, state.step)
+    key = jax.random.fold_in(state.rng, state.step + i)
     x = augment.cifar_train_augment(key, images[idx], mean=mean, std=std, dtype=compute_dtype)
-    x = jax.lax.with_sharding_constraint(x, batch_sharding)
-    return _train_step(state, teacher_vars, x, labels[idx], **step_kwargs)
+    return jax.lax.with_sharding_constraint(x, batch_sharding), labels[idx]
 
   if num_steps == 1:  # no loop: XLA:CPU runs convolutions inside loops far slower
-    return body(state, 0)
-  state, metrics = jax.lax.scan(body, state, jnp.arange(num_steps))
+    x, y = batch(0)
+    t = None if teacher is None else teacher(teacher_vars, x)
+    return _train_step(state, x, y, t, **step_kwargs)
+  xs, ys = jax.vmap(batch)(jnp.arange(num_steps))
+  ts = None if teacher is None else _teacher_logits(teacher, teacher_vars, xs, batch_sharding)
+
+  def body(state, inputs):
+    return _train_step(state, *inputs, **step_kwargs)
+
+  state, metrics = jax.lax.scan(body, state, (xs, ys, ts))
   return state, jax.tree.map(lambda m: m.sum(0), metrics)
 
 
 def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_sharding, mean, std,
-                 compute_dtype, **step_kwargs):
+                 compute_dtype, teacher, **step_kwargs):
   """One step on a device batch already cropped and flipped by tf.data (ImageNet)."""
   x = jax.lax.with_sharding_constraint(augment.normalize(images, mean, std, compute_dtype),
                                        batch_sharding)
-  return _train_step(state, teacher_vars, x, labels, **step_kwargs)
+  t = None if teacher is None else teacher(teacher_vars, x)
+  return _train_step(state, x, labels, t, **step_kwargs)
 
 
 def _eval_batch_sums(model: Network, variables, images, labels, mask, *, batch_sharding,

@@ -87,6 +87,21 @@ def test_resume_is_bit_identical(teacher_dir, tmp_path):
   assert epochs == [1, 2]
 
 
+def test_steps_per_dispatch_does_not_change_training(teacher_dir, tmp_path):
+  """Several steps per dispatch (the teacher run once on all their batches) = one by one."""
+  results = {}
+  with tfds.testing.mock_data(num_examples=64):
+    for k in (1, 2):
+      config = tiny_config("kd", teacher_dir, num_epochs=1, steps_per_dispatch=k)
+      results[k] = train.train_and_evaluate(config, str(tmp_path / f"k{k}"))
+  assert int(results[2]["state"].step) == 3  # 40 images: one chunk of 2 steps, one of 1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               results[1]["state"], results[2]["state"])
+  loss = lambda k: [r["train_loss"] for r in read_metrics(str(tmp_path / f"k{k}"))
+                    if r["kind"] == "epoch"]
+  np.testing.assert_allclose(loss(2), loss(1), rtol=1e-6)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_dir, tmp_path):
   workdir = str(tmp_path / "nan")
   config = tiny_config("kd", teacher_dir, lr_decay_rate=1e30)  # epoch 2's lr diverges
