@@ -79,8 +79,8 @@ def _check_not_inside_a_run(path: str) -> None:
   """Points to the workdir when given a run's checkpoint folders or a run without any."""
   path = os.path.normpath(path)
   for workdir in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-    if checkpoint.is_train_workdir(workdir) and path.startswith(
-        os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR)):
+    checkpoints = os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR)
+    if path == checkpoints or path.startswith(checkpoints + os.sep):
       raise ValueError(f"{path} is inside the training run {workdir}: pass the workdir itself "
                        "(its best epoch is used).")
   if os.path.isfile(os.path.join(path, "config.json")) and not checkpoint.is_train_workdir(path):
