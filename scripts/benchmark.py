@@ -17,6 +17,7 @@ Prints one JSON object per measurement, then a table. Needs neither TensorFlow n
 """
 
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -36,7 +37,6 @@ from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sortkd_jax import augment, methods, models, reporting, train  # noqa: E402
-from sortkd_jax.sort import sort_teacher_logits  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/cifar_kd.py:res32x4_res8x4",
                                 "Recipe whose method, models and loss are benchmarked.")
@@ -193,19 +193,21 @@ def main(argv):
            first_call_s=first, **stats)
 
   if FLAGS.breakdown:
-    x = augment.normalize(images[:batch_size], augment.CIFAR_MEAN, augment.CIFAR_STD, dtype)
-    y = labels[:batch_size]
-    # Each part takes its inputs as arguments, so XLA cannot fold it into a constant.
+    # Each part at the size the trainer runs it: augmentation per step; the teacher and its
+    # targets (Sort) once per dispatch. Inputs are arguments, so XLA cannot fold them away.
+    m = min(n, k * batch_size)
+    x = augment.normalize(images[:m], augment.CIFAR_MEAN, augment.CIFAR_STD, dtype)
     parts = {"augment": (jax.jit(lambda imgs: augment.cifar_train_augment(
-        jax.random.PRNGKey(0), imgs, dtype=dtype)), (images[:batch_size],))}
+        jax.random.PRNGKey(0), imgs, dtype=dtype)), (images[:batch_size],), batch_size)}
     if teacher is not None:
-      parts["teacher_forward"] = (jax.jit(teacher), (teacher_vars, x))
-      parts["sort"] = (jax.jit(sort_teacher_logits), (teacher(teacher_vars, x), y))
-    for name, (fn, args) in parts.items():
+      parts["teacher_forward"] = (jax.jit(teacher), (teacher_vars, x), m)
+      parts["teacher_targets"] = (jax.jit(functools.partial(methods.teacher_targets, config)),
+                                  (teacher(teacher_vars, x), labels[:m]), m)
+    for name, (fn, args, count) in parts.items():
       fn(*args).block_until_ready()
-      stats = timed_windows(lambda: fn(*args).block_until_ready(), batch_size, FLAGS.windows,
+      stats = timed_windows(lambda: fn(*args).block_until_ready(), count, FLAGS.windows,
                             FLAGS["window-seconds"].value / 2)
-      report(f"part_{name}", **stats)
+      report(f"part_{name}", batch=count, **stats)
     if teacher is not None:  # the same step without a teacher: the student's share
       vanilla = config.copy_and_resolve_references()
       vanilla.method = "vanilla"

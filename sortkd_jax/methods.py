@@ -5,8 +5,10 @@ student logits, the frozen teacher's logits and the labels into named loss terms
 loss is the sum of the terms (mdistiller sums its loss dict, spec §7.2). Definitions and
 per-method weights: ../shared/spec/methods.md.
 
-Sort (when `config.sort`) corrects the teacher logits once, before temperature or
-standardisation; it commutes with both, so every method sees the same corrected logits.
+The teacher's side of every method is `teacher_targets`: the frozen logits, Sort-corrected
+when `config.sort`, before temperature or standardisation (Sort commutes with both, so every
+method sees the same corrected logits). It is per example and does not depend on the student,
+so the trainer computes it once per dispatch for all the steps of that dispatch.
 """
 
 from __future__ import annotations
@@ -113,6 +115,14 @@ _REGISTRY: dict[str, Callable[..., LossTerms]] = {
 }
 
 
+def teacher_targets(config: ml_collections.ConfigDict, teacher_logits: jax.Array,
+                    labels: jax.Array) -> jax.Array:
+  """The teacher logits every loss of `config.method` sees: frozen, and Sort-corrected when
+  `config.sort`. Rows are independent, so any leading batch shape works."""
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  return sort_teacher_logits(teacher_logits, labels) if config.sort else teacher_logits
+
+
 def loss_terms(config: ml_collections.ConfigDict, student_logits: jax.Array,
                teacher_logits: jax.Array | None, labels: jax.Array, epoch: jax.Array,
                ctkd_theta: jax.Array | None = None) -> LossTerms:
@@ -120,14 +130,11 @@ def loss_terms(config: ml_collections.ConfigDict, student_logits: jax.Array,
 
   Args:
     student_logits: [B, K] raw student logits (gradients flow through them).
-    teacher_logits: [B, K] frozen teacher logits, or None for `vanilla`.
+    teacher_logits: [B, K] `teacher_targets` of the frozen teacher's logits (Sort already
+      applied), or None for `vanilla`.
     labels: [B] integer labels.
     epoch: the 1-based epoch of this step (DKD warm-up and CTKD's λ depend on it).
     ctkd_theta: CTKD's learnable scalar θ (only for `ctkd`).
   """
-  if teacher_logits is not None:
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
-    if config.sort:
-      teacher_logits = sort_teacher_logits(teacher_logits, labels)
   return _REGISTRY[config.method](config, student_logits, teacher_logits, labels, epoch,
                                   ctkd_theta)

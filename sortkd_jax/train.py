@@ -103,8 +103,8 @@ def epoch_of_step(step: jax.Array, steps_per_epoch: int) -> jax.Array:
 
 def _train_step(state: TrainState, images, labels, teacher_logits, *, config, student_graphdef,
                 optimizer, steps_per_epoch):
-  """One SGD step on a (sharded) batch of normalised images and the frozen teacher's logits
-  (None without a teacher). Returns summed batch metrics."""
+  """One SGD step on a (sharded) batch of normalised images and the teacher's
+  `methods.teacher_targets` (None without a teacher). Returns summed batch metrics."""
   epoch = epoch_of_step(state.step, steps_per_epoch)
 
   def loss_fn(params):
@@ -130,12 +130,13 @@ def _train_step(state: TrainState, images, labels, teacher_logits, *, config, st
   return state, metrics
 
 
-def _teacher_logits(teacher: Network, teacher_vars, xs: jax.Array,
-                    batch_sharding: NamedSharding) -> jax.Array:
-  """The frozen teacher on the [steps, batch, ...] inputs of a whole dispatch, as one batch.
+def _teacher_targets(teacher: Network, teacher_vars, xs: jax.Array, ys: jax.Array, *,
+                     batch_sharding: NamedSharding, config) -> jax.Array:
+  """`methods.teacher_targets` (teacher logits, Sort) of a whole dispatch's [steps, batch, ...]
+  inputs, with the teacher run on them as one batch.
 
-  Small-batch convolutions use a GPU poorly, and the teacher (eval-mode BatchNorm) treats each
-  example alone, so its logits need not be computed step by step. The big batch is put in
+  Small-batch convolutions use a GPU poorly, and the teacher (eval-mode BatchNorm) and Sort
+  treat each example alone, so neither need run step by step. The big batch is put in
   device-major order, so that each device holds its own slices of every step's batch.
   """
   k, b = xs.shape[:2]
@@ -143,14 +144,16 @@ def _teacher_logits(teacher: Network, teacher_vars, xs: jax.Array,
   flat = xs.reshape(k, d, b // d, *xs.shape[2:]).swapaxes(0, 1).reshape(k * b, *xs.shape[2:])
   logits = teacher(teacher_vars, jax.lax.with_sharding_constraint(flat, batch_sharding))
   logits = logits.reshape(d, k, b // d, -1).swapaxes(0, 1).reshape(k, b, -1)
-  return jax.lax.with_sharding_constraint(
+  logits = jax.lax.with_sharding_constraint(
       logits, NamedSharding(batch_sharding.mesh, P(None, "data")))
+  return methods.teacher_targets(config, logits, ys)
 
 
 def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *, num_steps,
-                 batch_size, batch_sharding, mean, std, compute_dtype, teacher, **step_kwargs):
+                 batch_size, batch_sharding, mean, std, compute_dtype, teacher, config,
+                 **step_kwargs):
   """`num_steps` steps over perm[start:start+num_steps·batch_size], in one dispatch: the batches
-  are gathered and augmented and the teacher's logits computed for all steps first, then the
+  are gathered and augmented and the teacher's targets computed for all steps first, then the
   student's steps run in a scan."""
 
   def batch(i):
@@ -162,25 +165,27 @@ def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *
 
   if num_steps == 1:  # no loop: XLA:CPU runs convolutions inside loops far slower
     x, y = batch(0)
-    t = None if teacher is None else teacher(teacher_vars, x)
-    return _train_step(state, x, y, t, **step_kwargs)
+    t = None if teacher is None else methods.teacher_targets(config, teacher(teacher_vars, x), y)
+    return _train_step(state, x, y, t, config=config, **step_kwargs)
   xs, ys = jax.vmap(batch)(jnp.arange(num_steps))
-  ts = None if teacher is None else _teacher_logits(teacher, teacher_vars, xs, batch_sharding)
+  ts = None if teacher is None else _teacher_targets(
+      teacher, teacher_vars, xs, ys, batch_sharding=batch_sharding, config=config)
 
   def body(state, inputs):
-    return _train_step(state, *inputs, **step_kwargs)
+    return _train_step(state, *inputs, config=config, **step_kwargs)
 
   state, metrics = jax.lax.scan(body, state, (xs, ys, ts))
   return state, jax.tree.map(lambda m: m.sum(0), metrics)
 
 
 def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_sharding, mean, std,
-                 compute_dtype, teacher, **step_kwargs):
+                 compute_dtype, teacher, config, **step_kwargs):
   """One step on a device batch already cropped and flipped by tf.data (ImageNet)."""
   x = jax.lax.with_sharding_constraint(augment.normalize(images, mean, std, compute_dtype),
                                        batch_sharding)
-  t = None if teacher is None else teacher(teacher_vars, x)
-  return _train_step(state, x, labels, t, **step_kwargs)
+  t = None if teacher is None else methods.teacher_targets(config, teacher(teacher_vars, x),
+                                                           labels)
+  return _train_step(state, x, labels, t, config=config, **step_kwargs)
 
 
 def _eval_batch_sums(model: Network, variables, images, labels, mask, *, batch_sharding,

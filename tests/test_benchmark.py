@@ -21,7 +21,8 @@ def test_benchmark_script_reports_every_measurement(tmp_path):
   records = [json.loads(line) for line in out_file.read_text().splitlines()]
   kinds = [r["measurement"] for r in records]
   assert kinds == ["train_step", "profile_train_step", "eval_student", "part_augment",
-                   "part_teacher_forward", "part_sort", "part_student_step_without_teacher"]
+                   "part_teacher_forward", "part_teacher_targets",
+                   "part_student_step_without_teacher"]
   for r in records:
     assert r["images_per_s"] > 0 and r["device"] and r["jax"]
   train_step = records[0]

@@ -246,7 +246,8 @@ def test_dkd_warmup_scales_only_the_distillation_term():
   y = jnp.asarray(rng.integers(0, 100, 8))
   full = losses.dkd(z, methods.sort_teacher_logits(v, y), y, 1.0, 8.0, 4.0)
   for epoch, factor in ((1, 0.05), (10, 0.5), (20, 1.0), (100, 1.0)):
-    terms = methods.loss_terms(config, z, v, y, jnp.float32(epoch))
+    terms = methods.loss_terms(config, z, methods.teacher_targets(config, v, y), y,
+                               jnp.float32(epoch))
     np.testing.assert_allclose(terms["kd"], factor * full, rtol=1e-6)
     np.testing.assert_allclose(terms["ce"], losses.cross_entropy(z, y), rtol=1e-6)
 
@@ -258,7 +259,8 @@ def test_ctkd_gradient_reversal_and_lambda_schedule():
   y = jnp.asarray(rng.integers(0, 100, 8))
 
   def kd_term(theta, epoch):
-    return methods.loss_terms(config, z, v, y, jnp.float32(epoch), theta)["kd"]
+    return methods.loss_terms(config, z, methods.teacher_targets(config, v, y), y,
+                              jnp.float32(epoch), theta)["kd"]
 
   def plain_kd(theta):  # the same loss with θ not reversed
     t = losses.ctkd_temperature(theta, 1.0, 20.0)
@@ -277,11 +279,15 @@ def test_sort_flag_changes_only_the_teacher_side():
   z = jnp.asarray([[0.1, 0.2, 0.3, 0.4]])
   v = jnp.asarray([[3.0, 5.0, 1.0, 4.0]])
   y = jnp.asarray([2])
-  with_sort = methods.loss_terms(config, z, v, y, jnp.float32(1))
-  config.sort = False
-  without = methods.loss_terms(config, z, v, y, jnp.float32(1))
-  assert with_sort["ce"] == without["ce"]
   sorted_v = jnp.asarray([[1.0, 4.0, 5.0, 3.0]])  # y takes the max, classes above move down
+  np.testing.assert_array_equal(methods.teacher_targets(config, v, y), sorted_v)
+  with_sort = methods.loss_terms(config, z, methods.teacher_targets(config, v, y), y,
+                                 jnp.float32(1))
+  config.sort = False
+  np.testing.assert_array_equal(methods.teacher_targets(config, v, y), v)
+  without = methods.loss_terms(config, z, methods.teacher_targets(config, v, y), y,
+                               jnp.float32(1))
+  assert with_sort["ce"] == without["ce"]
   np.testing.assert_allclose(with_sort["kd"], 0.9 * losses.kd(z, sorted_v, 4.0), rtol=1e-6)
 
 
