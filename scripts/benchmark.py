@@ -27,19 +27,19 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from sortkd_jax import augment, methods, models, reporting, train  # noqa: E402
 
-config_flags.DEFINE_config_file("config", "configs/cifar_kd.py:res32x4_res8x4",
-                                "Recipe whose method, models and loss are benchmarked.")
+reporting.define_config_flag(os.path.join(REPO, "configs", "cifar_kd.py:res32x4_res8x4"),
+                             "Recipe whose method, models and loss are benchmarked.")
 flags.DEFINE_integer("batch-size", None, "Global batch size (default: the config's).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: config's).")
 flags.DEFINE_integer("steps-per-dispatch", None, "Steps per dispatch (default: config's).")

@@ -17,13 +17,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from sortkd_jax import reporting  # noqa: E402
 
-config_flags.DEFINE_config_file(
-    "config", os.path.join(REPO, "configs", "cifar_vanilla.py"),
-    "Recipe whose data section names the test split.")
+reporting.define_config_flag(os.path.join(REPO, "configs", "cifar_vanilla.py"),
+                             "Recipe whose data section names the test split.")
 flags.DEFINE_string("checkpoint", None, "Workdir, ported checkpoint directory or .pth file.")
 flags.DEFINE_string("arch", None, "Architecture (required for .pth files).")
 flags.mark_flag_as_required("checkpoint")

@@ -13,13 +13,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from sortkd_jax import reporting, train  # noqa: E402
 
-config_flags.DEFINE_config_file(
-    "config", None, "Experiment recipe, e.g. configs/cifar_kd.py:res32x4_res8x4.",
-    lock_config=True)
+reporting.define_config_flag(None, "Experiment recipe, e.g. configs/cifar_kd.py:res32x4_res8x4.",
+                             lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process runs: HOST:PORT of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")

@@ -31,15 +31,32 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
       flags.FLAGS.config.to_dict()  # a config that failed to load raises only when read
     return argv
   except (AttributeError, KeyError) as e:  # an override of a field the config does not have
-    guess = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', str(e))
-    sys.exit(f"error: the config has no field {guess[2]!r}; did you mean {guess[1]!r}?"
-             if guess else f"error: unknown config field ({e}).")
+    sys.exit(_unknown_field_message(e))
   except (flags.Error, OSError) as e:
     while isinstance(e.__cause__ or e.__context__, (flags.Error, OSError)):
       e = e.__cause__ or e.__context__  # the first failure, e.g. the missing config file
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     last = lines[-1] if lines else type(e).__name__
     sys.exit(f"error: {last.split(': ', 1)[-1] if last.startswith('ValueError') else last}")
+
+
+def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> None:
+  """`--config`, an ml_collections config file, whose errors `parse_flags_briefly` reports.
+
+  With a default, ml_collections loads it and applies the command line's `--config.*`
+  overrides at once, when the flag is defined: an override typo fails here, not in absl's parse.
+  """
+  from ml_collections import config_flags
+  try:
+    config_flags.DEFINE_config_file("config", default, help_string, **kwargs)
+  except (AttributeError, KeyError) as e:
+    sys.exit(_unknown_field_message(e))
+
+
+def _unknown_field_message(e: Exception) -> str:
+  guess = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', str(e))
+  return (f"error: the config has no field {guess[2]!r}; did you mean {guess[1]!r}?"
+          if guess else f"error: unknown config field ({e}).")
 
 
 def quiet_library_info_logs() -> None:

@@ -208,6 +208,20 @@ def test_config_errors_of_the_script_are_one_line(tmp_path, args, message):
   assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("script", ["eval.py", "benchmark.py"])
+def test_override_typo_on_a_default_config_is_one_line(tmp_path, script):
+  """Scripts with a default config apply `--config.*` overrides when the flag is defined."""
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, os.path.join(repo, "scripts", script), "--config.dat=1"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 1
+  assert "error: the config has no field 'dat'; did you mean 'data'?" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
 def test_unknown_pair_lists_the_pairs():
   with pytest.raises(ValueError, match="res32x4_res8x4"):
     cifar_kd.get_config("res32x4_res9x4")
