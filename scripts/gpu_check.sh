@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One-call GPU check of the speed targets (issue #5), sized to finish in under 8 minutes:
 # about 1.5 minutes of benchmarks, then the whole 240-epoch run, stopped at its 6-minute target.
-# EXTRAS=1 replaces the whole run (a second call, about 4 minutes) with a kernel-level profile of
-# the batch-64 step, two XLA-flag variants, bf16 at batch 64, and the eval-mode forward of
-# resnet32x4 at batch 256.
+# EXTRAS=1 replaces the whole run (a second call, about 4 minutes) with a kernel-level profile
+# and a part-by-part breakdown of the batch-64 step, two XLA-flag variants, bf16 at batch 64,
+# and the eval-mode forward of resnet32x4 at batch 256.
 #
 # The GPU machines have JAX, flax, optax, orbax and chex but no ml-collections/tensorboardX;
 # fetch those wheels once, where pip works, into .whl/ (git-ignored):
@@ -33,9 +33,12 @@ $BENCH --batch-size 64 --steps-per-dispatch 16 --noeval 2>&1 | tail -n 4
 $BENCH --batch-size 2048 --dtype bfloat16 --steps-per-dispatch 4 --noeval 2>&1 | tail -n 4
 
 if [ "${EXTRAS:-0}" = 1 ]; then
-  # Where the batch-64 step's time goes, kernel by kernel (trace kept in $OUT/trace.json.gz).
-  $BENCH --batch-size 64 --steps-per-dispatch 16 --noeval --profile /tmp/gpu_check_trace 2>&1 |
-      grep -A 14 "^per dispatch"
+  # Where the batch-64 step's time goes: kernel by kernel (trace kept in $OUT/trace.json.gz),
+  # and part by part (teacher forward and targets per dispatch, the student's steps alone).
+  $BENCH --batch-size 64 --steps-per-dispatch 16 --noeval --breakdown \
+      --profile /tmp/gpu_check_trace > "$OUT/profile_b64.log" 2>&1
+  grep -A 14 "^per dispatch" "$OUT/profile_b64.log"
+  grep -E "^(train_step|part_)" "$OUT/profile_b64.log"
   cp "$(find /tmp/gpu_check_trace -name perfetto_trace.json.gz | head -n 1)" "$OUT/trace.json.gz"
   for flags in "--xla_gpu_enable_command_buffer=" \
                "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"; do
