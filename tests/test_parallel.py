@@ -1,58 +1,264 @@
-"""Data parallelism: the same global batch gives the same training on 1 and on 4 devices."""
+"""Data parallelism: 1 device, 4 devices and 2 processes × 2 devices train exactly alike.
 
+Each run is a subprocess with simulated CPU devices. Multi-process runs find each other through
+`jax.distributed.initialize` on a free localhost port (`train.maybe_initialize_distributed`),
+share one workdir as on a shared filesystem, and must leave the same parameters, metrics written
+once (process 0) and one complete orbax checkpoint.
+"""
+
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 300
 
+# argv: out_dir workdir teacher [coordinator num_processes process_id]
 RUN = textwrap.dedent("""
-    import sys, numpy as np, jax, tensorflow_datasets as tfds
+    import hashlib, os, sys, numpy as np, jax, tensorflow_datasets as tfds
     from flax import nnx
     from configs import cifar_kd
     from sortkd_jax import checkpoint, models, train
-    out, teacher = sys.argv[1], sys.argv[2]
-    checkpoint.save_model(teacher, models.create_model("resnet8", 100, rngs=nnx.Rngs(42)),
-                          arch="resnet8", num_classes=100)
+    out, workdir, teacher = sys.argv[1:4]
+    if len(sys.argv) > 4:
+      train.maybe_initialize_distributed(sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+    elif not os.path.exists(teacher):  # the first, single-process run writes the teacher
+      checkpoint.save_model(teacher, models.create_model("resnet8", 100, rngs=nnx.Rngs(42)),
+                            arch="resnet8", num_classes=100)
     config = cifar_kd.get_config("res56_res20,runlocal")
     config.student.name = config.teacher.name = "resnet8"
     config.teacher.checkpoint = teacher
     config.num_epochs = 1
     config.data.max_train_examples = 40
     config.data.max_test_examples = 30
-    config.eval_batch_size = 10  # not a multiple of 4: evaluation rounds it up
+    config.eval_batch_size = 10  # not a multiple of 4 devices: evaluation rounds it up
     with tfds.testing.mock_data(num_examples=64):
-      result = train.train_and_evaluate(config, out + "/run")
-    leaves = jax.tree.leaves(result["state"].params)
-    np.savez(out + "/params.npz", *leaves)
-    print("DEVICES", jax.device_count())
+      splits = train.load_splits(config.data)
+      result = train.train_and_evaluate(config, workdir)
+    digest = hashlib.sha256()
+    for s in splits:
+      digest.update(s.images.tobytes()); digest.update(s.labels.tobytes())
+    pid = jax.process_index()
+    np.savez(f"{out}/params{pid}.npz", *jax.tree.leaves(result["state"].params))
+    print("DATA", digest.hexdigest())
+    print("PROCESS", pid, "OF", jax.process_count(), "DEVICES", jax.local_device_count(),
+          jax.device_count())
 """)
 
 
-def run_with_devices(n, tmp_path):
-  out = tmp_path / f"dev{n}"
-  out.mkdir()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-  proc = subprocess.run([sys.executable, "-c", RUN, str(out), str(out / "teacher")], env=env,
-                        capture_output=True, text=True, cwd=REPO, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"DEVICES {n}" in proc.stdout
-  records = [json.loads(l) for l in open(out / "run" / "metrics.jsonl")]
-  epoch = [r for r in records if r["kind"] == "epoch"][0]
-  with np.load(out / "params.npz") as f:
-    return epoch, [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+def _free_port() -> int:
+  with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
 
 
-def test_one_and_four_devices_train_the_same(tmp_path):
-  epoch1, params1 = run_with_devices(1, tmp_path)
-  epoch4, params4 = run_with_devices(4, tmp_path)
+def _env(local_devices: int) -> dict[str, str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}")
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+  return env
+
+
+def _launch(script, args, local_devices, log_prefix):
+  """Starts `script`; stdout/stderr go to files (no pipe can fill up and block)."""
+  with open(f"{log_prefix}.out", "w") as out, open(f"{log_prefix}.err", "w") as err:
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)],
+                            env=_env(local_devices), stdout=out, stderr=err, cwd=REPO, text=True)
+  proc.logs = (log_prefix + ".out", log_prefix + ".err")
+  return proc
+
+
+def _wait_all(procs):
+  """Waits (TIMEOUT_S in all) for every process; on a failure or timeout kills the others.
+
+  Returns their stdouts; fails with the stderr of each process that did not exit 0."""
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    pending = list(procs)
+    while pending and time.monotonic() < deadline:
+      pending = [p for p in pending if p.poll() is None]
+      if any(p.returncode for p in procs if p not in pending):
+        break  # one failed: the others would wait for it in a collective
+      time.sleep(0.5)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  logs = [[open(f).read() for f in p.logs] for p in procs]
+  failed = [f"process {i}: exit {p.returncode}\n{err[-3000:]}"
+            for i, (p, (_, err)) in enumerate(zip(procs, logs)) if p.returncode != 0]
+  assert not failed, "\n".join(failed)
+  return [out for out, _ in logs]
+
+
+def _params(path):
+  with np.load(path) as f:
+    return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _epochs(workdir):
+  return [r for r in _records(workdir) if r["kind"] == "epoch"]
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+  """The reference run, 1 process × 4 devices; it writes the teacher the other runs read."""
+  root = tmp_path_factory.mktemp("parallel")
+  single = root / "single"
+  single.mkdir()
+  [out] = _wait_all([_launch(RUN, [single, single / "run", root / "teacher"], 4,
+                             str(single / "log"))])
+  assert "PROCESS 0 OF 1 DEVICES 4 4" in out
+  return root, out
+
+
+def test_one_and_four_devices_train_the_same(four_devices):
+  root, _ = four_devices
+  one = root / "one"
+  one.mkdir()
+  [out] = _wait_all([_launch(RUN, [one, one / "run", root / "teacher"], 1, str(one / "log"))])
+  assert "PROCESS 0 OF 1 DEVICES 1 1" in out
+  epoch1, epoch4 = (_epochs(root / name / "run")[0] for name in ("one", "single"))
   np.testing.assert_allclose(epoch4["train_loss"], epoch1["train_loss"], rtol=1e-5)
   np.testing.assert_allclose(epoch4["test_loss"], epoch1["test_loss"], rtol=1e-4)
+  params1, params4 = _params(one / "params0.npz"), _params(root / "single" / "params0.npz")
   assert len(params1) == len(params4)
   for a, b in zip(params1, params4):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_train_like_one_with_four_devices(four_devices):
+  root, ref_out = four_devices
+  teacher, single, multi = root / "teacher", root / "single", root / "multi"
+  multi.mkdir()
+
+  address = f"localhost:{_free_port()}"
+  outs = _wait_all([_launch(RUN, [multi, multi / "run", teacher, address, 2, pid], 2,
+                            str(multi / f"log{pid}")) for pid in range(2)])
+  for pid, out in enumerate(outs):
+    assert f"PROCESS {pid} OF 2 DEVICES 2 4" in out
+  data = {line for out in [ref_out, *outs] for line in out.splitlines() if line.startswith("DATA")}
+  assert len(data) == 1, data  # mock_data gives every process the same examples
+
+  # Same training: every process ends with the 4-device run's parameters.
+  want = _params(single / "params0.npz")
+  for pid in range(2):
+    got = _params(multi / f"params{pid}.npz")
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+  # Logs: written once, by process 0, with the same numbers.
+  ref, records = _records(single / "run"), _records(multi / "run")
+  assert len(records) == len(ref)
+  epochs = _epochs(multi / "run")
+  assert len(epochs) == 1 and epochs[0]["epoch"] == 1
+  ref_epoch = _epochs(single / "run")[0]
+  for key in ("train_loss", "test_loss"):
+    np.testing.assert_allclose(epochs[0][key], ref_epoch[key], rtol=1e-5)
+  assert epochs[0]["test_top1"] == ref_epoch["test_top1"]
+  assert json.load(open(multi / "run" / "config.json"))["num_epochs"] == 1
+
+  # One complete checkpoint for epoch 1, written by both processes, restorable here (1 device,
+  # 1 process: another topology than the one that saved it).
+  from sortkd_jax import checkpoint
+  ckpt_dir = multi / "run" / checkpoint.TRAIN_CHECKPOINT_DIR
+  assert sorted(os.listdir(ckpt_dir)) == ["1"], os.listdir(ckpt_dir)  # no leftover tmp dirs
+  ckpt = checkpoint.TrainCheckpointer(str(ckpt_dir))
+  try:
+    assert ckpt.latest_epoch() == 1
+    state, meta = ckpt.restore_raw(1)
+  finally:
+    ckpt.close()
+  assert meta["step"] == int(state["step"]) == 3 and meta["test_top1"] == epochs[0]["test_top1"]
+  import jax
+  restored = jax.tree.leaves(state["params"])
+  for a, b in zip(restored, want):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- tf.data (ImageNet)
+
+STREAM = textwrap.dedent("""
+    import json, sys, numpy as np, jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from sortkd_jax import input_pipeline as ip, train
+    folder, address, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    train.maybe_initialize_distributed(address, 2, pid)
+    mesh = train.make_mesh()
+    sharded = NamedSharding(mesh, P("data"))
+    gather = jax.jit(lambda b: b, out_shardings=NamedSharding(mesh, P()))
+    common = dict(name=None, folder=folder, global_batch_size=4, image_size=16)
+    def example(label, image, mask):  # (label, image number, real example)
+      return label, int(np.round((image.mean() - 20) / 30)), mask
+    out = {}
+    for split, ds in (("val", ip.imagenet_eval_dataset(split="val", resize_size=20, **common)),
+                      ("train", ip.imagenet_train_dataset(split="train", shuffle_buffer=8,
+                                                          **common).take(2))):
+      out[split] = []
+      for b in ip.prefetch_to_device(ds.as_numpy_iterator(), 2, sharded):
+        assert b["image"].shape == (4, 16, 16, 3) and len(b["image"].addressable_shards) == 2
+        g = train.to_host(gather(b))  # the global batch, read back on this process
+        mask = g["mask"] if "mask" in g else np.ones(4, bool)
+        out[split].append(sorted(map(example, g["label"].tolist(), g["image"], mask.tolist())))
+    print("BATCHES", json.dumps(out))
+""")
+
+_STREAM_CLASSES = ("ant", "bee")
+
+
+def _write_stream_folder(root, tf):
+  """val: 7 images (the last global batch is padded), train: 8; mixed sizes and formats.
+
+  Image i is filled with 20 + 30·i, so it can be recognised after any crop and resize."""
+  sizes = [(40, 30), (30, 50), (24, 24), (64, 20), (33, 47), (20, 20), (50, 60), (28, 36)]
+  for split, count in (("val", 7), ("train", 8)):
+    for i in range(count):
+      d = root / split / _STREAM_CLASSES[i % 2]
+      d.mkdir(parents=True, exist_ok=True)
+      image = np.full((*sizes[i], 3), 20 + 30 * i, np.uint8)
+      png = i % 3 != 0
+      data = tf.io.encode_png(image) if png else tf.io.encode_jpeg(image, quality=100)
+      tf.io.write_file(str(d / f"{i}{'.png' if png else '.jpg'}"), data)
+
+
+def test_two_processes_assemble_the_global_tf_data_batches(tmp_path):
+  """Each process reads its shard; the global batches hold what one process would read."""
+  tf = pytest.importorskip("tensorflow")
+  from sortkd_jax import input_pipeline as ip
+
+  _write_stream_folder(tmp_path, tf)
+  address = f"localhost:{_free_port()}"
+  outs = _wait_all([_launch(STREAM, [tmp_path, address, pid], 2, str(tmp_path / f"log{pid}"))
+                    for pid in range(2)])
+  got = [json.loads(out.split("BATCHES ", 1)[1]) for out in outs]
+  assert got[0] == got[1]  # every process sees the same global batches
+  got = {split: [[tuple(e) for e in batch] for batch in batches]
+         for split, batches in got[0].items()}
+
+  # One process reading the whole split: the same examples in each global eval batch.
+  common = dict(name=None, folder=str(tmp_path), global_batch_size=4, image_size=16,
+                process_index=0, process_count=1)
+  want = [sorted((int(l), int(np.round((im.mean() - 20) / 30)), bool(m))
+                 for l, im, m in zip(b["label"], b["image"], b["mask"]))
+          for b in ip.imagenet_eval_dataset(split="val", resize_size=20,
+                                            **common).as_numpy_iterator()]
+  assert got["val"] == want
+  assert sum(m for batch in got["val"] for _, _, m in batch) == 7
+  # Train: each process shuffles its own shard; the first 2 global batches are one epoch.
+  assert sorted(e for batch in got["train"] for e in batch) == sorted((i % 2, i, True)
+                                                                       for i in range(8))
