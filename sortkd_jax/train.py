@@ -597,7 +597,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = int(to_host(state.step))
   reporter.start_timing(step)
   pending, epoch_pending = [], []   # per-dispatch metric sums, still on the device
-  steps_since_log = 0
   last_top1 = None
 
   def averages(epoch: int, metrics_list) -> dict[str, float]:
@@ -622,13 +621,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending.append(metrics)
         epoch_pending.append(metrics)
         step += num_steps
-        steps_since_log += num_steps
-        if steps_since_log >= config.log_every_steps:
+        # Windows end at multiples of log_every_steps, so a resumed run logs the same windows.
+        if step // config.log_every_steps > (step - num_steps) // config.log_every_steps:
           train_metrics = averages(epoch, pending)
           img_s, eta = reporter.throughput(step)
           reporter.write("train", epoch, step, {**train_metrics, "lr": float(schedule(step - 1)),
                                                 "img_per_s": img_s, "eta_s": eta})
-          pending, steps_since_log = [], 0
+          pending = []
       epoch_metrics = averages(epoch, epoch_pending)
       epoch_pending = []
       test = feed.evaluate(Network(eval_graphdef), (state.params["student"], state.batch_stats))

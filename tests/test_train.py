@@ -85,6 +85,13 @@ def test_resume_is_bit_identical(teacher_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, straight["state"], resumed["state"])
   epochs = [r["epoch"] for r in read_metrics(str(tmp_path / "resumed")) if r["kind"] == "epoch"]
   assert epochs == [1, 2]
+  # 3 steps per epoch in dispatches of 2 and 1, a log every 2 steps: windows end at steps 2, 5
+  # and 6. The resumed run's window 4-5 lacks step 3 (the straight run's is 3-5); then they match.
+  windows = {name: [(r["step"], r["loss"], r["top1"], r["lr"]) for r in read_metrics(
+      str(tmp_path / name)) if r["kind"] == "train"] for name in ("straight", "resumed")}
+  assert [w[0] for w in windows["straight"]] == [w[0] for w in windows["resumed"]] == [2, 5, 6]
+  assert windows["resumed"][0] == windows["straight"][0]
+  assert windows["resumed"][2] == windows["straight"][2]
 
 
 def test_steps_per_dispatch_does_not_change_training(teacher_dir, tmp_path):
