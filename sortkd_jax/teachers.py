@@ -17,9 +17,6 @@ import ml_collections
 from flax import nnx
 
 from sortkd_jax import checkpoint
-from sortkd_jax import models
-
-_TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".pth.tar", ".bin")
 
 
 def missing_teacher_message(name: str, path: str) -> str:
@@ -48,16 +45,12 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
     from sortkd_jax import porting
     try:
       model = porting.port_state_dict(arch, porting.load_torch_state_dict(path),
-                                      num_classes=num_classes)
+                                      num_classes=num_classes, dtype=dtype)
     except porting.PortingError as e:
       if e.checkpoint_classes is None:
         raise
       raise ValueError(f"The model in {path} has {e.checkpoint_classes} classes but the data "
                        f"has {num_classes}; use the data set it was trained on.") from e
-    if jnp.dtype(dtype) != jnp.float32:  # porting builds float32; rebuild at the compute dtype.
-      target = models.create_model(arch, num_classes, rngs=nnx.Rngs(0), dtype=dtype)
-      nnx.update(target, nnx.state(model))
-      model = target
     model.eval()
     return model, arch
   _check_not_inside_a_run(path)
