@@ -1,4 +1,4 @@
-"""On-device image augmentation and normalisation (pure JAX; called inside the jitted step).
+"""On-device image augmentation and normalisation (pure JAX; called inside the jitted dispatch).
 
 CIFAR lives on the device as uint8, so mdistiller's train transform (spec §7.3: RandomCrop(32,
 padding=4) with black padding -> RandomHorizontalFlip(0.5) -> ToTensor -> Normalize) runs here,

@@ -2,7 +2,7 @@
 
 CIFAR-sized data fits on the device, so a split is loaded once as host NumPy (uint8 images,
 int32 labels); the trainer places it on the device(s) and crops/flips/normalises inside the jitted
-step (`augment.cifar_train_augment`). ImageNet is streamed with tf.data, cropped to uint8 on the
+dispatch (`augment.cifar_train_augment`). ImageNet is streamed with tf.data, cropped to uint8 on the
 host, and normalised on the device (`augment.normalize`).
 
 TensorFlow is imported lazily, only inside the functions that read data, and never sees the
@@ -154,7 +154,9 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   """Image-folder branch of `load_array_split`, with the decoded-array cache."""
   folder = os.path.abspath(os.path.expanduser(folder))
   _check_folder_split(folder, split)
-  fingerprint = _folder_fingerprint(folder, split)
+  # The two decoders give the same pixels in different example orders: each has its own cache.
+  decoder = "tfds-exact-idct" if _have_tensorflow() else "pillow"
+  fingerprint = _folder_fingerprint(folder, split, decoder)
   cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
   digest = hashlib.sha1(folder.encode()).hexdigest()[:12]
   cache_path = os.path.join(cache_dir, f"{os.path.basename(folder)}-{split}-{digest}.npz")
@@ -170,7 +172,7 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
                           len(class_names), class_names)
 
   logging.info("Decoding %s; the arrays will be cached in %s.", where, cache_path)
-  if _have_tensorflow():
+  if decoder.startswith("tfds"):
     ds, _, label = _open_split(name=None, folder=folder, split=split, data_dir=None,
                                download=False, decode=False)
     ds = ds.map(lambda ex: {**ex, "image": decode_image(ex["image"])})
@@ -236,8 +238,9 @@ def _check_folder_split(folder: str, split: str) -> None:
                      f"{_FOLDER_LAYOUT}.")
 
 
-def _folder_fingerprint(folder: str, split: str) -> str:
-  """Cheap change detector for the cache: class list, and the split's file count/bytes/mtime."""
+def _folder_fingerprint(folder: str, split: str, decoder: str) -> str:
+  """Cheap change detector for the cache: class list, the split's file count/bytes/mtime, and
+  the decoder that filled it."""
   classes = sorted({c.name for s in os.scandir(folder) if s.is_dir()
                     for c in os.scandir(s.path) if c.is_dir()})
   count = size = newest = 0
@@ -249,7 +252,7 @@ def _folder_fingerprint(folder: str, split: str) -> str:
         stat = f.stat()
         count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
   return json.dumps(dict(classes=classes, files=count, bytes=size, newest_mtime_ns=newest,
-                         decoder="exact-idct"))
+                         decoder=decoder))
 
 
 def _check_image_size(shape: tuple[int, ...], image_size: int, where: str) -> None:
@@ -393,7 +396,7 @@ def _tfds_as_dataset(builder: Any, data_dir: str | None, **kwargs: Any) -> Any:
 
 def split_info(*, split: str, name: str | None = None, folder: str | None = None,
                data_dir: str | None = None, manual_dir: str | None = None,
-               download: bool = False, **unused_stream_options: Any) -> tuple[int, int]:
+               download: bool = False) -> tuple[int, int]:
   """(number of examples, number of classes) of a split, without reading its images."""
   _, total, label = _open_split(name=name, folder=folder, split=split, data_dir=data_dir,
                                 download=download, manual_dir=manual_dir, decode=False)
