@@ -108,7 +108,7 @@ def main(argv):
   dtype = train.compute_dtype(config)
   mesh = train.make_mesh()
   try:  # the trainer's own checks
-    train.round_to_devices(batch_size, mesh.size, "the batch size")
+    train.check_divisible_by_devices(batch_size, mesh.size, "the batch size")
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if n < batch_size:

@@ -3,10 +3,12 @@
   python scripts/eval.py --checkpoint runs/kd --config configs/cifar_kd.py:res32x4_res8x4
   python scripts/eval.py --checkpoint teachers/resnet32x4 --config configs/cifar_kd.py
   python scripts/eval.py --checkpoint ckpt_epoch_240.pth --arch resnet32x4 --config configs/cifar_kd.py
+  python scripts/eval.py --checkpoint teachers/imagenet_ResNet34 --config configs/imagenet_kd.py
 
 `--checkpoint` is a training workdir (its best epoch), a directory from scripts/port_weights.py,
-or a PyTorch file (then `--arch` names the architecture). The config only supplies the data
-(`--config.data.folder=DIR`, `--config.data.data_dir=DIR`, ...) and the evaluation batch size.
+or a PyTorch file (then `--arch` names the architecture). The config only supplies the data and
+its pipeline (CIFAR on the device, ImageNet streamed: `--config.data.folder=DIR`,
+`--config.data.data_dir=DIR`, ...) and the evaluation batch size.
 """
 
 import json
@@ -33,26 +35,26 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   reporting.quiet_library_info_logs()
+  import jax.numpy as jnp
   from sortkd_jax import teachers, train
 
   config = FLAGS.config
   if not os.path.exists(FLAGS.checkpoint):
     sys.exit(f"error: checkpoint {FLAGS.checkpoint!r} does not exist.")
   try:
-    (test_split,) = train.load_splits(config.data, include_train=False)
-    model, arch = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
-                                             num_classes=test_split.num_classes)
-    network, variables = train.freeze(model)
     mesh = train.make_mesh()
-    evaluate = train.make_evaluator(mesh, test_split.images, test_split.labels,
-                                    config.eval_batch_size)
+    evaluate, num_classes, num_examples = train.make_test_evaluator(config, mesh,
+                                                                    dtype=jnp.float32)
+    model, arch = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
+                                             num_classes=num_classes)
+    network, variables = train.freeze(model)
     metrics = evaluate(network, train.replicate(variables, mesh))
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     logging.debug("Traceback:", exc_info=True)
     sys.exit(f"error: {e}")
   print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": arch,
                     "split": config.data.test_split,
-                    "num_examples": int(len(test_split.labels)), **metrics}))
+                    "num_examples": num_examples, **metrics}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Run output: metrics.jsonl, TensorBoard events and readable console lines (process 0 only).
 
 big_vision-style: one JSON object per log period and per epoch in `<workdir>/metrics.jsonl`,
-`[epoch E step S] name = value` lines on the console, images/s and ETA that leave compilation
-out.
+`[train] epoch E, step S: name = value, ...` lines on the console, images/s and ETA that leave
+compilation, evaluation and checkpointing out.
 """
 
 from __future__ import annotations
@@ -90,9 +90,17 @@ class Reporter:
       except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard events are written.")
 
+  @property
+  def timing(self) -> bool:
+    return self._window_start is not None
+
   def start_timing(self, step: int) -> None:
-    """Starts the throughput window (call after the first, compiling dispatch finished)."""
+    """Starts a throughput window (after a dispatch finished, so compiling is left out)."""
     self._window_start = (time.perf_counter(), step)
+
+  def stop_timing(self) -> None:
+    """Leaves what follows (evaluation, saving, the next compilation) out of throughput."""
+    self._window_start = None
 
   def throughput(self, step: int) -> tuple[float | None, float | None]:
     """Images/s since the last call and the ETA in seconds, then opens a new window."""

@@ -6,10 +6,11 @@ inside the jitted functions. Data parallelism: `jax.jit` over a 1-D device mesh 
 sharded on 'data' and everything else replicated, so BatchNorm statistics are over the global
 batch and results do not depend on the device count.
 
-CIFAR-sized splits live on the device: each epoch draws a permutation, and batches are
-gathered, augmented (crop + flip) and normalised inside the step. `steps_per_dispatch` steps run
-in one `lax.scan`, metrics stay on the device until the log period. ImageNet streams tf.data
-batches prefetched to the device. Recipe and reference behaviour: mdistiller_spec.md §7.
+CIFAR-sized splits live on the device: each epoch draws a permutation. A dispatch of
+`steps_per_dispatch` steps gathers, augments (crop + flip) and normalises all its batches and runs
+the frozen teacher and Sort on them at once, then the student's steps in one `lax.scan`; metrics
+stay on the device until the log period. ImageNet streams tf.data batches prefetched to the
+device, one step per dispatch. Recipe and reference behaviour: mdistiller_spec.md §7.
 
 Several processes (hosts): `maybe_initialize_distributed` joins them and the mesh spans every
 device of every process. A CIFAR-sized split is small, so every process loads all of it and
@@ -23,6 +24,7 @@ whose directory must be the same shared path for all.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -115,16 +117,16 @@ def _train_step(state: TrainState, images, labels, teacher_logits, *, config, st
     new_stats = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
     return sum(terms.values()), (terms, logits, new_stats)
 
-  (loss, (terms, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+  params = state.params
+  (loss, (terms, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, params)
+  state = state.replace(step=state.step + 1, params=optax.apply_updates(params, updates),
                         batch_stats=new_stats, opt_state=opt_state)
   n = jnp.float32(labels.shape[0])
   metrics = {"loss": loss * n, "top1": losses.topk_correct(logits, labels, 1).sum(),
              "count": n, **{f"loss_{k}": v * n for k, v in terms.items()}}
-  if "ctkd_theta" in state.params:
-    temperature = losses.ctkd_temperature(state.params["ctkd_theta"], config.ctkd.t_start,
+  if methods.learns_temperature(config):  # the temperature this step's loss used
+    temperature = losses.ctkd_temperature(params["ctkd_theta"], config.ctkd.t_start,
                                           config.ctkd.t_end)
     metrics["ctkd_temperature"] = temperature * n
   return state, metrics
@@ -365,11 +367,11 @@ def eval_batch_size(requested: int, num_devices: int) -> int:
   return -(-requested // num_devices) * num_devices
 
 
-def round_to_devices(batch_size: int, num_devices: int, what: str) -> int:
+def check_divisible_by_devices(batch_size: int, num_devices: int, what: str) -> None:
+  """A training batch is split evenly over the devices (evaluation pads instead)."""
   if batch_size % num_devices:
     raise ValueError(f"{what} {batch_size} is not divisible by the {num_devices} devices; "
                      f"choose a multiple of {num_devices}.")
-  return batch_size
 
 
 def default_steps_per_dispatch() -> int:
@@ -438,20 +440,63 @@ def load_splits(data: ml_collections.ConfigDict,
   return splits
 
 
+PIPELINES = ("on_device", "tf_data")
+
+
 @dataclasses.dataclass
 class _Feed:
   """How one run gets its batches: the steps of an epoch, and the test-set evaluator."""
   num_classes: int
   steps_per_epoch: int
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  # (state, epoch) -> iterator of (state, metric sums, steps taken), set once state exists.
-  run_epoch: Callable[[TrainState, int], Iterator[tuple[TrainState, PyTree, int]]] = None
-  evaluate: Callable[[Network, PyTree], dict[str, float]] = None
+  evaluate: Callable[[Network, PyTree], dict[str, float]]
+  # (state, teacher_vars, **step kwargs) -> ((state, epoch) -> iterator of (state, metric sums,
+  # steps taken)): built once the state exists, the train step being compiled for it.
+  epoch_runner: Callable[..., Callable[[TrainState, int], Iterator[tuple[TrainState, PyTree, int]]]]
 
 
-def _on_device_feed(config, mesh, batch_size) -> tuple[_Feed, Callable]:
-  """CIFAR-sized splits held on the device, augmented inside the step (the default).
+def _stream_source(data: ml_collections.ConfigDict) -> dict[str, Any]:
+  return dict(name=data.name, folder=data.folder, data_dir=data.data_dir,
+              manual_dir=data.manual_dir, download=data.download)
+
+
+def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
+                        dtype: jnp.dtype | None = None,
+                        test_split: input_pipeline.ArraySplit | None = None
+                        ) -> tuple[Callable[[Network, PyTree], dict[str, float]], int, int]:
+  """The test evaluator of `config.data`'s pipeline, with the split's class and example counts.
+
+  Training and scripts/eval.py share it: a CIFAR-sized split (`test_split` if already loaded) is
+  held on the device; a `tf_data` split (ImageNet) is streamed, resized and centre-cropped.
+  """
+  dtype = compute_dtype(config) if dtype is None else dtype
+  d = config.data
+  _check_pipeline(d)
+  if d.pipeline == "on_device":
+    if test_split is None:
+      (test_split,) = load_splits(d, include_train=False)
+    evaluate = make_evaluator(mesh, test_split.images, test_split.labels, config.eval_batch_size,
+                              dtype=dtype, mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD)
+    return evaluate, test_split.num_classes, len(test_split.labels)
+  source = _stream_source(d)
+  n, num_classes = input_pipeline.split_info(split=d.test_split, **source)
+  if d.max_test_examples is not None:
+    n = min(n, d.max_test_examples)
+  batch = eval_batch_size(config.eval_batch_size, mesh.size)
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  def batches():
+    ds = input_pipeline.imagenet_eval_dataset(
+        global_batch_size=batch, split=d.test_split, image_size=d.image_size,
+        resize_size=round(d.image_size * 256 / 224), max_examples=d.max_test_examples, **source)
+    return input_pipeline.prefetch_to_device(ds.as_numpy_iterator(), 2, batch_sharding)
+
+  evaluate = make_streaming_evaluator(mesh, batches, dtype=dtype, mean=augment.IMAGENET_MEAN,
+                                      std=augment.IMAGENET_STD)
+  return evaluate, num_classes, n
+
+
+def _on_device_feed(config, mesh, batch_size) -> _Feed:
+  """CIFAR-sized splits held on the device, augmented inside the dispatch (the default).
 
   With several processes each one loads the whole split (identical on all), so the global
   batch is gathered on the device from the replicated split, with no per-process input.
@@ -459,18 +504,19 @@ def _on_device_feed(config, mesh, batch_size) -> tuple[_Feed, Callable]:
   train_split, test_split = load_splits(config.data)
   n = len(train_split.labels)
   plan = epoch_plan(n, batch_size, mesh.size, config.steps_per_dispatch)
-  feed = _Feed(train_split.num_classes, sum(k for k, _, _ in plan), augment.CIFAR_MEAN,
-               augment.CIFAR_STD)
+  evaluate, _, _ = make_test_evaluator(config, mesh, test_split=test_split)
+  feed = _Feed(train_split.num_classes, sum(k for k, _, _ in plan), evaluate, None)
   logging.info("%d train / %d test images, %d classes; %d steps per epoch.", n,
                len(test_split.labels), feed.num_classes, feed.steps_per_epoch)
 
-  def finish(state, teacher_vars, **chunk_kwargs):
+  def epoch_runner(state, teacher_vars, **chunk_kwargs):
     replicated = NamedSharding(mesh, P())
     images, labels = replicate((train_split.images, train_split.labels), mesh)
     data_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-    permutation = jax.jit(lambda epoch: jax.random.permutation(
+    permutation = jax.jit(lambda epoch: input_pipeline.epoch_permutation(
         jax.random.fold_in(data_rng, epoch), n), out_shardings=replicated)
-    chunk = build_train_chunk(config, mesh, mean=feed.mean, std=feed.std, **chunk_kwargs)
+    chunk = build_train_chunk(config, mesh, mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD,
+                              **chunk_kwargs)
     t = time.perf_counter()
     args = (state, teacher_vars, images, labels, permutation(1), jnp.int32(0))
     compiled = {(k, b): chunk.lower(*args, num_steps=k, batch_size=b).compile()
@@ -485,58 +531,45 @@ def _on_device_feed(config, mesh, batch_size) -> tuple[_Feed, Callable]:
                                         jnp.int32(start))
         yield state, metrics, k
 
-    feed.run_epoch = run_epoch
-    feed.evaluate = make_evaluator(mesh, test_split.images, test_split.labels,
-                                   config.eval_batch_size, dtype=compute_dtype(config),
-                                   mean=feed.mean, std=feed.std)
+    return run_epoch
 
-  return feed, finish
+  feed.epoch_runner = epoch_runner
+  return feed
 
 
-def _streaming_feed(config, mesh, batch_size) -> tuple[_Feed, Callable]:
+def _streaming_feed(config, mesh, batch_size) -> _Feed:
   """ImageNet: tf.data batches of this process's shard, prefetched to the device."""
   d = config.data
-  source = dict(name=d.name, folder=d.folder, data_dir=d.data_dir, manual_dir=d.manual_dir,
-                download=d.download, image_size=d.image_size)
+  source = _stream_source(d)
   n, num_classes = input_pipeline.split_info(split=d.train_split, **source)
   if d.max_train_examples is not None:
     n = min(n, d.max_train_examples)
-  feed = _Feed(num_classes, math.ceil(n / batch_size), augment.IMAGENET_MEAN,
-               augment.IMAGENET_STD)
+  evaluate, _, _ = make_test_evaluator(config, mesh)
+  feed = _Feed(num_classes, math.ceil(n / batch_size), evaluate, None)
   batch_sharding = NamedSharding(mesh, P("data"))
   logging.info("%d train images, %d classes; %d steps per epoch.", n, feed.num_classes,
                feed.steps_per_epoch)
 
-  def finish(state, teacher_vars, **step_kwargs):
+  def epoch_runner(state, teacher_vars, **step_kwargs):
     step = jax.jit(functools.partial(
-        _train_batch, batch_sharding=batch_sharding, mean=feed.mean, std=feed.std,
-        compute_dtype=compute_dtype(config), config=config, **step_kwargs), donate_argnums=(0,),
-        out_shardings=NamedSharding(mesh, P()))
+        _train_batch, batch_sharding=batch_sharding, mean=augment.IMAGENET_MEAN,
+        std=augment.IMAGENET_STD, compute_dtype=compute_dtype(config), config=config,
+        **step_kwargs), donate_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
 
     def run_epoch(state, epoch):
       # A stream per epoch, seeded by the epoch alone: a resumed run sees the same batches.
       ds = input_pipeline.imagenet_train_dataset(
           global_batch_size=batch_size, split=d.train_split, shuffle_buffer=d.shuffle_buffer,
-          seed=config.seed * 100_003 + epoch, **source)
+          seed=config.seed * 100_003 + epoch, image_size=d.image_size, **source)
       batches = ds.take(feed.steps_per_epoch).as_numpy_iterator()
       for batch in input_pipeline.prefetch_to_device(batches, 2, batch_sharding):
         state, metrics = step(state, teacher_vars, batch["image"], batch["label"])
         yield state, metrics, 1
 
-    eval_batch = eval_batch_size(config.eval_batch_size, mesh.size)
+    return run_epoch
 
-    def eval_batches():
-      ds = input_pipeline.imagenet_eval_dataset(
-          global_batch_size=eval_batch, split=d.test_split,
-          resize_size=round(d.image_size * 256 / 224), max_examples=d.max_test_examples,
-          **source)
-      return input_pipeline.prefetch_to_device(ds.as_numpy_iterator(), 2, batch_sharding)
-
-    feed.run_epoch = run_epoch
-    feed.evaluate = make_streaming_evaluator(mesh, eval_batches, dtype=compute_dtype(config),
-                                             mean=feed.mean, std=feed.std)
-
-  return feed, finish
+  feed.epoch_runner = epoch_runner
+  return feed
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -546,21 +579,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best and last test top-1 and the final state (NumPy).
   """
   methods.validate(config)
-  _check_sizes(config)
+  _check_config(config)
   if methods.uses_teacher(config):
     teachers.check_teacher_exists(config.teacher)
   dtype = compute_dtype(config)
   mesh = make_mesh()
-  batch_size = round_to_devices(config.batch_size, mesh.size, "config.batch_size")
+  batch_size = config.batch_size
+  check_divisible_by_devices(batch_size, mesh.size, "config.batch_size")
   _check_workdir(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)
   logging.info("%d devices (%s), %d processes.", mesh.size, jax.devices()[0].device_kind,
                jax.process_count())
 
-  streaming = config.data.get("pipeline", "on_device") == "tf_data"
-  feed, finish_feed = (_streaming_feed if streaming else _on_device_feed)(config, mesh,
-                                                                          batch_size)
+  streaming = config.data.pipeline == "tf_data"
+  feed = (_streaming_feed if streaming else _on_device_feed)(config, mesh, batch_size)
   steps_per_epoch = feed.steps_per_epoch
   optimizer = make_optimizer(config, steps_per_epoch)
   state, train_graphdef, eval_graphdef = create_train_state(config, feed.num_classes, optimizer)
@@ -586,8 +619,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return {"best_top1": best_top1, "last_top1": meta["test_top1"], "state": to_host(state)}
 
   state, teacher_vars = replicate((state, teacher_vars), mesh)
-  finish_feed(state, teacher_vars, student_graphdef=train_graphdef, teacher=teacher,
-              optimizer=optimizer, steps_per_epoch=steps_per_epoch)
+  run_epoch = feed.epoch_runner(state, teacher_vars, student_graphdef=train_graphdef,
+                                teacher=teacher, optimizer=optimizer,
+                                steps_per_epoch=steps_per_epoch)
   if teacher is not None and start_epoch == 1:
     logging.info("Teacher %s on the test split: %s", config.teacher.name,
                  feed.evaluate(teacher, teacher_vars))
@@ -595,14 +629,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = learning_rate_schedule(config, steps_per_epoch)
   reporter = reporting.Reporter(workdir, config.num_epochs * steps_per_epoch, batch_size)
   step = int(to_host(state.step))
-  reporter.start_timing(step)
-  pending, epoch_pending = [], []   # per-dispatch metric sums, still on the device
+  pending = []  # per-dispatch metric sums, still on the device
+  window_sums, epoch_sums = collections.Counter(), collections.Counter()  # fetched, on the host
   last_top1 = None
 
-  def averages(epoch: int, metrics_list) -> dict[str, float]:
-    sums = _sum_host(metrics_list)
-    count = sums.pop("count")
-    out = {k: v / count for k, v in sums.items()}
+  def fetch_pending() -> None:
+    """Moves the pending sums to the host, each once, adding them to the window and the epoch."""
+    if pending:
+      sums = _sum_host(pending)
+      pending.clear()
+      window_sums.update(sums)
+      epoch_sums.update(sums)
+
+  def averages(epoch: int, sums: collections.Counter) -> dict[str, float]:
+    out = {k: v / sums["count"] for k, v in sums.items() if k != "count"}
     out["top1"] *= 100
     if not math.isfinite(out["loss"]):
       good = ckpt.latest_epoch()
@@ -617,19 +657,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     for epoch in range(start_epoch, config.num_epochs + 1):
       epoch_start = time.perf_counter()
-      for state, metrics, num_steps in feed.run_epoch(state, epoch):
+      for state, metrics, num_steps in run_epoch(state, epoch):
         pending.append(metrics)
-        epoch_pending.append(metrics)
         step += num_steps
+        if not reporter.timing:  # throughput leaves out compilation, evaluation and saving
+          jax.block_until_ready(metrics)
+          reporter.start_timing(step)
         # Windows end at multiples of log_every_steps, so a resumed run logs the same windows.
         if step // config.log_every_steps > (step - num_steps) // config.log_every_steps:
-          train_metrics = averages(epoch, pending)
+          fetch_pending()
           img_s, eta = reporter.throughput(step)
-          reporter.write("train", epoch, step, {**train_metrics, "lr": float(schedule(step - 1)),
+          reporter.write("train", epoch, step, {**averages(epoch, window_sums),
+                                                "lr": float(schedule(step - 1)),
                                                 "img_per_s": img_s, "eta_s": eta})
-          pending = []
-      epoch_metrics = averages(epoch, epoch_pending)
-      epoch_pending = []
+          window_sums.clear()
+      fetch_pending()
+      epoch_metrics = averages(epoch, epoch_sums)
+      epoch_sums.clear()
       test = feed.evaluate(Network(eval_graphdef), (state.params["student"], state.batch_stats))
       last_top1 = test["test_top1"]
       best_top1 = max(best_top1, last_top1)
@@ -639,6 +683,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           "epoch_time_s": time.perf_counter() - epoch_start})
       ckpt.save(epoch, state, {"best_top1": best_top1, "test_top1": last_top1, "step": step,
                                "arch": config.student.name, "num_classes": feed.num_classes})
+      reporter.stop_timing()
   finally:
     ckpt.close()
     reporter.close()
@@ -648,6 +693,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _sum_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Sums of per-dispatch metric sums, in float64 on the host."""
   fetched = to_host(metrics_list)
   return {k: float(sum(np.asarray(m[k], np.float64) for m in fetched)) for k in fetched[0]}
 
@@ -655,7 +701,7 @@ def _sum_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
 # Fields a resumed run may change: they do not alter what the checkpoints were trained on.
 RESUMABLE_CHANGES = ("num_epochs", "log_every_steps", "steps_per_dispatch", "eval_batch_size",
                      "checkpoints_to_keep", "teacher.checkpoint", "data.data_dir",
-                     "data.cache_dir", "data.download", "data.manual_dir",
+                     "data.folder", "data.cache_dir", "data.download", "data.manual_dir",
                      "data.max_test_examples")
 
 
@@ -669,7 +715,14 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _check_sizes(config: ml_collections.ConfigDict) -> None:
+def _check_pipeline(data: ml_collections.ConfigDict) -> None:
+  if data.pipeline not in PIPELINES:
+    raise ValueError(f"Unknown config.data.pipeline {data.pipeline!r}; choose one of "
+                     f"{PIPELINES}.")
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  _check_pipeline(config.data)
   for key in ("batch_size", "eval_batch_size", "num_epochs"):
     if not (isinstance(config[key], int) and config[key] > 0):
       raise ValueError(f"config.{key} must be a positive integer, got {config[key]!r}.")

@@ -360,6 +360,25 @@ def test_imagenet_resume_is_bit_identical(tmp_path):
   assert int(resumed["state"].step) == 4
   jax.tree.map(np.testing.assert_array_equal, straight["state"], resumed["state"])
 
+  # eval.py evaluates the run's best epoch through the same streamed pipeline as training.
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "scripts/eval.py", "--checkpoint", str(tmp_path / "straight"),
+       "--config", "configs/imagenet_kd.py:r34_r18,runlocal", "--config.data.name=",
+       f"--config.data.folder={tmp_path / 'data'}", "--config.data.test_split=val",
+       "--config.data.image_size=32"],
+      capture_output=True, text=True, cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  epochs = [r for r in read_metrics(str(tmp_path / "straight")) if r["kind"] == "epoch"]
+  best = max(reversed(epochs), key=lambda r: r["test_top1"])  # ties: the latest epoch
+  assert (result["arch"], result["num_examples"]) == ("resnet8", 4)
+  assert result["test_top1"] == best["test_top1"]
+  np.testing.assert_allclose(result["test_loss"], best["test_loss"], rtol=1e-5)
+
 
 def test_training_core_does_not_import_tensorflow():
   """TF is for input only: importing the trainer must not load it (it would grab the GPU)."""
