@@ -159,6 +159,13 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
   return info
 
 
+def _abstract_model_split(arch: str, num_classes: int, dtype) -> tuple[nnx.GraphDef, ...]:
+  """(graphdef, params, batch stats) of `arch`, shapes only: to be filled from a checkpoint."""
+  abstract = nnx.eval_shape(lambda: models.create_model(arch, num_classes, rngs=nnx.Rngs(0),
+                                                        dtype=dtype))
+  return nnx.split(abstract, nnx.Param, nnx.BatchStat)
+
+
 def load_model(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[nnx.Module, dict[str, Any]]:
   """Restores a ``save_model`` directory into a fresh model of its architecture.
 
@@ -168,9 +175,7 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[nnx.Modul
   """
   path = os.path.abspath(os.fspath(path))
   info = read_model_metadata(path)
-  abstract = nnx.eval_shape(lambda: models.create_model(
-      info["arch"], info["num_classes"], rngs=nnx.Rngs(0), dtype=dtype))
-  graphdef, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+  graphdef, params, stats = _abstract_model_split(info["arch"], info["num_classes"], dtype)
   target = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
   ckptr = ocp.StandardCheckpointer()
   try:
@@ -229,11 +234,13 @@ class TrainCheckpointer:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         metrics={"test_top1": meta["test_top1"]})
 
-  def restore(self, epoch: int, target: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores into the structure (and dtypes) of `target`, e.g. a freshly created state."""
-    abstract = _local_target(jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+  def restore(self, epoch: int, target: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Restores into the structure (and dtypes) of `target`, e.g. a freshly created state;
+    without one, as the saved nested dicts (e.g. to read a run's student)."""
+    tree = (self._manager.item_metadata(epoch)["state"].tree if target is None
+            else jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
     restored = self._manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(_local_target(tree)), meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
   def best_epoch(self) -> int:
@@ -245,13 +252,6 @@ class TrainCheckpointer:
              for s in steps}
     return max(steps, key=lambda s: (metas[s].meta["test_top1"], s))
 
-  def restore_raw(self, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The state as nested dicts, without a target (for reading a run's student)."""
-    abstract = _local_target(self._manager.item_metadata(epoch)["state"].tree)
-    restored = self._manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
-
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
@@ -261,12 +261,12 @@ def load_student_from_workdir(workdir: str, *, dtype=jnp.float32) -> tuple[nnx.M
   """The best-epoch student of a training run, in eval mode, and its metadata."""
   ckpt = TrainCheckpointer(os.path.join(workdir, TRAIN_CHECKPOINT_DIR))
   try:
-    state, meta = ckpt.restore_raw(ckpt.best_epoch())
+    state, meta = ckpt.restore(ckpt.best_epoch())
   finally:
     ckpt.close()
-  model = models.create_model(meta["arch"], meta["num_classes"], rngs=nnx.Rngs(0), dtype=dtype)
-  nnx.replace_by_pure_dict(params := nnx.state(model, nnx.Param), state["params"]["student"])
-  nnx.replace_by_pure_dict(stats := nnx.state(model, nnx.BatchStat), state["batch_stats"])
-  nnx.update(model, params, stats)
+  graphdef, params, stats = _abstract_model_split(meta["arch"], meta["num_classes"], dtype)
+  nnx.replace_by_pure_dict(params, state["params"]["student"])
+  nnx.replace_by_pure_dict(stats, state["batch_stats"])
+  model = nnx.merge(graphdef, params, stats)
   model.eval()
   return model, meta

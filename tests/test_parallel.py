@@ -181,7 +181,7 @@ def test_two_processes_train_like_one_with_four_devices(four_devices):
   ckpt = checkpoint.TrainCheckpointer(str(ckpt_dir))
   try:
     assert ckpt.latest_epoch() == 1
-    state, meta = ckpt.restore_raw(1)
+    state, meta = ckpt.restore(1)
   finally:
     ckpt.close()
   assert meta["step"] == int(state["step"]) == 3 and meta["test_top1"] == epochs[0]["test_top1"]
