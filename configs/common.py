@@ -61,11 +61,13 @@ def _base_config(method: str, pair: str, teacher: str, student: str) -> ml_colle
   c.teacher.checkpoint = "teachers/" + c.teacher.get_ref("name")
   c.student = ml_collections.ConfigDict(dict(name=student))
   # name: a tfds dataset; folder: an image folder with train/<class>/ and test/<class>/.
+  # max_*_examples (smoke tests): on_device keeps the split's first N; tf_data shortens each
+  # epoch to N examples of the whole, shuffled train split (and evaluates the first N).
   c.data = ml_collections.ConfigDict(dict(
       name="cifar100", data_dir=_optional(str), folder=_optional(str), cache_dir=_optional(str),
       image_size=32, train_split="train", test_split="test", download=True,
       max_train_examples=_optional(int), max_test_examples=_optional(int)))
-  # on_device: the split lives on the accelerator, augmented in the step; tf_data: streamed.
+  # on_device: the split lives on the accelerator, augmented per dispatch; tf_data: streamed.
   c.data.pipeline = "on_device"
   # Run settings: none of these change the numbers, only speed and output.
   c.seed = 0
