@@ -6,8 +6,10 @@
 CTKD+LS: `--config.ctkd.standardize=True` (τ replaces LSKD's base temperature).
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.cifar_config(arg, method="ctkd")

@@ -5,8 +5,10 @@
 Baseline without Sort: add `--config.sort=False`. β per pair: configs/common.py CIFAR_PAIRS.
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.cifar_config(arg, method="dkd")

@@ -6,8 +6,10 @@ Baseline without Sort: add `--config.sort=False`. CPU smoke test: `:res32x4_res8
 Pairs: configs/common.py CIFAR_PAIRS. Teacher: `teachers/<name>` from scripts/port_weights.py.
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.cifar_config(arg, method="kd")

@@ -5,8 +5,10 @@
 DKD + LS instead: `--config.lskd.base=dkd` (α and β ×9, T=τ, DKD's CE weight and warm-up).
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.cifar_config(arg, method="lskd")

@@ -7,10 +7,12 @@ The pair's student is trained; no teacher is loaded. Train a teacher architectur
 `--config.teacher.checkpoint`.
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = common.cifar_config(arg, method="vanilla")
   config.sort = False
   return config

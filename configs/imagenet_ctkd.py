@@ -9,8 +9,10 @@ Pairs: r34_r18 (torchvision ResNet34 → ResNet18), r50_mv1 (ResNet50 → Mobile
 torchvision's v1 files converted with scripts/port_weights.py. Mock-data smoke test: `:r34_r18,runlocal`.
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return common.imagenet_config(arg, method="ctkd")

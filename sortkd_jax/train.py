@@ -31,7 +31,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import flax
 import jax
@@ -219,8 +219,9 @@ def _eval_summary(sums: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def make_evaluator(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
-                   dtype: jnp.dtype = jnp.float32, mean=augment.CIFAR_MEAN,
-                   std=augment.CIFAR_STD) -> Callable[[Network, PyTree], dict[str, float]]:
+                   dtype: jnp.dtype = jnp.float32, mean: Sequence[float] = augment.CIFAR_MEAN,
+                   std: Sequence[float] = augment.CIFAR_STD
+                   ) -> Callable[[Network, PyTree], dict[str, float]]:
   """A function computing test loss, top-1 and top-5 (%) of a network on a whole split.
 
   The split is padded to whole batches with a mask and held on the device; one dispatch per
@@ -239,8 +240,9 @@ def make_evaluator(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_siz
 
 
 def make_streaming_evaluator(mesh: Mesh, batches: Callable[[], Iterator[dict[str, jax.Array]]],
-                             *, dtype: jnp.dtype = jnp.float32, mean=augment.IMAGENET_MEAN,
-                             std=augment.IMAGENET_STD
+                             *, dtype: jnp.dtype = jnp.float32,
+                             mean: Sequence[float] = augment.IMAGENET_MEAN,
+                             std: Sequence[float] = augment.IMAGENET_STD
                              ) -> Callable[[Network, PyTree], dict[str, float]]:
   """Like `make_evaluator`, over a fresh pass of masked device batches (ImageNet)."""
   sums_fn = jax.jit(functools.partial(
@@ -336,7 +338,8 @@ def to_host(tree: PyTree) -> PyTree:
 
 
 def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
-                       optimizer: optax.GradientTransformation):
+                       optimizer: optax.GradientTransformation
+                       ) -> tuple[TrainState, nnx.GraphDef, nnx.GraphDef]:
   """A fresh student (reference initialisation), optimizer state and PRNG key."""
   rng = jax.random.key_data(jax.random.PRNGKey(config.seed))
   student = models.create_model(config.student.name, num_classes,
@@ -407,7 +410,8 @@ def epoch_plan(num_examples: int, batch_size: int, num_devices: int,
 def build_train_chunk(config: ml_collections.ConfigDict, mesh: Mesh, *,
                       student_graphdef: nnx.GraphDef, teacher: Network | None,
                       optimizer: optax.GradientTransformation, steps_per_epoch: int,
-                      mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD) -> Callable:
+                      mean: Sequence[float] = augment.CIFAR_MEAN,
+                      std: Sequence[float] = augment.CIFAR_STD) -> Callable:
   """The jitted, state-donating `(state, teacher_vars, images, labels, perm, start) ->
   (state, metric sums)` over `num_steps` steps of `batch_size` (both static)."""
   replicated = NamedSharding(mesh, P())
