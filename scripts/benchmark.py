@@ -36,10 +36,10 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from sortkd_jax import augment, methods, models, reporting, train  # noqa: E402
+from sortkd_jax import augment, cli, methods, models, train  # noqa: E402
 
-reporting.define_config_flag(os.path.join(REPO, "configs", "cifar_kd.py:res32x4_res8x4"),
-                             "Recipe whose method, models and loss are benchmarked.")
+cli.define_config_flag(os.path.join(REPO, "configs", "cifar_kd.py:res32x4_res8x4"),
+                       "Recipe whose method, models and loss are benchmarked.")
 flags.DEFINE_integer("batch-size", None, "Global batch size (default: the config's).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: config's).")
 flags.DEFINE_integer("steps-per-dispatch", None, "Steps per dispatch (default: config's).")
@@ -243,4 +243,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=reporting.parse_flags_briefly)
+  app.run(main, flags_parser=cli.parse_flags_briefly)

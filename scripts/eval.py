@@ -18,44 +18,34 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
-from sortkd_jax import reporting  # noqa: E402
+from sortkd_jax import cli  # noqa: E402
 
-reporting.define_config_flag(os.path.join(REPO, "configs", "cifar_vanilla.py"),
-                             "Recipe whose data section names the test split.")
+cli.define_config_flag(os.path.join(REPO, "configs", "cifar_vanilla.py"),
+                       "Recipe whose data section names the test split.")
 flags.DEFINE_string("checkpoint", None, "Workdir, ported checkpoint directory or .pth file.")
 flags.DEFINE_string("arch", None, "Architecture (required for .pth files).")
 flags.mark_flag_as_required("checkpoint")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  reporting.quiet_library_info_logs()
+def main():
   import jax.numpy as jnp
   from sortkd_jax import teachers, train
 
   config = FLAGS.config
   if not os.path.exists(FLAGS.checkpoint):
-    sys.exit(f"error: checkpoint {FLAGS.checkpoint!r} does not exist.")
-  try:
-    mesh = train.make_mesh()
-    evaluate, num_classes, num_examples = train.make_test_evaluator(config, mesh,
-                                                                    dtype=jnp.float32)
-    model, arch = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
-                                             num_classes=num_classes)
-    network, variables = train.freeze(model)
-    metrics = evaluate(network, train.replicate(variables, mesh))
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
-    logging.debug("Traceback:", exc_info=True)
-    sys.exit(f"error: {e}")
+    raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist.")
+  mesh = train.make_mesh()
+  evaluate, num_classes, num_examples = train.make_test_evaluator(config, mesh, dtype=jnp.float32)
+  model, arch = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
+                                           num_classes=num_classes)
+  network, variables = train.freeze(model)
+  metrics = evaluate(network, train.replicate(variables, mesh))
   print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": arch,
-                    "split": config.data.test_split,
-                    "num_examples": num_examples, **metrics}))
+                    "split": config.data.test_split, "num_examples": num_examples, **metrics}))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=reporting.parse_flags_briefly)
+  cli.run(main)

@@ -12,12 +12,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
-from sortkd_jax import reporting, train  # noqa: E402
+from sortkd_jax import cli, train  # noqa: E402
 
-reporting.define_config_flag(None, "Experiment recipe, e.g. configs/cifar_kd.py:res32x4_res8x4.",
-                             lock_config=True)
+cli.define_config_flag(None, "Experiment recipe, e.g. configs/cifar_kd.py:res32x4_res8x4.",
+                       lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process runs: HOST:PORT of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
@@ -26,21 +26,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  reporting.quiet_library_info_logs()
-  try:
-    train.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                       FLAGS.process_id)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
-    # Bad input (config, data, teacher) or a diverged run: the message says what to do; the
-    # traceback is still there with --verbosity=1.
-    logging.debug("Traceback:", exc_info=True)
-    sys.exit(f"error: {e}")
+def main():
+  train.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                     FLAGS.process_id)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=reporting.parse_flags_briefly)
+  # Bad input (config, data, teacher) or a diverged run: one line saying what to do.
+  cli.run(main, errors=(ValueError, FileNotFoundError, RuntimeError, FloatingPointError))

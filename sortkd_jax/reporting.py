@@ -9,66 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import sys
 import time
 from typing import Any
 
 import jax
 from absl import logging
-
-
-def parse_flags_briefly(argv: list[str]) -> list[str]:
-  """absl's flag parsing for the scripts, with a config error in one line, not a traceback.
-
-  `app.run(main, flags_parser=parse_flags_briefly)`: ml_collections reports errors in config
-  files (e.g. an unknown pair) with the file's traceback; the last line says what is wrong.
-  """
-  from absl import flags
-  try:
-    argv = flags.FLAGS(argv)
-    if "config" in flags.FLAGS:
-      flags.FLAGS.config.to_dict()  # a config that failed to load raises only when read
-    return argv
-  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
-    sys.exit(_unknown_field_message(e))
-  except (flags.Error, OSError) as e:
-    while isinstance(e.__cause__ or e.__context__, (flags.Error, OSError)):
-      e = e.__cause__ or e.__context__  # the first failure, e.g. the missing config file
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    last = lines[-1] if lines else type(e).__name__
-    sys.exit(f"error: {last.split(': ', 1)[-1] if last.startswith('ValueError') else last}")
-
-
-def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> None:
-  """`--config`, an ml_collections config file, whose errors `parse_flags_briefly` reports.
-
-  With a default, ml_collections loads it and applies the command line's `--config.*`
-  overrides at once, when the flag is defined: an override typo fails here, not in absl's parse.
-  """
-  from ml_collections import config_flags
-  try:
-    config_flags.DEFINE_config_file("config", default, help_string, **kwargs)
-  except (AttributeError, KeyError) as e:
-    sys.exit(_unknown_field_message(e))
-
-
-def _unknown_field_message(e: Exception) -> str:
-  guess = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', str(e))
-  return (f"error: the config has no field {guess[2]!r}; did you mean {guess[1]!r}?"
-          if guess else f"error: unknown config field ({e}).")
-
-
-def quiet_library_info_logs() -> None:
-  """Keeps the console readable: orbax's and tfds' INFO chatter is dropped, warnings stay."""
-  import logging as std_logging
-
-  class _Filter(std_logging.Filter):
-    def filter(self, record):
-      return record.levelno >= std_logging.WARNING or not any(
-          f"/{lib}/" in record.pathname for lib in ("orbax", "tensorflow_datasets", "etils"))
-
-  logging.get_absl_handler().addFilter(_Filter())
 
 
 class Reporter:

@@ -1,0 +1,84 @@
+"""What the scripts share: `--config` and flag errors in one line, quiet library logs, and
+known errors (bad input, a diverged run) reported as one `error:` line, not a traceback."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any, Callable
+
+from absl import app, flags, logging
+
+
+def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = (
+    ValueError, FileNotFoundError, RuntimeError)) -> None:
+  """`app.run` for a script whose `main()` takes no positional arguments.
+
+  INFO logs without library chatter; an exception of `errors` becomes one `error:` line (its
+  traceback is still logged with --verbosity=1).
+  """
+
+  def run_main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    quiet_library_info_logs()
+    try:
+      main()
+    except errors as e:
+      logging.debug("Traceback:", exc_info=True)
+      sys.exit(f"error: {e}")
+
+  app.run(run_main, flags_parser=parse_flags_briefly)
+
+
+def parse_flags_briefly(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config error in one line, not a traceback.
+
+  ml_collections reports errors in config files (e.g. an unknown pair) with the file's
+  traceback; the last line says what is wrong.
+  """
+  try:
+    argv = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      flags.FLAGS.config.to_dict()  # a config that failed to load raises only when read
+    return argv
+  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+    sys.exit(_unknown_field_message(e))
+  except (flags.Error, OSError) as e:
+    while isinstance(e.__cause__ or e.__context__, (flags.Error, OSError)):
+      e = e.__cause__ or e.__context__  # the first failure, e.g. the missing config file
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    sys.exit(f"error: {last.split(': ', 1)[-1] if last.startswith('ValueError') else last}")
+
+
+def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> None:
+  """`--config`, an ml_collections config file, whose errors `parse_flags_briefly` reports.
+
+  With a default, ml_collections loads it and applies the command line's `--config.*`
+  overrides at once, when the flag is defined: an override typo fails here, not in absl's parse.
+  """
+  from ml_collections import config_flags
+  try:
+    config_flags.DEFINE_config_file("config", default, help_string, **kwargs)
+  except (AttributeError, KeyError) as e:
+    sys.exit(_unknown_field_message(e))
+
+
+def _unknown_field_message(e: Exception) -> str:
+  guess = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', str(e))
+  return (f"error: the config has no field {guess[2]!r}; did you mean {guess[1]!r}?"
+          if guess else f"error: unknown config field ({e}).")
+
+
+def quiet_library_info_logs() -> None:
+  """Keeps the console readable: orbax's and tfds' INFO chatter is dropped, warnings stay."""
+  import logging as std_logging
+
+  class _Filter(std_logging.Filter):
+    def filter(self, record):
+      return record.levelno >= std_logging.WARNING or not any(
+          f"/{lib}/" in record.pathname for lib in ("orbax", "tensorflow_datasets", "etils"))
+
+  logging.get_absl_handler().addFilter(_Filter())
