@@ -6,7 +6,8 @@
   python scripts/eval.py --checkpoint teachers/imagenet_ResNet34 --config configs/imagenet_kd.py
 
 `--checkpoint` is a training workdir (its best epoch), a directory from scripts/port_weights.py,
-or a PyTorch file (then `--arch` names the architecture). The config only supplies the data and
+or a PyTorch file (then `--arch` names the architecture, and `--component` which model of an
+mdistiller trainer file that holds a student and a teacher). The config only supplies the data and
 its pipeline (CIFAR on the device, ImageNet streamed: `--config.data.folder=DIR`,
 `--config.data.data_dir=DIR`, ...) and the evaluation batch size.
 """
@@ -26,6 +27,9 @@ cli.define_config_flag(os.path.join(REPO, "configs", "cifar_vanilla.py"),
                        "Recipe whose data section names the test split.")
 flags.DEFINE_string("checkpoint", None, "Workdir, ported checkpoint directory or .pth file.")
 flags.DEFINE_string("arch", None, "Architecture (required for .pth files).")
+flags.DEFINE_enum("component", None, ["student", "teacher"],
+                  "Which model of an mdistiller trainer file (latest, best, epoch_N) that holds "
+                  "a student and a teacher.")
 flags.mark_flag_as_required("checkpoint")
 FLAGS = flags.FLAGS
 
@@ -40,7 +44,7 @@ def main():
   mesh = train.make_mesh()
   evaluate, num_classes, num_examples = train.make_test_evaluator(config, mesh, dtype=jnp.float32)
   model, arch = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
-                                           num_classes=num_classes)
+                                           num_classes=num_classes, component=FLAGS.component)
   network, variables = train.freeze(model)
   metrics = evaluate(network, train.replicate(variables, mesh))
   print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": arch,

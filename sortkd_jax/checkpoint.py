@@ -97,12 +97,17 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
     if not overwrite:
       raise FileExistsError(f"{path!r} already exists; pass overwrite=True (--overwrite) "
                             "to replace it.")
-    replaceable = os.path.isfile(os.path.join(path, MODEL_JSON)) or (
-        os.path.isdir(path) and not os.listdir(path))
-    if not replaceable:
-      what = "a training workdir" if is_train_workdir(path) else "not a model checkpoint"
-      raise FileExistsError(f"{path!r} is {what}; overwriting replaces only a model "
-                            "checkpoint directory (or an empty one). Choose another path.")
+    # Only a model directory (or an empty one) is replaced: nothing else in it may be lost.
+    others = (sorted(set(os.listdir(path)) - {MODEL_JSON, _STATE_DIR})
+              if os.path.isdir(path) else [os.path.basename(path)])
+    if others:
+      what = ("is a training workdir" if is_train_workdir(path) else
+              f"holds files besides a model checkpoint ({', '.join(others[:5])})")
+      raise FileExistsError(f"{path!r} {what}; overwriting replaces only a model checkpoint "
+                            "directory (or an empty one). Choose another path.")
+  parent = os.path.dirname(path)
+  if os.path.exists(parent) and not os.path.isdir(parent):
+    raise FileExistsError(f"{parent!r} is a file, not a directory: choose another path.")
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   tree = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
   info = {

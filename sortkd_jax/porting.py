@@ -343,7 +343,7 @@ def _unpickler_detail(message: str) -> str:
   return lines[-1] if lines else "unknown error"
 
 
-def load_torch_state_dict(path: str | os.PathLike, component: str = "student", *,
+def load_torch_state_dict(path: str | os.PathLike, component: str | None = "student", *,
                           trust_pickle: bool = False) -> dict[str, np.ndarray]:
   """Reads a PyTorch checkpoint and returns a flat state dict of NumPy arrays.
 
@@ -358,7 +358,8 @@ def load_torch_state_dict(path: str | os.PathLike, component: str = "student", *
   Args:
     path: the ``.pth`` file.
     component: ``"student"`` or ``"teacher"``: which half of a distiller checkpoint to
-      return. Ignored for files holding a single model.
+      return; None: the file's only model (a distiller checkpoint holding both halves is
+      refused). Ignored for files holding a single model.
     trust_pickle: retry with ``weights_only=False`` if the file holds objects beyond
       tensors and plain containers. This executes pickled code: only for trusted files.
 
@@ -368,8 +369,8 @@ def load_torch_state_dict(path: str | os.PathLike, component: str = "student", *
     ImportError: torch is not installed.
   """
   path = os.fspath(path)
-  if component not in ("student", "teacher"):
-    raise ValueError(f"component must be 'student' or 'teacher', got {component!r}.")
+  if component not in ("student", "teacher", None):
+    raise ValueError(f"component must be 'student', 'teacher' or None, got {component!r}.")
   if os.path.isdir(path):
     raise FileNotFoundError(f"{path!r} is a directory; pass the checkpoint file in it (e.g. "
                             "cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth).")
@@ -424,6 +425,13 @@ def load_torch_state_dict(path: str | os.PathLike, component: str = "student", *
   halves = {c: {k[len(c) + 1:]: v for k, v in sd.items() if k.startswith(c + ".")}
             for c in ("student", "teacher")}
   if halves["student"] or halves["teacher"]:
+    if component is None:
+      if halves["student"] and halves["teacher"]:
+        raise TorchFileError(
+            f"{path!r} is a distiller checkpoint holding a student and a teacher: convert the "
+            "one you mean with scripts/port_weights.py --component student|teacher and use "
+            "that directory (scripts/eval.py also takes --component).")
+      component = "student" if halves["student"] else "teacher"
     if not halves[component]:
       raise TorchFileError(
           f"{path!r} is a distiller checkpoint without a {component!r} component "

@@ -33,18 +33,21 @@ def missing_teacher_message(name: str, path: str) -> str:
 
 
 def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | None = None,
-                      dtype: jnp.dtype = jnp.float32) -> tuple[nnx.Module, str]:
+                      dtype: jnp.dtype = jnp.float32,
+                      component: str | None = None) -> tuple[nnx.Module, str]:
   """A model in eval mode from a ported checkpoint, a PyTorch file or a run's workdir.
 
   Returns the model and its architecture name. `arch` is required for PyTorch files (they do
   not say what they hold) and checked against the others; `num_classes`, when given, too.
+  `component` picks the student or teacher of an mdistiller trainer file (`latest`, `best`);
+  None accepts only a file holding one model.
   """
   if os.path.isfile(path):
     if arch is None:
       raise ValueError(f"{path} is a PyTorch file: say which architecture it holds (--arch).")
     from sortkd_jax import porting
     try:
-      model = porting.port_state_dict(arch, porting.load_torch_state_dict(path),
+      model = porting.port_state_dict(arch, porting.load_torch_state_dict(path, component),
                                       num_classes=num_classes, dtype=dtype)
     except porting.PortingError as e:
       if e.checkpoint_classes is None:

@@ -195,6 +195,15 @@ def test_pth_component_selection(pth_files):
   assert not np.any(t["fc.weight"]) and np.any(s["fc.weight"])
 
 
+def test_a_distiller_file_is_loaded_as_one_model_only_with_a_component(pth_files):
+  """A teacher or eval.py path must not silently take one half of a student+teacher file."""
+  from sortkd_jax import teachers
+  with pytest.raises(porting.TorchFileError, match="holding a student and a teacher"):
+    teachers.load_frozen_model(pth_files["latest"], arch="resnet8")
+  model, _ = teachers.load_frozen_model(pth_files["latest"], arch="resnet8", component="teacher")
+  assert not np.any(model.fc.kernel[...])  # the fixture's teacher has a zero classifier
+
+
 def test_pth_errors(pth_files, tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="nope.pth"):
     porting.load_torch_state_dict(str(tmp_path / "nope.pth"))
@@ -242,6 +251,15 @@ def test_save_load_model(tmp_path):
   with pytest.raises(FileExistsError, match="is a training workdir"):  # never deletes a run
     checkpoint.save_model(str(run), model, arch="vgg11", num_classes=100, overwrite=True)
   assert os.listdir(run) == [checkpoint.TRAIN_CHECKPOINT_DIR]
+  with open(os.path.join(dst, "source.pth"), "w") as f:  # e.g. the file it was ported from
+    f.write("keep me")
+  with pytest.raises(FileExistsError, match=r"holds files besides a model checkpoint \(source"):
+    checkpoint.save_model(dst, model, arch="vgg11", num_classes=100, overwrite=True)
+  assert open(os.path.join(dst, "source.pth")).read() == "keep me"
+  os.remove(os.path.join(dst, "source.pth"))
+  with pytest.raises(FileExistsError, match="is a file, not a directory"):
+    checkpoint.save_model(os.path.join(dst, checkpoint.MODEL_JSON, "sub"), model, arch="vgg11",
+                          num_classes=100)
   bf16, _ = checkpoint.load_model(dst, dtype=jnp.bfloat16)
   assert bf16.classifier.kernel[...].dtype == jnp.float32
   out = bf16(jnp.asarray(x))
