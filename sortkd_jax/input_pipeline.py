@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import zipfile
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -158,18 +159,18 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   decoder = "tfds-exact-idct" if _have_tensorflow() else "pillow"
   fingerprint = _folder_fingerprint(folder, split, decoder)
   cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
+  if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+    raise ValueError(f"The cache directory {cache_dir!r} (config.data.cache_dir) is a file.")
   digest = hashlib.sha1(folder.encode()).hexdigest()[:12]
   cache_path = os.path.join(cache_dir, f"{os.path.basename(folder)}-{split}-{digest}.npz")
   where = f"image folder {folder}, split {split!r}"
 
-  if os.path.exists(cache_path):
-    with np.load(cache_path) as cached:
-      if str(cached["fingerprint"]) == fingerprint:
-        images, labels = cached["images"], cached["labels"]
-        class_names = tuple(str(c) for c in cached["class_names"])
-        _check_image_size(images.shape, image_size, f"{where} (cached in {cache_path})")
-        return ArraySplit(images, validate_labels(labels, len(class_names)),
-                          len(class_names), class_names)
+  cached = _read_folder_cache(cache_path, fingerprint)
+  if cached is not None:
+    images, labels, class_names = cached
+    _check_image_size(images.shape, image_size, f"{where} (cached in {cache_path})")
+    return ArraySplit(images, validate_labels(labels, len(class_names)), len(class_names),
+                      class_names)
 
   logging.info("Decoding %s; the arrays will be cached in %s.", where, cache_path)
   if decoder.startswith("tfds"):
@@ -187,6 +188,24 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
            fingerprint=np.array(fingerprint))
   os.replace(partial_path, cache_path)
   return ArraySplit(images, labels, len(class_names), class_names)
+
+
+def _read_folder_cache(cache_path: str, fingerprint: str
+                       ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]] | None:
+  """The cached (images, labels, class names), or None if absent, stale or unreadable (e.g. a
+  copy cut short): then the folder is decoded again and the cache rewritten."""
+  if not os.path.exists(cache_path):
+    return None
+  try:
+    with np.load(cache_path) as cached:
+      if str(cached["fingerprint"]) != fingerprint:
+        return None
+      return (cached["images"], cached["labels"],
+              tuple(str(c) for c in cached["class_names"]))
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    logging.warning("Ignoring the unreadable cache %s (%s: %s).", cache_path,
+                    type(e).__name__, e)
+    return None
 
 
 def _have_tensorflow() -> bool:

@@ -89,6 +89,20 @@ def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkey
   monkeypatch.undo()
   assert len(ip.load_array_split(folder=folder, split="train", cache_dir=cache).labels) == 13
 
+  # A cache file cut short (or empty) is decoded again and rewritten, not a crash.
+  for damage in (lambda b: b[: len(b) // 2], lambda b: b""):
+    for name in os.listdir(cache):
+      path = os.path.join(cache, name)
+      with open(path, "rb") as f:
+        data = f.read()
+      with open(path, "wb") as f:
+        f.write(damage(data))
+    assert len(ip.load_array_split(folder=folder, split="train", cache_dir=cache).labels) == 13
+    assert len(ip.load_array_split(folder=folder, split="test", cache_dir=cache).labels) == 6
+  with pytest.raises(ValueError, match="cache directory .* is a file"):
+    ip.load_array_split(folder=folder, split="train", cache_dir=os.path.join(folder, "train",
+                                                                              "ant", "extra.png"))
+
 
 def test_unknown_tfds_name_suggests_close_ones():
   with pytest.raises(ValueError, match="Unknown tfds dataset 'cifar1000' \\(did you mean cifar100"):
