@@ -40,13 +40,17 @@ from sortkd_jax import augment, cli, methods, models, train  # noqa: E402
 
 cli.define_config_flag(os.path.join(REPO, "configs", "cifar_kd.py:res32x4_res8x4"),
                        "Recipe whose method, models and loss are benchmarked.")
-flags.DEFINE_integer("batch-size", None, "Global batch size (default: the config's).")
+flags.DEFINE_integer("batch-size", None, "Global batch size (default: the config's).",
+                     lower_bound=1)
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: config's).")
-flags.DEFINE_integer("steps-per-dispatch", None, "Steps per dispatch (default: config's).")
-flags.DEFINE_integer("num-examples", 50_000, "Size of the synthetic training split.")
-flags.DEFINE_integer("num-classes", 100, "Classes of the synthetic data.")
-flags.DEFINE_integer("windows", 5, "Timed windows; the median is reported.")
-flags.DEFINE_float("window-seconds", 2.0, "Approximate length of one timed window.")
+flags.DEFINE_integer("steps-per-dispatch", None, "Steps per dispatch (default: config's).",
+                     lower_bound=1)
+flags.DEFINE_integer("num-examples", 50_000, "Size of the synthetic training split.",
+                     lower_bound=1)
+flags.DEFINE_integer("num-classes", 100, "Classes of the synthetic data.", lower_bound=2)
+flags.DEFINE_integer("windows", 5, "Timed windows; the median is reported.", lower_bound=1)
+flags.DEFINE_float("window-seconds", 2.0, "Approximate length of one timed window.",
+                   lower_bound=0.0)
 flags.DEFINE_boolean("eval", True, "Also time evaluation (up to 10,000 images).")
 flags.DEFINE_boolean("breakdown", False, "Also time the step's parts on their own.")
 flags.DEFINE_string("json", None, "Also append the JSON lines to this file.")
@@ -100,6 +104,9 @@ def main(argv):
   del argv
   config = FLAGS.config
   config.unlock()
+  if config.data.pipeline != "on_device":
+    raise app.UsageError("benchmark.py times the on-device CIFAR step (32x32 synthetic data); "
+                         f"{config.data.pipeline!r} recipes (ImageNet) are not supported.")
   batch_size = FLAGS["batch-size"].value or config.batch_size
   config.dtype = FLAGS.dtype or config.dtype
   k = (FLAGS["steps-per-dispatch"].value or config.steps_per_dispatch
