@@ -258,7 +258,8 @@ def port_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int |
 
   if missing or unexpected or mismatched:
     lines = [
-        f"Cannot port the state dict into {name!r} (num_classes={num_classes}): "
+        f"Cannot port the state dict into {name!r}"
+        f"{'' if num_classes is None else f' with {num_classes} classes'}: "
         f"{len(missing)} missing key(s), {len(unexpected)} unexpected key(s), "
         f"{len(mismatched)} shape mismatch(es)."
     ]

@@ -282,6 +282,13 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   if num_processes is not None and not 0 <= process_id < num_processes:
     raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}.")
   if coordinator_address:
+    host, _, port = coordinator_address.rpartition(":")
+    if not (host and port.isdigit()):
+      raise ValueError(f"--coordinator_address must be HOST:PORT (process 0's host and a free "
+                       f"port), got {coordinator_address!r}.")
+    logging.info("Process %d of %d: waiting for all %d processes at %s (the same flags on each; "
+                 "process 0 runs there).", process_id, num_processes, num_processes,
+                 coordinator_address)
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif slurm or open_mpi:
     jax.distributed.initialize()
@@ -473,8 +480,8 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
   held on the device; a `tf_data` split (ImageNet) is streamed, resized and centre-cropped.
   """
   dtype = compute_dtype(config) if dtype is None else dtype
+  _check_config(config)
   d = config.data
-  _check_pipeline(d)
   if d.pipeline == "on_device":
     if test_split is None:
       (test_split,) = load_splits(d, include_train=False)
@@ -613,14 +620,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if latest is not None:
     state, meta = ckpt.restore(latest, state)
     start_epoch, best_top1 = latest + 1, meta["best_top1"]
+    if start_epoch > config.num_epochs:
+      logging.info("The run in %s has finished its %d epochs (best top-1 %.2f); raise "
+                   "--config.num_epochs to continue it.", workdir, latest, best_top1)
+      ckpt.close()
+      return {"best_top1": best_top1, "last_top1": meta["test_top1"], "state": to_host(state)}
     logging.info("Resuming from %s at epoch %d (best top-1 so far %.2f).", ckpt.directory,
                  start_epoch, best_top1)
-
-  if start_epoch > config.num_epochs:
-    logging.info("The run in %s has finished its %d epochs (best top-1 %.2f); raise "
-                 "--config.num_epochs to continue it.", workdir, latest, best_top1)
-    ckpt.close()
-    return {"best_top1": best_top1, "last_top1": meta["test_top1"], "state": to_host(state)}
 
   state, teacher_vars = replicate((state, teacher_vars), mesh)
   run_epoch = feed.epoch_runner(state, teacher_vars, student_graphdef=train_graphdef,
@@ -719,17 +725,18 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _check_pipeline(data: ml_collections.ConfigDict) -> None:
-  if data.pipeline not in PIPELINES:
-    raise ValueError(f"Unknown config.data.pipeline {data.pipeline!r}; choose one of "
-                     f"{PIPELINES}.")
-
-
 def _check_config(config: ml_collections.ConfigDict) -> None:
-  _check_pipeline(config.data)
-  for key in ("batch_size", "eval_batch_size", "num_epochs"):
-    if not (isinstance(config[key], int) and config[key] > 0):
-      raise ValueError(f"config.{key} must be a positive integer, got {config[key]!r}.")
+  """Fails early, before anything is read or written, on a bad pipeline or size."""
+  if config.data.pipeline not in PIPELINES:
+    raise ValueError(f"Unknown config.data.pipeline {config.data.pipeline!r}; choose one of "
+                     f"{PIPELINES}.")
+  sizes = {key: config[key] for key in ("batch_size", "eval_batch_size", "num_epochs")}
+  sizes.update({f"data.{key}": config.data[key] for key in ("max_train_examples",
+                                                            "max_test_examples")
+                if config.data[key] is not None})
+  for key, value in sizes.items():
+    if not (isinstance(value, int) and value > 0):
+      raise ValueError(f"config.{key} must be a positive integer, got {value!r}.")
 
 
 def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -176,6 +176,8 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("dtype", "float16", "config.dtype"),
     ("batch_size", 0, "config.batch_size must be a positive"),
     ("num_epochs", 0, "config.num_epochs must be a positive"),
+    ("data.max_test_examples", -5, "config.data.max_test_examples must be a positive"),
+    ("data.pipeline", "tfdata", "Unknown config.data.pipeline 'tfdata'"),
 ])
 def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message):
   method = "lskd" if key.startswith("lskd") else "kd"
@@ -189,6 +191,8 @@ def test_incomplete_multi_process_flags_are_refused():
     train.maybe_initialize_distributed(None, 2, 0)
   with pytest.raises(ValueError, match=r"--process_id must be in \[0, 2\)"):
     train.maybe_initialize_distributed("localhost:12355", 2, 2)
+  with pytest.raises(ValueError, match="must be HOST:PORT"):
+    train.maybe_initialize_distributed("localhost", 2, 0)
 
 
 def test_default_teacher_checkpoint_follows_the_teacher_name():
