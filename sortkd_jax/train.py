@@ -344,13 +344,21 @@ def to_host(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Independent keys for the student's initialisation, the augmentation (folded with the
+  step) and the epoch permutations (folded with the epoch): one root, split once."""
+  init_key, augment_key, permutation_key = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return init_key, augment_key, permutation_key
+
+
 def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
                        optimizer: optax.GradientTransformation
                        ) -> tuple[TrainState, nnx.GraphDef, nnx.GraphDef]:
   """A fresh student (reference initialisation), optimizer state and PRNG key."""
-  rng = jax.random.key_data(jax.random.PRNGKey(config.seed))
+  init_key, augment_key, _ = run_keys(config.seed)
+  rng = jax.random.key_data(augment_key)
   student = models.create_model(config.student.name, num_classes,
-                                rngs=nnx.Rngs(config.seed), dtype=compute_dtype(config))
+                                rngs=nnx.Rngs(init_key), dtype=compute_dtype(config))
   train_graphdef, eval_graphdef, params, batch_stats = split_student(student)
   params = {"student": params}
   if methods.learns_temperature(config):
@@ -523,9 +531,9 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
   def epoch_runner(state, teacher_vars, **chunk_kwargs):
     replicated = NamedSharding(mesh, P())
     images, labels = replicate((train_split.images, train_split.labels), mesh)
-    data_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+    permutation_key = run_keys(config.seed)[2]
     permutation = jax.jit(lambda epoch: input_pipeline.epoch_permutation(
-        jax.random.fold_in(data_rng, epoch), n), out_shardings=replicated)
+        jax.random.fold_in(permutation_key, epoch), n), out_shardings=replicated)
     chunk = build_train_chunk(config, mesh, mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD,
                               **chunk_kwargs)
     t = time.perf_counter()
