@@ -523,10 +523,9 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
   train_split, test_split = load_splits(config.data)
   n = len(train_split.labels)
   plan = epoch_plan(n, batch_size, mesh.size, config.steps_per_dispatch)
-  evaluate, _, _ = make_test_evaluator(config, mesh, test_split=test_split)
-  feed = _Feed(train_split.num_classes, sum(k for k, _, _ in plan), evaluate, None)
+  steps_per_epoch = sum(k for k, _, _ in plan)
   logging.info("%d train / %d test images, %d classes; %d steps per epoch.", n,
-               len(test_split.labels), feed.num_classes, feed.steps_per_epoch)
+               len(test_split.labels), train_split.num_classes, steps_per_epoch)
 
   def epoch_runner(state, teacher_vars, **chunk_kwargs):
     replicated = NamedSharding(mesh, P())
@@ -552,8 +551,8 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
 
     return run_epoch
 
-  feed.epoch_runner = epoch_runner
-  return feed
+  evaluate, _, _ = make_test_evaluator(config, mesh, test_split=test_split)
+  return _Feed(train_split.num_classes, steps_per_epoch, evaluate, epoch_runner)
 
 
 def _streaming_feed(config, mesh, batch_size) -> _Feed:
@@ -563,11 +562,10 @@ def _streaming_feed(config, mesh, batch_size) -> _Feed:
   n, num_classes = input_pipeline.split_info(split=d.train_split, **source)
   if d.max_train_examples is not None:
     n = min(n, d.max_train_examples)
-  evaluate, _, _ = make_test_evaluator(config, mesh)
-  feed = _Feed(num_classes, math.ceil(n / batch_size), evaluate, None)
+  steps_per_epoch = math.ceil(n / batch_size)
   batch_sharding = NamedSharding(mesh, P("data"))
-  logging.info("%d train images, %d classes; %d steps per epoch.", n, feed.num_classes,
-               feed.steps_per_epoch)
+  logging.info("%d train images, %d classes; %d steps per epoch.", n, num_classes,
+               steps_per_epoch)
 
   def epoch_runner(state, teacher_vars, **step_kwargs):
     step = jax.jit(functools.partial(
@@ -580,15 +578,15 @@ def _streaming_feed(config, mesh, batch_size) -> _Feed:
       ds = input_pipeline.imagenet_train_dataset(
           global_batch_size=batch_size, split=d.train_split, shuffle_buffer=d.shuffle_buffer,
           seed=config.seed * 100_003 + epoch, image_size=d.image_size, **source)
-      batches = ds.take(feed.steps_per_epoch).as_numpy_iterator()
+      batches = ds.take(steps_per_epoch).as_numpy_iterator()
       for batch in input_pipeline.prefetch_to_device(batches, 2, batch_sharding):
         state, metrics = step(state, teacher_vars, batch["image"], batch["label"])
         yield state, metrics, 1
 
     return run_epoch
 
-  feed.epoch_runner = epoch_runner
-  return feed
+  evaluate, _, _ = make_test_evaluator(config, mesh)
+  return _Feed(num_classes, steps_per_epoch, evaluate, epoch_runner)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
