@@ -186,9 +186,11 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[nnx.Modul
   try:
     restored = ckptr.restore(os.path.join(path, _STATE_DIR), _local_target(target))
   except Exception as e:
+    # The first line says what failed; TensorStore appends its whole spec after it.
+    reason = (str(e).split(" See full TensorStore details")[0].strip().splitlines() or [""])[0]
     raise ValueError(
         f"Could not restore the weights in {path!r} as a {info['arch']} with "
-        f"{info['num_classes']} classes ({type(e).__name__}: {e}). Re-create it with "
+        f"{info['num_classes']} classes ({type(e).__name__}: {reason}). Re-create it with "
         "scripts/port_weights.py.") from e
   finally:
     ckptr.close()
