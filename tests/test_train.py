@@ -1,7 +1,9 @@
 """End-to-end tests of the main job on tfds mock data: every method, resume, errors, schedules."""
 
+import glob
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -443,6 +445,52 @@ def test_checkpoints_beyond_latest_and_best_are_deleted_across_restarts(tmp_path
     ckpt.close()
   assert sorted(int(d) for d in os.listdir(tmp_path)) == [1, 4, 5]
   assert checkpoint.TrainCheckpointer(str(tmp_path)).best_epoch() == 1
+
+
+def _corrupt_arrays(epoch_dir) -> None:
+  for path in glob.glob(os.path.join(epoch_dir, "state", "**", "d", "*"), recursive=True):
+    with open(path, "wb") as f:
+      f.write(b"not an array" * 8)
+
+
+def test_unreadable_checkpoint_names_the_epochs_to_fall_back_to(tmp_path):
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
+  for epoch in (1, 2):
+    ckpt.save(epoch, {"w": jnp.arange(1000.0) * epoch},
+              {"test_top1": 1.0 * epoch, "best_top1": 1.0 * epoch})
+  ckpt.close()
+  _corrupt_arrays(tmp_path / "2")
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
+  broken = str(tmp_path / "2")
+  with pytest.raises(ValueError, match=(rf"epoch 2, {re.escape(broken)}, cannot be read .*"
+                                        rf"other kept epochs \(1\).*mv {re.escape(broken)} ")):
+    ckpt.restore(ckpt.latest_epoch())
+  ckpt.close()
+  os.rename(broken, broken + ".unreadable")  # as the message says
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
+  state, _ = ckpt.restore(ckpt.latest_epoch())
+  ckpt.close()
+  np.testing.assert_array_equal(state["w"], np.arange(1000.0))
+
+
+def test_unreadable_run_is_one_error_line_in_the_scripts(teacher_dir, tmp_path):
+  """Orbax leaves the other reads of a failed restore pending; they must not print tracebacks
+  when the script exits."""
+  import subprocess
+  import sys
+  config = tiny_config("kd", teacher_dir, num_epochs=1)
+  with tfds.testing.mock_data(num_examples=64):
+    train.train_and_evaluate(config, str(tmp_path))
+  _corrupt_arrays(tmp_path / "checkpoints" / "1")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "scripts/eval.py", "--checkpoint", str(tmp_path),
+       "--config", "configs/cifar_kd.py:res56_res20", "--config.data.name=synthetic"],
+      capture_output=True, text=True, cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      timeout=300)
+  assert out.returncode == 1
+  assert "error: The checkpoint of epoch 1" in out.stderr and "No other epoch is kept" in out.stderr
+  assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr[-3000:]
 
 
 def test_bfloat16_mixed_precision_keeps_float32_state(teacher_dir, tmp_path):
