@@ -19,12 +19,10 @@ this process's first device, so a checkpoint reads back on any number of devices
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from typing import Any
 
@@ -57,33 +55,12 @@ def _local_target(tree: Any) -> Any:
 def _failed_read(e: Exception) -> str:
   """Why an orbax restore failed, in one line: the first of the root cause (orbax wraps
   TensorStore's errors, and TensorStore appends its whole spec, on later lines or in
-  brackets).
-
-  Also collects the reads orbax left pending: finalised at exit, each prints a traceback.
-  """
-  gc.collect()
+  brackets)."""
   while e.__cause__ is not None:
     e = e.__cause__
   first = re.split(r" See full TensorStore details| \[tensorstore_spec", str(e))[0]
   first = (first.strip().splitlines() or [""])[0]
   return f"{type(e).__name__}: {first}"
-
-
-def _quiet_reads_after_a_failure() -> None:
-  """When one read of a restore fails, orbax closes its event loop with TensorStore's other
-  reads in flight, and each prints "Event loop is closed" as it finishes. Nobody waits for
-  them: such reports are dropped (installed before a restore, as they start during it)."""
-  hook = sys.unraisablehook
-  if getattr(hook, "drops_closed_event_loop", False):
-    return
-
-  def filtered(unraisable) -> None:
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-      hook(unraisable)
-
-  filtered.drops_closed_event_loop = True
-  sys.unraisablehook = filtered
 
 
 @jax.jit
@@ -218,7 +195,6 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[nnx.Modul
   graphdef, params, stats = _abstract_model_split(info["arch"], info["num_classes"], dtype)
   target = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
   ckptr = ocp.StandardCheckpointer()
-  _quiet_reads_after_a_failure()
   try:
     restored = ckptr.restore(os.path.join(path, _STATE_DIR), _local_target(target))
   except Exception as e:
@@ -278,7 +254,6 @@ class TrainCheckpointer:
   def restore(self, epoch: int, target: Any = None) -> tuple[Any, dict[str, Any]]:
     """Restores into the structure (and dtypes) of `target`, e.g. a freshly created state;
     without one, as the saved nested dicts (e.g. to read a run's student)."""
-    _quiet_reads_after_a_failure()
     try:
       tree = (self._manager.item_metadata(epoch)["state"].tree if target is None
               else jax.tree.map(ocp.utils.to_shape_dtype_struct, target))

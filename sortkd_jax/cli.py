@@ -3,6 +3,7 @@ known errors (bad input, a diverged run) reported as one `error:` line, not a tr
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
 from typing import Any, Callable
@@ -23,11 +24,15 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = (
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     quiet_library_info_logs()
+    quiet_reads_of_a_failed_restore()
     try:
       main()
+      return
     except errors as e:
       logging.debug("Traceback:", exc_info=True)
-      sys.exit(f"error: {e}")
+      message = f"error: {e}"
+    gc.collect()  # with the error gone, what it held (orbax's pending reads) ends quietly now
+    sys.exit(message)
 
   app.run(run_main, flags_parser=parse_flags_briefly)
 
@@ -82,3 +87,18 @@ def quiet_library_info_logs() -> None:
           f"/{lib}/" in record.pathname for lib in ("orbax", "tensorflow_datasets", "etils"))
 
   logging.get_absl_handler().addFilter(_Filter())
+
+
+def quiet_reads_of_a_failed_restore() -> None:
+  """When one read of an orbax restore fails (an unreadable checkpoint), orbax closes its
+  event loop with TensorStore's other reads in flight; each then reports "Event loop is
+  closed" as it finishes, a traceback on stderr under the one-line error. Nobody waits for
+  those reads: their reports are dropped."""
+  report = sys.unraisablehook
+
+  def filtered(unraisable) -> None:
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      report(unraisable)
+
+  sys.unraisablehook = filtered
