@@ -26,7 +26,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
+
+from sortkd_jax import cli  # noqa: E402
 
 flags.DEFINE_string("arch", None, "Architecture, e.g. resnet32x4, wrn_40_2, imagenet_ResNet34.")
 flags.DEFINE_string("src", None, "PyTorch checkpoint file (.pth).")
@@ -44,45 +46,30 @@ flags.mark_flags_as_required(["arch", "src", "dst"])
 FLAGS = flags.FLAGS
 
 
-def _fail(message: str) -> None:
-  print(f"port_weights.py: error: {message}", file=sys.stderr)
-  sys.exit(1)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every write step at INFO
+def main():
   from sortkd_jax import checkpoint, models, porting  # noqa: PLC0415 - keep --help fast
 
   arch, src, dst = FLAGS.arch, FLAGS.src, FLAGS.dst
+  # Both checked before the (possibly large) file is read.
   if arch not in models.MODEL_NAMES:
-    _fail(f"unknown --arch {arch!r}. Valid names: {', '.join(models.MODEL_NAMES)}.")
+    raise ValueError(f"unknown --arch {arch!r}. Valid names: {', '.join(models.MODEL_NAMES)}.")
   if os.path.exists(dst) and not FLAGS.overwrite:
-    _fail(f"--dst {dst!r} already exists; pass --overwrite to replace it, or choose another "
-          "directory.")
+    raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it, or "
+                          "choose another directory.")
+  state_dict = porting.load_torch_state_dict(src, FLAGS.component,
+                                             trust_pickle=FLAGS.trust_pickle)
   try:
-    state_dict = porting.load_torch_state_dict(src, FLAGS.component,
-                                               trust_pickle=FLAGS.trust_pickle)
     model = porting.port_state_dict(arch, state_dict, FLAGS.num_classes)
-  except FileNotFoundError as e:
-    _fail(str(e))
-  except ImportError as e:
-    _fail(str(e))
   except porting.PortingError as e:
-    _fail(f"{src!r} does not fit --arch {arch}.\n{e}\n  (In an mdistiller trainer file - "
-          "latest, best, epoch_N - --component picks the student (default) or the teacher.)")
-  except ValueError as e:  # TorchFileError and other readable problems
-    _fail(str(e))
+    raise ValueError(
+        f"{src!r} does not fit --arch {arch}.\n{e}\n  (In an mdistiller trainer file - latest, "
+        "best, epoch_N - --component picks the student (default) or the teacher.)") from e
 
-  num_classes = _num_classes(model)
-  try:
-    info = checkpoint.save_model(
-        dst, model, arch=arch, num_classes=num_classes, overwrite=FLAGS.overwrite,
-        metadata={"source": os.path.abspath(src), "component": FLAGS.component,
-                  "converted_by": "scripts/port_weights.py"})
-  except FileExistsError as e:
-    _fail(str(e))
+  num_classes = porting.num_classes_of(model)
+  info = checkpoint.save_model(
+      dst, model, arch=arch, num_classes=num_classes, overwrite=FLAGS.overwrite,
+      metadata={"source": os.path.abspath(src), "component": FLAGS.component,
+                "converted_by": "scripts/port_weights.py"})
   n_tensors = len([k for k in state_dict if not k.endswith("num_batches_tracked")])
   first = ", ".join(f"{v:.6f}" for v in info["logits_checksum"]["first"])
   print(f"Converted {src}\n"
@@ -95,12 +82,6 @@ def main(argv):
         f"  written to    {os.path.abspath(dst)}")
 
 
-def _num_classes(model) -> int:
-  """The classifier width: the output size of the model's only 2-D (Linear) weight."""
-  from sortkd_jax import porting  # noqa: PLC0415
-  return next(s[0] for s in porting.torch_key_shapes(model).values() if len(s) == 2)
-
-
 def _dehyphenate(arg: str) -> str:
   """`--num-classes=3` → `--num_classes=3` (absl flag names use underscores)."""
   if not arg.startswith("--"):
@@ -111,4 +92,4 @@ def _dehyphenate(arg: str) -> str:
 
 if __name__ == "__main__":
   sys.argv = [sys.argv[0]] + [_dehyphenate(a) for a in sys.argv[1:]]
-  app.run(main)
+  cli.run(main, errors=(ValueError, OSError, ImportError))

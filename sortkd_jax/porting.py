@@ -145,6 +145,11 @@ def _named_key_shapes(name: str, num_classes: int | None):
   return tuple(torch_key_shapes(_abstract_model(name, num_classes)).items())
 
 
+def num_classes_of(model: nnx.Module) -> int:
+  """The classifier width: the output size of the model's only 2-D (Linear) weight."""
+  return next(s[0] for s in torch_key_shapes(model).values() if len(s) == 2)
+
+
 def _classifier_key(name: str) -> str:
   """The torch key of the classifier weight (the model's only 2-D kernel)."""
   keys = [k for k, s in torch_key_shapes(name).items() if len(s) == 2]
