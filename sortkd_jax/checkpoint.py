@@ -176,13 +176,6 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
   return info
 
 
-def _abstract_model_split(arch: str, num_classes: int, dtype) -> tuple[nnx.GraphDef, ...]:
-  """(graphdef, params, batch stats) of `arch`, shapes only: to be filled from a checkpoint."""
-  abstract = nnx.eval_shape(lambda: models.create_model(arch, num_classes, rngs=nnx.Rngs(0),
-                                                        dtype=dtype))
-  return nnx.split(abstract, nnx.Param, nnx.BatchStat)
-
-
 def load_model(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[nnx.Module, dict[str, Any]]:
   """Restores a ``save_model`` directory into a fresh model of its architecture.
 
@@ -192,7 +185,8 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[nnx.Modul
   """
   path = os.path.abspath(os.fspath(path))
   info = read_model_metadata(path)
-  graphdef, params, stats = _abstract_model_split(info["arch"], info["num_classes"], dtype)
+  _, params, stats = nnx.split(models.abstract_model(info["arch"], info["num_classes"]),
+                               nnx.Param, nnx.BatchStat)
   target = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
   ckptr = ocp.StandardCheckpointer()
   try:
@@ -204,11 +198,8 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[nnx.Modul
         "scripts/port_weights.py.") from e
   finally:
     ckptr.close()
-  nnx.replace_by_pure_dict(params, restored["params"])
-  nnx.replace_by_pure_dict(stats, restored["batch_stats"])
-  model = nnx.merge(graphdef, params, stats)
-  model.eval()
-  return model, info
+  return models.model_from_pure_dicts(info["arch"], info["num_classes"], restored["params"],
+                                      restored["batch_stats"], dtype=dtype), info
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -290,9 +281,6 @@ def load_student_from_workdir(workdir: str, *, dtype=jnp.float32) -> tuple[nnx.M
     state, meta = ckpt.restore(ckpt.best_epoch())
   finally:
     ckpt.close()
-  graphdef, params, stats = _abstract_model_split(meta["arch"], meta["num_classes"], dtype)
-  nnx.replace_by_pure_dict(params, state["params"]["student"])
-  nnx.replace_by_pure_dict(stats, state["batch_stats"])
-  model = nnx.merge(graphdef, params, stats)
-  model.eval()
-  return model, meta
+  return models.model_from_pure_dicts(meta["arch"], meta["num_classes"],
+                                      state["params"]["student"], state["batch_stats"],
+                                      dtype=dtype), meta

@@ -126,11 +126,6 @@ def _table(model: nnx.Module) -> dict[str, tuple[str, tuple, tuple[int, ...]]]:
   return table
 
 
-def _abstract_model(name: str, num_classes: int | None, dtype=jnp.float32) -> nnx.Module:
-  return nnx.eval_shape(
-      lambda: models.create_model(name, num_classes, rngs=nnx.Rngs(0), dtype=dtype))
-
-
 def torch_key_shapes(model_or_name: nnx.Module | str, num_classes: int | None = None
                      ) -> dict[str, tuple[int, ...]]:
   """The torch state-dict keys (without ``num_batches_tracked``) and torch-layout shapes
@@ -142,7 +137,7 @@ def torch_key_shapes(model_or_name: nnx.Module | str, num_classes: int | None = 
 
 @functools.lru_cache(maxsize=None)
 def _named_key_shapes(name: str, num_classes: int | None):
-  return tuple(torch_key_shapes(_abstract_model(name, num_classes)).items())
+  return tuple(torch_key_shapes(models.abstract_model(name, num_classes)).items())
 
 
 def num_classes_of(model: nnx.Module) -> int:
@@ -241,7 +236,7 @@ def port_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int |
           f"--num-classes {got}), or use a checkpoint trained with {num_classes} classes.",
           mismatched=[(cls_key, (num_classes,), (got,))], checkpoint_classes=got)
 
-  abstract = _abstract_model(name, num_classes, dtype)
+  abstract = models.abstract_model(name, num_classes)
   table = _table(abstract)
 
   missing = sorted((k for k in table if k not in sd), key=_natural)
@@ -285,18 +280,14 @@ def port_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int |
     raise PortingError("\n".join(lines), missing=missing, unexpected=unexpected,
                        mismatched=mismatched)
 
-  graphdef, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
   pure = {"params": {}, "batch_stats": {}}
   for key, (coll, path, _) in table.items():
     node = pure[coll]
     for p in path[:-1]:
       node = node.setdefault(p, {})
     node[path[-1]] = jnp.asarray(_to_nnx_layout(arrays[key]).astype(np.float32))
-  nnx.replace_by_pure_dict(params, pure["params"])
-  nnx.replace_by_pure_dict(stats, pure["batch_stats"])
-  model = nnx.merge(graphdef, params, stats)
-  model.eval()
-  return model
+  return models.model_from_pure_dicts(name, num_classes, pure["params"], pure["batch_stats"],
+                                      dtype=dtype)
 
 
 def export_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -54,7 +54,6 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
         raise
       raise ValueError(f"The model in {path} has {e.checkpoint_classes} classes but the data "
                        f"has {num_classes}; use the data set it was trained on.") from e
-    model.eval()
     return model, arch
   _check_not_inside_a_run(path)
   if checkpoint.is_train_workdir(path):
@@ -67,7 +66,6 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
   if num_classes is not None and meta["num_classes"] != num_classes:
     raise ValueError(f"The model in {path} has {meta['num_classes']} classes but the data has "
                      f"{num_classes}; use the data set it was trained on.")
-  model.eval()
   return model, meta["arch"]
 
 

@@ -24,7 +24,8 @@ from sortkd_jax.models import (cifar_resnet, imagenet_resnet, mobilenetv1, mobil
                                resnetv2, shufflenetv1, shufflenetv2, vgg, wrn)
 from sortkd_jax.models.layers import BatchNorm
 
-__all__ = ["MODEL_NAMES", "create_model", "count_params", "default_num_classes", "BatchNorm"]
+__all__ = ["MODEL_NAMES", "create_model", "abstract_model", "model_from_pure_dicts",
+           "count_params", "default_num_classes", "BatchNorm"]
 
 # name -> (builder(name, num_classes, *, rngs, dtype), default num_classes)
 _REGISTRY: dict[str, tuple[Callable[..., nnx.Module], int]] = {}
@@ -57,7 +58,7 @@ def default_num_classes(name: str) -> int:
 
 
 def create_model(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs,
-                 dtype=jnp.float32) -> nnx.Module:
+                 dtype: jnp.dtype = jnp.float32) -> nnx.Module:
   """Builds the named architecture with the reference initialisation (spec §1 table).
 
   Args:
@@ -80,6 +81,26 @@ def create_model(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs,
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
   num_classes = n
   return builder(name, num_classes, rngs=rngs, dtype=dtype)
+
+
+def abstract_model(name: str, num_classes: int | None = None, *,
+                   dtype: jnp.dtype = jnp.float32) -> nnx.Module:
+  """The named architecture with shapes and dtypes only, no weights computed: the structure
+  that a checkpoint or a state dict fills."""
+  return nnx.eval_shape(lambda: create_model(name, num_classes, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def model_from_pure_dicts(name: str, num_classes: int | None, params: dict,
+                          batch_stats: dict, *, dtype: jnp.dtype = jnp.float32) -> nnx.Module:
+  """The named architecture holding `params` and `batch_stats` (nested dicts, as
+  ``nnx.to_pure_dict`` writes them), in eval mode."""
+  graphdef, abstract_params, abstract_stats = nnx.split(
+      abstract_model(name, num_classes, dtype=dtype), nnx.Param, nnx.BatchStat)
+  nnx.replace_by_pure_dict(abstract_params, params)
+  nnx.replace_by_pure_dict(abstract_stats, batch_stats)
+  model = nnx.merge(graphdef, abstract_params, abstract_stats)
+  model.eval()
+  return model
 
 
 def count_params(model: nnx.Module) -> int:
