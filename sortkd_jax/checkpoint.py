@@ -262,12 +262,10 @@ class TrainCheckpointer:
 
   def best_epoch(self) -> int:
     """The kept epoch with the highest test top-1."""
-    steps = self._manager.all_steps()
-    if not steps:
+    best = self._manager.best_step()  # from the metrics saved with each epoch; ties: latest
+    if best is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    metas = {s: self._manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-             for s in steps}
-    return max(steps, key=lambda s: (metas[s].meta["test_top1"], s))
+    return best
 
   def close(self) -> None:
     self._manager.wait_until_finished()
