@@ -46,9 +46,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        f"got {config[group].base!r}.")
 
 
-def _kd(z, v, y, *, ce_weight, kd_weight, temperature) -> LossTerms:
+def _kd(z, v, y, *, ce_weight, kd_weight, temperature, ce_logits=None) -> LossTerms:
   """methods.md KD: λ_CE·CE + λ_KD·T²·KL."""
-  return {"ce": ce_weight * losses.cross_entropy(z, y),
+  ce_logits = z if ce_logits is None else ce_logits
+  return {"ce": ce_weight * losses.cross_entropy(ce_logits, y),
           "kd": kd_weight * losses.kd(z, v, temperature)}
 
 
@@ -66,8 +67,8 @@ def _standardized(config, z, v, y, epoch, base: str, temperature) -> LossTerms:
   zs, vs = losses.standardize(z), losses.standardize(v)
   ls = config.lskd
   if base == "kd":
-    return {"ce": ls.ce_weight * losses.cross_entropy(z, y),
-            "kd": ls.kd_weight * losses.kd(zs, vs, temperature)}
+    return _kd(zs, vs, y, ce_weight=ls.ce_weight, kd_weight=ls.kd_weight,
+               temperature=temperature, ce_logits=z)
   d = config.dkd
   return _dkd(zs, vs, y, epoch, ce_weight=d.ce_weight, alpha=d.alpha * ls.dkd_weight_scale,
               beta=d.beta * ls.dkd_weight_scale, temperature=temperature,
@@ -102,8 +103,7 @@ def _ctkd_method(config, z, v, y, epoch, theta) -> LossTerms:
   if c.standardize:
     terms = _standardized(config, z, v, y, epoch, c.base, temperature)
   elif c.base == "kd":
-    terms = _kd(z, v, y, ce_weight=config.kd.ce_weight, kd_weight=config.kd.kd_weight,
-                temperature=temperature)
+    terms = _kd(z, v, y, **{**config.kd, "temperature": temperature})
   else:
     terms = _dkd(z, v, y, epoch, **{**config.dkd, "temperature": temperature})
   return terms
