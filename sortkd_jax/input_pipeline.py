@@ -319,11 +319,6 @@ def _to_arrays(ds: "tf.data.Dataset", image_size: int, where: str) -> tuple[np.n
   return batch["image"], batch["label"]
 
 
-def epoch_permutation(key: jax.Array, num_examples: int) -> jax.Array:
-  """The order of one epoch over an on-device split: every example once (spec §7.3 shuffle)."""
-  return jax.random.permutation(key, num_examples)
-
-
 # ----------------------------------------------------------------------------- tfds / folder source
 
 

@@ -531,7 +531,8 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
     replicated = NamedSharding(mesh, P())
     images, labels = replicate((train_split.images, train_split.labels), mesh)
     permutation_key = run_keys(config.seed)[2]
-    permutation = jax.jit(lambda epoch: input_pipeline.epoch_permutation(
+    # Each epoch visits every example once, in a new order (spec §7.3 shuffle).
+    permutation = jax.jit(lambda epoch: jax.random.permutation(
         jax.random.fold_in(permutation_key, epoch), n), out_shardings=replicated)
     chunk = build_train_chunk(config, mesh, mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD,
                               **chunk_kwargs)

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import numpy as np
 import pytest
 
@@ -140,15 +139,6 @@ def test_validate_labels():
     ip.validate_labels(np.array([0.0, 1.0]), 10)
   with pytest.raises(ValueError, match="outside"):
     ip.ArraySplit(np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 5], np.int32), num_classes=5)
-
-
-def test_epoch_permutation():
-  key = jax.random.key(0)
-  order = np.asarray(ip.epoch_permutation(key, 1000))
-  np.testing.assert_array_equal(np.sort(order), np.arange(1000))
-  jitted = jax.jit(ip.epoch_permutation, static_argnums=1)(key, 1000)
-  np.testing.assert_array_equal(order, np.asarray(jitted))
-  assert not np.array_equal(order, np.asarray(ip.epoch_permutation(jax.random.key(1), 1000)))
 
 
 # ----------------------------------------------------------------------------- ImageNet streams
