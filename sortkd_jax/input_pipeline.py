@@ -21,7 +21,7 @@ import math
 import os
 import zipfile
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import jax
 import numpy as np
@@ -219,11 +219,9 @@ def _decode_folder_with_pil(folder: str, split: str, image_size: int,
   files come in a fixed shuffled order (not tfds' one), so a truncated split mixes classes."""
   from PIL import Image
 
-  class_names = tuple(sorted({c.name for s in os.scandir(folder) if s.is_dir()
-                              for c in os.scandir(s.path) if c.is_dir()}))
-  files = sorted((os.path.join(d.path, f.name), class_names.index(d.name))
-                 for d in os.scandir(os.path.join(folder, split)) if d.is_dir()
-                 for f in os.scandir(d.path) if f.name.lower().endswith(_IMAGE_EXTENSIONS))
+  class_names = _folder_classes(folder)
+  files = sorted((f.path, class_names.index(class_name))
+                 for class_name, f in _split_image_files(folder, split))
   files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
   images, bad = [], []
   for path, _ in files:
@@ -249,10 +247,7 @@ def _check_folder_split(folder: str, split: str) -> None:
         f"{_FOLDER_LAYOUT}; "
         + (f"splits found: {found}." if found is not None else "the folder does not exist.")
     )
-  has_images = any(f.name.lower().endswith(_IMAGE_EXTENSIONS)
-                   for class_dir in os.scandir(split_dir) if class_dir.is_dir()
-                   for f in os.scandir(class_dir.path))
-  if not has_images:
+  if next(_split_image_files(folder, split), None) is None:
     raise ValueError(f"Image folder split {split_dir} has no images. Expected layout: "
                      f"{_FOLDER_LAYOUT}.")
 
@@ -260,18 +255,27 @@ def _check_folder_split(folder: str, split: str) -> None:
 def _folder_fingerprint(folder: str, split: str, decoder: str) -> str:
   """Cheap change detector for the cache: class list, the split's file count/bytes/mtime, and
   the decoder that filled it."""
-  classes = sorted({c.name for s in os.scandir(folder) if s.is_dir()
-                    for c in os.scandir(s.path) if c.is_dir()})
   count = size = newest = 0
+  for _, f in _split_image_files(folder, split):
+    stat = f.stat()
+    count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
+  return json.dumps(dict(classes=list(_folder_classes(folder)), files=count, bytes=size,
+                         newest_mtime_ns=newest, decoder=decoder))
+
+
+def _folder_classes(folder: str) -> tuple[str, ...]:
+  """The class names of an image folder, sorted over all splits (as `tfds.ImageFolder`)."""
+  return tuple(sorted({c.name for s in os.scandir(folder) if s.is_dir()
+                       for c in os.scandir(s.path) if c.is_dir()}))
+
+
+def _split_image_files(folder: str, split: str) -> Iterator[tuple[str, os.DirEntry]]:
+  """(class name, file) for every image of `<folder>/<split>/<class>/`."""
   for class_dir in os.scandir(os.path.join(folder, split)):
-    if not class_dir.is_dir():
-      continue
-    for f in os.scandir(class_dir.path):
-      if f.name.lower().endswith(_IMAGE_EXTENSIONS):
-        stat = f.stat()
-        count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
-  return json.dumps(dict(classes=classes, files=count, bytes=size, newest_mtime_ns=newest,
-                         decoder=decoder))
+    if class_dir.is_dir():
+      for f in os.scandir(class_dir.path):
+        if f.name.lower().endswith(_IMAGE_EXTENSIONS):
+          yield class_dir.name, f
 
 
 def _check_image_size(shape: tuple[int, ...], image_size: int, where: str) -> None:
