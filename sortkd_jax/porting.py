@@ -91,29 +91,21 @@ def nnx_path_to_torch_key(path: tuple) -> str:
   return ".".join([*map(str, prefix), _LEAF_TO_TORCH[leaf]])
 
 
+# Flax layout → torch layout, by rank: conv [kh, kw, I/g, O] → [O, I/g, kh, kw]; linear
+# [in, out] → [out, in]; vectors as they are. The inverse is the argsort of each order.
+_TO_TORCH_AXES = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}
+
+
 def _torch_shape(nnx_shape: tuple[int, ...]) -> tuple[int, ...]:
-  if len(nnx_shape) == 4:  # [kh, kw, I/g, O] -> [O, I/g, kh, kw]
-    kh, kw, i, o = nnx_shape
-    return (o, i, kh, kw)
-  if len(nnx_shape) == 2:  # [in, out] -> [out, in]
-    return (nnx_shape[1], nnx_shape[0])
-  return tuple(nnx_shape)
+  return tuple(nnx_shape[i] for i in _TO_TORCH_AXES[len(nnx_shape)])
 
 
 def _to_nnx_layout(a: np.ndarray) -> np.ndarray:
-  if a.ndim == 4:
-    return np.transpose(a, (2, 3, 1, 0))
-  if a.ndim == 2:
-    return a.T
-  return a
+  return np.transpose(a, np.argsort(_TO_TORCH_AXES[a.ndim]))
 
 
 def _to_torch_layout(a: np.ndarray) -> np.ndarray:
-  if a.ndim == 4:
-    return np.transpose(a, (3, 2, 0, 1))
-  if a.ndim == 2:
-    return a.T
-  return a
+  return np.transpose(a, _TO_TORCH_AXES[a.ndim])
 
 
 def _table(model: nnx.Module) -> dict[str, tuple[str, tuple, tuple[int, ...]]]:
