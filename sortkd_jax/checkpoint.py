@@ -176,7 +176,8 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
   return info
 
 
-def load_model(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[nnx.Module, dict[str, Any]]:
+def load_model(path: str | os.PathLike, *,
+               dtype: jnp.dtype = jnp.float32) -> tuple[nnx.Module, dict[str, Any]]:
   """Restores a ``save_model`` directory into a fresh model of its architecture.
 
   Returns:
@@ -272,7 +273,8 @@ class TrainCheckpointer:
     self._manager.close()
 
 
-def load_student_from_workdir(workdir: str, *, dtype=jnp.float32) -> tuple[nnx.Module, dict]:
+def load_student_from_workdir(workdir: str, *, dtype: jnp.dtype = jnp.float32
+                              ) -> tuple[nnx.Module, dict[str, Any]]:
   """The best-epoch student of a training run, in eval mode, and its metadata."""
   ckpt = TrainCheckpointer(os.path.join(workdir, TRAIN_CHECKPOINT_DIR))
   try:

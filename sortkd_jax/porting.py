@@ -197,7 +197,7 @@ def _matching_archs(keys: set[str]) -> list[str]:
 
 
 def port_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int | None = None,
-                    *, dtype=jnp.float32) -> nnx.Module:
+                    *, dtype: jnp.dtype = jnp.float32) -> nnx.Module:
   """Builds ``name`` holding exactly the weights of a PyTorch ``state_dict``, in eval mode.
 
   Args:

@@ -9,7 +9,10 @@ Convs are initialised normal(0, √(2/(k²·out))) in all three files.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from sortkd_jax.models import layers as L
@@ -72,8 +75,8 @@ class Bottleneck(nnx.Module):
     return _add_shortcut(self, self.bn3(self.conv3(out)), x)
 
 
-def add_stages(net: nnx.Module, block, num_blocks, *, projection: str = "downsample",
-               rngs: nnx.Rngs, dtype) -> int:
+def add_stages(net: nnx.Module, block: type[BasicBlock | Bottleneck], num_blocks: Sequence[int],
+               *, projection: str = "downsample", rngs: nnx.Rngs, dtype: jnp.dtype) -> int:
   """Sets `net.layer1..layer4` (torchvision widths 64–512, strides 1, 2, 2, 2) from a stem of
   64 channels; returns the width the classifier sees."""
   in_ch = 64
