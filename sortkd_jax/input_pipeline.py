@@ -21,7 +21,7 @@ import math
 import os
 import zipfile
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
