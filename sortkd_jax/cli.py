@@ -16,7 +16,7 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = (
   """`app.run` for a script whose `main()` takes no positional arguments.
 
   INFO logs without library chatter; an exception of `errors` becomes one `error:` line (its
-  traceback is still logged with --verbosity=1).
+  traceback is still logged with --verbosity=1), and Ctrl-C exits (130) without a traceback.
   """
 
   def run_main(argv: list[str]) -> None:
@@ -31,6 +31,8 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = (
     except errors as e:
       logging.debug("Traceback:", exc_info=True)
       message = f"error: {e}"
+    except KeyboardInterrupt:
+      sys.exit(130)  # what the work in hand logged is enough; no traceback
     gc.collect()  # with the error gone, what it held (orbax's pending reads) ends quietly now
     sys.exit(message)
 

@@ -19,7 +19,9 @@ from absl import logging
 class Reporter:
   """Writes metrics from process 0; every other process only keeps time."""
 
-  def __init__(self, workdir: str, total_steps: int, batch_size: int):
+  def __init__(self, workdir: str, total_steps: int, batch_size: int, start_step: int = 0):
+    """`start_step`: the step the run (re)starts from. What an interrupted run logged after it
+    is dropped, as it is about to be logged again."""
     self._is_writer = jax.process_index() == 0
     self._total_steps = total_steps
     self._batch_size = batch_size
@@ -28,10 +30,13 @@ class Reporter:
     self._window_start: tuple[float, int] | None = None
     if self._is_writer:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_records_after(path, start_step)
+      self._jsonl = open(path, "a")
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                 purge_step=start_step + 1)
       except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard events are written.")
 
@@ -79,6 +84,18 @@ class Reporter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) < len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def _plain(value: Any) -> Any:

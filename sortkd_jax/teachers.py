@@ -20,6 +20,7 @@ from sortkd_jax import checkpoint
 
 
 def missing_teacher_message(name: str, path: str) -> str:
+  dst = f"teachers/{name}" if path.endswith((".pth", ".pt", ".tar")) else path
   return (
       f"Teacher checkpoint {path!r} for {name} does not exist.\n"
       "mdistiller's CIFAR-100 teachers are in `cifar_teachers.tar` on the mdistiller GitHub "
@@ -27,7 +28,7 @@ def missing_teacher_message(name: str, path: str) -> str:
       "ImageNet teachers are torchvision's v1 files (resnet34-333f7ec4.pth, "
       "resnet50-19c8e357.pth). Convert one with\n"
       f"  python scripts/port_weights.py --arch {name} "
-      f"--src download_ckpts/cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth --dst {path}\n"
+      f"--src download_ckpts/cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth --dst {dst}\n"
       "or pass --config.teacher.checkpoint=FILE.pth to convert on the fly, or the workdir of a "
       "configs/cifar_vanilla.py run of this project.")
 

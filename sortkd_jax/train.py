@@ -644,8 +644,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  feed.evaluate(teacher, teacher_vars))
 
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  reporter = reporting.Reporter(workdir, config.num_epochs * steps_per_epoch, batch_size)
   step = int(to_host(state.step))
+  reporter = reporting.Reporter(workdir, config.num_epochs * steps_per_epoch, batch_size,
+                                start_step=step)
   pending = []  # per-dispatch metric sums, still on the device
   window_sums, epoch_sums = collections.Counter(), collections.Counter()  # fetched, on the host
   last_top1 = None
@@ -663,8 +664,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     out["top1"] *= 100
     if not math.isfinite(out["loss"]):
       good = ckpt.latest_epoch()
-      kept = (f"The last good checkpoint (epoch {good}) stays in {ckpt.directory}."
-              if good else "No epoch finished, so there is no checkpoint.")
+      kept = (f"The checkpoint of epoch {good}, the last with a finite loss, stays in "
+              f"{ckpt.directory}." if good else "No epoch finished, so there is no checkpoint.")
       raise FloatingPointError(
           f"The training loss is {out['loss']} in epoch {epoch} (step {step}): stopping. "
           f"{kept} Check the data and the teacher, or lower config.lr (in a new --workdir: "
@@ -701,11 +702,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ckpt.save(epoch, state, {"best_top1": best_top1, "test_top1": last_top1, "step": step,
                                "arch": config.student.name, "num_classes": feed.num_classes})
       reporter.stop_timing()
+  except KeyboardInterrupt:
+    logging.warning("Interrupted in epoch %d. Re-run the same command to resume from the last "
+                    "finished epoch.", epoch)
+    raise
   finally:
     ckpt.close()
     reporter.close()
 
-  logging.info("Best test top-1 %.2f, last %s.", best_top1, last_top1)
+  logging.info("Best test top-1 %.2f, last %.2f.", best_top1, last_top1)
   return {"best_top1": best_top1, "last_top1": last_top1, "state": to_host(state)}
 
 
@@ -733,7 +738,10 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
-  """Fails early, before anything is read or written, on a bad pipeline or size."""
+  """Fails early, before anything is read or written, on a bad model name, pipeline or size."""
+  models.check_name(config.student.name, "config.student.name")
+  if methods.uses_teacher(config):
+    models.check_name(config.teacher.name, "config.teacher.name")
   if config.data.pipeline not in PIPELINES:
     raise ValueError(f"Unknown config.data.pipeline {config.data.pipeline!r}; choose one of "
                      f"{PIPELINES}.")
@@ -747,7 +755,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses a model directory, and checkpoints that were trained with another recipe."""
+  """Refuses a file, a model directory, and checkpoints that were trained with another recipe."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is a file; choose a directory.")
   if os.path.isfile(os.path.join(workdir, checkpoint.MODEL_JSON)):
     raise ValueError(f"{workdir} holds a model checkpoint (e.g. a ported teacher), not a "
                      "training run; choose another --workdir.")

@@ -24,7 +24,7 @@ from sortkd_jax.models import (cifar_resnet, imagenet_resnet, mobilenetv1, mobil
                                resnetv2, shufflenetv1, shufflenetv2, vgg, wrn)
 from sortkd_jax.models.layers import BatchNorm
 
-__all__ = ["MODEL_NAMES", "create_model", "abstract_model", "model_from_pure_dicts",
+__all__ = ["MODEL_NAMES", "check_name", "create_model", "abstract_model", "model_from_pure_dicts",
            "count_params", "default_num_classes", "BatchNorm"]
 
 # name -> (builder(name, num_classes, *, rngs, dtype), default num_classes)
@@ -45,15 +45,15 @@ MODEL_NAMES: tuple[str, ...] = (
 assert set(MODEL_NAMES) == set(_REGISTRY), sorted(set(MODEL_NAMES) ^ set(_REGISTRY))
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str, what: str = "model name") -> None:
+  """Fails for a name that is not in the zoo, listing the valid ones."""
   if name not in _REGISTRY:
-    raise ValueError(
-        f"Unknown model name {name!r}. Valid names: {', '.join(MODEL_NAMES)}.")
+    raise ValueError(f"Unknown {what} {name!r}. Valid names: {', '.join(MODEL_NAMES)}.")
 
 
 def default_num_classes(name: str) -> int:
   """100 for the CIFAR names, 1000 for ``imagenet_*``."""
-  _check_name(name)
+  check_name(name)
   return _REGISTRY[name][1]
 
 
@@ -69,7 +69,7 @@ def create_model(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs,
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters and BN statistics stay
       float32 and logits are returned as float32.
   """
-  _check_name(name)
+  check_name(name)
   builder, default = _REGISTRY[name]
   if num_classes is None:
     num_classes = default
