@@ -9,7 +9,8 @@
 or a PyTorch file (then `--arch` names the architecture, and `--component` which model of an
 mdistiller trainer file that holds a student and a teacher). The config only supplies the data and
 its pipeline (CIFAR on the device, ImageNet streamed: `--config.data.folder=DIR`,
-`--config.data.data_dir=DIR`, ...) and the evaluation batch size.
+`--config.data.data_dir=DIR`, ...) and the evaluation batch size. A training workdir without
+`--config` is evaluated on its own run's data (its config.json), `--config.*` overrides applied.
 """
 
 import json
@@ -38,9 +39,9 @@ def main():
   import jax.numpy as jnp
   from sortkd_jax import teachers, train
 
-  config = FLAGS.config
   if not os.path.exists(FLAGS.checkpoint):
     raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist.")
+  config = _config()
   mesh = train.make_mesh()
   evaluate, num_classes, num_examples = train.make_test_evaluator(config, mesh, dtype=jnp.float32)
   model, arch = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
@@ -49,6 +50,22 @@ def main():
   metrics = evaluate(network, train.replicate(variables, mesh))
   print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": arch,
                     "split": config.data.test_split, "num_examples": num_examples, **metrics}))
+
+
+def _config():
+  """--config; for a training workdir given without it, the run's own config.json (so its data
+  and pipeline), with the command line's --config.* overrides applied."""
+  import ml_collections
+  from sortkd_jax import checkpoint
+
+  saved = os.path.join(FLAGS.checkpoint, "config.json")
+  if FLAGS["config"].present or not (checkpoint.is_train_workdir(FLAGS.checkpoint)
+                                     and os.path.isfile(saved)):
+    return FLAGS.config
+  with open(saved) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.update_from_flattened_dict(FLAGS["config"].override_values)
+  return config
 
 
 if __name__ == "__main__":
