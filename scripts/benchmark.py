@@ -33,7 +33,7 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sortkd_jax import augment, cli, methods, models, train  # noqa: E402
@@ -100,13 +100,17 @@ def summarize_trace(trace_dir: str, calls: int, top: int = 12) -> dict:
           "top_ops": [[name, round(ms, 4), round(n, 1)] for name, (ms, n) in ranked[:top]]}
 
 
-def main(argv):
-  del argv
+def main():
   config = FLAGS.config
   config.unlock()
   if config.data.pipeline != "on_device":
-    raise app.UsageError("benchmark.py times the on-device CIFAR step (32x32 synthetic data); "
-                         f"{config.data.pipeline!r} recipes (ImageNet) are not supported.")
+    raise ValueError("benchmark.py times the on-device CIFAR step (32x32 synthetic data); "
+                     f"{config.data.pipeline!r} recipes (ImageNet) are not supported.")
+  models.check_name(config.student.name, "config.student.name")
+  if methods.uses_teacher(config):
+    models.check_name(config.teacher.name, "config.teacher.name")
+  if FLAGS.json:  # before minutes of timing, not after
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
   batch_size = FLAGS["batch-size"].value or config.batch_size
   config.dtype = FLAGS.dtype or config.dtype
   k = (FLAGS["steps-per-dispatch"].value or config.steps_per_dispatch
@@ -114,12 +118,9 @@ def main(argv):
   n, num_classes = FLAGS["num-examples"].value, FLAGS["num-classes"].value
   dtype = train.compute_dtype(config)
   mesh = train.make_mesh()
-  try:  # the trainer's own checks
-    train.check_divisible_by_devices(batch_size, mesh.size, "the batch size")
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  train.check_divisible_by_devices(batch_size, mesh.size, "the batch size")
   if n < batch_size:
-    raise app.UsageError(f"--num-examples {n} is smaller than the batch size {batch_size}.")
+    raise ValueError(f"--num-examples {n} is smaller than the batch size {batch_size}.")
   common = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
             "jax": jax.__version__, "method": config.method, "sort": bool(config.sort),
             "student": config.student.name,
@@ -183,7 +184,7 @@ def main(argv):
     print(f"\nper dispatch of {k} steps: {wall_ms:.2f} ms wall, "
           f"{summary['op_ms_per_call']:.2f} ms in {summary['ops_per_call']:.0f} XLA ops")
     for name, ms, count in summary["top_ops"]:
-      print(f"  {name:<40}{ms:>10.3f} ms {count:>8.1f} ops")
+      print(f"  {name:<40}{ms:>10.3f} ms {count:>8.0f} ops")
 
   if FLAGS.eval:
     n_eval = min(n, 10_000)
@@ -250,4 +251,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags_briefly)
+  cli.run(main)
