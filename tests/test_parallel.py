@@ -18,7 +18,8 @@ import time
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, read_metrics
+
 TIMEOUT_S = 300
 
 # argv: out_dir workdir teacher [coordinator num_processes process_id]
@@ -105,13 +106,8 @@ def _params(path):
     return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def _epochs(workdir):
-  return [r for r in _records(workdir) if r["kind"] == "epoch"]
+  return [r for r in read_metrics(workdir) if r["kind"] == "epoch"]
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +159,7 @@ def test_two_processes_train_like_one_with_four_devices(four_devices):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
   # Logs: written once, by process 0, with the same numbers.
-  ref, records = _records(single / "run"), _records(multi / "run")
+  ref, records = read_metrics(single / "run"), read_metrics(multi / "run")
   assert len(records) == len(ref)
   epochs = _epochs(multi / "run")
   assert len(epochs) == 1 and epochs[0]["epoch"] == 1

@@ -12,7 +12,6 @@ N=2, S=224 for ImageNet); ``logits`` is PyTorch's eval-mode output.
 import functools
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -22,11 +21,10 @@ import pytest
 import torch
 from flax import nnx
 
+from helpers import REPO, run_script
 from sortkd_jax import checkpoint, models, porting
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "porting")
-SCRIPT = os.path.join(ROOT, "scripts", "port_weights.py")
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "porting")
 with open(os.path.join(FIXTURES, "mdistiller_state_dict_keys.json")) as _f:
   SPEC_KEYS = json.load(_f)
 
@@ -274,16 +272,14 @@ def test_load_model_errors(tmp_path):
     checkpoint.load_model(str(tmp_path / "empty"))
 
 
-def run_script(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        env=env, cwd=str(ROOT), timeout=300)
+def port_weights(*args):
+  return run_script("port_weights.py", *args)
 
 
 def test_port_weights_script(pth_files, tmp_path):
   _, x, ref = fixture("resnet8")
   dst = str(tmp_path / "teachers" / "resnet8")
-  r = run_script("--arch", "resnet8", "--src", pth_files["teacher"], "--dst", dst)
+  r = port_weights("--arch", "resnet8", "--src", pth_files["teacher"], "--dst", dst)
   assert r.returncode == 0, r.stderr
   assert "resnet8 (100 classes)" in r.stdout and "83,892" in r.stdout
   assert "47 (+ 9 num_batches_tracked" in r.stdout
@@ -292,10 +288,10 @@ def test_port_weights_script(pth_files, tmp_path):
   assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
   assert f"sum {meta['logits_checksum']['sum']:.6f}" in r.stdout
 
-  r = run_script("--arch", "resnet8", "--src", pth_files["teacher"], "--dst", dst)
+  r = port_weights("--arch", "resnet8", "--src", pth_files["teacher"], "--dst", dst)
   assert r.returncode != 0 and "already exists; pass --overwrite" in r.stderr
-  r = run_script("--arch", "resnet8", "--src", pth_files["latest"], "--dst", dst,
-                 "--component", "teacher", "--overwrite")
+  r = port_weights("--arch", "resnet8", "--src", pth_files["latest"], "--dst", dst,
+                   "--component", "teacher", "--overwrite")
   assert r.returncode == 0, r.stderr
   _, meta = checkpoint.load_model(dst)
   assert meta["metadata"]["component"] == "teacher"
@@ -317,7 +313,7 @@ def test_port_weights_script_errors(pth_files, tmp_path, case):
             "unknown_arch": "unknown --arch 'resnet9'. Valid names: resnet8"}[case]
   arch, src, extra = args
   dst = tmp_path / "out"
-  r = run_script("--arch", arch, "--src", src, "--dst", str(dst), *extra)
+  r = port_weights("--arch", arch, "--src", src, "--dst", str(dst), *extra)
   assert r.returncode == 1
   assert expect in r.stderr
   assert "Traceback" not in r.stderr

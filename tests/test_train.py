@@ -4,6 +4,8 @@ import glob
 import json
 import os
 import re
+import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
+from helpers import read_metrics, run_python, run_script
 from sortkd_jax import checkpoint, losses, methods, models, train
 
 CONFIG_MODULES = {"vanilla": cifar_vanilla, "kd": cifar_kd, "dkd": cifar_dkd,
@@ -47,9 +50,16 @@ def tiny_config(recipe, teacher_dir, **overrides):
   return config
 
 
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+@pytest.fixture(scope="module")
+def kd_one_epoch(teacher_dir, tmp_path_factory):
+  """One epoch of `tiny_config("kd", teacher_dir, num_epochs=1)`, trained once for the tests
+  that need it: `workdir`, the trainer's `result` and the `config`. Read-only: copy the workdir
+  (shutil.copytree) to resume or change it."""
+  workdir = str(tmp_path_factory.mktemp("kd_one_epoch") / "run")
+  config = tiny_config("kd", teacher_dir, num_epochs=1)
+  with tfds.testing.mock_data(num_examples=64):
+    result = train.train_and_evaluate(config, workdir)
+  return types.SimpleNamespace(workdir=workdir, result=result, config=config)
 
 
 @pytest.mark.parametrize("method", sorted(CONFIG_MODULES))
@@ -76,13 +86,16 @@ def test_runlocal_every_method(method, teacher_dir, tmp_path):
     assert 1.0 < epochs[-1]["train_ctkd_temperature"] < 21.0
 
 
-def test_resume_is_bit_identical(teacher_dir, tmp_path):
+def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path):
+  """Two epochs straight = epoch 1 (the shared run), then a resumed epoch 2, even after a crash
+  mid-save of epoch 2: that leaves only orbax's temporary directory, which resume ignores."""
+  shutil.copytree(kd_one_epoch.workdir, tmp_path / "resumed")
+  ckpt_dir = os.path.join(tmp_path / "resumed", "checkpoints")
+  os.makedirs(os.path.join(ckpt_dir, "2.orbax-checkpoint-tmp-1234", "state"))
+  assert checkpoint.TrainCheckpointer(ckpt_dir).latest_epoch() == 1
   config = tiny_config("kd", teacher_dir)
   with tfds.testing.mock_data(num_examples=64):
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
-    config.num_epochs = 1
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    config.num_epochs = 2
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   jax.tree.map(np.testing.assert_array_equal, straight["state"], resumed["state"])
   epochs = [r["epoch"] for r in read_metrics(str(tmp_path / "resumed")) if r["kind"] == "epoch"]
@@ -96,18 +109,17 @@ def test_resume_is_bit_identical(teacher_dir, tmp_path):
   assert windows["resumed"][2] == windows["straight"][2]
 
 
-def test_steps_per_dispatch_does_not_change_training(teacher_dir, tmp_path):
+def test_steps_per_dispatch_does_not_change_training(teacher_dir, kd_one_epoch, tmp_path):
   """Several steps per dispatch (the teacher run once on all their batches) = one by one."""
-  results = {}
+  assert kd_one_epoch.config.steps_per_dispatch == 2  # the runlocal recipe's
+  workdirs = {1: str(tmp_path / "k1"), 2: kd_one_epoch.workdir}
+  config = tiny_config("kd", teacher_dir, num_epochs=1, steps_per_dispatch=1)
   with tfds.testing.mock_data(num_examples=64):
-    for k in (1, 2):
-      config = tiny_config("kd", teacher_dir, num_epochs=1, steps_per_dispatch=k)
-      results[k] = train.train_and_evaluate(config, str(tmp_path / f"k{k}"))
+    results = {1: train.train_and_evaluate(config, workdirs[1]), 2: kd_one_epoch.result}
   assert int(results[2]["state"].step) == 3  # 40 images: one chunk of 2 steps, one of 1
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                results[1]["state"], results[2]["state"])
-  loss = lambda k: [r["train_loss"] for r in read_metrics(str(tmp_path / f"k{k}"))
-                    if r["kind"] == "epoch"]
+  loss = lambda k: [r["train_loss"] for r in read_metrics(workdirs[k]) if r["kind"] == "epoch"]
   np.testing.assert_allclose(loss(2), loss(1), rtol=1e-6)
 
 
@@ -115,16 +127,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_dir, tmp_path):
   workdir = str(tmp_path / "nan")
   config = tiny_config("kd", teacher_dir, lr_decay_rate=1e30)  # epoch 2's lr diverges
   with tfds.testing.mock_data(num_examples=64):
-    with pytest.raises(FloatingPointError, match=r"last good checkpoint \(epoch 1\)"):
+    with pytest.raises(FloatingPointError, match="checkpoint of epoch 1, the last with a finite"):
       train.train_and_evaluate(config, workdir)
   assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
 
 
-def test_workdir_of_another_config_is_refused_and_a_finished_run_returns(teacher_dir, tmp_path):
+def test_workdir_of_another_config_is_refused_and_a_finished_run_returns(teacher_dir, kd_one_epoch,
+                                                                        tmp_path):
   workdir = str(tmp_path / "run")
+  shutil.copytree(kd_one_epoch.workdir, workdir)
+  first = kd_one_epoch.result
   config = tiny_config("kd", teacher_dir, num_epochs=1)
   with tfds.testing.mock_data(num_examples=64):
-    first = train.train_and_evaluate(config, workdir)
     saved = open(os.path.join(workdir, "config.json")).read()
     config.sort = False
     config.student.name = "resnet20"
@@ -180,12 +194,20 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("num_epochs", 0, "config.num_epochs must be a positive"),
     ("data.max_test_examples", -5, "config.data.max_test_examples must be a positive"),
     ("data.pipeline", "tfdata", "Unknown config.data.pipeline 'tfdata'"),
+    ("student.name", "resnet999", "Unknown config.student.name 'resnet999'. Valid names: "),
+    ("teacher.name", "resnet999", "Unknown config.teacher.name 'resnet999'. Valid names: "),
 ])
 def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message):
   method = "lskd" if key.startswith("lskd") else "kd"
   config = tiny_config(method, teacher_dir, **{key: value})
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_workdir_that_is_a_file_is_refused(teacher_dir, tmp_path):
+  (tmp_path / "notes.txt").write_text("")
+  with pytest.raises(ValueError, match="notes.txt is a file; choose a directory"):
+    train.train_and_evaluate(tiny_config("kd", teacher_dir), str(tmp_path / "notes.txt"))
 
 
 def test_incomplete_multi_process_flags_are_refused():
@@ -211,12 +233,7 @@ def test_default_teacher_checkpoint_follows_the_teacher_name():
     (["--config=configs/nope.py"], "error: [Errno 2] No such file"),
 ])
 def test_config_errors_of_the_script_are_one_line(tmp_path, args, message):
-  import subprocess
-  import sys
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "scripts/train.py", *args, f"--workdir={tmp_path}"],
-                       capture_output=True, text=True, cwd=repo, timeout=300,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  out = run_script("train.py", *args, f"--workdir={tmp_path}")
   assert out.returncode == 1 and message in out.stderr
   assert "Traceback" not in out.stderr
 
@@ -224,12 +241,7 @@ def test_config_errors_of_the_script_are_one_line(tmp_path, args, message):
 @pytest.mark.parametrize("script", ["eval.py", "benchmark.py"])
 def test_override_typo_on_a_default_config_is_one_line(tmp_path, script):
   """Scripts with a default config apply `--config.*` overrides when the flag is defined."""
-  import subprocess
-  import sys
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, os.path.join(repo, "scripts", script), "--config.dat=1"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  out = run_script(script, "--config.dat=1", cwd=tmp_path)
   assert out.returncode == 1
   assert "error: the config has no field 'dat'; did you mean 'data'?" in out.stderr
   assert "Traceback" not in out.stderr
@@ -366,17 +378,9 @@ def test_imagenet_resume_is_bit_identical(tmp_path):
   assert int(resumed["state"].step) == 4
   jax.tree.map(np.testing.assert_array_equal, straight["state"], resumed["state"])
 
-  # eval.py evaluates the run's best epoch through the same streamed pipeline as training.
-  import subprocess
-  import sys
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run(
-      [sys.executable, "scripts/eval.py", "--checkpoint", str(tmp_path / "straight"),
-       "--config", "configs/imagenet_kd.py:r34_r18,runlocal", "--config.data.name=",
-       f"--config.data.folder={tmp_path / 'data'}", "--config.data.test_split=val",
-       "--config.data.image_size=32"],
-      capture_output=True, text=True, cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-      timeout=300)
+  # eval.py evaluates the run's best epoch through the same streamed pipeline as training;
+  # without --config, on the run's own data (its config.json), not the default CIFAR-100.
+  out = run_script("eval.py", "--checkpoint", tmp_path / "straight")
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   epochs = [r for r in read_metrics(str(tmp_path / "straight")) if r["kind"] == "epoch"]
@@ -388,52 +392,28 @@ def test_imagenet_resume_is_bit_identical(tmp_path):
 
 def test_training_core_does_not_import_tensorflow():
   """TF is for input only: importing the trainer must not load it (it would grab the GPU)."""
-  import subprocess
-  import sys
   code = ("import sys, sortkd_jax.train, sortkd_jax.models, sortkd_jax.methods; "
           "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules))")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  out = run_python("-c", code)
+  assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "[]"
 
 
 def test_eval_script_reports_accuracy_of_a_checkpoint(teacher_dir, tmp_path):
-  import subprocess
-  import sys
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cmd = [sys.executable, "scripts/eval.py", "--checkpoint", teacher_dir,
-         "--config", "configs/cifar_kd.py:res56_res20", "--config.data.name=synthetic",
-         "--config.data.max_test_examples=64", "--config.eval_batch_size=32"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=env, timeout=300)
+  config = ["--config", "configs/cifar_kd.py:res56_res20", "--config.data.name=synthetic",
+            "--config.data.max_test_examples=64", "--config.eval_batch_size=32"]
+  out = run_script("eval.py", "--checkpoint", teacher_dir, *config)
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert (result["arch"], result["num_examples"]) == ("resnet8", 64)
   assert 0 <= result["test_top1"] <= result["test_top5"] <= 100
-  missing = subprocess.run(cmd[:2] + ["--checkpoint", str(tmp_path / "none")] + cmd[4:],
-                           capture_output=True, text=True, cwd=repo, env=env, timeout=300)
+  missing = run_script("eval.py", "--checkpoint", tmp_path / "none", *config)
   assert missing.returncode != 0 and "does not exist" in missing.stderr
   # From another directory, with the default config: a missing folder is one error line.
-  no_data = subprocess.run(
-      [sys.executable, os.path.join(repo, "scripts", "eval.py"), "--checkpoint", teacher_dir,
-       f"--config.data.folder={tmp_path / 'nodata'}"],
-      capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+  no_data = run_script("eval.py", "--checkpoint", teacher_dir,
+                       f"--config.data.folder={tmp_path / 'nodata'}", cwd=tmp_path)
   assert no_data.returncode == 1 and "error: No split 'test'" in no_data.stderr
   assert "Traceback" not in no_data.stderr
-
-
-def test_interrupted_save_leaves_the_last_good_checkpoint(teacher_dir, tmp_path):
-  """A crash mid-save leaves only orbax's temporary directory, which resume ignores."""
-  workdir = str(tmp_path / "crash")
-  config = tiny_config("kd", teacher_dir, num_epochs=1)
-  with tfds.testing.mock_data(num_examples=64):
-    train.train_and_evaluate(config, workdir)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    os.makedirs(os.path.join(ckpt_dir, "2.orbax-checkpoint-tmp-1234", "state"))
-    assert checkpoint.TrainCheckpointer(ckpt_dir).latest_epoch() == 1
-    config.num_epochs = 2
-    result = train.train_and_evaluate(config, workdir)
-  assert int(result["state"].step) == 2 * 3
 
 
 def test_checkpoints_beyond_latest_and_best_are_deleted_across_restarts(tmp_path):
@@ -473,21 +453,14 @@ def test_unreadable_checkpoint_names_the_epochs_to_fall_back_to(tmp_path):
   np.testing.assert_array_equal(state["w"], np.arange(1000.0))
 
 
-def test_unreadable_run_is_one_error_line_in_the_scripts(teacher_dir, tmp_path):
+def test_unreadable_run_is_one_error_line_in_the_scripts(kd_one_epoch, tmp_path):
   """Orbax leaves the other reads of a failed restore pending; they must not print tracebacks
   when the script exits."""
-  import subprocess
-  import sys
-  config = tiny_config("kd", teacher_dir, num_epochs=1)
-  with tfds.testing.mock_data(num_examples=64):
-    train.train_and_evaluate(config, str(tmp_path))
-  _corrupt_arrays(tmp_path / "checkpoints" / "1")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run(
-      [sys.executable, "scripts/eval.py", "--checkpoint", str(tmp_path),
-       "--config", "configs/cifar_kd.py:res56_res20", "--config.data.name=synthetic"],
-      capture_output=True, text=True, cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-      timeout=300)
+  workdir = tmp_path / "run"
+  shutil.copytree(kd_one_epoch.workdir, workdir)
+  _corrupt_arrays(workdir / "checkpoints" / "1")
+  out = run_script("eval.py", "--checkpoint", workdir,
+                   "--config", "configs/cifar_kd.py:res56_res20", "--config.data.name=synthetic")
   assert out.returncode == 1
   assert "error: The checkpoint of epoch 1" in out.stderr and "No other epoch is kept" in out.stderr
   assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr[-3000:]
