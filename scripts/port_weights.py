@@ -61,6 +61,8 @@ def main():
   try:
     model = porting.port_state_dict(arch, state_dict, FLAGS.num_classes)
   except porting.PortingError as e:
+    if e.checkpoint_classes is not None:  # only the class count differs
+      raise
     raise ValueError(
         f"{src!r} does not fit --arch {arch}.\n{e}\n  (In an mdistiller trainer file - latest, "
         "best, epoch_N - --component picks the student (default) or the teacher.)") from e

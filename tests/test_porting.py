@@ -317,4 +317,5 @@ def test_port_weights_script_errors(pth_files, tmp_path, case):
   assert r.returncode == 1
   assert expect in r.stderr
   assert "Traceback" not in r.stderr
+  assert ("--component" in r.stderr) == (case == "wrong_arch")  # the trainer-file hint
   assert not dst.exists()
