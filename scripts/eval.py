@@ -1,6 +1,6 @@
 """Evaluates a student or teacher checkpoint on a test split: loss, top-1, top-5.
 
-  python scripts/eval.py --checkpoint runs/kd --config configs/cifar_kd.py:res32x4_res8x4
+  python scripts/eval.py --checkpoint runs/kd
   python scripts/eval.py --checkpoint teachers/resnet32x4 --config configs/cifar_kd.py
   python scripts/eval.py --checkpoint ckpt_epoch_240.pth --arch resnet32x4 --config configs/cifar_kd.py
   python scripts/eval.py --checkpoint teachers/imagenet_ResNet34 --config configs/imagenet_kd.py
