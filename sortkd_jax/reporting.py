@@ -87,11 +87,19 @@ class Reporter:
 
 
 def _drop_records_after(path: str, step: int) -> None:
+  """Keeps the records up to `step`; a line cut short by a crash goes too."""
   if not os.path.exists(path):
     return
   with open(path) as f:
     lines = f.readlines()
-  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+
+  def up_to_step(line: str) -> bool:
+    try:
+      return json.loads(line)["step"] <= step
+    except (ValueError, KeyError, TypeError):
+      return False
+
+  kept = [line for line in lines if up_to_step(line)]
   if len(kept) < len(lines):
     with open(path + ".tmp", "w") as f:
       f.writelines(kept)
