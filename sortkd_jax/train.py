@@ -672,6 +672,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           "a workdir resumes only with its own config).")
     return out
 
+  epoch = start_epoch
   try:
     for epoch in range(start_epoch, config.num_epochs + 1):
       epoch_start = time.perf_counter()
