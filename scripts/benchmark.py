@@ -149,9 +149,9 @@ def main():
         config.teacher.name, num_classes, rngs=nnx.Rngs(1), dtype=dtype))
   state, images, labels, teacher_vars = train.replicate(
       (state, images_np, labels_np, teacher_vars), mesh)
-  chunk = train.build_train_chunk(config, mesh, student_graphdef=train_graphdef,
-                                  teacher=teacher, optimizer=optimizer,
-                                  steps_per_epoch=steps_per_epoch)
+  chunk = train.build_train_chunk(config, mesh, teacher=teacher, train_step=train.make_train_step(
+      config, student_graphdef=train_graphdef, optimizer=optimizer,
+      steps_per_epoch=steps_per_epoch))
   perm = jax.random.permutation(jax.random.PRNGKey(0), n)
   start = jnp.int32(0)
 
@@ -219,9 +219,9 @@ def main():
     if teacher is not None:  # the same step without a teacher: the student's share
       vanilla = config.copy_and_resolve_references()
       vanilla.method = "vanilla"
-      v_chunk = train.build_train_chunk(vanilla, mesh, student_graphdef=train_graphdef,
-                                        teacher=None, optimizer=optimizer,
-                                        steps_per_epoch=steps_per_epoch)
+      v_chunk = train.build_train_chunk(vanilla, mesh, teacher=None, train_step=(
+          train.make_train_step(vanilla, student_graphdef=train_graphdef, optimizer=optimizer,
+                                steps_per_epoch=steps_per_epoch)))
       v_state = train.replicate(train.create_train_state(vanilla, num_classes, optimizer)[0],
                                 mesh)
       v_compiled = v_chunk.lower(v_state, None, images, labels, perm, start, num_steps=k,

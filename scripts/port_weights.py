@@ -51,8 +51,7 @@ def main():
 
   arch, src, dst = FLAGS.arch, FLAGS.src, FLAGS.dst
   # Both checked before the (possibly large) file is read.
-  if arch not in models.MODEL_NAMES:
-    raise ValueError(f"unknown --arch {arch!r}. Valid names: {', '.join(models.MODEL_NAMES)}.")
+  models.check_name(arch, "--arch")
   if os.path.exists(dst) and not FLAGS.overwrite:
     raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it, or "
                           "choose another directory.")

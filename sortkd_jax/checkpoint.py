@@ -103,8 +103,7 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
     The JSON metadata written (arch, num_classes, param_count, logits_checksum, ...).
   """
   path = os.path.abspath(os.fspath(path))
-  if arch not in models.MODEL_NAMES:
-    raise ValueError(f"Unknown arch {arch!r}. Valid names: {', '.join(models.MODEL_NAMES)}.")
+  models.check_name(arch, "arch")
   if os.path.exists(path):
     if not overwrite:
       raise FileExistsError(f"{path!r} already exists; pass overwrite=True (--overwrite) "

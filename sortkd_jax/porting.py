@@ -212,8 +212,7 @@ def port_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int |
     PortingError: strict loading failed (lists missing keys, unexpected keys and shape
       mismatches), or ``num_classes`` disagrees with the checkpoint.
   """
-  if name not in models.MODEL_NAMES:
-    raise ValueError(f"Unknown architecture {name!r}. Valid names: {', '.join(models.MODEL_NAMES)}.")
+  models.check_name(name, "architecture")
   sd = _strip_prefix(state_dict, "module.")
 
   cls_key = _classifier_key(name)

@@ -105,8 +105,7 @@ def epoch_of_step(step: jax.Array, steps_per_epoch: int) -> jax.Array:
 
 def _train_step(state: TrainState, images, labels, teacher_logits, *, config, student_graphdef,
                 optimizer, steps_per_epoch):
-  """One SGD step on a (sharded) batch of normalised images and the teacher's
-  `methods.teacher_targets` (None without a teacher). Returns summed batch metrics."""
+  """See `make_train_step`."""
   epoch = epoch_of_step(state.step, steps_per_epoch)
 
   def loss_fn(params):
@@ -132,6 +131,15 @@ def _train_step(state: TrainState, images, labels, teacher_logits, *, config, st
   return state, metrics
 
 
+def make_train_step(config: ml_collections.ConfigDict, *, student_graphdef: nnx.GraphDef,
+                    optimizer: optax.GradientTransformation, steps_per_epoch: int) -> Callable:
+  """`(state, images, labels, teacher_targets) -> (state, metric sums)`: one SGD step on a
+  (sharded) batch of normalised images, the teacher's `methods.teacher_targets` being None
+  without a teacher. Not jitted: the dispatch functions below call it."""
+  return functools.partial(_train_step, config=config, student_graphdef=student_graphdef,
+                           optimizer=optimizer, steps_per_epoch=steps_per_epoch)
+
+
 def _teacher_targets(teacher: Network, teacher_vars, xs: jax.Array, ys: jax.Array, *,
                      batch_sharding: NamedSharding, config) -> jax.Array:
   """`methods.teacher_targets` (teacher logits, Sort) of a whole dispatch's [steps, batch, ...]
@@ -153,7 +161,7 @@ def _teacher_targets(teacher: Network, teacher_vars, xs: jax.Array, ys: jax.Arra
 
 def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *, num_steps,
                  batch_size, batch_sharding, mean, std, compute_dtype, teacher, config,
-                 **step_kwargs):
+                 train_step):
   """`num_steps` steps over perm[start:start+num_steps·batch_size], in one dispatch: the batches
   are gathered and augmented and the teacher's targets computed for all steps first, then the
   student's steps run in a scan."""
@@ -168,26 +176,24 @@ def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *
   if num_steps == 1:  # no loop: XLA:CPU runs convolutions inside loops far slower
     x, y = batch(0)
     t = None if teacher is None else methods.teacher_targets(config, teacher(teacher_vars, x), y)
-    return _train_step(state, x, y, t, config=config, **step_kwargs)
+    return train_step(state, x, y, t)
   xs, ys = jax.vmap(batch)(jnp.arange(num_steps))
   ts = None if teacher is None else _teacher_targets(
       teacher, teacher_vars, xs, ys, batch_sharding=batch_sharding, config=config)
 
-  def body(state, inputs):
-    return _train_step(state, *inputs, config=config, **step_kwargs)
-
-  state, metrics = jax.lax.scan(body, state, (xs, ys, ts))
+  state, metrics = jax.lax.scan(lambda state, inputs: train_step(state, *inputs), state,
+                                (xs, ys, ts))
   return state, jax.tree.map(lambda m: m.sum(0), metrics)
 
 
 def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_sharding, mean, std,
-                 compute_dtype, teacher, config, **step_kwargs):
+                 compute_dtype, teacher, config, train_step):
   """One step on a device batch already cropped and flipped by tf.data (ImageNet)."""
   x = jax.lax.with_sharding_constraint(augment.normalize(images, mean, std, compute_dtype),
                                        batch_sharding)
   t = None if teacher is None else methods.teacher_targets(config, teacher(teacher_vars, x),
                                                            labels)
-  return _train_step(state, x, labels, t, config=config, **step_kwargs)
+  return train_step(state, x, labels, t)
 
 
 def _eval_batch_sums(model: Network, variables, images, labels, mask, *, batch_sharding,
@@ -422,19 +428,18 @@ def epoch_plan(num_examples: int, batch_size: int, num_devices: int,
   return plan
 
 
-def build_train_chunk(config: ml_collections.ConfigDict, mesh: Mesh, *,
-                      student_graphdef: nnx.GraphDef, teacher: Network | None,
-                      optimizer: optax.GradientTransformation, steps_per_epoch: int,
-                      mean: Sequence[float] = augment.CIFAR_MEAN,
+def build_train_chunk(config: ml_collections.ConfigDict, mesh: Mesh, *, train_step: Callable,
+                      teacher: Network | None, mean: Sequence[float] = augment.CIFAR_MEAN,
                       std: Sequence[float] = augment.CIFAR_STD) -> Callable:
   """The jitted, state-donating `(state, teacher_vars, images, labels, perm, start) ->
-  (state, metric sums)` over `num_steps` steps of `batch_size` (both static)."""
+  (state, metric sums)` over `num_steps` steps of `batch_size` (both static); `train_step` is
+  `make_train_step`'s."""
   replicated = NamedSharding(mesh, P())
   return jax.jit(
       functools.partial(
           _train_chunk, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
-          compute_dtype=compute_dtype(config), config=config, student_graphdef=student_graphdef,
-          teacher=teacher, optimizer=optimizer, steps_per_epoch=steps_per_epoch),
+          compute_dtype=compute_dtype(config), config=config, train_step=train_step,
+          teacher=teacher),
       static_argnames=("num_steps", "batch_size"), donate_argnums=(0,),
       out_shardings=replicated)
 
@@ -468,8 +473,8 @@ class _Feed:
   num_classes: int
   steps_per_epoch: int
   evaluate: Callable[[Network, PyTree], dict[str, float]]
-  # (state, teacher_vars, **step kwargs) -> ((state, epoch) -> iterator of (state, metric sums,
-  # steps taken)): built once the state exists, the train step being compiled for it.
+  # (state, teacher, teacher_vars, train_step) -> ((state, epoch) -> iterator of (state,
+  # metric sums, steps taken)): built once the state exists, the step being compiled for it.
   epoch_runner: Callable[..., Callable[[TrainState, int], Iterator[tuple[TrainState, PyTree, int]]]]
 
 
@@ -527,15 +532,15 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
   logging.info("%d train / %d test images, %d classes; %d steps per epoch.", n,
                len(test_split.labels), train_split.num_classes, steps_per_epoch)
 
-  def epoch_runner(state, teacher_vars, **chunk_kwargs):
+  def epoch_runner(state, teacher, teacher_vars, train_step):
     replicated = NamedSharding(mesh, P())
     images, labels = replicate((train_split.images, train_split.labels), mesh)
     permutation_key = run_keys(config.seed)[2]
     # Each epoch visits every example once, in a new order (spec §7.3 shuffle).
     permutation = jax.jit(lambda epoch: jax.random.permutation(
         jax.random.fold_in(permutation_key, epoch), n), out_shardings=replicated)
-    chunk = build_train_chunk(config, mesh, mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD,
-                              **chunk_kwargs)
+    chunk = build_train_chunk(config, mesh, train_step=train_step, teacher=teacher,
+                              mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD)
     t = time.perf_counter()
     args = (state, teacher_vars, images, labels, permutation(1), jnp.int32(0))
     compiled = {(k, b): chunk.lower(*args, num_steps=k, batch_size=b).compile()
@@ -568,11 +573,12 @@ def _streaming_feed(config, mesh, batch_size) -> _Feed:
   logging.info("%d train images, %d classes; %d steps per epoch.", n, num_classes,
                steps_per_epoch)
 
-  def epoch_runner(state, teacher_vars, **step_kwargs):
+  def epoch_runner(state, teacher, teacher_vars, train_step):
     step = jax.jit(functools.partial(
         _train_batch, batch_sharding=batch_sharding, mean=augment.IMAGENET_MEAN,
         std=augment.IMAGENET_STD, compute_dtype=compute_dtype(config), config=config,
-        **step_kwargs), donate_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
+        teacher=teacher, train_step=train_step), donate_argnums=(0,),
+        out_shardings=NamedSharding(mesh, P()))
 
     def run_epoch(state, epoch):
       # A stream per epoch, seeded by the epoch alone: a resumed run sees the same batches.
@@ -636,9 +642,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  start_epoch, best_top1)
 
   state, teacher_vars = replicate((state, teacher_vars), mesh)
-  run_epoch = feed.epoch_runner(state, teacher_vars, student_graphdef=train_graphdef,
-                                teacher=teacher, optimizer=optimizer,
-                                steps_per_epoch=steps_per_epoch)
+  train_step = make_train_step(config, student_graphdef=train_graphdef, optimizer=optimizer,
+                               steps_per_epoch=steps_per_epoch)
+  run_epoch = feed.epoch_runner(state, teacher, teacher_vars, train_step)
   if teacher is not None and start_epoch == 1:
     logging.info("Teacher %s on the test split: %s", config.teacher.name,
                  feed.evaluate(teacher, teacher_vars))

@@ -242,6 +242,8 @@ def test_save_load_model(tmp_path):
   assert rel_err(loaded(jnp.asarray(x)), ref) < 1e-4
   with pytest.raises(FileExistsError, match="overwrite"):
     checkpoint.save_model(dst, model, arch="vgg11", num_classes=100)
+  with pytest.raises(ValueError, match="Unknown arch 'vgg12'. Valid names: resnet8"):
+    checkpoint.save_model(dst, model, arch="vgg12", num_classes=100, overwrite=True)
   checkpoint.save_model(dst, model, arch="vgg11", num_classes=100, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]
   run = tmp_path / "run"
@@ -310,7 +312,7 @@ def test_port_weights_script_errors(pth_files, tmp_path, case):
             "corrupt": "not a readable PyTorch checkpoint",
             "wrong_arch": "does not fit --arch resnet20",
             "wrong_classes": "has 100 classes but num_classes=10",
-            "unknown_arch": "unknown --arch 'resnet9'. Valid names: resnet8"}[case]
+            "unknown_arch": "Unknown --arch 'resnet9'. Valid names: resnet8"}[case]
   arch, src, extra = args
   dst = tmp_path / "out"
   r = port_weights("--arch", arch, "--src", src, "--dst", str(dst), *extra)
