@@ -52,6 +52,12 @@ def _local_target(tree: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def _leaf_paths(tree: Any) -> set[str]:
+  """'params/student/conv1/kernel'-style paths of a tree's leaves (dataclass or dict alike)."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/")
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _failed_read(e: Exception) -> str:
   """Why an orbax restore failed, in one line: the first of the root cause (orbax wraps
   TensorStore's errors, and TensorStore appends its whole spec, on later lines or in
@@ -216,7 +222,7 @@ TRAIN_CHECKPOINT_DIR = "checkpoints"
 class TrainCheckpointer:
   """Per-epoch training checkpoints in `<workdir>/checkpoints`: the latest N plus the best.
 
-  Each epoch saves the whole TrainState (student, optimizer state, CTKD θ, step, PRNG key)
+  Each epoch saves the whole TrainState (student, optimizer state, CTKD θ, step)
   and a small JSON (epoch metrics, best top-1, architecture). Saves are asynchronous and
   atomic: orbax writes into a temporary directory and renames it when complete, so a crash
   during a save leaves the previous checkpoint as the latest valid one.
@@ -246,19 +252,41 @@ class TrainCheckpointer:
     """Restores into the structure (and dtypes) of `target`, e.g. a freshly created state;
     without one, as the saved nested dicts (e.g. to read a run's student)."""
     try:
-      tree = (self._manager.item_metadata(epoch)["state"].tree if target is None
-              else jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+      saved = self._manager.item_metadata(epoch)["state"].tree
+    except Exception as e:
+      raise self._unreadable(epoch, e) from e
+    if target is not None:
+      self._check_layout(epoch, saved, target)
+    tree = saved if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
       restored = self._manager.restore(epoch, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(_local_target(tree)), meta=ocp.args.JsonRestore()))
     except Exception as e:
-      broken = os.path.join(self.directory, str(epoch))
-      others = [s for s in self._manager.all_steps() if s != epoch]
-      fallback = ("No other epoch is kept." if not others else
-                  f"To use the other kept epochs ({', '.join(map(str, others))}), move it out "
-                  f"of the way: mv {broken} {broken}.unreadable")
-      raise ValueError(f"The checkpoint of epoch {epoch}, {broken}, cannot be read "
-                       f"({_failed_read(e)}). {fallback}") from e
+      raise self._unreadable(epoch, e) from e
     return restored.state, restored.meta
+
+  def _unreadable(self, epoch: int, e: Exception) -> ValueError:
+    broken = os.path.join(self.directory, str(epoch))
+    others = [s for s in self._manager.all_steps() if s != epoch]
+    fallback = ("No other epoch is kept." if not others else
+                f"To use the other kept epochs ({', '.join(map(str, others))}), move it out "
+                f"of the way: mv {broken} {broken}.unreadable")
+    return ValueError(f"The checkpoint of epoch {epoch}, {broken}, cannot be read "
+                      f"({_failed_read(e)}). {fallback}")
+
+  def _check_layout(self, epoch: int, saved: Any, target: Any) -> None:
+    """Refuses a checkpoint whose state has other fields than `target` (another version's
+    TrainState): every kept epoch has the same layout, so setting one aside cannot help."""
+    saved_paths, target_paths = _leaf_paths(saved), _leaf_paths(target)
+    if saved_paths != target_paths:
+      differences = [f"only in the checkpoint: {', '.join(sorted(saved_paths - target_paths))}",
+                     f"only in this version: {', '.join(sorted(target_paths - saved_paths))}"]
+      raise ValueError(
+          f"The checkpoint of epoch {epoch} in {self.directory} holds another training-state "
+          f"layout than this version of sortkd-jax resumes "
+          f"({'; '.join(d for d in differences if not d.endswith(': '))}), so the run cannot "
+          "be continued; it was written by another version. Its student can still be "
+          "evaluated with scripts/eval.py --checkpoint WORKDIR; train in a new --workdir.")
 
   def best_epoch(self) -> int:
     """The kept epoch with the highest test top-1."""

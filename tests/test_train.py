@@ -453,6 +453,23 @@ def test_unreadable_checkpoint_names_the_epochs_to_fall_back_to(tmp_path):
   np.testing.assert_array_equal(state["w"], np.arange(1000.0))
 
 
+def test_checkpoint_of_another_state_layout_is_refused_by_name(tmp_path):
+  """A run written by a version with other TrainState fields: one clear error, not the
+  unreadable-epoch advice (every kept epoch has the same layout)."""
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
+  for epoch in (1, 2):
+    ckpt.save(epoch, {"w": jnp.ones(3), "rng": jnp.zeros(2, jnp.uint32)},
+              {"test_top1": 1.0, "best_top1": 1.0})
+  ckpt.close()
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
+  with pytest.raises(ValueError, match=r"another training-state layout .*\(only in the "
+                     r"checkpoint: rng; only in this version: v\).*eval.py --checkpoint"):
+    ckpt.restore(2, {"w": jnp.ones(3), "v": jnp.ones(1)})
+  state, _ = ckpt.restore(2)  # read as saved, as eval.py does
+  ckpt.close()
+  assert sorted(state) == ["rng", "w"]
+
+
 def test_unreadable_run_is_one_error_line_in_the_scripts(kd_one_epoch, tmp_path):
   """Orbax leaves the other reads of a failed restore pending; they must not print tracebacks
   when the script exits."""
