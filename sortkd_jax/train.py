@@ -62,7 +62,6 @@ class TrainState:
   params: PyTree             # {'student': ..., ['ctkd_theta': scalar]}
   batch_stats: PyTree        # student BatchNorm running statistics
   opt_state: optax.OptState
-  rng: jax.Array             # raw PRNG key; augmentation keys are fold_in(rng, step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +159,8 @@ def _teacher_targets(teacher: Network, teacher_vars, xs: jax.Array, ys: jax.Arra
 
 
 def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *, num_steps,
-                 batch_size, batch_sharding, mean, std, compute_dtype, teacher, config,
-                 train_step):
+                 batch_size, batch_sharding, augment_key, mean, std, compute_dtype, teacher,
+                 config, train_step):
   """`num_steps` steps over perm[start:start+num_steps·batch_size], in one dispatch: the batches
   are gathered and augmented and the teacher's targets computed for all steps first, then the
   student's steps run in a scan."""
@@ -169,7 +168,7 @@ def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *
   def batch(i):
     idx = jax.lax.dynamic_slice_in_dim(perm, start + i * batch_size, batch_size)
     idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
-    key = jax.random.fold_in(state.rng, state.step + i)
+    key = jax.random.fold_in(augment_key, state.step + i)
     x = augment.cifar_train_augment(key, images[idx], mean=mean, std=std, dtype=compute_dtype)
     return jax.lax.with_sharding_constraint(x, batch_sharding), labels[idx]
 
@@ -360,9 +359,8 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
 def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
                        optimizer: optax.GradientTransformation
                        ) -> tuple[TrainState, nnx.GraphDef, nnx.GraphDef]:
-  """A fresh student (reference initialisation), optimizer state and PRNG key."""
-  init_key, augment_key, _ = run_keys(config.seed)
-  rng = jax.random.key_data(augment_key)
+  """A fresh student (reference initialisation) and optimizer state."""
+  init_key = run_keys(config.seed)[0]
   student = models.create_model(config.student.name, num_classes,
                                 rngs=nnx.Rngs(init_key), dtype=compute_dtype(config))
   train_graphdef, eval_graphdef, params, batch_stats = split_student(student)
@@ -370,7 +368,7 @@ def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
   if methods.learns_temperature(config):
     params["ctkd_theta"] = jnp.asarray(config.ctkd.init, jnp.float32)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                     opt_state=optimizer.init(params), rng=rng)
+                     opt_state=optimizer.init(params))
   return state, train_graphdef, eval_graphdef
 
 
@@ -437,7 +435,9 @@ def build_train_chunk(config: ml_collections.ConfigDict, mesh: Mesh, *, train_st
   replicated = NamedSharding(mesh, P())
   return jax.jit(
       functools.partial(
-          _train_chunk, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
+          _train_chunk, batch_sharding=NamedSharding(mesh, P("data")),
+          # A host constant: derived inside the step, the key's split would run every dispatch.
+          augment_key=np.asarray(run_keys(config.seed)[1]), mean=mean, std=std,
           compute_dtype=compute_dtype(config), config=config, train_step=train_step,
           teacher=teacher),
       static_argnames=("num_steps", "batch_size"), donate_argnums=(0,),
