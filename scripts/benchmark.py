@@ -1,19 +1,25 @@
-"""Throughput of the real training step (and of evaluation) on synthetic CIFAR-shaped data.
+"""Throughput of the real training step (and of evaluation) on synthetic data.
 
   python scripts/benchmark.py --config configs/cifar_kd.py:res32x4_res8x4 \
       --batch-size 64 --steps-per-dispatch 16
   python scripts/benchmark.py --config configs/cifar_kd.py:res32x4_res8x4 \
       --batch-size 2048 --dtype bfloat16
+  python scripts/benchmark.py --config configs/imagenet_kd.py:r34_r18 \
+      --config.data.folder=DIR --dtype bfloat16
 
-What is timed is the function the trainer runs: gather from the on-device split, crop/flip/
-normalise, frozen teacher forward, Sort, the method's loss, student forward/backward and the SGD
-update, `--steps-per-dispatch` steps per dispatch. Compilation and warm-up are reported
+What is timed is the function the trainer runs. CIFAR recipes: gather from the on-device split,
+crop/flip/normalise, frozen teacher forward, Sort, the method's loss, student forward/backward and
+the SGD update, `--steps-per-dispatch` steps per dispatch. ImageNet (tf.data) recipes: the same
+step, one per dispatch, on a device batch already cropped (uint8, `config.data.image_size`), and
+then, apart, this host's tf.data input pipeline (decode, random-resized crop, flip, batch) on the
+config's data; `--noinput` leaves it out and needs no data. Compilation and warm-up are reported
 separately; each figure is the median of `--windows` timed windows. `--breakdown` also times the
-parts on their own (teacher forward, student step without teacher, Sort, augmentation).
-`--profile DIR` traces a few dispatches with `jax.profiler` (open DIR in TensorBoard or
-Perfetto) and reports where the device time goes: time inside XLA ops against wall time (the
-rest is launch gaps and host work) and the op kinds that take it (cudnn-conv, fusions, ...).
-Prints one JSON object per measurement, then a table. Needs neither TensorFlow nor data.
+parts on their own (teacher forward, student step without teacher, Sort, on-device augmentation).
+`--profile DIR` traces a few dispatches with `jax.profiler` (open DIR in TensorBoard or Perfetto)
+and reports where the device time goes: time inside XLA ops against wall time (the rest is launch
+gaps and host work) and the op kinds that take it (cudnn-conv, fusions, ...). Prints one JSON
+object per measurement, then a table. Needs neither TensorFlow nor data, except to time an input
+pipeline.
 """
 
 import collections
@@ -35,8 +41,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from sortkd_jax import augment, cli, methods, models, train  # noqa: E402
+from sortkd_jax import augment, cli, input_pipeline, methods, models, train  # noqa: E402
 
 cli.define_config_flag(os.path.join(REPO, "configs", "cifar_kd.py:res32x4_res8x4"),
                        "Recipe whose method, models and loss are benchmarked.")
@@ -45,9 +52,10 @@ flags.DEFINE_integer("batch-size", None, "Global batch size (default: the config
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: config's).")
 flags.DEFINE_integer("steps-per-dispatch", None, "Steps per dispatch (default: config's).",
                      lower_bound=1)
-flags.DEFINE_integer("num-examples", 50_000, "Size of the synthetic training split.",
-                     lower_bound=1)
-flags.DEFINE_integer("num-classes", 100, "Classes of the synthetic data.", lower_bound=2)
+flags.DEFINE_integer("num-examples", 50_000, "Size of the synthetic training split (CIFAR "
+                     "recipes; it sets the steps per epoch of ImageNet ones).", lower_bound=1)
+flags.DEFINE_integer("num-classes", None, "Classes of the synthetic data (default: the "
+                     "student's, 100 for CIFAR models, 1000 for imagenet_*).", lower_bound=2)
 flags.DEFINE_integer("windows", 5, "Timed windows; the median is reported.", lower_bound=1)
 flags.DEFINE_float("window-seconds", 2.0, "Approximate length of one timed window.",
                    lower_bound=0.0)
@@ -55,6 +63,8 @@ flags.DEFINE_boolean("eval", True, "Also time evaluation (up to 10,000 images)."
 flags.DEFINE_boolean("breakdown", False, "Also time the step's parts on their own.")
 flags.DEFINE_string("json", None, "Also append the JSON lines to this file.")
 flags.DEFINE_string("profile", None, "Trace a few train-step dispatches into this directory.")
+flags.DEFINE_boolean("input", True, "ImageNet (tf.data) recipes: also time this host's input "
+                     "pipeline on the config's data.")
 FLAGS = flags.FLAGS
 
 
@@ -103,29 +113,35 @@ def summarize_trace(trace_dir: str, calls: int, top: int = 12) -> dict:
 def main():
   config = FLAGS.config
   config.unlock()
-  if config.data.pipeline != "on_device":
-    raise ValueError("benchmark.py times the on-device CIFAR step (32x32 synthetic data); "
-                     f"{config.data.pipeline!r} recipes (ImageNet) are not supported.")
   models.check_name(config.student.name, "config.student.name")
   if methods.uses_teacher(config):
     models.check_name(config.teacher.name, "config.teacher.name")
   if FLAGS.json:  # before minutes of timing, not after
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+  streaming = config.data.pipeline == "tf_data"
   batch_size = FLAGS["batch-size"].value or config.batch_size
   config.dtype = FLAGS.dtype or config.dtype
-  k = (FLAGS["steps-per-dispatch"].value or config.steps_per_dispatch
-       or train.default_steps_per_dispatch())
-  n, num_classes = FLAGS["num-examples"].value, FLAGS["num-classes"].value
+  k = 1 if streaming else (FLAGS["steps-per-dispatch"].value or config.steps_per_dispatch
+                           or train.default_steps_per_dispatch())
+  n = FLAGS["num-examples"].value
+  num_classes = FLAGS["num-classes"].value or models.default_num_classes(config.student.name)
+  size = config.data.image_size
   dtype = train.compute_dtype(config)
   mesh = train.make_mesh()
   train.check_divisible_by_devices(batch_size, mesh.size, "the batch size")
   if n < batch_size:
     raise ValueError(f"--num-examples {n} is smaller than the batch size {batch_size}.")
+  if streaming and FLAGS.input:  # the data must be there before minutes of timing
+    source = train.stream_source(config.data)
+    try:
+      input_pipeline.split_info(split=config.data.train_split, **source)
+    except (FileNotFoundError, ValueError) as e:
+      raise type(e)(f"{e} (--noinput times the device step alone, without data.)") from e
   common = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
             "jax": jax.__version__, "method": config.method, "sort": bool(config.sort),
             "student": config.student.name,
             "teacher": config.teacher.name if methods.uses_teacher(config) else None,
-            "dtype": config.dtype, "batch_size": batch_size}
+            "dtype": config.dtype, "batch_size": batch_size, "image_size": size}
   results = []
 
   def report(kind, **fields):
@@ -137,34 +153,50 @@ def main():
       with open(FLAGS.json, "a") as f:
         f.write(line + "\n")
 
+  # On-device (CIFAR) recipes gather their batches from a whole synthetic split on the device;
+  # tf.data (ImageNet) recipes get one synthetic batch as tf.data delivers it: cropped uint8.
   rng = np.random.default_rng(0)
-  images_np = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-  labels_np = rng.integers(0, num_classes, (n,), dtype=np.int32)
-  steps_per_epoch = sum(s for s, _, _ in train.epoch_plan(n, batch_size, mesh.size, k))
+  images_np = rng.integers(0, 256, (batch_size if streaming else n, size, size, 3), np.uint8)
+  labels_np = rng.integers(0, num_classes, (len(images_np),), dtype=np.int32)
+  steps_per_epoch = (n // batch_size if streaming
+                     else sum(s for s, _, _ in train.epoch_plan(n, batch_size, mesh.size, k)))
+  mean, std = ((augment.IMAGENET_MEAN, augment.IMAGENET_STD) if streaming
+               else (augment.CIFAR_MEAN, augment.CIFAR_STD))
   optimizer = train.make_optimizer(config, steps_per_epoch)
   state, train_graphdef, eval_graphdef = train.create_train_state(config, num_classes, optimizer)
   teacher = teacher_vars = None
   if methods.uses_teacher(config):
     teacher, teacher_vars = train.freeze(models.create_model(
         config.teacher.name, num_classes, rngs=nnx.Rngs(1), dtype=dtype))
-  state, images, labels, teacher_vars = train.replicate(
-      (state, images_np, labels_np, teacher_vars), mesh)
-  chunk = train.build_train_chunk(config, mesh, teacher=teacher, train_step=train.make_train_step(
-      config, student_graphdef=train_graphdef, optimizer=optimizer,
-      steps_per_epoch=steps_per_epoch))
-  perm = jax.random.permutation(jax.random.PRNGKey(0), n)
-  start = jnp.int32(0)
+  state, teacher_vars = train.replicate((state, teacher_vars), mesh)
+  images, labels = (jax.device_put((images_np, labels_np), NamedSharding(mesh, P("data")))
+                    if streaming else train.replicate((images_np, labels_np), mesh))
+  def compile_dispatch(cfg, step_state, step_teacher):
+    """The trainer's jitted dispatch for `cfg`, compiled, and a call that runs it once."""
+    train_step = train.make_train_step(cfg, student_graphdef=train_graphdef,
+                                       optimizer=optimizer, steps_per_epoch=steps_per_epoch)
+    t_vars = teacher_vars if step_teacher is not None else None
+    if streaming:
+      args = (t_vars, images, labels)
+      compiled = train.build_train_batch(cfg, mesh, train_step=train_step,
+                                         teacher=step_teacher).lower(step_state, *args).compile()
+    else:
+      perm = jax.random.permutation(jax.random.PRNGKey(0), n)
+      args = (t_vars, images, labels, perm, jnp.int32(0))
+      compiled = train.build_train_chunk(cfg, mesh, train_step=train_step, teacher=step_teacher
+                                         ).lower(step_state, *args, num_steps=k,
+                                                 batch_size=batch_size).compile()
+    box = {"state": step_state}
+
+    def run_once():
+      box["state"], metrics = compiled(box["state"], *args)
+      jax.block_until_ready(metrics)
+
+    return run_once, box
 
   t = time.perf_counter()
-  compiled = chunk.lower(state, teacher_vars, images, labels, perm, start, num_steps=k,
-                         batch_size=batch_size).compile()
+  run_once, box = compile_dispatch(config, state, teacher)
   compile_s = time.perf_counter() - t
-  box = {"state": state}
-
-  def run_once():
-    box["state"], metrics = compiled(box["state"], teacher_vars, images, labels, perm, start)
-    jax.block_until_ready(metrics)
-
   t = time.perf_counter()
   run_once()
   warmup_s = time.perf_counter() - t
@@ -187,9 +219,15 @@ def main():
       print(f"  {name:<40}{ms:>10.3f} ms {count:>8.0f} ops")
 
   if FLAGS.eval:
-    n_eval = min(n, 10_000)
-    evaluate = train.make_evaluator(mesh, images_np[:n_eval], labels_np[:n_eval],
-                                    config.eval_batch_size, dtype=dtype)
+    if streaming:  # two evaluation batches of their own
+      n_eval = 2 * train.eval_batch_size(config.eval_batch_size, mesh.size)
+      eval_images = rng.integers(0, 256, (n_eval, size, size, 3), np.uint8)
+      eval_labels = rng.integers(0, num_classes, (n_eval,), dtype=np.int32)
+    else:
+      n_eval = min(n, 10_000)
+      eval_images, eval_labels = images_np[:n_eval], labels_np[:n_eval]
+    evaluate = train.make_evaluator(mesh, eval_images, eval_labels, config.eval_batch_size,
+                                    dtype=dtype, mean=mean, std=std)
     student_vars = (box["state"].params["student"], box["state"].batch_stats)
     network = train.Network(eval_graphdef)
     t = time.perf_counter()
@@ -203,10 +241,12 @@ def main():
   if FLAGS.breakdown:
     # Each part at the size the trainer runs it: augmentation per step; the teacher and its
     # targets (Sort) once per dispatch. Inputs are arguments, so XLA cannot fold them away.
-    m = min(n, k * batch_size)
-    x = augment.normalize(images[:m], augment.CIFAR_MEAN, augment.CIFAR_STD, dtype)
-    parts = {"augment": (jax.jit(lambda imgs: augment.cifar_train_augment(
-        jax.random.PRNGKey(0), imgs, dtype=dtype)), (images[:batch_size],), batch_size)}
+    m = batch_size if streaming else min(n, k * batch_size)
+    x = augment.normalize(images[:m], mean, std, dtype)
+    parts = {}
+    if not streaming:  # tf.data crops and flips on the host
+      parts["augment"] = (jax.jit(lambda imgs: augment.cifar_train_augment(
+          jax.random.PRNGKey(0), imgs, dtype=dtype)), (images[:batch_size],), batch_size)
     if teacher is not None:
       parts["teacher_forward"] = (jax.jit(teacher), (teacher_vars, x), m)
       parts["teacher_targets"] = (jax.jit(functools.partial(methods.teacher_targets, config)),
@@ -219,35 +259,38 @@ def main():
     if teacher is not None:  # the same step without a teacher: the student's share
       vanilla = config.copy_and_resolve_references()
       vanilla.method = "vanilla"
-      v_chunk = train.build_train_chunk(vanilla, mesh, teacher=None, train_step=(
-          train.make_train_step(vanilla, student_graphdef=train_graphdef, optimizer=optimizer,
-                                steps_per_epoch=steps_per_epoch)))
       v_state = train.replicate(train.create_train_state(vanilla, num_classes, optimizer)[0],
                                 mesh)
-      v_compiled = v_chunk.lower(v_state, None, images, labels, perm, start, num_steps=k,
-                                 batch_size=batch_size).compile()
-      vbox = {"state": v_state}
-
-      def run_vanilla():
-        vbox["state"], m = v_compiled(vbox["state"], None, images, labels, perm, start)
-        jax.block_until_ready(m)
-
+      run_vanilla, _ = compile_dispatch(vanilla, v_state, None)
       run_vanilla()
       stats = timed_windows(run_vanilla, k * batch_size, FLAGS.windows,
                             FLAGS["window-seconds"].value / 2)
       report("part_student_step_without_teacher", steps_per_dispatch=k, **stats)
 
+  if streaming and FLAGS.input:  # this host's tf.data stream: decode, crop, flip, batch
+    d = config.data
+    batches = input_pipeline.imagenet_train_dataset(
+        global_batch_size=batch_size, split=d.train_split, shuffle_buffer=d.shuffle_buffer,
+        image_size=size, **source).as_numpy_iterator()
+    t = time.perf_counter()
+    next(batches)
+    first = time.perf_counter() - t
+    stats = timed_windows(lambda: next(batches), batch_size, FLAGS.windows,
+                          FLAGS["window-seconds"].value)
+    report("input_pipeline", host_cpus=os.cpu_count(), first_call_s=first, **stats)
+
   print(f"\n{'measurement':<36}{'images/s':>14}  details")
   for r in results:
     detail = ", ".join(f"{key}={r[key]:.1f}" if isinstance(r[key], float) else f"{key}={r[key]}"
-                       for key in ("steps_per_dispatch", "compile_s", "eval_batch_size")
+                       for key in ("steps_per_dispatch", "compile_s", "eval_batch_size",
+                                   "host_cpus")
                        if key in r)
     print(f"{r['measurement']:<36}{r['images_per_s']:>14,.0f}  {detail}")
   pair = (f"{common['teacher']} -> {common['student']}" if common["teacher"]
           else common["student"])
   print(f"device: {common['device']} x{common['num_devices']}, jax {common['jax']}, "
         f"{common['method']}{'+Sort' if common['sort'] else ''} {pair}, batch {batch_size}, "
-        f"{common['dtype']}")
+        f"{size} px, {common['dtype']}")
 
 
 if __name__ == "__main__":

@@ -444,6 +444,19 @@ def build_train_chunk(config: ml_collections.ConfigDict, mesh: Mesh, *, train_st
       out_shardings=replicated)
 
 
+def build_train_batch(config: ml_collections.ConfigDict, mesh: Mesh, *, train_step: Callable,
+                      teacher: Network | None, mean: Sequence[float] = augment.IMAGENET_MEAN,
+                      std: Sequence[float] = augment.IMAGENET_STD) -> Callable:
+  """The jitted, state-donating `(state, teacher_vars, images, labels) -> (state, metric sums)`
+  of one step on a device batch of uint8 images cropped by tf.data (ImageNet)."""
+  return jax.jit(
+      functools.partial(
+          _train_batch, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
+          compute_dtype=compute_dtype(config), config=config, train_step=train_step,
+          teacher=teacher),
+      donate_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
+
+
 # ----------------------------------------------------------------------------- the job
 
 
@@ -478,7 +491,8 @@ class _Feed:
   epoch_runner: Callable[..., Callable[[TrainState, int], Iterator[tuple[TrainState, PyTree, int]]]]
 
 
-def _stream_source(data: ml_collections.ConfigDict) -> dict[str, Any]:
+def stream_source(data: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The `input_pipeline` source arguments of a tf.data recipe's `config.data`."""
   return dict(name=data.name, folder=data.folder, data_dir=data.data_dir,
               manual_dir=data.manual_dir, download=data.download)
 
@@ -501,7 +515,7 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
     evaluate = make_evaluator(mesh, test_split.images, test_split.labels, config.eval_batch_size,
                               dtype=dtype, mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD)
     return evaluate, test_split.num_classes, len(test_split.labels)
-  source = _stream_source(d)
+  source = stream_source(d)
   n, num_classes = input_pipeline.split_info(split=d.test_split, **source)
   if d.max_test_examples is not None:
     n = min(n, d.max_test_examples)
@@ -564,7 +578,7 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
 def _streaming_feed(config, mesh, batch_size) -> _Feed:
   """ImageNet: tf.data batches of this process's shard, prefetched to the device."""
   d = config.data
-  source = _stream_source(d)
+  source = stream_source(d)
   n, num_classes = input_pipeline.split_info(split=d.train_split, **source)
   if d.max_train_examples is not None:
     n = min(n, d.max_train_examples)
@@ -574,11 +588,7 @@ def _streaming_feed(config, mesh, batch_size) -> _Feed:
                steps_per_epoch)
 
   def epoch_runner(state, teacher, teacher_vars, train_step):
-    step = jax.jit(functools.partial(
-        _train_batch, batch_sharding=batch_sharding, mean=augment.IMAGENET_MEAN,
-        std=augment.IMAGENET_STD, compute_dtype=compute_dtype(config), config=config,
-        teacher=teacher, train_step=train_step), donate_argnums=(0,),
-        out_shardings=NamedSharding(mesh, P()))
+    step = build_train_batch(config, mesh, train_step=train_step, teacher=teacher)
 
     def run_epoch(state, epoch):
       # A stream per epoch, seeded by the epoch alone: a resumed run sees the same batches.

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 from helpers import run_script
 
 
@@ -32,3 +33,36 @@ def test_benchmark_script_reports_every_measurement(tmp_path):
   assert os.path.exists(profile["trace"])
   assert records[2]["eval_images"] == 256
   assert "train_step" in proc.stdout and "images/s" in proc.stdout  # the readable table
+
+
+def _jpeg_folder(root, count=8, size=(80, 96)):
+  """<root>/train/<class>/<i>.jpg: a tiny ImageNet-style folder of two classes."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for name in ("cat", "dog"):
+    os.makedirs(root / "train" / name)
+    for i in range(count):
+      Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+          root / "train" / name / f"{i}.jpg")
+  return str(root)
+
+
+def test_benchmark_of_an_imagenet_recipe_times_the_step_and_the_input_pipeline(tmp_path):
+  out_file = tmp_path / "bench.jsonl"
+  args = ["--config", "configs/imagenet_kd.py:r34_r18,runlocal",
+          "--config.teacher.name=imagenet_ResNet18", "--noeval", "--windows=1",
+          "--window-seconds=0.05", f"--json={out_file}"]
+  missing = run_script("benchmark.py", *args, f"--config.data.folder={tmp_path / 'none'}")
+  assert missing.returncode == 1 and "No split 'train' in image folder" in missing.stderr
+  assert "--noinput times the device step alone" in missing.stderr
+  assert not out_file.exists()  # refused before any timing
+
+  proc = run_script("benchmark.py", *args, f"--config.data.folder={_jpeg_folder(tmp_path)}",
+                    timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(line) for line in out_file.read_text().splitlines()]
+  assert [r["measurement"] for r in records] == ["train_step", "input_pipeline"]
+  step, stream = records
+  assert (step["batch_size"], step["image_size"], step["steps_per_dispatch"]) == (8, 64, 1)
+  assert step["student"] == "imagenet_ResNet18" and step["images_per_s"] > 0
+  assert stream["images_per_s"] > 0 and stream["host_cpus"] >= 1
