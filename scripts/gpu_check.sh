@@ -2,10 +2,10 @@
 # One-call GPU check of the speed targets (issue #5), sized to finish in under 8 minutes:
 # about 1.5 minutes of benchmarks, then the whole 240-epoch run, stopped at its 6-minute target.
 # The run uses 16 steps per dispatch (the trainer's GPU default is 8; EXTRAS=1 times both).
-# EXTRAS=1 replaces the whole run (a second call, about 4 minutes) with a kernel-level profile
+# EXTRAS=1 replaces the whole run (a second call, about 5 minutes) with a kernel-level profile
 # and a part-by-part breakdown of the batch-64 step, two XLA-flag variants, bf16 at batch 64,
-# the default 8 steps per dispatch against 16, and the eval-mode forward of resnet32x4 at
-# batch 256.
+# the default 8 steps per dispatch against 16, the ImageNet recipe's step, and the eval-mode
+# forward of resnet32x4 at batch 256.
 #
 # The GPU machines have JAX, flax, optax, orbax and chex but no ml-collections/tensorboardX;
 # fetch those wheels once, where pip works, into .whl/ (git-ignored):
@@ -51,6 +51,9 @@ if [ "${EXTRAS:-0}" = 1 ]; then
   $BENCH --batch-size 64 --dtype bfloat16 --steps-per-dispatch 16 --noeval 2>&1 | tail -n 3
   # The trainer's default on accelerators is 8 steps per dispatch (the whole run below uses it).
   $BENCH --batch-size 64 --steps-per-dispatch 8 --noeval 2>&1 | tail -n 3
+  # The ImageNet recipe's device step (r34 -> r18, batch 512, 224 px, bf16), without input.
+  python3 scripts/benchmark.py --config configs/imagenet_kd.py:r34_r18 --dtype bfloat16 \
+      --noinput --noeval --windows 3 --window-seconds 1 --json "$OUT/bench.jsonl" 2>&1 | tail -n 3
   # Issue #3's figure: eval-mode forward of resnet32x4 at batch 256 (the eval_student line).
   python3 scripts/benchmark.py --config configs/cifar_vanilla.py:res32x4_res8x4 \
       --config.student.name=resnet32x4 --config.eval_batch_size=256 --batch-size 256 \
