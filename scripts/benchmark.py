@@ -119,6 +119,9 @@ def main():
   if FLAGS.json:  # before minutes of timing, not after
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
   streaming = config.data.pipeline == "tf_data"
+  if streaming and FLAGS["steps-per-dispatch"].value:
+    raise ValueError("ImageNet (tf.data) recipes run one step per dispatch, as the trainer does; "
+                     "--steps-per-dispatch is for CIFAR recipes.")
   batch_size = FLAGS["batch-size"].value or config.batch_size
   config.dtype = FLAGS.dtype or config.dtype
   k = 1 if streaming else (FLAGS["steps-per-dispatch"].value or config.steps_per_dispatch
@@ -171,6 +174,7 @@ def main():
   state, teacher_vars = train.replicate((state, teacher_vars), mesh)
   images, labels = (jax.device_put((images_np, labels_np), NamedSharding(mesh, P("data")))
                     if streaming else train.replicate((images_np, labels_np), mesh))
+
   def compile_dispatch(cfg, step_state, step_teacher):
     """The trainer's jitted dispatch for `cfg`, compiled, and a call that runs it once."""
     train_step = train.make_train_step(cfg, student_graphdef=train_graphdef,

@@ -56,6 +56,8 @@ def test_benchmark_of_an_imagenet_recipe_times_the_step_and_the_input_pipeline(t
   assert missing.returncode == 1 and "No split 'train' in image folder" in missing.stderr
   assert "--noinput times the device step alone" in missing.stderr
   assert not out_file.exists()  # refused before any timing
+  chunked = run_script("benchmark.py", *args, "--steps-per-dispatch=4")
+  assert chunked.returncode == 1 and "run one step per dispatch" in chunked.stderr
 
   proc = run_script("benchmark.py", *args, f"--config.data.folder={_jpeg_folder(tmp_path)}",
                     timeout=600)
