@@ -555,8 +555,9 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
         jax.random.fold_in(permutation_key, epoch), n), out_shardings=replicated)
     chunk = build_train_chunk(config, mesh, train_step=train_step, teacher=teacher,
                               mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD)
+    starts = replicate([np.int32(start) for _, _, start in plan], mesh)  # the same each epoch
     t = time.perf_counter()
-    args = (state, teacher_vars, images, labels, permutation(1), jnp.int32(0))
+    args = (state, teacher_vars, images, labels, permutation(1), starts[0])
     compiled = {(k, b): chunk.lower(*args, num_steps=k, batch_size=b).compile()
                 for k, b, _ in plan}
     logging.info("Compiled %d train-step variants in %.1f s.", len(compiled),
@@ -564,9 +565,8 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
 
     def run_epoch(state, epoch):
       perm = permutation(epoch)
-      for k, b, start in plan:
-        state, metrics = compiled[k, b](state, teacher_vars, images, labels, perm,
-                                        jnp.int32(start))
+      for (k, b, _), start in zip(plan, starts):
+        state, metrics = compiled[k, b](state, teacher_vars, images, labels, perm, start)
         yield state, metrics, k
 
     return run_epoch
