@@ -27,6 +27,7 @@ import functools
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import statistics
@@ -138,10 +139,11 @@ def main():
     source = train.stream_source(config.data)
     try:
       input_pipeline.split_info(split=config.data.train_split, **source)
-    except (FileNotFoundError, ValueError) as e:
-      raise type(e)(f"{e} (--noinput times the device step alone, without data.)") from e
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+      raise ValueError(f"{e} (--noinput times the device step alone, without data.)") from e
   common = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-            "jax": jax.__version__, "method": config.method, "sort": bool(config.sort),
+            "jax": jax.__version__, "method": config.method,
+            "sort": bool(config.sort) and methods.uses_teacher(config),
             "student": config.student.name,
             "teacher": config.teacher.name if methods.uses_teacher(config) else None,
             "dtype": config.dtype, "batch_size": batch_size, "image_size": size}
@@ -161,7 +163,7 @@ def main():
   rng = np.random.default_rng(0)
   images_np = rng.integers(0, 256, (batch_size if streaming else n, size, size, 3), np.uint8)
   labels_np = rng.integers(0, num_classes, (len(images_np),), dtype=np.int32)
-  steps_per_epoch = (n // batch_size if streaming
+  steps_per_epoch = (math.ceil(n / batch_size) if streaming
                      else sum(s for s, _, _ in train.epoch_plan(n, batch_size, mesh.size, k)))
   mean, std = ((augment.IMAGENET_MEAN, augment.IMAGENET_STD) if streaming
                else (augment.CIFAR_MEAN, augment.CIFAR_STD))
@@ -223,15 +225,18 @@ def main():
       print(f"  {name:<40}{ms:>10.3f} ms {count:>8.0f} ops")
 
   if FLAGS.eval:
-    if streaming:  # two evaluation batches of their own
-      n_eval = 2 * train.eval_batch_size(config.eval_batch_size, mesh.size)
-      eval_images = rng.integers(0, 256, (n_eval, size, size, 3), np.uint8)
-      eval_labels = rng.integers(0, num_classes, (n_eval,), dtype=np.int32)
+    if streaming:  # the trainer's per-batch evaluator, over two device batches of its own
+      b = train.eval_batch_size(config.eval_batch_size, mesh.size)
+      n_eval = 2 * b
+      eval_batches = [jax.device_put(
+          {"image": rng.integers(0, 256, (b, size, size, 3), np.uint8),
+           "label": rng.integers(0, num_classes, (b,), dtype=np.int32),
+           "mask": np.ones((b,), bool)}, NamedSharding(mesh, P("data"))) for _ in range(2)]
+      evaluate = train.make_streaming_evaluator(mesh, lambda: iter(eval_batches), dtype=dtype)
     else:
       n_eval = min(n, 10_000)
-      eval_images, eval_labels = images_np[:n_eval], labels_np[:n_eval]
-    evaluate = train.make_evaluator(mesh, eval_images, eval_labels, config.eval_batch_size,
-                                    dtype=dtype, mean=mean, std=std)
+      evaluate = train.make_evaluator(mesh, images_np[:n_eval], labels_np[:n_eval],
+                                      config.eval_batch_size, dtype=dtype)
     student_vars = (box["state"].params["student"], box["state"].batch_stats)
     network = train.Network(eval_graphdef)
     t = time.perf_counter()
@@ -260,6 +265,9 @@ def main():
       stats = timed_windows(lambda: fn(*args).block_until_ready(), count, FLAGS.windows,
                             FLAGS["window-seconds"].value / 2)
       report(f"part_{name}", batch=count, **stats)
+    if not parts and teacher is None:
+      print("--breakdown: nothing to time apart (tf.data augments on the host, and the recipe "
+            "has no teacher).")
     if teacher is not None:  # the same step without a teacher: the student's share
       vanilla = config.copy_and_resolve_references()
       vanilla.method = "vanilla"

@@ -286,7 +286,8 @@ class TrainCheckpointer:
           f"layout than this version of sortkd-jax resumes "
           f"({'; '.join(d for d in differences if not d.endswith(': '))}), so the run cannot "
           "be continued; it was written by another version. Its student can still be "
-          "evaluated with scripts/eval.py --checkpoint WORKDIR; train in a new --workdir.")
+          f"evaluated with scripts/eval.py --checkpoint {os.path.dirname(self.directory)}; "
+          "train in a new --workdir.")
 
   def best_epoch(self) -> int:
     """The kept epoch with the highest test top-1."""
