@@ -59,6 +59,9 @@ def _base_config(method: str, pair: str, teacher: str, student: str) -> ml_colle
   c.teacher = ml_collections.ConfigDict(dict(name=teacher))
   # Where the README's port_weights.py command puts it; follows --config.teacher.name.
   c.teacher.checkpoint = "teachers/" + c.teacher.get_ref("name")
+  # Fold the frozen teacher's BatchNorms into its convolutions: 6% (batch 64 fp32) to 14%
+  # (batch 2048 bf16) faster steps on an H200; logits equal up to float rounding (folding.py).
+  c.teacher.fold_batchnorm = True
   c.student = ml_collections.ConfigDict(dict(name=student))
   # name: a tfds dataset; folder: an image folder with train/<class>/ and test/<class>/.
   # max_*_examples (smoke tests): on_device keeps the split's first N; tf_data shortens each
@@ -73,7 +76,7 @@ def _base_config(method: str, pair: str, teacher: str, student: str) -> ml_colle
   # only speed and output.
   c.seed = 0
   c.dtype = "float32"
-  c.steps_per_dispatch = _optional(int)  # None: 8 on GPU/TPU, 1 on CPU (train.py says why)
+  c.steps_per_dispatch = _optional(int)  # None: 32 on GPU/TPU, 1 on CPU (train.py says why)
   c.log_every_steps = 200
   c.checkpoints_to_keep = 2
   return c

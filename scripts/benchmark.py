@@ -146,7 +146,10 @@ def main():
             "sort": bool(config.sort) and methods.uses_teacher(config),
             "student": config.student.name,
             "teacher": config.teacher.name if methods.uses_teacher(config) else None,
-            "dtype": config.dtype, "batch_size": batch_size, "image_size": size}
+            "dtype": config.dtype, "batch_size": batch_size, "image_size": size,
+            "teacher_fold_batchnorm": bool(config.teacher.get("fold_batchnorm"))
+                                      and methods.uses_teacher(config),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
   results = []
 
   def report(kind, **fields):
@@ -171,8 +174,11 @@ def main():
   state, train_graphdef, eval_graphdef = train.create_train_state(config, num_classes, optimizer)
   teacher = teacher_vars = None
   if methods.uses_teacher(config):
-    teacher, teacher_vars = train.freeze(models.create_model(
-        config.teacher.name, num_classes, rngs=nnx.Rngs(1), dtype=dtype))
+    teacher_model = models.create_model(config.teacher.name, num_classes, rngs=nnx.Rngs(1),
+                                        dtype=dtype)
+    if config.teacher.get("fold_batchnorm"):
+      models.fold_batchnorm(teacher_model, (size, size, 3))
+    teacher, teacher_vars = train.freeze(teacher_model)
   state, teacher_vars = train.replicate((state, teacher_vars), mesh)
   images, labels = (jax.device_put((images_np, labels_np), NamedSharding(mesh, P("data")))
                     if streaming else train.replicate((images_np, labels_np), mesh))

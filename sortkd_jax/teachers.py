@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from sortkd_jax import checkpoint
+from sortkd_jax import checkpoint, models
 
 
 def missing_teacher_message(name: str, path: str) -> str:
@@ -89,10 +89,13 @@ def check_teacher_exists(teacher: ml_collections.ConfigDict) -> None:
     raise FileNotFoundError(missing_teacher_message(teacher.name, teacher.checkpoint))
 
 
-def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *,
+def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *, image_size: int,
                  dtype: jnp.dtype = jnp.float32) -> nnx.Module:
-  """The frozen teacher of a run: `teacher.name` loaded from `teacher.checkpoint`."""
+  """The frozen teacher of a run: `teacher.name` loaded from `teacher.checkpoint`, its
+  BatchNorms folded into the convolutions if `teacher.fold_batchnorm`."""
   check_teacher_exists(teacher)
   model, _ = load_frozen_model(teacher.checkpoint, arch=teacher.name, num_classes=num_classes,
                                dtype=dtype)
+  if teacher.get("fold_batchnorm"):
+    models.fold_batchnorm(model, (image_size, image_size, 3))
   return model

@@ -79,6 +79,24 @@ def test_fixture_logits(name):
       np.testing.assert_array_equal(v, sd[k])
 
 
+# (name, BatchNorms folded, BatchNorms in all): WRN's pre-activation blocks keep the BN that
+# reads the residual sum; wrn_16_1's first block also adds the stem conv's raw output to its
+# residual, so the BN after that conv stays too. ShuffleV2 and VGG cover depthwise convs and
+# convs with a bias.
+FOLDS = [("resnet32x4", 34, 34), ("wrn_16_1", 6, 13), ("vgg8", 5, 5), ("ShuffleV2", 56, 56)]
+
+
+@pytest.mark.parametrize("name, folded, total", FOLDS)
+def test_folded_batchnorms_keep_the_reference_logits(name, folded, total):
+  sd, x, ref = fixture(name)
+  model = porting.port_state_dict(name, sd)
+  count = lambda: sum(isinstance(node, models.BatchNorm) for _, node in nnx.iter_graph(model))
+  assert count() == total
+  assert models.fold_batchnorm(model, x.shape[1:]) == folded
+  assert count() == total - folded
+  assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
+
+
 # --------------------------------------------------------------------------------------
 # port_state_dict: strictness and conveniences.
 # --------------------------------------------------------------------------------------

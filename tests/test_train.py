@@ -123,6 +123,21 @@ def test_steps_per_dispatch_does_not_change_training(teacher_dir, kd_one_epoch, 
   np.testing.assert_allclose(loss(2), loss(1), rtol=1e-6)
 
 
+def test_folding_the_teacher_changes_training_only_by_rounding(teacher_dir, kd_one_epoch,
+                                                               tmp_path):
+  from sortkd_jax import teachers
+  assert kd_one_epoch.config.teacher.fold_batchnorm  # the default
+  config = tiny_config("kd", teacher_dir, num_epochs=1, **{"teacher.fold_batchnorm": False})
+  batchnorms = lambda teacher: sum(isinstance(node, models.BatchNorm) for _, node in
+                                   nnx.iter_graph(teachers.load_teacher(teacher, 100,
+                                                                        image_size=32)))
+  assert (batchnorms(config.teacher), batchnorms(kd_one_epoch.config.teacher)) == (9, 0)
+  with tfds.testing.mock_data(num_examples=64):
+    unfolded = train.train_and_evaluate(config, str(tmp_path / "unfolded"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               unfolded["state"], kd_one_epoch.result["state"])
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_dir, tmp_path):
   workdir = str(tmp_path / "nan")
   config = tiny_config("kd", teacher_dir, lr_decay_rate=1e30)  # epoch 2's lr diverges

@@ -22,10 +22,11 @@ from flax import nnx
 
 from sortkd_jax.models import (cifar_resnet, imagenet_resnet, mobilenetv1, mobilenetv2,
                                resnetv2, shufflenetv1, shufflenetv2, vgg, wrn)
+from sortkd_jax.models.folding import fold_batchnorm
 from sortkd_jax.models.layers import BatchNorm
 
 __all__ = ["MODEL_NAMES", "check_name", "create_model", "abstract_model", "model_from_pure_dicts",
-           "count_params", "default_num_classes", "BatchNorm"]
+           "count_params", "default_num_classes", "fold_batchnorm", "BatchNorm"]
 
 # name -> (builder(name, num_classes, *, rngs, dtype), default num_classes)
 _REGISTRY: dict[str, tuple[Callable[..., nnx.Module], int]] = {}
