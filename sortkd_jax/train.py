@@ -397,12 +397,13 @@ def check_divisible_by_devices(batch_size: int, num_devices: int, what: str) -> 
 
 
 def default_steps_per_dispatch() -> int:
-  """Steps per dispatch when the config says None: 8 on accelerators, 1 on CPU.
+  """Steps per dispatch when the config says None: 32 on accelerators, 1 on CPU.
 
-  Several steps in one `lax.scan` hide the dispatch overhead of small steps on GPUs/TPUs; on
-  XLA:CPU convolutions inside a loop run over ten times slower than at top level.
+  Several steps in one `lax.scan` hide the dispatch overhead of small steps on GPUs/TPUs (H200,
+  batch 64 fp32: 28,299 / 29,575 / 30,827 / 31,029 img/s at 8 / 16 / 32 / 64 steps, README);
+  on XLA:CPU convolutions inside a loop run over ten times slower than at top level.
   """
-  return 1 if jax.default_backend() == "cpu" else 8
+  return 1 if jax.default_backend() == "cpu" else 32
 
 
 def epoch_plan(num_examples: int, batch_size: int, num_devices: int,
@@ -633,8 +634,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state, train_graphdef, eval_graphdef = create_train_state(config, feed.num_classes, optimizer)
   teacher, teacher_vars = None, None
   if methods.uses_teacher(config):
-    teacher, teacher_vars = freeze(teachers.load_teacher(config.teacher, feed.num_classes,
-                                                         dtype=dtype))
+    teacher, teacher_vars = freeze(teachers.load_teacher(
+        config.teacher, feed.num_classes, image_size=config.data.image_size, dtype=dtype))
 
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR),
                                       keep=config.checkpoints_to_keep)
@@ -737,9 +738,11 @@ def _sum_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(sum(np.asarray(m[k], np.float64) for m in fetched)) for k in fetched[0]}
 
 
-# Fields a resumed run may change: they do not alter what the checkpoints were trained on.
+# Fields a resumed run may change: they do not alter what the checkpoints were trained on
+# (steps per dispatch and teacher folding only by float rounding).
 RESUMABLE_CHANGES = ("num_epochs", "log_every_steps", "steps_per_dispatch", "eval_batch_size",
-                     "checkpoints_to_keep", "teacher.checkpoint", "data.data_dir",
+                     "checkpoints_to_keep", "teacher.checkpoint", "teacher.fold_batchnorm",
+                     "data.data_dir",
                      "data.folder", "data.cache_dir", "data.download", "data.manual_dir",
                      "data.max_test_examples")
 
