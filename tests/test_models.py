@@ -155,6 +155,55 @@ def test_batchnorm_matches_torch_batchnorm2d():
   np.testing.assert_allclose(bn.var[...], tbn.running_var.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_batchnorm_gradient_matches_torch_batchnorm2d():
+  """The closed-form backward (`L.batch_norm_train`) against torch's autograd, train mode."""
+  rng = np.random.default_rng(3)
+  x = (rng.normal(size=(8, 6, 6, 16)) * 2 + 3).astype(np.float32)
+  w = rng.normal(size=x.shape).astype(np.float32)
+  bn, gamma, beta, _, _ = _bn_with_stats(16, rng)
+  graphdef, params, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+  params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+  loss = lambda x, params: jnp.sum(nnx.merge(graphdef, params, stats)(x) * w)
+  dx, dparams = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), params)
+  grads = (dx, dparams["scale"], dparams["bias"])
+  tbn = torch.nn.BatchNorm2d(16).train()
+  with torch.no_grad():
+    tbn.weight.copy_(torch.tensor(gamma)); tbn.bias.copy_(torch.tensor(beta))
+  tx = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+  (tbn(tx) * torch.from_numpy(w.transpose(0, 3, 1, 2))).sum().backward()
+  expected = (tx.grad.numpy().transpose(0, 2, 3, 1), tbn.weight.grad.numpy(),
+              tbn.bias.grad.numpy())
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batchnorm_statistics_outputs_have_autodiff_gradients(dtype):
+  """Gradients that reach the returned batch mean and variance are those of plain autodiff."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(3, 2, (8, 5, 5, 16)), dtype)
+  scale, bias = (jnp.asarray(rng.uniform(0.5, 1.5, 16), jnp.float32),
+                 jnp.asarray(rng.normal(size=16), jnp.float32))
+  weights = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x.shape, (16,), (16,))]
+
+  def autodiff_batch_norm(x, scale, bias, epsilon, dtype):
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+    inv = jax.lax.rsqrt(var + epsilon) * scale
+    return (xf * inv + (bias - mean * inv)).astype(dtype), mean, var
+
+  def loss(batch_norm):
+    return lambda *args: sum(jnp.sum(out.astype(jnp.float32) * w) for out, w in
+                             zip(batch_norm(*args, 1e-5, dtype), weights))
+
+  got = jax.grad(loss(L.batch_norm_train), argnums=(0, 1, 2))(x, scale, bias)
+  want = jax.grad(loss(autodiff_batch_norm), argnums=(0, 1, 2))(x, scale, bias)
+  for g, w in zip(got, want):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
+
+
 def test_batchnorm_bf16_keeps_float32_statistics():
   rng = np.random.default_rng(2)
   x = (rng.normal(size=(16, 4, 4, 8)) * 4 + 100).astype(np.float32)  # large mean

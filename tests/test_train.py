@@ -120,7 +120,7 @@ def test_steps_per_dispatch_does_not_change_training(teacher_dir, kd_one_epoch, 
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                results[1]["state"], results[2]["state"])
   loss = lambda k: [r["train_loss"] for r in read_metrics(workdirs[k]) if r["kind"] == "epoch"]
-  np.testing.assert_allclose(loss(2), loss(1), rtol=1e-6)
+  np.testing.assert_allclose(loss(2), loss(1), rtol=1e-5)
 
 
 def test_folding_the_teacher_changes_training_only_by_rounding(teacher_dir, kd_one_epoch,
