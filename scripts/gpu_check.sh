@@ -3,11 +3,11 @@
 #   1. batch 64 fp32 (target 1) at the trainer's default steps per dispatch, with a
 #      kernel-level profile and a part-by-part breakdown;
 #   2. batch 2048 bf16 (target 2);
-#   3. the whole 240-epoch run (target 3) in RUN_DTYPE (default bfloat16: the fp32 run was
-#      measured at 1.72 s per epoch, 466 s in all, on 2026-11-28), for what is left of the
-#      deadline (at most its 6-minute target); a run stopped early reports its epochs, its
-#      per-epoch time and the whole run's projected time.
-# EXTRAS=1 runs instead (a second call, about 5 minutes): bf16 at batch 64, 64 and 128 steps per
+#   3. the whole 240-epoch run (target 3) in RUN_DTYPE (default bfloat16: an fp32 run stopped
+#      at 159 epochs took 1.72 s per epoch, about 466 s for 240, on 2026-11-28), for what is
+#      left of the deadline (at most its 6-minute target); a run stopped early reports its
+#      epochs, its per-epoch time and the whole run's projected time.
+# EXTRAS=1 runs instead (a second call, about 5 minutes): bf16 at batch 64, 128 steps per
 # dispatch, the unfolded teacher, the ImageNet recipe's step, and the eval forward of resnet32x4.
 #
 # The GPU machines have JAX, flax, optax, orbax and chex but no ml-collections/tensorboardX;
