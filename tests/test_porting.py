@@ -97,6 +97,24 @@ def test_folded_batchnorms_keep_the_reference_logits(name, folded, total):
   assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
 
 
+
+def test_folding_refuses_a_model_it_cannot_trace_layer_by_layer():
+  """Layers run inside a nested program are out of the folding analysis's sight: it must
+  refuse, not fold blindly."""
+
+  class NestedBlock(nnx.Module):
+    def __init__(self):
+      self.block = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return jax.jit(lambda x: self.block(x))(x)
+
+  model = NestedBlock()
+  before = nnx.state(model)
+  with pytest.raises(NotImplementedError, match="fold_batchnorm=False"):
+    models.fold_batchnorm(model, (32, 32, 3))
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
+
 # --------------------------------------------------------------------------------------
 # port_state_dict: strictness and conveniences.
 # --------------------------------------------------------------------------------------

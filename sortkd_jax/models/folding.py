@@ -17,7 +17,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.extend.core import Literal
 
 from sortkd_jax.models.layers import BatchNorm
 
@@ -55,40 +57,41 @@ def conv_batchnorm_pairs(model: nnx.Module, image_shape: tuple[int, ...]
   """(conv, bn) pairs of an eval-mode `model` where the BatchNorm is called once, on that conv's
   output, and nothing else reads that output (e.g. a pre-activation residual would).
 
-  One traced forward pass finds which BatchNorm takes which conv's output. Whether anything
-  else reads it is found by differentiation: each candidate conv's output gets a zero offset
-  δ that its BatchNorm subtracts again, so the logits depend on δ only through other readers.
+  Found from one traced forward pass, with nothing compiled: every conv output and BatchNorm
+  input goes through a marker (an identity, `lax.optimization_barrier`), and in the traced
+  program a foldable conv's marked output has one reader, its BatchNorm's marker.
   """
-  calls: list = []
-  with _intercepted(after=lambda module, x, y: calls.append((module, x, y)) or y):
-    jax.eval_shape(model, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
-  times_called = collections.Counter(id(module) for module, _, _ in calls)
-  conv_of_output = {id(y): module for module, _, y in calls if isinstance(module, nnx.Conv)}
-  candidates = []
-  for module, x, _ in calls:
-    conv = conv_of_output.get(id(x))
-    if (isinstance(module, BatchNorm) and conv is not None
+  markers: list = []  # the module of each marker, in trace order
+
+  def mark(module, x):
+    markers.append(module)
+    return jax.lax.optimization_barrier(x)
+
+  with _intercepted(before=lambda m, x: mark(m, x) if isinstance(m, BatchNorm) else x,
+                    after=lambda m, x, y: mark(m, y) if isinstance(m, nnx.Conv) else y):
+    jaxpr = jax.make_jaxpr(model)(
+        jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)).jaxpr
+  marks = [e for e in jaxpr.eqns if e.primitive is jax.lax.optimization_barrier_p]
+  if len(marks) != len(markers):  # a model that traces its layers inside a nested program
+    raise NotImplementedError(f"Cannot find the conv/BatchNorm pairs of {type(model).__name__}"
+                              ": run it unfolded (--config.teacher.fold_batchnorm=False).")
+  readers = collections.Counter(v for e in jaxpr.eqns for v in e.invars
+                                if not isinstance(v, Literal))
+  readers.update(v for v in jaxpr.outvars if not isinstance(v, Literal))
+  times_called = collections.Counter(id(module) for module in markers)
+  conv_of_output = {e.outvars[0]: module for module, e in zip(markers, marks)
+                    if isinstance(module, nnx.Conv)}
+  pairs = []
+  for module, e in zip(markers, marks):
+    conv = conv_of_output.get(e.invars[0])
+    if (isinstance(module, BatchNorm) and conv is not None and readers[e.invars[0]] == 1
         and times_called[id(module)] == 1 and times_called[id(conv)] == 1):
-      candidates.append((conv, module))
-  slot = {id(m): i for i, pair in enumerate(candidates) for m in pair}
+      pairs.append((conv, module))
+  return pairs
 
-  def projected_logits(offsets, images, projection):
-    def add_offset(module, x, y):
-      return y + offsets[slot[id(module)]] if isinstance(module, nnx.Conv) else y
 
-    def remove_offset(module, x):
-      return x - offsets[slot[id(module)]] if isinstance(module, BatchNorm) else x
-
-    with _intercepted(before=lambda m, x: remove_offset(m, x) if id(m) in slot else x,
-                      after=lambda m, x, y: add_offset(m, x, y) if id(m) in slot else y):
-      return jnp.sum(model(images) * projection)
-
-  image_key, projection_key = jax.random.split(jax.random.PRNGKey(0))
-  images = jax.random.normal(image_key, (2, *image_shape))
-  projection = jax.random.normal(projection_key, jax.eval_shape(model, images).shape)
-  offsets = [jnp.zeros((bn.num_features,)) for _, bn in candidates]
-  grads = jax.jit(jax.grad(projected_logits))(offsets, images, projection)
-  return [pair for pair, g in zip(candidates, grads) if not jnp.any(g != 0)]
+def _f64(variable: nnx.Variable) -> np.ndarray:
+  return np.asarray(variable[...], np.float64)
 
 
 def fold_batchnorm(model: nnx.Module, image_shape: tuple[int, ...]) -> int:
@@ -102,11 +105,12 @@ def fold_batchnorm(model: nnx.Module, image_shape: tuple[int, ...]) -> int:
       children = enumerate(node) if isinstance(node, nnx.List) else vars(node).items()
       for key, child in children:
         parents.setdefault(id(child), (node, key))
-  for conv, bn in pairs:
-    inv = jax.lax.rsqrt(bn.var[...] + bn.epsilon) * bn.scale[...]
-    bias = bn.bias[...] + ((conv.bias[...] if conv.use_bias else 0.0) - bn.mean[...]) * inv
-    conv.kernel[...] = conv.kernel[...] * inv.astype(conv.kernel[...].dtype)
-    conv.bias = nnx.Param(bias.astype(conv.kernel[...].dtype))
+  for conv, bn in pairs:  # in float64 NumPy: exact to float32, and no device op to compile
+    inv = _f64(bn.scale) / np.sqrt(_f64(bn.var) + bn.epsilon)
+    bias = _f64(bn.bias) + ((_f64(conv.bias) if conv.use_bias else 0.0) - _f64(bn.mean)) * inv
+    dtype = conv.kernel[...].dtype
+    conv.kernel[...] = jax.device_put((_f64(conv.kernel) * inv).astype(dtype))
+    conv.bias = nnx.Param(jax.device_put(bias.astype(dtype)))
     conv.use_bias = True
     parent, key = parents[id(bn)]
     if isinstance(parent, nnx.List):
