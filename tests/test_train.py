@@ -7,6 +7,7 @@ import re
 import shutil
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -277,6 +278,23 @@ def test_every_config_and_pair_builds():
   assert (cfg.lr, cfg.dkd.beta, cfg.sort) == (0.01, 8.0, True)
   assert cifar_dkd.get_config("res56_res20").dkd.beta == 2.0
   assert cifar_dkd.get_config("vgg13_mv2").dkd.beta == 6.0
+
+
+def test_train_state_is_the_reference_initialisation_and_zero_momentum():
+  """The state is built by one compiled program; it holds what eager construction gives."""
+  config = cifar_kd.get_config("res32x4_res8x4")
+  config.student.name = "wrn_16_1"  # convs, BatchNorms and a linear layer with a bias
+  optimizer = train.make_optimizer(config, steps_per_epoch=10)
+  state, train_graphdef, _ = train.create_train_state(config, 100, optimizer)
+  eager = models.create_model("wrn_16_1", 100, rngs=nnx.Rngs(train.run_keys(config.seed)[0]))
+  _, _, params, batch_stats = train.split_student(eager)
+  chex.assert_trees_all_close(state.params["student"], params, rtol=1e-6, atol=0)
+  chex.assert_trees_all_equal(state.batch_stats, batch_stats)
+  chex.assert_trees_all_equal(state.opt_state, optimizer.init(state.params))
+  assert int(state.step) == 0
+  student = nnx.merge(train_graphdef, state.params["student"], state.batch_stats)
+  assert not any(node.use_running_average for _, node in nnx.iter_graph(student)
+                 if isinstance(node, models.BatchNorm))
 
 
 def test_learning_rate_schedule_is_per_epoch_steps():
