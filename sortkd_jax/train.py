@@ -232,7 +232,7 @@ def make_evaluator(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_siz
   The split is padded to whole batches with a mask and held on the device; one dispatch per
   evaluation. Matches mdistiller's validate (spec §7.4): per-example means over the set.
   """
-  batch_size = eval_batch_size(batch_size, mesh.size)
+  batch_size = eval_batch_size(min(batch_size, len(labels)), mesh.size)
   data = replicate(pad_for_eval(images, labels.astype(np.int32), batch_size), mesh)
   sums_fn = jax.jit(functools.partial(
       _eval_sums, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
@@ -394,7 +394,8 @@ def pad_for_eval(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tup
 
 
 def eval_batch_size(requested: int, num_devices: int) -> int:
-  """Evaluation pads and masks its batches, so any size works: round up to the devices."""
+  """Evaluation pads and masks its batches, so any size works: round up to the devices.
+  Callers cap `requested` at the split's size, so a small split is not padded to a big batch."""
   return -(-requested // num_devices) * num_devices
 
 
@@ -529,7 +530,7 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
   n, num_classes = input_pipeline.split_info(split=d.test_split, **source)
   if d.max_test_examples is not None:
     n = min(n, d.max_test_examples)
-  batch = eval_batch_size(config.eval_batch_size, mesh.size)
+  batch = eval_batch_size(min(config.eval_batch_size, n), mesh.size)
   batch_sharding = NamedSharding(mesh, P("data"))
 
   def batches():
@@ -709,8 +710,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if not reporter.timing:  # throughput leaves out compilation, evaluation and saving
           jax.block_until_ready(metrics)
           reporter.start_timing(step)
-          logging.info("First dispatch done %.1f s after the start (data, models, compilation).",
-                       time.perf_counter() - launched)
+          if epoch == start_epoch:
+            logging.info("First dispatch done %.1f s after the start (data, models, "
+                         "compilation).", time.perf_counter() - launched)
         # Windows end at multiples of log_every_steps, so a resumed run logs the same windows.
         if step // config.log_every_steps > (step - num_steps) // config.log_every_steps:
           fetch_pending()
