@@ -250,7 +250,8 @@ def main():
     first = time.perf_counter() - t
     stats = timed_windows(lambda: evaluate(network, student_vars), n_eval, FLAGS.windows,
                           FLAGS["window-seconds"].value)
-    report("eval_student", eval_batch_size=config.eval_batch_size, eval_images=n_eval,
+    report("eval_student", eval_batch_size=train.eval_batch_size(
+        config.eval_batch_size, mesh.size, None if streaming else n_eval), eval_images=n_eval,
            first_call_s=first, **stats)
 
   if FLAGS.breakdown:

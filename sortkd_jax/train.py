@@ -232,7 +232,7 @@ def make_evaluator(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_siz
   The split is padded to whole batches with a mask and held on the device; one dispatch per
   evaluation. Matches mdistiller's validate (spec §7.4): per-example means over the set.
   """
-  batch_size = eval_batch_size(min(batch_size, len(labels)), mesh.size)
+  batch_size = eval_batch_size(batch_size, mesh.size, len(labels))
   data = replicate(pad_for_eval(images, labels.astype(np.int32), batch_size), mesh)
   sums_fn = jax.jit(functools.partial(
       _eval_sums, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
@@ -393,9 +393,11 @@ def pad_for_eval(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tup
   return (images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape))
 
 
-def eval_batch_size(requested: int, num_devices: int) -> int:
-  """Evaluation pads and masks its batches, so any size works: round up to the devices.
-  Callers cap `requested` at the split's size, so a small split is not padded to a big batch."""
+def eval_batch_size(requested: int, num_devices: int, num_examples: int | None = None) -> int:
+  """Evaluation pads and masks its batches, so any size works: round up to the devices. At most
+  the split's `num_examples` (rounded up too), so a small split is not padded to a big batch."""
+  if num_examples is not None:
+    requested = min(requested, num_examples)
   return -(-requested // num_devices) * num_devices
 
 
@@ -530,7 +532,7 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
   n, num_classes = input_pipeline.split_info(split=d.test_split, **source)
   if d.max_test_examples is not None:
     n = min(n, d.max_test_examples)
-  batch = eval_batch_size(min(config.eval_batch_size, n), mesh.size)
+  batch = eval_batch_size(config.eval_batch_size, mesh.size, n)
   batch_sharding = NamedSharding(mesh, P("data"))
 
   def batches():

@@ -11,13 +11,14 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
 from helpers import read_metrics, run_python, run_script
-from sortkd_jax import checkpoint, losses, methods, models, train
+from sortkd_jax import augment, checkpoint, losses, methods, models, train
 
 CONFIG_MODULES = {"vanilla": cifar_vanilla, "kd": cifar_kd, "dkd": cifar_dkd,
                   "lskd": cifar_lskd, "ctkd": cifar_ctkd}
@@ -295,6 +296,26 @@ def test_train_state_is_the_reference_initialisation_and_zero_momentum():
   student = nnx.merge(train_graphdef, state.params["student"], state.batch_stats)
   assert not any(node.use_running_average for _, node in nnx.iter_graph(student)
                  if isinstance(node, models.BatchNorm))
+
+
+def test_evaluation_counts_every_example_once_whatever_the_batch():
+  """Padding is masked: a 7-image split gives the same loss and accuracy at batch 2, 7 and 1000
+  (which is capped at the split's size), equal to a direct computation."""
+  model = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))
+  network, variables = train.freeze(model)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (7, 32, 32, 3), np.uint8)
+  labels = rng.integers(0, 10, 7).astype(np.int32)
+  logits = model(augment.normalize(images, augment.CIFAR_MEAN, augment.CIFAR_STD))
+  expected_loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+  expected_top1 = 100 * float(np.mean(np.argmax(logits, -1) == labels))
+  mesh = train.make_mesh()
+  for batch_size in (2, 7, 1000):
+    result = train.make_evaluator(mesh, images, labels, batch_size)(network, variables)
+    assert result["test_loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert result["test_top1"] == pytest.approx(expected_top1)
+  assert train.eval_batch_size(1000, 4, num_examples=6) == 8
+  assert train.eval_batch_size(1000, 4) == 1000 and train.eval_batch_size(10, 4, 100) == 12
 
 
 def test_learning_rate_schedule_is_per_epoch_steps():
