@@ -31,7 +31,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1
-CFG=configs/cifar_kd.py:res32x4_res8x4  # each benchmark is stopped after 150 s, so the call stays bounded
+CFG=configs/cifar_kd.py:res32x4_res8x4
+# Each benchmark is stopped after 150 s, so that the call stays bounded.
 BENCH="timeout 150 python3 scripts/benchmark.py --config $CFG --windows 3 --window-seconds 1 --json $OUT/bench.jsonl"
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/device.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
