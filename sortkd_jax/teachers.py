@@ -19,16 +19,22 @@ from flax import nnx
 from sortkd_jax import checkpoint, models
 
 
+# torchvision's v1 ImageNet weights, the files mdistiller's ImageNet teachers load.
+TORCHVISION_FILES = {"imagenet_ResNet34": "resnet34-333f7ec4.pth",
+                     "imagenet_ResNet50": "resnet50-19c8e357.pth"}
+
+
 def missing_teacher_message(name: str, path: str) -> str:
   dst = f"teachers/{name}" if path.endswith((".pth", ".pt", ".tar")) else path
+  src = TORCHVISION_FILES.get(name, f"download_ckpts/cifar_teachers/{name}_vanilla/"
+                                    "ckpt_epoch_240.pth")
   return (
       f"Teacher checkpoint {path!r} for {name} does not exist.\n"
       "mdistiller's CIFAR-100 teachers are in `cifar_teachers.tar` on the mdistiller GitHub "
       "release 'checkpoints' (untar it: cifar_teachers/<name>_vanilla/ckpt_epoch_240.pth); "
-      "ImageNet teachers are torchvision's v1 files (resnet34-333f7ec4.pth, "
-      "resnet50-19c8e357.pth). Convert one with\n"
-      f"  python scripts/port_weights.py --arch {name} "
-      f"--src download_ckpts/cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth --dst {dst}\n"
+      f"ImageNet teachers are torchvision's v1 files ({', '.join(TORCHVISION_FILES.values())}). "
+      f"Convert one with\n  python scripts/port_weights.py --arch {name} --src {src} "
+      f"--dst {dst}\n"
       "or pass --config.teacher.checkpoint=FILE.pth to convert on the fly, or the workdir of a "
       "configs/cifar_vanilla.py run of this project.")
 

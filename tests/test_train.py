@@ -18,7 +18,7 @@ from flax import nnx
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
 from helpers import read_metrics, run_python, run_script
-from sortkd_jax import augment, checkpoint, losses, methods, models, train
+from sortkd_jax import augment, checkpoint, losses, methods, models, teachers, train
 
 CONFIG_MODULES = {"vanilla": cifar_vanilla, "kd": cifar_kd, "dkd": cifar_dkd,
                   "lskd": cifar_lskd, "ctkd": cifar_ctkd}
@@ -127,7 +127,6 @@ def test_steps_per_dispatch_does_not_change_training(teacher_dir, kd_one_epoch, 
 
 def test_folding_the_teacher_changes_training_only_by_rounding(teacher_dir, kd_one_epoch,
                                                                tmp_path):
-  from sortkd_jax import teachers
   assert kd_one_epoch.config.teacher.fold_batchnorm  # the default
   config = tiny_config("kd", teacher_dir, num_epochs=1, **{"teacher.fold_batchnorm": False})
   batchnorms = lambda teacher: sum(isinstance(node, models.BatchNorm) for _, node in
@@ -177,7 +176,6 @@ def test_a_model_checkpoint_is_not_a_workdir(teacher_dir):
 
 
 def test_checkpoint_folders_of_a_run_point_to_its_workdir(tmp_path):
-  from sortkd_jax import teachers
   os.makedirs(tmp_path / "run" / "checkpoints" / "2")
   for inside in ("checkpoints", "checkpoints/2"):
     with pytest.raises(ValueError, match="pass the workdir itself"):
@@ -191,8 +189,13 @@ def test_checkpoint_folders_of_a_run_point_to_its_workdir(tmp_path):
 def test_missing_teacher_says_where_teachers_come_from(tmp_path):
   config = tiny_config("kd", str(tmp_path / "nowhere"))
   with tfds.testing.mock_data(num_examples=64):
-    with pytest.raises(FileNotFoundError, match="port_weights.py --arch resnet8"):
+    with pytest.raises(FileNotFoundError, match="port_weights.py --arch resnet8 --src "
+                       "download_ckpts/cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth"):
       train.train_and_evaluate(config, str(tmp_path / "run"))
+  # ImageNet teachers are torchvision's files, not mdistiller's.
+  assert ("--arch imagenet_ResNet34 --src resnet34-333f7ec4.pth --dst teachers/"
+          "imagenet_ResNet34" in teachers.missing_teacher_message(
+              "imagenet_ResNet34", "teachers/imagenet_ResNet34"))
 
 
 def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
