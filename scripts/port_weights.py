@@ -35,9 +35,10 @@ flags.DEFINE_string("src", None, "PyTorch checkpoint file (.pth).")
 flags.DEFINE_string("dst", None, "Output directory (orbax checkpoint + sortkd_model.json).")
 flags.DEFINE_integer("num_classes", None,
                      "Classifier width; default: read from the checkpoint.")
-flags.DEFINE_enum("component", "student", ["student", "teacher"],
-                  "Which model of an mdistiller distiller checkpoint (module.student./"
-                  "module.teacher. keys) to convert; ignored for single-model files.")
+flags.DEFINE_enum("component", None, ["student", "teacher"],
+                  "Which model of an mdistiller trainer file (module.student./module.teacher. "
+                  "keys) to convert; a file holding both is refused without it. Ignored for "
+                  "single-model files.")
 flags.DEFINE_bool("overwrite", False, "Replace --dst if it exists.")
 flags.DEFINE_bool("trust_pickle", False,
                   "Allow torch.load(weights_only=False) for files holding pickled Python "
@@ -64,7 +65,7 @@ def main():
       raise
     raise ValueError(
         f"{src!r} does not fit --arch {arch}.\n{e}\n  (In an mdistiller trainer file - latest, "
-        "best, epoch_N - --component picks the student (default) or the teacher.)") from e
+        "best, epoch_N - --component picks the student or the teacher.)") from e
 
   num_classes = porting.num_classes_of(model)
   info = checkpoint.save_model(

@@ -331,7 +331,7 @@ def _unpickler_detail(message: str) -> str:
   return lines[-1] if lines else "unknown error"
 
 
-def load_torch_state_dict(path: str | os.PathLike, component: str | None = "student", *,
+def load_torch_state_dict(path: str | os.PathLike, component: str | None = None, *,
                           trust_pickle: bool = False) -> dict[str, np.ndarray]:
   """Reads a PyTorch checkpoint and returns a flat state dict of NumPy arrays.
 

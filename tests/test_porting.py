@@ -216,7 +216,7 @@ def test_pth_teacher_for_data_of_another_class_count(pth_files):
 @pytest.mark.parametrize("kind", ["teacher", "latest", "student", "bare"])
 def test_pth_round_trip(pth_files, kind):
   _, x, ref = fixture("resnet8")
-  sd = porting.load_torch_state_dict(pth_files[kind])
+  sd = porting.load_torch_state_dict(pth_files[kind], "student" if kind == "latest" else None)
   assert all(isinstance(v, np.ndarray) for v in sd.values())
   model = porting.port_state_dict("resnet8", sd)
   assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
@@ -328,6 +328,11 @@ def test_port_weights_script(pth_files, tmp_path):
 
   r = port_weights("--arch", "resnet8", "--src", pth_files["teacher"], "--dst", dst)
   assert r.returncode != 0 and "already exists; pass --overwrite" in r.stderr
+  # A trainer file holds a student and a teacher: neither is taken without --component.
+  r = port_weights("--arch", "resnet8", "--src", pth_files["latest"], "--dst", dst,
+                   "--overwrite")
+  assert r.returncode == 1 and "holding a student and a teacher" in r.stderr, r.stderr
+  assert "--component student|teacher" in r.stderr and "Traceback" not in r.stderr
   r = port_weights("--arch", "resnet8", "--src", pth_files["latest"], "--dst", dst,
                    "--component", "teacher", "--overwrite")
   assert r.returncode == 0, r.stderr
