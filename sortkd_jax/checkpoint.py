@@ -216,6 +216,13 @@ def is_train_workdir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, TRAIN_CHECKPOINT_DIR))
 
 
+def has_saved_epoch(workdir: str) -> bool:
+  """Whether a run's workdir holds a finished epoch's checkpoint (orbax names it `<epoch>/`;
+  a save in progress has a temporary name)."""
+  directory = os.path.join(workdir, TRAIN_CHECKPOINT_DIR)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 TRAIN_CHECKPOINT_DIR = "checkpoints"
 
 

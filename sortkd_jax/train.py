@@ -662,6 +662,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    "--config.num_epochs to continue it.", workdir, latest, best_top1)
       ckpt.close()
       return {"best_top1": best_top1, "last_top1": meta["test_top1"], "state": to_host(state)}
+    _check_steps_per_epoch(int(to_host(state.step)), latest, steps_per_epoch)
     logging.info("Resuming from %s at epoch %d (best top-1 so far %.2f).", ckpt.directory,
                  start_epoch, best_top1)
 
@@ -790,6 +791,19 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{key} must be a positive integer, got {value!r}.")
 
 
+def _check_steps_per_epoch(step: int, epoch: int, steps_per_epoch: int) -> None:
+  """Refuses to resume when an epoch has another number of steps than when the checkpoint was
+  taken: the learning-rate boundaries and the epoch-based weights (DKD's warm-up, CTKD's λ)
+  count steps, so the run would silently follow another schedule."""
+  if step != epoch * steps_per_epoch:
+    raise ValueError(
+        f"The checkpoint of epoch {epoch} was taken at step {step} ({step / epoch:g} steps "
+        f"per epoch), but an epoch now has {steps_per_epoch} steps: the training data or the "
+        "device count changed since (an epoch's last batch is rounded down to a multiple of "
+        "the device count). Resume with the run's own data and device count, or train in a "
+        "new --workdir.")
+
+
 def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a file, a model directory, and checkpoints that were trained with another recipe."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -798,8 +812,8 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ValueError(f"{workdir} holds a model checkpoint (e.g. a ported teacher), not a "
                      "training run; choose another --workdir.")
   saved_path = os.path.join(workdir, "config.json")
-  if not (checkpoint.is_train_workdir(workdir) and os.path.exists(saved_path)):
-    return
+  if not (checkpoint.has_saved_epoch(workdir) and os.path.exists(saved_path)):
+    return  # nothing trained yet (or a run stopped in its first epoch): any config may start
   with open(saved_path) as f:
     saved = _flat(json.load(f))
   current = _flat(json.loads(config.to_json_best_effort()))

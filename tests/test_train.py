@@ -169,6 +169,34 @@ def test_workdir_of_another_config_is_refused_and_a_finished_run_returns(teacher
   jax.tree.map(np.testing.assert_array_equal, first["state"], again["state"])
 
 
+def test_resume_with_another_number_of_steps_per_epoch_is_refused(teacher_dir, kd_one_epoch,
+                                                                    tmp_path):
+  """A data.folder (resumable) with fewer images, or another device count, changes the steps
+  per epoch, which the learning-rate schedule counts in: resuming would shift it silently."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(kd_one_epoch.workdir, workdir)
+  config = tiny_config("kd", teacher_dir, num_epochs=2)
+  with tfds.testing.mock_data(num_examples=32):  # 32 images: 2 steps per epoch, not 3
+    with pytest.raises(ValueError, match=r"epoch 1 was taken at step 3 \(3 steps per epoch\), "
+                       "but an epoch now has 2 steps"):
+      train.train_and_evaluate(config, workdir)
+  assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
+
+
+def test_a_run_stopped_before_its_first_checkpoint_does_not_bind_its_workdir(teacher_dir,
+                                                                           tmp_path):
+  """Only a saved epoch ties a workdir to its config: a run stopped in epoch 1 (its
+  checkpoints/ made, perhaps a save in progress) may be restarted with another config."""
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / "checkpoints" / "1.orbax-checkpoint-tmp-1234")
+  (workdir / "config.json").write_text(json.dumps({"sort": False}))
+  config = tiny_config("kd", teacher_dir)
+  train._check_workdir(config, str(workdir))
+  os.makedirs(workdir / "checkpoints" / "1")
+  with pytest.raises(ValueError, match="sort: False -> True"):
+    train._check_workdir(config, str(workdir))
+
+
 def test_a_model_checkpoint_is_not_a_workdir(teacher_dir):
   config = tiny_config("kd", teacher_dir)
   with pytest.raises(ValueError, match="holds a model checkpoint"):
