@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sortkd_jax import augment
@@ -311,14 +313,30 @@ def make_mesh() -> Mesh:
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-  """Places host values on every device; works with several processes (same value on each)."""
+  """Places host values on every device. With several processes each passes its own copy,
+  which must be the same on all: that is checked, as nothing else would notice a host that,
+  say, decoded its data differently."""
   sharding = NamedSharding(mesh, P())
+  tree = jax.tree.map(np.asarray, tree)
+  if jax.process_count() > 1:
+    _check_same_on_every_process(tree)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), tree)
 
-  def put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-  return jax.tree.map(put, tree)
+def _check_same_on_every_process(tree: PyTree) -> None:
+  digest = hashlib.sha1()
+  for x in jax.tree.leaves(tree):
+    digest.update(f"{x.shape}{x.dtype}".encode())
+    digest.update(x.tobytes())
+  digests = multihost_utils.process_allgather(np.frombuffer(digest.digest(), np.uint32))
+  differing = [i for i, d in enumerate(digests) if not np.array_equal(d, digests[0])]
+  if differing:
+    raise ValueError(
+        f"Processes {differing} hold other values than process 0 for arrays every process must "
+        "load alike (data splits, initial state, teacher): give every host the same files, "
+        "and TensorFlow on all hosts or on none (its image decoder orders a folder's images "
+        "otherwise).")
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:

@@ -187,6 +187,32 @@ def test_two_processes_train_like_one_with_four_devices(four_devices):
     np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
 
 
+REPLICATE = textwrap.dedent("""
+    import sys, numpy as np
+    from sortkd_jax import train
+    address, pid = sys.argv[1], int(sys.argv[2])
+    train.maybe_initialize_distributed(address, 2, pid)
+    mesh = train.make_mesh()
+    same = train.replicate({"x": np.arange(6.0), "n": np.int32(3)}, mesh)
+    print("SAME", float(same["x"].addressable_shards[0].data.sum()), int(same["n"]))
+    try:  # process 1 decoded its split differently
+      train.replicate({"x": np.arange(6.0) + pid, "n": np.int32(3)}, mesh)
+    except ValueError as e:
+      print("REFUSED", e)
+""")
+
+
+def test_replicated_host_values_must_be_the_same_on_every_process(tmp_path):
+  """Each process places its own copy of a replicated array (a data split, the initial state):
+  a copy that differs is refused on every process, not silently mixed across devices."""
+  address = f"localhost:{_free_port()}"
+  outs = _wait_all([_launch(REPLICATE, [address, pid], 1, str(tmp_path / f"log{pid}"))
+                    for pid in range(2)])
+  for out in outs:
+    assert "SAME 15.0 3" in out
+    assert "REFUSED Processes [1] hold other values than process 0" in out, out
+
+
 # ----------------------------------------------------------------------------- tf.data (ImageNet)
 
 STREAM = textwrap.dedent("""
