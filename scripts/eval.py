@@ -10,7 +10,10 @@ or a PyTorch file (then `--arch` names the architecture, and `--component` which
 mdistiller trainer file that holds a student and a teacher). The config only supplies the data and
 its pipeline (CIFAR on the device, ImageNet streamed: `--config.data.folder=DIR`,
 `--config.data.data_dir=DIR`, ...) and the evaluation batch size. A training workdir without
-`--config` is evaluated on its own run's data (its config.json), `--config.*` overrides applied.
+`--config` is evaluated on its own run's data (its config.json), `--config.*` overrides applied;
+those are checked against the default recipe (cifar_vanilla.py) first, so an ImageNet-only field
+(`data.manual_dir`, `data.shuffle_buffer`) needs the run's recipe as `--config`. Prints one JSON
+line: checkpoint, arch, split, test loss, top-1, top-5 and the number of examples counted.
 """
 
 import json
@@ -43,13 +46,13 @@ def main():
     raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist.")
   config = _config()
   mesh = train.make_mesh()
-  evaluate, num_classes, num_examples = train.make_test_evaluator(config, mesh, dtype=jnp.float32)
+  evaluate, num_classes = train.make_test_evaluator(config, mesh, dtype=jnp.float32)
   model, arch = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
                                            num_classes=num_classes, component=FLAGS.component)
   network, variables = train.freeze(model)
   metrics = evaluate(network, train.replicate(variables, mesh))
   print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": arch,
-                    "split": config.data.test_split, "num_examples": num_examples, **metrics}))
+                    "split": config.data.test_split, **metrics}))
 
 
 def _config():

@@ -222,14 +222,15 @@ def _eval_sums(model: Network, variables, images, labels, mask, **kwargs):
 def _eval_summary(sums: dict[str, np.ndarray]) -> dict[str, float]:
   count = sums["count"]
   return {"test_loss": float(sums["loss"] / count), "test_top1": float(100 * sums["top1"] / count),
-          "test_top5": float(100 * sums["top5"] / count)}
+          "test_top5": float(100 * sums["top5"] / count), "test_examples": int(count)}
 
 
 def make_evaluator(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
                    dtype: jnp.dtype = jnp.float32, mean: Sequence[float] = augment.CIFAR_MEAN,
                    std: Sequence[float] = augment.CIFAR_STD
                    ) -> Callable[[Network, PyTree], dict[str, float]]:
-  """A function computing test loss, top-1 and top-5 (%) of a network on a whole split.
+  """A function computing test loss, top-1 and top-5 (%) of a network on a whole split, and
+  the number of examples counted.
 
   The split is padded to whole batches with a mask and held on the device; one dispatch per
   evaluation. Matches mdistiller's validate (spec §7.4): per-example means over the set.
@@ -531,8 +532,8 @@ def stream_source(data: ml_collections.ConfigDict) -> dict[str, Any]:
 def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
                         dtype: jnp.dtype | None = None,
                         test_split: input_pipeline.ArraySplit | None = None
-                        ) -> tuple[Callable[[Network, PyTree], dict[str, float]], int, int]:
-  """The test evaluator of `config.data`'s pipeline, with the split's class and example counts.
+                        ) -> tuple[Callable[[Network, PyTree], dict[str, float]], int]:
+  """The test evaluator of `config.data`'s pipeline, and the split's class count.
 
   Training and scripts/eval.py share it: a CIFAR-sized split (`test_split` if already loaded) is
   held on the device; a `tf_data` split (ImageNet) is streamed, resized and centre-cropped.
@@ -545,7 +546,7 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
       (test_split,) = load_splits(d, include_train=False)
     evaluate = make_evaluator(mesh, test_split.images, test_split.labels, config.eval_batch_size,
                               dtype=dtype, mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD)
-    return evaluate, test_split.num_classes, len(test_split.labels)
+    return evaluate, test_split.num_classes
   source = stream_source(d)
   n, num_classes = input_pipeline.split_info(split=d.test_split, **source)
   if d.max_test_examples is not None:
@@ -561,7 +562,7 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
 
   evaluate = make_streaming_evaluator(mesh, batches, dtype=dtype, mean=augment.IMAGENET_MEAN,
                                       std=augment.IMAGENET_STD)
-  return evaluate, num_classes, n
+  return evaluate, num_classes
 
 
 def _on_device_feed(config, mesh, batch_size) -> _Feed:
@@ -602,7 +603,7 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
 
     return run_epoch
 
-  evaluate, _, _ = make_test_evaluator(config, mesh, test_split=test_split)
+  evaluate, _ = make_test_evaluator(config, mesh, test_split=test_split)
   return _Feed(train_split.num_classes, steps_per_epoch, evaluate, epoch_runner)
 
 
@@ -633,7 +634,7 @@ def _streaming_feed(config, mesh, batch_size) -> _Feed:
 
     return run_epoch
 
-  evaluate, _, _ = make_test_evaluator(config, mesh)
+  evaluate, _ = make_test_evaluator(config, mesh)
   return _Feed(num_classes, steps_per_epoch, evaluate, epoch_runner)
 
 

@@ -470,7 +470,7 @@ def test_imagenet_resume_is_bit_identical(tmp_path):
   result = json.loads(out.stdout.strip().splitlines()[-1])
   epochs = [r for r in read_metrics(str(tmp_path / "straight")) if r["kind"] == "epoch"]
   best = max(reversed(epochs), key=lambda r: r["test_top1"])  # ties: the latest epoch
-  assert (result["arch"], result["num_examples"]) == ("resnet8", 4)
+  assert (result["arch"], result["test_examples"]) == ("resnet8", 4)
   assert result["test_top1"] == best["test_top1"]
   np.testing.assert_allclose(result["test_loss"], best["test_loss"], rtol=1e-5)
 
@@ -490,7 +490,7 @@ def test_eval_script_reports_accuracy_of_a_checkpoint(teacher_dir, tmp_path):
   out = run_script("eval.py", "--checkpoint", teacher_dir, *config)
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
-  assert (result["arch"], result["num_examples"]) == ("resnet8", 64)
+  assert (result["arch"], result["test_examples"]) == ("resnet8", 64)
   assert 0 <= result["test_top1"] <= result["test_top5"] <= 100
   missing = run_script("eval.py", "--checkpoint", tmp_path / "none", *config)
   assert missing.returncode != 0 and "does not exist" in missing.stderr
