@@ -230,7 +230,7 @@ class TrainCheckpointer:
   """Per-epoch training checkpoints in `<workdir>/checkpoints`: the latest N plus the best.
 
   Each epoch saves the whole TrainState (student, optimizer state, CTKD θ, step)
-  and a small JSON (epoch metrics, best top-1, architecture). Saves are asynchronous and
+  and a small JSON (test top-1, best top-1, step, architecture, class count). Saves are asynchronous and
   atomic: orbax writes into a temporary directory and renames it when complete, so a crash
   during a save leaves the previous checkpoint as the latest valid one.
   """
