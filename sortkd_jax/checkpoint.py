@@ -52,10 +52,11 @@ def _local_target(tree: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def _leaf_paths(tree: Any) -> set[str]:
-  """'params/student/conv1/kernel'-style paths of a tree's leaves (dataclass or dict alike)."""
-  return {jax.tree_util.keystr(path, simple=True, separator="/")
-          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """The shapes of a tree's leaves (arrays or orbax metadata) by 'params/student/conv1/kernel'-
+  style path (dataclass or dict alike)."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _failed_read(e: Exception) -> str:
@@ -283,8 +284,10 @@ class TrainCheckpointer:
 
   def _check_layout(self, epoch: int, saved: Any, target: Any) -> None:
     """Refuses a checkpoint whose state has other fields than `target` (another version's
-    TrainState): every kept epoch has the same layout, so setting one aside cannot help."""
-    saved_paths, target_paths = _leaf_paths(saved), _leaf_paths(target)
+    TrainState) or other shapes (other data): every kept epoch has the same layout, so setting
+    one aside cannot help."""
+    saved_shapes, target_shapes = _leaf_shapes(saved), _leaf_shapes(target)
+    saved_paths, target_paths = set(saved_shapes), set(target_shapes)
     if saved_paths != target_paths:
       differences = [f"only in the checkpoint: {', '.join(sorted(saved_paths - target_paths))}",
                      f"only in this version: {', '.join(sorted(target_paths - saved_paths))}"]
@@ -295,6 +298,14 @@ class TrainCheckpointer:
           "be continued; it was written by another version. Its student can still be "
           f"evaluated with scripts/eval.py --checkpoint {os.path.dirname(self.directory)}; "
           "train in a new --workdir.")
+    reshaped = [f"{path}: {saved_shapes[path]} in the checkpoint, {target_shapes[path]} now"
+                for path in sorted(saved_paths) if saved_shapes[path] != target_shapes[path]]
+    if reshaped:
+      raise ValueError(
+          f"The checkpoint of epoch {epoch} in {self.directory} holds arrays of other shapes "
+          f"than this run's state ({'; '.join(reshaped[:3])}): the run was trained on data "
+          "with another number of classes. Resume it with its own data, or train in a new "
+          "--workdir.")
 
   def best_epoch(self) -> int:
     """The kept epoch with the highest test top-1."""

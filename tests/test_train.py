@@ -555,6 +555,20 @@ def test_checkpoint_of_another_state_layout_is_refused_by_name(tmp_path):
   assert sorted(state) == ["rng", "w"]
 
 
+def test_checkpoint_of_other_shapes_is_refused_as_other_data_not_as_unreadable(tmp_path):
+  """A resume on a data.folder (resumable) with another class count: a classifier of another
+  shape. Not the unreadable-epoch advice, which would set aside every good epoch in turn."""
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
+  ckpt.save(1, {"fc": jnp.ones((4, 10)), "step": jnp.int32(3)}, {"test_top1": 1.0,
+                                                                  "best_top1": 1.0})
+  ckpt.close()
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
+  with pytest.raises(ValueError, match=r"other shapes than this run's state \(fc: \(4, 10\) in "
+                     r"the checkpoint, \(4, 5\) now\): .*another number of classes"):
+    ckpt.restore(1, {"fc": jnp.ones((4, 5)), "step": jnp.int32(0)})
+  ckpt.close()
+
+
 def test_unreadable_run_is_one_error_line_in_the_scripts(kd_one_epoch, tmp_path):
   """Orbax leaves the other reads of a failed restore pending; they must not print tracebacks
   when the script exits."""
