@@ -44,6 +44,10 @@ def main():
 
   if not os.path.exists(FLAGS.checkpoint):
     raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist.")
+  if FLAGS.component and not os.path.isfile(FLAGS.checkpoint):
+    raise ValueError(f"--component picks a model of a PyTorch trainer file; {FLAGS.checkpoint} "
+                     "is a directory, which holds one model (a run's student, a ported "
+                     "model): leave --component out.")
   config = _config()
   mesh = train.make_mesh()
   evaluate, num_classes = train.make_test_evaluator(config, mesh, dtype=jnp.float32)

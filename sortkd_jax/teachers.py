@@ -19,24 +19,35 @@ from flax import nnx
 from sortkd_jax import checkpoint, models
 
 
-# torchvision's v1 ImageNet weights, the files mdistiller's ImageNet teachers load.
+# The teachers mdistiller publishes (spec §6): `cifar_teachers.tar` on its GitHub release
+# "checkpoints" (RepDistiller's), and torchvision's v1 ImageNet files.
+MDISTILLER_CIFAR_TEACHERS = ("resnet56", "resnet110", "resnet32x4", "ResNet50", "wrn_40_2",
+                             "vgg13")
 TORCHVISION_FILES = {"imagenet_ResNet34": "resnet34-333f7ec4.pth",
                      "imagenet_ResNet50": "resnet50-19c8e357.pth"}
 
 
 def missing_teacher_message(name: str, path: str) -> str:
+  """What to run to get a `name` teacher: the conversion of its published file, or, for an
+  architecture mdistiller publishes no teacher of, a run of this project to train one."""
   dst = f"teachers/{name}" if path.endswith((".pth", ".pt", ".tar")) else path
-  src = TORCHVISION_FILES.get(name, f"download_ckpts/cifar_teachers/{name}_vanilla/"
-                                    "ckpt_epoch_240.pth")
-  return (
-      f"Teacher checkpoint {path!r} for {name} does not exist.\n"
-      "mdistiller's CIFAR-100 teachers are in `cifar_teachers.tar` on the mdistiller GitHub "
-      "release 'checkpoints' (untar it: cifar_teachers/<name>_vanilla/ckpt_epoch_240.pth); "
-      f"ImageNet teachers are torchvision's v1 files ({', '.join(TORCHVISION_FILES.values())}). "
-      f"Convert one with\n  python scripts/port_weights.py --arch {name} --src {src} "
-      f"--dst {dst}\n"
-      "or pass --config.teacher.checkpoint=FILE.pth to convert on the fly, or the workdir of a "
-      "configs/cifar_vanilla.py run of this project.")
+  if name in TORCHVISION_FILES:
+    get = (f"ImageNet teachers are torchvision's v1 files; convert {TORCHVISION_FILES[name]} "
+           f"with\n  python scripts/port_weights.py --arch {name} --src "
+           f"{TORCHVISION_FILES[name]} --dst {dst}")
+  elif name in MDISTILLER_CIFAR_TEACHERS:
+    get = ("mdistiller's CIFAR-100 teachers are in `cifar_teachers.tar` on the mdistiller "
+           "GitHub release 'checkpoints'; untar it into download_ckpts/ and convert with\n"
+           f"  python scripts/port_weights.py --arch {name} --src download_ckpts/"
+           f"cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth --dst {dst}")
+  else:
+    recipe = ("configs/imagenet_kd.py --config.method=vanilla" if name.startswith("imagenet_")
+              else "configs/cifar_vanilla.py")
+    get = (f"mdistiller publishes no {name} teacher; train one with\n  python scripts/train.py "
+           f"--config {recipe} --config.student.name={name} --workdir runs/{name}\nand pass "
+           f"--config.teacher.checkpoint=runs/{name}")
+  return (f"Teacher checkpoint {path!r} for {name} does not exist.\n{get}\n(A PyTorch file "
+          "also works as --config.teacher.checkpoint=FILE.pth, converted on the fly.)")
 
 
 def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | None = None,

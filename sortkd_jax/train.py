@@ -592,7 +592,7 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
     args = (state, teacher_vars, images, labels, permutation(1), starts[0])
     compiled = {(k, b): chunk.lower(*args, num_steps=k, batch_size=b).compile()
                 for k, b, _ in plan}
-    logging.info("Compiled %d train-step variants in %.1f s.", len(compiled),
+    logging.info("Compiled the train step for %d dispatch shapes in %.1f s.", len(compiled),
                  time.perf_counter() - t)
 
     def run_epoch(state, epoch):
@@ -801,6 +801,10 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.pipeline not in PIPELINES:
     raise ValueError(f"Unknown config.data.pipeline {config.data.pipeline!r}; choose one of "
                      f"{PIPELINES}.")
+  if config.data.pipeline == "tf_data" and "shuffle_buffer" not in config.data:
+    raise ValueError("config.data.pipeline='tf_data' is the ImageNet recipes' stream (random-"
+                     "resized crops, data.shuffle_buffer, data.manual_dir); this config's data "
+                     "is CIFAR-sized: keep 'on_device', or use a configs/imagenet_*.py recipe.")
   sizes = {key: config[key] for key in ("batch_size", "eval_batch_size", "num_epochs")}
   sizes.update({f"data.{key}": config.data[key] for key in ("max_train_examples",
                                                             "max_test_examples")

@@ -217,13 +217,17 @@ def test_checkpoint_folders_of_a_run_point_to_its_workdir(tmp_path):
 def test_missing_teacher_says_where_teachers_come_from(tmp_path):
   config = tiny_config("kd", str(tmp_path / "nowhere"))
   with tfds.testing.mock_data(num_examples=64):
-    with pytest.raises(FileNotFoundError, match="port_weights.py --arch resnet8 --src "
-                       "download_ckpts/cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth"):
+    with pytest.raises(FileNotFoundError, match="mdistiller publishes no resnet8 teacher; train "
+                       "one with\n  python scripts/train.py --config configs/cifar_vanilla.py "
+                       "--config.student.name=resnet8"):
       train.train_and_evaluate(config, str(tmp_path / "run"))
-  # ImageNet teachers are torchvision's files, not mdistiller's.
+  # Published teachers: the conversion of mdistiller's file, or of torchvision's for ImageNet.
+  message = teachers.missing_teacher_message
+  assert ("--arch resnet32x4 --src download_ckpts/cifar_teachers/resnet32x4_vanilla/"
+          "ckpt_epoch_240.pth --dst teachers/resnet32x4" in message("resnet32x4",
+                                                                    "teachers/resnet32x4"))
   assert ("--arch imagenet_ResNet34 --src resnet34-333f7ec4.pth --dst teachers/"
-          "imagenet_ResNet34" in teachers.missing_teacher_message(
-              "imagenet_ResNet34", "teachers/imagenet_ResNet34"))
+          "imagenet_ResNet34" in message("imagenet_ResNet34", "teachers/imagenet_ResNet34"))
 
 
 def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
@@ -242,6 +246,7 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("num_epochs", 0, "config.num_epochs must be a positive"),
     ("data.max_test_examples", -5, "config.data.max_test_examples must be a positive"),
     ("data.pipeline", "tfdata", "Unknown config.data.pipeline 'tfdata'"),
+    ("data.pipeline", "tf_data", "'tf_data' is the ImageNet recipes' stream"),
     ("student.name", "resnet999", "Unknown config.student.name 'resnet999'. Valid names: "),
     ("teacher.name", "resnet999", "Unknown config.teacher.name 'resnet999'. Valid names: "),
 ])
@@ -494,6 +499,8 @@ def test_eval_script_reports_accuracy_of_a_checkpoint(teacher_dir, tmp_path):
   assert 0 <= result["test_top1"] <= result["test_top5"] <= 100
   missing = run_script("eval.py", "--checkpoint", tmp_path / "none", *config)
   assert missing.returncode != 0 and "does not exist" in missing.stderr
+  component = run_script("eval.py", "--checkpoint", teacher_dir, "--component", "teacher", *config)
+  assert component.returncode == 1 and "leave --component out" in component.stderr
   # From another directory, with the default config: a missing folder is one error line.
   no_data = run_script("eval.py", "--checkpoint", teacher_dir,
                        f"--config.data.folder={tmp_path / 'nodata'}", cwd=tmp_path)
