@@ -80,13 +80,16 @@ def _unknown_field_message(e: Exception) -> str:
 
 
 def quiet_library_info_logs() -> None:
-  """Keeps the console readable: orbax's and tfds' INFO chatter is dropped, warnings stay."""
+  """Keeps the console readable: orbax's and tfds' INFO chatter, and JAX's note on the
+  platforms it did not find (e.g. 'Unable to initialize backend tpu' on a CPU), are dropped;
+  warnings stay."""
   import logging as std_logging
 
   class _Filter(std_logging.Filter):
     def filter(self, record):
       return record.levelno >= std_logging.WARNING or not any(
-          f"/{lib}/" in record.pathname for lib in ("orbax", "tensorflow_datasets", "etils"))
+          part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/", "/etils/",
+                                               "/jax/_src/xla_bridge.py"))
 
   logging.get_absl_handler().addFilter(_Filter())
 
