@@ -217,11 +217,13 @@ def is_train_workdir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, TRAIN_CHECKPOINT_DIR))
 
 
-def has_saved_epoch(workdir: str) -> bool:
-  """Whether a run's workdir holds a finished epoch's checkpoint (orbax names it `<epoch>/`;
-  a save in progress has a temporary name)."""
+def latest_saved_epoch(workdir: str) -> int | None:
+  """The last epoch a run's workdir holds a checkpoint of, read from the directory names alone
+  (orbax names a finished save `<epoch>/`, one in progress otherwise); None if none."""
   directory = os.path.join(workdir, TRAIN_CHECKPOINT_DIR)
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  epochs = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(
+      directory) else []
+  return max(epochs, default=None)
 
 
 TRAIN_CHECKPOINT_DIR = "checkpoints"

@@ -647,7 +647,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   launched = time.perf_counter()
   methods.validate(config)
   _check_config(config)
-  if methods.uses_teacher(config):
+  # A finished run only reports its result: it needs no teacher (which may be gone by now).
+  finished = (checkpoint.latest_saved_epoch(workdir) or 0) >= config.num_epochs
+  uses_teacher = methods.uses_teacher(config) and not finished
+  if uses_teacher:
     teachers.check_teacher_exists(config.teacher)
   dtype = compute_dtype(config)
   mesh = make_mesh()
@@ -665,7 +668,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   optimizer = make_optimizer(config, steps_per_epoch)
   state, train_graphdef, eval_graphdef = create_train_state(config, feed.num_classes, optimizer)
   teacher, teacher_vars = None, None
-  if methods.uses_teacher(config):
+  if uses_teacher:
     teacher, teacher_vars = freeze(teachers.load_teacher(
         config.teacher, feed.num_classes, image_size=config.data.image_size, dtype=dtype))
 
@@ -835,7 +838,7 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ValueError(f"{workdir} holds a model checkpoint (e.g. a ported teacher), not a "
                      "training run; choose another --workdir.")
   saved_path = os.path.join(workdir, "config.json")
-  if not (checkpoint.has_saved_epoch(workdir) and os.path.exists(saved_path)):
+  if checkpoint.latest_saved_epoch(workdir) is None or not os.path.exists(saved_path):
     return  # nothing trained yet (or a run stopped in its first epoch): any config may start
   with open(saved_path) as f:
     saved = _flat(json.load(f))

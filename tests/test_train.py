@@ -163,6 +163,7 @@ def test_workdir_of_another_config_is_refused_and_a_finished_run_returns(teacher
     assert open(os.path.join(workdir, "config.json")).read() == saved
     config.sort, config.student.name = True, "resnet8"
     config.log_every_steps = 1  # allowed to change
+    config.teacher.checkpoint = str(tmp_path / "gone")  # too: a finished run needs no teacher
     again = train.train_and_evaluate(config, workdir)
   assert again["best_top1"] == first["best_top1"]
   assert [r["epoch"] for r in read_metrics(workdir) if r["kind"] == "epoch"] == [1]
