@@ -1,0 +1,73 @@
+"""Every method and base-loss combination of `methods.loss_terms` against float64 references
+written from methods.md: KD, DKD, LSKD over KD or DKD, CTKD over KD or DKD, with or without
+standardisation. (The losses themselves: test_losses.py; Sort: test_sort.py.)"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd
+from sortkd_jax import methods
+from test_losses import np_dkd, np_kd, np_log_softmax, np_standardize
+
+EPOCH = 5  # inside DKD's 20-epoch warm-up (factor 1/4) and CTKD's 10-epoch λ ramp
+THETA = 0.3
+
+
+def np_ce(z, y):
+  return -np.mean(np_log_softmax(np.float64(z))[np.arange(len(y)), y])
+
+
+def expected_terms(config, z, v, y):
+  """(CE term, distillation term) from methods.md, in float64; v: the Sort-corrected teacher."""
+  kd, dkd, ls, ct = config.kd, config.dkd, config.lskd, config.ctkd
+  warmup = min(EPOCH / dkd.warmup_epochs, 1.0)
+  if config.method == "ctkd":  # the learned τ = t_start + t_end·sigmoid(θ) replaces T
+    temperature = ct.t_start + ct.t_end / (1 + np.exp(-THETA))
+    base, standardize = ct.base, ct.standardize
+  elif config.method == "lskd":
+    temperature, base, standardize = ls.temperature, ls.base, True
+  else:
+    temperature, base, standardize = config[config.method].temperature, config.method, False
+  if standardize:  # LSKD: z-scored logits for the distillation term, raw logits for CE
+    zd, vd = np_standardize(z), np_standardize(v)
+    if base == "kd":
+      return ls.ce_weight * np_ce(z, y), ls.kd_weight * np_kd(zd, vd, temperature)
+    return dkd.ce_weight * np_ce(z, y), warmup * np_dkd(
+        zd, vd, y, dkd.alpha * ls.dkd_weight_scale, dkd.beta * ls.dkd_weight_scale, temperature)
+  if base == "kd":
+    return kd.ce_weight * np_ce(z, y), kd.kd_weight * np_kd(z, v, temperature)
+  return dkd.ce_weight * np_ce(z, y), warmup * np_dkd(z, v, y, dkd.alpha, dkd.beta, temperature)
+
+
+COMBINATIONS = {
+    "kd": (cifar_kd, {}),
+    "dkd": (cifar_dkd, {}),
+    "lskd_over_kd": (cifar_lskd, {}),
+    "lskd_over_dkd": (cifar_lskd, {"lskd.base": "dkd"}),
+    "ctkd_over_kd": (cifar_ctkd, {}),
+    "ctkd_over_dkd": (cifar_ctkd, {"ctkd.base": "dkd"}),
+    "ctkd_over_lskd": (cifar_ctkd, {"ctkd.standardize": True}),
+    "ctkd_over_lskd_dkd": (cifar_ctkd, {"ctkd.standardize": True, "ctkd.base": "dkd"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMBINATIONS))
+def test_loss_terms_match_the_formulas(name):
+  module, overrides = COMBINATIONS[name]
+  config = module.get_config("res32x4_res8x4")
+  for key, value in overrides.items():
+    group, field = key.split(".")
+    config[group][field] = value
+  methods.validate(config)
+  rng = np.random.default_rng(len(name))
+  z = (3 * rng.standard_normal((8, 100))).astype(np.float32)
+  v = (3 * rng.standard_normal((8, 100))).astype(np.float32)
+  y = rng.integers(0, 100, 8)
+  targets = methods.teacher_targets(config, jnp.asarray(v), jnp.asarray(y))
+  terms = methods.loss_terms(config, jnp.asarray(z), targets, jnp.asarray(y),
+                             jnp.float32(EPOCH), jnp.float32(THETA))
+  assert sorted(terms) == ["ce", "kd"]
+  ce, distill = expected_terms(config, z, np.asarray(targets), y)
+  np.testing.assert_allclose(float(terms["ce"]), ce, rtol=1e-5)
+  np.testing.assert_allclose(float(terms["kd"]), distill, rtol=2e-5)
