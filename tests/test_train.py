@@ -108,6 +108,7 @@ def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path):
       str(tmp_path / name)) if r["kind"] == "train"] for name in ("straight", "resumed")}
   assert [w[0] for w in windows["straight"]] == [w[0] for w in windows["resumed"]] == [2, 5, 6]
   assert windows["resumed"][0] == windows["straight"][0]
+  assert windows["resumed"][1] != windows["straight"][1]  # so it resumed, not retrained
   assert windows["resumed"][2] == windows["straight"][2]
 
 
@@ -335,6 +336,57 @@ def test_train_state_is_the_reference_initialisation_and_zero_momentum():
                  if isinstance(node, models.BatchNorm))
 
 
+def test_optimizer_is_torch_sgd_with_coupled_weight_decay_and_the_epoch_schedule():
+  """mdistiller's optimizer, step by step: torch.optim.SGD(momentum 0.9, weight_decay 5e-4), its
+  lr set per 1-based epoch as mdistiller's adjust_learning_rate does (×0.1 after epoch 1 here)."""
+  import torch
+  config = cifar_kd.get_config("res32x4_res8x4")
+  config.lr_decay_epochs = (1,)
+  steps_per_epoch = 3
+  optimizer = train.make_optimizer(config, steps_per_epoch)
+  rng = np.random.default_rng(0)
+  params = {"conv": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
+            "bias": rng.normal(size=(4,)).astype(np.float32)}
+  grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+           for _ in range(7)]
+  torch_params = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+  torch_sgd = torch.optim.SGD(torch_params.values(), lr=config.lr, momentum=0.9,
+                              weight_decay=5e-4)
+  jax_params = jax.tree.map(jnp.asarray, params)
+  opt_state = optimizer.init(jax_params)
+  for step, g in enumerate(grads):
+    epoch = step // steps_per_epoch + 1
+    decays = sum(epoch > s for s in config.lr_decay_epochs)
+    torch_sgd.param_groups[0]["lr"] = config.lr * 0.1**decays
+    for k, p in torch_params.items():
+      p.grad = torch.tensor(g[k])
+    torch_sgd.step()
+    updates, opt_state = optimizer.update(jax.tree.map(jnp.asarray, g), opt_state, jax_params)
+    jax_params = optax.apply_updates(jax_params, updates)
+    for k, p in torch_params.items():
+      np.testing.assert_allclose(jax_params[k], p.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_train_step_keeps_the_batch_statistics_of_its_forward_pass():
+  """The step's new BatchNorm running statistics are the student's own train-mode update on
+  the batch (torch's BatchNorm2d update is checked in test_models), not the old ones."""
+  config = cifar_kd.get_config("res32x4_res8x4")
+  config.method, config.student.name = "vanilla", "resnet8"
+  optimizer = train.make_optimizer(config, steps_per_epoch=10)
+  state, train_graphdef, _ = train.create_train_state(config, 100, optimizer)
+  step = train.make_train_step(config, student_graphdef=train_graphdef, optimizer=optimizer,
+                               steps_per_epoch=10)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
+  labels = jnp.asarray([1, 2, 3, 4])
+  student = nnx.merge(train_graphdef, state.params["student"], state.batch_stats)
+  student(images)
+  expected = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
+  new_state, _ = jax.jit(step)(state, images, labels, None)
+  chex.assert_trees_all_close(new_state.batch_stats, expected, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(new_state.batch_stats["bn1"]["mean"], state.batch_stats["bn1"]["mean"])
+
+
 def test_evaluation_counts_every_example_once_whatever_the_batch():
   """Padding is masked: a 7-image split gives the same loss and accuracy at batch 2, 7 and 1000
   (which is capped at the split's size), equal to a direct computation."""
@@ -464,9 +516,12 @@ def test_imagenet_resume_is_bit_identical(tmp_path):
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
   config.num_epochs = 1
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  first_epoch = read_metrics(str(tmp_path / "resumed"))
   config.num_epochs = 2
   resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert int(resumed["state"].step) == 4
+  # It resumed (epoch 1's records, timings included, are the first run's), and ended the same.
+  assert read_metrics(str(tmp_path / "resumed"))[:len(first_epoch)] == first_epoch
   jax.tree.map(np.testing.assert_array_equal, straight["state"], resumed["state"])
 
   # eval.py evaluates the run's best epoch through the same streamed pipeline as training;
