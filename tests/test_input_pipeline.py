@@ -7,11 +7,10 @@ import textwrap
 
 import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-tf = pytest.importorskip("tensorflow")
-tfds = pytest.importorskip("tensorflow_datasets")
-
-from sortkd_jax import input_pipeline as ip  # noqa: E402
+from sortkd_jax import input_pipeline as ip
 
 CLASSES = ("cat", "ant", "bee")  # created unsorted; label ids follow sorted names
 

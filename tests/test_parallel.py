@@ -260,7 +260,7 @@ def _write_stream_folder(root, tf):
 
 def test_two_processes_assemble_the_global_tf_data_batches(tmp_path):
   """Each process reads its shard; the global batches hold what one process would read."""
-  tf = pytest.importorskip("tensorflow")
+  import tensorflow as tf
   from sortkd_jax import input_pipeline as ip
 
   _write_stream_folder(tmp_path, tf)

@@ -199,6 +199,72 @@ def test_a_run_stopped_before_its_first_checkpoint_does_not_bind_its_workdir(tea
     train._check_workdir(config, str(workdir))
 
 
+def test_a_run_used_as_a_teacher_gives_its_best_epoch_not_its_latest(tmp_path):
+  model = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))
+  _, _, params, batch_stats = train.split_student(model)
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "checkpoints"))
+  for epoch, top1 in ((1, 30.0), (2, 50.0), (3, 40.0)):  # the best is epoch 2
+    scaled = jax.tree.map(lambda p: p * epoch, params)
+    ckpt.save(epoch, {"params": {"student": scaled}, "batch_stats": batch_stats},
+              {"test_top1": top1, "best_top1": 50.0, "arch": "resnet8", "num_classes": 10})
+  ckpt.close()
+  loaded, arch = teachers.load_frozen_model(str(tmp_path), arch="resnet8", num_classes=10)
+  assert arch == "resnet8"
+  np.testing.assert_array_equal(loaded.fc.kernel[...], 2 * params["fc"]["kernel"])
+
+
+# A changed value of each kind of field, for the resume rules below.
+def _another_value(value):
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, (int, float)):
+    return value + 1
+  if isinstance(value, tuple):
+    return tuple(v + 1 for v in value)
+  return "/elsewhere"  # a path or a name (None too)
+
+
+# README ("A workdir resumes only with its own config: ..."): what a resumed run may change.
+RESUMABLE = ("num_epochs", "log_every_steps", "steps_per_dispatch", "eval_batch_size",
+             "data.max_test_examples", "checkpoints_to_keep", "data.folder", "data.data_dir",
+             "data.cache_dir", "data.manual_dir", "data.download", "teacher.checkpoint",
+             "teacher.fold_batchnorm")
+REFUSED = ("seed", "lr", "batch_size", "dtype", "method", "sort", "weight_decay", "momentum",
+           "lr_decay_epochs", "lr_decay_rate", "kd.temperature", "dkd.beta", "student.name",
+           "teacher.name", "data.name", "data.image_size", "data.max_train_examples",
+           "data.pipeline", "data.train_split", "data.test_split")
+
+
+@pytest.mark.parametrize("key", RESUMABLE + REFUSED)
+def test_resume_accepts_exactly_the_documented_changes(teacher_dir, tmp_path, key):
+  from configs import imagenet_kd  # the only recipes with data.manual_dir
+  config = (imagenet_kd.get_config("r34_r18") if key == "data.manual_dir"
+            else tiny_config("kd", teacher_dir))
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / "checkpoints" / "1")
+  (workdir / "config.json").write_text(config.to_json_best_effort())
+  group, _, field = key.rpartition(".")
+  target = config[group] if group else config
+  target[field] = "bfloat16" if key == "dtype" else _another_value(target[field])
+  if key in RESUMABLE:
+    train._check_workdir(config, str(workdir))
+  else:
+    with pytest.raises(ValueError, match=rf"another config \({re.escape(key)}: "):
+      train._check_workdir(config, str(workdir))
+
+
+def test_epoch_plan_keeps_every_image_but_a_remainder_below_the_device_count():
+  # 42 images, batch 16: 2 full steps, then 10 images, rounded down to 8 on 4 devices.
+  assert train.epoch_plan(42, 16, 4, 2) == [(2, 16, 0), (1, 8, 32)]
+  assert train.epoch_plan(42, 16, 1, 1) == [(1, 16, 0), (1, 16, 16), (1, 10, 32)]
+  assert train.epoch_plan(100, 16, 2, 4) == [(4, 16, 0), (2, 16, 64), (1, 4, 96)]
+  assert train.epoch_plan(35, 16, 4, 8) == [(2, 16, 0)]  # 3 images left: fewer than 4 devices
+  with pytest.raises(ValueError, match="fewer than one batch of 16"):
+    train.epoch_plan(3, 16, 4, 1)
+  with pytest.raises(ValueError, match="divisible"):
+    train.check_divisible_by_devices(10, 4, "config.batch_size")
+
+
 def test_a_model_checkpoint_is_not_a_workdir(teacher_dir):
   config = tiny_config("kd", teacher_dir)
   with pytest.raises(ValueError, match="holds a model checkpoint"):
