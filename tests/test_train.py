@@ -265,6 +265,25 @@ def test_epoch_plan_keeps_every_image_but_a_remainder_below_the_device_count():
     train.check_divisible_by_devices(10, 4, "config.batch_size")
 
 
+def test_train_script_trains_and_then_reports_the_finished_run(tmp_path):
+  """scripts/train.py as the missing-teacher message suggests it (a vanilla run to train a
+  teacher), shrunk, with a tuple override; re-running it reports the run and returns."""
+  args = ["--config", "configs/cifar_vanilla.py", "--config.student.name=resnet8",
+          f"--workdir={tmp_path / 'run'}", "--config.data.name=synthetic", "--config.num_epochs=1",
+          "--config.data.max_train_examples=32", "--config.data.max_test_examples=16",
+          "--config.eval_batch_size=16", "--config.lr_decay_epochs=(1,)"]
+  first = run_script("train.py", *args)
+  assert first.returncode == 0, first.stderr[-2000:]
+  [epoch] = records = read_metrics(tmp_path / "run")
+  assert (epoch["kind"], epoch["epoch"], epoch["step"], epoch["test_examples"]) == (
+      "epoch", 1, 1, 16)
+  assert json.load(open(tmp_path / "run" / "config.json"))["lr_decay_epochs"] == [1]
+  again = run_script("train.py", *args)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "has finished its 1 epochs" in again.stderr
+  assert read_metrics(tmp_path / "run") == records
+
+
 def test_a_model_checkpoint_is_not_a_workdir(teacher_dir):
   config = tiny_config("kd", teacher_dir)
   with pytest.raises(ValueError, match="holds a model checkpoint"):
