@@ -68,3 +68,11 @@ def test_benchmark_of_an_imagenet_recipe_times_the_step_and_the_input_pipeline(t
   assert (step["batch_size"], step["image_size"], step["steps_per_dispatch"]) == (8, 64, 1)
   assert step["student"] == "imagenet_ResNet18" and step["images_per_s"] > 0
   assert stream["images_per_s"] > 0 and stream["host_cpus"] >= 1
+
+
+def test_gpu_check_script_is_valid_bash():
+  """scripts/gpu_check.sh runs only on a GPU machine; here at least it must parse."""
+  import subprocess
+  proc = subprocess.run(["bash", "-n", "scripts/gpu_check.sh"], cwd=os.path.dirname(
+      os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr

@@ -1,5 +1,6 @@
 """Run output across an interruption: what a resumed run logs again is not kept twice."""
 
+import glob
 import json
 import os
 
@@ -27,3 +28,26 @@ def test_restart_drops_what_was_logged_after_the_resumed_step(tmp_path):
   fresh = reporting.Reporter(str(tmp_path), total_steps=100, batch_size=8)  # no checkpoint
   fresh.close()
   assert _records(tmp_path) == []
+
+
+def test_throughput_and_eta_count_only_the_timed_steps(tmp_path, monkeypatch):
+  clock = iter([10.0, 12.0, 20.0])  # start, first reading, reading after a pause
+  monkeypatch.setattr(reporting.time, "perf_counter", lambda: next(clock))
+  reporter = reporting.Reporter(str(tmp_path), total_steps=100, batch_size=8)
+  assert reporter.throughput(5) == (None, None)  # no window open yet (compiling)
+  reporter.start_timing(4)
+  img_s, eta_s = reporter.throughput(14)  # 10 steps of 8 images in 2 s
+  assert img_s == 40.0 and eta_s == (100 - 14) / 5
+  reporter.stop_timing()  # evaluation and saving are left out
+  assert reporter.throughput(20) == (None, None)
+  reporter.write("epoch", 1, 14, {"loss": 0.5, "img_per_s": img_s, "note": None})
+  reporter.close()
+  [record] = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert record == {"kind": "epoch", "epoch": 1, "step": 14, "loss": 0.5, "img_per_s": 40.0,
+                    "note": None}
+  # TensorBoard gets the float metrics, at their step.
+  import tensorflow as tf
+  [events] = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  scalars = {(v.tag, e.step, v.simple_value) for e in tf.compat.v1.train.summary_iterator(events)
+             for v in e.summary.value}
+  assert scalars == {("epoch/loss", 14, 0.5), ("epoch/img_per_s", 14, 40.0)}

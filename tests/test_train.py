@@ -359,6 +359,27 @@ def test_incomplete_multi_process_flags_are_refused():
     train.maybe_initialize_distributed("localhost", 2, 0)
 
 
+@pytest.mark.parametrize("environment,joins", [
+    ({}, False),
+    ({"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}, True),  # srun
+    ({"SLURM_NTASKS": "2"}, False),  # python inside salloc: no peers were started
+    ({"SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"}, False),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),  # mpirun
+    ({"OMPI_COMM_WORLD_SIZE": "1"}, False),
+])
+def test_slurm_and_open_mpi_launches_are_detected(monkeypatch, environment, joins):
+  for name in ("SLURM_NTASKS", "SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in environment.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *args: calls.append(args))
+  train.maybe_initialize_distributed()
+  assert calls == ([()] if joins else [])
+  train.maybe_initialize_distributed("host0:1234", 4, 3)  # flags win, whatever the launcher
+  assert calls[-1] == ("host0:1234", 4, 3)
+
+
 def test_default_teacher_checkpoint_follows_the_teacher_name():
   config = cifar_kd.get_config("res32x4_res8x4")
   assert config.teacher.checkpoint == "teachers/resnet32x4"
@@ -402,6 +423,25 @@ def test_every_config_and_pair_builds():
   assert (cfg.lr, cfg.dkd.beta, cfg.sort) == (0.01, 8.0, True)
   assert cifar_dkd.get_config("res56_res20").dkd.beta == 2.0
   assert cifar_dkd.get_config("vgg13_mv2").dkd.beta == 6.0
+  assert [m.get_config().sort for m in CONFIG_MODULES.values()] == [
+      name != "vanilla" for name in CONFIG_MODULES]
+
+
+def test_imagenet_recipes_are_the_readme_table():
+  from configs import imagenet_ctkd, imagenet_dkd, imagenet_kd, imagenet_lskd
+  for module in (imagenet_kd, imagenet_dkd, imagenet_lskd, imagenet_ctkd):
+    for pair, (teacher, student, beta, lskd_ce) in {
+        "r34_r18": ("imagenet_ResNet34", "imagenet_ResNet18", 0.5, 1.0),
+        "r50_mv1": ("imagenet_ResNet50", "imagenet_MobileNetV1", 2.0, 0.1)}.items():
+      c = module.get_config(pair)
+      assert (c.teacher.name, c.student.name, c.sort, c.data.pipeline) == (
+          teacher, student, True, "tf_data")
+      assert (c.batch_size, c.num_epochs, c.lr, tuple(c.lr_decay_epochs), c.weight_decay) == (
+          512, 100, 0.2, (30, 60, 90), 1e-4)
+      assert (c.kd.temperature, c.kd.ce_weight, c.kd.kd_weight) == (1.0, 0.5, 0.5)
+      assert (c.dkd.beta, c.dkd.temperature, c.lskd.ce_weight) == (beta, 1.0, lskd_ce)
+  assert [m.get_config().method for m in (imagenet_kd, imagenet_dkd, imagenet_lskd,
+                                          imagenet_ctkd)] == ["kd", "dkd", "lskd", "ctkd"]
 
 
 def test_train_state_is_the_reference_initialisation_and_zero_momentum():
