@@ -221,9 +221,9 @@ def latest_saved_epoch(workdir: str) -> int | None:
   """The last epoch a run's workdir holds a checkpoint of, read from the directory names alone
   (orbax names a finished save `<epoch>/`, one in progress otherwise); None if none."""
   directory = os.path.join(workdir, TRAIN_CHECKPOINT_DIR)
-  epochs = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(
-      directory) else []
-  return max(epochs, default=None)
+  if not os.path.isdir(directory):
+    return None
+  return max((int(name) for name in os.listdir(directory) if name.isdigit()), default=None)
 
 
 TRAIN_CHECKPOINT_DIR = "checkpoints"
@@ -232,8 +232,8 @@ TRAIN_CHECKPOINT_DIR = "checkpoints"
 class TrainCheckpointer:
   """Per-epoch training checkpoints in `<workdir>/checkpoints`: the latest N plus the best.
 
-  Each epoch saves the whole TrainState (student, optimizer state, CTKD θ, step)
-  and a small JSON (test top-1, best top-1, step, architecture, class count). Saves are asynchronous and
+  Each epoch saves the whole TrainState (student, optimizer state, CTKD θ, step) and a small
+  JSON (test top-1, best top-1, step, architecture, class count). Saves are asynchronous and
   atomic: orbax writes into a temporary directory and renames it when complete, so a crash
   during a save leaves the previous checkpoint as the latest valid one.
   """

@@ -1,8 +1,8 @@
 """Building blocks shared by the mdistiller model zoo (spec §1), in Flax NNX, NHWC.
 
 Everything here reproduces PyTorch semantics exactly enough that ported weights give
-PyTorch's logits (fixtures agree to max|Δ|/max|ref| of 3e-7 to 1.6e-5) and that training from scratch starts from the
-same distributions as the reference:
+PyTorch's logits (the fixtures agree to max|Δ|/max|ref| of 3e-7 to 1.6e-5) and that training
+from scratch starts from the same distributions as the reference:
 
 * ``BatchNorm``: torch ``BatchNorm2d`` (eps 1e-5, momentum 0.1 in torch terms), storing
   torch's own ``running_mean``/``running_var`` (unbiased) so porting copies them verbatim.
