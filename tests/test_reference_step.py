@@ -1,0 +1,197 @@
+"""Whole training steps against PyTorch: mdistiller's distiller step (frozen eval-mode teacher,
+Sort-KD's `sort`, the method's loss dict summed, a train-mode student, torch.optim.SGD with the
+per-epoch lr) re-implemented in torch, from the same weights and batches, compared with the
+trainer's jitted step.
+
+The part tests (models against the porting fixtures, BatchNorm against torch, losses against
+float64 formulas, the optimizer against torch SGD) each see one piece; this one sees them
+composed: gradients through the residual network, weight decay on every parameter, the running
+statistics, the epoch count behind the lr schedule and DKD's warm-up, the teacher as the trainer
+loads it (BatchNorms folded).
+"""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from configs import cifar_dkd, cifar_kd, cifar_lskd
+from sortkd_jax import checkpoint, methods, models, porting, teachers, train
+
+NUM_CLASSES = 100
+STEPS_PER_EPOCH = 1  # so that 3 steps cross two lr decays and DKD's warm-up moves each step
+
+
+class TorchBlock(torch.nn.Module):
+  """mdistiller resnet.py BasicBlock (spec §2.1): the shortcut is added before the last ReLU."""
+
+  def __init__(self, cin, cout, stride):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+    self.bn1 = torch.nn.BatchNorm2d(cout)
+    self.conv2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+    self.bn2 = torch.nn.BatchNorm2d(cout)
+    self.downsample = None
+    if stride != 1 or cin != cout:
+      self.downsample = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            torch.nn.BatchNorm2d(cout))
+
+  def forward(self, x):
+    out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+    return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchCifarResNet(torch.nn.Module):
+  """mdistiller resnet.py's CIFAR ResNet of depth 6n+2, widths 16/16/32/64 (resnet8, resnet14)."""
+
+  def __init__(self, depth):
+    super().__init__()
+    n, widths = (depth - 2) // 6, (16, 16, 32, 64)
+    self.conv1 = torch.nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+    self.bn1 = torch.nn.BatchNorm2d(widths[0])
+    cin = widths[0]
+    for stage, (width, stride) in enumerate(zip(widths[1:], (1, 2, 2)), start=1):
+      blocks = []
+      for i in range(n):
+        blocks.append(TorchBlock(cin, width, stride if i == 0 else 1))
+        cin = width
+      setattr(self, f"layer{stage}", torch.nn.Sequential(*blocks))
+    self.fc = torch.nn.Linear(widths[3], NUM_CLASSES)
+
+  def forward(self, x):
+    x = F.relu(self.bn1(self.conv1(x)))
+    x = self.layer3(self.layer2(self.layer1(x)))
+    return self.fc(F.avg_pool2d(x, 8).flatten(1))
+
+
+def torch_model(depth, flax_model):
+  model = TorchCifarResNet(depth)
+  model.load_state_dict({k: torch.tensor(v) for k, v in
+                         porting.export_state_dict(flax_model).items()}, strict=False)
+  missing = set(model.state_dict()) - set(porting.export_state_dict(flax_model))
+  assert all(k.endswith("num_batches_tracked") for k in missing)
+  return model
+
+
+def sort_reference(v, y):
+  """Sort-KD's `sort`: y first (its logit + 1e9), then the classes by descending logit; the
+  class at position j receives the j-th largest logit. (Random logits have no ties.)"""
+  order = torch.argsort(v.scatter_add(1, y[:, None], torch.full_like(v[:, :1], 1e9)), 1,
+                        descending=True)
+  return torch.empty_like(v).scatter_(1, order, torch.sort(v, 1, descending=True).values)
+
+
+def kd_loss(z, v, temperature):
+  """mdistiller kd_loss."""
+  log_p = F.log_softmax(z / temperature, dim=1)
+  q = F.softmax(v / temperature, dim=1)
+  return F.kl_div(log_p, q, reduction="none").sum(1).mean() * temperature**2
+
+
+def dkd_loss(z, v, y, alpha, beta, temperature):
+  """mdistiller dkd_loss, with its masks and its -1000 on the target's logit."""
+  gt = torch.zeros_like(z).scatter_(1, y[:, None], 1.0)
+  other = 1.0 - gt
+  cat = lambda p: torch.cat([(p * gt).sum(1, keepdim=True), (p * other).sum(1, keepdim=True)], 1)
+  p_s, p_t = cat(F.softmax(z / temperature, 1)), cat(F.softmax(v / temperature, 1))
+  tckd = F.kl_div(torch.log(p_s), p_t, reduction="sum") * temperature**2 / y.shape[0]
+  nckd = F.kl_div(F.log_softmax(z / temperature - 1000.0 * gt, 1),
+                  F.softmax(v / temperature - 1000.0 * gt, 1),
+                  reduction="sum") * temperature**2 / y.shape[0]
+  return alpha * tckd + beta * nckd
+
+
+def standardize(x):
+  """LSKD's `normalize`: z-score per row, unbiased std, 1e-7 added to it."""
+  return (x - x.mean(1, keepdim=True)) / (1e-7 + x.std(1, keepdim=True))
+
+
+def torch_losses(config, z, v, y, epoch):
+  """The distiller's loss dict for `config.method`, as mdistiller and the LSKD fork define it."""
+  ce = F.cross_entropy(z, y)
+  if config.method == "kd":
+    c = config.kd
+    return [c.ce_weight * ce, c.kd_weight * kd_loss(z, v, c.temperature)]
+  if config.method == "dkd":
+    c = config.dkd
+    return [c.ce_weight * ce, min(epoch / c.warmup_epochs, 1.0) * dkd_loss(
+        z, v, y, c.alpha, c.beta, c.temperature)]
+  c = config.lskd  # over KD
+  return [c.ce_weight * ce,
+          c.kd_weight * kd_loss(standardize(z), standardize(v), c.temperature)]
+
+
+def torch_train(config, student, teacher, batches):
+  """mdistiller's loop: lr set per epoch, teacher under no_grad, zero_grad/backward/step."""
+  optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+  student.train()
+  teacher.eval()
+  step_losses = []
+  for step, (images, labels) in enumerate(batches):
+    epoch = step // STEPS_PER_EPOCH + 1
+    for group in optimizer.param_groups:
+      group["lr"] = config.lr * config.lr_decay_rate ** sum(epoch > s
+                                                            for s in config.lr_decay_epochs)
+    x, y = torch.tensor(images).permute(0, 3, 1, 2), torch.tensor(labels).long()
+    with torch.no_grad():
+      v = teacher(x)
+    if config.sort:
+      v = sort_reference(v, y)
+    loss = sum(torch_losses(config, student(x), v, y, epoch))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    step_losses.append(loss.item())
+  return step_losses
+
+
+@pytest.mark.parametrize("module", [cifar_kd, cifar_dkd, cifar_lskd],
+                         ids=["kd", "dkd", "lskd"])
+def test_training_steps_match_an_mdistiller_step_in_torch(module, tmp_path):
+  config = module.get_config("res56_res20")
+  config.student.name, config.teacher.name = "resnet8", "resnet14"
+  config.teacher.checkpoint = str(tmp_path / "teacher")
+  config.lr_decay_epochs = [1, 2]  # lr, lr/10, lr/100 in steps 1, 2, 3
+  assert config.sort and config.teacher.fold_batchnorm
+  flax_teacher = models.create_model("resnet14", NUM_CLASSES, rngs=nnx.Rngs(7))
+  checkpoint.save_model(config.teacher.checkpoint, flax_teacher, arch="resnet14",
+                        num_classes=NUM_CLASSES)
+
+  optimizer = train.make_optimizer(config, STEPS_PER_EPOCH)
+  state, train_graphdef, eval_graphdef = train.create_train_state(config, NUM_CLASSES, optimizer)
+  initial_student = nnx.merge(train_graphdef, state.params["student"], state.batch_stats)
+  student = torch_model(8, initial_student)
+  teacher = torch_model(14, flax_teacher)
+
+  rng = np.random.default_rng(0)
+  batches = [(rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+              rng.integers(0, NUM_CLASSES, 16).astype(np.int32)) for _ in range(3)]
+  expected_losses = torch_train(config, student, teacher, batches)
+
+  network, teacher_vars = train.freeze(teachers.load_teacher(config.teacher, NUM_CLASSES,
+                                                             image_size=32))
+  step = jax.jit(train.make_train_step(config, student_graphdef=train_graphdef,
+                                       optimizer=optimizer, steps_per_epoch=STEPS_PER_EPOCH))
+  losses = []
+  for images, labels in batches:
+    targets = methods.teacher_targets(config, network(teacher_vars, images), labels)
+    state, metrics = step(state, images, labels, targets)
+    losses.append(float(metrics["loss"] / metrics["count"]))
+
+  np.testing.assert_allclose(losses, expected_losses, rtol=2e-5)
+  trained = porting.export_state_dict(
+      nnx.merge(train_graphdef, state.params["student"], state.batch_stats))
+  reference = {k: v.numpy() for k, v in student.state_dict().items()
+               if not k.endswith("num_batches_tracked")}
+  assert trained.keys() == reference.keys()
+  for key in reference:  # weights, biases, BatchNorm γ/β and running statistics
+    np.testing.assert_allclose(trained[key], reference[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  # The trained student in eval mode: its running statistics at work.
+  images = batches[0][0]
+  with torch.no_grad():
+    expected_logits = student.eval()(torch.tensor(images).permute(0, 3, 1, 2)).numpy()
+  logits = train.Network(eval_graphdef)((state.params["student"], state.batch_stats), images)
+  np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-4)
