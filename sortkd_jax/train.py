@@ -712,17 +712,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       window_sums.update(sums)
       epoch_sums.update(sums)
 
-  def averages(epoch: int, sums: collections.Counter) -> dict[str, float]:
-    out = {k: v / sums["count"] for k, v in sums.items() if k != "count"}
-    out["top1"] *= 100
-    if not math.isfinite(out["loss"]):
+  def stop_unless_finite(loss: float, what: str, advice: str) -> None:
+    """Stops the run on a NaN or infinite loss, before anything of it is saved."""
+    if not math.isfinite(loss):
       good = ckpt.latest_epoch()
       kept = (f"The checkpoint of epoch {good}, the last with a finite loss, stays in "
               f"{ckpt.directory}." if good else "No epoch finished, so there is no checkpoint.")
-      raise FloatingPointError(
-          f"The training loss is {out['loss']} in epoch {epoch} (step {step}): stopping. "
-          f"{kept} Check the data and the teacher, or lower config.lr (in a new --workdir: "
-          "a workdir resumes only with its own config).")
+      raise FloatingPointError(f"The {what} is {loss} in epoch {epoch} (step {step}): "
+                               f"stopping. {kept} {advice}")
+
+  def averages(sums: collections.Counter) -> dict[str, float]:
+    out = {k: v / sums["count"] for k, v in sums.items() if k != "count"}
+    out["top1"] *= 100
+    stop_unless_finite(out["loss"], "training loss", "Check the data and the teacher, or lower "
+                       "config.lr (in a new --workdir: a workdir resumes only with its own "
+                       "config).")
     return out
 
   epoch = start_epoch
@@ -742,14 +746,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step // config.log_every_steps > (step - num_steps) // config.log_every_steps:
           fetch_pending()
           img_s, eta = reporter.throughput(step)
-          reporter.write("train", epoch, step, {**averages(epoch, window_sums),
+          reporter.write("train", epoch, step, {**averages(window_sums),
                                                 "lr": float(schedule(step - 1)),
                                                 "img_per_s": img_s, "eta_s": eta})
           window_sums.clear()
       fetch_pending()
-      epoch_metrics = averages(epoch, epoch_sums)
+      epoch_metrics = averages(epoch_sums)
       epoch_sums.clear()
       test = feed.evaluate(Network(eval_graphdef), (state.params["student"], state.batch_stats))
+      # Eval-mode BatchNorm uses the running statistics, which the training loss never sees.
+      stop_unless_finite(test["test_loss"],
+                         f"test loss (training loss {epoch_metrics['loss']:.4g})",
+                         "The student's BatchNorm running statistics or weights are not finite.")
       last_top1 = test["test_top1"]
       best_top1 = max(best_top1, last_top1)
       reporter.write("epoch", epoch, step, {

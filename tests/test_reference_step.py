@@ -205,7 +205,7 @@ def test_training_steps_match_an_mdistiller_step_in_torch(module, tmp_path):
     state, metrics = step(state, images, labels, targets)
     losses.append(float(metrics["loss"] / metrics["count"]))
 
-  # CTKD's τ ≈ 15.6 multiplies float32 rounding in the KL of near-uniform softmaxes by τ² ≈ 243.
+  # CTKD's τ ≈ 15.6: τ² ≈ 243 times the float32 rounding of near-uniform softmaxes' KL.
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-4)
   trained = porting.export_state_dict(
       nnx.merge(train_graphdef, state.params["student"], state.batch_stats))

@@ -149,6 +149,30 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_dir, tmp_path):
   assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
 
 
+def test_nan_test_loss_stops_before_its_epoch_is_saved(teacher_dir, tmp_path, monkeypatch):
+  """Evaluation uses the running statistics, which the training loss never sees: a non-finite
+  test loss after epoch 2 (faked here) stops the run with epoch 1 as its latest checkpoint."""
+  make_evaluator = train.make_evaluator
+
+  def evaluator_failing_after_epoch_1(*args, **kwargs):
+    evaluate = make_evaluator(*args, **kwargs)
+    calls = []
+
+    def failing(*a):
+      calls.append(1)
+      return {**evaluate(*a), **({"test_loss": float("nan")} if len(calls) > 1 else {})}
+    return failing
+
+  monkeypatch.setattr(train, "make_evaluator", evaluator_failing_after_epoch_1)
+  workdir = str(tmp_path / "nan_test")
+  with tfds.testing.mock_data(num_examples=64):
+    with pytest.raises(FloatingPointError, match=r"The test loss \(training loss [0-9.]+\) is nan "
+                       r"in epoch 2 .* checkpoint of epoch 1, the last with a finite loss"):
+      train.train_and_evaluate(tiny_config("vanilla", teacher_dir), workdir)
+  assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
+  assert [r["epoch"] for r in read_metrics(workdir) if r["kind"] == "epoch"] == [1]
+
+
 def test_workdir_of_another_config_is_refused_and_a_finished_run_returns(teacher_dir, kd_one_epoch,
                                                                         tmp_path):
   workdir = str(tmp_path / "run")
