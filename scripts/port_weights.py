@@ -15,7 +15,7 @@ ImageNet teachers are torchvision's v1 files, e.g.
       --dst teachers/imagenet_ResNet34
 
 An mdistiller trainer file (`latest`, `best`, `epoch_N`) holds student and teacher; choose
-one with `--component student|teacher`. Hyphenated flag spellings (`--num-classes`) work too.
+one with `--component student|teacher`.
 Needs torch (the CPU build is enough) only to read the .pth file.
 """
 
@@ -84,14 +84,5 @@ def main():
         f"  written to    {os.path.abspath(dst)}")
 
 
-def _dehyphenate(arg: str) -> str:
-  """`--num-classes=3` → `--num_classes=3` (absl flag names use underscores)."""
-  if not arg.startswith("--"):
-    return arg
-  name, sep, value = arg[2:].partition("=")
-  return "--" + name.replace("-", "_") + sep + value
-
-
 if __name__ == "__main__":
-  sys.argv = [sys.argv[0]] + [_dehyphenate(a) for a in sys.argv[1:]]
   cli.run(main, errors=(ValueError, OSError, ImportError))

@@ -40,13 +40,14 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = (
 
 
 def parse_flags_briefly(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a config error in one line, not a traceback.
+  """absl's flag parsing, with a config error in one line, not a traceback, and either
+  spelling of a flag name (`--batch-size`, `--batch_size`).
 
   ml_collections reports errors in config files (e.g. an unknown pair) with the file's
   traceback; the last line says what is wrong.
   """
   try:
-    argv = flags.FLAGS(argv)
+    argv = flags.FLAGS([argv[0], *map(_defined_spelling, argv[1:])])
     if "config" in flags.FLAGS:
       flags.FLAGS.config.to_dict()  # a config that failed to load raises only when read
     return argv
@@ -58,6 +59,19 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     last = lines[-1] if lines else type(e).__name__
     sys.exit(f"error: {last.split(': ', 1)[-1] if last.startswith('ValueError') else last}")
+
+
+def _defined_spelling(arg: str) -> str:
+  """`--num-classes=3` → `--num_classes=3` when only the underscore spelling is a flag, and
+  the other way round (`--noeval`-style negations too); anything else is left as it is."""
+  name, sep, value = arg[2:].partition("=")
+  if not arg.startswith("--") or name in flags.FLAGS:
+    return arg
+  for other in (name.replace("-", "_"), name.replace("_", "-")):
+    negated = other[2:] if other.startswith("no") else None
+    if other in flags.FLAGS or (negated in flags.FLAGS and flags.FLAGS[negated].boolean):
+      return f"--{other}{sep}{value}"
+  return arg
 
 
 def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> None:

@@ -9,12 +9,13 @@ from helpers import run_script
 
 def test_benchmark_script_reports_every_measurement(tmp_path):
   out_file = tmp_path / "bench.jsonl"
-  # --steps-per-dispatch overrides the config's 2 (whose lax.scan is >10x slower on XLA:CPU).
+  # --steps-per-dispatch overrides the config's 2 (whose lax.scan is >10x slower on XLA:CPU);
+  # spelt --steps_per_dispatch, as train.py's flags are: both spellings work.
   proc = run_script(
       "benchmark.py", "--config", "configs/cifar_kd.py:res56_res20",
       "--config.student.name=resnet8", "--config.teacher.name=resnet8",
       "--config.eval_batch_size=64", "--config.steps_per_dispatch=2", "--num-examples=256",
-      "--batch-size=32", "--steps-per-dispatch=1", "--windows=2", "--window-seconds=0.05",
+      "--batch-size=32", "--steps_per_dispatch=1", "--windows=2", "--window-seconds=0.05",
       "--breakdown", f"--json={out_file}", f"--profile={tmp_path / 'trace'}", timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in out_file.read_text().splitlines()]

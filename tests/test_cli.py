@@ -3,6 +3,7 @@
 import sys
 
 import pytest
+from absl import flags
 
 from sortkd_jax import cli
 
@@ -26,3 +27,18 @@ def test_known_error_is_one_line_and_ctrl_c_exits_130(monkeypatch):
   assert _run(monkeypatch, interrupted) == 130
   with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
     _run(monkeypatch, lambda: 1 / 0)
+
+
+def test_either_spelling_of_a_flag_name_parses():
+  flags.DEFINE_integer("spelling-test-size", 1, "A hyphenated flag, as benchmark.py's.")
+  flags.DEFINE_boolean("spelling_test_eval", True, "An underscored one, as train.py's.")
+  try:
+    cli.parse_flags_briefly(["script", "--spelling_test_size=8", "--nospelling-test-eval"])
+    assert flags.FLAGS["spelling-test-size"].value == 8
+    assert flags.FLAGS["spelling_test_eval"].value is False
+    for untouched in ("--spelling-test-size=3", "--config.data.max_test_examples=3",
+                      "--unknown-flag", "positional"):
+      assert cli._defined_spelling(untouched) == untouched
+  finally:
+    delattr(flags.FLAGS, "spelling-test-size")
+    delattr(flags.FLAGS, "spelling_test_eval")
