@@ -15,9 +15,11 @@ BN ``var``         ``running_var``        same (torch's *unbiased* buffer, verba
 =================  =====================  ===========================================
 
 ``num_batches_tracked`` is accepted and ignored. ``('layer1', 0, 'conv1', 'kernel')`` ↔
-``layer1.0.conv1.weight``.
+``layer1.0.conv1.weight``. The way back, Flax → PyTorch: ``export_state_dict`` and
+``save_torch_file`` (a file mdistiller loads).
 
-torch is optional: only ``load_torch_state_dict`` imports it (CPU build is enough).
+torch is optional: only ``load_torch_state_dict`` and ``save_torch_file`` import it (CPU build
+is enough).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "torch_key_shapes",
     "nnx_path_to_torch_key",
     "export_state_dict",
+    "save_torch_file",
 ]
 
 _LEAF_TO_TORCH = {
@@ -292,6 +295,23 @@ def export_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   return out
 
 
+def save_torch_file(path: str | os.PathLike, model: nnx.Module) -> int:
+  """Writes ``model`` as mdistiller's ``student_best`` holds a student: ``{"model":
+  state_dict}``, torch layout, with the ``num_batches_tracked`` buffers (0: torch's
+  BatchNorm2d uses it only without a momentum) that a strict ``load_state_dict`` expects.
+  The file appears whole or not at all. Returns the number of tensors written."""
+  torch = _import_torch()
+  state_dict = {}
+  for key, value in export_state_dict(model).items():
+    state_dict[key] = torch.tensor(value)  # a copy: the arrays may be read-only views
+    if key.endswith(".running_var"):
+      state_dict[key.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0)
+  path = os.fspath(path)
+  torch.save({"model": state_dict}, path + ".tmp")
+  os.replace(path + ".tmp", path)
+  return len(state_dict)
+
+
 # --------------------------------------------------------------------------------------
 # Reading PyTorch files.
 # --------------------------------------------------------------------------------------
@@ -302,9 +322,10 @@ def _import_torch():
     import torch  # noqa: PLC0415 - optional dependency
   except ImportError as e:
     raise ImportError(
-        "Reading PyTorch .pth files needs torch: `pip install torch` (the CPU build is "
-        "enough, e.g. `pip install torch --index-url https://download.pytorch.org/whl/cpu`). "
-        "torch is needed only for reading .pth files, not for training.") from e
+        "Reading or writing PyTorch .pth files needs torch: `pip install torch` (the CPU "
+        "build is enough, e.g. `pip install torch --index-url "
+        "https://download.pytorch.org/whl/cpu`). torch is needed only for .pth files, not for "
+        "training.") from e
   return torch
 
 

@@ -222,6 +222,21 @@ def test_pth_round_trip(pth_files, kind):
   assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
 
 
+@pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1",
+                                  "ShuffleV2", "ResNet18"])
+def test_saved_torch_file_is_the_ported_state_dict(name, tmp_path):
+  """save_torch_file inverts porting exactly: mdistiller's keys (num_batches_tracked too),
+  shapes and values, as a student file {"model": state_dict}."""
+  sd = fixture(name)[0]
+  path = tmp_path / f"{name}.pth"
+  assert porting.save_torch_file(path, porting.port_state_dict(name, sd)) == len(sd)
+  saved = torch.load(path, weights_only=True)
+  assert list(saved) == ["model"] and saved["model"].keys() == sd.keys()
+  for key, value in saved["model"].items():
+    np.testing.assert_array_equal(value.numpy(), sd[key], err_msg=key)
+    assert value.numpy().dtype == sd[key].dtype, key
+
+
 def test_pth_component_selection(pth_files):
   t = porting.load_torch_state_dict(pth_files["latest"], "teacher")
   s = porting.load_torch_state_dict(pth_files["latest"], "student")

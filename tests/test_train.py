@@ -713,6 +713,27 @@ def test_eval_script_reports_accuracy_of_a_checkpoint(teacher_dir, tmp_path):
   assert "Traceback" not in no_data.stderr
 
 
+def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epoch, tmp_path):
+  import torch
+  from test_reference_step import TorchCifarResNet
+
+  dst = tmp_path / "student_best.pth"
+  out = run_script("export_weights.py", "--checkpoint", kd_one_epoch.workdir, "--dst", dst)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "resnet8 (100 classes)" in out.stdout
+  student = TorchCifarResNet(8)
+  student.load_state_dict(torch.load(dst, weights_only=True)["model"])  # strict: every key
+  model, _ = checkpoint.load_student_from_workdir(kd_one_epoch.workdir)
+  images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = student.eval()(torch.tensor(images).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(model(images), expected, rtol=1e-4, atol=1e-4)
+  again = run_script("export_weights.py", "--checkpoint", kd_one_epoch.workdir, "--dst", dst)
+  assert again.returncode == 1 and "pass --overwrite" in again.stderr
+  pth = run_script("export_weights.py", "--checkpoint", dst, "--dst", tmp_path / "x.pth")
+  assert pth.returncode == 1 and "is PyTorch already" in pth.stderr
+
+
 def test_checkpoints_beyond_latest_and_best_are_deleted_across_restarts(tmp_path):
   top1 = {1: 50.0, 2: 10.0, 3: 20.0, 4: 30.0, 5: 40.0}
   for epochs in ([1], [2, 3], [4, 5]):  # three processes, as a twice-resumed run

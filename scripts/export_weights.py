@@ -1,0 +1,56 @@
+"""Writes a sortkd_jax model as a PyTorch file that mdistiller loads: the way back from
+scripts/port_weights.py, e.g. to evaluate or deploy a student trained here with PyTorch code.
+
+  python scripts/export_weights.py --checkpoint runs/kd --dst student_best.pth
+  python tools/eval.py -m resnet8x4 -c student_best.pth      # in mdistiller
+
+`--checkpoint` is a training workdir (its best epoch, as mdistiller's `student_best`) or a model
+directory from scripts/port_weights.py. The file holds `{"model": state_dict}` with mdistiller's
+keys and layouts, `num_batches_tracked` included, so a strict `load_state_dict` takes it.
+Needs torch (the CPU build is enough).
+"""
+
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+from absl import flags  # noqa: E402
+
+from sortkd_jax import cli  # noqa: E402
+
+flags.DEFINE_string("checkpoint", None, "Training workdir or model directory to export.")
+flags.DEFINE_string("dst", None, "PyTorch file to write (.pth).")
+flags.DEFINE_bool("overwrite", False, "Replace --dst if it exists.")
+flags.mark_flags_as_required(["checkpoint", "dst"])
+FLAGS = flags.FLAGS
+
+
+def main():
+  from sortkd_jax import porting, teachers  # noqa: PLC0415 - keep --help fast
+
+  src, dst = FLAGS.checkpoint, FLAGS.dst
+  if not os.path.isdir(src):
+    raise FileNotFoundError(
+        f"--checkpoint {src!r} is not a directory: give a training workdir or a directory "
+        "from scripts/port_weights.py (a .pth file is PyTorch already).")
+  if os.path.isdir(dst):
+    raise ValueError(f"--dst {dst!r} is a directory; give the file to write, e.g. "
+                     f"{os.path.join(dst, 'student_best.pth')}.")
+  if os.path.exists(dst) and not FLAGS.overwrite:
+    raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it.")
+  model, arch = teachers.load_frozen_model(src)
+  num_tensors = porting.save_torch_file(dst, model)
+  num_classes = porting.num_classes_of(model)
+  print(f"Exported {src}\n"
+        f"  arch        {arch} ({num_classes} classes)\n"
+        f"  tensors     {num_tensors} (num_batches_tracked included)\n"
+        f"  written to  {os.path.abspath(dst)}\n"
+        f"  in PyTorch  mdistiller's {arch}: "
+        f"model.load_state_dict(torch.load({dst!r})['model'])")
+
+
+if __name__ == "__main__":
+  cli.run(main, errors=(ValueError, OSError, ImportError))
