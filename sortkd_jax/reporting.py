@@ -21,7 +21,8 @@ class Reporter:
 
   def __init__(self, workdir: str, total_steps: int, batch_size: int, start_step: int = 0):
     """`start_step`: the step the run (re)starts from. What an interrupted run logged after it
-    is dropped, as it is about to be logged again."""
+    is dropped, as it is about to be logged again; from step 0, that is everything (the
+    teacher's record at step 0 too)."""
     self._is_writer = jax.process_index() == 0
     self._total_steps = total_steps
     self._batch_size = batch_size
@@ -31,12 +32,13 @@ class Reporter:
     if self._is_writer:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
-      _drop_records_after(path, start_step)
+      kept_up_to = start_step if start_step > 0 else -1
+      _drop_records_after(path, kept_up_to)
       self._jsonl = open(path, "a")
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                 purge_step=start_step + 1)
+                                 purge_step=kept_up_to + 1)
       except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard events are written.")
 

@@ -692,14 +692,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = make_train_step(config, student_graphdef=train_graphdef, optimizer=optimizer,
                                steps_per_epoch=steps_per_epoch)
   run_epoch = feed.epoch_runner(state, teacher, teacher_vars, train_step)
-  if teacher is not None and start_epoch == 1:
-    logging.info("Teacher %s on the test split: %s", config.teacher.name,
-                 feed.evaluate(teacher, teacher_vars))
 
   schedule = learning_rate_schedule(config, steps_per_epoch)
   step = int(to_host(state.step))
   reporter = reporting.Reporter(workdir, config.num_epochs * steps_per_epoch, batch_size,
                                 start_step=step)
+  if teacher is not None and step == 0:  # the teacher's accuracy, on record with the run's
+    reporter.write("teacher", 0, 0, {"arch": config.teacher.name,
+                                     **feed.evaluate(teacher, teacher_vars)})
   pending = []  # per-dispatch metric sums, still on the device
   window_sums, epoch_sums = collections.Counter(), collections.Counter()  # fetched, on the host
   last_top1 = None

@@ -14,7 +14,7 @@ def _records(workdir):
 
 def test_restart_drops_what_was_logged_after_the_resumed_step(tmp_path):
   first = reporting.Reporter(str(tmp_path), total_steps=100, batch_size=8)
-  for kind, step in (("train", 4), ("epoch", 8), ("train", 12)):  # then interrupted
+  for kind, step in (("teacher", 0), ("train", 4), ("epoch", 8), ("train", 12)):  # then cut
     first.write(kind, 1 + step // 9, step, {"loss": 1.0})
   first.close()
   with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -23,9 +23,11 @@ def test_restart_drops_what_was_logged_after_the_resumed_step(tmp_path):
   resumed = reporting.Reporter(str(tmp_path), total_steps=100, batch_size=8, start_step=8)
   resumed.write("train", 2, 12, {"loss": 2.0})
   resumed.close()
-  assert _records(tmp_path) == [("train", 4, 1.0), ("epoch", 8, 1.0), ("train", 12, 2.0)]
+  assert _records(tmp_path) == [("teacher", 0, 1.0), ("train", 4, 1.0), ("epoch", 8, 1.0),
+                                ("train", 12, 2.0)]
 
-  fresh = reporting.Reporter(str(tmp_path), total_steps=100, batch_size=8)  # no checkpoint
+  # No checkpoint: the run starts afresh, teacher evaluation included.
+  fresh = reporting.Reporter(str(tmp_path), total_steps=100, batch_size=8)
   fresh.close()
   assert _records(tmp_path) == []
 

@@ -77,6 +77,8 @@ def test_runlocal_every_method(method, teacher_dir, tmp_path):
     assert np.isfinite(r["train_loss"]) and 0 <= r["test_top1"] <= 100
     assert r["test_top5"] >= r["test_top1"]
   assert any(r["kind"] == "train" for r in records)
+  teacher = [(r["arch"], r["step"]) for r in records if r["kind"] == "teacher"]
+  assert teacher == ([] if method == "vanilla" else [("resnet8", 0)])
   assert result["best_top1"] == max(r["test_top1"] for r in epochs)
   assert os.path.exists(os.path.join(workdir, "config.json"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "2"
@@ -100,8 +102,9 @@ def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path):
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   jax.tree.map(np.testing.assert_array_equal, straight["state"], resumed["state"])
-  epochs = [r["epoch"] for r in read_metrics(str(tmp_path / "resumed")) if r["kind"] == "epoch"]
-  assert epochs == [1, 2]
+  records = read_metrics(str(tmp_path / "resumed"))
+  assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+  assert [r["kind"] for r in records].count("teacher") == 1  # evaluated once, before epoch 1
   # 3 steps per epoch in dispatches of 2 and 1, a log every 2 steps: windows end at steps 2, 5
   # and 6. The resumed run's window 4-5 lacks step 3 (the straight run's is 3-5); then they match.
   windows = {name: [(r["step"], r["loss"], r["top1"], r["lr"]) for r in read_metrics(
