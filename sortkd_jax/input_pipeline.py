@@ -19,8 +19,9 @@ import itertools
 import json
 import math
 import os
+import time
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -224,7 +225,7 @@ def _decode_folder_with_pil(folder: str, split: str, image_size: int,
                  for class_name, f in _split_image_files(folder, split))
   files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
   images, bad = [], []
-  for path, _ in files:
+  for path, _ in _with_progress(files, where, len(files), count=lambda _: 1):
     with Image.open(path) as image:
       array = np.asarray(image.convert("RGB"))
     if array.shape != (image_size, image_size, 3):
@@ -234,6 +235,23 @@ def _decode_folder_with_pil(folder: str, split: str, image_size: int,
     raise ValueError(f"{where}: {len(bad)} of {len(files)} images are not ({image_size}, "
                      f"{image_size}, 3), e.g. {', '.join(bad[:5])}. {_IMAGE_SIZE_HINT}")
   return np.stack(images), np.array([label for _, label in files], np.int32), class_names
+
+
+def _with_progress(items: Iterable[Any], where: str, total: int | None, *,
+                   count: Callable[[Any], int], every_s: float = 15.0) -> Iterator[Any]:
+  """Yields `items`, logging the images decoded so far every `every_s` seconds: decoding a
+  folder of JPEGs takes minutes, once (then the arrays are cached)."""
+  start = last = time.monotonic()
+  done = 0
+  for item in items:
+    yield item
+    done += count(item)
+    now = time.monotonic()
+    if now - last >= every_s:
+      of_total = f" of {total:,}" if total is not None else ""
+      logging.info("%s: %s%s images decoded (%.0f/s).", where, f"{done:,}", of_total,
+                   done / (now - start))
+      last = now
 
 
 def _check_folder_split(folder: str, split: str) -> None:
@@ -307,8 +325,10 @@ def _to_arrays(ds: "tf.data.Dataset", image_size: int, where: str) -> tuple[np.n
         name=ex.get("image/filename", tf.strings.as_string(index)),
     )
 
+  total = int(ds.cardinality())
   ds = ds.enumerate().map(check, num_parallel_calls=tf.data.AUTOTUNE).batch(2048)
-  chunks = list(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+  chunks = list(_with_progress(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)), where,
+                               total if total >= 0 else None, count=lambda c: len(c["label"])))
   if not chunks:
     raise ValueError(f"{where} has no examples.")
   batch = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}

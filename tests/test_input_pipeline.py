@@ -1,6 +1,8 @@
 """Input pipelines (spec §7.3): split arrays, image folders + cache, ImageNet tf.data, prefetch."""
 
+import itertools
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -261,6 +263,22 @@ def test_prefetch_to_device_on_four_devices():
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("decoder", ["tensorflow", "pillow"])
+def test_decoding_a_folder_logs_its_progress(tmp_path, monkeypatch, decoder):
+  """A folder's first decode takes minutes (60,000 CIFAR JPEGs): it logs how far it got."""
+  folder = _make_folder(tmp_path / "data")
+  clock = itertools.count(step=20.0)  # 20 s between readings: a log line at every reading
+  monkeypatch.setattr(ip.time, "monotonic", lambda: next(clock))
+  lines = []
+  monkeypatch.setattr(ip.logging, "info", lambda message, *args: lines.append(message % args))
+  if decoder == "pillow":
+    monkeypatch.setattr(ip, "_have_tensorflow", lambda: False)
+  ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "cache"))
+  progress = [line for line in lines if "images decoded" in line]
+  assert progress, lines
+  assert re.search(r"split 'train': 12 of 12 images decoded \(\d+/s\)\.$", progress[-1])
 
 
 def test_image_folder_without_tensorflow_decodes_with_pillow(tmp_path, monkeypatch):
