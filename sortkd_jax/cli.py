@@ -64,8 +64,10 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
 def _defined_spelling(arg: str) -> str:
   """`--num-classes=3` → `--num_classes=3` when only the underscore spelling is a flag, and
   the other way round (`--noeval`-style negations too); anything else is left as it is."""
+  if not arg.startswith("--"):
+    return arg
   name, sep, value = arg[2:].partition("=")
-  if not arg.startswith("--") or name in flags.FLAGS:
+  if name in flags.FLAGS:
     return arg
   for other in (name.replace("-", "_"), name.replace("_", "-")):
     negated = other[2:] if other.startswith("no") else None
