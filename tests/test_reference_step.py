@@ -69,11 +69,12 @@ class TorchCifarResNet(torch.nn.Module):
 
 
 def torch_model(depth, flax_model):
+  """The PyTorch twin of a Flax CIFAR ResNet: every tensor but num_batches_tracked copied."""
   model = TorchCifarResNet(depth)
-  model.load_state_dict({k: torch.tensor(v) for k, v in
-                         porting.export_state_dict(flax_model).items()}, strict=False)
-  missing = set(model.state_dict()) - set(porting.export_state_dict(flax_model))
-  assert all(k.endswith("num_batches_tracked") for k in missing)
+  weights = porting.export_state_dict(flax_model)
+  missing, unexpected = model.load_state_dict({k: torch.tensor(v) for k, v in weights.items()},
+                                              strict=False)
+  assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
   return model
 
 
