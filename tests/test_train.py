@@ -718,7 +718,7 @@ def test_eval_script_reports_accuracy_of_a_checkpoint(teacher_dir, tmp_path):
 
 def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epoch, tmp_path):
   import torch
-  from test_reference_step import TorchCifarResNet
+  from mdistiller_torch import TorchCifarResNet
 
   dst = tmp_path / "student_best.pth"
   out = run_script("export_weights.py", "--checkpoint", kd_one_epoch.workdir, "--dst", dst)
