@@ -32,13 +32,16 @@ def main():
   from sortkd_jax import porting, teachers  # noqa: PLC0415 - keep --help fast
 
   src, dst = FLAGS.checkpoint, FLAGS.dst
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"--checkpoint {src!r} does not exist.")
   if not os.path.isdir(src):
-    raise FileNotFoundError(
-        f"--checkpoint {src!r} is not a directory: give a training workdir or a directory "
-        "from scripts/port_weights.py (a .pth file is PyTorch already).")
+    raise ValueError(f"--checkpoint {src!r} is a file: give a training workdir or a directory "
+                     "from scripts/port_weights.py (a .pth file is PyTorch already).")
   if os.path.isdir(dst):
     raise ValueError(f"--dst {dst!r} is a directory; give the file to write, e.g. "
                      f"{os.path.join(dst, 'student_best.pth')}.")
+  if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
+    raise FileNotFoundError(f"The folder of --dst {dst!r} does not exist; create it first.")
   if os.path.exists(dst) and not FLAGS.overwrite:
     raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it.")
   model, arch = teachers.load_frozen_model(src)

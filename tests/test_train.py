@@ -733,8 +733,12 @@ def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epo
   np.testing.assert_allclose(model(images), expected, rtol=1e-4, atol=1e-4)
   again = run_script("export_weights.py", "--checkpoint", kd_one_epoch.workdir, "--dst", dst)
   assert again.returncode == 1 and "pass --overwrite" in again.stderr
-  pth = run_script("export_weights.py", "--checkpoint", dst, "--dst", tmp_path / "x.pth")
-  assert pth.returncode == 1 and "is PyTorch already" in pth.stderr
+  errors = {"is PyTorch already": (dst, tmp_path / "x.pth"),
+            "does not exist.": (tmp_path / "typo", tmp_path / "x.pth"),
+            "folder of --dst .* does not exist": (kd_one_epoch.workdir, tmp_path / "no" / "x.pth")}
+  for message, (src, to) in errors.items():
+    out = run_script("export_weights.py", "--checkpoint", src, "--dst", to)
+    assert out.returncode == 1 and re.search(message, out.stderr.splitlines()[-1]), out.stderr
 
 
 def test_checkpoints_beyond_latest_and_best_are_deleted_across_restarts(tmp_path):
