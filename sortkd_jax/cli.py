@@ -47,7 +47,9 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
   traceback; the last line says what is wrong.
   """
   try:
-    argv = flags.FLAGS([argv[0], *map(_defined_spelling, argv[1:])])
+    flag_args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    argv = flags.FLAGS([argv[0], *map(_defined_spelling, flag_args),
+                        *argv[1 + len(flag_args):]])
     if "config" in flags.FLAGS:
       flags.FLAGS.config.to_dict()  # a config that failed to load raises only when read
     return argv

@@ -250,7 +250,7 @@ def _with_progress(items: Iterable[Any], where: str, total: int | None, *,
     if now - last >= every_s:
       of_total = f" of {total:,}" if total is not None else ""
       logging.info("%s: %s%s images decoded (%.0f/s).", where, f"{done:,}", of_total,
-                   done / (now - start))
+                   done / max(now - start, 1e-9))
       last = now
 
 

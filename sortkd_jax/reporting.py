@@ -1,6 +1,7 @@
 """Run output: metrics.jsonl, TensorBoard events and readable console lines (process 0 only).
 
-big_vision-style: one JSON object per log period and per epoch in `<workdir>/metrics.jsonl`,
+big_vision-style: one JSON object per log period and per epoch in `<workdir>/metrics.jsonl`
+(and the teacher's, before epoch 1),
 `[train] epoch E, step S: name = value, ...` lines on the console, images/s and ETA that leave
 compilation, evaluation and checkpointing out.
 """

@@ -697,9 +697,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = int(to_host(state.step))
   reporter = reporting.Reporter(workdir, config.num_epochs * steps_per_epoch, batch_size,
                                 start_step=step)
-  if teacher is not None and step == 0:  # the teacher's accuracy, on record with the run's
-    reporter.write("teacher", 0, 0, {"arch": config.teacher.name,
-                                     **feed.evaluate(teacher, teacher_vars)})
   pending = []  # per-dispatch metric sums, still on the device
   window_sums, epoch_sums = collections.Counter(), collections.Counter()  # fetched, on the host
   last_top1 = None
@@ -712,25 +709,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       window_sums.update(sums)
       epoch_sums.update(sums)
 
-  def stop_unless_finite(loss: float, what: str, advice: str) -> None:
+  def stop_unless_finite(loss: float, what: str, cause: str = "") -> None:
     """Stops the run on a NaN or infinite loss, before anything of it is saved."""
     if not math.isfinite(loss):
       good = ckpt.latest_epoch()
       kept = (f"The checkpoint of epoch {good}, the last with a finite loss, stays in "
               f"{ckpt.directory}." if good else "No epoch finished, so there is no checkpoint.")
-      raise FloatingPointError(f"The {what} is {loss} in epoch {epoch} (step {step}): "
-                               f"stopping. {kept} {advice}")
+      raise FloatingPointError(
+          f"The {what} is {loss} in epoch {epoch} (step {step}): stopping. {kept} {cause}Check "
+          "the data and the teacher, or lower config.lr (in a new --workdir: a workdir resumes "
+          "only with its own config).")
 
   def averages(sums: collections.Counter) -> dict[str, float]:
     out = {k: v / sums["count"] for k, v in sums.items() if k != "count"}
     out["top1"] *= 100
-    stop_unless_finite(out["loss"], "training loss", "Check the data and the teacher, or lower "
-                       "config.lr (in a new --workdir: a workdir resumes only with its own "
-                       "config).")
+    stop_unless_finite(out["loss"], "training loss")
     return out
 
   epoch = start_epoch
   try:
+    if teacher is not None and step == 0:  # the teacher's accuracy, on record with the run's
+      reporter.write("teacher", 0, 0, {"arch": config.teacher.name,
+                                       **feed.evaluate(teacher, teacher_vars)})
     for epoch in range(start_epoch, config.num_epochs + 1):
       epoch_start = time.perf_counter()
       for state, metrics, num_steps in run_epoch(state, epoch):
@@ -757,7 +757,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # Eval-mode BatchNorm uses the running statistics, which the training loss never sees.
       stop_unless_finite(test["test_loss"],
                          f"test loss (training loss {epoch_metrics['loss']:.4g})",
-                         "The student's BatchNorm running statistics or weights are not finite.")
+                         "The student's BatchNorm running statistics have probably diverged. ")
       last_top1 = test["test_top1"]
       best_top1 = max(best_top1, last_top1)
       reporter.write("epoch", epoch, step, {
@@ -787,7 +787,8 @@ def _sum_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 # Fields a resumed run may change: they do not alter what the checkpoints were trained on
 # (steps per dispatch and teacher folding only by float rounding), nor the test set that the
-# best top-1 so far was measured on.
+# best top-1 so far was measured on (the data paths say where the same data is, e.g. after a
+# move; other data with another number of steps per epoch is refused on resume).
 RESUMABLE_CHANGES = ("num_epochs", "log_every_steps", "steps_per_dispatch", "eval_batch_size",
                      "checkpoints_to_keep", "teacher.checkpoint", "teacher.fold_batchnorm",
                      "data.data_dir", "data.folder", "data.cache_dir", "data.download",

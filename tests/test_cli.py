@@ -39,6 +39,9 @@ def test_either_spelling_of_a_flag_name_parses():
     for untouched in ("--spelling-test-size=3", "--config.data.max_test_examples=3",
                       "--unknown-flag", "positional"):
       assert cli._defined_spelling(untouched) == untouched
+    # After "--" arguments are not flags: they stay as typed.
+    assert cli.parse_flags_briefly(["script", "--", "--spelling_test_size"])[1:] == [
+        "--spelling_test_size"]
   finally:
     delattr(flags.FLAGS, "spelling-test-size")
     delattr(flags.FLAGS, "spelling_test_eval")
