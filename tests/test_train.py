@@ -455,6 +455,32 @@ def test_every_config_and_pair_builds():
       name != "vanilla" for name in CONFIG_MODULES]
 
 
+# methods.md, typed in again: the CIFAR-100 recipe and the DKD table's β per pair.
+METHODS_MD_CIFAR_BETA = {
+    "res32x4_res8x4": 8.0, "res32x4_shuv1": 8.0, "res32x4_shuv2": 8.0, "res50_mv2": 8.0,
+    "wrn40_2_shuv1": 8.0, "res56_res20": 2.0, "res110_res32": 2.0, "vgg13_vgg8": 6.0,
+    "vgg13_mv2": 6.0, "wrn40_2_wrn16_2": 6.0, "wrn40_2_wrn40_1": 6.0}
+
+
+def test_cifar_recipes_are_methods_md():
+  assert sorted(common.CIFAR_PAIRS) == sorted(METHODS_MD_CIFAR_BETA)
+  for pair, beta in METHODS_MD_CIFAR_BETA.items():
+    for method, module in CONFIG_MODULES.items():
+      c = module.get_config(pair)
+      assert (c.method, c.batch_size, c.num_epochs, c.momentum, c.weight_decay) == (
+          method, 64, 240, 0.9, 5e-4)
+      assert (tuple(c.lr_decay_epochs), c.lr_decay_rate) == ((150, 180, 210), 0.1)
+      small = c.student.name in ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+      assert c.lr == (0.01 if small else 0.05), (pair, c.lr)
+      assert dict(c.kd) == dict(temperature=4.0, ce_weight=0.1, kd_weight=0.9)
+      assert dict(c.dkd) == dict(ce_weight=1.0, alpha=1.0, beta=beta, temperature=4.0,
+                                 warmup_epochs=20)
+      assert dict(c.lskd) == dict(base="kd", temperature=2.0, ce_weight=0.1, kd_weight=9.0,
+                                  dkd_weight_scale=9.0)
+      assert dict(c.ctkd) == dict(base="kd", standardize=False, t_start=1.0, t_end=20.0,
+                                  init=1.0, ramp_epochs=10)
+
+
 def test_imagenet_recipes_are_the_readme_table():
   from configs import imagenet_ctkd, imagenet_dkd, imagenet_kd, imagenet_lskd
   for module in (imagenet_kd, imagenet_dkd, imagenet_lskd, imagenet_ctkd):
