@@ -457,7 +457,10 @@ def _process_shard(process_index: int | None, process_count: int | None,
 
 
 def _resize_uint8(image: Any, size: Any) -> Any:
-  """Bilinear resize with antialiasing (PIL's bilinear, as torchvision uses), back to uint8."""
+  """Antialiased bilinear resize (torchvision's, through PIL), back to uint8.
+
+  TF computes in float and rounds once; PIL in fixed point, rounding between its two passes
+  (in an order Pillow 13 picks per image): pixels are within 1 grey level, unbiased."""
   tf, _ = _tf()
   image = tf.image.resize(image, size, method="bilinear", antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
@@ -510,19 +513,40 @@ def decode_image(encoded: Any) -> Any:
       lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
 
 
+# Pixels decoded around a JPEG crop window: libjpeg upsamples subsampled chroma (4:2:0, the
+# usual ImageNet file) from the neighbouring chroma samples, which a window that starts at the
+# crop treats as the image's edge; with 1 pixel of margin the crop equals PIL's whole-image
+# decode on 4:2:0 and 4:2:2 files (tests/test_input_pipeline.py), 4 allows every sampling factor.
+_JPEG_CROP_MARGIN = 4
+
+
+def decode_jpeg_window(encoded: Any, top: Any, left: Any, h: Any, w: Any, *, height: Any,
+                       width: Any) -> Any:
+  """The (top, left, h, w) crop of a [height, width] JPEG, decoding only a margin around it;
+  pixels equal PIL's whole-image decode cropped (torchvision decodes first, then crops)."""
+  tf, _ = _tf()
+  top0 = tf.maximum(top - _JPEG_CROP_MARGIN, 0)
+  left0 = tf.maximum(left - _JPEG_CROP_MARGIN, 0)
+  bottom = tf.minimum(top + h + _JPEG_CROP_MARGIN, height)
+  right = tf.minimum(left + w + _JPEG_CROP_MARGIN, width)
+  image = tf.image.decode_and_crop_jpeg(
+      encoded, tf.stack([top0, left0, bottom - top0, right - left0]), channels=3,
+      dct_method="INTEGER_ACCURATE")
+  return image[top - top0:top - top0 + h, left - left0:left - left0 + w]
+
+
 def _train_image(encoded: Any, seed: Any, image_size: int) -> Any:
   """RandomResizedCrop(image_size) + RandomHorizontalFlip on encoded bytes, uint8 out (§7.3).
 
-  JPEGs are decoded only inside the crop window; other formats (PNG) are decoded whole.
+  JPEGs are decoded only around the crop window; other formats (PNG) are decoded whole.
   """
   tf, _ = _tf()
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
 
   def jpeg():
     shape = tf.image.extract_jpeg_shape(encoded)
-    top, left, h, w = _random_resized_crop_window(shape[0], shape[1], crop_seed)
-    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, h, w]), channels=3,
-                                         dct_method="INTEGER_ACCURATE")
+    window = _random_resized_crop_window(shape[0], shape[1], crop_seed)
+    return decode_jpeg_window(encoded, *window, height=shape[0], width=shape[1])
 
   def other():
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)

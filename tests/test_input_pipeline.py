@@ -190,6 +190,37 @@ def test_jpeg_decoding_equals_pillow(tmp_path):
   np.testing.assert_array_equal(ip.decode_image(png).numpy(), want)
 
 
+def test_jpeg_crop_window_equals_pillow_decode_then_crop(tmp_path):
+  """torchvision decodes the whole JPEG, then crops; decoding only the window would change the
+  window's edge pixels of a 4:2:0 file (chroma upsampled without its outside neighbours)."""
+  from PIL import Image
+  rng = np.random.default_rng(2)
+  image = np.cumsum(rng.integers(-40, 41, (75, 90, 3)), axis=0) % 256
+  Image.fromarray(image.astype(np.uint8)).save(tmp_path / "a.jpg", quality=90, subsampling=2)
+  encoded = tf.io.read_file(str(tmp_path / "a.jpg"))
+  whole = np.asarray(Image.open(tmp_path / "a.jpg").convert("RGB"))
+  windows = [(0, 0, 75, 90), (0, 0, 9, 7), (66, 83, 9, 7)] + [
+      (t, l, h, w) for h, w, t, l in (rng.integers([1, 1, 0, 0], [75, 90, 75, 90], 4)
+                                      for _ in range(40)) if t + h <= 75 and l + w <= 90]
+  for top, left, h, w in windows:
+    got = ip.decode_jpeg_window(encoded, *map(int, (top, left, h, w)), height=75,
+                                width=90).numpy()
+    np.testing.assert_array_equal(got, whole[top:top + h, left:left + w],
+                                  err_msg=str((top, left, h, w)))
+
+
+def test_bilinear_resize_is_within_one_grey_level_of_pillow():
+  """PIL's fixed-point two-pass resize vs TF's float one (no antialiasing would be far off)."""
+  from PIL import Image
+  rng = np.random.default_rng(3)
+  image = (np.cumsum(rng.integers(-30, 31, (180, 130, 3)), axis=1) % 256).astype(np.uint8)
+  for height, width in ((224, 224), (256, 184), (37, 301), (45, 60)):
+    got = ip._resize_uint8(image, [height, width]).numpy().astype(int)
+    want = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    diff = got - want
+    assert np.abs(diff).max() <= 1 and abs(diff.mean()) < 0.05, (height, width)
+
+
 def test_mock_imagenet_train_and_eval():
   with tfds.testing.mock_data(num_examples=10):
     train = ip.imagenet_train_dataset(global_batch_size=4, shuffle_buffer=8)
