@@ -657,8 +657,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_size = config.batch_size
   check_divisible_by_devices(batch_size, mesh.size, "config.batch_size")
   _check_workdir(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(config, workdir)
   logging.info("%d devices (%s), %d processes.", mesh.size, jax.devices()[0].device_kind,
                jax.process_count())
 
@@ -687,6 +685,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _check_steps_per_epoch(int(to_host(state.step)), latest, steps_per_epoch)
     logging.info("Resuming from %s at epoch %d (best top-1 so far %.2f).", ckpt.directory,
                  start_epoch, best_top1)
+  _write_config(config, workdir)  # only now: a refused or failed start leaves the old one
 
   state, teacher_vars = replicate((state, teacher_vars), mesh)
   train_step = make_train_step(config, student_graphdef=train_graphdef, optimizer=optimizer,
@@ -863,6 +862,9 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Process 0 replaces config.json whole: the other processes may be reading it."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)

@@ -22,22 +22,22 @@ from helpers import REPO, read_metrics
 
 TIMEOUT_S = 300
 
-# argv: out_dir workdir teacher [coordinator num_processes process_id]
+# argv: out_dir workdir teacher num_epochs [coordinator num_processes process_id]
 RUN = textwrap.dedent("""
     import hashlib, os, sys, numpy as np, jax, tensorflow_datasets as tfds
     from flax import nnx
     from configs import cifar_kd
     from sortkd_jax import checkpoint, models, train
-    out, workdir, teacher = sys.argv[1:4]
-    if len(sys.argv) > 4:
-      train.maybe_initialize_distributed(sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+    out, workdir, teacher, num_epochs = sys.argv[1:5]
+    if len(sys.argv) > 5:
+      train.maybe_initialize_distributed(sys.argv[5], int(sys.argv[6]), int(sys.argv[7]))
     elif not os.path.exists(teacher):  # the first, single-process run writes the teacher
       checkpoint.save_model(teacher, models.create_model("resnet8", 100, rngs=nnx.Rngs(42)),
                             arch="resnet8", num_classes=100)
     config = cifar_kd.get_config("res56_res20,runlocal")
     config.student.name = config.teacher.name = "resnet8"
     config.teacher.checkpoint = teacher
-    config.num_epochs = 1
+    config.num_epochs = int(num_epochs)
     config.data.max_train_examples = 40
     config.data.max_test_examples = 30
     config.eval_batch_size = 10  # not a multiple of 4 devices: evaluation rounds it up
@@ -116,7 +116,7 @@ def four_devices(tmp_path_factory):
   root = tmp_path_factory.mktemp("parallel")
   single = root / "single"
   single.mkdir()
-  [out] = _wait_all([_launch(RUN, [single, single / "run", root / "teacher"], 4,
+  [out] = _wait_all([_launch(RUN, [single, single / "run", root / "teacher", 1], 4,
                              str(single / "log"))])
   assert "PROCESS 0 OF 1 DEVICES 4 4" in out
   return root, out
@@ -126,7 +126,7 @@ def test_one_and_four_devices_train_the_same(four_devices):
   root, _ = four_devices
   one = root / "one"
   one.mkdir()
-  [out] = _wait_all([_launch(RUN, [one, one / "run", root / "teacher"], 1, str(one / "log"))])
+  [out] = _wait_all([_launch(RUN, [one, one / "run", root / "teacher", 1], 1, str(one / "log"))])
   assert "PROCESS 0 OF 1 DEVICES 1 1" in out
   epoch1, epoch4 = (_epochs(root / name / "run")[0] for name in ("one", "single"))
   np.testing.assert_allclose(epoch4["train_loss"], epoch1["train_loss"], rtol=1e-5)
@@ -143,7 +143,7 @@ def test_two_processes_train_like_one_with_four_devices(four_devices):
   multi.mkdir()
 
   address = f"localhost:{_free_port()}"
-  outs = _wait_all([_launch(RUN, [multi, multi / "run", teacher, address, 2, pid], 2,
+  outs = _wait_all([_launch(RUN, [multi, multi / "run", teacher, 1, address, 2, pid], 2,
                             str(multi / f"log{pid}")) for pid in range(2)])
   for pid, out in enumerate(outs):
     assert f"PROCESS {pid} OF 2 DEVICES 2 4" in out
@@ -185,6 +185,14 @@ def test_two_processes_train_like_one_with_four_devices(four_devices):
   restored = jax.tree.leaves(state["params"])
   for a, b in zip(restored, want):
     np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
+
+  # Resumed by the same launch with one more epoch: every process checks the run's config.json
+  # while process 0 is about to rewrite it.
+  address = f"localhost:{_free_port()}"
+  _wait_all([_launch(RUN, [multi, multi / "run", teacher, 2, address, 2, pid], 2,
+                     str(multi / f"resume{pid}")) for pid in range(2)])
+  assert [r["epoch"] for r in _epochs(multi / "run")] == [1, 2]
+  assert json.load(open(multi / "run" / "config.json"))["num_epochs"] == 2
 
 
 REPLICATE = textwrap.dedent("""

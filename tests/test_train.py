@@ -194,6 +194,7 @@ def test_workdir_of_another_config_is_refused_and_a_finished_run_returns(teacher
     config.log_every_steps = 1  # allowed to change
     config.teacher.checkpoint = str(tmp_path / "gone")  # too: a finished run needs no teacher
     again = train.train_and_evaluate(config, workdir)
+    assert open(os.path.join(workdir, "config.json")).read() == saved  # reported, not rewritten
   assert again["best_top1"] == first["best_top1"]
   assert [r["epoch"] for r in read_metrics(workdir) if r["kind"] == "epoch"] == [1]
   jax.tree.map(np.testing.assert_array_equal, first["state"], again["state"])
@@ -206,10 +207,13 @@ def test_resume_with_another_number_of_steps_per_epoch_is_refused(teacher_dir, k
   workdir = str(tmp_path / "run")
   shutil.copytree(kd_one_epoch.workdir, workdir)
   config = tiny_config("kd", teacher_dir, num_epochs=2)
+  saved = open(os.path.join(workdir, "config.json")).read()
   with tfds.testing.mock_data(num_examples=32):  # 32 images: 2 steps per epoch, not 3
     with pytest.raises(ValueError, match=r"epoch 1 was taken at step 3 \(3 steps per epoch\), "
                        "but an epoch now has 2 steps"):
       train.train_and_evaluate(config, workdir)
+  # The refused config is not saved: eval.py and the next resume still see the run's own.
+  assert open(os.path.join(workdir, "config.json")).read() == saved
   assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
 
 
