@@ -178,7 +178,16 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
     ds, _, label = _open_split(name=None, folder=folder, split=split, data_dir=None,
                                download=False, decode=False)
     ds = ds.map(lambda ex: {**ex, "image": decode_image(ex["image"])})
-    images, labels = _to_arrays(ds, image_size, where)
+    tf, _ = _tf()
+    try:
+      images, labels = _to_arrays(ds, image_size, where)
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as err:
+      # TF's error names no file: look for the culprits, only on this (rare) path.
+      paths = sorted(f.path for _, f in _split_image_files(folder, split))
+      bad = _undecodable_files(paths)
+      if not bad:
+        raise
+      raise _undecodable_error(where, bad, len(paths)) from err
     class_names = tuple(label.names)
   else:
     images, labels, class_names = _decode_folder_with_pil(folder, split, image_size, where)
@@ -224,17 +233,40 @@ def _decode_folder_with_pil(folder: str, split: str, image_size: int,
   files = sorted((f.path, class_names.index(class_name))
                  for class_name, f in _split_image_files(folder, split))
   files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
-  images, bad = [], []
+  images, bad, undecodable = [], [], []
   for path, _ in _with_progress(files, where, len(files), count=lambda _: 1):
-    with Image.open(path) as image:
-      array = np.asarray(image.convert("RGB"))
+    try:
+      with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError):  # cut short, not an image, broken PNG chunk
+      undecodable.append(path)
+      continue
     if array.shape != (image_size, image_size, 3):
       bad.append(f"{os.path.basename(path)} {array.shape}")
     images.append(array)
+  if undecodable:
+    raise _undecodable_error(where, sorted(undecodable), len(files))
   if bad:
     raise ValueError(f"{where}: {len(bad)} of {len(files)} images are not ({image_size}, "
                      f"{image_size}, 3), e.g. {', '.join(bad[:5])}. {_IMAGE_SIZE_HINT}")
   return np.stack(images), np.array([label for _, label in files], np.int32), class_names
+
+
+def _undecodable_files(paths: list[str]) -> list[str]:
+  """The `paths` that TF's folder decoder (`decode_image`) rejects, decoded in parallel."""
+  tf, _ = _tf()
+  ds = tf.data.Dataset.from_tensor_slices(paths).map(
+      lambda path: (path, tf.shape(decode_image(tf.io.read_file(path)))),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  decoded = {path.decode() for path, _ in ds.ignore_errors().as_numpy_iterator()}
+  return [path for path in paths if path not in decoded]
+
+
+def _undecodable_error(where: str, paths: list[str], total: int) -> ValueError:
+  """One message naming the files that cannot be decoded, so they can be fixed or removed."""
+  shown = ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
+  return ValueError(f"{where}: {len(paths)} of {total} image files cannot be decoded (corrupt, "
+                    f"cut short, or not an image): {shown}. Replace or remove them.")
 
 
 def _with_progress(items: Iterable[Any], where: str, total: int | None, *,
@@ -255,6 +287,7 @@ def _with_progress(items: Iterable[Any], where: str, total: int | None, *,
 
 
 def _check_folder_split(folder: str, split: str) -> None:
+  """Fails early, with what to change, on a missing or empty split or mismatched classes."""
   split_dir = os.path.join(folder, split)
   if not os.path.isdir(split_dir):
     found = None
@@ -264,10 +297,43 @@ def _check_folder_split(folder: str, split: str) -> None:
         f"No split {split!r} in image folder {folder} (expected {split_dir}). Expected layout: "
         f"{_FOLDER_LAYOUT}; "
         + (f"splits found: {found}." if found is not None else "the folder does not exist.")
+        + _eval_split_hint(folder, split, found or [])
     )
   if next(_split_image_files(folder, split), None) is None:
     raise ValueError(f"Image folder split {split_dir} has no images. Expected layout: "
                      f"{_FOLDER_LAYOUT}.")
+  _check_folder_classes(folder)
+
+
+# Split names tried first when suggesting another eval split (ImageNet folders: validation).
+_EVAL_SPLIT_NAMES = ("validation", "val", "test", "valid", "eval")
+
+
+def _eval_split_hint(folder: str, split: str, found: list[str]) -> str:
+  """For a missing eval split (not 'train'), how to evaluate on a found split with images."""
+  others = [s for s in found if s not in ("train", split)
+            and next(_split_image_files(folder, s), None) is not None]
+  if split == "train" or not others:
+    return ""
+  others.sort(key=lambda s: s not in _EVAL_SPLIT_NAMES)  # stable: known eval names first
+  return (f" If {split!r} is the eval split, pass --config.data.test_split={others[0]} to "
+          f"evaluate on {os.path.join(folder, others[0])} instead.")
+
+
+def _check_folder_classes(folder: str) -> None:
+  """Refuses splits with different class folders: labels index the classes of all splits, so
+  a class would be trained but never tested (or the reverse), and the ids would not match a
+  per-split index such as torchvision's ImageFolder (e.g. a ported teacher's)."""
+  by_split = {s: c for s, c in _split_classes(folder).items() if c}  # unlabelled splits: skip
+  every = set().union(*by_split.values())
+  missing = {s: sorted(every - c) for s, c in sorted(by_split.items()) if every - c}
+  if missing:
+    listed = "; ".join(f"missing from {s!r}: {names[:10]}"
+                       + (f" ({len(names)} in all)" if len(names) > 10 else "")
+                       for s, names in missing.items())
+    raise ValueError(
+        f"Image folder {folder}: the splits have different class folders ({listed}). Give "
+        "every split the same class folders (an empty one counts), or remove the extra ones.")
 
 
 def _folder_fingerprint(folder: str, split: str, decoder: str) -> str:
@@ -283,8 +349,13 @@ def _folder_fingerprint(folder: str, split: str, decoder: str) -> str:
 
 def _folder_classes(folder: str) -> tuple[str, ...]:
   """The class names of an image folder, sorted over all splits (as `tfds.ImageFolder`)."""
-  return tuple(sorted({c.name for s in os.scandir(folder) if s.is_dir()
-                       for c in os.scandir(s.path) if c.is_dir()}))
+  return tuple(sorted(set().union(*_split_classes(folder).values())))
+
+
+def _split_classes(folder: str) -> dict[str, set[str]]:
+  """{split: its class folder names} for every sub-folder (each is a split to tfds)."""
+  return {s.name: {c.name for c in os.scandir(s.path) if c.is_dir()}
+          for s in os.scandir(folder) if s.is_dir()}
 
 
 def _split_image_files(folder: str, split: str) -> Iterator[tuple[str, os.DirEntry]]:

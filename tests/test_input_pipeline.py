@@ -132,6 +132,56 @@ def test_folder_of_wrong_image_size(tmp_path):
   assert not cache.exists() or not os.listdir(cache)
 
 
+@pytest.mark.parametrize("decoder", ["tensorflow", "pillow"])
+def test_folder_with_undecodable_files_names_them(tmp_path, monkeypatch, decoder):
+  """TF's decode error names no file: a JPEG cut short or a text file is named, nothing cached."""
+  folder = _make_folder(tmp_path / "data", per_split=(("train", 2),), ext=".jpg")
+  cut = os.path.join(folder, "train", "bee", "0001.jpg")
+  with open(cut, "rb") as f:
+    data = f.read()
+  with open(cut, "wb") as f:
+    f.write(data[: len(data) // 2])
+  with open(os.path.join(folder, "train", "cat", "notes.jpg"), "w") as f:
+    f.write("not an image")
+  if decoder == "pillow":
+    monkeypatch.setattr(ip, "_have_tensorflow", lambda: False)
+  cache = tmp_path / "cache"
+  with pytest.raises(ValueError, match=r"2 of 7 image files cannot be decoded") as err:
+    ip.load_array_split(folder=folder, split="train", cache_dir=str(cache))
+  assert cut in str(err.value) and os.path.join("cat", "notes.jpg") in str(err.value)
+  assert "0000.jpg" not in str(err.value)
+  assert not cache.exists() or not os.listdir(cache)
+
+
+def test_folder_splits_with_different_classes_are_refused(tmp_path):
+  """Labels index the classes of all splits: one missing from a split is never trained/tested."""
+  for split, names in (("train", ("ant", "bee")), ("validation", ("ant", "cat"))):
+    for name in names:
+      os.makedirs(tmp_path / split / name)
+      _write_image(str(tmp_path / split / name / "0.png"), np.zeros((32, 32, 3), np.uint8))
+  want = r"missing from 'train': \['cat'\]; missing from 'validation': \['bee'\]"
+  with pytest.raises(ValueError, match=want):
+    ip.load_array_split(folder=str(tmp_path), split="train", cache_dir=str(tmp_path / "c"))
+  with pytest.raises(ValueError, match=want):  # ImageNet folders: tfds.ImageFolder's classes
+    ip.split_info(folder=str(tmp_path), split="validation")
+  os.makedirs(tmp_path / "train" / "cat")  # an empty class folder evens the class lists
+  os.makedirs(tmp_path / "validation" / "bee")
+  assert ip.split_info(folder=str(tmp_path), split="validation") == (2, 3)
+
+
+def test_missing_eval_split_suggests_another(tmp_path):
+  folder = _make_folder(tmp_path / "data", per_split=(("train", 1), ("test", 1)))
+  with pytest.raises(FileNotFoundError, match=r"--config.data.test_split=test "):
+    ip.split_info(folder=folder, split="validation")
+  with pytest.raises(FileNotFoundError) as err:
+    ip.split_info(folder=folder, split="train_all")
+  assert "test_split=test" in str(err.value)
+  os.rename(os.path.join(folder, "train"), os.path.join(folder, "other"))
+  with pytest.raises(FileNotFoundError) as err:  # no hint for the train split
+    ip.split_info(folder=folder, split="train")
+  assert "test_split" not in str(err.value)
+
+
 def test_validate_labels():
   out = ip.validate_labels(np.array([0, 2, 9], np.int64), 10)
   assert out.dtype == np.int32 and out.tolist() == [0, 2, 9]
