@@ -438,8 +438,9 @@ def load_torch_state_dict(path: str | os.PathLike, component: str | None = None,
       if halves["student"] and halves["teacher"]:
         raise TorchFileError(
             f"{path!r} is a distiller checkpoint holding a student and a teacher: convert the "
-            "one you mean with scripts/port_weights.py --component student|teacher and use "
-            "that directory (scripts/eval.py also takes --component).")
+            f"one you mean,\n  python scripts/port_weights.py --arch ARCH --src {path} "
+            "--component teacher --dst DIR\n(or --component student), and use that directory "
+            "(scripts/eval.py also takes --component).")
       component = "student" if halves["student"] else "teacher"
     if not halves[component]:
       raise TorchFileError(

@@ -46,6 +46,8 @@ def missing_teacher_message(name: str, path: str) -> str:
     get = (f"mdistiller publishes no {name} teacher; train one with\n  python scripts/train.py "
            f"--config {recipe} --config.student.name={name} --workdir runs/{name}\nand pass "
            f"--config.teacher.checkpoint=runs/{name}")
+  if dst != path:
+    get += f"\nand pass --config.teacher.checkpoint={dst}"
   return (f"Teacher checkpoint {path!r} for {name} does not exist.\n{get}\n(A PyTorch file "
           "also works as --config.teacher.checkpoint=FILE.pth, converted on the fly.)")
 

@@ -347,6 +347,11 @@ def test_missing_teacher_says_where_teachers_come_from(tmp_path):
                                                                     "teachers/resnet32x4"))
   assert ("--arch imagenet_ResNet34 --src resnet34-333f7ec4.pth --dst teachers/"
           "imagenet_ResNet34" in message("imagenet_ResNet34", "teachers/imagenet_ResNet34"))
+  # A missing .pth given as the checkpoint: converted into teachers/NAME, which is then passed.
+  assert message("resnet56", "gone/r56.pth").endswith(
+      "--dst teachers/resnet56\nand pass --config.teacher.checkpoint=teachers/resnet56\n(A "
+      "PyTorch file also works as --config.teacher.checkpoint=FILE.pth, converted on the fly.)")
+  assert "and pass" not in message("resnet56", "teachers/resnet56")
 
 
 def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
