@@ -62,7 +62,9 @@ def topk_correct(logits: ArrayLike, labels: ArrayLike, k: int) -> jax.Array:
   lower index, i.e. ties go to the lower class index, as in ``jax.lax.top_k`` and a stable
   descending sort. ``torch.topk(k, largest=True, sorted=True)`` does not specify which tied
   element it returns (on CPU it does not follow index order), so only exact ties at the k-th
-  place can make the two disagree. Labels outside ``[0, K)`` count as wrong.
+  place can make the two disagree. Labels outside ``[0, K)`` count as wrong, and so does every
+  row with a NaN logit, wherever it is: NaN compares false with everything, so otherwise a NaN
+  label logit would rank first and a model whose weights are damaged would score 100%.
   """
   x = jnp.asarray(logits)
   labels = jnp.asarray(labels)[..., None]
@@ -71,7 +73,8 @@ def topk_correct(logits: ArrayLike, labels: ArrayLike, k: int) -> jax.Array:
   x_label = jnp.take_along_axis(x, jnp.clip(labels, 0, num_classes - 1), axis=-1)
   cls = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1)
   ahead = (x > x_label) | ((x == x_label) & (cls < labels))
-  return (jnp.sum(ahead, axis=-1) < k) & valid[..., 0]
+  no_nan = ~jnp.any(jnp.isnan(x), axis=-1)
+  return (jnp.sum(ahead, axis=-1) < k) & valid[..., 0] & no_nan
 
 
 def kd(student_logits: ArrayLike, teacher_logits: ArrayLike, temperature: ArrayLike) -> jax.Array:

@@ -112,6 +112,23 @@ def test_topk_correct_matches_stable_ranking():
     np.testing.assert_array_equal(got, (top == y[:, None]).any(-1))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_topk_correct_counts_a_row_with_a_nan_logit_as_wrong(dtype):
+  """A NaN-producing model must never score: NaN compares false, so the label would rank first."""
+  nan = jnp.nan
+  x = jnp.array([[nan] * 5,                  # all NaN (damaged weights)
+                 [1.0, nan, 0.0, 0.0, 0.0],  # the label's logit is NaN
+                 [9.0, 1.0, nan, 0.0, 0.0],  # another class is NaN, label would be top-1
+                 [9.0, 1.0, 0.0, 0.0, 0.0],  # finite: unaffected
+                 [jnp.inf, 1.0, -jnp.inf, 0.0, 0.0]], dtype)  # infinities still rank
+  labels = jnp.array([0, 1, 0, 0, 0])
+  for k in (1, 5):
+    got = jax.jit(losses.topk_correct, static_argnums=2)(x, labels, k)
+    np.testing.assert_array_equal(got, [False, False, False, True, True])
+  assert not bool(losses.topk_correct(x[4], jnp.array(2), 4))  # -inf ranks last
+  assert bool(losses.topk_correct(x[4], jnp.array(2), 5))
+
+
 # ---------------------------------------------------------------- KD, DKD, LSKD
 @pytest.mark.parametrize("t", [1.0, 4.0, 2.5])
 def test_kd_matches_reference(t):
