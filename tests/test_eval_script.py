@@ -1,0 +1,100 @@
+"""scripts/eval.py: a wrong --checkpoint fails before the data is read, a run's evaluated epoch is
+named, and a model with non-finite outputs is an error, not a result."""
+
+import json
+import math
+import os
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from configs import cifar_vanilla
+from helpers import run_script
+from sortkd_jax import checkpoint, models
+
+SYNTHETIC = ["--config", "configs/cifar_kd.py:res56_res20", "--config.data.name=synthetic",
+             "--config.data.max_test_examples=64", "--config.eval_batch_size=32"]
+
+
+def _resnet8(seed=0, nan=False):
+  model = models.create_model("resnet8", 100, rngs=nnx.Rngs(seed))
+  if nan:  # damaged weights: every logit is NaN
+    model.fc.kernel[...] = jnp.full_like(model.fc.kernel[...], jnp.nan)
+  return model
+
+
+def _save_run(workdir, top1s):
+  """A training workdir whose epochs 1, 2, ... have these test top-1s, as the trainer saves."""
+  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR))
+  for epoch, top1 in enumerate(top1s, 1):
+    _, params, stats = nnx.split(_resnet8(epoch), nnx.Param, nnx.BatchStat)
+    state = {"params": {"student": nnx.to_pure_dict(params)},
+             "batch_stats": nnx.to_pure_dict(stats), "step": jnp.int32(epoch)}
+    ckpt.save(epoch, state, {"best_top1": max(top1s[:epoch]), "test_top1": top1, "step": epoch,
+                             "arch": "resnet8", "num_classes": 100})
+  ckpt.close()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cifar_vanilla.get_config().to_json_best_effort())
+  return str(workdir)
+
+
+def _last_json(out):
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("missing", "does not exist"),
+    ("run_without_epoch", "has no checkpoint yet: no epoch finished"),
+    ("run_without_checkpoints", "has no checkpoint yet: no epoch finished"),
+    ("checkpoints_folder", "is inside the training run"),
+    ("image_folder", "is not a sortkd model checkpoint"),
+])
+def test_a_wrong_checkpoint_fails_before_the_data_is_read(tmp_path, kind, message):
+  """Offline, reading the default CIFAR-100 first meant minutes of tfds retries before this
+  error; here the data is a missing folder, whose error must not come first."""
+  run = tmp_path / "run"
+  path = {"missing": tmp_path / "none", "run_without_epoch": run,
+          "run_without_checkpoints": run, "checkpoints_folder": run / "checkpoints",
+          "image_folder": tmp_path / "images"}[kind]
+  os.makedirs(tmp_path / "images")
+  (tmp_path / "images" / "0.jpg").write_bytes(b"\xff\xd8\xff")
+  os.makedirs(run)
+  (run / "config.json").write_text(cifar_vanilla.get_config().to_json_best_effort())
+  if kind != "run_without_checkpoints":
+    os.makedirs(run / "checkpoints")  # the trainer makes it before its first epoch ends
+  out = run_script("eval.py", "--checkpoint", path,
+                   f"--config.data.folder={tmp_path / 'nodata'}", cwd=tmp_path, timeout=120)
+  assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+  assert "No split" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
+  """The best epoch, not the latest: the JSON and the log say which."""
+  workdir = _save_run(tmp_path / "run", [30.0, 10.0, 20.0])
+  assert checkpoint.latest_saved_epoch(workdir) == 3
+  out = run_script("eval.py", "--checkpoint", workdir, *SYNTHETIC)
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = _last_json(out)
+  assert (result["epoch"], result["arch"], result["test_examples"]) == (1, "resnet8", 64)
+  assert "Evaluating epoch 1 of the run" in out.stderr
+  wrong_arch = run_script("eval.py", "--checkpoint", workdir, "--arch", "resnet20", *SYNTHETIC)
+  assert wrong_arch.returncode == 1 and "holds a resnet8, not a resnet20" in wrong_arch.stderr
+
+
+def test_a_model_with_non_finite_outputs_is_an_error(tmp_path):
+  """Its figures are printed, then one error line; NaN logits never count as correct."""
+  finite, damaged = str(tmp_path / "finite"), str(tmp_path / "damaged")
+  checkpoint.save_model(finite, _resnet8(), arch="resnet8", num_classes=100)
+  checkpoint.save_model(damaged, _resnet8(nan=True), arch="resnet8", num_classes=100)
+  out = run_script("eval.py", "--checkpoint", damaged, *SYNTHETIC)
+  assert out.returncode == 1, out.stderr[-2000:]
+  result = _last_json(out)
+  assert math.isnan(result["test_loss"])
+  assert result["test_top1"] == result["test_top5"] == 0 and result["epoch"] is None
+  error = out.stderr.strip().splitlines()[-1]
+  assert error.startswith("error: the model's outputs are not finite") and "Traceback" not in (
+      out.stderr)
+  ok = run_script("eval.py", "--checkpoint", finite, *SYNTHETIC)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert math.isfinite(_last_json(ok)["test_loss"])
