@@ -111,14 +111,49 @@ def summarize_trace(trace_dir: str, calls: int, top: int = 12) -> dict:
           "top_ops": [[name, round(ms, 4), round(n, 1)] for name, (ms, n) in ranked[:top]]}
 
 
+def _check_writable_place(flag: str, path: str, what: str) -> None:
+  """Refuses `path` if it cannot be created: its nearest existing ancestor must be a writable
+  directory (nothing is created here)."""
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"--{flag} {path}: {parent} is a file, so the {what} cannot be made there.")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"--{flag} {path}: {parent} is not writable.")
+
+
+def check_output_paths() -> None:
+  """Fails at once on a --json or --profile path that cannot be written, which otherwise would
+  fail only after the whole benchmark has run; makes the --json file's directory."""
+  if FLAGS.json:
+    path = FLAGS.json
+    if os.path.isdir(path):
+      raise ValueError(f"--json {path} is a directory; name a file to append the JSON lines to.")
+    if os.path.exists(path):
+      if not os.access(path, os.W_OK):
+        raise ValueError(f"--json {path} is not writable.")
+    else:
+      _check_writable_place("json", path, "JSON file")
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if FLAGS.profile:
+    path = FLAGS.profile
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise ValueError(f"--profile {path} is a file; name a directory for the trace.")
+    if os.path.isdir(path):
+      if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--profile {path} is not writable.")
+    else:
+      _check_writable_place("profile", path, "trace directory")
+
+
 def main():
   config = FLAGS.config
   config.unlock()
   models.check_name(config.student.name, "config.student.name")
   if methods.uses_teacher(config):
     models.check_name(config.teacher.name, "config.teacher.name")
-  if FLAGS.json:  # before minutes of timing, not after
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+  check_output_paths()  # before minutes of timing, not after
   streaming = config.data.pipeline == "tf_data"
   if streaming and FLAGS["steps-per-dispatch"].value:
     raise ValueError("ImageNet (tf.data) recipes run one step per dispatch, as the trainer does; "

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from helpers import run_script
 
 
@@ -34,6 +35,25 @@ def test_benchmark_script_reports_every_measurement(tmp_path):
   assert os.path.exists(profile["trace"])
   assert records[2]["eval_images"] == 256
   assert "train_step" in proc.stdout and "images/s" in proc.stdout  # the readable table
+
+
+@pytest.mark.parametrize("flag,target,message", [
+    ("json", "", "is a directory; name a file"),
+    ("json", "file.txt/bench.jsonl", "file.txt is a file, so the JSON file cannot be made"),
+    ("profile", "file.txt", "is a file; name a directory for the trace"),
+    ("profile", "file.txt/trace", "file.txt is a file, so the trace directory cannot be made"),
+])
+def test_unwritable_output_paths_are_refused_before_any_timing(tmp_path, flag, target, message):
+  """Otherwise the error (IsADirectoryError, a traceback) came after the whole benchmark."""
+  (tmp_path / "file.txt").write_text("not a directory")
+  proc = run_script(
+      "benchmark.py", "--config.student.name=resnet8", "--config.teacher.name=resnet8",
+      "--num-examples=32", "--batch-size=32", "--steps-per-dispatch=1", "--noeval",
+      "--windows=1", "--window-seconds=0.01", f"--{flag}={tmp_path / target}", timeout=600)
+  assert proc.returncode == 1 and f"error: --{flag} " in proc.stderr, proc.stderr[-3000:]
+  assert message in proc.stderr and "Traceback" not in proc.stderr
+  assert "train_step" not in proc.stdout  # refused before any timing
+  assert (tmp_path / "file.txt").read_text() == "not a directory"
 
 
 def _jpeg_folder(root, count=8, size=(80, 96)):
