@@ -44,6 +44,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.method == group and config[group].base not in BASE_LOSSES:
       raise ValueError(f"config.{group}.base must be one of {BASE_LOSSES}, "
                        f"got {config[group].base!r}.")
+  # Logits are divided by the temperatures: 0 or less would only show later, as a NaN loss.
+  # (CTKD's τ = t_start + t_end·sigmoid(θ) stays above t_start.)
+  temperatures = {f"{group}.temperature": config[group].temperature
+                  for group in ("kd", "dkd", "lskd") if group in config}
+  if "ctkd" in config:
+    temperatures["ctkd.t_start"] = config.ctkd.t_start
+  for key, value in temperatures.items():
+    if not value > 0:
+      raise ValueError(f"config.{key} must be positive, got {value!r}.")
 
 
 def _kd(z, v, y, *, ce_weight, kd_weight, temperature, ce_logits=None) -> LossTerms:

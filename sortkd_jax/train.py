@@ -25,12 +25,15 @@ whose directory must be the same shared path for all.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
+import socket
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -644,6 +647,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Re-running with the same workdir resumes from the latest checkpoint. Returns a summary:
   best and last test top-1 and the final state (NumPy).
   """
+  with _workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str) -> Iterator[None]:
+  """One run per workdir: a second one (say, launched twice) would overwrite the first's
+  checkpoints and logs. Process 0 holds an flock on `<workdir>/train.lock`, which the system
+  releases if the process dies; a workdir that the run left empty is removed again."""
+  if jax.process_index() != 0 or (os.path.exists(workdir) and not os.path.isdir(workdir)):
+    yield  # other processes follow process 0; a file is refused by _check_workdir
+    return
+  created = not os.path.exists(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    lock = open(os.path.join(workdir, "train.lock"), "a+")
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir} cannot be created or written ({e.strerror}).") from e
+  try:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      raise ValueError(f"Another run is training in {workdir} ({lock.read().strip()}); wait "
+                       "for it to end, or use another --workdir.") from None
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    yield
+  finally:
+    if created and os.listdir(workdir) == ["train.lock"]:  # a failed start: leave nothing
+      os.remove(os.path.join(workdir, "train.lock"))
+      os.rmdir(workdir)
+    lock.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   launched = time.perf_counter()
   methods.validate(config)
   _check_config(config)
@@ -712,12 +752,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Stops the run on a NaN or infinite loss, before anything of it is saved."""
     if not math.isfinite(loss):
       good = ckpt.latest_epoch()
-      kept = (f"The checkpoint of epoch {good}, the last with a finite loss, stays in "
-              f"{ckpt.directory}." if good else "No epoch finished, so there is no checkpoint.")
+      kept, where = ((f"The checkpoint of epoch {good}, the last with a finite loss, stays in "
+                      f"{ckpt.directory}.", "in a new --workdir: a workdir resumes only with its "
+                      "own config") if good else
+                     ("No epoch finished, so there is no checkpoint.",
+                      "this --workdir takes any config until an epoch is saved"))
       raise FloatingPointError(
           f"The {what} is {loss} in epoch {epoch} (step {step}): stopping. {kept} {cause}Check "
-          "the data and the teacher, or lower config.lr (in a new --workdir: a workdir resumes "
-          "only with its own config).")
+          f"the data and the teacher, or lower config.lr ({where}).")
 
   def averages(sums: collections.Counter) -> dict[str, float]:
     out = {k: v / sums["count"] for k, v in sums.items() if k != "count"}
@@ -725,11 +767,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stop_unless_finite(out["loss"], "training loss")
     return out
 
+  def write_window() -> None:
+    img_s, eta = reporter.throughput(step)
+    reporter.write("train", epoch, step, {**averages(window_sums), "lr": float(schedule(step - 1)),
+                                          "img_per_s": img_s, "eta_s": eta})
+    window_sums.clear()
+
   epoch = start_epoch
   try:
     if teacher is not None and step == 0:  # the teacher's accuracy, on record with the run's
-      reporter.write("teacher", 0, 0, {"arch": config.teacher.name,
-                                       **feed.evaluate(teacher, teacher_vars)})
+      teacher_test = feed.evaluate(teacher, teacher_vars)
+      reporter.write("teacher", 0, 0, {"arch": config.teacher.name, **teacher_test})
+      if not math.isfinite(teacher_test["test_loss"]):
+        raise FloatingPointError(
+            f"The teacher's test loss is {teacher_test['test_loss']}: its outputs are not finite, "
+            f"so its weights are damaged ({config.teacher.checkpoint}). Convert or copy the "
+            "teacher again.")
     for epoch in range(start_epoch, config.num_epochs + 1):
       epoch_start = time.perf_counter()
       for state, metrics, num_steps in run_epoch(state, epoch):
@@ -741,15 +794,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if epoch == start_epoch:
             logging.info("First dispatch done %.1f s after the start (data, models, "
                          "compilation).", time.perf_counter() - launched)
-        # Windows end at multiples of log_every_steps, so a resumed run logs the same windows.
         if step // config.log_every_steps > (step - num_steps) // config.log_every_steps:
           fetch_pending()
-          img_s, eta = reporter.throughput(step)
-          reporter.write("train", epoch, step, {**averages(window_sums),
-                                                "lr": float(schedule(step - 1)),
-                                                "img_per_s": img_s, "eta_s": eta})
-          window_sums.clear()
+          write_window()
       fetch_pending()
+      if window_sums:  # windows end with their epoch too, so a resumed run logs the same ones
+        write_window()
       epoch_metrics = averages(epoch_sums)
       epoch_sums.clear()
       test = feed.evaluate(Network(eval_graphdef), (state.params["student"], state.batch_stats))
@@ -816,13 +866,21 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.data.pipeline='tf_data' is the ImageNet recipes' stream (random-"
                      "resized crops, data.shuffle_buffer, data.manual_dir); this config's data "
                      "is CIFAR-sized: keep 'on_device', or use a configs/imagenet_*.py recipe.")
-  sizes = {key: config[key] for key in ("batch_size", "eval_batch_size", "num_epochs")}
+  sizes = {key: config[key] for key in ("batch_size", "eval_batch_size", "num_epochs",
+                                        "log_every_steps")}
+  if config.steps_per_dispatch is not None:
+    sizes["steps_per_dispatch"] = config.steps_per_dispatch
   sizes.update({f"data.{key}": config.data[key] for key in ("max_train_examples",
                                                             "max_test_examples")
                 if config.data[key] is not None})
   for key, value in sizes.items():
     if not (isinstance(value, int) and value > 0):
       raise ValueError(f"config.{key} must be a positive integer, got {value!r}.")
+  decay = config.lr_decay_epochs
+  if not (isinstance(decay, (tuple, list)) and all(isinstance(e, int) and e > 0 for e in decay)
+          and list(decay) == sorted(decay)):
+    raise ValueError("config.lr_decay_epochs must be increasing positive epochs, e.g. "
+                     f"'--config.lr_decay_epochs=(150,180,210)', got {decay!r}.")
 
 
 def _check_steps_per_epoch(step: int, epoch: int, steps_per_epoch: int) -> None:

@@ -105,14 +105,15 @@ def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path):
   records = read_metrics(str(tmp_path / "resumed"))
   assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
   assert [r["kind"] for r in records].count("teacher") == 1  # evaluated once, before epoch 1
-  # 3 steps per epoch in dispatches of 2 and 1, a log every 2 steps: windows end at steps 2, 5
-  # and 6. The resumed run's window 4-5 lacks step 3 (the straight run's is 3-5); then they match.
+  # 3 steps per epoch in dispatches of 2 and 1, a log every 2 steps: windows end at steps 2 and
+  # 4 (+1 dispatch: 5) and with each epoch (3, 6), so the resumed run logs the same windows.
   windows = {name: [(r["step"], r["loss"], r["top1"], r["lr"]) for r in read_metrics(
       str(tmp_path / name)) if r["kind"] == "train"] for name in ("straight", "resumed")}
-  assert [w[0] for w in windows["straight"]] == [w[0] for w in windows["resumed"]] == [2, 5, 6]
-  assert windows["resumed"][0] == windows["straight"][0]
-  assert windows["resumed"][1] != windows["straight"][1]  # so it resumed, not retrained
-  assert windows["resumed"][2] == windows["straight"][2]
+  assert [w[0] for w in windows["straight"]] == [2, 3, 5, 6]
+  assert windows["resumed"] == windows["straight"]
+  # Epoch 1's record is the one copied in (its wall time too): resumed, not trained again.
+  epoch_1 = lambda workdir: [r for r in read_metrics(workdir) if r["kind"] == "epoch"][0]
+  assert epoch_1(str(tmp_path / "resumed")) == epoch_1(kd_one_epoch.workdir)
 
 
 def test_steps_per_dispatch_does_not_change_training(teacher_dir, kd_one_epoch, tmp_path):
@@ -306,7 +307,8 @@ def test_train_script_trains_and_then_reports_the_finished_run(tmp_path):
           "--config.eval_batch_size=16", "--config.lr_decay_epochs=(1,)"]
   first = run_script("train.py", *args)
   assert first.returncode == 0, first.stderr[-2000:]
-  [epoch] = records = read_metrics(tmp_path / "run")
+  window, epoch = records = read_metrics(tmp_path / "run")  # a log window ends with its epoch
+  assert (window["kind"], window["step"]) == ("train", 1)
   assert (epoch["kind"], epoch["epoch"], epoch["step"], epoch["test_examples"]) == (
       "epoch", 1, 1, 16)
   assert json.load(open(tmp_path / "run" / "config.json"))["lr_decay_epochs"] == [1]
@@ -373,12 +375,46 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("data.pipeline", "tf_data", "'tf_data' is the ImageNet recipes' stream"),
     ("student.name", "resnet999", "Unknown config.student.name 'resnet999'. Valid names: "),
     ("teacher.name", "resnet999", "Unknown config.teacher.name 'resnet999'. Valid names: "),
+    ("log_every_steps", 0, "config.log_every_steps must be a positive"),
+    ("steps_per_dispatch", 0, "config.steps_per_dispatch must be a positive"),
+    ("lr_decay_epochs", ("a", "b"), r"lr_decay_epochs must be increasing positive epochs.*'a'"),
+    ("lr_decay_epochs", (180, 150), "lr_decay_epochs must be increasing"),
+    ("kd.temperature", 0.0, "config.kd.temperature must be positive, got 0.0"),
+    ("ctkd.t_start", -1.0, "config.ctkd.t_start must be positive"),
 ])
 def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message):
   method = "lskd" if key.startswith("lskd") else "kd"
   config = tiny_config(method, teacher_dir, **{key: value})
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # a refused start leaves no workdir
+
+
+def test_a_second_run_in_a_busy_workdir_is_refused(teacher_dir, tmp_path):
+  """Two runs in one workdir would overwrite each other's checkpoints and logs."""
+  import fcntl
+  workdir = tmp_path / "busy"
+  workdir.mkdir()
+  with open(workdir / "train.lock", "w") as lock:  # what a running train_and_evaluate holds
+    lock.write("process 12345 on gpu-node-7\n")
+    lock.flush()
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(ValueError, match=r"Another run is training in .*busy \(process 12345 "
+                       r"on gpu-node-7\); wait for it"):
+      train.train_and_evaluate(tiny_config("kd", teacher_dir), str(workdir))
+  assert os.listdir(workdir) == ["train.lock"]
+
+
+def test_teacher_with_non_finite_outputs_stops_the_run(tmp_path):
+  teacher = models.create_model("resnet8", 100, rngs=nnx.Rngs(0))
+  teacher.fc.bias[...] = teacher.fc.bias[...].at[3].set(jnp.nan)  # e.g. a damaged file
+  checkpoint.save_model(str(tmp_path / "t"), teacher, arch="resnet8", num_classes=100)
+  workdir = str(tmp_path / "run")
+  with tfds.testing.mock_data(num_examples=64):
+    with pytest.raises(FloatingPointError, match=r"The teacher's test loss is nan: its outputs "
+                       r"are not finite, so its weights are damaged \(.*t\)"):
+      train.train_and_evaluate(tiny_config("kd", str(tmp_path / "t")), workdir)
+  assert [r["kind"] for r in read_metrics(workdir)] == ["teacher"]
 
 
 def test_workdir_that_is_a_file_is_refused(teacher_dir, tmp_path):
