@@ -421,6 +421,9 @@ def test_workdir_that_is_a_file_is_refused(teacher_dir, tmp_path):
   (tmp_path / "notes.txt").write_text("")
   with pytest.raises(ValueError, match="notes.txt is a file; choose a directory"):
     train.train_and_evaluate(tiny_config("kd", teacher_dir), str(tmp_path / "notes.txt"))
+  with pytest.raises(ValueError, match=r"notes.txt/run cannot be created or written \(Not a "
+                     "directory\)"):
+    train.train_and_evaluate(tiny_config("kd", teacher_dir), str(tmp_path / "notes.txt" / "run"))
 
 
 def test_incomplete_multi_process_flags_are_refused():
