@@ -672,6 +672,9 @@ def _workdir_lock(workdir: str) -> Iterator[None]:
       lock.seek(0)
       raise ValueError(f"Another run is training in {workdir} ({lock.read().strip()}); wait "
                        "for it to end, or use another --workdir.") from None
+    except OSError as e:  # e.g. a cluster filesystem mounted without flock support
+      logging.warning("Cannot lock %s (%s): a second run in this workdir would go unnoticed.",
+                      lock.name, e.strerror)
     lock.truncate(0)
     lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()

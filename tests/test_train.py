@@ -405,6 +405,21 @@ def test_a_second_run_in_a_busy_workdir_is_refused(teacher_dir, tmp_path):
   assert os.listdir(workdir) == ["train.lock"]
 
 
+def test_a_filesystem_without_locks_still_trains(tmp_path, monkeypatch, caplog):
+  """Some cluster filesystems refuse flock: the run goes on, saying what it cannot detect."""
+  import errno
+  import fcntl
+
+  def no_locks(*args):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  with caplog.at_level("WARNING"):
+    with train._workdir_lock(str(tmp_path / "run")):
+      pass
+  assert "a second run in this workdir would go unnoticed" in caplog.text
+
+
 def test_teacher_with_non_finite_outputs_stops_the_run(tmp_path):
   teacher = models.create_model("resnet8", 100, rngs=nnx.Rngs(0))
   teacher.fc.bias[...] = teacher.fc.bias[...].at[3].set(jnp.nan)  # e.g. a damaged file
