@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -45,7 +44,8 @@ FLAGS = flags.FLAGS
 
 def main():
   import jax.numpy as jnp
-  from sortkd_jax import porting, train
+  from absl import logging
+  from sortkd_jax import porting, teachers, train
 
   if not os.path.exists(FLAGS.checkpoint):
     raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist.")
@@ -53,51 +53,24 @@ def main():
     raise ValueError(f"--component picks a model of a PyTorch trainer file; {FLAGS.checkpoint} "
                      "is a directory, which holds one model (a run's student, a ported "
                      "model): leave --component out.")
-  model, arch, epoch = _load_model()  # before the data: a wrong path fails in seconds
+  # The model before the data: a wrong path fails in seconds, not after the data is read.
+  model, meta = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
+                                           component=FLAGS.component)
+  epoch = meta.get("epoch")  # a run's: its best, so that the figures trace to a checkpoint
+  if epoch is not None:
+    logging.info("Evaluating epoch %d of the run in %s, its best (test top-1 %.2f when saved).",
+                 epoch, FLAGS.checkpoint, meta["test_top1"])
   config = _config()
   mesh = train.make_mesh()
   evaluate, num_classes = train.make_test_evaluator(config, mesh, dtype=jnp.float32)
-  if porting.num_classes_of(model) != num_classes:
-    raise ValueError(f"The model in {FLAGS.checkpoint} has {porting.num_classes_of(model)} "
-                     f"classes but the data has {num_classes}; use the data set it was trained "
-                     "on.")
+  teachers.check_num_classes(FLAGS.checkpoint, porting.num_classes_of(model), num_classes)
   network, variables = train.freeze(model)
   metrics = evaluate(network, train.replicate(variables, mesh))
-  print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": arch, "epoch": epoch,
+  print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": meta["arch"], "epoch": epoch,
                     "split": config.data.test_split, **metrics}), flush=True)
   if not math.isfinite(metrics["test_loss"]):
     raise RuntimeError(f"the model's outputs are not finite (test loss {metrics['test_loss']}): "
                        "its weights are damaged or its training diverged.")
-
-
-def _load_model() -> tuple[Any, str, int | None]:
-  """The model, its architecture and, for a training workdir, the epoch evaluated (its best,
-  the latest among ties; None otherwise), so that the figures can be traced to a checkpoint."""
-  from absl import logging
-  from sortkd_jax import checkpoint, models, teachers
-
-  path = FLAGS.checkpoint
-  if not checkpoint.is_train_workdir(path):
-    model, arch = teachers.load_frozen_model(path, arch=FLAGS.arch, component=FLAGS.component)
-    return model, arch, None
-  if checkpoint.latest_saved_epoch(path) is None:
-    raise FileNotFoundError(f"The training run in {path} has no checkpoint yet: no epoch "
-                            "finished.")
-  # One restore of the epoch named: a run still training may save a better one meanwhile.
-  ckpt = checkpoint.TrainCheckpointer(os.path.join(path, checkpoint.TRAIN_CHECKPOINT_DIR))
-  try:
-    epoch = ckpt.best_epoch()
-    state, meta = ckpt.restore(epoch)
-  finally:
-    ckpt.close()
-  if FLAGS.arch is not None and meta["arch"] != FLAGS.arch:
-    raise ValueError(f"{path} holds a {meta['arch']}, not a {FLAGS.arch}; point to a "
-                     f"{FLAGS.arch} checkpoint or set the architecture to {meta['arch']}.")
-  logging.info("Evaluating epoch %d of the run in %s, its best (test top-1 %.2f when saved).",
-               epoch, path, meta["test_top1"])
-  model = models.model_from_pure_dicts(meta["arch"], meta["num_classes"],
-                                       state["params"]["student"], state["batch_stats"])
-  return model, meta["arch"], epoch
 
 
 def _config():

@@ -44,11 +44,12 @@ def main():
     raise FileNotFoundError(f"The folder of --dst {dst!r} does not exist; create it first.")
   if os.path.exists(dst) and not FLAGS.overwrite:
     raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it.")
-  model, arch = teachers.load_frozen_model(src)
+  model, meta = teachers.load_frozen_model(src)
+  arch = meta["arch"]
   num_tensors = porting.save_torch_file(dst, model)
   num_classes = porting.num_classes_of(model)
-  print(f"Exported {src}\n"
-        f"  arch        {arch} ({num_classes} classes)\n"
+  print(f"Exported {src}" + (f" (epoch {meta['epoch']}, its best)" if "epoch" in meta else "")
+        + f"\n  arch        {arch} ({num_classes} classes)\n"
         f"  tensors     {num_tensors} (num_batches_tracked included)\n"
         f"  written to  {os.path.abspath(dst)}\n"
         f"  in PyTorch  mdistiller's {arch}: "

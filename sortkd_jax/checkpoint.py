@@ -323,12 +323,14 @@ class TrainCheckpointer:
 
 def load_student_from_workdir(workdir: str, *, dtype: jnp.dtype = jnp.float32
                               ) -> tuple[nnx.Module, dict[str, Any]]:
-  """The best-epoch student of a training run, in eval mode, and its metadata."""
+  """The best-epoch student of a training run (the latest among ties), in eval mode, and its
+  metadata with that `epoch`."""
   ckpt = TrainCheckpointer(os.path.join(workdir, TRAIN_CHECKPOINT_DIR))
   try:
-    state, meta = ckpt.restore(ckpt.best_epoch())
+    epoch = ckpt.best_epoch()
+    state, meta = ckpt.restore(epoch)
   finally:
     ckpt.close()
   return models.model_from_pure_dicts(meta["arch"], meta["num_classes"],
                                       state["params"]["student"], state["batch_stats"],
-                                      dtype=dtype), meta
+                                      dtype=dtype), {**meta, "epoch": epoch}

@@ -45,11 +45,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{group}.base must be one of {BASE_LOSSES}, "
                        f"got {config[group].base!r}.")
   # Logits are divided by the temperatures: 0 or less would only show later, as a NaN loss.
-  # (CTKD's τ = t_start + t_end·sigmoid(θ) stays above t_start.)
   temperatures = {f"{group}.temperature": config[group].temperature
                   for group in ("kd", "dkd", "lskd") if group in config}
-  if "ctkd" in config:
+  if "ctkd" in config:  # τ = t_start + t_end·sigmoid(θ) lies in (t_start, t_start + t_end)
     temperatures["ctkd.t_start"] = config.ctkd.t_start
+    if not config.ctkd.t_end >= 0:
+      raise ValueError(f"config.ctkd.t_end must be at least 0, got {config.ctkd.t_end!r}.")
   for key, value in temperatures.items():
     if not value > 0:
       raise ValueError(f"config.{key} must be positive, got {value!r}.")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
@@ -31,34 +32,34 @@ def missing_teacher_message(name: str, path: str) -> str:
   """What to run to get a `name` teacher: the conversion of its published file, or, for an
   architecture mdistiller publishes no teacher of, a run of this project to train one."""
   dst = f"teachers/{name}" if path.endswith((".pth", ".pt", ".tar")) else path
+  then_pass = f"\nand pass --config.teacher.checkpoint={dst}" if dst != path else ""
   if name in TORCHVISION_FILES:
     get = (f"ImageNet teachers are torchvision's v1 files; convert {TORCHVISION_FILES[name]} "
            f"with\n  python scripts/port_weights.py --arch {name} --src "
-           f"{TORCHVISION_FILES[name]} --dst {dst}")
+           f"{TORCHVISION_FILES[name]} --dst {dst}{then_pass}")
   elif name in MDISTILLER_CIFAR_TEACHERS:
     get = ("mdistiller's CIFAR-100 teachers are in `cifar_teachers.tar` on the mdistiller "
            "GitHub release 'checkpoints'; untar it into download_ckpts/ and convert with\n"
            f"  python scripts/port_weights.py --arch {name} --src download_ckpts/"
-           f"cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth --dst {dst}")
+           f"cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth --dst {dst}{then_pass}")
   else:
     recipe = ("configs/imagenet_kd.py --config.method=vanilla" if name.startswith("imagenet_")
               else "configs/cifar_vanilla.py")
     get = (f"mdistiller publishes no {name} teacher; train one with\n  python scripts/train.py "
            f"--config {recipe} --config.student.name={name} --workdir runs/{name}\nand pass "
            f"--config.teacher.checkpoint=runs/{name}")
-  if dst != path:
-    get += f"\nand pass --config.teacher.checkpoint={dst}"
   return (f"Teacher checkpoint {path!r} for {name} does not exist.\n{get}\n(A PyTorch file "
           "also works as --config.teacher.checkpoint=FILE.pth, converted on the fly.)")
 
 
 def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | None = None,
                       dtype: jnp.dtype = jnp.float32,
-                      component: str | None = None) -> tuple[nnx.Module, str]:
+                      component: str | None = None) -> tuple[nnx.Module, dict[str, Any]]:
   """A model in eval mode from a ported checkpoint, a PyTorch file or a run's workdir.
 
-  Returns the model and its architecture name. `arch` is required for PyTorch files (they do
-  not say what they hold) and checked against the others; `num_classes`, when given, too.
+  Returns the model and its metadata: its "arch", and for a run the "epoch" used (its best).
+  `arch` is required for PyTorch files (they do not say what they hold) and checked against the
+  others; `num_classes`, when given, too.
   `component` picks the student or teacher of an mdistiller trainer file (`latest`, `best`);
   None accepts only a file holding one model.
   """
@@ -72,9 +73,9 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
     except porting.PortingError as e:
       if e.checkpoint_classes is None:
         raise
-      raise ValueError(f"The model in {path} has {e.checkpoint_classes} classes but the data "
-                       f"has {num_classes}; use the data set it was trained on.") from e
-    return model, arch
+      check_num_classes(path, e.checkpoint_classes, num_classes)
+      raise
+    return model, {"arch": arch}
   _check_not_inside_a_run(path)
   if checkpoint.is_train_workdir(path):
     model, meta = checkpoint.load_student_from_workdir(path, dtype=dtype)
@@ -83,10 +84,15 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
   if arch is not None and meta["arch"] != arch:
     raise ValueError(f"{path} holds a {meta['arch']}, not a {arch}; point to a {arch} "
                      f"checkpoint or set the architecture to {meta['arch']}.")
-  if num_classes is not None and meta["num_classes"] != num_classes:
-    raise ValueError(f"The model in {path} has {meta['num_classes']} classes but the data has "
-                     f"{num_classes}; use the data set it was trained on.")
-  return model, meta["arch"]
+  check_num_classes(path, meta["num_classes"], num_classes)
+  return model, meta
+
+
+def check_num_classes(path: str, model_classes: int, data_classes: int | None) -> None:
+  """A model is evaluated or distilled only on data with its classes."""
+  if data_classes is not None and model_classes != data_classes:
+    raise ValueError(f"The model in {path} has {model_classes} classes but the data has "
+                     f"{data_classes}; use the data set it was trained on.")
 
 
 def _check_not_inside_a_run(path: str) -> None:
@@ -97,7 +103,8 @@ def _check_not_inside_a_run(path: str) -> None:
     if path == checkpoints or path.startswith(checkpoints + os.sep):
       raise ValueError(f"{path} is inside the training run {workdir}: pass the workdir itself "
                        "(its best epoch is used).")
-  if os.path.isfile(os.path.join(path, "config.json")) and not checkpoint.is_train_workdir(path):
+  if (os.path.isfile(os.path.join(path, "config.json"))
+      and checkpoint.latest_saved_epoch(path) is None):
     raise FileNotFoundError(f"The training run in {path} has no checkpoint yet: no epoch "
                             "finished.")
 

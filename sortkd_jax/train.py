@@ -35,7 +35,7 @@ import math
 import os
 import socket
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import flax
 import jax
@@ -655,35 +655,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _workdir_lock(workdir: str) -> Iterator[None]:
   """One run per workdir: a second one (say, launched twice) would overwrite the first's
   checkpoints and logs. Process 0 holds an flock on `<workdir>/train.lock`, which the system
-  releases if the process dies; a workdir that the run left empty is removed again."""
-  if jax.process_index() != 0 or (os.path.exists(workdir) and not os.path.isdir(workdir)):
-    yield  # other processes follow process 0; a file is refused by _check_workdir
-    return
-  created = not os.path.exists(workdir)
+  releases if the process dies, and tells the others whether it got it; a workdir that the run
+  created and left empty is removed again."""
+  _check_workdir_kind(workdir)  # before anything is written into it
+  lock, created, refusal = None, False, None
+  if jax.process_index() == 0:
+    created = not os.path.exists(workdir)
+    try:
+      lock = _lock(workdir)
+    except ValueError as e:
+      refusal = e
+  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
+      np.int32(refusal is not None)):
+    refusal = refusal or ValueError(f"Process 0 could not start the run in {workdir}; see its "
+                                    "error.")
+  if refusal is not None:
+    raise refusal
+  try:
+    yield
+  finally:
+    if lock is not None:
+      if created and os.listdir(workdir) == ["train.lock"]:  # a failed start: leave nothing
+        os.remove(lock.name)
+        os.rmdir(workdir)
+      lock.close()
+
+
+def _lock(workdir: str) -> IO[str]:
+  """`<workdir>/train.lock`, created if need be and flock-ed, saying who holds it."""
   try:
     os.makedirs(workdir, exist_ok=True)
     lock = open(os.path.join(workdir, "train.lock"), "a+")
   except OSError as e:
     raise ValueError(f"--workdir {workdir} cannot be created or written ({e.strerror}).") from e
   try:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      lock.seek(0)
-      raise ValueError(f"Another run is training in {workdir} ({lock.read().strip()}); wait "
-                       "for it to end, or use another --workdir.") from None
-    except OSError as e:  # e.g. a cluster filesystem mounted without flock support
-      logging.warning("Cannot lock %s (%s): a second run in this workdir would go unnoticed.",
-                      lock.name, e.strerror)
-    lock.truncate(0)
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    yield
-  finally:
-    if created and os.listdir(workdir) == ["train.lock"]:  # a failed start: leave nothing
-      os.remove(os.path.join(workdir, "train.lock"))
-      os.rmdir(workdir)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    lock.seek(0)
+    holder = lock.read().strip()
     lock.close()
+    raise ValueError(f"Another run is training in {workdir} ({holder}); wait for it to end, or "
+                     "use another --workdir.") from None
+  except OSError as e:  # e.g. a cluster filesystem mounted without flock support
+    logging.warning("Cannot lock %s (%s): a second run in this workdir would go unnoticed.",
+                    lock.name, e.strerror)
+  lock.truncate(0)
+  lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+  lock.flush()
+  return lock
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -881,7 +900,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{key} must be a positive integer, got {value!r}.")
   decay = config.lr_decay_epochs
   if not (isinstance(decay, (tuple, list)) and all(isinstance(e, int) and e > 0 for e in decay)
-          and list(decay) == sorted(decay)):
+          and all(a < b for a, b in zip(decay, decay[1:]))):
     raise ValueError("config.lr_decay_epochs must be increasing positive epochs, e.g. "
                      f"'--config.lr_decay_epochs=(150,180,210)', got {decay!r}.")
 
@@ -899,13 +918,17 @@ def _check_steps_per_epoch(step: int, epoch: int, steps_per_epoch: int) -> None:
         "new --workdir.")
 
 
-def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses a file, a model directory, and checkpoints that were trained with another recipe."""
+def _check_workdir_kind(workdir: str) -> None:
+  """Refuses a file and a model directory as a workdir."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"--workdir {workdir} is a file; choose a directory.")
   if os.path.isfile(os.path.join(workdir, checkpoint.MODEL_JSON)):
     raise ValueError(f"{workdir} holds a model checkpoint (e.g. a ported teacher), not a "
                      "training run; choose another --workdir.")
+
+
+def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses checkpoints that were trained with another recipe."""
   saved_path = os.path.join(workdir, "config.json")
   if checkpoint.latest_saved_epoch(workdir) is None or not os.path.exists(saved_path):
     return  # nothing trained yet (or a run stopped in its first epoch): any config may start

@@ -241,8 +241,8 @@ def test_a_run_used_as_a_teacher_gives_its_best_epoch_not_its_latest(tmp_path):
     ckpt.save(epoch, {"params": {"student": scaled}, "batch_stats": batch_stats},
               {"test_top1": top1, "best_top1": 50.0, "arch": "resnet8", "num_classes": 10})
   ckpt.close()
-  loaded, arch = teachers.load_frozen_model(str(tmp_path), arch="resnet8", num_classes=10)
-  assert arch == "resnet8"
+  loaded, meta = teachers.load_frozen_model(str(tmp_path), arch="resnet8", num_classes=10)
+  assert (meta["arch"], meta["epoch"]) == ("resnet8", 2)
   np.testing.assert_array_equal(loaded.fc.kernel[...], 2 * params["fc"]["kernel"])
 
 
@@ -381,6 +381,8 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("lr_decay_epochs", (180, 150), "lr_decay_epochs must be increasing"),
     ("kd.temperature", 0.0, "config.kd.temperature must be positive, got 0.0"),
     ("ctkd.t_start", -1.0, "config.ctkd.t_start must be positive"),
+    ("ctkd.t_end", -1.0, "config.ctkd.t_end must be at least 0"),
+    ("lr_decay_epochs", (150, 150), "lr_decay_epochs must be increasing"),
 ])
 def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message):
   method = "lskd" if key.startswith("lskd") else "kd"
@@ -403,6 +405,25 @@ def test_a_second_run_in_a_busy_workdir_is_refused(teacher_dir, tmp_path):
                        r"on gpu-node-7\); wait for it"):
       train.train_and_evaluate(tiny_config("kd", teacher_dir), str(workdir))
   assert os.listdir(workdir) == ["train.lock"]
+
+
+def test_a_refused_run_leaves_the_running_ones_workdir_alone(teacher_dir, tmp_path, monkeypatch):
+  """Two launches at once both find no workdir; the one refused must not remove it."""
+  import fcntl
+  workdir, real_lock, holder = tmp_path / "new", train._lock, []
+
+  def lock_taken_meanwhile(path):  # the other launch creates the workdir and locks it first
+    holder.append(real_lock(path))
+    return real_lock(path)
+
+  monkeypatch.setattr(train, "_lock", lock_taken_meanwhile)
+  with pytest.raises(ValueError, match="Another run is training in"):
+    train.train_and_evaluate(tiny_config("kd", teacher_dir), str(workdir))
+  assert os.listdir(workdir) == ["train.lock"]
+  with pytest.raises(BlockingIOError):  # and still held by the other one
+    with open(workdir / "train.lock") as f:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  holder[0].close()
 
 
 def test_a_filesystem_without_locks_still_trains(tmp_path, monkeypatch, caplog):
