@@ -807,15 +807,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             "teacher again.")
     for epoch in range(start_epoch, config.num_epochs + 1):
       epoch_start = time.perf_counter()
+      if epoch > start_epoch:  # compiled by now: the epoch's first dispatch counts too
+        reporter.start_timing(step)
       for state, metrics, num_steps in run_epoch(state, epoch):
         pending.append(metrics)
         step += num_steps
         if not reporter.timing:  # throughput leaves out compilation, evaluation and saving
           jax.block_until_ready(metrics)
           reporter.start_timing(step)
-          if epoch == start_epoch:
-            logging.info("First dispatch done %.1f s after the start (data, models, "
-                         "compilation).", time.perf_counter() - launched)
+          logging.info("First dispatch done %.1f s after the start (data, models, "
+                       "compilation).", time.perf_counter() - launched)
         if step // config.log_every_steps > (step - num_steps) // config.log_every_steps:
           fetch_pending()
           write_window()
