@@ -5,20 +5,10 @@ from __future__ import annotations
 
 import gc
 import re
-import signal
 import sys
 from typing import Any, Callable
 
 from absl import app, flags, logging
-
-
-class Terminated(KeyboardInterrupt):
-  """SIGTERM (a scheduler's preemption, `kill`), handled as Ctrl-C is: the work in hand stops
-  as cleanly and says how to go on."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-  raise Terminated()
 
 
 def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = (
@@ -26,8 +16,9 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = (
   """`app.run` for a script whose `main()` takes no positional arguments.
 
   INFO logs without library chatter; an exception of `errors` becomes one `error:` line (its
-  traceback is still logged with --verbosity=1), and Ctrl-C or SIGTERM exits (130 or 143)
-  without a traceback.
+  traceback is still logged with --verbosity=1), and Ctrl-C exits (130) without a traceback.
+  SIGTERM keeps its default, an immediate exit: handled as Ctrl-C, a run would first finish the
+  steps it has queued on the device (minutes on a CPU), and checkpoints survive a kill anyway.
   """
 
   def run_main(argv: list[str]) -> None:
@@ -36,15 +27,14 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = (
     logging.set_verbosity(logging.INFO)
     quiet_library_info_logs()
     quiet_reads_of_a_failed_restore()
-    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
       main()
       return
     except errors as e:
       logging.debug("Traceback:", exc_info=True)
       message = f"error: {e}"
-    except KeyboardInterrupt as e:  # what the work in hand logged is enough; no traceback
-      sys.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
+    except KeyboardInterrupt:
+      sys.exit(130)  # what the work in hand logged is enough; no traceback
     gc.collect()  # with the error gone, what it held (orbax's pending reads) ends quietly now
     sys.exit(message)
 
