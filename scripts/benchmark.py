@@ -44,7 +44,8 @@ from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from sortkd_jax import augment, cli, input_pipeline, methods, models, train  # noqa: E402
+from sortkd_jax import (augment, cli, distributed, input_pipeline, methods, models,  # noqa: E402
+                        train)
 
 cli.define_config_flag(os.path.join(REPO, "configs", "cifar_kd.py:res32x4_res8x4"),
                        "Recipe whose method, models and loss are benchmarked.")
@@ -166,7 +167,7 @@ def main():
   num_classes = FLAGS["num-classes"].value or models.default_num_classes(config.student.name)
   size = config.data.image_size
   dtype = train.compute_dtype(config)
-  mesh = train.make_mesh()
+  mesh = distributed.make_mesh()
   train.check_divisible_by_devices(batch_size, mesh.size, "the batch size")
   if n < batch_size:
     raise ValueError(f"--num-examples {n} is smaller than the batch size {batch_size}.")
@@ -214,9 +215,9 @@ def main():
     if config.teacher.get("fold_batchnorm"):
       models.fold_batchnorm(teacher_model, (size, size, 3))
     teacher, teacher_vars = train.freeze(teacher_model)
-  state, teacher_vars = train.replicate((state, teacher_vars), mesh)
+  state, teacher_vars = distributed.replicate((state, teacher_vars), mesh)
   images, labels = (jax.device_put((images_np, labels_np), NamedSharding(mesh, P("data")))
-                    if streaming else train.replicate((images_np, labels_np), mesh))
+                    if streaming else distributed.replicate((images_np, labels_np), mesh))
 
   def compile_dispatch(cfg, step_state, step_teacher):
     """The trainer's jitted dispatch for `cfg`, compiled, and a call that runs it once."""
@@ -313,7 +314,7 @@ def main():
     if teacher is not None:  # the same step without a teacher: the student's share
       vanilla = config.copy_and_resolve_references()
       vanilla.method = "vanilla"
-      v_state = train.replicate(train.create_train_state(vanilla, num_classes, optimizer)[0],
+      v_state = distributed.replicate(train.create_train_state(vanilla, num_classes, optimizer)[0],
                                 mesh)
       run_vanilla, _ = compile_dispatch(vanilla, v_state, None)
       run_vanilla()

@@ -45,7 +45,7 @@ FLAGS = flags.FLAGS
 def main():
   import jax.numpy as jnp
   from absl import logging
-  from sortkd_jax import porting, teachers, train
+  from sortkd_jax import distributed, porting, teachers, train
 
   if not os.path.exists(FLAGS.checkpoint):
     raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist.")
@@ -61,11 +61,11 @@ def main():
     logging.info("Evaluating epoch %d of the run in %s, its best (test top-1 %.2f when saved).",
                  epoch, FLAGS.checkpoint, meta["test_top1"])
   config = _config()
-  mesh = train.make_mesh()
+  mesh = distributed.make_mesh()
   evaluate, num_classes = train.make_test_evaluator(config, mesh, dtype=jnp.float32)
   teachers.check_num_classes(FLAGS.checkpoint, porting.num_classes_of(model), num_classes)
   network, variables = train.freeze(model)
-  metrics = evaluate(network, train.replicate(variables, mesh))
+  metrics = evaluate(network, distributed.replicate(variables, mesh))
   print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": meta["arch"], "epoch": epoch,
                     "split": config.data.test_split, **metrics}), flush=True)
   if not math.isfinite(metrics["test_loss"]):

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
-from sortkd_jax import cli, train  # noqa: E402
+from sortkd_jax import cli, distributed, train  # noqa: E402
 
 cli.define_config_flag(None, "Experiment recipe, e.g. configs/cifar_kd.py:res32x4_res8x4.",
                        lock_config=True)
@@ -27,8 +27,8 @@ FLAGS = flags.FLAGS
 
 
 def main():
-  train.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                     FLAGS.process_id)
+  distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -45,7 +45,7 @@ def _local_target(tree: Any) -> Any:
 
   Orbax otherwise restores onto the devices recorded at save time, which fails when a
   checkpoint written on N devices (or by several processes) is read with another topology;
-  every process of a multi-process run reads its own copy, then `train.replicate` places it.
+  every process of a multi-process run reads its own copy, then `distributed.replicate` places it.
   """
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(

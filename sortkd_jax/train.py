@@ -12,30 +12,26 @@ the frozen teacher and Sort on them at once, then the student's steps in one `la
 stay on the device until the log period. ImageNet streams tf.data batches prefetched to the
 device, one step per dispatch. Recipe and reference behaviour: mdistiller_spec.md §7.
 
-Several processes (hosts): `maybe_initialize_distributed` joins them and the mesh spans every
+Several processes (hosts): `distributed.maybe_initialize` joins them and the mesh spans every
 device of every process. A CIFAR-sized split is small, so every process loads all of it and
-`replicate` puts it on every device; the permutation is drawn on the device from the seed, so
-all processes gather the same global batch (deliberately: no per-process input). ImageNet is
-where each process reads its own shard with tf.data and `input_pipeline.prefetch_to_device`
-assembles the global batch with `jax.make_array_from_process_local_data`. Process 0 writes
-config.json, metrics and TensorBoard events; every process takes part in orbax checkpoints,
-whose directory must be the same shared path for all.
+`distributed.replicate` puts it on every device; the permutation is drawn on the device from
+the seed, so all processes gather the same global batch (deliberately: no per-process input).
+ImageNet is where each process reads its own shard with tf.data and
+`input_pipeline.prefetch_to_device` assembles the global batch with
+`jax.make_array_from_process_local_data`. Process 0 writes config.json, metrics and TensorBoard
+events; every process takes part in orbax checkpoints, whose directory must be the same shared
+path for all. The workdir's lock and resume rules: `workdirs`.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import fcntl
 import functools
-import hashlib
-import json
 import math
 import os
-import socket
 import time
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax
 import jax
@@ -45,17 +41,18 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sortkd_jax import augment
 from sortkd_jax import checkpoint
+from sortkd_jax import distributed
 from sortkd_jax import input_pipeline  # imports TensorFlow only when data is first read
 from sortkd_jax import losses
 from sortkd_jax import methods
 from sortkd_jax import models
 from sortkd_jax import reporting
 from sortkd_jax import teachers
+from sortkd_jax import workdirs
 
 PyTree = Any
 
@@ -239,13 +236,13 @@ def make_evaluator(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_siz
   evaluation. Matches mdistiller's validate (spec §7.4): per-example means over the set.
   """
   batch_size = eval_batch_size(batch_size, mesh.size, len(labels))
-  data = replicate(pad_for_eval(images, labels.astype(np.int32), batch_size), mesh)
+  data = distributed.replicate(pad_for_eval(images, labels.astype(np.int32), batch_size), mesh)
   sums_fn = jax.jit(functools.partial(
       _eval_sums, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
       compute_dtype=dtype), static_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
 
   def evaluate(network: Network, variables: PyTree) -> dict[str, float]:
-    return _eval_summary(to_host(sums_fn(network, variables, *data)))
+    return _eval_summary(distributed.to_host(sums_fn(network, variables, *data)))
 
   return evaluate
 
@@ -266,81 +263,12 @@ def make_streaming_evaluator(mesh: Mesh, batches: Callable[[], Iterator[dict[str
       sums = sums_fn(network, variables, batch["image"], batch["label"],
                      batch["mask"].astype(jnp.float32))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return _eval_summary(to_host(totals))
+    return _eval_summary(distributed.to_host(totals))
 
   return evaluate
 
 
 # ----------------------------------------------------------------------------- set-up
-
-
-def maybe_initialize_distributed(coordinator_address: str | None = None,
-                                 num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
-  """Joins a multi-process run: explicit coordinator flags, or SLURM / Open MPI launches.
-
-  Every process then sees all devices of the run in `jax.devices()`; a single process on one
-  machine needs nothing. Processes other than 0 then log warnings and errors only.
-  """
-  # srun sets SLURM_STEP_ID; a plain `python` inside an allocation (salloc) must not wait for
-  # peers that were never started.
-  slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
-  open_mpi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-  explicit = (coordinator_address, num_processes, process_id)
-  if any(v is not None for v in explicit) and any(v is None for v in explicit):
-    raise ValueError("A multi-process launch by flags needs all of --coordinator_address, "
-                     "--num_processes and --process_id (SLURM and Open MPI need none).")
-  if num_processes is not None and not 0 <= process_id < num_processes:
-    raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}.")
-  if coordinator_address:
-    host, _, port = coordinator_address.rpartition(":")
-    if not (host and port.isdigit()):
-      raise ValueError(f"--coordinator_address must be HOST:PORT (process 0's host and a free "
-                       f"port), got {coordinator_address!r}.")
-    logging.info("Process %d of %d: waiting for all %d processes at %s (the same flags on each; "
-                 "process 0 runs there).", process_id, num_processes, num_processes,
-                 coordinator_address)
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif slurm or open_mpi:
-    jax.distributed.initialize()
-  else:
-    return
-  logging.info("Process %d of %d: %d local devices, %d in all.", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
-  if jax.process_index() != 0:
-    logging.set_verbosity(logging.WARNING)
-
-
-def make_mesh() -> Mesh:
-  """A 1-D mesh over every device of every process, axis 'data'."""
-  return Mesh(np.asarray(jax.devices()), ("data",))
-
-
-def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-  """Places host values on every device. With several processes each passes its own copy,
-  which must be the same on all: that is checked, as nothing else would notice a host that,
-  say, decoded its data differently."""
-  sharding = NamedSharding(mesh, P())
-  tree = jax.tree.map(np.asarray, tree)
-  if jax.process_count() > 1:
-    _check_same_on_every_process(tree)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), tree)
-
-
-def _check_same_on_every_process(tree: PyTree) -> None:
-  digest = hashlib.sha1()
-  for x in jax.tree.leaves(tree):
-    digest.update(f"{x.shape}{x.dtype}".encode())
-    digest.update(x.tobytes())
-  digests = multihost_utils.process_allgather(np.frombuffer(digest.digest(), np.uint32))
-  differing = [i for i, d in enumerate(digests) if not np.array_equal(d, digests[0])]
-  if differing:
-    raise ValueError(
-        f"Processes {differing} hold other values than process 0 for arrays every process must "
-        "load alike (data splits, initial state, teacher): give every host the same files, "
-        "and TensorFlow on all hosts or on none (its image decoder orders a folder's images "
-        "otherwise).")
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
@@ -364,11 +292,6 @@ def freeze(model: nnx.Module) -> tuple[Network, tuple[PyTree, PyTree]]:
   model.eval()
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   return Network(graphdef), (nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats))
-
-
-def to_host(tree: PyTree) -> PyTree:
-  """Fetches replicated arrays (also those spanning several processes) as NumPy values."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -583,14 +506,15 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
 
   def epoch_runner(state, teacher, teacher_vars, train_step):
     replicated = NamedSharding(mesh, P())
-    images, labels = replicate((train_split.images, train_split.labels), mesh)
+    images, labels = distributed.replicate((train_split.images, train_split.labels), mesh)
     permutation_key = run_keys(config.seed)[2]
     # Each epoch visits every example once, in a new order (spec §7.3 shuffle).
     permutation = jax.jit(lambda epoch: jax.random.permutation(
         jax.random.fold_in(permutation_key, epoch), n), out_shardings=replicated)
     chunk = build_train_chunk(config, mesh, train_step=train_step, teacher=teacher,
                               mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD)
-    starts = replicate([np.int32(start) for _, _, start in plan], mesh)  # the same each epoch
+    # Where each dispatch starts in the permutation: the same every epoch.
+    starts = distributed.replicate([np.int32(start) for _, _, start in plan], mesh)
     t = time.perf_counter()
     args = (state, teacher_vars, images, labels, permutation(1), starts[0])
     compiled = {(k, b): chunk.lower(*args, num_steps=k, batch_size=b).compile()
@@ -647,62 +571,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Re-running with the same workdir resumes from the latest checkpoint. Returns a summary:
   best and last test top-1 and the final state (NumPy).
   """
-  with _workdir_lock(workdir):
+  with workdirs.lock(workdir):
     return _train_and_evaluate(config, workdir)
-
-
-@contextlib.contextmanager
-def _workdir_lock(workdir: str) -> Iterator[None]:
-  """One run per workdir: a second one (say, launched twice) would overwrite the first's
-  checkpoints and logs. Process 0 holds an flock on `<workdir>/train.lock`, which the system
-  releases if the process dies, and tells the others whether it got it; a workdir that the run
-  created and left empty is removed again."""
-  _check_workdir_kind(workdir)  # before anything is written into it
-  lock, created, refusal = None, False, None
-  if jax.process_index() == 0:
-    created = not os.path.exists(workdir)
-    try:
-      lock = _lock(workdir)
-    except ValueError as e:
-      refusal = e
-  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
-      np.int32(refusal is not None)):
-    refusal = refusal or ValueError(f"Process 0 could not start the run in {workdir}; see its "
-                                    "error.")
-  if refusal is not None:
-    raise refusal
-  try:
-    yield
-  finally:
-    if lock is not None:
-      if created and os.listdir(workdir) == ["train.lock"]:  # a failed start: leave nothing
-        os.remove(lock.name)
-        os.rmdir(workdir)
-      lock.close()
-
-
-def _lock(workdir: str) -> IO[str]:
-  """`<workdir>/train.lock`, created if need be and flock-ed, saying who holds it."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    lock = open(os.path.join(workdir, "train.lock"), "a+")
-  except OSError as e:
-    raise ValueError(f"--workdir {workdir} cannot be created or written ({e.strerror}).") from e
-  try:
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    lock.seek(0)
-    holder = lock.read().strip()
-    lock.close()
-    raise ValueError(f"Another run is training in {workdir} ({holder}); wait for it to end, or "
-                     "use another --workdir.") from None
-  except OSError as e:  # e.g. a cluster filesystem mounted without flock support
-    logging.warning("Cannot lock %s (%s): a second run in this workdir would go unnoticed.",
-                    lock.name, e.strerror)
-  lock.truncate(0)
-  lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-  lock.flush()
-  return lock
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -715,10 +585,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if uses_teacher:
     teachers.check_teacher_exists(config.teacher)
   dtype = compute_dtype(config)
-  mesh = make_mesh()
+  mesh = distributed.make_mesh()
   batch_size = config.batch_size
   check_divisible_by_devices(batch_size, mesh.size, "config.batch_size")
-  _check_workdir(config, workdir)
+  workdirs.check_resumable(config, workdir)
   logging.info("%d devices (%s), %d processes.", mesh.size, jax.devices()[0].device_kind,
                jax.process_count())
 
@@ -743,19 +613,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       logging.info("The run in %s has finished its %d epochs (best top-1 %.2f); raise "
                    "--config.num_epochs to continue it.", workdir, latest, best_top1)
       ckpt.close()
-      return {"best_top1": best_top1, "last_top1": meta["test_top1"], "state": to_host(state)}
-    _check_steps_per_epoch(int(to_host(state.step)), latest, steps_per_epoch)
+      return {"best_top1": best_top1, "last_top1": meta["test_top1"],
+              "state": distributed.to_host(state)}
+    workdirs.check_steps_per_epoch(int(distributed.to_host(state.step)), latest,
+                                   steps_per_epoch)
     logging.info("Resuming from %s at epoch %d (best top-1 so far %.2f).", ckpt.directory,
                  start_epoch, best_top1)
-  _write_config(config, workdir)  # only now: a refused or failed start leaves the old one
+  workdirs.write_config(config, workdir)  # only now: a refused or failed start keeps the old one
 
-  state, teacher_vars = replicate((state, teacher_vars), mesh)
+  state, teacher_vars = distributed.replicate((state, teacher_vars), mesh)
   train_step = make_train_step(config, student_graphdef=train_graphdef, optimizer=optimizer,
                                steps_per_epoch=steps_per_epoch)
   run_epoch = feed.epoch_runner(state, teacher, teacher_vars, train_step)
 
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  step = int(to_host(state.step))
+  step = int(distributed.to_host(state.step))
   reporter = reporting.Reporter(workdir, config.num_epochs * steps_per_epoch, batch_size,
                                 start_step=step)
   pending = []  # per-dispatch metric sums, still on the device
@@ -848,33 +720,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     reporter.close()
 
   logging.info("Best test top-1 %.2f, last %.2f.", best_top1, last_top1)
-  return {"best_top1": best_top1, "last_top1": last_top1, "state": to_host(state)}
+  return {"best_top1": best_top1, "last_top1": last_top1, "state": distributed.to_host(state)}
 
 
 def _sum_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
   """Sums of per-dispatch metric sums, in float64 on the host."""
-  fetched = to_host(metrics_list)
+  fetched = distributed.to_host(metrics_list)
   return {k: float(sum(np.asarray(m[k], np.float64) for m in fetched)) for k in fetched[0]}
-
-
-# Fields a resumed run may change: they do not alter what the checkpoints were trained on
-# (steps per dispatch and teacher folding only by float rounding), nor the test set that the
-# best top-1 so far was measured on (the data paths say where the same data is, e.g. after a
-# move; other data with another number of steps per epoch is refused on resume).
-RESUMABLE_CHANGES = ("num_epochs", "log_every_steps", "steps_per_dispatch", "eval_batch_size",
-                     "checkpoints_to_keep", "teacher.checkpoint", "teacher.fold_batchnorm",
-                     "data.data_dir", "data.folder", "data.cache_dir", "data.download",
-                     "data.manual_dir")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -904,52 +756,3 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
           and all(a < b for a, b in zip(decay, decay[1:]))):
     raise ValueError("config.lr_decay_epochs must be increasing positive epochs, e.g. "
                      f"'--config.lr_decay_epochs=(150,180,210)', got {decay!r}.")
-
-
-def _check_steps_per_epoch(step: int, epoch: int, steps_per_epoch: int) -> None:
-  """Refuses to resume when an epoch has another number of steps than when the checkpoint was
-  taken: the learning-rate boundaries and the epoch-based weights (DKD's warm-up, CTKD's λ)
-  count steps, so the run would silently follow another schedule."""
-  if step != epoch * steps_per_epoch:
-    raise ValueError(
-        f"The checkpoint of epoch {epoch} was taken at step {step} ({step / epoch:g} steps "
-        f"per epoch), but an epoch now has {steps_per_epoch} steps: the training data or the "
-        "device count changed since (an epoch's last batch is rounded down to a multiple of "
-        "the device count). Resume with the run's own data and device count, or train in a "
-        "new --workdir.")
-
-
-def _check_workdir_kind(workdir: str) -> None:
-  """Refuses a file and a model directory as a workdir."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"--workdir {workdir} is a file; choose a directory.")
-  if os.path.isfile(os.path.join(workdir, checkpoint.MODEL_JSON)):
-    raise ValueError(f"{workdir} holds a model checkpoint (e.g. a ported teacher), not a "
-                     "training run; choose another --workdir.")
-
-
-def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses checkpoints that were trained with another recipe."""
-  saved_path = os.path.join(workdir, "config.json")
-  if checkpoint.latest_saved_epoch(workdir) is None or not os.path.exists(saved_path):
-    return  # nothing trained yet (or a run stopped in its first epoch): any config may start
-  with open(saved_path) as f:
-    saved = _flat(json.load(f))
-  current = _flat(json.loads(config.to_json_best_effort()))
-  changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
-             for k in sorted(saved.keys() | current.keys())
-             if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
-  if changed:
-    raise ValueError(
-        f"{workdir} holds a run with another config ({'; '.join(changed)}). Use a new "
-        f"--workdir, or the run's own settings to resume it (only "
-        f"{', '.join(RESUMABLE_CHANGES)} may change).")
-
-
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Process 0 replaces config.json whole: the other processes may be reading it."""
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + ".tmp", path)

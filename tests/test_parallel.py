@@ -1,7 +1,7 @@
 """Data parallelism: 1 device, 4 devices and 2 processes × 2 devices train exactly alike.
 
 Each run is a subprocess with simulated CPU devices. Multi-process runs find each other through
-`jax.distributed.initialize` on a free localhost port (`train.maybe_initialize_distributed`),
+`jax.distributed.initialize` on a free localhost port (`distributed.maybe_initialize`),
 share one workdir as on a shared filesystem, and must leave the same parameters, metrics written
 once (process 0) and one complete orbax checkpoint.
 """
@@ -27,10 +27,10 @@ RUN = textwrap.dedent("""
     import hashlib, os, sys, numpy as np, jax, tensorflow_datasets as tfds
     from flax import nnx
     from configs import cifar_kd
-    from sortkd_jax import checkpoint, models, train
+    from sortkd_jax import checkpoint, distributed, models, train
     out, workdir, teacher, num_epochs = sys.argv[1:5]
     if len(sys.argv) > 5:
-      train.maybe_initialize_distributed(sys.argv[5], int(sys.argv[6]), int(sys.argv[7]))
+      distributed.maybe_initialize(sys.argv[5], int(sys.argv[6]), int(sys.argv[7]))
     elif not os.path.exists(teacher):  # the first, single-process run writes the teacher
       checkpoint.save_model(teacher, models.create_model("resnet8", 100, rngs=nnx.Rngs(42)),
                             arch="resnet8", num_classes=100)
@@ -197,14 +197,14 @@ def test_two_processes_train_like_one_with_four_devices(four_devices):
 
 REPLICATE = textwrap.dedent("""
     import sys, numpy as np
-    from sortkd_jax import train
+    from sortkd_jax import distributed
     address, pid = sys.argv[1], int(sys.argv[2])
-    train.maybe_initialize_distributed(address, 2, pid)
-    mesh = train.make_mesh()
-    same = train.replicate({"x": np.arange(6.0), "n": np.int32(3)}, mesh)
+    distributed.maybe_initialize(address, 2, pid)
+    mesh = distributed.make_mesh()
+    same = distributed.replicate({"x": np.arange(6.0), "n": np.int32(3)}, mesh)
     print("SAME", float(same["x"].addressable_shards[0].data.sum()), int(same["n"]))
     try:  # process 1 decoded its split differently
-      train.replicate({"x": np.arange(6.0) + pid, "n": np.int32(3)}, mesh)
+      distributed.replicate({"x": np.arange(6.0) + pid, "n": np.int32(3)}, mesh)
     except ValueError as e:
       print("REFUSED", e)
 """)
@@ -226,10 +226,10 @@ def test_replicated_host_values_must_be_the_same_on_every_process(tmp_path):
 STREAM = textwrap.dedent("""
     import json, sys, numpy as np, jax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from sortkd_jax import input_pipeline as ip, train
+    from sortkd_jax import distributed, input_pipeline as ip
     folder, address, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    train.maybe_initialize_distributed(address, 2, pid)
-    mesh = train.make_mesh()
+    distributed.maybe_initialize(address, 2, pid)
+    mesh = distributed.make_mesh()
     sharded = NamedSharding(mesh, P("data"))
     gather = jax.jit(lambda b: b, out_shardings=NamedSharding(mesh, P()))
     common = dict(name=None, folder=folder, global_batch_size=4, image_size=16)
@@ -242,7 +242,7 @@ STREAM = textwrap.dedent("""
       out[split] = []
       for b in ip.prefetch_to_device(ds.as_numpy_iterator(), 2, sharded):
         assert b["image"].shape == (4, 16, 16, 3) and len(b["image"].addressable_shards) == 2
-        g = train.to_host(gather(b))  # the global batch, read back on this process
+        g = distributed.to_host(gather(b))  # the global batch, read back on this process
         mask = g["mask"] if "mask" in g else np.ones(4, bool)
         out[split].append(sorted(map(example, g["label"].tolist(), g["image"], mask.tolist())))
     print("BATCHES", json.dumps(out))

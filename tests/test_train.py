@@ -18,7 +18,8 @@ from flax import nnx
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
 from helpers import read_metrics, run_python, run_script
-from sortkd_jax import augment, checkpoint, losses, methods, models, teachers, train
+from sortkd_jax import (augment, checkpoint, distributed, losses, methods, models, teachers,
+                        train, workdirs)
 
 CONFIG_MODULES = {"vanilla": cifar_vanilla, "kd": cifar_kd, "dkd": cifar_dkd,
                   "lskd": cifar_lskd, "ctkd": cifar_ctkd}
@@ -230,10 +231,10 @@ def test_a_run_stopped_before_its_first_checkpoint_does_not_bind_its_workdir(tea
   os.makedirs(workdir / "checkpoints" / "1.orbax-checkpoint-tmp-1234")
   (workdir / "config.json").write_text(json.dumps({"sort": False}))
   config = tiny_config("kd", teacher_dir)
-  train._check_workdir(config, str(workdir))
+  workdirs.check_resumable(config, str(workdir))
   os.makedirs(workdir / "checkpoints" / "1")
   with pytest.raises(ValueError, match="sort: False -> True"):
-    train._check_workdir(config, str(workdir))
+    workdirs.check_resumable(config, str(workdir))
 
 
 def test_a_run_used_as_a_teacher_gives_its_best_epoch_not_its_latest(tmp_path):
@@ -284,10 +285,10 @@ def test_resume_accepts_exactly_the_documented_changes(teacher_dir, tmp_path, ke
   target = config[group] if group else config
   target[field] = "bfloat16" if key == "dtype" else _another_value(target[field])
   if key in RESUMABLE:
-    train._check_workdir(config, str(workdir))
+    workdirs.check_resumable(config, str(workdir))
   else:
     with pytest.raises(ValueError, match=rf"another config \({re.escape(key)}: "):
-      train._check_workdir(config, str(workdir))
+      workdirs.check_resumable(config, str(workdir))
 
 
 def test_epoch_plan_keeps_every_image_but_a_remainder_below_the_device_count():
@@ -414,13 +415,13 @@ def test_a_second_run_in_a_busy_workdir_is_refused(teacher_dir, tmp_path):
 def test_a_refused_run_leaves_the_running_ones_workdir_alone(teacher_dir, tmp_path, monkeypatch):
   """Two launches at once both find no workdir; the one refused must not remove it."""
   import fcntl
-  workdir, real_lock, holder = tmp_path / "new", train._lock, []
+  workdir, real_lock, holder = tmp_path / "new", workdirs._flock, []
 
   def lock_taken_meanwhile(path):  # the other launch creates the workdir and locks it first
     holder.append(real_lock(path))
     return real_lock(path)
 
-  monkeypatch.setattr(train, "_lock", lock_taken_meanwhile)
+  monkeypatch.setattr(workdirs, "_flock", lock_taken_meanwhile)
   with pytest.raises(ValueError, match="Another run is training in"):
     train.train_and_evaluate(tiny_config("kd", teacher_dir), str(workdir))
   assert os.listdir(workdir) == ["train.lock"]
@@ -440,7 +441,7 @@ def test_a_filesystem_without_locks_still_trains(tmp_path, monkeypatch, caplog):
 
   monkeypatch.setattr(fcntl, "flock", no_locks)
   with caplog.at_level("WARNING"):
-    with train._workdir_lock(str(tmp_path / "run")):
+    with workdirs.lock(str(tmp_path / "run")):
       pass
   assert "a second run in this workdir would go unnoticed" in caplog.text
 
@@ -462,38 +463,8 @@ def test_workdir_that_is_a_file_is_refused(teacher_dir, tmp_path):
   with pytest.raises(ValueError, match="notes.txt is a file; choose a directory"):
     train.train_and_evaluate(tiny_config("kd", teacher_dir), str(tmp_path / "notes.txt"))
   with pytest.raises(ValueError, match=r"notes.txt/run cannot be created or written \(Not a "
-                     "directory\)"):
+                     r"directory\)"):
     train.train_and_evaluate(tiny_config("kd", teacher_dir), str(tmp_path / "notes.txt" / "run"))
-
-
-def test_incomplete_multi_process_flags_are_refused():
-  with pytest.raises(ValueError, match="needs all of --coordinator_address"):
-    train.maybe_initialize_distributed(None, 2, 0)
-  with pytest.raises(ValueError, match=r"--process_id must be in \[0, 2\)"):
-    train.maybe_initialize_distributed("localhost:12355", 2, 2)
-  with pytest.raises(ValueError, match="must be HOST:PORT"):
-    train.maybe_initialize_distributed("localhost", 2, 0)
-
-
-@pytest.mark.parametrize("environment,joins", [
-    ({}, False),
-    ({"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}, True),  # srun
-    ({"SLURM_NTASKS": "2"}, False),  # python inside salloc: no peers were started
-    ({"SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"}, False),
-    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),  # mpirun
-    ({"OMPI_COMM_WORLD_SIZE": "1"}, False),
-])
-def test_slurm_and_open_mpi_launches_are_detected(monkeypatch, environment, joins):
-  for name in ("SLURM_NTASKS", "SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE"):
-    monkeypatch.delenv(name, raising=False)
-  for name, value in environment.items():
-    monkeypatch.setenv(name, value)
-  calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda *args: calls.append(args))
-  train.maybe_initialize_distributed()
-  assert calls == ([()] if joins else [])
-  train.maybe_initialize_distributed("host0:1234", 4, 3)  # flags win, whatever the launcher
-  assert calls[-1] == ("host0:1234", 4, 3)
 
 
 def test_default_teacher_checkpoint_follows_the_teacher_name():
@@ -665,7 +636,7 @@ def test_evaluation_counts_every_example_once_whatever_the_batch():
   logits = model(augment.normalize(images, augment.CIFAR_MEAN, augment.CIFAR_STD))
   expected_loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
   expected_top1 = 100 * float(np.mean(np.argmax(logits, -1) == labels))
-  mesh = train.make_mesh()
+  mesh = distributed.make_mesh()
   for batch_size in (2, 7, 1000):
     result = train.make_evaluator(mesh, images, labels, batch_size)(network, variables)
     assert result["test_loss"] == pytest.approx(expected_loss, rel=1e-5)

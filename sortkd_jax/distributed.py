@@ -1,0 +1,94 @@
+"""Processes and devices: joining a multi-process run, the device mesh, replicated values.
+
+Data parallelism is `jax.jit` over a 1-D mesh of every device of every process, axis 'data':
+batches are sharded on it, everything else is replicated. A multi-process run (several hosts, or
+several processes on one) is joined by `maybe_initialize`; afterwards `jax.devices()` lists the
+devices of all processes, and each process reads back replicated values with `to_host`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+PyTree = Any
+
+
+def maybe_initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+  """Joins a multi-process run: explicit coordinator flags, or SLURM / Open MPI launches.
+
+  Every process then sees all devices of the run in `jax.devices()`; a single process on one
+  machine needs nothing. Processes other than 0 then log warnings and errors only.
+  """
+  # srun sets SLURM_STEP_ID; a plain `python` inside an allocation (salloc) must not wait for
+  # peers that were never started.
+  slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
+  open_mpi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(v is not None for v in explicit) and any(v is None for v in explicit):
+    raise ValueError("A multi-process launch by flags needs all of --coordinator_address, "
+                     "--num_processes and --process_id (SLURM and Open MPI need none).")
+  if num_processes is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}.")
+  if coordinator_address:
+    host, _, port = coordinator_address.rpartition(":")
+    if not (host and port.isdigit()):
+      raise ValueError(f"--coordinator_address must be HOST:PORT (process 0's host and a free "
+                       f"port), got {coordinator_address!r}.")
+    logging.info("Process %d of %d: waiting for all %d processes at %s (the same flags on each; "
+                 "process 0 runs there).", process_id, num_processes, num_processes,
+                 coordinator_address)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif slurm or open_mpi:
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("Process %d of %d: %d local devices, %d in all.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over every device of every process, axis 'data'."""
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Places host values on every device. With several processes each passes its own copy,
+  which must be the same on all: that is checked, as nothing else would notice a host that,
+  say, decoded its data differently."""
+  sharding = NamedSharding(mesh, P())
+  tree = jax.tree.map(np.asarray, tree)
+  if jax.process_count() > 1:
+    _check_same_on_every_process(tree)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), tree)
+
+
+def _check_same_on_every_process(tree: PyTree) -> None:
+  digest = hashlib.sha1()
+  for x in jax.tree.leaves(tree):
+    digest.update(f"{x.shape}{x.dtype}".encode())
+    digest.update(x.tobytes())
+  digests = multihost_utils.process_allgather(np.frombuffer(digest.digest(), np.uint32))
+  differing = [i for i, d in enumerate(digests) if not np.array_equal(d, digests[0])]
+  if differing:
+    raise ValueError(
+        f"Processes {differing} hold other values than process 0 for arrays every process must "
+        "load alike (data splits, initial state, teacher): give every host the same files, "
+        "and TensorFlow on all hosts or on none (its image decoder orders a folder's images "
+        "otherwise).")
+
+
+def to_host(tree: PyTree) -> PyTree:
+  """Fetches replicated arrays (also those spanning several processes) as NumPy values."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)

@@ -1,0 +1,151 @@
+"""A run's workdir: one run at a time, and a resume only with the config it was trained with.
+
+    <workdir>/
+      train.lock       held (flock) by process 0 while a run trains here
+      config.json      the run's config, written once a start is accepted
+      checkpoints/     per-epoch training checkpoints (`checkpoint.TrainCheckpointer`)
+      metrics.jsonl    and TensorBoard events (`reporting.Reporter`)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+from typing import IO, Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from sortkd_jax import checkpoint
+
+LOCK_FILE = "train.lock"
+CONFIG_FILE = "config.json"
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """One run per workdir: a second one (say, launched twice) would overwrite the first's
+  checkpoints and logs. Process 0 holds an flock on `<workdir>/train.lock`, which the system
+  releases if the process dies, and tells the others whether it got it; a workdir that the run
+  created and left empty is removed again."""
+  _check_workdir_kind(workdir)  # before anything is written into it
+  lock_file, created, refusal = None, False, None
+  if jax.process_index() == 0:
+    created = not os.path.exists(workdir)
+    try:
+      lock_file = _flock(workdir)
+    except ValueError as e:
+      refusal = e
+  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
+      np.int32(refusal is not None)):
+    refusal = refusal or ValueError(f"Process 0 could not start the run in {workdir}; see its "
+                                    "error.")
+  if refusal is not None:
+    raise refusal
+  try:
+    yield
+  finally:
+    if lock_file is not None:
+      if created and os.listdir(workdir) == [LOCK_FILE]:  # a failed start: leave nothing
+        os.remove(lock_file.name)
+        os.rmdir(workdir)
+      lock_file.close()
+
+
+def _flock(workdir: str) -> IO[str]:
+  """`<workdir>/train.lock`, created if need be and flock-ed, saying who holds it."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    lock = open(os.path.join(workdir, LOCK_FILE), "a+")
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir} cannot be created or written ({e.strerror}).") from e
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    lock.seek(0)
+    holder = lock.read().strip()
+    lock.close()
+    raise ValueError(f"Another run is training in {workdir} ({holder}); wait for it to end, or "
+                     "use another --workdir.") from None
+  except OSError as e:  # e.g. a cluster filesystem mounted without flock support
+    logging.warning("Cannot lock %s (%s): a second run in this workdir would go unnoticed.",
+                    lock.name, e.strerror)
+  lock.truncate(0)
+  lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+  lock.flush()
+  return lock
+
+
+# Fields a resumed run may change: they do not alter what the checkpoints were trained on
+# (steps per dispatch and teacher folding only by float rounding), nor the test set that the
+# best top-1 so far was measured on (the data paths say where the same data is, e.g. after a
+# move; other data with another number of steps per epoch is refused on resume).
+RESUMABLE_CHANGES = ("num_epochs", "log_every_steps", "steps_per_dispatch", "eval_batch_size",
+                     "checkpoints_to_keep", "teacher.checkpoint", "teacher.fold_batchnorm",
+                     "data.data_dir", "data.folder", "data.cache_dir", "data.download",
+                     "data.manual_dir")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _check_workdir_kind(workdir: str) -> None:
+  """Refuses a file and a model directory as a workdir."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is a file; choose a directory.")
+  if os.path.isfile(os.path.join(workdir, checkpoint.MODEL_JSON)):
+    raise ValueError(f"{workdir} holds a model checkpoint (e.g. a ported teacher), not a "
+                     "training run; choose another --workdir.")
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses checkpoints that were trained with another recipe."""
+  saved_path = os.path.join(workdir, CONFIG_FILE)
+  if checkpoint.latest_saved_epoch(workdir) is None or not os.path.exists(saved_path):
+    return  # nothing trained yet (or a run stopped in its first epoch): any config may start
+  with open(saved_path) as f:
+    saved = _flat(json.load(f))
+  current = _flat(json.loads(config.to_json_best_effort()))
+  changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+             for k in sorted(saved.keys() | current.keys())
+             if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+  if changed:
+    raise ValueError(
+        f"{workdir} holds a run with another config ({'; '.join(changed)}). Use a new "
+        f"--workdir, or the run's own settings to resume it (only "
+        f"{', '.join(RESUMABLE_CHANGES)} may change).")
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Process 0 replaces config.json whole: the other processes may be reading it."""
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)
+
+
+def check_steps_per_epoch(step: int, epoch: int, steps_per_epoch: int) -> None:
+  """Refuses to resume when an epoch has another number of steps than when the checkpoint was
+  taken: the learning-rate boundaries and the epoch-based weights (DKD's warm-up, CTKD's λ)
+  count steps, so the run would silently follow another schedule."""
+  if step != epoch * steps_per_epoch:
+    raise ValueError(
+        f"The checkpoint of epoch {epoch} was taken at step {step} ({step / epoch:g} steps "
+        f"per epoch), but an epoch now has {steps_per_epoch} steps: the training data or the "
+        "device count changed since (an epoch's last batch is rounded down to a multiple of "
+        "the device count). Resume with the run's own data and device count, or train in a "
+        "new --workdir.")
