@@ -9,14 +9,16 @@
 or a PyTorch file (then `--arch` names the architecture, and `--component` which model of an
 mdistiller trainer file that holds a student and a teacher). The config only supplies the data and
 its pipeline (CIFAR on the device, ImageNet streamed: `--config.data.folder=DIR`,
-`--config.data.data_dir=DIR`, ...) and the evaluation batch size. A training workdir without
-`--config` is evaluated on its own run's data (its config.json), `--config.*` overrides applied;
-those are checked against the default recipe (cifar_vanilla.py) first, so an ImageNet-only field
-(`data.manual_dir`, `data.shuffle_buffer`) needs the run's recipe as `--config`. Prints one JSON
-line: checkpoint, arch, epoch (of a training workdir: its best, the latest among ties; else
-null), split, test loss, top-1, top-5 and the number of examples counted. The checkpoint is read
-before the data, so a wrong path fails at once. A non-finite test loss (damaged or diverged
-weights) is printed, then reported as an error (exit status 1).
+`--config.data.data_dir=DIR`, ...), the evaluation batch size and the compute dtype. A training
+workdir without `--config` is evaluated as its run evaluated it, by its config.json (data, batch,
+dtype: a bf16 run's figures come out exactly), with the `--config.*` overrides applied (e.g.
+`--config.dtype=float32`); those are checked against the default recipe (cifar_vanilla.py)
+first, so an ImageNet-only field (`data.manual_dir`, `data.shuffle_buffer`) needs the run's
+recipe as `--config`. Prints one JSON line: checkpoint, arch, epoch (of a training workdir: its
+best, the latest among ties; else null), split, dtype, test loss, top-1, top-5 and the number of
+examples counted. The checkpoint is read before the data, so a wrong path fails at once. A
+non-finite test loss (damaged or diverged weights) is printed, then reported as an error (exit
+status 1).
 """
 
 import json
@@ -43,7 +45,6 @@ FLAGS = flags.FLAGS
 
 
 def main():
-  import jax.numpy as jnp
   from absl import logging
   from sortkd_jax import distributed, porting, teachers, train
 
@@ -53,21 +54,23 @@ def main():
     raise ValueError(f"--component picks a model of a PyTorch trainer file; {FLAGS.checkpoint} "
                      "is a directory, which holds one model (a run's student, a ported "
                      "model): leave --component out.")
+  config = _config()
+  dtype = train.compute_dtype(config)
   # The model before the data: a wrong path fails in seconds, not after the data is read.
   model, meta = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
-                                           component=FLAGS.component)
+                                           component=FLAGS.component, dtype=dtype)
   epoch = meta.get("epoch")  # a run's: its best, so that the figures trace to a checkpoint
   if epoch is not None:
     logging.info("Evaluating epoch %d of the run in %s, its best (test top-1 %.2f when saved).",
                  epoch, FLAGS.checkpoint, meta["test_top1"])
-  config = _config()
   mesh = distributed.make_mesh()
-  evaluate, num_classes = train.make_test_evaluator(config, mesh, dtype=jnp.float32)
+  evaluate, num_classes = train.make_test_evaluator(config, mesh, dtype=dtype)
   teachers.check_num_classes(FLAGS.checkpoint, porting.num_classes_of(model), num_classes)
   network, variables = train.freeze(model)
   metrics = evaluate(network, distributed.replicate(variables, mesh))
   print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": meta["arch"], "epoch": epoch,
-                    "split": config.data.test_split, **metrics}), flush=True)
+                    "split": config.data.test_split, "dtype": config.dtype, **metrics}),
+        flush=True)
   if not math.isfinite(metrics["test_loss"]):
     raise RuntimeError(f"the model's outputs are not finite (test loss {metrics['test_loss']}): "
                        "its weights are damaged or its training diverged.")

@@ -6,6 +6,7 @@ import math
 import os
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -98,3 +99,27 @@ def test_a_model_with_non_finite_outputs_is_an_error(tmp_path):
   ok = run_script("eval.py", "--checkpoint", finite, *SYNTHETIC)
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert math.isfinite(_last_json(ok)["test_loss"])
+
+
+def test_eval_of_a_bfloat16_run_reproduces_its_records(tmp_path):
+  """A run is evaluated as it evaluated itself (its config's dtype and batch), exactly;
+  `--config.dtype=float32` asks for the float32 figure instead."""
+  from helpers import read_metrics
+  from sortkd_jax import train
+  config = cifar_vanilla.get_config("res56_res20")
+  config.student.name = "resnet8"
+  config.data.update(name="synthetic", max_train_examples=64, max_test_examples=64)
+  config.update(batch_size=32, eval_batch_size=32, num_epochs=1, dtype="bfloat16")
+  workdir = str(tmp_path / "bf16")
+  train.train_and_evaluate(config, workdir)
+  record = [r for r in read_metrics(workdir) if r["kind"] == "epoch"][0]
+  out = run_script("eval.py", "--checkpoint", workdir)
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = _last_json(out)
+  assert result["dtype"] == "bfloat16"
+  assert (result["test_loss"], result["test_top1"]) == (record["test_loss"], record["test_top1"])
+  out = run_script("eval.py", "--checkpoint", workdir, "--config.dtype=float32")
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = _last_json(out)
+  assert result["dtype"] == "float32"
+  np.testing.assert_allclose(result["test_loss"], record["test_loss"], rtol=1e-2)
