@@ -262,11 +262,37 @@ def _undecodable_files(paths: list[str]) -> list[str]:
   return [path for path in paths if path not in decoded]
 
 
-def _undecodable_error(where: str, paths: list[str], total: int) -> ValueError:
+# Features naming an example's file: tfds.ImageFolder's (the path) and imagenet2012's.
+_FILE_NAME_FEATURES = ("image/filename", "file_name")
+
+
+def _undecodable_examples(ds: "tf.data.Dataset", where: str) -> tuple[list[str], int]:
+  """(names of the examples of `ds` whose image `decode_image` rejects, examples checked).
+
+  An example is named by its file name feature if it has one, else by its index in `ds`. The
+  names are read in a second pass, only when some example failed.
+  """
+  tf, _ = _tf()
+  total = int(ds.cardinality())
+  checked = ds.enumerate().map(lambda i, ex: (i, tf.shape(decode_image(ex["image"]))),
+                               num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+  decoded = {int(i) for i, _ in _with_progress(checked.as_numpy_iterator(), where, total,
+                                                count=lambda _: 1)}
+  bad = [i for i in range(total) if i not in decoded]
+  key = next((k for k in _FILE_NAME_FEATURES if k in ds.element_spec), None)
+  if not bad or key is None:
+    return [f"example #{i}" for i in bad], total
+  names = ds.map(lambda ex: ex[key]).as_numpy_iterator()
+  wanted = set(bad)
+  return [name.decode() for i, name in enumerate(names) if i in wanted], total
+
+
+def _undecodable_error(where: str, paths: list[str], total: int,
+                       fix: str = "Replace or remove them.") -> ValueError:
   """One message naming the files that cannot be decoded, so they can be fixed or removed."""
   shown = ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
   return ValueError(f"{where}: {len(paths)} of {total} image files cannot be decoded (corrupt, "
-                    f"cut short, or not an image): {shown}. Replace or remove them.")
+                    f"cut short, or not an image): {shown}. {fix}")
 
 
 def _with_progress(items: Iterable[Any], where: str, total: int | None, *,
@@ -728,6 +754,50 @@ def imagenet_eval_dataset(
              "label": tf.constant(0, tf.int32), "mask": tf.constant(False)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
   return ds.take(num_batches * local_batch).batch(local_batch).prefetch(tf.data.AUTOTUNE)
+
+
+def naming_undecodable(
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    split: str,
+    name: str | None = "imagenet2012",
+    folder: str | None = None,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    download: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Yields `batches`: this process's stream of `split`, from `imagenet_train_dataset` or
+  `imagenet_eval_dataset` with the same source arguments. An image that cannot be decoded
+  ends it with a ValueError naming its file (TF's error names none).
+
+  A failed decode cannot be caught inside tf.data short of a Python call per image, so it is
+  caught here, off the hot path; only then is this process's shard decoded again, in parallel
+  with progress logs (minutes for ImageNet), to name all its undecodable files at once.
+  """
+  tf, _ = _tf()
+  try:
+    yield from batches
+  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as err:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    ds, _, _ = _open_split(name=name, folder=folder, split=split, data_dir=data_dir,
+                           download=download, manual_dir=manual_dir, decode=False,
+                           process_index=index, process_count=count)
+    where = (f"image folder {os.path.abspath(os.path.expanduser(folder))}" if folder is not None
+             else f"tfds dataset {name!r}") + f", split {split!r}"
+    if count > 1:
+      where += f" (process {index} of {count})"
+    logging.warning("%s: an image could not be decoded; decoding its %d images again to find "
+                    "which.", where, int(ds.cardinality()))
+    bad, total = _undecodable_examples(ds, where)
+    if not bad:
+      logging.warning("%s: every image decodes when checked alone; TF's error follows.", where)
+      raise
+    fix = ("Replace or remove them." if folder is not None else
+           "Fix them in the files the dataset is prepared from, and prepare it again.")
+    raise _undecodable_error(where, bad, total, fix) from err
 
 
 def prefetch_to_device(

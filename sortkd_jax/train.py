@@ -484,7 +484,9 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
     ds = input_pipeline.imagenet_eval_dataset(
         global_batch_size=batch, split=d.test_split, image_size=d.image_size,
         resize_size=round(d.image_size * 256 / 224), max_examples=d.max_test_examples, **source)
-    return input_pipeline.prefetch_to_device(ds.as_numpy_iterator(), 2, batch_sharding)
+    numpy_batches = input_pipeline.naming_undecodable(ds.as_numpy_iterator(),
+                                                      split=d.test_split, **source)
+    return input_pipeline.prefetch_to_device(numpy_batches, 2, batch_sharding)
 
   evaluate = make_streaming_evaluator(mesh, batches, dtype=dtype, mean=augment.IMAGENET_MEAN,
                                       std=augment.IMAGENET_STD)
@@ -554,7 +556,8 @@ def _streaming_feed(config, mesh, batch_size) -> _Feed:
       ds = input_pipeline.imagenet_train_dataset(
           global_batch_size=batch_size, split=d.train_split, shuffle_buffer=d.shuffle_buffer,
           seed=config.seed * 100_003 + epoch, image_size=d.image_size, **source)
-      batches = ds.take(steps_per_epoch).as_numpy_iterator()
+      batches = input_pipeline.naming_undecodable(ds.take(steps_per_epoch).as_numpy_iterator(),
+                                                  split=d.train_split, **source)
       for batch in input_pipeline.prefetch_to_device(batches, 2, batch_sharding):
         state, metrics = step(state, teacher_vars, batch["image"], batch["label"])
         yield state, metrics, 1

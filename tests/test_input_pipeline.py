@@ -40,6 +40,14 @@ def _make_folder(root, per_split=(("train", 4), ("test", 2)), size=(32, 32), ext
   return str(root)
 
 
+def _cut_short(path: str) -> None:
+  """Keeps the first half of the file, as an interrupted copy would."""
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[: len(data) // 2])
+
+
 # ----------------------------------------------------------------------------- whole-split arrays
 
 
@@ -137,10 +145,7 @@ def test_folder_with_undecodable_files_names_them(tmp_path, monkeypatch, decoder
   """TF's decode error names no file: a JPEG cut short or a text file is named, nothing cached."""
   folder = _make_folder(tmp_path / "data", per_split=(("train", 2),), ext=".jpg")
   cut = os.path.join(folder, "train", "bee", "0001.jpg")
-  with open(cut, "rb") as f:
-    data = f.read()
-  with open(cut, "wb") as f:
-    f.write(data[: len(data) // 2])
+  _cut_short(cut)
   with open(os.path.join(folder, "train", "cat", "notes.jpg"), "w") as f:
     f.write("not an image")
   if decoder == "pillow":
@@ -312,6 +317,46 @@ def test_folder_streams_shard_across_processes(tmp_path):
   assert batch_counts == [2, 2]  # ceil(ceil(7 / 2) / 2) on each process
   labels = {"ant": 0, "cat": 1}
   assert sorted(seen) == sorted((labels[CLASSES[i % 2]], i) for i in range(7))
+
+
+def test_folder_streams_name_undecodable_files(tmp_path, caplog):
+  """TF's decode error in a stream names no file: the ValueError names them, and the split."""
+  folder = _make_folder(tmp_path / "data", per_split=(("train", 2), ("val", 2)), ext=".jpg")
+  cut = os.path.join(folder, "val", "bee", "0001.jpg")
+  _cut_short(cut)
+  with open(os.path.join(folder, "val", "cat", "notes.jpg"), "w") as f:
+    f.write("not an image")
+  common = dict(name=None, folder=folder, global_batch_size=2, image_size=16)
+  train = ip.imagenet_train_dataset(split="train", shuffle_buffer=4, **common).take(4)
+  assert len(list(ip.naming_undecodable(train.as_numpy_iterator(), split="train", name=None,
+                                        folder=folder))) == 4  # a sound split streams as before
+  caplog.set_level(logging.INFO, logger="absl")
+  for stream in (ip.imagenet_train_dataset(split="val", shuffle_buffer=4, **common),
+                 ip.imagenet_eval_dataset(split="val", resize_size=20, **common)):
+    with pytest.raises(ValueError, match=r"split 'val': 2 of 7 image files cannot be decoded"
+                       ) as err:
+      list(ip.naming_undecodable(stream.as_numpy_iterator(), split="val", name=None,
+                                 folder=folder))
+    assert cut in str(err.value) and os.path.join("cat", "notes.jpg") in str(err.value)
+    assert "0000.jpg" not in str(err.value)
+  assert "decoding its 7 images again" in caplog.text
+
+
+def test_tfds_streams_name_undecodable_records():
+  """A prepared tfds dataset names its records by their 'file_name' feature (imagenet2012)."""
+  jpeg = tf.io.encode_jpeg(np.zeros((20, 24, 3), np.uint8)).numpy()
+  records = {"image": [jpeg, jpeg[: len(jpeg) // 2], jpeg, b"not an image"],
+             "label": np.arange(4, dtype=np.int64),
+             "file_name": [f"n0144076{i}_{i}.JPEG" for i in range(4)]}
+  as_dataset = lambda *args, **kwargs: tf.data.Dataset.from_tensor_slices(records)
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    for split, stream in (
+        ("train", ip.imagenet_train_dataset(global_batch_size=2, image_size=16, shuffle_buffer=4)),
+        ("validation", ip.imagenet_eval_dataset(global_batch_size=2, image_size=16))):
+      with pytest.raises(ValueError, match=f"tfds dataset 'imagenet2012', split '{split}': 2 of 4 "
+                         "image files .*: n01440761_1.JPEG, n01440763_3.JPEG. Fix them") as err:
+        list(ip.naming_undecodable(stream.as_numpy_iterator(), split=split))
+      assert "n01440760_0" not in str(err.value)
 
 
 def test_prefetch_to_device_on_four_devices():

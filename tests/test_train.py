@@ -729,11 +729,9 @@ def test_imagenet_runlocal_streams_mock_data(tmp_path):
   assert int(result["state"].step) == 2  # 16 images, batch 8
 
 
-def test_imagenet_resume_is_bit_identical(tmp_path):
-  """Each tf.data epoch is seeded by its number, so resuming replays the same batches.
-
-  Reads a small image folder: tfds.testing.mock_data fakes the file system while it builds a
-  dataset, which would break the previous epoch's asynchronous checkpoint commit."""
+def _imagenet_folder_config(tmp_path):
+  """The ImageNet recipe (tf.data) shrunk to resnet8 → resnet8 on a folder of 2 classes of
+  40x36 JPEGs under tmp_path/data: 16 train images (2 batches), 4 val."""
   from PIL import Image
   from configs import imagenet_kd
   rng = np.random.default_rng(0)
@@ -750,6 +748,15 @@ def test_imagenet_resume_is_bit_identical(tmp_path):
   config.teacher.update(name="resnet8", checkpoint=teacher)
   config.student.name = "resnet8"
   config.data.update(name=None, folder=str(tmp_path / "data"), test_split="val", image_size=32)
+  return config
+
+
+def test_imagenet_resume_is_bit_identical(tmp_path):
+  """Each tf.data epoch is seeded by its number, so resuming replays the same batches.
+
+  Reads a small image folder: tfds.testing.mock_data fakes the file system while it builds a
+  dataset, which would break the previous epoch's asynchronous checkpoint commit."""
+  config = _imagenet_folder_config(tmp_path)
   config.num_epochs = 2
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
   config.num_epochs = 1
@@ -772,6 +779,22 @@ def test_imagenet_resume_is_bit_identical(tmp_path):
   assert (result["arch"], result["test_examples"]) == ("resnet8", 4)
   assert result["test_top1"] == best["test_top1"]
   np.testing.assert_allclose(result["test_loss"], best["test_loss"], rtol=1e-5)
+
+
+def test_imagenet_stream_names_an_undecodable_file(tmp_path):
+  """A JPEG cut short in a streamed split stops the run with a ValueError (a clean CLI error)
+  naming it and the split: TF's own error names no file."""
+  config = _imagenet_folder_config(tmp_path)
+  # val: met by the teacher's evaluation; train: by the first epoch's batches.
+  for split in ("val", "train"):
+    path = str(tmp_path / "data" / split / "class1" / "0.jpg")
+    shutil.copy(path, tmp_path / "whole.jpg")
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ValueError, match=f"split '{split}': 1 of .* cannot be decoded .*: "
+                       f"{re.escape(path)}. Replace or remove"):
+      train.train_and_evaluate(config, str(tmp_path / f"run_{split}"))
+    shutil.copy(tmp_path / "whole.jpg", path)
 
 
 def test_training_core_does_not_import_tensorflow():
