@@ -26,7 +26,9 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   """Joins a multi-process run: explicit coordinator flags, or SLURM / Open MPI launches.
 
   Every process then sees all devices of the run in `jax.devices()`; a single process on one
-  machine needs nothing. Processes other than 0 then log warnings and errors only.
+  machine needs nothing. Processes other than 0 then log warnings and errors only. Under SLURM
+  and Open MPI, JAX gives each process one GPU (its local rank): launch one task per GPU. With
+  the flags, each process drives all the devices it sees (e.g. one process per host).
   """
   # srun sets SLURM_STEP_ID; a plain `python` inside an allocation (salloc) must not wait for
   # peers that were never started.
@@ -43,18 +45,41 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
     if not (host and port.isdigit()):
       raise ValueError(f"--coordinator_address must be HOST:PORT (process 0's host and a free "
                        f"port), got {coordinator_address!r}.")
+  elif not (slurm or open_mpi):
+    return
+  elif open_mpi and "OMPI_MCA_orte_hnp_uri" not in os.environ:
+    raise ValueError(
+        "This Open MPI launch is one JAX cannot join by itself (Open MPI 5 sets no "
+        "OMPI_MCA_orte_hnp_uri): pass --coordinator_address=HOST0:PORT (the host of rank 0, a "
+        "free port) --num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK.")
+  # JAX's preemption service would take SIGTERM over, and nothing here acts on its notices: a
+  # `kill` or a scheduler's SIGTERM must end a multi-process run as it ends a single process.
+  jax.config.update("jax_enable_preemption_service", False)
+  if coordinator_address:
     logging.info("Process %d of %d: waiting for all %d processes at %s (the same flags on each; "
                  "process 0 runs there).", process_id, num_processes, num_processes,
                  coordinator_address)
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif slurm or open_mpi:
-    jax.distributed.initialize()
+    # No cluster detection: inside an srun step it would pin this process to one GPU.
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               cluster_detection_method="deactivate")
   else:
-    return
+    _warn_of_idle_slurm_gpus()
+    jax.distributed.initialize()
   logging.info("Process %d of %d: %d local devices, %d in all.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+
+
+def _warn_of_idle_slurm_gpus() -> None:
+  """JAX gives each SLURM task the GPU of its local rank, so fewer tasks than GPUs on a node
+  leave GPUs idle (srun --ntasks-per-node=1 --gpus-per-node=8 trains on 1 GPU per node)."""
+  gpus, tasks = (os.environ.get(name, "") for name in ("SLURM_GPUS_ON_NODE",
+                                                        "SLURM_NTASKS_PER_NODE"))
+  if gpus.isdigit() and tasks.isdigit() and int(tasks) < int(gpus):
+    logging.warning("This node has %s GPUs but runs %s tasks, and JAX gives each task one GPU: "
+                    "%d stay idle. Launch one task per GPU (srun --ntasks-per-node=%s).",
+                    gpus, tasks, int(gpus) - int(tasks), gpus)
 
 
 def make_mesh() -> Mesh:

@@ -453,6 +453,7 @@ def _open_split(
     manual_dir: str | None = None,
     decode: bool = True,
     shuffle_seed: int | None = None,
+    max_examples: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
 ) -> tuple["tf.data.Dataset", int, Any]:
@@ -462,7 +463,8 @@ def _open_split(
   at most one) and read only in part. `tfds.ImageFolder` has no sub-splits, so folders are
   sharded with `Dataset.shard` after the file read: every process reads every file, which costs
   I/O on many hosts (prepare a tfds dataset for multi-host ImageNet). With `shuffle_seed`, tfds
-  shuffles its files each epoch (a folder keeps tfds' fixed shuffled order).
+  shuffles its files each epoch (a folder keeps tfds' fixed shuffled order). `max_examples`
+  keeps the split's first ones, before sharding: the same examples for any process count.
   """
   tf, tfds = _tf()
   decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
@@ -471,6 +473,8 @@ def _open_split(
     _check_folder_split(folder, split)
     builder = tfds.ImageFolder(folder)
     full = builder.as_dataset(split=split, decoders=decoders)
+    if max_examples is not None:
+      full = full.take(max_examples)
     local = full.shard(process_count, process_index)
   elif name == SYNTHETIC:
     raise ValueError("data.name='synthetic' is random CIFAR-shaped data for the on-device "
@@ -486,6 +490,13 @@ def _open_split(
           + f". Use a tfds name such as cifar100 or imagenet2012, {SYNTHETIC!r} (CIFAR "
           "configs), or --config.data.folder=DIR.") from None
     if (download or manual_dir) and not builder.is_prepared():
+      if jax.process_count() > 1:  # every process would write the same files at once
+        raise ValueError(
+            f"tfds dataset {name!r} is not prepared under data_dir="
+            f"{data_dir or '~/tensorflow_datasets'}; prepare it once before a multi-process "
+            f"run: `tfds build {name} --data_dir=DIR"
+            + (f" --manual_dir={manual_dir}`" if manual_dir else "`")
+            + ", then pass --config.data.data_dir=DIR.")
       config = tfds.download.DownloadConfig(manual_dir=manual_dir)
       try:
         builder.download_and_prepare(download_config=config)
@@ -496,6 +507,8 @@ def _open_split(
             f"Prepare it where there is internet (`tfds build {name} --data_dir=DIR`) and pass "
             "--config.data.data_dir=DIR, or pass --config.data.folder=DIR with an image "
             f"folder laid out as {_FOLDER_LAYOUT}.") from err
+    if max_examples is not None:
+      split = f"{split}[:{max_examples}]"
     full = _tfds_as_dataset(builder, data_dir, split=split)
     local = _tfds_as_dataset(
         builder, data_dir,
@@ -731,8 +744,7 @@ def imagenet_eval_dataset(
 
   Resize(256) + CenterCrop(224) (spec §7.3). No example is dropped: the last batches are padded
   with mask=False entries, and every process yields ceil(ceil(N / processes) / b) batches so
-  that all processes step together. `max_examples` (smoke tests) keeps the first
-  ceil(max_examples / processes) of each process's shard.
+  that all processes step together. `max_examples` (smoke tests) keeps the split's first ones.
   """
   tf, _ = _tf()
   if resize_size < image_size:
@@ -740,11 +752,9 @@ def imagenet_eval_dataset(
   index, count, local_batch = _process_shard(process_index, process_count, global_batch_size)
   ds, total, _ = _open_split(name=name, folder=folder, split=split, data_dir=data_dir,
                              download=download, manual_dir=manual_dir, decode=False,
-                             process_index=index, process_count=count)
+                             max_examples=max_examples, process_index=index,
+                             process_count=count)
   per_process = -(-total // count)  # ceil: the largest shard
-  if max_examples is not None:
-    per_process = min(per_process, -(-max_examples // count))
-    ds = ds.take(per_process)
   num_batches = -(-per_process // local_batch)
   ds = ds.map(lambda ex: {"image": _eval_image(ex["image"], image_size, resize_size),
                           "label": tf.cast(ex["label"], tf.int32),

@@ -15,22 +15,63 @@ def test_incomplete_multi_process_flags_are_refused():
     distributed.maybe_initialize("localhost", 2, 0)
 
 
-@pytest.mark.parametrize("environment,joins", [
+LAUNCHER_VARIABLES = ("SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_GPUS_ON_NODE",
+                      "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri")
+
+
+@pytest.fixture
+def joins(monkeypatch):
+  """Records the `jax.distributed.initialize` calls (args, kwargs); restores the preemption
+  service setting that joining turns off."""
+  for name in LAUNCHER_VARIABLES:
+    monkeypatch.delenv(name, raising=False)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize",
+                      lambda *args, **kwargs: calls.append((args, kwargs)))
+  preemption = jax.config.jax_enable_preemption_service
+  yield calls
+  jax.config.update("jax_enable_preemption_service", preemption)
+
+
+@pytest.mark.parametrize("environment,joined", [
     ({}, False),
     ({"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}, True),  # srun
     ({"SLURM_NTASKS": "2"}, False),  # python inside salloc: no peers were started
     ({"SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"}, False),
-    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),  # mpirun
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:5"}, True),
     ({"OMPI_COMM_WORLD_SIZE": "1"}, False),
 ])
-def test_slurm_and_open_mpi_launches_are_detected(monkeypatch, environment, joins):
-  for name in ("SLURM_NTASKS", "SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE"):
-    monkeypatch.delenv(name, raising=False)
+def test_slurm_and_open_mpi_launches_are_detected(monkeypatch, joins, environment, joined):
   for name, value in environment.items():
     monkeypatch.setenv(name, value)
-  calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda *args: calls.append(args))
   distributed.maybe_initialize()
-  assert calls == ([()] if joins else [])
-  distributed.maybe_initialize("host0:1234", 4, 3)  # flags win, whatever the launcher
-  assert calls[-1] == ("host0:1234", 4, 3)
+  assert joins == ([((), {})] if joined else [])
+  # Flags win, whatever the launcher, and no cluster detection pins the process to one GPU.
+  distributed.maybe_initialize("host0:1234", 4, 3)
+  assert joins[-1] == (("host0:1234", 4, 3), {"cluster_detection_method": "deactivate"})
+  # JAX's preemption service would swallow SIGTERM (test_parallel.py sends one).
+  assert not jax.config.jax_enable_preemption_service
+
+
+def test_an_open_mpi_launch_jax_cannot_join_says_what_to_pass(monkeypatch, joins):
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # Open MPI 5: no OMPI_MCA_orte_hnp_uri
+  with pytest.raises(ValueError, match=r"pass --coordinator_address=HOST0:PORT .* "
+                     r"--num_processes=\$OMPI_COMM_WORLD_SIZE"):
+    distributed.maybe_initialize()
+  assert joins == []
+
+
+@pytest.mark.parametrize("gpus,tasks,warns", [("8", "1", True), ("8", "8", False),
+                                              ("4", None, False)])
+def test_slurm_gpus_left_idle_are_warned_of(monkeypatch, joins, caplog, gpus, tasks, warns):
+  """JAX gives each SLURM task one GPU: one task on an 8-GPU node would train on 1 of them."""
+  for name, value in (("SLURM_NTASKS", "2"), ("SLURM_STEP_ID", "0"),
+                      ("SLURM_GPUS_ON_NODE", gpus), ("SLURM_NTASKS_PER_NODE", tasks)):
+    if value is not None:
+      monkeypatch.setenv(name, value)
+  with caplog.at_level("WARNING"):
+    distributed.maybe_initialize()
+  assert joins == [((), {})]
+  assert ("stay idle" in caplog.text) == warns
+  if warns:
+    assert "7 stay idle. Launch one task per GPU (srun --ntasks-per-node=8)" in caplog.text

@@ -294,29 +294,74 @@ def test_mock_imagenet_train_and_eval():
   np.testing.assert_array_equal(labels, want)
 
 
+def _eval_examples(count, global_batch_size=4, **source):
+  """(image numbers each process evaluates, in order; batches per process) with `count`
+  processes; an image's number is encoded in its grey level (20 + 30·i)."""
+  seen, batch_counts = [], []
+  for index in range(count):
+    batches = list(ip.imagenet_eval_dataset(
+        global_batch_size=global_batch_size, image_size=16, resize_size=20, process_index=index,
+        process_count=count, **source).as_numpy_iterator())
+    batch_counts.append(len(batches))
+    for b in batches:
+      assert b["image"].shape == (global_batch_size // count, 16, 16, 3)
+      seen.append([int(np.round((im.mean() - 20) / 30)) for im, m in zip(b["image"], b["mask"])
+                   if m])
+  return seen, batch_counts
+
+
 def test_folder_streams_shard_across_processes(tmp_path):
-  """7 images of mixed sizes and formats, 2 processes: eval covers each example exactly once."""
+  """7 images of mixed sizes and formats, 2 processes: eval covers each example exactly once,
+  and a `max_examples` cap keeps the same first examples for any process count."""
   sizes = [(40, 30), (30, 50), (24, 24), (64, 20), (33, 47), (20, 20), (50, 60)]
   for i, size in enumerate(sizes):
     name = CLASSES[i % 2]
     os.makedirs(tmp_path / "val" / name, exist_ok=True)
     _write_image(str(tmp_path / "val" / name / f"{i}{'.png' if i % 3 else '.jpg'}"),
                  np.full((*size, 3), 20 + 30 * i, np.uint8))
-  seen, batch_counts = [], []
-  for index in range(2):
-    common = dict(name=None, folder=str(tmp_path), split="val", global_batch_size=4,
-                  image_size=16, process_index=index, process_count=2)
-    batches = list(ip.imagenet_eval_dataset(resize_size=20, **common).as_numpy_iterator())
-    batch_counts.append(len(batches))
-    for b in batches:
-      assert b["image"].shape == (2, 16, 16, 3)
-      seen += [(int(l), int(np.round((im.mean() - 20) / 30))) for l, im, m in
-               zip(b["label"], b["image"], b["mask"]) if m]
-    for b in ip.imagenet_train_dataset(shuffle_buffer=4, **common).take(4).as_numpy_iterator():
-      assert b["image"].shape == (2, 16, 16, 3) and b["label"].dtype == np.int32
+  source = dict(name=None, folder=str(tmp_path), split="val")
+  seen, batch_counts = _eval_examples(2, **source)
   assert batch_counts == [2, 2]  # ceil(ceil(7 / 2) / 2) on each process
-  labels = {"ant": 0, "cat": 1}
-  assert sorted(seen) == sorted((labels[CLASSES[i % 2]], i) for i in range(7))
+  assert sorted(sum(seen, [])) == list(range(7))
+  common = dict(global_batch_size=4, image_size=16, process_index=1, process_count=2, **source)
+  for b in ip.imagenet_train_dataset(shuffle_buffer=4, **common).take(4).as_numpy_iterator():
+    assert b["image"].shape == (2, 16, 16, 3) and b["label"].dtype == np.int32
+  first = sum(_eval_examples(1, max_examples=5, **source)[0], [])
+  assert len(first) == 5
+  for count in (2, 4):
+    assert sorted(sum(_eval_examples(count, max_examples=5, **source)[0], [])) == sorted(first)
+
+
+class SortkdTinyNumbered(tfds.core.GeneratorBasedBuilder):
+  """A real prepared tfds dataset (mock_data ignores sub-splits): image i has grey level
+  20 + 30·i, and a file name as imagenet2012's."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.ClassLabel(num_classes=2),
+        "file_name": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"validation": self._generate_examples(7)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {"image": np.full((20, 24, 3), 20 + 30 * i, np.uint8), "label": i % 2,
+                "file_name": f"{i}.JPEG"}
+
+
+def test_tfds_streams_shard_across_processes(tmp_path):
+  """tfds' per-process sub-splits: every example once, the same capped ones for any count."""
+  SortkdTinyNumbered(data_dir=str(tmp_path)).download_and_prepare()
+  source = dict(name="sortkd_tiny_numbered", data_dir=str(tmp_path), split="validation")
+  first = sum(_eval_examples(1, max_examples=5, **source)[0], [])
+  assert len(first) == 5
+  for count in (2, 4):
+    seen, batch_counts = _eval_examples(count, **source)
+    assert sorted(sum(seen, [])) == list(range(7)) and len(set(batch_counts)) == 1
+    assert sorted(sum(_eval_examples(count, max_examples=5, **source)[0], [])) == sorted(first)
 
 
 def test_folder_streams_name_undecodable_files(tmp_path, caplog):
@@ -425,3 +470,18 @@ def test_image_folder_without_tensorflow_decodes_with_pillow(tmp_path, monkeypat
   _write_image(os.path.join(folder, "train", "ant", "big.png"), np.zeros((40, 32, 3), np.uint8))
   with pytest.raises(ValueError, match=r"big.png \(40, 32, 3\)"):
     ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "c3"))
+
+
+def test_multi_process_runs_do_not_prepare_tfds_datasets(tmp_path, monkeypatch):
+  """Every process would write the same files at once: preparing is refused, with the command
+  that prepares it once; a single process prepares it."""
+  import jax
+  source = dict(name="sortkd_tiny_numbered", data_dir=str(tmp_path), split="validation",
+                manual_dir=str(tmp_path / "tars"))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=r"prepare it once before a multi-process run: `tfds "
+                     r"build sortkd_tiny_numbered --data_dir=DIR --manual_dir=.*tars`"):
+    ip.split_info(**source)
+  assert not os.path.exists(tmp_path / "sortkd_tiny_numbered")
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  assert ip.split_info(**source) == (7, 2)

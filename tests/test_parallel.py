@@ -40,6 +40,7 @@ RUN = textwrap.dedent("""
     config.num_epochs = int(num_epochs)
     config.data.max_train_examples = 40
     config.data.max_test_examples = 30
+    config.data.download = False  # a multi-process run does not prepare datasets
     config.eval_batch_size = 10  # not a multiple of 4 devices: evaluation rounds it up
     with tfds.testing.mock_data(num_examples=64):
       splits = train.load_splits(config.data)
@@ -292,3 +293,71 @@ def test_two_processes_assemble_the_global_tf_data_batches(tmp_path):
   # Train: each process shuffles its own shard; the first 2 global batches are one epoch.
   assert sorted(e for batch in got["train"] for e in batch) == sorted((i % 2, i, True)
                                                                        for i in range(8))
+
+
+# ----------------------------------------------------------------------------- ending a run
+
+# argv: address process_id mode. Joins, then: "fail" (process 1 raises), or "sleep".
+JOIN_THEN = textwrap.dedent("""
+    import sys, time, numpy as np
+    from jax.experimental import multihost_utils
+    from sortkd_jax import cli, distributed
+    address, pid, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    sys.argv = sys.argv[:1]
+    def main():
+      distributed.maybe_initialize(address, 2, pid)
+      multihost_utils.process_allgather(np.int32(pid))  # collectives set up, as in a run
+      print("JOINED", flush=True)
+      if mode == "fail" and pid == 1:
+        raise ValueError("bad data on this host")
+      if mode == "sleep":
+        time.sleep(120)
+      multihost_utils.process_allgather(np.int32(pid))  # process 0 waits for process 1 here
+    cli.run(main)
+""")
+
+
+def _join_two(tmp_path, mode):
+  address = f"localhost:{_free_port()}"
+  procs = [_launch(JOIN_THEN, [address, pid, mode], 1, str(tmp_path / f"log{pid}"))
+           for pid in range(2)]
+  deadline = time.monotonic() + 60
+  while not all("JOINED" in open(p.logs[0]).read() for p in procs):
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.2)
+  return procs
+
+
+def _ended_within(procs, seconds):
+  """Whether every process ended within `seconds`; kills those that did not."""
+  deadline = time.monotonic() + seconds
+  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  ended = all(p.poll() is not None for p in procs)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  return ended
+
+
+def test_an_error_in_one_process_ends_every_process(tmp_path):
+  """Not after JAX's 5-minute shutdown barrier: the failing process leaves at once, and the
+  one waiting for it in a collective fails and leaves too, each with one error line."""
+  procs = _join_two(tmp_path, "fail")
+  assert _ended_within(procs, 60)
+  errors = [open(p.logs[1]).read() for p in procs]
+  assert [p.returncode for p in procs] == [1, 1], errors
+  assert "error: bad data on this host (process 1 of 2;" in errors[1]
+  assert "(process 0 of 2; another process's failure shows here" in errors[0]
+
+
+def test_sigterm_ends_a_process_of_a_multi_process_run(tmp_path):
+  """JAX's preemption service would catch it and let the run go on."""
+  import signal
+  procs = _join_two(tmp_path, "sleep")
+  procs[1].send_signal(signal.SIGTERM)
+  assert _ended_within(procs[1:], 10)
+  assert procs[1].returncode == -signal.SIGTERM
+  procs[0].kill()
+  procs[0].wait()
