@@ -314,8 +314,8 @@ def main():
     if teacher is not None:  # the same step without a teacher: the student's share
       vanilla = config.copy_and_resolve_references()
       vanilla.method = "vanilla"
-      v_state = distributed.replicate(train.create_train_state(vanilla, num_classes, optimizer)[0],
-                                mesh)
+      v_state = distributed.replicate(
+          train.create_train_state(vanilla, num_classes, optimizer)[0], mesh)
       run_vanilla, _ = compile_dispatch(vanilla, v_state, None)
       run_vanilla()
       stats = timed_windows(run_vanilla, k * batch_size, FLAGS.windows,

@@ -3,8 +3,8 @@
   python scripts/train.py --config configs/cifar_kd.py:res32x4_res8x4 --workdir runs/kd
 
 Any config field can be overridden, e.g. `--config.sort=False --config.data.folder=DIR`.
-Several hosts: launch one process per host (SLURM and Open MPI are detected), or pass
-`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
+Several hosts: under SLURM or Open MPI (detected) launch one process per GPU; otherwise one per
+host, each passing `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (README).
 """
 
 import os

@@ -42,17 +42,16 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = (
       # The work's own `finally` blocks have closed its checkpoints and logs by now.
       _exit_now(130)
     except Exception:
-      if not _in_multi_process_run():
+      if _joined_process() is None:
         raise
       logging.exception("Unexpected error:")
       message = "error: the traceback above"
-    if _in_multi_process_run():
+    process = _joined_process()
+    if process is not None:
       # JAX's exit would wait up to 5 minutes at a shutdown barrier for the other processes,
       # which wait for this one in a collective: leaving at once ends their collective too.
-      import jax
-      print(f"{message} (process {jax.process_index()} of {jax.process_count()}; another "
-            "process's failure shows here as a failed collective or a lost connection: see "
-            "every process's output)", file=sys.stderr)
+      print(f"{message} ({process}; another process's failure shows here as a failed "
+            "collective or a lost connection: see every process's output)", file=sys.stderr)
       _exit_now(1)
     gc.collect()  # with the error gone, what it held (orbax's pending reads) ends quietly now
     sys.exit(message)
@@ -60,9 +59,15 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = (
   app.run(run_main, flags_parser=parse_flags_briefly)
 
 
-def _in_multi_process_run() -> bool:
+def _joined_process() -> str | None:
+  """'process I of N' when this process joined a multi-process run, else None."""
   jax = sys.modules.get("jax")  # a script that never imported JAX joined no run
-  return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
+  if jax is None or not jax.distributed.is_initialized():
+    return None
+  try:
+    return f"process {jax.process_index()} of {jax.process_count()}"
+  except Exception:  # the devices failed after the join: the run is multi-process all the same
+    return "a process of a multi-process run"
 
 
 def _exit_now(status: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Any
 
 import jax
@@ -50,8 +51,9 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   elif open_mpi and "OMPI_MCA_orte_hnp_uri" not in os.environ:
     raise ValueError(
         "This Open MPI launch is one JAX cannot join by itself (Open MPI 5 sets no "
-        "OMPI_MCA_orte_hnp_uri): pass --coordinator_address=HOST0:PORT (the host of rank 0, a "
-        "free port) --num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK.")
+        "OMPI_MCA_orte_hnp_uri): start one process per host (mpirun --npernode 1) with "
+        "--coordinator_address=HOST0:PORT --num_processes=N --process_id=I, e.g. through "
+        "sh -c '... --process_id=$OMPI_COMM_WORLD_RANK' (README, several hosts).")
   # JAX's preemption service would take SIGTERM over, and nothing here acts on its notices: a
   # `kill` or a scheduler's SIGTERM must end a multi-process run as it ends a single process.
   jax.config.update("jax_enable_preemption_service", False)
@@ -74,12 +76,27 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
 def _warn_of_idle_slurm_gpus() -> None:
   """JAX gives each SLURM task the GPU of its local rank, so fewer tasks than GPUs on a node
   leave GPUs idle (srun --ntasks-per-node=1 --gpus-per-node=8 trains on 1 GPU per node)."""
-  gpus, tasks = (os.environ.get(name, "") for name in ("SLURM_GPUS_ON_NODE",
-                                                        "SLURM_NTASKS_PER_NODE"))
-  if gpus.isdigit() and tasks.isdigit() and int(tasks) < int(gpus):
-    logging.warning("This node has %s GPUs but runs %s tasks, and JAX gives each task one GPU: "
+  gpus = os.environ.get("SLURM_GPUS_ON_NODE", "")
+  tasks = _slurm_tasks_on_this_node()
+  if gpus.isdigit() and tasks is not None and tasks < int(gpus):
+    logging.warning("This node has %s GPUs but runs %d tasks, and JAX gives each task one GPU: "
                     "%d stay idle. Launch one task per GPU (srun --ntasks-per-node=%s).",
-                    gpus, tasks, int(gpus) - int(tasks), gpus)
+                    gpus, tasks, int(gpus) - tasks, gpus)
+
+
+def _slurm_tasks_on_this_node() -> int | None:
+  """This node's entry of srun's tasks-per-node list, e.g. '8(x2),4' for nodes 0-2."""
+  spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+  node = os.environ.get("SLURM_NODEID", "0")
+  if not spec or not node.isdigit():
+    return None
+  per_node = []
+  for entry in spec.split(","):
+    match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", entry.strip())
+    if match is None:
+      return None
+    per_node += [int(match[1])] * int(match[2] or 1)
+  return per_node[int(node)] if int(node) < len(per_node) else None
 
 
 def make_mesh() -> Mesh:

@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -270,21 +271,25 @@ def _undecodable_examples(ds: "tf.data.Dataset", where: str) -> tuple[list[str],
   """(names of the examples of `ds` whose image `decode_image` rejects, examples checked).
 
   An example is named by its file name feature if it has one, else by its index in `ds`. The
-  names are read in a second pass, only when some example failed.
+  records are read as they are, so a reader error (a corrupt record file) raises as itself, and
+  decoded in chunks from memory, where skipping a failed decode is safe (`ignore_errors` on a
+  failing reader retries it forever).
   """
   tf, _ = _tf()
   total = int(ds.cardinality())
-  checked = ds.enumerate().map(lambda i, ex: (i, tf.shape(decode_image(ex["image"]))),
-                               num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-  decoded = {int(i) for i, _ in _with_progress(checked.as_numpy_iterator(), where, total,
-                                                count=lambda _: 1)}
-  bad = [i for i in range(total) if i not in decoded]
   key = next((k for k in _FILE_NAME_FEATURES if k in ds.element_spec), None)
-  if not bad or key is None:
-    return [f"example #{i}" for i in bad], total
-  names = ds.map(lambda ex: ex[key]).as_numpy_iterator()
-  wanted = set(bad)
-  return [name.decode() for i, name in enumerate(names) if i in wanted], total
+  chunks = ds.map(lambda ex: (ex["image"], ex[key] if key else "")).batch(1024).prefetch(1)
+  bad, start = [], 0
+  for images, names in _with_progress(chunks.as_numpy_iterator(), where, total,
+                                      count=lambda chunk: len(chunk[0])):
+    decoded = tf.data.Dataset.from_tensor_slices(images).enumerate().map(
+        lambda i, image: (i, tf.shape(decode_image(image))),
+        num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    ok = {int(i) for i, _ in decoded.as_numpy_iterator()}
+    bad += [names[i].decode() if key else f"example #{start + i}"
+            for i in range(len(images)) if i not in ok]
+    start += len(images)
+  return bad, total
 
 
 def _undecodable_error(where: str, paths: list[str], total: int,
@@ -507,17 +512,19 @@ def _open_split(
             f"Prepare it where there is internet (`tfds build {name} --data_dir=DIR`) and pass "
             "--config.data.data_dir=DIR, or pass --config.data.folder=DIR with an image "
             f"folder laid out as {_FOLDER_LAYOUT}.") from err
-    if max_examples is not None:
-      split = f"{split}[:{max_examples}]"
-    full = _tfds_as_dataset(builder, data_dir, split=split)
-    local = _tfds_as_dataset(
-        builder, data_dir,
-        split=tfds.split_for_jax_process(split, process_index=process_index,
-                                         process_count=process_count),
-        decoders=decoders,
-        shuffle_files=shuffle_seed is not None,
-        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
-    )
+    full = _tfds_as_dataset(builder, data_dir, split=split, decoders=decoders)
+    if max_examples is not None:  # a smoke-test cap: read whole, like a folder
+      full = full.take(max_examples)
+      local = full.shard(process_count, process_index)
+    else:
+      local = _tfds_as_dataset(
+          builder, data_dir,
+          split=tfds.split_for_jax_process(split, process_index=process_index,
+                                           process_count=process_count),
+          decoders=decoders,
+          shuffle_files=shuffle_seed is not None,
+          read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
+      )
   else:
     raise ValueError("Pass a tfds dataset `name` (e.g. 'imagenet2012') or an image `folder`.")
   total = int(full.cardinality())
@@ -766,6 +773,11 @@ def imagenet_eval_dataset(
   return ds.take(num_batches * local_batch).batch(local_batch).prefetch(tf.data.AUTOTUNE)
 
 
+# TF's messages for an image it cannot decode ("Invalid JPEG data or crop window", "Unknown
+# image file format", "Invalid PNG data", ...), as opposed to, say, a shape error.
+_DECODE_FAILURE = re.compile(r"JPEG|PNG|GIF|BMP|image", re.IGNORECASE)
+
+
 def naming_undecodable(
     batches: Iterable[dict[str, np.ndarray]],
     *,
@@ -775,6 +787,7 @@ def naming_undecodable(
     data_dir: str | None = None,
     manual_dir: str | None = None,
     download: bool = False,
+    max_examples: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -789,12 +802,15 @@ def naming_undecodable(
   tf, _ = _tf()
   try:
     yield from batches
-  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as err:
+  except tf.errors.InvalidArgumentError as err:
+    if not _DECODE_FAILURE.search(str(err)):
+      raise
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     ds, _, _ = _open_split(name=name, folder=folder, split=split, data_dir=data_dir,
                            download=download, manual_dir=manual_dir, decode=False,
-                           process_index=index, process_count=count)
+                           max_examples=max_examples, process_index=index,
+                           process_count=count)
     where = (f"image folder {os.path.abspath(os.path.expanduser(folder))}" if folder is not None
              else f"tfds dataset {name!r}") + f", split {split!r}"
     if count > 1:

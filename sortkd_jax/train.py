@@ -484,8 +484,8 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
     ds = input_pipeline.imagenet_eval_dataset(
         global_batch_size=batch, split=d.test_split, image_size=d.image_size,
         resize_size=round(d.image_size * 256 / 224), max_examples=d.max_test_examples, **source)
-    numpy_batches = input_pipeline.naming_undecodable(ds.as_numpy_iterator(),
-                                                      split=d.test_split, **source)
+    numpy_batches = input_pipeline.naming_undecodable(
+        ds.as_numpy_iterator(), split=d.test_split, max_examples=d.max_test_examples, **source)
     return input_pipeline.prefetch_to_device(numpy_batches, 2, batch_sharding)
 
   evaluate = make_streaming_evaluator(mesh, batches, dtype=dtype, mean=augment.IMAGENET_MEAN,

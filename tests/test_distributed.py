@@ -15,8 +15,9 @@ def test_incomplete_multi_process_flags_are_refused():
     distributed.maybe_initialize("localhost", 2, 0)
 
 
-LAUNCHER_VARIABLES = ("SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_GPUS_ON_NODE",
-                      "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri")
+LAUNCHER_VARIABLES = ("SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_GPUS_ON_NODE", "SLURM_NODEID",
+                      "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
+                      "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri")
 
 
 @pytest.fixture
@@ -55,20 +56,25 @@ def test_slurm_and_open_mpi_launches_are_detected(monkeypatch, joins, environmen
 
 def test_an_open_mpi_launch_jax_cannot_join_says_what_to_pass(monkeypatch, joins):
   monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # Open MPI 5: no OMPI_MCA_orte_hnp_uri
-  with pytest.raises(ValueError, match=r"pass --coordinator_address=HOST0:PORT .* "
-                     r"--num_processes=\$OMPI_COMM_WORLD_SIZE"):
+  with pytest.raises(ValueError, match=r"one process per host \(mpirun --npernode 1\) with "
+                     r"--coordinator_address=HOST0:PORT --num_processes=N --process_id=I"):
     distributed.maybe_initialize()
   assert joins == []
 
 
-@pytest.mark.parametrize("gpus,tasks,warns", [("8", "1", True), ("8", "8", False),
-                                              ("4", None, False)])
-def test_slurm_gpus_left_idle_are_warned_of(monkeypatch, joins, caplog, gpus, tasks, warns):
+@pytest.mark.parametrize("variables,warns", [
+    ({"SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_NODEID": "1"}, True),  # no --ntasks-per-node
+    ({"SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "1"}, False),
+    ({"SLURM_TASKS_PER_NODE": "8,1", "SLURM_NODEID": "1"}, True),
+    ({"SLURM_TASKS_PER_NODE": "8,1", "SLURM_NODEID": "0"}, False),
+    ({}, False),
+])
+def test_slurm_gpus_left_idle_are_warned_of(monkeypatch, joins, caplog, variables, warns):
   """JAX gives each SLURM task one GPU: one task on an 8-GPU node would train on 1 of them."""
-  for name, value in (("SLURM_NTASKS", "2"), ("SLURM_STEP_ID", "0"),
-                      ("SLURM_GPUS_ON_NODE", gpus), ("SLURM_NTASKS_PER_NODE", tasks)):
-    if value is not None:
-      monkeypatch.setenv(name, value)
+  environment = {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_GPUS_ON_NODE": "8",
+                 **variables}
+  for name, value in environment.items():
+    monkeypatch.setenv(name, value)
   with caplog.at_level("WARNING"):
     distributed.maybe_initialize()
   assert joins == [((), {})]

@@ -387,6 +387,18 @@ def test_folder_streams_name_undecodable_files(tmp_path, caplog):
   assert "decoding its 7 images again" in caplog.text
 
 
+def test_a_capped_stream_rechecks_only_its_own_examples(tmp_path):
+  """With max_examples, the re-check decodes what was streamed, not the whole split."""
+  folder = _make_folder(tmp_path / "data", per_split=(("val", 1),), ext=".jpg")  # 3 sound
+  for i in range(4):
+    with open(os.path.join(folder, "val", "cat", f"notes{i}.jpg"), "w") as f:
+      f.write("not an image")
+  source = dict(name=None, folder=folder, split="val", max_examples=5)
+  stream = ip.imagenet_eval_dataset(global_batch_size=2, image_size=16, resize_size=20, **source)
+  with pytest.raises(ValueError, match=r"split 'val': [2-4] of 5 image files cannot be decoded"):
+    list(ip.naming_undecodable(stream.as_numpy_iterator(), **source))
+
+
 def test_tfds_streams_name_undecodable_records():
   """A prepared tfds dataset names its records by their 'file_name' feature (imagenet2012)."""
   jpeg = tf.io.encode_jpeg(np.zeros((20, 24, 3), np.uint8)).numpy()
@@ -470,6 +482,29 @@ def test_image_folder_without_tensorflow_decodes_with_pillow(tmp_path, monkeypat
   _write_image(os.path.join(folder, "train", "ant", "big.png"), np.zeros((40, 32, 3), np.uint8))
   with pytest.raises(ValueError, match=r"big.png \(40, 32, 3\)"):
     ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "c3"))
+
+
+def test_tfds_stream_caps_and_corrupt_record_files(tmp_path):
+  """A cap above the split's size or on a sliced split keeps what exists; a corrupt record
+  file (not an image) raises TF's error at once, without the image re-check (which would spin
+  on a reader that cannot move past the record)."""
+  SortkdTinyNumbered(data_dir=str(tmp_path)).download_and_prepare()
+  source = dict(name="sortkd_tiny_numbered", data_dir=str(tmp_path))
+  assert sorted(sum(_eval_examples(2, max_examples=100, split="validation", **source)[0], [])
+                ) == list(range(7))
+  sliced = _eval_examples(2, max_examples=3, split="validation[:6]", **source)[0]
+  assert len(sum(sliced, [])) == 3
+  [record_file] = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files
+                   if ".tfrecord" in f]
+  with open(record_file, "r+b") as f:
+    f.seek(os.path.getsize(record_file) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  stream = ip.imagenet_eval_dataset(global_batch_size=2, image_size=16, split="validation",
+                                    **source)
+  with pytest.raises(tf.errors.DataLossError, match="corrupted record"):
+    list(ip.naming_undecodable(stream.as_numpy_iterator(), split="validation", **source))
 
 
 def test_multi_process_runs_do_not_prepare_tfds_datasets(tmp_path, monkeypatch):

@@ -297,7 +297,8 @@ def test_two_processes_assemble_the_global_tf_data_batches(tmp_path):
 
 # ----------------------------------------------------------------------------- ending a run
 
-# argv: address process_id mode. Joins, then: "fail" (process 1 raises), or "sleep".
+# argv: address process_id mode. Joins, then process 1 raises a ValueError ("fail") or a
+# TypeError ("crash"), or both sleep ("sleep").
 JOIN_THEN = textwrap.dedent("""
     import sys, time, numpy as np
     from jax.experimental import multihost_utils
@@ -308,8 +309,10 @@ JOIN_THEN = textwrap.dedent("""
       distributed.maybe_initialize(address, 2, pid)
       multihost_utils.process_allgather(np.int32(pid))  # collectives set up, as in a run
       print("JOINED", flush=True)
-      if mode == "fail" and pid == 1:
+      if pid == 1 and mode == "fail":
         raise ValueError("bad data on this host")
+      if pid == 1 and mode == "crash":
+        raise TypeError("a bug")
       if mode == "sleep":
         time.sleep(120)
       multihost_utils.process_allgather(np.int32(pid))  # process 0 waits for process 1 here
@@ -317,47 +320,52 @@ JOIN_THEN = textwrap.dedent("""
 """)
 
 
-def _join_two(tmp_path, mode):
+@contextlib.contextmanager
+def _two_joined(tmp_path, mode):
+  """Two processes of JOIN_THEN, once both have joined; killed on the way out if still alive."""
   address = f"localhost:{_free_port()}"
   procs = [_launch(JOIN_THEN, [address, pid, mode], 1, str(tmp_path / f"log{pid}"))
            for pid in range(2)]
-  deadline = time.monotonic() + 60
-  while not all("JOINED" in open(p.logs[0]).read() for p in procs):
-    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
-    time.sleep(0.2)
-  return procs
+  try:
+    deadline = time.monotonic() + 60
+    joined = lambda p: "JOINED" in open(p.logs[0]).read()
+    while not all(map(joined, procs)):
+      assert time.monotonic() < deadline, "the processes did not join"
+      assert all(p.poll() is None or joined(p) for p in procs), "a process ended before joining"
+      time.sleep(0.2)
+    yield procs
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
 
 
 def _ended_within(procs, seconds):
-  """Whether every process ended within `seconds`; kills those that did not."""
   deadline = time.monotonic() + seconds
   while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
     time.sleep(0.2)
-  ended = all(p.poll() is not None for p in procs)
-  for p in procs:
-    if p.poll() is None:
-      p.kill()
-      p.wait()
-  return ended
+  return all(p.poll() is not None for p in procs)
 
 
-def test_an_error_in_one_process_ends_every_process(tmp_path):
+@pytest.mark.parametrize("mode,error", [("fail", "error: bad data on this host"),
+                                        ("crash", "error: the traceback above")])
+def test_an_error_in_one_process_ends_every_process(tmp_path, mode, error):
   """Not after JAX's 5-minute shutdown barrier: the failing process leaves at once, and the
   one waiting for it in a collective fails and leaves too, each with one error line."""
-  procs = _join_two(tmp_path, "fail")
-  assert _ended_within(procs, 60)
+  with _two_joined(tmp_path, mode) as procs:
+    assert _ended_within(procs, 60)
   errors = [open(p.logs[1]).read() for p in procs]
   assert [p.returncode for p in procs] == [1, 1], errors
-  assert "error: bad data on this host (process 1 of 2;" in errors[1]
+  assert f"{error} (process 1 of 2;" in errors[1]
+  assert ("TypeError: a bug" in errors[1]) == (mode == "crash")
   assert "(process 0 of 2; another process's failure shows here" in errors[0]
 
 
 def test_sigterm_ends_a_process_of_a_multi_process_run(tmp_path):
   """JAX's preemption service would catch it and let the run go on."""
   import signal
-  procs = _join_two(tmp_path, "sleep")
-  procs[1].send_signal(signal.SIGTERM)
-  assert _ended_within(procs[1:], 10)
-  assert procs[1].returncode == -signal.SIGTERM
-  procs[0].kill()
-  procs[0].wait()
+  with _two_joined(tmp_path, "sleep") as procs:
+    procs[1].send_signal(signal.SIGTERM)
+    assert _ended_within(procs[1:], 10)
+    assert procs[1].returncode == -signal.SIGTERM
