@@ -23,7 +23,7 @@ import re
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import jax
 import numpy as np
@@ -178,17 +178,12 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   if decoder.startswith("tfds"):
     ds, _, label = _open_split(name=None, folder=folder, split=split, data_dir=None,
                                download=False, decode=False)
-    ds = ds.map(lambda ex: {**ex, "image": decode_image(ex["image"])})
+    decoded = ds.map(lambda ex: {**ex, "image": decode_image(ex["image"])})
     tf, _ = _tf()
     try:
-      images, labels = _to_arrays(ds, image_size, where)
-    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as err:
-      # TF's error names no file: look for the culprits, only on this (rare) path.
-      paths = sorted(f.path for _, f in _split_image_files(folder, split))
-      bad = _undecodable_files(paths)
-      if not bad:
-        raise
-      raise _undecodable_error(where, bad, len(paths)) from err
+      images, labels = _to_arrays(decoded, image_size, where)
+    except tf.errors.InvalidArgumentError as err:
+      _raise_naming_undecodable(err, ds, where)
     class_names = tuple(label.names)
   else:
     images, labels, class_names = _decode_folder_with_pil(folder, split, image_size, where)
@@ -253,16 +248,6 @@ def _decode_folder_with_pil(folder: str, split: str, image_size: int,
   return np.stack(images), np.array([label for _, label in files], np.int32), class_names
 
 
-def _undecodable_files(paths: list[str]) -> list[str]:
-  """The `paths` that TF's folder decoder (`decode_image`) rejects, decoded in parallel."""
-  tf, _ = _tf()
-  ds = tf.data.Dataset.from_tensor_slices(paths).map(
-      lambda path: (path, tf.shape(decode_image(tf.io.read_file(path)))),
-      num_parallel_calls=tf.data.AUTOTUNE)
-  decoded = {path.decode() for path, _ in ds.ignore_errors().as_numpy_iterator()}
-  return [path for path in paths if path not in decoded]
-
-
 # Features naming an example's file: tfds.ImageFolder's (the path) and imagenet2012's.
 _FILE_NAME_FEATURES = ("image/filename", "file_name")
 
@@ -289,7 +274,28 @@ def _undecodable_examples(ds: "tf.data.Dataset", where: str) -> tuple[list[str],
     bad += [names[i].decode() if key else f"example #{start + i}"
             for i in range(len(images)) if i not in ok]
     start += len(images)
-  return bad, total
+  return (sorted(bad) if key else bad), total
+
+
+# TF's messages for an image it cannot decode ("Invalid JPEG data or crop window", "Unknown
+# image file format", "Invalid PNG data", ...), as opposed to, say, a shape error.
+_DECODE_FAILURE = re.compile(r"JPEG|PNG|GIF|BMP|image", re.IGNORECASE)
+
+
+def _raise_naming_undecodable(err: Exception, ds: "tf.data.Dataset", where: str,
+                              fix: str = "Replace or remove them.") -> NoReturn:
+  """Raises a ValueError naming the undecodable images of `ds` (undecoded records) behind
+  TF's decode error `err`, which names none; re-raises `err` if it is another error or every
+  image decodes alone. A full pass over `ds`: only for when TF has failed."""
+  if not _DECODE_FAILURE.search(str(err)):
+    raise err
+  logging.warning("%s: an image could not be decoded; decoding its %d images again to find "
+                  "which.", where, int(ds.cardinality()))
+  bad, total = _undecodable_examples(ds, where)
+  if not bad:
+    logging.warning("%s: every image decodes when checked alone; TF's error follows.", where)
+    raise err
+  raise _undecodable_error(where, bad, total, fix) from err
 
 
 def _undecodable_error(where: str, paths: list[str], total: int,
@@ -773,11 +779,6 @@ def imagenet_eval_dataset(
   return ds.take(num_batches * local_batch).batch(local_batch).prefetch(tf.data.AUTOTUNE)
 
 
-# TF's messages for an image it cannot decode ("Invalid JPEG data or crop window", "Unknown
-# image file format", "Invalid PNG data", ...), as opposed to, say, a shape error.
-_DECODE_FAILURE = re.compile(r"JPEG|PNG|GIF|BMP|image", re.IGNORECASE)
-
-
 def naming_undecodable(
     batches: Iterable[dict[str, np.ndarray]],
     *,
@@ -803,8 +804,6 @@ def naming_undecodable(
   try:
     yield from batches
   except tf.errors.InvalidArgumentError as err:
-    if not _DECODE_FAILURE.search(str(err)):
-      raise
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     ds, _, _ = _open_split(name=name, folder=folder, split=split, data_dir=data_dir,
@@ -815,15 +814,9 @@ def naming_undecodable(
              else f"tfds dataset {name!r}") + f", split {split!r}"
     if count > 1:
       where += f" (process {index} of {count})"
-    logging.warning("%s: an image could not be decoded; decoding its %d images again to find "
-                    "which.", where, int(ds.cardinality()))
-    bad, total = _undecodable_examples(ds, where)
-    if not bad:
-      logging.warning("%s: every image decodes when checked alone; TF's error follows.", where)
-      raise
     fix = ("Replace or remove them." if folder is not None else
            "Fix them in the files the dataset is prepared from, and prepare it again.")
-    raise _undecodable_error(where, bad, total, fix) from err
+    _raise_naming_undecodable(err, ds, where, fix)
 
 
 def prefetch_to_device(
