@@ -486,6 +486,7 @@ def _open_split(
     full = builder.as_dataset(split=split, decoders=decoders)
     if max_examples is not None:
       full = full.take(max_examples)
+    total = _split_size(full, split, process_count)
     local = full.shard(process_count, process_index)
   elif name == SYNTHETIC:
     raise ValueError("data.name='synthetic' is random CIFAR-shaped data for the on-device "
@@ -521,6 +522,8 @@ def _open_split(
     full = _tfds_as_dataset(builder, data_dir, split=split, decoders=decoders)
     if max_examples is not None:  # a smoke-test cap: read whole, like a folder
       full = full.take(max_examples)
+    total = _split_size(full, split, process_count)
+    if max_examples is not None:
       local = full.shard(process_count, process_index)
     else:
       local = _tfds_as_dataset(
@@ -533,10 +536,19 @@ def _open_split(
       )
   else:
     raise ValueError("Pass a tfds dataset `name` (e.g. 'imagenet2012') or an image `folder`.")
-  total = int(full.cardinality())
+  return local, total, builder.info.features["label"]
+
+
+def _split_size(ds: "tf.data.Dataset", split: str, process_count: int) -> int:
+  """The examples of a whole split, checked: each process must get some (an empty shard would
+  end its stream while the others wait for it)."""
+  total = int(ds.cardinality())
   if total < 0:
     raise ValueError(f"The size of split {split!r} is unknown to tf.data; cannot shard or pad it.")
-  return local, total, builder.info.features["label"]
+  if total < process_count:
+    raise ValueError(f"Split {split!r} has {total} examples, fewer than the {process_count} "
+                     "processes that each read a shard of it.")
+  return total
 
 
 def _tfds_as_dataset(builder: Any, data_dir: str | None, **kwargs: Any) -> Any:

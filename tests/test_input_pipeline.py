@@ -362,6 +362,8 @@ def test_tfds_streams_shard_across_processes(tmp_path):
     seen, batch_counts = _eval_examples(count, **source)
     assert sorted(sum(seen, [])) == list(range(7)) and len(set(batch_counts)) == 1
     assert sorted(sum(_eval_examples(count, max_examples=5, **source)[0], [])) == sorted(first)
+  with pytest.raises(ValueError, match="has 7 examples, fewer than the 8 processes"):
+    ip.imagenet_train_dataset(global_batch_size=8, process_index=7, process_count=8, **source)
 
 
 def test_folder_streams_name_undecodable_files(tmp_path, caplog):
