@@ -183,7 +183,7 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
     try:
       images, labels = _to_arrays(decoded, image_size, where)
     except tf.errors.InvalidArgumentError as err:
-      _raise_naming_undecodable(err, ds, where)
+      _raise_naming_undecodable(err, lambda: ds, where)
     class_names = tuple(label.names)
   else:
     images, labels, class_names = _decode_folder_with_pil(folder, split, image_size, where)
@@ -282,13 +282,14 @@ def _undecodable_examples(ds: "tf.data.Dataset", where: str) -> tuple[list[str],
 _DECODE_FAILURE = re.compile(r"JPEG|PNG|GIF|BMP|image", re.IGNORECASE)
 
 
-def _raise_naming_undecodable(err: Exception, ds: "tf.data.Dataset", where: str,
-                              fix: str = "Replace or remove them.") -> NoReturn:
-  """Raises a ValueError naming the undecodable images of `ds` (undecoded records) behind
-  TF's decode error `err`, which names none; re-raises `err` if it is another error or every
-  image decodes alone. A full pass over `ds`: only for when TF has failed."""
+def _raise_naming_undecodable(err: Exception, records: Callable[[], "tf.data.Dataset"],
+                              where: str, fix: str = "Replace or remove them.") -> NoReturn:
+  """Raises a ValueError naming the undecodable images of `records()` (undecoded records)
+  behind TF's decode error `err`, which names none; re-raises `err` if it is another error or
+  every image decodes alone. A full pass over the records: only for when TF has failed."""
   if not _DECODE_FAILURE.search(str(err)):
     raise err
+  ds = records()
   logging.warning("%s: an image could not be decoded; decoding its %d images again to find "
                   "which.", where, int(ds.cardinality()))
   bad, total = _undecodable_examples(ds, where)
@@ -818,17 +819,20 @@ def naming_undecodable(
   except tf.errors.InvalidArgumentError as err:
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    ds, _, _ = _open_split(name=name, folder=folder, split=split, data_dir=data_dir,
-                           download=download, manual_dir=manual_dir, decode=False,
-                           max_examples=max_examples, process_index=index,
-                           process_count=count)
+
+    def records():  # opened only if `err` is a decode failure
+      return _open_split(name=name, folder=folder, split=split, data_dir=data_dir,
+                         download=download, manual_dir=manual_dir, decode=False,
+                         max_examples=max_examples, process_index=index,
+                         process_count=count)[0]
+
     where = (f"image folder {os.path.abspath(os.path.expanduser(folder))}" if folder is not None
              else f"tfds dataset {name!r}") + f", split {split!r}"
     if count > 1:
       where += f" (process {index} of {count})"
     fix = ("Replace or remove them." if folder is not None else
            "Fix them in the files the dataset is prepared from, and prepare it again.")
-    _raise_naming_undecodable(err, ds, where, fix)
+    _raise_naming_undecodable(err, records, where, fix)
 
 
 def prefetch_to_device(
