@@ -81,17 +81,57 @@ def _checksum_input(arch: str) -> np.ndarray:
   return x.astype(np.float32)
 
 
-def logits_checksum(model: nnx.Module, arch: str) -> dict[str, Any]:
+def logits_checksum(arch: str, num_classes: int, params: dict,
+                    batch_stats: dict) -> dict[str, Any]:
   """Eval-mode logits on a fixed input (``default_rng(0).random((2, S, S, 3))·2 − 1``,
   S = 32 or 224): their sum and the first five logits of the first image. A cheap
-  fingerprint to compare a ported model with its source (or a reload with its save)."""
-  graphdef, state = nnx.split(nnx.view(model, use_running_average=True))
-  logits = np.asarray(_apply(graphdef, state, jnp.asarray(_checksum_input(arch))), np.float64)
+  fingerprint to compare a ported model with its source, and a reload with its save.
+
+  Computed from the weights (pure dicts) in float32 at the highest matmul precision, whatever
+  the model's compute dtype and the platform's default (TF32 on GPUs), so that it is the same
+  on every machine to rounding.
+  """
+  model = models.model_from_pure_dicts(arch, num_classes, params, batch_stats)
+  graphdef, state = nnx.split(model)
+  with jax.default_matmul_precision("highest"):
+    logits = np.asarray(_apply(graphdef, state, jnp.asarray(_checksum_input(arch))), np.float64)
   return {
       "input": "default_rng(0).random((2, S, S, 3)) * 2 - 1, float32, NHWC, eval mode",
       "sum": float(logits.sum()),
       "first": [float(v) for v in logits[0, :5]],
   }
+
+
+def same_logits(recorded: dict[str, Any], actual: dict[str, Any], num_classes: int) -> bool:
+  """Whether two ``logits_checksum`` results agree to a tolerance (1e-3 of the logits' scale
+  per logit, that times sqrt(#logits) for the sum) far above float32 rounding across platforms
+  (about 1e-5 of it) and far below what changed weights do. NaN agrees with NaN: a model saved
+  with non-finite outputs reads back as it was (eval and the trainer report those)."""
+  first = np.asarray(recorded["first"], np.float64)
+  finite = np.abs(first[np.isfinite(first)])
+  tolerance = 1e-3 * (1.0 + (finite.max() if finite.size else 0.0))
+  return bool(np.allclose(actual["first"], first, rtol=0, atol=tolerance, equal_nan=True)
+              and np.isclose(actual["sum"], recorded["sum"], rtol=0, equal_nan=True,
+                             atol=tolerance * np.sqrt(2 * num_classes)))
+
+
+def describe_checksum(checksum: dict[str, Any]) -> str:
+  return (f"sum {checksum['sum']:.6f}, first "
+          f"[{', '.join(f'{v:.6f}' for v in checksum['first'])}]")
+
+
+def _check_checksum(path: str, info: dict[str, Any], params: dict, batch_stats: dict) -> None:
+  """Refuses weights whose logits differ from those recorded at save time: what reads back
+  without error yet computes something else (files damaged or mixed up in place, or an
+  architecture whose code changed since the save)."""
+  recorded = info["logits_checksum"]
+  actual = logits_checksum(info["arch"], info["num_classes"], params, batch_stats)
+  if not same_logits(recorded, actual, info["num_classes"]):
+    raise ValueError(
+        f"The weights in {path!r} do not give the logits recorded when they were saved "
+        f"({describe_checksum(actual)}; recorded {describe_checksum(recorded)}): the "
+        f"checkpoint is damaged, or was written by a version of sortkd-jax whose "
+        f"{info['arch']} computes differently. Re-create it with scripts/port_weights.py.")
 
 
 def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_classes: int,
@@ -134,7 +174,7 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
       "arch": arch,
       "num_classes": int(num_classes),
       "param_count": models.count_params(model),
-      "logits_checksum": logits_checksum(model, arch),
+      "logits_checksum": logits_checksum(arch, num_classes, tree["params"], tree["batch_stats"]),
       "metadata": metadata or {},
   }
   parent = os.path.dirname(path)
@@ -184,7 +224,8 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike, *,
                dtype: jnp.dtype = jnp.float32) -> tuple[nnx.Module, dict[str, Any]]:
-  """Restores a ``save_model`` directory into a fresh model of its architecture.
+  """Restores a ``save_model`` directory into a fresh model of its architecture, checked
+  against the logits recorded at save time (``logits_checksum``).
 
   Returns:
     ``(model, metadata)``: the model in eval mode with compute ``dtype`` (weights
@@ -205,6 +246,8 @@ def load_model(path: str | os.PathLike, *,
         "scripts/port_weights.py.") from e
   finally:
     ckptr.close()
+  if "logits_checksum" in info:  # absent only from a description written by hand
+    _check_checksum(path, info, restored["params"], restored["batch_stats"])
   return models.model_from_pure_dicts(info["arch"], info["num_classes"], restored["params"],
                                       restored["batch_stats"], dtype=dtype), info
 

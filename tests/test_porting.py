@@ -12,6 +12,7 @@ N=2, S=224 for ImageNet); ``logits`` is PyTorch's eval-mode output.
 import functools
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -323,6 +324,28 @@ def test_load_model_errors(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="not a sortkd model checkpoint.*port_weights.py"):
     checkpoint.load_model(str(tmp_path / "empty"))
+
+
+def test_load_model_refuses_weights_that_do_not_give_the_recorded_logits(tmp_path):
+  """Weights that read back without error but compute something else (here another model's,
+  swapped in) are refused by the logits recorded at save time."""
+  for seed in (0, 1):
+    checkpoint.save_model(str(tmp_path / f"m{seed}"), models.create_model(
+        "resnet8", 10, rngs=nnx.Rngs(seed)), arch="resnet8", num_classes=10)
+  dst = tmp_path / "m0"
+  shutil.rmtree(dst / "state")
+  shutil.copytree(tmp_path / "m1" / "state", dst / "state")
+  with pytest.raises(ValueError, match=r"do not give the logits recorded when they were saved "
+                     r"\(sum .*; recorded sum .*\): the checkpoint is damaged"):
+    checkpoint.load_model(str(dst))
+  # A description without a checksum (written by hand) is taken as it is.
+  meta = json.loads((dst / checkpoint.MODEL_JSON).read_text())
+  del meta["logits_checksum"]
+  (dst / checkpoint.MODEL_JSON).write_text(json.dumps(meta))
+  loaded, _ = checkpoint.load_model(str(dst))
+  other, _ = checkpoint.load_model(str(tmp_path / "m1"))
+  for a, b in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(other))):
+    np.testing.assert_array_equal(a, b)
 
 
 def port_weights(*args):
