@@ -116,12 +116,19 @@ def check_teacher_exists(teacher: ml_collections.ConfigDict) -> None:
 
 
 def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *, image_size: int,
-                 dtype: jnp.dtype = jnp.float32) -> nnx.Module:
+                 dtype: jnp.dtype = jnp.float32) -> tuple[nnx.Module, dict[str, Any]]:
   """The frozen teacher of a run: `teacher.name` loaded from `teacher.checkpoint`, its
-  BatchNorms folded into the convolutions if `teacher.fold_batchnorm`."""
+  BatchNorms folded into the convolutions if `teacher.fold_batchnorm`, and its
+  `checkpoint.logits_checksum` (of the weights as loaded), by which a resumed run knows its
+  teacher wherever its file now is."""
   check_teacher_exists(teacher)
-  model, _ = load_frozen_model(teacher.checkpoint, arch=teacher.name, num_classes=num_classes,
-                               dtype=dtype)
+  model, meta = load_frozen_model(teacher.checkpoint, arch=teacher.name,
+                                  num_classes=num_classes, dtype=dtype)
+  checksum = meta.get("logits_checksum")  # a ported checkpoint's, checked as it was loaded
+  if checksum is None:
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    checksum = checkpoint.logits_checksum(teacher.name, num_classes, nnx.to_pure_dict(params),
+                                          nnx.to_pure_dict(stats))
   if teacher.get("fold_batchnorm"):
     models.fold_batchnorm(model, (image_size, image_size, 3))
-  return model
+  return model, checksum

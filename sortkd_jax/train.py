@@ -600,10 +600,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   steps_per_epoch = feed.steps_per_epoch
   optimizer = make_optimizer(config, steps_per_epoch)
   state, train_graphdef, eval_graphdef = create_train_state(config, feed.num_classes, optimizer)
-  teacher, teacher_vars = None, None
+  teacher, teacher_vars, teacher_checksum = None, None, None
   if uses_teacher:
-    teacher, teacher_vars = freeze(teachers.load_teacher(
-        config.teacher, feed.num_classes, image_size=config.data.image_size, dtype=dtype))
+    teacher_model, teacher_checksum = teachers.load_teacher(
+        config.teacher, feed.num_classes, image_size=config.data.image_size, dtype=dtype)
+    teacher, teacher_vars = freeze(teacher_model)
 
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR),
                                       keep=config.checkpoints_to_keep)
@@ -620,6 +621,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
               "state": distributed.to_host(state)}
     workdirs.check_steps_per_epoch(int(distributed.to_host(state.step)), latest,
                                    steps_per_epoch)
+    workdirs.check_same_teacher(config.teacher.checkpoint, meta, teacher_checksum,
+                                feed.num_classes)
     logging.info("Resuming from %s at epoch %d (best top-1 so far %.2f).", ckpt.directory,
                  start_epoch, best_top1)
   workdirs.write_config(config, workdir)  # only now: a refused or failed start keeps the old one
@@ -712,7 +715,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           "best_top1": best_top1, "lr": float(schedule(step - 1)),
           "epoch_time_s": time.perf_counter() - epoch_start})
       ckpt.save(epoch, state, {"best_top1": best_top1, "test_top1": last_top1, "step": step,
-                               "arch": config.student.name, "num_classes": feed.num_classes})
+                               "arch": config.student.name, "num_classes": feed.num_classes,
+                               "teacher_logits_checksum": teacher_checksum})
       reporter.stop_timing()
   except KeyboardInterrupt:
     logging.warning("Interrupted in epoch %d. Re-run the same command to resume from the last "

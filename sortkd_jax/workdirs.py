@@ -129,6 +129,21 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"{', '.join(RESUMABLE_CHANGES)} may change).")
 
 
+def check_same_teacher(teacher_path: str, saved_meta: dict[str, Any],
+                       checksum: dict[str, Any] | None, num_classes: int) -> None:
+  """Refuses to resume with another teacher than the run's so far: teacher.checkpoint may
+  change on resume (its files moved), the teacher's weights may not."""
+  recorded = saved_meta.get("teacher_logits_checksum")
+  if checksum is None or recorded is None:  # no teacher, or saved before teachers were recorded
+    return
+  if not checkpoint.same_logits(recorded, checksum, num_classes):
+    raise ValueError(
+        f"The teacher {teacher_path} is not the one this run was distilled from so far (its "
+        f"logits checksum: {checkpoint.describe_checksum(checksum)}; the run's teacher: "
+        f"{checkpoint.describe_checksum(recorded)}). teacher.checkpoint may change on resume "
+        "only to where the same weights are now; for another teacher, use a new --workdir.")
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Process 0 replaces config.json whole: the other processes may be reading it."""
   if jax.process_index() == 0:

@@ -121,6 +121,34 @@ def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path):
   assert epoch_1(str(tmp_path / "resumed")) == epoch_1(kd_one_epoch.workdir)
 
 
+def test_resume_takes_the_teacher_moved_but_not_another_one(teacher_dir, kd_one_epoch,
+                                                            tmp_path):
+  """teacher.checkpoint may change on resume to where the run's teacher now is; another
+  teacher (same architecture, other weights) is refused, the run's files untouched."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(kd_one_epoch.workdir, workdir)
+  _, meta = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).restore(1)
+  assert meta["teacher_logits_checksum"] == checkpoint.read_model_metadata(
+      teacher_dir)["logits_checksum"]
+  other = str(tmp_path / "other_teacher")
+  checkpoint.save_model(other, models.create_model("resnet8", 100, rngs=nnx.Rngs(7)),
+                        arch="resnet8", num_classes=100)
+  before = sorted(glob.glob(f"{workdir}/**", recursive=True))
+  config_json = open(os.path.join(workdir, "config.json")).read()
+  with tfds.testing.mock_data(num_examples=64):
+    with pytest.raises(ValueError, match=(
+        rf"The teacher {re.escape(other)} is not the one this run was distilled from so far "
+        r"\(its logits checksum: sum .*; the run's teacher: sum .*\)\. teacher.checkpoint "
+        "may change on resume only to where the same weights are now")):
+      train.train_and_evaluate(tiny_config("kd", other, num_epochs=2), workdir)
+    assert sorted(glob.glob(f"{workdir}/**", recursive=True)) == before
+    assert open(os.path.join(workdir, "config.json")).read() == config_json
+    moved = str(tmp_path / "moved_teacher")
+    shutil.copytree(teacher_dir, moved)
+    train.train_and_evaluate(tiny_config("kd", moved, num_epochs=2), workdir)
+  assert [r["epoch"] for r in read_metrics(workdir) if r["kind"] == "epoch"] == [1, 2]
+
+
 def test_steps_per_dispatch_does_not_change_training(teacher_dir, kd_one_epoch, tmp_path):
   """Several steps per dispatch (the teacher run once on all their batches) = one by one."""
   assert kd_one_epoch.config.steps_per_dispatch == 2  # the runlocal recipe's
@@ -141,7 +169,7 @@ def test_folding_the_teacher_changes_training_only_by_rounding(teacher_dir, kd_o
   config = tiny_config("kd", teacher_dir, num_epochs=1, **{"teacher.fold_batchnorm": False})
   batchnorms = lambda teacher: sum(isinstance(node, models.BatchNorm) for _, node in
                                    nnx.iter_graph(teachers.load_teacher(teacher, 100,
-                                                                        image_size=32)))
+                                                                        image_size=32)[0]))
   assert (batchnorms(config.teacher), batchnorms(kd_one_epoch.config.teacher)) == (9, 0)
   with tfds.testing.mock_data(num_examples=64):
     unfolded = train.train_and_evaluate(config, str(tmp_path / "unfolded"))
