@@ -568,7 +568,9 @@ def test_cifar_recipes_are_methods_md():
                                   init=1.0, ramp_epochs=10)
 
 
-def test_imagenet_recipes_are_the_readme_table():
+def test_imagenet_recipes_are_the_spec():
+  """mdistiller_spec.md §7.5 and methods.md, typed in again; LSKD's CE weight on r50_mv1 is
+  not published (our choice, README "Differences")."""
   from configs import imagenet_ctkd, imagenet_dkd, imagenet_kd, imagenet_lskd
   for module in (imagenet_kd, imagenet_dkd, imagenet_lskd, imagenet_ctkd):
     for pair, (teacher, student, beta, lskd_ce) in {
@@ -577,10 +579,16 @@ def test_imagenet_recipes_are_the_readme_table():
       c = module.get_config(pair)
       assert (c.teacher.name, c.student.name, c.sort, c.data.pipeline) == (
           teacher, student, True, "tf_data")
-      assert (c.batch_size, c.num_epochs, c.lr, tuple(c.lr_decay_epochs), c.weight_decay) == (
-          512, 100, 0.2, (30, 60, 90), 1e-4)
-      assert (c.kd.temperature, c.kd.ce_weight, c.kd.kd_weight) == (1.0, 0.5, 0.5)
-      assert (c.dkd.beta, c.dkd.temperature, c.lskd.ce_weight) == (beta, 1.0, lskd_ce)
+      assert (c.batch_size, c.num_epochs, c.lr, tuple(c.lr_decay_epochs), c.lr_decay_rate,
+              c.momentum, c.weight_decay) == (512, 100, 0.2, (30, 60, 90), 0.1, 0.9, 1e-4)
+      assert c.data.image_size == 224
+      assert dict(c.kd) == dict(temperature=1.0, ce_weight=0.5, kd_weight=0.5)
+      assert dict(c.dkd) == dict(ce_weight=1.0, alpha=1.0, beta=beta, temperature=1.0,
+                                 warmup_epochs=1)
+      assert dict(c.lskd) == dict(base="kd", temperature=2.0, ce_weight=lskd_ce, kd_weight=9.0,
+                                  dkd_weight_scale=9.0)
+      assert dict(c.ctkd) == dict(base="kd", standardize=False, t_start=1.0, t_end=20.0,
+                                  init=1.0, ramp_epochs=5)
   assert [m.get_config().method for m in (imagenet_kd, imagenet_dkd, imagenet_lskd,
                                           imagenet_ctkd)] == ["kd", "dkd", "lskd", "ctkd"]
 
