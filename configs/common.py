@@ -114,7 +114,6 @@ def cifar_config(arg: str | None, method: str) -> ml_collections.ConfigDict:
     c.lr_decay_epochs = (1,)
     c.dkd.warmup_epochs = 2
     c.ctkd.ramp_epochs = 2
-    c.steps_per_dispatch = 2
     c.log_every_steps = 4
     c.data.max_train_examples = 72
     c.data.max_test_examples = 100

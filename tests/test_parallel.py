@@ -42,6 +42,7 @@ RUN = textwrap.dedent("""
     config.data.max_test_examples = 30
     config.data.download = False  # a multi-process run does not prepare datasets
     config.eval_batch_size = 10  # not a multiple of 4 devices: evaluation rounds it up
+    config.steps_per_dispatch = 2
     with tfds.testing.mock_data(num_examples=64):
       splits = train.load_splits(config.data)
       result = train.train_and_evaluate(config, workdir)

@@ -44,6 +44,7 @@ def tiny_config(recipe, teacher_dir, **overrides):
   config.data.max_test_examples = 30
   config.eval_batch_size = 16
   config.log_every_steps = 2
+  config.steps_per_dispatch = 2  # several steps per dispatch (a GPU's default) on CPU too
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split(".")
@@ -151,7 +152,7 @@ def test_resume_takes_the_teacher_moved_but_not_another_one(teacher_dir, kd_one_
 
 def test_steps_per_dispatch_does_not_change_training(teacher_dir, kd_one_epoch, tmp_path):
   """Several steps per dispatch (the teacher run once on all their batches) = one by one."""
-  assert kd_one_epoch.config.steps_per_dispatch == 2  # the runlocal recipe's
+  assert kd_one_epoch.config.steps_per_dispatch == 2  # tiny_config's
   workdirs = {1: str(tmp_path / "k1"), 2: kd_one_epoch.workdir}
   config = tiny_config("kd", teacher_dir, num_epochs=1, steps_per_dispatch=1)
   with tfds.testing.mock_data(num_examples=64):
