@@ -84,8 +84,10 @@ def _checksum_input(arch: str) -> np.ndarray:
 def logits_checksum(arch: str, num_classes: int, params: dict,
                     batch_stats: dict) -> dict[str, Any]:
   """Eval-mode logits on a fixed input (``default_rng(0).random((2, S, S, 3))·2 − 1``,
-  S = 32 or 224): their sum and the first five logits of the first image. A cheap
-  fingerprint to compare a ported model with its source, and a reload with its save.
+  S = 32 or 224): their sum and the first five logits of the first image, to compare a ported
+  model with its source by eye, and their projection on fixed normal weights
+  (``default_rng(1).standard_normal(logits.shape)``), which unlike the sum sees classes swapped.
+  A cheap fingerprint to check a reload against its save.
 
   Computed from the weights (pure dicts) in float32 at the highest matmul precision, whatever
   the model's compute dtype and the platform's default (TF32 on GPUs), so that it is the same
@@ -99,24 +101,31 @@ def logits_checksum(arch: str, num_classes: int, params: dict,
       "input": "default_rng(0).random((2, S, S, 3)) * 2 - 1, float32, NHWC, eval mode",
       "sum": float(logits.sum()),
       "first": [float(v) for v in logits[0, :5]],
+      "projection": float(np.sum(logits * np.random.default_rng(1).standard_normal(
+          logits.shape))),
   }
 
 
 def same_logits(recorded: dict[str, Any], actual: dict[str, Any], num_classes: int) -> bool:
   """Whether two ``logits_checksum`` results agree to a tolerance (1e-3 of the logits' scale
-  per logit, that times sqrt(#logits) for the sum) far above float32 rounding across platforms
-  (about 1e-5 of it) and far below what changed weights do. NaN agrees with NaN: a model saved
-  with non-finite outputs reads back as it was (eval and the trainer report those)."""
+  per logit, that times sqrt(#logits) for the sum and the projection) far above float32
+  rounding across platforms (about 1e-5 of it) and far below what changed weights do. NaN
+  agrees with NaN: a model saved with non-finite outputs reads back as it was (eval and the
+  trainer report those). Descriptions written before the projection existed lack it."""
   first = np.asarray(recorded["first"], np.float64)
   finite = np.abs(first[np.isfinite(first)])
   tolerance = 1e-3 * (1.0 + (finite.max() if finite.size else 0.0))
+  totals = [k for k in ("sum", "projection") if k in recorded]
   return bool(np.allclose(actual["first"], first, rtol=0, atol=tolerance, equal_nan=True)
-              and np.isclose(actual["sum"], recorded["sum"], rtol=0, equal_nan=True,
-                             atol=tolerance * np.sqrt(2 * num_classes)))
+              and np.allclose([actual[k] for k in totals], [recorded[k] for k in totals],
+                              rtol=0, atol=tolerance * np.sqrt(2 * num_classes),
+                              equal_nan=True))
 
 
 def describe_checksum(checksum: dict[str, Any]) -> str:
-  return (f"sum {checksum['sum']:.6f}, first "
+  projection = (f"projection {checksum['projection']:.6f}, " if "projection" in checksum
+                else "")
+  return (f"sum {checksum['sum']:.6f}, {projection}first "
           f"[{', '.join(f'{v:.6f}' for v in checksum['first'])}]")
 
 

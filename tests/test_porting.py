@@ -338,12 +338,25 @@ def test_load_model_refuses_weights_that_do_not_give_the_recorded_logits(tmp_pat
   with pytest.raises(ValueError, match=r"do not give the logits recorded when they were saved "
                      r"\(sum .*; recorded sum .*\): the checkpoint is damaged"):
     checkpoint.load_model(str(dst))
+  # Two classes swapped in the classifier: the same sum (and first five logits), another model.
+  swapped = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))
+  for param in (swapped.fc.kernel, swapped.fc.bias):
+    param[...] = param[...][..., jnp.array([0, 1, 2, 3, 4, 5, 6, 8, 7, 9])]
+  info = checkpoint.save_model(str(tmp_path / "swapped"), swapped, arch="resnet8",
+                               num_classes=10)
+  original = checkpoint.read_model_metadata(str(tmp_path / "m0"))["logits_checksum"]
+  np.testing.assert_allclose(info["logits_checksum"]["sum"], original["sum"], rtol=1e-6)
+  assert info["logits_checksum"]["first"] == original["first"]
+  shutil.rmtree(dst / "state")
+  shutil.copytree(tmp_path / "swapped" / "state", dst / "state")
+  with pytest.raises(ValueError, match="do not give the logits recorded"):
+    checkpoint.load_model(str(dst))
   # A description without a checksum (written by hand) is taken as it is.
   meta = json.loads((dst / checkpoint.MODEL_JSON).read_text())
   del meta["logits_checksum"]
   (dst / checkpoint.MODEL_JSON).write_text(json.dumps(meta))
   loaded, _ = checkpoint.load_model(str(dst))
-  other, _ = checkpoint.load_model(str(tmp_path / "m1"))
+  other, _ = checkpoint.load_model(str(tmp_path / "swapped"))
   for a, b in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(other))):
     np.testing.assert_array_equal(a, b)
 
