@@ -19,6 +19,7 @@ this process's first device, so a checkpoint reads back on any number of devices
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -70,9 +71,9 @@ def _failed_read(e: Exception) -> str:
   return f"{type(e).__name__}: {first}"
 
 
-@jax.jit
-def _apply(graphdef, state, x):
-  return nnx.merge(graphdef, state)(x)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _eval_logits(arch, num_classes, params, batch_stats, x):
+  return models.model_from_pure_dicts(arch, num_classes, params, batch_stats)(x)
 
 
 def _checksum_input(arch: str) -> np.ndarray:
@@ -93,10 +94,9 @@ def logits_checksum(arch: str, num_classes: int, params: dict,
   the model's compute dtype and the platform's default (TF32 on GPUs), so that it is the same
   on every machine to rounding.
   """
-  model = models.model_from_pure_dicts(arch, num_classes, params, batch_stats)
-  graphdef, state = nnx.split(model)
   with jax.default_matmul_precision("highest"):
-    logits = np.asarray(_apply(graphdef, state, jnp.asarray(_checksum_input(arch))), np.float64)
+    logits = np.asarray(_eval_logits(arch, num_classes, params, batch_stats,
+                                     _checksum_input(arch)), np.float64)
   return {
       "input": "default_rng(0).random((2, S, S, 3)) * 2 - 1, float32, NHWC, eval mode",
       "sum": float(logits.sum()),
@@ -285,7 +285,8 @@ class TrainCheckpointer:
   """Per-epoch training checkpoints in `<workdir>/checkpoints`: the latest N plus the best.
 
   Each epoch saves the whole TrainState (student, optimizer state, CTKD θ, step) and a small
-  JSON (test top-1, best top-1, step, architecture, class count). Saves are asynchronous and
+  JSON (test top-1, best top-1, step, architecture, class count, the student's and the
+  teacher's logits checksums). Saves are asynchronous and
   atomic: orbax writes into a temporary directory and renames it when complete, so a crash
   during a save leaves the previous checkpoint as the latest valid one.
   """
@@ -327,14 +328,29 @@ class TrainCheckpointer:
       raise self._unreadable(epoch, e) from e
     return restored.state, restored.meta
 
+  def check_student(self, epoch: int, meta: dict[str, Any], params: dict,
+                    batch_stats: dict) -> None:
+    """Refuses an epoch whose student does not give the logits recorded when it was saved:
+    damage that orbax reads back without error."""
+    recorded = meta.get("logits_checksum")
+    if recorded is None:  # a checkpoint saved without one (by hand, as the tests do)
+      return
+    actual = logits_checksum(meta["arch"], meta["num_classes"], params, batch_stats)
+    if not same_logits(recorded, actual, meta["num_classes"]):
+      raise self._unusable(
+          epoch, f"does not give the student's logits recorded when it was saved "
+          f"({describe_checksum(actual)}; recorded {describe_checksum(recorded)}): it is damaged")
+
   def _unreadable(self, epoch: int, e: Exception) -> ValueError:
+    return self._unusable(epoch, f"cannot be read ({_failed_read(e)})")
+
+  def _unusable(self, epoch: int, reason: str) -> ValueError:
     broken = os.path.join(self.directory, str(epoch))
     others = [s for s in self._manager.all_steps() if s != epoch]
     fallback = ("No other epoch is kept." if not others else
                 f"To use the other kept epochs ({', '.join(map(str, others))}), move it out "
                 f"of the way: mv {broken} {broken}.unreadable")
-    return ValueError(f"The checkpoint of epoch {epoch}, {broken}, cannot be read "
-                      f"({_failed_read(e)}). {fallback}")
+    return ValueError(f"The checkpoint of epoch {epoch}, {broken}, {reason}. {fallback}")
 
   def _check_layout(self, epoch: int, saved: Any, target: Any) -> None:
     """Refuses a checkpoint whose state has other fields than `target` (another version's
@@ -381,6 +397,7 @@ def load_student_from_workdir(workdir: str, *, dtype: jnp.dtype = jnp.float32
   try:
     epoch = ckpt.best_epoch()
     state, meta = ckpt.restore(epoch)
+    ckpt.check_student(epoch, meta, state["params"]["student"], state["batch_stats"])
   finally:
     ckpt.close()
   return models.model_from_pure_dicts(meta["arch"], meta["num_classes"],

@@ -612,6 +612,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   latest = ckpt.latest_epoch()
   if latest is not None:
     state, meta = ckpt.restore(latest, state)
+    ckpt.check_student(latest, meta, state.params["student"], state.batch_stats)
     start_epoch, best_top1 = latest + 1, meta["best_top1"]
     if start_epoch > config.num_epochs:
       logging.info("The run in %s has finished its %d epochs (best top-1 %.2f); raise "
@@ -714,8 +715,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           **{f"train_{k}": v for k, v in epoch_metrics.items()}, **test,
           "best_top1": best_top1, "lr": float(schedule(step - 1)),
           "epoch_time_s": time.perf_counter() - epoch_start})
+      student_checksum = checkpoint.logits_checksum(
+          config.student.name, feed.num_classes, state.params["student"], state.batch_stats)
       ckpt.save(epoch, state, {"best_top1": best_top1, "test_top1": last_top1, "step": step,
                                "arch": config.student.name, "num_classes": feed.num_classes,
+                               "logits_checksum": student_checksum,
                                "teacher_logits_checksum": teacher_checksum})
       reporter.stop_timing()
   except KeyboardInterrupt:

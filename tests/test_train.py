@@ -924,6 +924,32 @@ def test_unreadable_checkpoint_names_the_epochs_to_fall_back_to(tmp_path):
   np.testing.assert_array_equal(state["w"], np.arange(1000.0))
 
 
+def test_a_readable_but_damaged_checkpoint_is_refused_by_its_students_logits(
+    teacher_dir, kd_one_epoch, tmp_path):
+  """Weights orbax reads back without error yet changed since the save (here the student's
+  classifier negated) are refused by the student's logits checksum of that epoch: when a run
+  resumes, and when the run is evaluated, exported or used as a teacher."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(kd_one_epoch.workdir, workdir)
+  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+  state, meta = ckpt.restore(1)
+  ckpt.close()
+  state["params"]["student"]["fc"]["kernel"] = -state["params"]["student"]["fc"]["kernel"]
+  other = checkpoint.TrainCheckpointer(str(tmp_path / "other"))
+  other.save(1, state, meta)
+  other.close()
+  epoch_1 = os.path.join(workdir, "checkpoints", "1")
+  shutil.rmtree(os.path.join(epoch_1, "state"))
+  shutil.copytree(tmp_path / "other" / "1" / "state", os.path.join(epoch_1, "state"))
+  damaged = (rf"The checkpoint of epoch 1, {re.escape(epoch_1)}, does not give the student's "
+             r"logits recorded when it was saved \(sum .*; recorded sum .*\): it is damaged\. "
+             "No other epoch is kept.")
+  with pytest.raises(ValueError, match=damaged):
+    checkpoint.load_student_from_workdir(workdir)
+  with tfds.testing.mock_data(num_examples=64), pytest.raises(ValueError, match=damaged):
+    train.train_and_evaluate(tiny_config("kd", teacher_dir, num_epochs=2), workdir)
+
+
 def test_checkpoint_of_another_state_layout_is_refused_by_name(tmp_path):
   """A run written by a version with other TrainState fields: one clear error, not the
   unreadable-epoch advice (every kept epoch has the same layout)."""
