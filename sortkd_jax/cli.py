@@ -127,13 +127,21 @@ def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> 
   try:
     config_flags.DEFINE_config_file("config", default, help_string, **kwargs)
   except (AttributeError, KeyError) as e:
-    sys.exit(_unknown_field_message(e))
+    sys.exit(_unknown_field_message(e, default))
 
 
-def _unknown_field_message(e: Exception) -> str:
+def _unknown_field_message(e: Exception, default: str | None = None) -> str:
+  """`default`: the config file the overrides were applied to, not named on the command line."""
   guess = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', str(e))
-  return (f"error: the config has no field {guess[2]!r}; did you mean {guess[1]!r}?"
-          if guess else f"error: unknown config field ({e}).")
+  if guess:
+    return f"error: the config has no field {guess[2]!r}; did you mean {guess[1]!r}?"
+  name = re.search(r"'(\w+)'", str(e))
+  message = (f"error: the config has no field {name[1]!r}." if name else
+             f"error: unknown config field ({e}).")
+  if default:
+    message += (f" --config is {os.path.relpath(default)} by default; for a field of another "
+                "recipe (e.g. ImageNet's), pass that recipe as --config.")
+  return message
 
 
 def quiet_library_info_logs() -> None:

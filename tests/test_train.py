@@ -522,6 +522,13 @@ def test_override_typo_on_a_default_config_is_one_line(tmp_path, script):
   assert out.returncode == 1
   assert "error: the config has no field 'dat'; did you mean 'data'?" in out.stderr
   assert "Traceback" not in out.stderr
+  # A field of another recipe (ImageNet's): the default config is named, and how to pass one.
+  out = run_script(script, "--config.data.manual_dir=/x", cwd=tmp_path)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "error: the config has no field 'manual_dir'. --config is ")
+  assert "by default; for a field of another recipe (e.g. ImageNet's), pass that recipe as " \
+      "--config." in out.stderr
 
 
 def test_unknown_pair_lists_the_pairs():
