@@ -19,6 +19,7 @@ one with `--component student|teacher`.
 Needs torch (the CPU build is enough) only to read the .pth file.
 """
 
+import math
 import os
 import sys
 
@@ -82,6 +83,10 @@ def main():
         f"  logits check  sum {info['logits_checksum']['sum']:.6f}; first [{first}]\n"
         f"                ({info['logits_checksum']['input']})\n"
         f"  written to    {os.path.abspath(dst)}")
+  checksum = info["logits_checksum"]
+  if not all(math.isfinite(v) for v in (checksum["sum"], *checksum["first"])):
+    print(f"warning: its logits are not finite: {src} holds NaN or infinite weights (a run that "
+          "diverged?); train.py and eval.py will refuse this model.", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -376,6 +376,7 @@ def test_port_weights_script(pth_files, tmp_path):
   assert meta["metadata"]["source"] == pth_files["teacher"]
   assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
   assert f"sum {meta['logits_checksum']['sum']:.6f}" in r.stdout
+  assert "warning" not in r.stderr
 
   r = port_weights("--arch", "resnet8", "--src", pth_files["teacher"], "--dst", dst)
   assert r.returncode != 0 and "already exists; pass --overwrite" in r.stderr
@@ -392,6 +393,17 @@ def test_port_weights_script(pth_files, tmp_path):
   _, meta = checkpoint.load_model(dst)
   assert meta["metadata"]["component"] == "teacher"
   assert meta["logits_checksum"]["sum"] == 0.0  # the all-zero teacher half
+
+
+def test_port_weights_warns_of_a_model_whose_logits_are_not_finite(tmp_path):
+  sd, _, _ = fixture("resnet8")
+  diverged = {k: v * float("nan") if k == "fc.weight" else v for k, v in _torch_sd(sd).items()}
+  torch.save({"model": diverged}, tmp_path / "diverged.pth")
+  r = port_weights("--arch", "resnet8", "--src", str(tmp_path / "diverged.pth"), "--dst",
+                   str(tmp_path / "ported"))
+  assert r.returncode == 0 and "sum nan" in r.stdout, r.stderr
+  assert (f"warning: its logits are not finite: {tmp_path / 'diverged.pth'} holds NaN or "
+          "infinite weights" in r.stderr)
 
 
 def test_eval_script_reads_a_pth_file_as_its_architecture(pth_files):
