@@ -107,25 +107,29 @@ def logits_checksum(arch: str, num_classes: int, params: dict,
 
 
 def same_logits(recorded: dict[str, Any], actual: dict[str, Any], num_classes: int) -> bool:
-  """Whether two ``logits_checksum`` results agree to a tolerance (1e-3 of the logits' scale
-  per logit, that times sqrt(#logits) for the sum and the projection) far above float32
-  rounding across platforms (about 1e-5 of it) and far below what changed weights do. NaN
-  agrees with NaN: a model saved with non-finite outputs reads back as it was (eval and the
-  trainer report those). Descriptions written before the projection existed lack it."""
+  """Whether two ``logits_checksum`` results agree, to 1e-3 of the logits' scale per logit
+  (that times sqrt(#logits) for the sum and the projection): far above float32 rounding
+  across platforms (about 1e-5 of it), below what another model's weights or damaged ones
+  give (weights merely rounded, say to bfloat16, can pass). NaN agrees with NaN: a model
+  saved with non-finite outputs reads back as it was (eval and the trainer report those)."""
   first = np.asarray(recorded["first"], np.float64)
   finite = np.abs(first[np.isfinite(first)])
   tolerance = 1e-3 * (1.0 + (finite.max() if finite.size else 0.0))
-  totals = [k for k in ("sum", "projection") if k in recorded]
   return bool(np.allclose(actual["first"], first, rtol=0, atol=tolerance, equal_nan=True)
-              and np.allclose([actual[k] for k in totals], [recorded[k] for k in totals],
-                              rtol=0, atol=tolerance * np.sqrt(2 * num_classes),
-                              equal_nan=True))
+              and np.allclose([actual["sum"], actual["projection"]],
+                              [recorded["sum"], recorded["projection"]], rtol=0,
+                              atol=tolerance * np.sqrt(2 * num_classes), equal_nan=True))
+
+
+def verifiable(checksum: dict[str, Any] | None) -> bool:
+  """Whether a recorded checksum can be checked: those written before the projection was
+  added could have been computed in TF32 on a GPU (the default precision then)."""
+  return checksum is not None and "projection" in checksum
 
 
 def describe_checksum(checksum: dict[str, Any]) -> str:
-  projection = (f"projection {checksum['projection']:.6f}, " if "projection" in checksum
-                else "")
-  return (f"sum {checksum['sum']:.6f}, {projection}first "
+  """A checksum in one line, for error messages."""
+  return (f"sum {checksum['sum']:.6f}, projection {checksum['projection']:.6f}, first "
           f"[{', '.join(f'{v:.6f}' for v in checksum['first'])}]")
 
 
@@ -255,7 +259,7 @@ def load_model(path: str | os.PathLike, *,
         "scripts/port_weights.py.") from e
   finally:
     ckptr.close()
-  if "logits_checksum" in info:  # absent only from a description written by hand
+  if verifiable(info.get("logits_checksum")):
     _check_checksum(path, info, restored["params"], restored["batch_stats"])
   return models.model_from_pure_dicts(info["arch"], info["num_classes"], restored["params"],
                                       restored["batch_stats"], dtype=dtype), info
@@ -286,9 +290,9 @@ class TrainCheckpointer:
 
   Each epoch saves the whole TrainState (student, optimizer state, CTKD θ, step) and a small
   JSON (test top-1, best top-1, step, architecture, class count, the student's and the
-  teacher's logits checksums). Saves are asynchronous and
-  atomic: orbax writes into a temporary directory and renames it when complete, so a crash
-  during a save leaves the previous checkpoint as the latest valid one.
+  teacher's logits checksums). Saves are asynchronous and atomic: orbax writes into a
+  temporary directory and renames it when complete, so a crash during a save leaves the
+  previous checkpoint as the latest valid one.
   """
 
   def __init__(self, directory: str, keep: int = 2):
@@ -333,7 +337,7 @@ class TrainCheckpointer:
     """Refuses an epoch whose student does not give the logits recorded when it was saved:
     damage that orbax reads back without error."""
     recorded = meta.get("logits_checksum")
-    if recorded is None:  # a checkpoint saved without one (by hand, as the tests do)
+    if not verifiable(recorded):  # e.g. saved by hand, as the tests do
       return
     actual = logits_checksum(meta["arch"], meta["num_classes"], params, batch_stats)
     if not same_logits(recorded, actual, meta["num_classes"]):

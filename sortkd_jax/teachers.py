@@ -124,8 +124,8 @@ def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *, image_
   check_teacher_exists(teacher)
   model, meta = load_frozen_model(teacher.checkpoint, arch=teacher.name,
                                   num_classes=num_classes, dtype=dtype)
-  checksum = meta.get("logits_checksum")  # a ported checkpoint's, checked as it was loaded
-  if checksum is None:
+  checksum = meta.get("logits_checksum")  # a checkpoint's, checked as it was loaded
+  if not checkpoint.verifiable(checksum):
     _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     checksum = checkpoint.logits_checksum(teacher.name, num_classes, nnx.to_pure_dict(params),
                                           nnx.to_pure_dict(stats))

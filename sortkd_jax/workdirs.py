@@ -134,7 +134,7 @@ def check_same_teacher(teacher_path: str, saved_meta: dict[str, Any],
   """Refuses to resume with another teacher than the run's so far: teacher.checkpoint may
   change on resume (its files moved), the teacher's weights may not."""
   recorded = saved_meta.get("teacher_logits_checksum")
-  if checksum is None or recorded is None:  # no teacher, or saved before teachers were recorded
+  if checksum is None or not checkpoint.verifiable(recorded):  # no teacher, or an older run
     return
   if not checkpoint.same_logits(recorded, checksum, num_classes):
     raise ValueError(

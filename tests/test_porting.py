@@ -351,9 +351,9 @@ def test_load_model_refuses_weights_that_do_not_give_the_recorded_logits(tmp_pat
   shutil.copytree(tmp_path / "swapped" / "state", dst / "state")
   with pytest.raises(ValueError, match="do not give the logits recorded"):
     checkpoint.load_model(str(dst))
-  # A description without a checksum (written by hand) is taken as it is.
+  # A checksum written before the projection existed (perhaps in TF32) is not checked.
   meta = json.loads((dst / checkpoint.MODEL_JSON).read_text())
-  del meta["logits_checksum"]
+  del meta["logits_checksum"]["projection"]
   (dst / checkpoint.MODEL_JSON).write_text(json.dumps(meta))
   loaded, _ = checkpoint.load_model(str(dst))
   other, _ = checkpoint.load_model(str(tmp_path / "swapped"))
@@ -376,7 +376,7 @@ def test_port_weights_script(pth_files, tmp_path):
   assert meta["metadata"]["source"] == pth_files["teacher"]
   assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
   assert f"sum {meta['logits_checksum']['sum']:.6f}" in r.stdout
-  assert "warning" not in r.stderr
+  assert "warning: its logits are not finite" not in r.stderr
 
   r = port_weights("--arch", "resnet8", "--src", pth_files["teacher"], "--dst", dst)
   assert r.returncode != 0 and "already exists; pass --overwrite" in r.stderr
