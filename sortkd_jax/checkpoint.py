@@ -353,7 +353,7 @@ class TrainCheckpointer:
     others = [s for s in self._manager.all_steps() if s != epoch]
     fallback = ("No other epoch is kept." if not others else
                 f"To use the other kept epochs ({', '.join(map(str, others))}), move it out "
-                f"of the way: mv {broken} {broken}.unreadable")
+                f"of the way: mv {broken} {broken}.set-aside")
     return ValueError(f"The checkpoint of epoch {epoch}, {broken}, {reason}. {fallback}")
 
   def _check_layout(self, epoch: int, saved: Any, target: Any) -> None:

@@ -924,7 +924,7 @@ def test_unreadable_checkpoint_names_the_epochs_to_fall_back_to(tmp_path):
                                         rf"other kept epochs \(1\).*mv {re.escape(broken)} ")):
     ckpt.restore(ckpt.latest_epoch())
   ckpt.close()
-  os.rename(broken, broken + ".unreadable")  # as the message says
+  os.rename(broken, broken + ".set-aside")  # as the message says
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
   state, _ = ckpt.restore(ckpt.latest_epoch())
   ckpt.close()
