@@ -133,18 +133,17 @@ def describe_checksum(checksum: dict[str, Any]) -> str:
           f"[{', '.join(f'{v:.6f}' for v in checksum['first'])}]")
 
 
-def _check_checksum(path: str, info: dict[str, Any], params: dict, batch_stats: dict) -> None:
-  """Refuses weights whose logits differ from those recorded at save time: what reads back
-  without error yet computes something else (files damaged or mixed up in place, or an
-  architecture whose code changed since the save)."""
-  recorded = info["logits_checksum"]
-  actual = logits_checksum(info["arch"], info["num_classes"], params, batch_stats)
-  if not same_logits(recorded, actual, info["num_classes"]):
-    raise ValueError(
-        f"The weights in {path!r} do not give the logits recorded when they were saved "
-        f"({describe_checksum(actual)}; recorded {describe_checksum(recorded)}): the "
-        f"checkpoint is damaged, or was written by a version of sortkd-jax whose "
-        f"{info['arch']} computes differently. Re-create it with scripts/port_weights.py.")
+def checksum_mismatch(meta: dict[str, Any], params: dict, batch_stats: dict) -> str | None:
+  """How the weights' logits differ from those recorded at save time in `meta` (its
+  "logits_checksum", "arch", "num_classes"), or None if they agree or cannot be checked:
+  what reads back without error yet computes something else."""
+  recorded = meta.get("logits_checksum")
+  if not verifiable(recorded):
+    return None
+  actual = logits_checksum(meta["arch"], meta["num_classes"], params, batch_stats)
+  if same_logits(recorded, actual, meta["num_classes"]):
+    return None
+  return f"{describe_checksum(actual)}; recorded {describe_checksum(recorded)}"
 
 
 def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_classes: int,
@@ -259,8 +258,13 @@ def load_model(path: str | os.PathLike, *,
         "scripts/port_weights.py.") from e
   finally:
     ckptr.close()
-  if verifiable(info.get("logits_checksum")):
-    _check_checksum(path, info, restored["params"], restored["batch_stats"])
+  mismatch = checksum_mismatch(info, restored["params"], restored["batch_stats"])
+  if mismatch:  # damaged or mixed-up files, or an architecture whose code changed since
+    raise ValueError(
+        f"The weights in {path!r} do not give the logits recorded when they were saved "
+        f"({mismatch}): the checkpoint is damaged, or was written by a version of sortkd-jax "
+        f"whose {info['arch']} computes differently. Re-create it with "
+        "scripts/port_weights.py.")
   return models.model_from_pure_dicts(info["arch"], info["num_classes"], restored["params"],
                                       restored["batch_stats"], dtype=dtype), info
 
@@ -336,14 +340,10 @@ class TrainCheckpointer:
                     batch_stats: dict) -> None:
     """Refuses an epoch whose student does not give the logits recorded when it was saved:
     damage that orbax reads back without error."""
-    recorded = meta.get("logits_checksum")
-    if not verifiable(recorded):  # e.g. saved by hand, as the tests do
-      return
-    actual = logits_checksum(meta["arch"], meta["num_classes"], params, batch_stats)
-    if not same_logits(recorded, actual, meta["num_classes"]):
-      raise self._unusable(
-          epoch, f"does not give the student's logits recorded when it was saved "
-          f"({describe_checksum(actual)}; recorded {describe_checksum(recorded)}): it is damaged")
+    mismatch = checksum_mismatch(meta, params, batch_stats)
+    if mismatch:
+      raise self._unusable(epoch, "does not give the student's logits recorded when it was "
+                           f"saved ({mismatch}): it is damaged")
 
   def _unreadable(self, epoch: int, e: Exception) -> ValueError:
     return self._unusable(epoch, f"cannot be read ({_failed_read(e)})")
