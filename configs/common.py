@@ -63,7 +63,8 @@ def _base_config(method: str, pair: str, teacher: str, student: str) -> ml_colle
   # (batch 2048 bf16) faster steps on an H200; logits equal up to float rounding (folding.py).
   c.teacher.fold_batchnorm = True
   c.student = ml_collections.ConfigDict(dict(name=student))
-  # name: a tfds dataset; folder: an image folder with train/<class>/ and test/<class>/.
+  # name: a tfds dataset; folder: torchvision's cifar-100-python/ (mdistiller's data) or an
+  # image folder with train/<class>/ and test/<class>/.
   # max_*_examples (smoke tests): on_device keeps the split's first N; tf_data shortens each
   # epoch to N examples of the whole, shuffled train split (and evaluates the first N).
   c.data = ml_collections.ConfigDict(dict(

@@ -29,6 +29,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from sortkd_jax import torchvision_cifar
+
 if TYPE_CHECKING:
   import tensorflow as tf
 
@@ -109,10 +111,12 @@ def load_array_split(
   """Loads a whole image-classification split as host arrays (CIFAR-100 in spec §7.3).
 
   Sources, `folder` taking precedence over `name` when both are given:
-  * `folder`: an image folder `<folder>/<split>/<class_name>/<image>` read by
-    `tfds.ImageFolder`: label ids index the class names sorted over all splits, and the
-    examples come in tfds' fixed shuffled order. Decoding takes a while (12 s for CIFAR-10's
-    50,000 JPEGs on two cores, 0.7 s from the cache), so the arrays are cached as
+  * `folder`: torchvision's CIFAR folder (`cifar-100-python` or `cifar-10-batches-py`, the
+    data mdistiller trains on; `torchvision_cifar`), read as it is; or an image folder
+    `<folder>/<split>/<class_name>/<image>` read by `tfds.ImageFolder`: label ids index the
+    class names sorted over all splits, and the examples come in tfds' fixed shuffled order.
+    Decoding takes a while (12 s for CIFAR-10's 50,000 JPEGs on two cores, 0.7 s from the
+    cache), so the arrays are cached as
     `<cache_dir>/<folder name>-<split>-<hash of the absolute path>.npz` (default cache_dir
     `~/.cache/sortkd_jax`) and reused while the split's file count, total size, newest mtime
     and the class list are unchanged.
@@ -127,6 +131,11 @@ def load_array_split(
   """
   if folder is None and name == SYNTHETIC:
     return synthetic_split(split, image_size)
+  if folder is not None and torchvision_cifar.layout_of(folder) is not None:
+    images, labels, class_names = torchvision_cifar.read_split(folder, split)
+    _check_image_size(images.shape, image_size, f"CIFAR folder {folder}, split {split!r}")
+    return ArraySplit(images, validate_labels(labels, len(class_names)), len(class_names),
+                      class_names)
   if folder is not None:
     return _load_folder_split(folder, split, cache_dir, image_size)
   if name is None:
@@ -331,11 +340,18 @@ def _check_folder_split(folder: str, split: str) -> None:
     found = None
     if os.path.isdir(folder):
       found = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    elif os.path.isfile(folder):
+      raise FileNotFoundError(
+          f"config.data.folder {folder} is a file, not a folder: unpack an archive first (e.g. "
+          f"tar xzf {os.path.basename(folder)}) and pass the folder it gives.")
+    cifar = [os.path.join(folder, s) for s in found or []
+             if torchvision_cifar.layout_of(os.path.join(folder, s))]
     raise FileNotFoundError(
         f"No split {split!r} in image folder {folder} (expected {split_dir}). Expected layout: "
         f"{_FOLDER_LAYOUT}; "
         + (f"splits found: {found}." if found is not None else "the folder does not exist.")
-        + _eval_split_hint(folder, split, found or [])
+        + (f" For torchvision's CIFAR files, pass --config.data.folder={cifar[0]}."
+           if cifar else _eval_split_hint(folder, split, found or []))
     )
   if next(_split_image_files(folder, split), None) is None:
     raise ValueError(f"Image folder split {split_dir} has no images. Expected layout: "

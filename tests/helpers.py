@@ -28,3 +28,63 @@ def read_metrics(workdir) -> list[dict]:
   """The records of a training run's metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+def python2_pickle(obj) -> bytes:
+  """`obj` as Python 2's cPickle (protocol 2) wrote CIFAR's files: dicts, lists, ints, str as
+  byte strings, and 2-D uint8 NumPy arrays as NumPy 1 pickled them (numpy.core.multiarray)."""
+  import struct
+
+  import numpy as np
+
+  def string(s):
+    b = s if isinstance(s, bytes) else s.encode("latin1")
+    return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+  def integer(n):
+    return b"J" + struct.pack("<i", n)
+
+  def dump(o):
+    if isinstance(o, dict):
+      return b"}(" + b"".join(dump(k) + dump(v) for k, v in o.items()) + b"u"
+    if isinstance(o, list):
+      return b"](" + b"".join(map(dump, o)) + b"e"
+    if isinstance(o, (str, bytes)):
+      return string(o)
+    if isinstance(o, np.ndarray):
+      assert o.dtype == np.uint8 and o.ndim == 2
+      return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + integer(0) + b"\x85"
+              + string("b") + b"\x87R(" + integer(1) + integer(o.shape[0]) + integer(o.shape[1])
+              + b"\x86cnumpy\ndtype\n" + string("u1") + integer(0) + integer(1) + b"\x87R("
+              + integer(3) + string("|") + b"NNN" + integer(-1) + integer(-1) + integer(0)
+              + b"tb\x89" + string(o.tobytes()) + b"tb")
+    return integer(int(o))
+
+  return b"\x80\x02" + dump(obj) + b"."
+
+
+def write_torchvision_cifar(root, images_by_split, labels_by_split, class_names,
+                            variant="cifar-100-python") -> str:
+  """A torchvision CIFAR folder `root/variant` of these uint8 [N, 32, 32, 3] images: CIFAR-100's
+  `train`/`test`/`meta`, or CIFAR-10's five train batches (the train images split evenly),
+  `test_batch` and `batches.meta`."""
+  import numpy as np
+
+  folder = os.path.join(root, variant)
+  os.makedirs(folder)
+  cifar100 = variant == "cifar-100-python"
+  files = {"train": ["train"] if cifar100 else [f"data_batch_{i}" for i in range(1, 6)],
+           "test": ["test"] if cifar100 else ["test_batch"]}
+  for split, names in files.items():
+    rows = images_by_split[split].transpose(0, 3, 1, 2).reshape(len(images_by_split[split]), -1)
+    for name, part, labels in zip(names, np.array_split(rows, len(names)),
+                                  np.array_split(labels_by_split[split], len(names))):
+      content = {"batch_label": name, "data": part,
+                 "fine_labels" if cifar100 else "labels": [int(x) for x in labels]}
+      with open(os.path.join(folder, name), "wb") as f:
+        f.write(python2_pickle(content))
+  meta = ({"fine_label_names": list(class_names)} if cifar100 else
+          {"label_names": list(class_names), "num_cases_per_batch": 10000})
+  with open(os.path.join(folder, "meta" if cifar100 else "batches.meta"), "wb") as f:
+    f.write(python2_pickle(meta))
+  return folder
