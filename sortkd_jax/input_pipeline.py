@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "sortkd_jax")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # the files tfds.ImageFolder reads
 _FOLDER_LAYOUT = "<folder>/<split>/<class_name>/<image>.jpg|.jpeg|.png"
+_FOLDER_CHOICES = ("pass --config.data.folder=DIR: torchvision's CIFAR folder, as it is (e.g. "
+                   f"mdistiller's data/cifar-100-python), or an image folder {_FOLDER_LAYOUT}")
 _IMAGE_SIZE_HINT = "Set config.data.image_size to match, or resize the images beforehand."
 # torchvision RandomResizedCrop defaults used by mdistiller's ImageNet train transform (§7.3).
 _CROP_SCALE = (0.08, 1.0)
@@ -534,8 +536,7 @@ def _open_split(
             f"Could not download and prepare tfds dataset {name!r} under data_dir="
             f"{data_dir or '~/tensorflow_datasets'} ({type(err).__name__}: {err}). Offline? "
             f"Prepare it where there is internet (`tfds build {name} --data_dir=DIR`) and pass "
-            "--config.data.data_dir=DIR, or pass --config.data.folder=DIR with an image "
-            f"folder laid out as {_FOLDER_LAYOUT}.") from err
+            f"--config.data.data_dir=DIR, or {_FOLDER_CHOICES}.") from err
     full = _tfds_as_dataset(builder, data_dir, split=split, decoders=decoders)
     if max_examples is not None:  # a smoke-test cap: read whole, like a folder
       full = full.take(max_examples)
@@ -580,7 +581,7 @@ def _tfds_as_dataset(builder: Any, data_dir: str | None, **kwargs: Any) -> Any:
         f"{data_dir or '~/tensorflow_datasets (tfds default)'}. Either prepare it once where "
         f"there is internet (`tfds build {builder.name} --data_dir=DIR`; ImageNet needs "
         "`--manual_dir` holding the ILSVRC2012 tars) and pass --config.data.data_dir=DIR, or "
-        f"pass --config.data.folder=DIR with an image folder laid out as {_FOLDER_LAYOUT}."
+        f"{_FOLDER_CHOICES}."
     ) from err
 
 
