@@ -133,15 +133,18 @@ def load_array_split(
   """
   if folder is None and name == SYNTHETIC:
     return synthetic_split(split, image_size)
-  if folder is not None and torchvision_cifar.layout_of(folder) is not None:
-    images, labels, class_names = torchvision_cifar.read_split(folder, split)
+  if folder is not None:
+    folder = os.path.expanduser(folder)
+    cifar = torchvision_cifar.layout_of(folder)
+    if cifar is None:
+      return _load_folder_split(folder, split, cache_dir, image_size)
+    images, labels, class_names = torchvision_cifar.read_split(folder, cifar, split)
     _check_image_size(images.shape, image_size, f"CIFAR folder {folder}, split {split!r}")
     return ArraySplit(images, validate_labels(labels, len(class_names)), len(class_names),
                       class_names)
-  if folder is not None:
-    return _load_folder_split(folder, split, cache_dir, image_size)
   if name is None:
-    raise ValueError("Pass a tfds dataset `name` (e.g. 'cifar100') or an image `folder`.")
+    raise ValueError("Pass a tfds dataset `name` (e.g. 'cifar100') or a `folder`: torchvision's "
+                     "CIFAR folder or an image folder.")
   ds, _, label = _open_split(name=name, folder=None, split=split, data_dir=data_dir,
                              download=download)
   images, labels = _to_arrays(ds, image_size, f"tfds dataset {name!r}, split {split!r}")
@@ -339,26 +342,40 @@ def _check_folder_split(folder: str, split: str) -> None:
   """Fails early, with what to change, on a missing or empty split or mismatched classes."""
   split_dir = os.path.join(folder, split)
   if not os.path.isdir(split_dir):
+    if os.path.isfile(folder):
+      raise FileNotFoundError(_file_not_folder_message(folder))
     found = None
     if os.path.isdir(folder):
       found = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    elif os.path.isfile(folder):
-      raise FileNotFoundError(
-          f"config.data.folder {folder} is a file, not a folder: unpack an archive first (e.g. "
-          f"tar xzf {os.path.basename(folder)}) and pass the folder it gives.")
+    else:
+      for layout in torchvision_cifar.LAYOUTS:
+        if os.path.basename(folder) == layout.folder:
+          raise FileNotFoundError(f"{folder} does not exist: unpack {layout.archive} "
+                                  "(torchvision's download) so that it does.")
     cifar = [os.path.join(folder, s) for s in found or []
              if torchvision_cifar.layout_of(os.path.join(folder, s))]
     raise FileNotFoundError(
         f"No split {split!r} in image folder {folder} (expected {split_dir}). Expected layout: "
         f"{_FOLDER_LAYOUT}; "
         + (f"splits found: {found}." if found is not None else "the folder does not exist.")
-        + (f" For torchvision's CIFAR files, pass --config.data.folder={cifar[0]}."
+        + (f" For torchvision's CIFAR files, pass --config.data.folder={' or '.join(cifar)}."
            if cifar else _eval_split_hint(folder, split, found or []))
     )
   if next(_split_image_files(folder, split), None) is None:
     raise ValueError(f"Image folder split {split_dir} has no images. Expected layout: "
                      f"{_FOLDER_LAYOUT}.")
   _check_folder_classes(folder)
+
+
+def _file_not_folder_message(path: str) -> str:
+  parent = os.path.dirname(path)
+  if torchvision_cifar.layout_of(parent):
+    return (f"config.data.folder {path} is one of torchvision's CIFAR files: pass their folder, "
+            f"--config.data.folder={parent}.")
+  unpack = (f" (tar xzf {os.path.basename(path)})"
+            if path.endswith((".tar.gz", ".tgz", ".tar")) else "")
+  return (f"config.data.folder {path} is a file, not a folder: unpack it first{unpack} if it "
+          "is an archive, and pass the folder it gives.")
 
 
 # Split names tried first when suggesting another eval split (ImageNet folders: validation).

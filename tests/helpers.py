@@ -32,7 +32,8 @@ def read_metrics(workdir) -> list[dict]:
 
 def python2_pickle(obj) -> bytes:
   """`obj` as Python 2's cPickle (protocol 2) wrote CIFAR's files: dicts, lists, ints, str as
-  byte strings, and 2-D uint8 NumPy arrays as NumPy 1 pickled them (numpy.core.multiarray)."""
+  byte strings, and 2-D uint8 NumPy arrays as NumPy 1 pickled them (numpy.core.multiarray; a
+  Fortran-ordered array as its Fortran-order bytes)."""
   import struct
 
   import numpy as np
@@ -53,11 +54,13 @@ def python2_pickle(obj) -> bytes:
       return string(o)
     if isinstance(o, np.ndarray):
       assert o.dtype == np.uint8 and o.ndim == 2
+      fortran = o.flags.f_contiguous and not o.flags.c_contiguous
       return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + integer(0) + b"\x85"
               + string("b") + b"\x87R(" + integer(1) + integer(o.shape[0]) + integer(o.shape[1])
               + b"\x86cnumpy\ndtype\n" + string("u1") + integer(0) + integer(1) + b"\x87R("
               + integer(3) + string("|") + b"NNN" + integer(-1) + integer(-1) + integer(0)
-              + b"tb\x89" + string(o.tobytes()) + b"tb")
+              + b"tb" + (b"\x88" if fortran else b"\x89")
+              + string(o.tobytes(order="F" if fortran else "C")) + b"tb")
     return integer(int(o))
 
   return b"\x80\x02" + dump(obj) + b"."

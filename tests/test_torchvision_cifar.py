@@ -51,6 +51,12 @@ def test_a_row_is_the_red_then_green_then_blue_plane_each_row_major(tmp_path):
   for r, c, ch in [(0, 0, 0), (0, 1, 0), (1, 0, 0), (31, 31, 0), (0, 0, 1), (5, 17, 1),
                    (0, 0, 2), (31, 30, 2)]:
     assert image[r, c, ch] == row[ch * 1024 + r * 32 + c]
+  rows = np.stack([row, row[::-1]])  # pickled in Fortran order: the same rows come back
+  with open(os.path.join(folder, "train"), "wb") as f:
+    f.write(python2_pickle({"data": np.asfortranarray(rows), "fine_labels": [3, 4]}))
+  np.testing.assert_array_equal(
+      ip.load_array_split(folder=folder, split="train").images.reshape(2, 32, 32, 3),
+      rows.reshape(2, 3, 32, 32).transpose(0, 2, 3, 1))
 
 
 def test_a_cifar_file_cannot_run_code(tmp_path):
@@ -61,6 +67,37 @@ def test_a_cifar_file_cannot_run_code(tmp_path):
   with pytest.raises(ValueError, match=r"train as a CIFAR file .*names os.system"):
     ip.load_array_split(folder=folder, split="train")
   assert not marker.exists()
+
+
+# A pickled object array whose dtype state drops its flags: its bytes would be read as pointers.
+_OBJECT_ARRAY = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R("
+                 b"K\x01(K\x02tcnumpy\ndtype\nU\x02O8K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff"
+                 b"\xff\xffJ\xff\xff\xff\xffK\x00tb\x89U\x10" + b"A" * 16 + b"tb")
+# numpy.ndarray((2, 3072), 'u1', buffer, offset=-2**31): a uint8 array reading outside its bytes.
+_OUT_OF_BOUNDS_ARRAY = (b"cnumpy\nndarray\n((M\x02\x00M\x00\x0ctU\x02u1B\x00\x18\x00\x00"
+                        + bytes(6144) + b"J\x00\x00\x00\x80tR")
+
+
+def test_a_file_cannot_make_numpy_read_other_memory(tmp_path):
+  """Each would crash the interpreter if NumPy built it; here each is a clean error."""
+  folder, _, _ = _cifar(tmp_path)
+  with open(os.path.join(folder, "meta"), "wb") as f:
+    f.write(b"\x80\x02}(U\x10fine_label_names" + _OBJECT_ARRAY + b"u.")
+  with open(os.path.join(folder, "train"), "wb") as f:
+    f.write(b"\x80\x03}(U\x04data" + _OUT_OF_BOUNDS_ARRAY + b"U\x0bfine_labels](K\x00K\x01eu.")
+  out = run_python("-c", f"""
+from sortkd_jax import torchvision_cifar as tc
+for name in ("meta", "train"):
+  try:
+    tc._read({folder!r} + "/" + name, tc.LAYOUTS[0])
+  except ValueError as e:
+    print(e)
+""")
+  assert out.returncode == 0, out.stderr
+  meta, train = out.stdout.strip().splitlines()
+  assert "meta as a CIFAR file (UnpicklingError: it holds a NumPy array other than a plain " \
+      "uint8 one)" in meta
+  assert "train as a CIFAR file (TypeError" in train
 
 
 def test_damaged_or_missing_files_say_to_unpack_the_archive_again(tmp_path):
@@ -76,33 +113,80 @@ def test_damaged_or_missing_files_say_to_unpack_the_archive_again(tmp_path):
   os.remove(os.path.join(folder, "test"))
   with pytest.raises(FileNotFoundError, match="test is missing from the CIFAR folder"):
     ip.load_array_split(folder=folder, split="test")
-  with open(path, "wb") as f:  # a pickle of something else
-    f.write(python2_pickle({"data": [1, 2], "fine_labels": [0, 1]}))
-  with pytest.raises(ValueError, match=r"does not hold uint8 'data' \[N, 3·H·W\]"):
-    ip.load_array_split(folder=folder, split="train")
+  for content in ({"data": [1, 2], "fine_labels": [0, 1]},  # pickles of something else
+                  {"data": np.zeros((2, 3072), np.uint8), "fine_labels": 5},
+                  {"data": np.zeros((2, 3072), np.uint8), "fine_labels": "ab"},
+                  {"data": np.zeros((2, 3000), np.uint8), "fine_labels": [0, 1]}):
+    with open(path, "wb") as f:
+      f.write(python2_pickle(content))
+    with pytest.raises(ValueError, match=r"does not hold uint8 'data' \[N, 3·H·W\] and a list"):
+      ip.load_array_split(folder=folder, split="train")
+  for names in (5, "abc", []):
+    with open(os.path.join(folder, "meta"), "wb") as f:
+      f.write(python2_pickle({"fine_label_names": names}))
+    with pytest.raises(ValueError, match="meta has no list of class names 'fine_label_names'"):
+      ip.load_array_split(folder=folder, split="train")
 
 
-def test_the_wrong_folder_split_or_size_says_what_to_pass(tmp_path):
+def test_damaged_bytes_give_an_error_naming_the_file(tmp_path):
+  """Bytes changed anywhere in a file: read as it was, or refused with the file's name."""
+  folder, _, _ = _cifar(tmp_path, n_train=2, names=NAMES[:3])
+  path = os.path.join(folder, "train")
+  with open(path, "rb") as f:
+    good = f.read()
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    damaged = bytearray(good)
+    for i in rng.integers(0, len(good), rng.integers(1, 4)):
+      damaged[i] = rng.integers(0, 256)
+    with open(path, "wb") as f:
+      f.write(damaged)
+    try:
+      ip.load_array_split(folder=folder, split="train")
+    except ValueError as e:
+      assert path in str(e) and "unpack cifar-100-python.tar.gz again" in str(e)
+
+
+def test_the_wrong_folder_split_or_size_says_what_to_pass(tmp_path, monkeypatch):
   folder, _, _ = _cifar(tmp_path)
-  # mdistiller's data root, which holds the folder:
-  with pytest.raises(FileNotFoundError, match=f"pass --config.data.folder={folder}"):
+  # mdistiller's data root, which holds the folder (and here CIFAR-10's too):
+  with pytest.raises(FileNotFoundError, match=f"pass --config.data.folder={folder}\\.$"):
+    ip.load_array_split(folder=str(tmp_path), split="train")
+  cifar10, _, _ = _cifar(tmp_path, variant="cifar-10-batches-py", names=NAMES[:10])
+  with pytest.raises(FileNotFoundError, match=f"pass --config.data.folder={cifar10} or {folder}"):
     ip.load_array_split(folder=str(tmp_path), split="train")
   archive = tmp_path / "cifar-100-python.tar.gz"
   archive.write_bytes(b"\x1f\x8b")
-  with pytest.raises(FileNotFoundError, match="is a file, not a folder: unpack an archive "
-                     "first .*tar xzf cifar-100-python.tar.gz"):
+  with pytest.raises(FileNotFoundError, match="is a file, not a folder: unpack it first "
+                     r"\(tar xzf cifar-100-python.tar.gz\)"):
     ip.load_array_split(folder=str(archive), split="train")
-  with pytest.raises(ValueError, match=r"has the splits \['test', 'train'\], not 'validation'"):
+  with pytest.raises(FileNotFoundError, match="is one of torchvision's CIFAR files: pass their "
+                     f"folder, --config.data.folder={folder}"):
+    ip.load_array_split(folder=os.path.join(folder, "train"), split="train")
+  with pytest.raises(FileNotFoundError, match="cifar-100-python does not exist: unpack "
+                     "cifar-100-python.tar.gz"):
+    ip.load_array_split(folder=str(tmp_path / "elsewhere" / "cifar-100-python"), split="test")
+  with pytest.raises(ValueError, match=r"has the splits \['test', 'train'\], not 'validation'.*"
+                     "config.data.test_split=test"):
     ip.load_array_split(folder=folder, split="validation")
+  monkeypatch.setenv("HOME", str(tmp_path))  # a shell leaves --config.data.folder=~/... as it is
+  assert ip.load_array_split(folder="~/cifar-100-python", split="test").num_classes == 100
   with pytest.raises(ValueError, match=r"images are \(32, 32, 3\), expected \(64, 64, 3\)"):
     ip.load_array_split(folder=folder, split="train", image_size=64)
+
+
+def test_an_image_folder_holding_a_file_named_meta_stays_an_image_folder(tmp_path):
+  os.makedirs(tmp_path / "train" / "cat")
+  (tmp_path / "meta").write_text("notes")
+  with pytest.raises(ValueError, match="Image folder split .* has no images"):
+    ip.load_array_split(folder=str(tmp_path), split="train")
 
 
 def test_labels_outside_the_class_names_are_refused(tmp_path):
   folder, _, _ = _cifar(tmp_path, names=NAMES[:10])
   with open(os.path.join(folder, "meta"), "wb") as f:
     f.write(python2_pickle({"fine_label_names": NAMES[:3]}))
-  with pytest.raises(ValueError, match=r"labels lie outside \[0, 3\)"):
+  with pytest.raises(ValueError, match=r"train has \d+ labels outside the 3 classes of .*meta"):
     ip.load_array_split(folder=folder, split="train")
 
 
