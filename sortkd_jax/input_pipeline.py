@@ -134,7 +134,7 @@ def load_array_split(
   if folder is None and name == SYNTHETIC:
     return synthetic_split(split, image_size)
   if folder is not None:
-    folder = os.path.expanduser(folder)
+    folder = os.path.abspath(os.path.expanduser(folder))
     cifar = torchvision_cifar.layout_of(folder)
     if cifar is None:
       return _load_folder_split(folder, split, cache_dir, image_size)
@@ -169,7 +169,6 @@ def synthetic_split(split: str, image_size: int = 32, num_classes: int = 100) ->
 def _load_folder_split(folder: str, split: str, cache_dir: str | None,
                        image_size: int) -> ArraySplit:
   """Image-folder branch of `load_array_split`, with the decoded-array cache."""
-  folder = os.path.abspath(os.path.expanduser(folder))
   _check_folder_split(folder, split)
   # The two decoders give the same pixels in different example orders: each has its own cache.
   decoder = "tfds-exact-idct" if _have_tensorflow() else "pillow"

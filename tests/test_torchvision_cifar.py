@@ -165,7 +165,7 @@ def test_the_wrong_folder_split_or_size_says_what_to_pass(tmp_path, monkeypatch)
     ip.load_array_split(folder=os.path.join(folder, "train"), split="train")
   with pytest.raises(FileNotFoundError, match="cifar-100-python does not exist: unpack "
                      "cifar-100-python.tar.gz"):
-    ip.load_array_split(folder=str(tmp_path / "elsewhere" / "cifar-100-python"), split="test")
+    ip.load_array_split(folder=f"{tmp_path}/elsewhere/cifar-100-python/", split="test")
   with pytest.raises(ValueError, match=r"has the splits \['test', 'train'\], not 'validation'.*"
                      "config.data.test_split=test"):
     ip.load_array_split(folder=folder, split="validation")
