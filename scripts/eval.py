@@ -2,23 +2,23 @@
 
   python scripts/eval.py --checkpoint runs/kd
   python scripts/eval.py --checkpoint teachers/resnet32x4 --config configs/cifar_kd.py
-  python scripts/eval.py --checkpoint ckpt_epoch_240.pth --arch resnet32x4 --config configs/cifar_kd.py
+  python scripts/eval.py --checkpoint ckpt_epoch_240.pth --config configs/cifar_kd.py
   python scripts/eval.py --checkpoint teachers/imagenet_ResNet34 --config configs/imagenet_kd.py
 
 `--checkpoint` is a training workdir (its best epoch), a directory from scripts/port_weights.py,
-or a PyTorch file (then `--arch` names the architecture, and `--component` which model of an
-mdistiller trainer file that holds a student and a teacher). The config only supplies the data and
-its pipeline (CIFAR on the device, ImageNet streamed: `--config.data.folder=DIR`,
-`--config.data.data_dir=DIR`, ...), the evaluation batch size and the compute dtype. A training
-workdir without `--config` is evaluated as its run evaluated it, by its config.json (data, batch,
-dtype: a bf16 run's figures come out exactly), with the `--config.*` overrides applied (e.g.
-`--config.dtype=float32`); those are checked against the default recipe (cifar_vanilla.py)
-first, so an ImageNet-only field (`data.manual_dir`, `data.shuffle_buffer`) needs the run's
-recipe as `--config`. Prints one JSON line: checkpoint, arch, epoch (of a training workdir: its
-best, the latest among ties; else null), split, dtype, test loss, top-1, top-5 and the number of
-examples counted. The checkpoint is read before the data, so a wrong path fails at once. A
-non-finite test loss (damaged or diverged weights) is printed, then reported as an error (exit
-status 1).
+or a PyTorch file (its architecture found from its keys, or named by `--arch`; `--component`
+picks the model of an mdistiller trainer file that holds a student and a teacher). The config
+only supplies the data and its pipeline (CIFAR on the device, ImageNet streamed:
+`--config.data.folder=DIR`, `--config.data.data_dir=DIR`, ...), the evaluation batch size and
+the compute dtype. A training workdir without `--config` is evaluated as its run evaluated it,
+by its config.json (data, batch, dtype: a bf16 run's figures come out exactly), with the
+`--config.*` overrides applied (e.g. `--config.dtype=float32`); those are checked against the
+default recipe (cifar_vanilla.py) first, so an ImageNet-only field (`data.manual_dir`,
+`data.shuffle_buffer`) needs the run's recipe as `--config`. Prints one JSON line: checkpoint,
+arch, epoch (of a training workdir: its best, the latest among ties; else null), split, dtype,
+test loss, top-1, top-5 and the number of examples counted. The checkpoint is read before the
+data, so a wrong path fails at once. A non-finite test loss (damaged or diverged weights) is
+printed, then reported as an error (exit status 1).
 """
 
 import json
@@ -36,7 +36,8 @@ from sortkd_jax import cli  # noqa: E402
 cli.define_config_flag(os.path.join(REPO, "configs", "cifar_vanilla.py"),
                        "Recipe whose data section names the test split.")
 flags.DEFINE_string("checkpoint", None, "Workdir, ported checkpoint directory or .pth file.")
-flags.DEFINE_string("arch", None, "Architecture (required for .pth files).")
+flags.DEFINE_string("arch", None, "Architecture of a .pth file (default: the one whose keys "
+                    "it holds); of another checkpoint, checked.")
 flags.DEFINE_enum("component", None, ["student", "teacher"],
                   "Which model of an mdistiller trainer file (latest, best, epoch_N) that holds "
                   "a student and a teacher.")

@@ -9,6 +9,7 @@ release "checkpoints", untar it into `download_ckpts/`, then e.g.
       --dst teachers/resnet32x4
 
 (likewise resnet56, resnet110, ResNet50, wrn_40_2, vgg13: `<name>_vanilla/ckpt_epoch_240.pth`).
+Without `--arch` the architecture is found from the file's keys (each of the 27 has its own).
 ImageNet teachers are torchvision's v1 files, e.g.
 
   python scripts/port_weights.py --arch imagenet_ResNet34 --src resnet34-333f7ec4.pth \
@@ -31,7 +32,8 @@ from absl import flags  # noqa: E402
 
 from sortkd_jax import cli  # noqa: E402
 
-flags.DEFINE_string("arch", None, "Architecture, e.g. resnet32x4, wrn_40_2, imagenet_ResNet34.")
+flags.DEFINE_string("arch", None, "Architecture, e.g. resnet32x4, wrn_40_2, imagenet_ResNet34; "
+                    "default: the one whose keys the file holds.")
 flags.DEFINE_string("src", None, "PyTorch checkpoint file (.pth).")
 flags.DEFINE_string("dst", None, "Output directory (orbax checkpoint + sortkd_model.json).")
 flags.DEFINE_integer("num_classes", None,
@@ -44,7 +46,7 @@ flags.DEFINE_bool("overwrite", False, "Replace --dst if it exists.")
 flags.DEFINE_bool("trust_pickle", False,
                   "Allow torch.load(weights_only=False) for files holding pickled Python "
                   "objects. Executes code from the file: trusted files only.")
-flags.mark_flags_as_required(["arch", "src", "dst"])
+flags.mark_flags_as_required(["src", "dst"])
 FLAGS = flags.FLAGS
 
 
@@ -53,12 +55,16 @@ def main():
 
   arch, src, dst = FLAGS.arch, FLAGS.src, FLAGS.dst
   # Both checked before the (possibly large) file is read.
-  models.check_name(arch, "--arch")
+  if arch is not None:
+    models.check_name(arch, "--arch")
   if os.path.exists(dst) and not FLAGS.overwrite:
     raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it, or "
                           "choose another directory.")
   state_dict = porting.load_torch_state_dict(src, FLAGS.component,
                                              trust_pickle=FLAGS.trust_pickle)
+  found = arch is None
+  if found:
+    arch = porting.infer_arch(state_dict)
   try:
     model = porting.port_state_dict(arch, state_dict, FLAGS.num_classes)
   except porting.PortingError as e:
@@ -76,7 +82,7 @@ def main():
   n_tensors = len([k for k in state_dict if not k.endswith("num_batches_tracked")])
   first = ", ".join(f"{v:.6f}" for v in info["logits_checksum"]["first"])
   print(f"Converted {src}\n"
-        f"  arch          {arch} ({num_classes} classes)\n"
+        f"  arch          {arch} ({num_classes} classes{'; found from its keys' * found})\n"
         f"  tensors       {n_tensors} (+ {len(state_dict) - n_tensors} num_batches_tracked, "
         "ignored)\n"
         f"  parameters    {info['param_count']:,}\n"

@@ -41,6 +41,7 @@ __all__ = [
     "PortingError",
     "TorchFileError",
     "port_state_dict",
+    "infer_arch",
     "load_torch_state_dict",
     "torch_key_shapes",
     "nnx_path_to_torch_key",
@@ -197,6 +198,26 @@ def _matching_archs(keys: set[str]) -> list[str]:
     except Exception:  # pragma: no cover - hint only
       pass
   return out
+
+
+def infer_arch(state_dict: Mapping[str, Any]) -> str:
+  """The architecture of a state dict that does not name it: each of the 27 has its own set of
+  torch keys (``tests/test_porting.py`` checks), so the keys alone decide; shapes are then
+  checked by ``port_state_dict`` as always.
+
+  Raises:
+    PortingError: no architecture has exactly these keys.
+  """
+  sd = _strip_prefix(state_dict, "module.")
+  keys = {k for k in sd if not k.endswith(".num_batches_tracked")}
+  archs = _matching_archs(keys)
+  if len(archs) != 1:
+    listed = sorted(keys, key=_natural)
+    raise PortingError(
+        f"No architecture has exactly the {len(keys)} keys of this state dict (first: "
+        f"{', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''}): name it with --arch "
+        "to see what is missing or extra.", unexpected=listed)
+  return archs[0]
 
 
 def port_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int | None = None,
@@ -438,7 +459,7 @@ def load_torch_state_dict(path: str | os.PathLike, component: str | None = None,
       if halves["student"] and halves["teacher"]:
         raise TorchFileError(
             f"{path!r} is a distiller checkpoint holding a student and a teacher: convert the "
-            f"one you mean,\n  python scripts/port_weights.py --arch ARCH --src {path} "
+            f"one you mean,\n  python scripts/port_weights.py --src {path} "
             "--component teacher --dst DIR\n(or --component student), and use that directory "
             "(scripts/eval.py also takes --component).")
       component = "student" if halves["student"] else "teacher"

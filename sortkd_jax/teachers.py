@@ -58,18 +58,17 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
   """A model in eval mode from a ported checkpoint, a PyTorch file or a run's workdir.
 
   Returns the model and its metadata: its "arch", and for a run the "epoch" used (its best).
-  `arch` is required for PyTorch files (they do not say what they hold) and checked against the
-  others; `num_classes`, when given, too.
+  A PyTorch file does not say what it holds: `arch`, or if None the architecture whose keys it
+  holds (`porting.infer_arch`); for the others `arch` is checked, and `num_classes` when given.
   `component` picks the student or teacher of an mdistiller trainer file (`latest`, `best`);
   None accepts only a file holding one model.
   """
   if os.path.isfile(path):
-    if arch is None:
-      raise ValueError(f"{path} is a PyTorch file: say which architecture it holds (--arch).")
     from sortkd_jax import porting
+    state_dict = porting.load_torch_state_dict(path, component)
+    arch = arch or porting.infer_arch(state_dict)
     try:
-      model = porting.port_state_dict(arch, porting.load_torch_state_dict(path, component),
-                                      num_classes=num_classes, dtype=dtype)
+      model = porting.port_state_dict(arch, state_dict, num_classes=num_classes, dtype=dtype)
     except porting.PortingError as e:
       if e.checkpoint_classes is None:
         raise

@@ -384,7 +384,7 @@ def test_port_weights_script(pth_files, tmp_path):
   r = port_weights("--arch", "resnet8", "--src", pth_files["latest"], "--dst", dst,
                    "--overwrite")
   assert r.returncode == 1 and "holding a student and a teacher" in r.stderr, r.stderr
-  assert (f"python scripts/port_weights.py --arch ARCH --src {pth_files['latest']} --component "
+  assert (f"python scripts/port_weights.py --src {pth_files['latest']} --component "
           "teacher --dst DIR\n(or --component student)" in r.stderr)
   assert "Traceback" not in r.stderr
   r = port_weights("--arch", "resnet8", "--src", pth_files["latest"], "--dst", dst,
@@ -393,6 +393,34 @@ def test_port_weights_script(pth_files, tmp_path):
   _, meta = checkpoint.load_model(dst)
   assert meta["metadata"]["component"] == "teacher"
   assert meta["logits_checksum"]["sum"] == 0.0  # the all-zero teacher half
+
+
+def test_every_architecture_has_its_own_keys_so_a_state_dict_names_its_own():
+  """What lets port_weights.py and eval.py take a .pth file without --arch."""
+  key_sets = {name: frozenset(porting.torch_key_shapes(name)) for name in models.MODEL_NAMES}
+  assert len(set(key_sets.values())) == len(key_sets) == 27
+  for name, keys in key_sets.items():  # with DataParallel's prefix and BN counters too
+    state_dict = {f"module.{k}": np.zeros(1) for k in keys}
+    state_dict.update({f"module.{k[:-len('running_mean')]}num_batches_tracked": np.zeros(())
+                       for k in keys if k.endswith("running_mean")})
+    assert porting.infer_arch(state_dict) == name
+  with pytest.raises(porting.PortingError, match=r"No architecture has exactly the 2 keys of "
+                     r"this state dict \(first: conv1.weight, fc.weight\): name it with --arch"):
+    porting.infer_arch({"conv1.weight": np.zeros(1), "fc.weight": np.zeros(1)})
+
+
+def test_port_weights_and_eval_find_the_architecture_of_a_pth_file(pth_files, tmp_path):
+  _, x, ref = fixture("resnet8")
+  dst = str(tmp_path / "resnet8")
+  r = port_weights("--src", pth_files["teacher"], "--dst", dst)
+  assert r.returncode == 0, r.stderr
+  assert "resnet8 (100 classes; found from its keys)" in r.stdout
+  assert rel_err(checkpoint.load_model(dst)[0](jnp.asarray(x)), ref) < 1e-4
+  out = run_script("eval.py", "--checkpoint", pth_files["latest"], "--component", "teacher",
+                   "--config", "configs/cifar_kd.py", "--config.data.name=synthetic",
+                   "--config.data.max_test_examples=16", "--config.eval_batch_size=16")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1])["arch"] == "resnet8"
 
 
 def test_port_weights_warns_of_a_model_whose_logits_are_not_finite(tmp_path):
