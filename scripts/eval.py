@@ -37,7 +37,7 @@ cli.define_config_flag(os.path.join(REPO, "configs", "cifar_vanilla.py"),
                        "Recipe whose data section names the test split.")
 flags.DEFINE_string("checkpoint", None, "Workdir, ported checkpoint directory or .pth file.")
 flags.DEFINE_string("arch", None, "Architecture of a .pth file (default: the one whose keys "
-                    "it holds); of another checkpoint, checked.")
+                    "it holds, found in seconds); of another checkpoint, checked.")
 flags.DEFINE_enum("component", None, ["student", "teacher"],
                   "Which model of an mdistiller trainer file (latest, best, epoch_N) that holds "
                   "a student and a teacher.")

@@ -33,7 +33,7 @@ from absl import flags  # noqa: E402
 from sortkd_jax import cli  # noqa: E402
 
 flags.DEFINE_string("arch", None, "Architecture, e.g. resnet32x4, wrn_40_2, imagenet_ResNet34; "
-                    "default: the one whose keys the file holds.")
+                    "default: the one whose keys the file holds (finding it takes seconds).")
 flags.DEFINE_string("src", None, "PyTorch checkpoint file (.pth).")
 flags.DEFINE_string("dst", None, "Output directory (orbax checkpoint + sortkd_model.json).")
 flags.DEFINE_integer("num_classes", None,

@@ -216,8 +216,8 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
 def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
   """The ``sortkd_model.json`` of a ``save_model`` directory (clear error otherwise)."""
   path = os.fspath(path)
-  how = ("Make one from a PyTorch file with `python scripts/port_weights.py --arch NAME "
-         "--src FILE.pth --dst DIR`.")
+  how = ("Make one from a PyTorch file with `python scripts/port_weights.py --src FILE.pth "
+         "--dst DIR`.")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"No model checkpoint directory at {path!r}. {how}")
   meta_file = os.path.join(path, MODEL_JSON)

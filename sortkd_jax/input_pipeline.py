@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "sortkd_jax")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # the files tfds.ImageFolder reads
 _FOLDER_LAYOUT = "<folder>/<split>/<class_name>/<image>.jpg|.jpeg|.png"
-_FOLDER_CHOICES = ("pass --config.data.folder=DIR: torchvision's CIFAR folder, as it is (e.g. "
-                   f"mdistiller's data/cifar-100-python), or an image folder {_FOLDER_LAYOUT}")
 _IMAGE_SIZE_HINT = "Set config.data.image_size to match, or resize the images beforehand."
 # torchvision RandomResizedCrop defaults used by mdistiller's ImageNet train transform (§7.3).
 _CROP_SCALE = (0.08, 1.0)
@@ -140,8 +138,8 @@ def load_array_split(
       return _load_folder_split(folder, split, cache_dir, image_size)
     images, labels, class_names = torchvision_cifar.read_split(folder, cifar, split)
     _check_image_size(images.shape, image_size, f"CIFAR folder {folder}, split {split!r}")
-    return ArraySplit(images, validate_labels(labels, len(class_names)), len(class_names),
-                      class_names)
+    return ArraySplit(images, validate_labels(labels, len(class_names)),  # to int32
+                      len(class_names), class_names)
   if name is None:
     raise ValueError("Pass a tfds dataset `name` (e.g. 'cifar100') or a `folder`: torchvision's "
                      "CIFAR folder or an image folder.")
@@ -339,6 +337,10 @@ def _with_progress(items: Iterable[Any], where: str, total: int | None, *,
 
 def _check_folder_split(folder: str, split: str) -> None:
   """Fails early, with what to change, on a missing or empty split or mismatched classes."""
+  if torchvision_cifar.layout_of(folder):  # only load_array_split reads one
+    raise ValueError(f"{folder} is torchvision's CIFAR folder: the CIFAR recipes read it (whole, "
+                     "on the device), not a tf.data stream (ImageNet's), which reads image folders "
+                     f"{_FOLDER_LAYOUT}.")
   split_dir = os.path.join(folder, split)
   if not os.path.isdir(split_dir):
     if os.path.isfile(folder):
@@ -552,7 +554,7 @@ def _open_split(
             f"Could not download and prepare tfds dataset {name!r} under data_dir="
             f"{data_dir or '~/tensorflow_datasets'} ({type(err).__name__}: {err}). Offline? "
             f"Prepare it where there is internet (`tfds build {name} --data_dir=DIR`) and pass "
-            f"--config.data.data_dir=DIR, or {_FOLDER_CHOICES}.") from err
+            f"--config.data.data_dir=DIR, or {_folder_choices(name)}.") from err
     full = _tfds_as_dataset(builder, data_dir, split=split, decoders=decoders)
     if max_examples is not None:  # a smoke-test cap: read whole, like a folder
       full = full.take(max_examples)
@@ -571,6 +573,13 @@ def _open_split(
   else:
     raise ValueError("Pass a tfds dataset `name` (e.g. 'imagenet2012') or an image `folder`.")
   return local, total, builder.info.features["label"]
+
+
+def _folder_choices(name: str) -> str:
+  """The folders that can stand in for tfds dataset `name`."""
+  cifar = ("torchvision's CIFAR folder, as it is (e.g. mdistiller's data/cifar-100-python), or "
+           if name.startswith("cifar") else "")
+  return f"pass --config.data.folder=DIR: {cifar}an image folder {_FOLDER_LAYOUT}"
 
 
 def _split_size(ds: "tf.data.Dataset", split: str, process_count: int) -> int:
@@ -597,7 +606,7 @@ def _tfds_as_dataset(builder: Any, data_dir: str | None, **kwargs: Any) -> Any:
         f"{data_dir or '~/tensorflow_datasets (tfds default)'}. Either prepare it once where "
         f"there is internet (`tfds build {builder.name} --data_dir=DIR`; ImageNet needs "
         "`--manual_dir` holding the ILSVRC2012 tars) and pass --config.data.data_dir=DIR, or "
-        f"{_FOLDER_CHOICES}."
+        f"{_folder_choices(builder.name)}."
     ) from err
 
 

@@ -28,7 +28,7 @@ import functools
 import os
 import pickle
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -188,36 +188,29 @@ def _listing(title: str, items: list[str]) -> list[str]:
   return lines
 
 
-def _matching_archs(keys: set[str]) -> list[str]:
-  """Registry names whose key set equals ``keys`` (for a helpful error hint)."""
-  out = []
-  for name in models.MODEL_NAMES:
-    try:
-      if set(torch_key_shapes(name)) == keys:
-        out.append(name)
-    except Exception:  # pragma: no cover - hint only
-      pass
-  return out
+def _archs_with_keys(keys: set[str]) -> Iterator[str]:
+  """The registry names whose torch key set equals ``keys`` (one at most: each has its own)."""
+  return (name for name in models.MODEL_NAMES if set(torch_key_shapes(name)) == keys)
 
 
 def infer_arch(state_dict: Mapping[str, Any]) -> str:
   """The architecture of a state dict that does not name it: each of the 27 has its own set of
   torch keys (``tests/test_porting.py`` checks), so the keys alone decide; shapes are then
-  checked by ``port_state_dict`` as always.
+  checked by ``port_state_dict`` as always. The first call builds the key tables (seconds).
 
   Raises:
     PortingError: no architecture has exactly these keys.
   """
   sd = _strip_prefix(state_dict, "module.")
   keys = {k for k in sd if not k.endswith(".num_batches_tracked")}
-  archs = _matching_archs(keys)
-  if len(archs) != 1:
+  arch = next(_archs_with_keys(keys), None)
+  if arch is None:
     listed = sorted(keys, key=_natural)
     raise PortingError(
         f"No architecture has exactly the {len(keys)} keys of this state dict (first: "
         f"{', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''}): name it with --arch "
-        "to see what is missing or extra.", unexpected=listed)
-  return archs[0]
+        "to see what is missing or extra.")
+  return arch
 
 
 def port_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int | None = None,
@@ -285,7 +278,7 @@ def port_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int |
                       [f"{k}: expected {tuple(e)}, got {tuple(g)}" for k, e, g in mismatched])
     if missing or unexpected:
       given = {k for k in sd if not k.endswith(".num_batches_tracked")}
-      archs = [a for a in _matching_archs(given) if a != name]
+      archs = [a for a in _archs_with_keys(given) if a != name]
       if archs:
         lines.append(f"  The keys match architecture(s) {archs}: use that name "
                      "(--arch of the scripts, --config.teacher.name of a run).")

@@ -71,6 +71,9 @@ def test_unprepared_tfds_dataset_says_how_to_provide_data(tmp_path):
   assert str(tmp_path) in str(err.value) and "config.data.data_dir" in str(err.value)
   assert "torchvision's CIFAR folder, as it is (e.g. mdistiller's data/cifar-100-python)" in str(
       err.value)
+  with pytest.raises(FileNotFoundError, match="config.data.folder") as err:  # not for ImageNet
+    ip.split_info(name="imagenet2012", split="validation", data_dir=str(tmp_path))
+  assert "CIFAR" not in str(err.value)
 
 
 def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkeypatch):
