@@ -141,10 +141,19 @@ def make_train_step(config: ml_collections.ConfigDict, *, student_graphdef: nnx.
                            optimizer=optimizer, steps_per_epoch=steps_per_epoch)
 
 
+def _targets_and_teacher_hits(config, teacher_logits: jax.Array, labels: jax.Array
+                              ) -> tuple[jax.Array, jax.Array]:
+  """`methods.teacher_targets` (Sort applied), and how many of the examples the teacher ranks
+  right: its top-1 on the training batches, reported as `teacher_top1`, is the share of rows
+  that Sort leaves as they are."""
+  return (methods.teacher_targets(config, teacher_logits, labels),
+          losses.topk_correct(teacher_logits, labels, 1).sum())
+
+
 def _teacher_targets(teacher: Network, teacher_vars, xs: jax.Array, ys: jax.Array, *,
-                     batch_sharding: NamedSharding, config) -> jax.Array:
-  """`methods.teacher_targets` (teacher logits, Sort) of a whole dispatch's [steps, batch, ...]
-  inputs, with the teacher run on them as one batch.
+                     batch_sharding: NamedSharding, config) -> tuple[jax.Array, jax.Array]:
+  """`_targets_and_teacher_hits` of a whole dispatch's [steps, batch, ...] inputs, with the
+  teacher run on them as one batch.
 
   Small-batch convolutions use a GPU poorly, and the teacher (eval-mode BatchNorm) and Sort
   treat each example alone, so neither need run step by step. The big batch is put in
@@ -157,7 +166,7 @@ def _teacher_targets(teacher: Network, teacher_vars, xs: jax.Array, ys: jax.Arra
   logits = logits.reshape(d, k, b // d, -1).swapaxes(0, 1).reshape(k, b, -1)
   logits = jax.lax.with_sharding_constraint(
       logits, NamedSharding(batch_sharding.mesh, P(None, "data")))
-  return methods.teacher_targets(config, logits, ys)
+  return _targets_and_teacher_hits(config, logits, ys)
 
 
 def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *, num_steps,
@@ -176,15 +185,19 @@ def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *
 
   if num_steps == 1:  # no loop: XLA:CPU runs convolutions inside loops far slower
     x, y = batch(0)
-    t = None if teacher is None else methods.teacher_targets(config, teacher(teacher_vars, x), y)
-    return train_step(state, x, y, t)
+    if teacher is None:
+      return train_step(state, x, y, None)
+    t, hits = _targets_and_teacher_hits(config, teacher(teacher_vars, x), y)
+    state, metrics = train_step(state, x, y, t)
+    return state, {**metrics, "teacher_top1": hits}
   xs, ys = jax.vmap(batch)(jnp.arange(num_steps))
-  ts = None if teacher is None else _teacher_targets(
+  ts, hits = (None, None) if teacher is None else _teacher_targets(
       teacher, teacher_vars, xs, ys, batch_sharding=batch_sharding, config=config)
 
   state, metrics = jax.lax.scan(lambda state, inputs: train_step(state, *inputs), state,
                                 (xs, ys, ts))
-  return state, jax.tree.map(lambda m: m.sum(0), metrics)
+  metrics = jax.tree.map(lambda m: m.sum(0), metrics)
+  return state, metrics if teacher is None else {**metrics, "teacher_top1": hits}
 
 
 def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_sharding, mean, std,
@@ -192,9 +205,11 @@ def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_shard
   """One step on a device batch already cropped and flipped by tf.data (ImageNet)."""
   x = jax.lax.with_sharding_constraint(augment.normalize(images, mean, std, compute_dtype),
                                        batch_sharding)
-  t = None if teacher is None else methods.teacher_targets(config, teacher(teacher_vars, x),
-                                                           labels)
-  return train_step(state, x, labels, t)
+  if teacher is None:
+    return train_step(state, x, labels, None)
+  t, hits = _targets_and_teacher_hits(config, teacher(teacher_vars, x), labels)
+  state, metrics = train_step(state, x, labels, t)
+  return state, {**metrics, "teacher_top1": hits}
 
 
 def _eval_batch_sums(model: Network, variables, images, labels, mask, *, batch_sharding,
@@ -664,7 +679,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   def averages(sums: collections.Counter) -> dict[str, float]:
     out = {k: v / sums["count"] for k, v in sums.items() if k != "count"}
-    out["top1"] *= 100
+    for k in ("top1", "teacher_top1"):
+      if k in out:
+        out[k] *= 100
     stop_unless_finite(out["loss"], "training loss")
     return out
 

@@ -755,6 +755,25 @@ def test_sort_flag_changes_only_the_teacher_side():
   np.testing.assert_allclose(with_sort["kd"], 0.9 * losses.kd(z, sorted_v, 4.0), rtol=1e-6)
 
 
+def test_teacher_top1_is_the_share_of_training_examples_the_teacher_ranks_right(tmp_path):
+  """A teacher that always answers one class c: its train top-1 in each epoch is the share of
+  the epoch's examples labelled c (every example is seen once, the last smaller batch too)."""
+  teacher = models.create_model("resnet8", 100, rngs=nnx.Rngs(0))
+  config = tiny_config("kd", str(tmp_path / "teacher"), num_epochs=2)
+  with tfds.testing.mock_data(num_examples=64):
+    (train_split,) = train.load_splits(config.data)[:1]
+    labels = train_split.labels
+    c = int(np.bincount(labels).argmax())
+    teacher.fc.kernel[...] = jnp.zeros_like(teacher.fc.kernel[...])
+    teacher.fc.bias[...] = 10.0 * jax.nn.one_hot(c, 100)
+    checkpoint.save_model(config.teacher.checkpoint, teacher, arch="resnet8", num_classes=100)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  epochs = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "epoch"]
+  assert len(labels) == 40 and 0 < np.mean(labels == c) < 1
+  for r in epochs:
+    assert r["train_teacher_top1"] == pytest.approx(100 * np.mean(labels == c), rel=1e-6)
+
+
 def test_imagenet_runlocal_streams_mock_data(tmp_path):
   """The tf.data path (ImageNet recipe) end to end on mock imagenet2012, at 64 px."""
   from configs import imagenet_kd
