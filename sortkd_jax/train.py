@@ -150,6 +150,16 @@ def _targets_and_teacher_hits(config, teacher_logits: jax.Array, labels: jax.Arr
           losses.topk_correct(teacher_logits, labels, 1).sum())
 
 
+def _one_step(state: TrainState, x: jax.Array, y: jax.Array, *, teacher: Network | None,
+              teacher_vars, config, train_step) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`train_step` on one batch, with its teacher's targets and `teacher_top1` (if any)."""
+  if teacher is None:
+    return train_step(state, x, y, None)
+  targets, hits = _targets_and_teacher_hits(config, teacher(teacher_vars, x), y)
+  state, metrics = train_step(state, x, y, targets)
+  return state, {**metrics, "teacher_top1": hits}
+
+
 def _teacher_targets(teacher: Network, teacher_vars, xs: jax.Array, ys: jax.Array, *,
                      batch_sharding: NamedSharding, config) -> tuple[jax.Array, jax.Array]:
   """`_targets_and_teacher_hits` of a whole dispatch's [steps, batch, ...] inputs, with the
@@ -184,12 +194,8 @@ def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *
     return jax.lax.with_sharding_constraint(x, batch_sharding), labels[idx]
 
   if num_steps == 1:  # no loop: XLA:CPU runs convolutions inside loops far slower
-    x, y = batch(0)
-    if teacher is None:
-      return train_step(state, x, y, None)
-    t, hits = _targets_and_teacher_hits(config, teacher(teacher_vars, x), y)
-    state, metrics = train_step(state, x, y, t)
-    return state, {**metrics, "teacher_top1": hits}
+    return _one_step(state, *batch(0), teacher=teacher, teacher_vars=teacher_vars, config=config,
+                     train_step=train_step)
   xs, ys = jax.vmap(batch)(jnp.arange(num_steps))
   ts, hits = (None, None) if teacher is None else _teacher_targets(
       teacher, teacher_vars, xs, ys, batch_sharding=batch_sharding, config=config)
@@ -205,11 +211,8 @@ def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_shard
   """One step on a device batch already cropped and flipped by tf.data (ImageNet)."""
   x = jax.lax.with_sharding_constraint(augment.normalize(images, mean, std, compute_dtype),
                                        batch_sharding)
-  if teacher is None:
-    return train_step(state, x, labels, None)
-  t, hits = _targets_and_teacher_hits(config, teacher(teacher_vars, x), labels)
-  state, metrics = train_step(state, x, labels, t)
-  return state, {**metrics, "teacher_top1": hits}
+  return _one_step(state, x, labels, teacher=teacher, teacher_vars=teacher_vars, config=config,
+                   train_step=train_step)
 
 
 def _eval_batch_sums(model: Network, variables, images, labels, mask, *, batch_sharding,
