@@ -20,16 +20,15 @@ from absl import logging
 class Reporter:
   """Writes metrics from process 0; every other process only keeps time."""
 
-  def __init__(self, workdir: str, total_steps: int, batch_size: int, start_step: int = 0):
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
     """`start_step`: the step the run (re)starts from. What an interrupted run logged after it
     is dropped, as it is about to be logged again; from step 0, that is everything (the
     teacher's record at step 0 too)."""
     self._is_writer = jax.process_index() == 0
     self._total_steps = total_steps
-    self._batch_size = batch_size
     self._jsonl = None
     self._tb = None
-    self._window_start: tuple[float, int] | None = None
+    self._window_start: tuple[float, int, int] | None = None  # (time, step, images)
     if self._is_writer:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
@@ -47,25 +46,29 @@ class Reporter:
   def timing(self) -> bool:
     return self._window_start is not None
 
-  def start_timing(self, step: int) -> None:
-    """Starts a throughput window (after a dispatch finished, so compiling is left out)."""
-    self._window_start = (time.perf_counter(), step)
+  def start_timing(self, step: int, images: int) -> None:
+    """Starts a throughput window (after a dispatch finished, so compiling is left out).
+
+    `images`: how many images the run has trained on so far, counted exactly (an epoch's last
+    batch is smaller), like `step`.
+    """
+    self._window_start = (time.perf_counter(), step, images)
 
   def stop_timing(self) -> None:
     """Leaves what follows (evaluation, saving, the next compilation) out of throughput."""
     self._window_start = None
 
-  def throughput(self, step: int) -> tuple[float | None, float | None]:
+  def throughput(self, step: int, images: int) -> tuple[float | None, float | None]:
     """Images/s since the last call and the ETA in seconds, then opens a new window."""
     if self._window_start is None:
       return None, None
-    t0, s0 = self._window_start
+    t0, s0, i0 = self._window_start
     now = time.perf_counter()
-    self._window_start = (now, step)
+    self._window_start = (now, step, images)
     if step <= s0 or now <= t0:
       return None, None
     steps_per_s = (step - s0) / (now - t0)
-    return steps_per_s * self._batch_size, (self._total_steps - step) / steps_per_s
+    return (images - i0) / (now - t0), (self._total_steps - step) / steps_per_s
 
   def write(self, kind: str, epoch: int, step: int, metrics: dict[str, Any]) -> None:
     if not self._is_writer:

@@ -463,8 +463,10 @@ class _Feed:
   steps_per_epoch: int
   evaluate: Callable[[Network, PyTree], dict[str, float]]
   # (state, teacher, teacher_vars, train_step) -> ((state, epoch) -> iterator of (state,
-  # metric sums, steps taken)): built once the state exists, the step being compiled for it.
-  epoch_runner: Callable[..., Callable[[TrainState, int], Iterator[tuple[TrainState, PyTree, int]]]]
+  # metric sums, steps taken, images trained on)): built once the state exists, the step being
+  # compiled for it.
+  epoch_runner: Callable[..., Callable[[TrainState, int],
+                                       Iterator[tuple[TrainState, PyTree, int, int]]]]
 
 
 def stream_source(data: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -546,7 +548,7 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
       perm = permutation(epoch)
       for (k, b, _), start in zip(plan, starts):
         state, metrics = compiled[k, b](state, teacher_vars, images, labels, perm, start)
-        yield state, metrics, k
+        yield state, metrics, k, k * b
 
     return run_epoch
 
@@ -578,7 +580,7 @@ def _streaming_feed(config, mesh, batch_size) -> _Feed:
                                                   split=d.train_split, **source)
       for batch in input_pipeline.prefetch_to_device(batches, 2, batch_sharding):
         state, metrics = step(state, teacher_vars, batch["image"], batch["label"])
-        yield state, metrics, 1
+        yield state, metrics, 1, batch_size
 
     return run_epoch
 
@@ -653,8 +655,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   schedule = learning_rate_schedule(config, steps_per_epoch)
   step = int(distributed.to_host(state.step))
-  reporter = reporting.Reporter(workdir, config.num_epochs * steps_per_epoch, batch_size,
-                                start_step=step)
+  reporter = reporting.Reporter(workdir, config.num_epochs * steps_per_epoch, start_step=step)
+  images = 0  # trained on since this (re)start, for images/s
   pending = []  # per-dispatch metric sums, still on the device
   window_sums, epoch_sums = collections.Counter(), collections.Counter()  # fetched, on the host
   last_top1 = None
@@ -689,7 +691,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     return out
 
   def write_window() -> None:
-    img_s, eta = reporter.throughput(step)
+    img_s, eta = reporter.throughput(step, images)
     reporter.write("train", epoch, step, {**averages(window_sums), "lr": float(schedule(step - 1)),
                                           "img_per_s": img_s, "eta_s": eta})
     window_sums.clear()
@@ -707,13 +709,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     for epoch in range(start_epoch, config.num_epochs + 1):
       epoch_start = time.perf_counter()
       if epoch > start_epoch:  # compiled by now: the epoch's first dispatch counts too
-        reporter.start_timing(step)
-      for state, metrics, num_steps in run_epoch(state, epoch):
+        reporter.start_timing(step, images)
+      for state, metrics, num_steps, num_images in run_epoch(state, epoch):
         pending.append(metrics)
         step += num_steps
+        images += num_images
         if not reporter.timing:  # throughput leaves out compilation, evaluation and saving
           jax.block_until_ready(metrics)
-          reporter.start_timing(step)
+          reporter.start_timing(step, images)
           logging.info("First dispatch done %.1f s after the start (data, models, "
                        "compilation).", time.perf_counter() - launched)
         if step // config.log_every_steps > (step - num_steps) // config.log_every_steps:

@@ -13,21 +13,21 @@ def _records(workdir):
 
 
 def test_restart_drops_what_was_logged_after_the_resumed_step(tmp_path):
-  first = reporting.Reporter(str(tmp_path), total_steps=100, batch_size=8)
+  first = reporting.Reporter(str(tmp_path), total_steps=100)
   for kind, step in (("teacher", 0), ("train", 4), ("epoch", 8), ("train", 12)):  # then cut
     first.write(kind, 1 + step // 9, step, {"loss": 1.0})
   first.close()
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"kind": "train", "epoch": 2, "st')  # a record cut short by a crash
 
-  resumed = reporting.Reporter(str(tmp_path), total_steps=100, batch_size=8, start_step=8)
+  resumed = reporting.Reporter(str(tmp_path), total_steps=100, start_step=8)
   resumed.write("train", 2, 12, {"loss": 2.0})
   resumed.close()
   assert _records(tmp_path) == [("teacher", 0, 1.0), ("train", 4, 1.0), ("epoch", 8, 1.0),
                                 ("train", 12, 2.0)]
 
   # No checkpoint: the run starts afresh, teacher evaluation included.
-  fresh = reporting.Reporter(str(tmp_path), total_steps=100, batch_size=8)
+  fresh = reporting.Reporter(str(tmp_path), total_steps=100)
   fresh.close()
   assert _records(tmp_path) == []
 
@@ -35,21 +35,22 @@ def test_restart_drops_what_was_logged_after_the_resumed_step(tmp_path):
 def test_throughput_and_eta_count_only_the_timed_steps(tmp_path, monkeypatch):
   clock = iter([10.0, 12.0, 20.0])  # start, first reading, reading after a pause
   monkeypatch.setattr(reporting.time, "perf_counter", lambda: next(clock))
-  reporter = reporting.Reporter(str(tmp_path), total_steps=100, batch_size=8)
-  assert reporter.throughput(5) == (None, None)  # no window open yet (compiling)
-  reporter.start_timing(4)
-  img_s, eta_s = reporter.throughput(14)  # 10 steps of 8 images in 2 s
-  assert img_s == 40.0 and eta_s == (100 - 14) / 5
+  reporter = reporting.Reporter(str(tmp_path), total_steps=100)
+  assert reporter.throughput(5, 40) == (None, None)  # no window open yet (compiling)
+  reporter.start_timing(4, 32)
+  # 10 steps in 2 s: 9 batches of 8 images and an epoch's last batch of 6.
+  img_s, eta_s = reporter.throughput(14, 32 + 9 * 8 + 6)
+  assert img_s == 39.0 and eta_s == (100 - 14) / 5
   reporter.stop_timing()  # evaluation and saving are left out
-  assert reporter.throughput(20) == (None, None)
+  assert reporter.throughput(20, 160) == (None, None)
   reporter.write("epoch", 1, 14, {"loss": 0.5, "img_per_s": img_s, "note": None})
   reporter.close()
   [record] = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-  assert record == {"kind": "epoch", "epoch": 1, "step": 14, "loss": 0.5, "img_per_s": 40.0,
+  assert record == {"kind": "epoch", "epoch": 1, "step": 14, "loss": 0.5, "img_per_s": 39.0,
                     "note": None}
   # TensorBoard gets the float metrics, at their step.
   import tensorflow as tf
   [events] = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
   scalars = {(v.tag, e.step, v.simple_value) for e in tf.compat.v1.train.summary_iterator(events)
              for v in e.summary.value}
-  assert scalars == {("epoch/loss", 14, 0.5), ("epoch/img_per_s", 14, 40.0)}
+  assert scalars == {("epoch/loss", 14, 0.5), ("epoch/img_per_s", 14, 39.0)}
