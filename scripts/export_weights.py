@@ -57,4 +57,4 @@ def main():
 
 
 if __name__ == "__main__":
-  cli.run(main, errors=(ValueError, OSError, RuntimeError, ImportError))
+  cli.run(main)

@@ -96,4 +96,4 @@ def main():
 
 
 if __name__ == "__main__":
-  cli.run(main, errors=(ValueError, OSError, ImportError))
+  cli.run(main)

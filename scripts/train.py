@@ -33,5 +33,4 @@ def main():
 
 
 if __name__ == "__main__":
-  # Bad input (config, data, teacher) or a diverged run: one line saying what to do.
-  cli.run(main, errors=(ValueError, OSError, RuntimeError, FloatingPointError))
+  cli.run(main)

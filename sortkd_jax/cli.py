@@ -12,8 +12,12 @@ from typing import Any, Callable
 from absl import app, flags, logging
 
 
-def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = (
-    ValueError, OSError, RuntimeError)) -> None:
+# Bad input (config, data, checkpoints), a missing optional package (torch for .pth files) or a
+# diverged run: what the library raises with a message saying what to do.
+KNOWN_ERRORS = (ValueError, OSError, RuntimeError, ImportError, FloatingPointError)
+
+
+def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ERRORS) -> None:
   """`app.run` for a script whose `main()` takes no positional arguments.
 
   INFO logs without library chatter; an exception of `errors` becomes one `error:` line (its

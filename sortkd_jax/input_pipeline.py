@@ -47,8 +47,15 @@ _CROP_ATTEMPTS = 10
 @functools.cache
 def _tf() -> tuple[Any, Any]:
   """(tensorflow, tensorflow_datasets), imported on first use with GPUs hidden from TF."""
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
+  try:
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError(
+        f"Reading tfds datasets and ImageNet streams needs TensorFlow and tensorflow-datasets "
+        f"({e}): `pip install -r requirements.txt`. Without them a CIFAR recipe can read "
+        "config.data.folder (an image folder, or torchvision's cifar-100-python) or "
+        "config.data.name=synthetic.") from e
 
   tf.config.set_visible_devices([], "GPU")
   return tf, tfds

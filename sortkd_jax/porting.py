@@ -338,8 +338,8 @@ def _import_torch():
     raise ImportError(
         "Reading or writing PyTorch .pth files needs torch: `pip install torch` (the CPU "
         "build is enough, e.g. `pip install torch --index-url "
-        "https://download.pytorch.org/whl/cpu`). torch is needed only for .pth files, not for "
-        "training.") from e
+        "https://download.pytorch.org/whl/cpu`), or convert the file with scripts/port_weights.py "
+        "where torch is installed and use the converted checkpoint.") from e
   return torch
 
 

@@ -70,6 +70,22 @@ def test_a_wrong_checkpoint_fails_before_the_data_is_read(tmp_path, kind, messag
   assert "No split" not in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_pth_file_without_torch_installed_is_one_error_line(tmp_path):
+  """Every script reports a missing optional package as its other known errors: one line
+  saying what to install, no traceback."""
+  hidden = tmp_path / "site" / "torch"
+  os.makedirs(hidden)
+  (hidden / "__init__.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
+  (tmp_path / "teacher.pth").write_bytes(b"PK")
+  pythonpath = os.pathsep.join(filter(None, [str(tmp_path / "site"),
+                                             os.environ.get("PYTHONPATH")]))
+  out = run_script("eval.py", "--checkpoint", tmp_path / "teacher.pth", *SYNTHETIC,
+                   env={"PYTHONPATH": pythonpath}, timeout=120)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "error: Reading or writing PyTorch .pth files needs torch: `pip install torch`" in (
+      out.stderr)
+
+
 def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
   """The best epoch, not the latest: the JSON and the log say which."""
   workdir = _save_run(tmp_path / "run", [30.0, 10.0, 20.0])

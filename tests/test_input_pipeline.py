@@ -118,6 +118,12 @@ def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkey
                                                                               "ant", "extra.png"))
 
 
+def test_tfds_without_tensorflow_says_what_to_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` fails
+  with pytest.raises(ImportError, match=r"needs TensorFlow .*`pip install -r requirements.txt`"):
+    ip.load_array_split(name="cifar100", split="test")
+
+
 def test_unknown_tfds_name_suggests_close_ones():
   with pytest.raises(ValueError, match="Unknown tfds dataset 'cifar1000' \\(did you mean cifar100"):
     ip.load_array_split(name="cifar1000", split="train")
