@@ -75,8 +75,11 @@ def sort_teacher_logits(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLi
   iota = lax.broadcasted_iota(jnp.int32, x.shape, axis)  # class indices, later ranks
   _, order = lax.sort((-_order_key(x), iota), dimension=axis, is_stable=True, num_keys=1)
   ranked = jnp.take_along_axis(x, order, axis=axis)
-  # r = rank of the label; an out-of-range label matches nowhere, so r = 0 (row unchanged).
-  r = jnp.argmax(order == labels[..., None].astype(order.dtype), axis=axis, keepdims=True)
+  # r = rank of the label; an out-of-range label gets r = 0 (row unchanged). Checked in the
+  # labels' own dtype: cast to int32 first, an int64 label of 2**32 + 3 would be class 3.
+  in_range = (labels >= 0) & (labels < x.shape[axis])
+  r = jnp.where(in_range[..., None], jnp.argmax(
+      order == labels[..., None].astype(order.dtype), axis=axis, keepdims=True), 0)
   # In rank order: ranks above r take the next value down, rank r the maximum, the rest stay.
   next_down = jnp.concatenate([ranked[..., 1:], ranked[..., -1:]], axis=axis)
   rotated = jnp.where(iota < r, next_down, jnp.where(iota == r, ranked[..., :1], ranked))

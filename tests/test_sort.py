@@ -179,6 +179,9 @@ def test_out_of_range_labels_leave_rows_unchanged():
   x = jnp.array([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
   out = _sort_jit(x, jnp.array([-1, 3, 0]))
   np.testing.assert_array_equal(out, [[1, 3, 2], [1, 3, 2], [3, 2, 1]])
+  with jax.enable_x64(True):  # int64 labels, beyond int32: none of them is class 0
+    out = _sort_jit(x, jnp.array([2**32, -2**32, 2**33 + 2], jnp.int64))
+  np.testing.assert_array_equal(out, x)
 
 
 def test_commutes_with_temperature():
