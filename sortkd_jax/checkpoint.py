@@ -189,7 +189,6 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
       "logits_checksum": logits_checksum(arch, num_classes, tree["params"], tree["batch_stats"]),
       "metadata": metadata or {},
   }
-  parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
   try:

@@ -70,9 +70,8 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
     try:
       model = porting.port_state_dict(arch, state_dict, num_classes=num_classes, dtype=dtype)
     except porting.PortingError as e:
-      if e.checkpoint_classes is None:
-        raise
-      check_num_classes(path, e.checkpoint_classes, num_classes)
+      if e.checkpoint_classes is not None:  # a class-count mismatch: say what to set
+        check_num_classes(path, e.checkpoint_classes, num_classes)
       raise
     return model, {"arch": arch}
   _check_not_inside_a_run(path)

@@ -220,6 +220,7 @@ def _eval_batch_sums(model: Network, variables, images, labels, mask, *, batch_s
   """Summed CE, top-1 and top-5 hits of one masked batch of uint8 images."""
   x = jax.lax.with_sharding_constraint(augment.normalize(images, mean, std, compute_dtype),
                                        batch_sharding)
+  mask = mask.astype(jnp.float32)
   logits = model(variables, x).astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return {"loss": (ce * mask).sum(), "top1": (losses.topk_correct(logits, labels, 1) * mask).sum(),
@@ -276,12 +277,8 @@ def make_streaming_evaluator(mesh: Mesh, batches: Callable[[], Iterator[dict[str
       compute_dtype=dtype), static_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
 
   def evaluate(network: Network, variables: PyTree) -> dict[str, float]:
-    totals = None
-    for batch in batches():
-      sums = sums_fn(network, variables, batch["image"], batch["label"],
-                     batch["mask"].astype(jnp.float32))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return _eval_summary(distributed.to_host(totals))
+    return _eval_summary(_sum_host([sums_fn(network, variables, b["image"], b["label"], b["mask"])
+                                    for b in batches()]))
 
   return evaluate
 
@@ -758,7 +755,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 
 def _sum_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Sums of per-dispatch metric sums, in float64 on the host."""
+  """Sums of metric sums fetched from the device (per dispatch or eval batch), in float64 on
+  the host."""
   fetched = distributed.to_host(metrics_list)
   return {k: float(sum(np.asarray(m[k], np.float64) for m in fetched)) for k in fetched[0]}
 
