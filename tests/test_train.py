@@ -955,29 +955,57 @@ def test_unreadable_checkpoint_names_the_epochs_to_fall_back_to(tmp_path):
   np.testing.assert_array_equal(state["w"], np.arange(1000.0))
 
 
-def test_a_readable_but_damaged_checkpoint_is_refused_by_its_students_logits(
-    teacher_dir, kd_one_epoch, tmp_path):
-  """Weights orbax reads back without error yet changed since the save (here the student's
-  classifier negated) are refused by the student's logits checksum of that epoch: when a run
-  resumes, and when the run is evaluated, exported or used as a teacher."""
+def test_a_readable_but_damaged_checkpoint_is_refused(teacher_dir, kd_one_epoch, tmp_path):
+  """Arrays orbax reads back without error yet changed since the save are refused by the
+  CRC-32s recorded with the epoch: when a run resumes, and when the run is evaluated, exported
+  or used as a teacher. The optimizer state too, which the student's logits do not see; a
+  checkpoint of an older version, without CRCs, by the student's logits checksum."""
   workdir = str(tmp_path / "run")
-  shutil.copytree(kd_one_epoch.workdir, workdir)
-  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
-  state, meta = ckpt.restore(1)
-  ckpt.close()
-  state["params"]["student"]["fc"]["kernel"] = -state["params"]["student"]["fc"]["kernel"]
-  other = checkpoint.TrainCheckpointer(str(tmp_path / "other"))
-  other.save(1, state, meta)
-  other.close()
   epoch_1 = os.path.join(workdir, "checkpoints", "1")
-  shutil.rmtree(os.path.join(epoch_1, "state"))
-  shutil.copytree(tmp_path / "other" / "1" / "state", os.path.join(epoch_1, "state"))
-  damaged = (rf"The checkpoint of epoch 1, {re.escape(epoch_1)}, does not give the student's "
-             r"logits recorded when it was saved \(sum .*; recorded sum .*\): it is damaged\. "
-             "No other epoch is kept.")
-  with pytest.raises(ValueError, match=damaged):
+  ckpt = checkpoint.TrainCheckpointer(os.path.join(kd_one_epoch.workdir, "checkpoints"))
+  saved, meta = ckpt.restore(1)
+  ckpt.close()
+
+  def damaged_copy(damage, keep_crc=True):
+    """The run with epoch 1's arrays damaged by `damage` after the save, its meta as saved."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    shutil.copytree(kd_one_epoch.workdir, workdir)
+    state = jax.tree.map(np.array, saved)
+    damage(state)
+    shutil.rmtree(tmp_path / "other", ignore_errors=True)
+    other = checkpoint.TrainCheckpointer(str(tmp_path / "other"))
+    other.save(1, state, meta)
+    other.close()
+    shutil.rmtree(os.path.join(epoch_1, "state"))
+    shutil.copytree(tmp_path / "other" / "1" / "state", os.path.join(epoch_1, "state"))
+    if not keep_crc:
+      with open(os.path.join(epoch_1, "meta", "metadata"), "w") as f:
+        json.dump({k: v for k, v in meta.items() if k != "state_crc32"}, f)
+
+  def negate_classifier(state):
+    state["params"]["student"]["fc"]["kernel"] *= -1
+
+  def scale_a_momentum(state):  # a momentum of 5e36 after the BatchNorm: the loss stays finite
+    state["opt_state"][1][0]["trace"]["student"]["layer1"]["0"]["conv2"]["kernel"][0, 0, 0, 0] = (
+        5e36)
+
+  no_other = "No other epoch is kept."
+  changed = (rf"The checkpoint of epoch 1, {re.escape(epoch_1)}, does not read back as it was "
+             r"saved \(1 of \d+ arrays differ, e\.g\. {}\): it is damaged\. " + no_other)
+  damaged_copy(negate_classifier)
+  with pytest.raises(ValueError, match=changed.format("params/student/fc/kernel")):
     checkpoint.load_student_from_workdir(workdir)
-  with tfds.testing.mock_data(num_examples=64), pytest.raises(ValueError, match=damaged):
+  damaged_copy(scale_a_momentum)
+  with tfds.testing.mock_data(num_examples=64), pytest.raises(
+      ValueError, match=changed.format("opt_state/1/0/trace/student/layer1/0/conv2/kernel")):
+    train.train_and_evaluate(tiny_config("kd", teacher_dir, num_epochs=2), workdir)
+  damaged_copy(negate_classifier, keep_crc=False)
+  logits = (rf"The checkpoint of epoch 1, {re.escape(epoch_1)}, does not give the student's "
+            r"logits recorded when it was saved \(sum .*; recorded sum .*\): it is damaged\. "
+            + no_other)
+  with pytest.raises(ValueError, match=logits):
+    checkpoint.load_student_from_workdir(workdir)
+  with tfds.testing.mock_data(num_examples=64), pytest.raises(ValueError, match=logits):
     train.train_and_evaluate(tiny_config("kd", teacher_dir, num_epochs=2), workdir)
 
 
