@@ -89,8 +89,11 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
   ml_collections reports errors in config files (e.g. an unknown pair) with the file's
   traceback; the last line says what is wrong.
   """
+  flag_args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  instead = _mdistiller_usage(flag_args)
+  if instead:
+    sys.exit(f"error: {instead} (README: Coming from mdistiller).")
   try:
-    flag_args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
     argv = flags.FLAGS([argv[0], *map(_defined_spelling, flag_args),
                         *argv[1 + len(flag_args):]])
     if "config" in flags.FLAGS:
@@ -104,6 +107,47 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     last = lines[-1] if lines else type(e).__name__
     sys.exit(f"error: {last.split(': ', 1)[-1] if last.startswith('ValueError') else last}")
+
+
+_MDISTILLER_YAML = re.compile(r"(?:^|/)(cifar100|imagenet)/(?:(\w+)/)?(\w+)\.ya?ml$")
+
+
+def _mdistiller_usage(args: list[str]) -> str | None:
+  """What to type instead of mdistiller's `tools/train.py` usage (`--cfg FILE.yaml`, a YAML
+  --config, `--resume`, `KEY VALUE` overrides), or None for a command line without it."""
+  for i, arg in enumerate(args):
+    name, _, value = arg.partition("=")
+    if name in ("--cfg", "--config") and not value and i + 1 < len(args):
+      value = args[i + 1]
+    if name in ("--cfg", "--config") and re.search(r"\.ya?ml$", value):
+      return (f"the recipes are Python files, not mdistiller's YAML: instead of {value}, "
+              f"--config {_recipe_for(value)}")
+    if name == "--cfg":
+      return "the recipe is --config configs/<recipe>.py:<pair>"
+    if name == "--resume":
+      return ("there is no --resume: the same command again (same --config and --workdir) "
+              "resumes from the last saved epoch")
+    follows_a_flag = i > 0 and args[i - 1].startswith("--") and "=" not in args[i - 1]
+    if re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+", arg) and not follows_a_flag:
+      return (f"overrides are --config.FIELD=VALUE, not mdistiller's KEY VALUE ({arg}): e.g. "
+              "--config.lr=0.1 for SOLVER.LR 0.1, --config.kd.temperature=4 for KD.TEMPERATURE 4")
+  return None
+
+
+def _recipe_for(yaml_path: str) -> str:
+  """sortkd-jax's recipe for one of mdistiller's CIFAR-100/ImageNet KD, DKD or vanilla YAMLs:
+  `cifar100/dkd/wrn40_2_wrn_16_2.yaml` → `configs/cifar_dkd.py:wrn40_2_wrn16_2`."""
+  found = _MDISTILLER_YAML.search(yaml_path)
+  if found:
+    dataset, folder, stem = found.groups()
+    if dataset == "cifar100" and folder is None and stem in ("vanilla", "kd"):
+      return f"configs/cifar_{stem}.py:res32x4_res8x4"
+    if dataset == "cifar100" and folder == "dkd":
+      return f"configs/cifar_dkd.py:{stem.replace('_wrn_', '_wrn')}"
+    if dataset == "imagenet" and folder and stem in ("kd", "dkd"):
+      return f"configs/imagenet_{stem}.py:{folder}"
+  return ("configs/<recipe>.py:<pair>, a recipe of configs/ (cifar_vanilla, cifar_kd, "
+          "cifar_dkd, cifar_lskd, cifar_ctkd, imagenet_kd, ...) and a teacher_student pair")
 
 
 def _defined_spelling(arg: str) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -362,7 +363,9 @@ def _unpickler_detail(message: str) -> str:
   for i, ln in enumerate(lines):
     if "WeightsUnpickler error" in ln:
       rest = ln.split("WeightsUnpickler error", 1)[1].lstrip(": ").strip()
-      return rest or (lines[i + 1] if i + 1 < len(lines) else ln)
+      rest = rest or (lines[i + 1] if i + 1 < len(lines) else ln)
+      # Drop torch's advice to allowlist the global in Python: the caller's options follow.
+      return re.split(r"\.? Please use `?torch\.serialization", rest)[0]
   return lines[-1] if lines else "unknown error"
 
 
@@ -416,8 +419,9 @@ def load_torch_state_dict(path: str | os.PathLike, component: str | None = None,
     if not trust_pickle:
       raise TorchFileError(
           f"{path!r} holds Python objects that torch.load(weights_only=True) refuses to "
-          f"unpickle ({detail}). If you trust the file, retry with trust_pickle=True "
-          "(scripts/port_weights.py --trust_pickle).") from e
+          f"unpickle ({detail}). If you trust the file, convert it once with `python "
+          f"scripts/port_weights.py --src {path} --dst DIR --trust_pickle` and use DIR instead "
+          "(in Python: trust_pickle=True).") from e
     try:
       obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e2:

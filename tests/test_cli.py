@@ -49,3 +49,30 @@ def test_either_spelling_of_a_flag_name_parses():
   finally:
     delattr(flags.FLAGS, "spelling-test-size")
     delattr(flags.FLAGS, "spelling_test_eval")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--cfg", "configs/cifar100/dkd/wrn40_2_wrn_16_2.yaml"],
+     "instead of configs/cifar100/dkd/wrn40_2_wrn_16_2.yaml, --config "
+     "configs/cifar_dkd.py:wrn40_2_wrn16_2"),
+    (["--config=configs/cifar100/kd.yaml"], "--config configs/cifar_kd.py:res32x4_res8x4"),
+    (["--config", "mdistiller/configs/imagenet/r50_mv1/dkd.yaml", "--workdir", "w"],
+     "--config configs/imagenet_dkd.py:r50_mv1"),
+    (["--cfg", "configs/cifar100/crd.yaml"], "--config configs/<recipe>.py:<pair>, a recipe"),
+    (["--cfg=configs/x.py"], "the recipe is --config configs/<recipe>.py:<pair>"),
+    (["--config", "configs/cifar_kd.py", "--resume"], "there is no --resume: the same command"),
+    (["--config", "configs/cifar_kd.py", "SOLVER.LR", "0.1"],
+     "overrides are --config.FIELD=VALUE, not mdistiller's KEY VALUE (SOLVER.LR)"),
+])
+def test_mdistiller_usage_says_what_to_type_instead(monkeypatch, args, expected):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.parse_flags_briefly(["train.py", *args])
+  message = exit_info.value.code
+  assert message.startswith("error: ") and expected in message, message
+  assert message.endswith("(README: Coming from mdistiller).")
+
+
+def test_our_own_usage_is_not_taken_for_mdistillers():
+  for args in (["--config", "configs/cifar_kd.py:res32x4_res8x4", "--workdir", "RUNS.A"],
+               ["--config.lr=0.1", "--config.data.folder=data/cifar-100-python"]):
+    assert cli._mdistiller_usage(args) is None
