@@ -1,4 +1,4 @@
-"""CTKD (+Sort) on ImageNet, learnable temperature, 5-epoch λ ramp.
+r"""CTKD (+Sort) on ImageNet, learnable temperature, 5-epoch λ ramp.
 
 mdistiller's ImageNet recipe: batch 512, 100 epochs, lr 0.2 (×0.1 at 30, 60, 90), wd 1e-4.
 

@@ -1,4 +1,4 @@
-"""DKD (+Sort) on ImageNet, β 0.5 (r34_r18) or 2 (r50_mv1), T=1.
+r"""DKD (+Sort) on ImageNet, β 0.5 (r34_r18) or 2 (r50_mv1), T=1.
 
 mdistiller's ImageNet recipe: batch 512, 100 epochs, lr 0.2 (×0.1 at 30, 60, 90), wd 1e-4.
 

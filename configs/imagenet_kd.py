@@ -1,4 +1,4 @@
-"""KD (+Sort) on ImageNet, T=1, CE 0.5, KD 0.5.
+r"""KD (+Sort) on ImageNet, T=1, CE 0.5, KD 0.5.
 
 mdistiller's ImageNet recipe: batch 512, 100 epochs, lr 0.2 (×0.1 at 30, 60, 90), wd 1e-4.
 

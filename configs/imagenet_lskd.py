@@ -1,4 +1,4 @@
-"""KD + logit standardisation (+Sort) on ImageNet, τ=2, KD 9; CE 1.0 for r34_r18 (published),
+r"""KD + logit standardisation (+Sort) on ImageNet, τ=2, KD 9; CE 1.0 for r34_r18 (published),
 0.1 for r50_mv1 (not published: the CIFAR value).
 
 mdistiller's ImageNet recipe: batch 512, 100 epochs, lr 0.2 (×0.1 at 30, 60, 90), wd 1e-4.

@@ -1,4 +1,4 @@
-"""Throughput of the real training step (and of evaluation) on synthetic data.
+r"""Throughput of the real training step (and of evaluation) on synthetic data.
 
   python scripts/benchmark.py --config configs/cifar_kd.py:res32x4_res8x4 \
       --batch-size 64 --steps-per-dispatch 16

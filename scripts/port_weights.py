@@ -1,4 +1,4 @@
-"""Converts PyTorch (mdistiller / RepDistiller / torchvision) weights to a sortkd_jax model
+r"""Converts PyTorch (mdistiller / RepDistiller / torchvision) weights to a sortkd_jax model
 checkpoint (an orbax directory readable by `sortkd_jax.checkpoint.load_model`).
 
 mdistiller's CIFAR-100 teachers: download `cifar_teachers.tar` from the mdistiller GitHub

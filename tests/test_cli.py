@@ -76,3 +76,25 @@ def test_our_own_usage_is_not_taken_for_mdistillers():
   for args in (["--config", "configs/cifar_kd.py:res32x4_res8x4", "--workdir", "RUNS.A"],
                ["--config.lr=0.1", "--config.data.folder=data/cifar-100-python"]):
     assert cli._mdistiller_usage(args) is None
+
+
+def test_launch_commands_in_docstrings_keep_their_line_continuations():
+  """Scripts show their docstring as --help and configs hold their launch command: a `\\` at a
+  line's end must survive (a non-raw docstring joins the lines into one of long spaces)."""
+  import ast
+  import glob
+  import os
+
+  from helpers import REPO
+  files = glob.glob(os.path.join(REPO, "scripts", "*.py")) + glob.glob(
+      os.path.join(REPO, "configs", "*.py"))
+  continued = 0
+  for path in files:
+    with open(path) as f:
+      source = f.read()
+    docstring = ast.get_docstring(ast.parse(source), clean=False) or ""
+    for line in source.splitlines():
+      if line.endswith(" \\") and line.strip().startswith(("python", "--")):
+        assert line + "\n" in docstring + "\n", (path, line)
+        continued += 1
+  assert continued >= 6  # the scripts' and ImageNet recipes' commands
