@@ -120,6 +120,7 @@ def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkey
 
 def test_tfds_without_tensorflow_says_what_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` fails
+  monkeypatch.setattr(ip, "_tf", ip._tf.__wrapped__)  # as on the first call (it is cached)
   with pytest.raises(ImportError, match=r"needs TensorFlow .*`pip install -r requirements.txt`"):
     ip.load_array_split(name="cifar100", split="test")
 
