@@ -31,7 +31,7 @@ import functools
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import flax
 import jax
@@ -180,8 +180,8 @@ def _teacher_targets(teacher: Network, teacher_vars, xs: jax.Array, ys: jax.Arra
 
 
 def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *, num_steps,
-                 batch_size, batch_sharding, augment_key, mean, std, compute_dtype, teacher,
-                 config, train_step):
+                 batch_size, batch_sharding, augment_key, compute_dtype, teacher, config,
+                 train_step):
   """`num_steps` steps over perm[start:start+num_steps·batch_size], in one dispatch: the batches
   are gathered and augmented and the teacher's targets computed for all steps first, then the
   student's steps run in a scan."""
@@ -190,7 +190,7 @@ def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *
     idx = jax.lax.dynamic_slice_in_dim(perm, start + i * batch_size, batch_size)
     idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
     key = jax.random.fold_in(augment_key, state.step + i)
-    x = augment.cifar_train_augment(key, images[idx], mean=mean, std=std, dtype=compute_dtype)
+    x = augment.cifar_train_augment(key, images[idx], dtype=compute_dtype)
     return jax.lax.with_sharding_constraint(x, batch_sharding), labels[idx]
 
   if num_steps == 1:  # no loop: XLA:CPU runs convolutions inside loops far slower
@@ -206,11 +206,12 @@ def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *
   return state, metrics if teacher is None else {**metrics, "teacher_top1": hits}
 
 
-def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_sharding, mean, std,
+def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_sharding,
                  compute_dtype, teacher, config, train_step):
   """One step on a device batch already cropped and flipped by tf.data (ImageNet)."""
-  x = jax.lax.with_sharding_constraint(augment.normalize(images, mean, std, compute_dtype),
-                                       batch_sharding)
+  x = jax.lax.with_sharding_constraint(
+      augment.normalize(images, augment.IMAGENET_MEAN, augment.IMAGENET_STD, compute_dtype),
+      batch_sharding)
   return _one_step(state, x, labels, teacher=teacher, teacher_vars=teacher_vars, config=config,
                    train_step=train_step)
 
@@ -245,20 +246,20 @@ def _eval_summary(sums: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def make_evaluator(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
-                   dtype: jnp.dtype = jnp.float32, mean: Sequence[float] = augment.CIFAR_MEAN,
-                   std: Sequence[float] = augment.CIFAR_STD
-                   ) -> Callable[[Network, PyTree], dict[str, float]]:
+                   dtype: jnp.dtype = jnp.float32) -> Callable[[Network, PyTree], dict[str, float]]:
   """A function computing test loss, top-1 and top-5 (%) of a network on a whole split, and
   the number of examples counted.
 
-  The split is padded to whole batches with a mask and held on the device; one dispatch per
-  evaluation. Matches mdistiller's validate (spec §7.4): per-example means over the set.
+  The split (CIFAR-sized, normalised with CIFAR's statistics) is padded to whole batches with a
+  mask and held on the device; one dispatch per evaluation. Matches mdistiller's validate (spec
+  §7.4): per-example means over the set.
   """
   batch_size = eval_batch_size(batch_size, mesh.size, len(labels))
   data = distributed.replicate(pad_for_eval(images, labels.astype(np.int32), batch_size), mesh)
   sums_fn = jax.jit(functools.partial(
-      _eval_sums, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
-      compute_dtype=dtype), static_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
+      _eval_sums, batch_sharding=NamedSharding(mesh, P("data")), mean=augment.CIFAR_MEAN,
+      std=augment.CIFAR_STD, compute_dtype=dtype),
+      static_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
 
   def evaluate(network: Network, variables: PyTree) -> dict[str, float]:
     return _eval_summary(distributed.to_host(sums_fn(network, variables, *data)))
@@ -267,14 +268,13 @@ def make_evaluator(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_siz
 
 
 def make_streaming_evaluator(mesh: Mesh, batches: Callable[[], Iterator[dict[str, jax.Array]]],
-                             *, dtype: jnp.dtype = jnp.float32,
-                             mean: Sequence[float] = augment.IMAGENET_MEAN,
-                             std: Sequence[float] = augment.IMAGENET_STD
+                             *, dtype: jnp.dtype = jnp.float32
                              ) -> Callable[[Network, PyTree], dict[str, float]]:
-  """Like `make_evaluator`, over a fresh pass of masked device batches (ImageNet)."""
+  """Like `make_evaluator`, over a fresh pass of masked device batches (ImageNet statistics)."""
   sums_fn = jax.jit(functools.partial(
-      _eval_batch_sums, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
-      compute_dtype=dtype), static_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
+      _eval_batch_sums, batch_sharding=NamedSharding(mesh, P("data")),
+      mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, compute_dtype=dtype),
+      static_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
 
   def evaluate(network: Network, variables: PyTree) -> dict[str, float]:
     return _eval_summary(_sum_host([sums_fn(network, variables, b["image"], b["label"], b["mask"])
@@ -400,8 +400,7 @@ def epoch_plan(num_examples: int, batch_size: int, num_devices: int,
 
 
 def build_train_chunk(config: ml_collections.ConfigDict, mesh: Mesh, *, train_step: Callable,
-                      teacher: Network | None, mean: Sequence[float] = augment.CIFAR_MEAN,
-                      std: Sequence[float] = augment.CIFAR_STD) -> Callable:
+                      teacher: Network | None) -> Callable:
   """The jitted, state-donating `(state, teacher_vars, images, labels, perm, start) ->
   (state, metric sums)` over `num_steps` steps of `batch_size` (both static); `train_step` is
   `make_train_step`'s."""
@@ -410,21 +409,19 @@ def build_train_chunk(config: ml_collections.ConfigDict, mesh: Mesh, *, train_st
       functools.partial(
           _train_chunk, batch_sharding=NamedSharding(mesh, P("data")),
           # A host constant: derived inside the step, the key's split would run every dispatch.
-          augment_key=np.asarray(run_keys(config.seed)[1]), mean=mean, std=std,
-          compute_dtype=compute_dtype(config), config=config, train_step=train_step,
-          teacher=teacher),
+          augment_key=np.asarray(run_keys(config.seed)[1]), compute_dtype=compute_dtype(config),
+          config=config, train_step=train_step, teacher=teacher),
       static_argnames=("num_steps", "batch_size"), donate_argnums=(0,),
       out_shardings=replicated)
 
 
 def build_train_batch(config: ml_collections.ConfigDict, mesh: Mesh, *, train_step: Callable,
-                      teacher: Network | None, mean: Sequence[float] = augment.IMAGENET_MEAN,
-                      std: Sequence[float] = augment.IMAGENET_STD) -> Callable:
+                      teacher: Network | None) -> Callable:
   """The jitted, state-donating `(state, teacher_vars, images, labels) -> (state, metric sums)`
   of one step on a device batch of uint8 images cropped by tf.data (ImageNet)."""
   return jax.jit(
       functools.partial(
-          _train_batch, batch_sharding=NamedSharding(mesh, P("data")), mean=mean, std=std,
+          _train_batch, batch_sharding=NamedSharding(mesh, P("data")),
           compute_dtype=compute_dtype(config), config=config, train_step=train_step,
           teacher=teacher),
       donate_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
@@ -488,7 +485,7 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
     if test_split is None:
       (test_split,) = load_splits(d, include_train=False)
     evaluate = make_evaluator(mesh, test_split.images, test_split.labels, config.eval_batch_size,
-                              dtype=dtype, mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD)
+                              dtype=dtype)
     return evaluate, test_split.num_classes
   source = stream_source(d)
   n, num_classes = input_pipeline.split_info(split=d.test_split, **source)
@@ -505,8 +502,7 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
         ds.as_numpy_iterator(), split=d.test_split, max_examples=d.max_test_examples, **source)
     return input_pipeline.prefetch_to_device(numpy_batches, 2, batch_sharding)
 
-  evaluate = make_streaming_evaluator(mesh, batches, dtype=dtype, mean=augment.IMAGENET_MEAN,
-                                      std=augment.IMAGENET_STD)
+  evaluate = make_streaming_evaluator(mesh, batches, dtype=dtype)
   return evaluate, num_classes
 
 
@@ -530,8 +526,7 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
     # Each epoch visits every example once, in a new order (spec §7.3 shuffle).
     permutation = jax.jit(lambda epoch: jax.random.permutation(
         jax.random.fold_in(permutation_key, epoch), n), out_shardings=replicated)
-    chunk = build_train_chunk(config, mesh, train_step=train_step, teacher=teacher,
-                              mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD)
+    chunk = build_train_chunk(config, mesh, train_step=train_step, teacher=teacher)
     # Where each dispatch starts in the permutation: the same every epoch.
     starts = distributed.replicate([np.int32(start) for _, _, start in plan], mesh)
     t = time.perf_counter()
