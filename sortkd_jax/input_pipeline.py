@@ -554,12 +554,15 @@ def _open_split(
             + (f" --manual_dir={manual_dir}`" if manual_dir else "`")
             + ", then pass --config.data.data_dir=DIR.")
       config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+      where = data_dir or "~/tensorflow_datasets"
+      logging.info("Preparing tfds dataset %r under %s (once). Offline, its download fails only "
+                   "after minutes of retries: Ctrl-C, and %s.", name, where, _folder_choices(name))
       try:
         builder.download_and_prepare(download_config=config)
       except Exception as err:
         raise RuntimeError(
             f"Could not download and prepare tfds dataset {name!r} under data_dir="
-            f"{data_dir or '~/tensorflow_datasets'} ({type(err).__name__}: {err}). Offline? "
+            f"{where} ({type(err).__name__}: {err}). Offline? "
             f"Prepare it where there is internet (`tfds build {name} --data_dir=DIR`) and pass "
             f"--config.data.data_dir=DIR, or {_folder_choices(name)}.") from err
     full = _tfds_as_dataset(builder, data_dir, split=split, decoders=decoders)

@@ -118,6 +118,22 @@ def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkey
                                                                               "ant", "extra.png"))
 
 
+def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog):
+  """Offline, tfds' download retries for minutes: the log says so before, the error after."""
+  def offline(builder, download_config):
+    raise ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+  caplog.set_level(logging.INFO, logger="absl")
+  with pytest.raises(RuntimeError, match=(
+      r"Could not download and prepare tfds dataset 'cifar100' under data_dir=.* "
+      r"\(ConnectionError: Failed to resolve 'www.cs.toronto.edu'\)\. Offline\? .*"
+      r"--config.data.folder=DIR: torchvision's CIFAR folder")):
+    ip.load_array_split(name="cifar100", split="test", data_dir=str(tmp_path), download=True)
+  assert re.search(r"Preparing tfds dataset 'cifar100' under .* Offline, its download fails only "
+                   r"after minutes of retries: Ctrl-C, and pass --config.data.folder", caplog.text)
+
+
 def test_tfds_without_tensorflow_says_what_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` fails
   monkeypatch.setattr(ip, "_tf", ip._tf.__wrapped__)  # as on the first call (it is cached)
