@@ -64,6 +64,11 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
     # No cluster detection: inside an srun step it would pin this process to one GPU.
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                cluster_detection_method="deactivate")
+    if jax.process_count() != num_processes:  # process 0's count won: the flags disagree
+      raise ValueError(
+          f"This process has --num_processes={num_processes}, but process 0 at "
+          f"{coordinator_address} runs {jax.process_count()} processes: give every process "
+          "the same --coordinator_address and --num_processes, and each its own --process_id.")
   else:
     _warn_of_idle_slurm_gpus()
     jax.distributed.initialize()

@@ -15,6 +15,16 @@ def test_incomplete_multi_process_flags_are_refused():
     distributed.maybe_initialize("localhost", 2, 0)
 
 
+def test_a_process_count_other_than_process_0s_is_refused(monkeypatch, joins):
+  """The coordinator's --num_processes is the run's: a process told otherwise joins, then
+  stops with what to fix (its run would train, with its flag wrong)."""
+  distributed.maybe_initialize("127.0.0.1:1234", 2, 1)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: None)  # joins 2
+  with pytest.raises(ValueError, match=r"--num_processes=3, but process 0 at 127.0.0.1:1234 "
+                     r"runs 2 processes: give every process the same"):
+    distributed.maybe_initialize("127.0.0.1:1234", 3, 1)
+
+
 LAUNCHER_VARIABLES = ("SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_GPUS_ON_NODE", "SLURM_NODEID",
                       "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
                       "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri")
@@ -27,8 +37,13 @@ def joins(monkeypatch):
   for name in LAUNCHER_VARIABLES:
     monkeypatch.delenv(name, raising=False)
   calls = []
-  monkeypatch.setattr(jax.distributed, "initialize",
-                      lambda *args, **kwargs: calls.append((args, kwargs)))
+
+  def initialize(*args, **kwargs):
+    calls.append((args, kwargs))
+    if args:  # explicit flags, all agreeing: the run has the processes asked for
+      monkeypatch.setattr(jax, "process_count", lambda: args[1])
+
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
   preemption = jax.config.jax_enable_preemption_service
   yield calls
   jax.config.update("jax_enable_preemption_service", preemption)
