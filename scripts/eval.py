@@ -66,7 +66,8 @@ def main():
                  epoch, FLAGS.checkpoint, meta["test_top1"])
   mesh = distributed.make_mesh()
   evaluate, num_classes = train.make_test_evaluator(config, mesh, dtype=dtype)
-  teachers.check_num_classes(FLAGS.checkpoint, porting.num_classes_of(model), num_classes)
+  teachers.check_num_classes(FLAGS.checkpoint, meta["arch"], porting.num_classes_of(model),
+                             num_classes)
   network, variables = train.freeze(model)
   metrics = evaluate(network, distributed.replicate(variables, mesh))
   print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": meta["arch"], "epoch": epoch,

@@ -43,13 +43,18 @@ def missing_teacher_message(name: str, path: str) -> str:
            f"  python scripts/port_weights.py --arch {name} --src download_ckpts/"
            f"cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth --dst {dst}{then_pass}")
   else:
-    recipe = ("configs/imagenet_kd.py --config.method=vanilla" if name.startswith("imagenet_")
-              else "configs/cifar_vanilla.py")
     get = (f"mdistiller publishes no {name} teacher; train one with\n  python scripts/train.py "
-           f"--config {recipe} --config.student.name={name} --workdir runs/{name}\nand pass "
+           f"{_teacher_recipe(name)} --workdir runs/{name}\nand pass "
            f"--config.teacher.checkpoint=runs/{name}")
   return (f"Teacher checkpoint {path!r} for {name} does not exist.\n{get}\n(A PyTorch file "
           "also works as --config.teacher.checkpoint=FILE.pth, converted on the fly.)")
+
+
+def _teacher_recipe(name: str) -> str:
+  """The flags of a plain cross-entropy run training a `name` model, e.g. as a teacher."""
+  recipe = ("configs/imagenet_kd.py --config.method=vanilla" if name.startswith("imagenet_")
+            else "configs/cifar_vanilla.py")
+  return f"--config {recipe} --config.student.name={name}"
 
 
 def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | None = None,
@@ -71,7 +76,7 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
       model = porting.port_state_dict(arch, state_dict, num_classes=num_classes, dtype=dtype)
     except porting.PortingError as e:
       if e.checkpoint_classes is not None:  # a class-count mismatch: say what to set
-        check_num_classes(path, e.checkpoint_classes, num_classes)
+        check_num_classes(path, arch, e.checkpoint_classes, num_classes)
       raise
     return model, {"arch": arch}
   _check_not_inside_a_run(path)
@@ -82,15 +87,19 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
   if arch is not None and meta["arch"] != arch:
     raise ValueError(f"{path} holds a {meta['arch']}, not a {arch}; point to a {arch} "
                      f"checkpoint or set the architecture to {meta['arch']}.")
-  check_num_classes(path, meta["num_classes"], num_classes)
+  check_num_classes(path, meta["arch"], meta["num_classes"], num_classes)
   return model, meta
 
 
-def check_num_classes(path: str, model_classes: int, data_classes: int | None) -> None:
+def check_num_classes(path: str, arch: str, model_classes: int,
+                      data_classes: int | None) -> None:
   """A model is evaluated or distilled only on data with its classes."""
   if data_classes is not None and model_classes != data_classes:
-    raise ValueError(f"The model in {path} has {model_classes} classes but the data has "
-                     f"{data_classes}; use the data set it was trained on.")
+    raise ValueError(
+        f"The model in {path} has {model_classes} classes but the data has {data_classes}; use "
+        f"the data set it was trained on. To distill on this data, train a teacher on it first "
+        f"(scripts/train.py {_teacher_recipe(arch)} with this data and a --workdir, then pass "
+        "that workdir as --config.teacher.checkpoint).")
 
 
 def _check_not_inside_a_run(path: str) -> None:

@@ -210,7 +210,10 @@ def test_a_directory_is_not_a_checkpoint_file(tmp_path):
 def test_pth_teacher_for_data_of_another_class_count(pth_files):
   """A run or eval.py gets its class count from the data: the message says so."""
   from sortkd_jax import teachers
-  with pytest.raises(ValueError, match="has 100 classes but the data has 10; use the data set"):
+  with pytest.raises(ValueError, match=(
+      r"has 100 classes but the data has 10; use the data set it was trained on\. To distill on "
+      r"this data, train a teacher on it first \(scripts/train.py --config "
+      r"configs/cifar_vanilla.py --config.student.name=resnet8 with this data")):
     teachers.load_frozen_model(pth_files["teacher"], arch="resnet8", num_classes=10)
 
 
