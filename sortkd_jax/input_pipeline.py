@@ -397,8 +397,8 @@ def _eval_split_hint(folder: str, split: str, found: list[str]) -> str:
   if split == "train" or not others:
     return ""
   others.sort(key=lambda s: s not in _EVAL_SPLIT_NAMES)  # stable: known eval names first
-  return (f" If {split!r} is the eval split, pass --config.data.test_split={others[0]} to "
-          f"evaluate on {os.path.join(folder, others[0])} instead.")
+  return (f" To evaluate on the {others[0]!r} split ({os.path.join(folder, others[0])}) "
+          f"instead, pass --config.data.test_split={others[0]}.")
 
 
 def _check_folder_classes(folder: str) -> None:

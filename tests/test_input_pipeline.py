@@ -204,7 +204,8 @@ def test_folder_splits_with_different_classes_are_refused(tmp_path):
 
 def test_missing_eval_split_suggests_another(tmp_path):
   folder = _make_folder(tmp_path / "data", per_split=(("train", 1), ("test", 1)))
-  with pytest.raises(FileNotFoundError, match=r"--config.data.test_split=test "):
+  with pytest.raises(FileNotFoundError, match=r"To evaluate on the 'test' split \(.*/test\) "
+                     r"instead, pass --config.data.test_split=test\.$"):
     ip.split_info(folder=folder, split="validation")
   with pytest.raises(FileNotFoundError) as err:
     ip.split_info(folder=folder, split="train_all")
