@@ -316,6 +316,12 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   return init_key, augment_key, permutation_key
 
 
+def epoch_permutation(seed: int, epoch: int | jax.Array, num_examples: int) -> jax.Array:
+  """The order in which epoch `epoch` visits the examples: each once, in a new order every
+  epoch (spec §7.3 shuffle), the same again when a run resumes."""
+  return jax.random.permutation(jax.random.fold_in(run_keys(seed)[2], epoch), num_examples)
+
+
 def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
                        optimizer: optax.GradientTransformation
                        ) -> tuple[TrainState, nnx.GraphDef, nnx.GraphDef]:
@@ -522,10 +528,8 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
   def epoch_runner(state, teacher, teacher_vars, train_step):
     replicated = NamedSharding(mesh, P())
     images, labels = distributed.replicate((train_split.images, train_split.labels), mesh)
-    permutation_key = run_keys(config.seed)[2]
-    # Each epoch visits every example once, in a new order (spec §7.3 shuffle).
-    permutation = jax.jit(lambda epoch: jax.random.permutation(
-        jax.random.fold_in(permutation_key, epoch), n), out_shardings=replicated)
+    permutation = jax.jit(functools.partial(epoch_permutation, config.seed, num_examples=n),
+                          out_shardings=replicated)
     chunk = build_train_chunk(config, mesh, train_step=train_step, teacher=teacher)
     # Where each dispatch starts in the permutation: the same every epoch.
     starts = distributed.replicate([np.int32(start) for _, _, start in plan], mesh)

@@ -86,3 +86,8 @@ def test_normalize_numbers():
     got = np.asarray(augment.normalize(pixel, *constants))
     want = (np.array([0, 128, 255]) / 255.0 - np.array(mean)) / np.array(std)
     np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-6, err_msg=dataset)
+    # bfloat16 output: the float32 result, rounded once (no bf16 arithmetic), for every pixel.
+    every = jnp.tile(jnp.arange(256, dtype=jnp.uint8)[:, None], (1, 3))
+    np.testing.assert_array_equal(
+        augment.normalize(every, *constants, jnp.bfloat16),
+        augment.normalize(every, *constants).astype(jnp.bfloat16), err_msg=dataset)

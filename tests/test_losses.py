@@ -259,6 +259,10 @@ def test_dkd_tckd_finite_where_the_reference_log_underflows():
   v = np.array([[0.0, 1.0, 2.0]], np.float32)
   y = np.array([0])
   _assert_scalar_close(losses.dkd(z, v, y, 1.0, 0.0, 1.0), np_dkd(z, v, y, 1.0, 0.0, 1.0))
+  # The teacher's non-target mass (~1e-13) as a masked sum, not 1 - b_target (which rounds
+  # to 0 or below in float32): TCKD ~3e-11, as in float64.
+  v = np.array([[30.0, 0.0, 0.0]], np.float32)
+  _assert_scalar_close(losses.dkd(z, v, y, 1.0, 0.0, 1.0), np_dkd(z, v, y, 1.0, 0.0, 1.0))
 
 
 # ---------------------------------------------------------------- schedules and CTKD

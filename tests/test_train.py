@@ -656,7 +656,8 @@ def test_optimizer_is_torch_sgd_with_coupled_weight_decay_and_the_epoch_schedule
 
 def test_train_step_keeps_the_batch_statistics_of_its_forward_pass():
   """The step's new BatchNorm running statistics are the student's own train-mode update on
-  the batch (torch's BatchNorm2d update is checked in test_models), not the old ones."""
+  the batch (torch's BatchNorm2d update is checked in test_models), not the old ones; its
+  metric sums are those of its forward pass."""
   config = cifar_kd.get_config("res32x4_res8x4")
   config.method, config.student.name = "vanilla", "resnet8"
   optimizer = train.make_optimizer(config, steps_per_epoch=10)
@@ -665,12 +666,17 @@ def test_train_step_keeps_the_batch_statistics_of_its_forward_pass():
                                steps_per_epoch=10)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
-  labels = jnp.asarray([1, 2, 3, 4])
   student = nnx.merge(train_graphdef, state.params["student"], state.batch_stats)
-  student(images)
+  logits = student(images)
   expected = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
-  new_state, _ = jax.jit(step)(state, images, labels, None)
+  # Two labels the forward pass ranks first, two it ranks second: 2 top-1 hits of 4.
+  ranked = np.argsort(-np.asarray(logits), axis=-1)
+  labels = jnp.asarray(ranked[np.arange(4), [0, 0, 1, 1]])
+  new_state, metrics = jax.jit(step)(state, images, labels, None)
   chex.assert_trees_all_close(new_state.batch_stats, expected, rtol=1e-5, atol=1e-6)
+  assert (float(metrics["top1"]), float(metrics["count"])) == (2, 4)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  assert float(metrics["loss"]) / 4 == pytest.approx(float(ce), rel=1e-5)
   assert not np.allclose(new_state.batch_stats["bn1"]["mean"], state.batch_stats["bn1"]["mean"])
 
 
@@ -681,17 +687,32 @@ def test_evaluation_counts_every_example_once_whatever_the_batch():
   network, variables = train.freeze(model)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (7, 32, 32, 3), np.uint8)
-  labels = rng.integers(0, 10, 7).astype(np.int32)
-  logits = model(augment.normalize(images, augment.CIFAR_MEAN, augment.CIFAR_STD))
+  logits = np.asarray(model(augment.normalize(images, augment.CIFAR_MEAN, augment.CIFAR_STD)))
+  # Labels at ranks 1, 1, 1, 3, 3, 10, 10 of each image's logits: top-1 3/7, top-5 5/7.
+  ranked = np.argsort(-logits, axis=-1)
+  labels = ranked[np.arange(7), [0, 0, 0, 2, 2, 9, 9]].astype(np.int32)
   expected_loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
-  expected_top1 = 100 * float(np.mean(np.argmax(logits, -1) == labels))
+  expected_top1 = 100 * float(np.mean(ranked[:, 0] == labels))
+  expected_top5 = 100 * float(np.mean((ranked[:, :5] == labels[:, None]).any(-1)))
+  assert (expected_top1, expected_top5) == (pytest.approx(300 / 7), pytest.approx(500 / 7))
   mesh = distributed.make_mesh()
   for batch_size in (2, 7, 1000):
     result = train.make_evaluator(mesh, images, labels, batch_size)(network, variables)
     assert result["test_loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert result["test_top1"] == pytest.approx(expected_top1)
+    assert result["test_top5"] == pytest.approx(expected_top5)
+    assert result["test_examples"] == 7
   assert train.eval_batch_size(1000, 4, num_examples=6) == 8
   assert train.eval_batch_size(1000, 4) == 1000 and train.eval_batch_size(10, 4, 100) == 12
+
+
+def test_each_epoch_visits_every_example_once_in_its_own_order():
+  orders = {(seed, epoch): np.asarray(train.epoch_permutation(seed, epoch, 50))
+            for seed in (0, 1) for epoch in (1, 2)}
+  for order in orders.values():
+    np.testing.assert_array_equal(np.sort(order), np.arange(50))
+  assert len({order.tobytes() for order in orders.values()}) == 4  # per epoch and per seed
+  np.testing.assert_array_equal(train.epoch_permutation(0, 2, 50), orders[0, 2])  # a resume's
 
 
 def test_learning_rate_schedule_is_per_epoch_steps():
