@@ -113,9 +113,8 @@ def _drop_records_after(path: str, step: int) -> None:
 
 
 def _plain(value: Any) -> Any:
-  if hasattr(value, "item"):
-    value = value.item()
-  return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+  """A JSON value: NumPy/JAX scalars as Python numbers (counts stay integers)."""
+  return value.item() if hasattr(value, "item") else value
 
 
 def _fmt(value: Any) -> str:

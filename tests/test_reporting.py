@@ -4,6 +4,8 @@ import glob
 import json
 import os
 
+import numpy as np
+
 from sortkd_jax import reporting
 
 
@@ -43,11 +45,13 @@ def test_throughput_and_eta_count_only_the_timed_steps(tmp_path, monkeypatch):
   assert img_s == 39.0 and eta_s == (100 - 14) / 5
   reporter.stop_timing()  # evaluation and saving are left out
   assert reporter.throughput(20, 160) == (None, None)
-  reporter.write("epoch", 1, 14, {"loss": 0.5, "img_per_s": img_s, "note": None})
+  reporter.write("epoch", 1, 14, {"loss": np.float32(0.5), "img_per_s": img_s, "note": None,
+                                  "test_examples": np.int64(7)})
   reporter.close()
   [record] = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert record == {"kind": "epoch", "epoch": 1, "step": 14, "loss": 0.5, "img_per_s": 39.0,
-                    "note": None}
+                    "note": None, "test_examples": 7}
+  assert isinstance(record["test_examples"], int)  # a count, as eval.py prints it
   # TensorBoard gets the float metrics, at their step.
   import tensorflow as tf
   [events] = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
