@@ -68,7 +68,7 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def state_crc32(state: Any) -> dict[str, int]:
   """CRC-32 of each array's bytes, by path: what a restore must read back bit for bit. The
   student's logits checksum sees only the student; this also sees the optimizer state, whose
-  damage would otherwise resume silently (about 3 ms per 10 MB of state)."""
+  damage would otherwise resume silently (6 ms for resnet8x4's 10 MB state on a 2-core CPU)."""
   def crc(x):
     host = np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
     return zlib.crc32(np.ascontiguousarray(host))
