@@ -359,6 +359,14 @@ class TrainCheckpointer:
                              f"{len(actual)} arrays differ, e.g. {changed[0]}): it is damaged")
     return restored.state, restored.meta
 
+  def read_meta(self, epoch: int) -> dict[str, Any]:
+    """The small JSON saved with `epoch` alone, e.g. its class count before its state is read."""
+    try:
+      return self._manager.restore(epoch, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta
+    except Exception as e:
+      raise self._unreadable(epoch, e) from e
+
   def check_student(self, epoch: int, meta: dict[str, Any], params: dict,
                     batch_stats: dict) -> None:
     """Refuses an epoch whose student does not give the logits recorded when it was saved:

@@ -598,16 +598,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   launched = time.perf_counter()
   methods.validate(config)
   _check_config(config)
-  # A finished run only reports its result: it needs no teacher (which may be gone by now).
-  finished = (checkpoint.latest_saved_epoch(workdir) or 0) >= config.num_epochs
-  uses_teacher = methods.uses_teacher(config) and not finished
+  workdirs.check_resumable(config, workdir)
+  if (checkpoint.latest_saved_epoch(workdir) or 0) >= config.num_epochs:
+    return _finished_run(config, workdir)
+  uses_teacher = methods.uses_teacher(config)
   if uses_teacher:
     teachers.check_teacher_exists(config.teacher)
   dtype = compute_dtype(config)
   mesh = distributed.make_mesh()
   batch_size = config.batch_size
   check_divisible_by_devices(batch_size, mesh.size, "config.batch_size")
-  workdirs.check_resumable(config, workdir)
   logging.info("%d devices (%s), %d processes.", mesh.size, jax.devices()[0].device_kind,
                jax.process_count())
 
@@ -630,12 +630,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     state, meta = ckpt.restore(latest, state)
     ckpt.check_student(latest, meta, state.params["student"], state.batch_stats)
     start_epoch, best_top1 = latest + 1, meta["best_top1"]
-    if start_epoch > config.num_epochs:
-      logging.info("The run in %s has finished its %d epochs (best top-1 %.2f); raise "
-                   "--config.num_epochs to continue it.", workdir, latest, best_top1)
-      ckpt.close()
-      return {"best_top1": best_top1, "last_top1": meta["test_top1"],
-              "state": distributed.to_host(state)}
     workdirs.check_steps_per_epoch(int(distributed.to_host(state.step)), latest,
                                    steps_per_epoch)
     workdirs.check_same_teacher(config.teacher.checkpoint, meta, teacher_checksum,
@@ -751,6 +745,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   logging.info("Best test top-1 %.2f, last %.2f.", best_top1, last_top1)
   return {"best_top1": best_top1, "last_top1": last_top1, "state": distributed.to_host(state)}
+
+
+def _finished_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The result of a run that has saved all its epochs, from its latest checkpoint (checked as a
+  resume would): it needs neither its data nor its teacher, which may be gone by now."""
+  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR))
+  try:
+    latest = ckpt.latest_epoch()
+    meta = ckpt.read_meta(latest)
+    optimizer = make_optimizer(config, steps_per_epoch=meta["step"] // latest)
+    state = create_train_state(config, meta["num_classes"], optimizer)[0]
+    state, meta = ckpt.restore(latest, state)
+    ckpt.check_student(latest, meta, state.params["student"], state.batch_stats)
+  finally:
+    ckpt.close()
+  logging.info("The run in %s has finished its %d epochs (best top-1 %.2f); raise "
+               "--config.num_epochs to continue it.", workdir, latest, meta["best_top1"])
+  return {"best_top1": meta["best_top1"], "last_top1": meta["test_top1"],
+          "state": distributed.to_host(state)}
 
 
 def _sum_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:

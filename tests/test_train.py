@@ -232,7 +232,9 @@ def test_workdir_of_another_config_is_refused_and_a_finished_run_returns(teacher
     assert open(os.path.join(workdir, "config.json")).read() == saved
     config.sort, config.student.name = True, "resnet8"
     config.log_every_steps = 1  # allowed to change
-    config.teacher.checkpoint = str(tmp_path / "gone")  # too: a finished run needs no teacher
+    # So may these: a finished run needs neither its teacher nor its data.
+    config.teacher.checkpoint = str(tmp_path / "gone")
+    config.data.folder = str(tmp_path / "data_gone")
     again = train.train_and_evaluate(config, workdir)
     assert open(os.path.join(workdir, "config.json")).read() == saved  # reported, not rewritten
   assert again["best_top1"] == first["best_top1"]
