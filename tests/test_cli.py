@@ -61,6 +61,8 @@ def test_either_spelling_of_a_flag_name_parses():
     (["--cfg", "configs/cifar100/crd.yaml"], "--config configs/<recipe>.py:<pair>, a recipe"),
     (["--cfg=configs/x.py"], "the recipe is --config configs/<recipe>.py:<pair>"),
     (["--config", "configs/cifar_kd.py", "--resume"], "there is no --resume: the same command"),
+    (["--config", "configs/cifar_kd.py", "--config.pair=wrn40_2_wrn16_2"],
+     "config.pair only records the recipe's pair: choose the pair in the recipe argument"),
     (["--config", "configs/cifar_kd.py", "SOLVER.LR", "0.1"],
      "overrides are --config.FIELD=VALUE, not mdistiller's KEY VALUE (SOLVER.LR)"),
 ])
