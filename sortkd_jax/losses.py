@@ -21,6 +21,8 @@ import optax
 from jax import lax
 
 __all__ = [
+  "check_labels",
+  "label_index",
   "cross_entropy",
   "topk_correct",
   "kd",
@@ -44,15 +46,54 @@ def _compute(x: ArrayLike) -> jax.Array:
 def _kl_rows(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
   """Row-wise KL(p||q) from log-probabilities, summed over the last axis.
 
-  ``log_p`` comes from a log-softmax of finite logits, so it is finite; where p underflows to 0
-  the term is 0 * finite = 0, the 0 * log 0 = 0 convention of ``F.kl_div``.
+  Where p is 0 (underflow, or a teacher logit of -inf: a masked class) the term is 0, the
+  0 * log 0 = 0 convention of ``F.kl_div``; the inner ``where`` keeps -inf out of the gradient.
   """
-  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  p = jnp.exp(log_p)
+  positive = p > 0
+  return jnp.sum(jnp.where(positive, p * (jnp.where(positive, log_p, 0.0) - log_q), 0.0),
+                 axis=-1)
+
+
+def _teacher_scaled(teacher_logits: jax.Array, t: jax.Array) -> jax.Array:
+  """stop_gradient(v) / t, with -inf logits (masked classes) kept out of t's gradient."""
+  v = lax.stop_gradient(teacher_logits)
+  masked = jnp.isneginf(v)
+  return jnp.where(masked, -jnp.inf, jnp.where(masked, 0.0, v) / t)
+
+
+def _check_same_shape(student_logits: jax.Array, teacher_logits: jax.Array) -> None:
+  if student_logits.shape != teacher_logits.shape:
+    raise ValueError(f"student logits {student_logits.shape} and teacher logits "
+                     f"{teacher_logits.shape} must have the same shape")
+
+
+def check_labels(logits: jax.Array, labels: jax.Array) -> None:
+  """Raises unless ``labels`` are integers of shape ``logits.shape[:-1]``: a [B, 1] column or
+  one-hot rows would otherwise broadcast into a loss of the wrong value."""
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"labels must be integers, got {labels.dtype}")
+  if logits.ndim < 1 or labels.shape != logits.shape[:-1]:
+    raise ValueError(f"labels shape {labels.shape} must equal logits.shape[:-1] of "
+                     f"{logits.shape}")
+
+
+def label_index(labels: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """The labels as int32 class indices (0 where out of range) and whether each is in
+  ``[0, num_classes)``. The range is checked in the labels' own dtype, so neither a narrow one
+  (uint8 labels of 1000 classes) nor a wide one (an int64 label of 2**32 + 3 with
+  ``jax_enable_x64``) wraps around into a valid class."""
+  in_range = labels >= 0
+  if num_classes <= jnp.iinfo(labels.dtype).max:  # else every non-negative label fits
+    in_range &= labels < num_classes
+  return jnp.where(in_range, labels, 0).astype(jnp.int32), in_range
 
 
 def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
   """Mean softmax cross-entropy at temperature 1, no label smoothing (spec §8.1)."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(_compute(logits), labels))
+  logits, labels = _compute(logits), jnp.asarray(labels)
+  check_labels(logits, labels)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
 def topk_correct(logits: ArrayLike, labels: ArrayLike, k: int) -> jax.Array:
@@ -66,22 +107,23 @@ def topk_correct(logits: ArrayLike, labels: ArrayLike, k: int) -> jax.Array:
   row with a NaN logit, wherever it is: NaN compares false with everything, so otherwise a NaN
   label logit would rank first and a model whose weights are damaged would score 100%.
   """
-  x = jnp.asarray(logits)
-  labels = jnp.asarray(labels)[..., None]
-  num_classes = x.shape[-1]
-  valid = (labels >= 0) & (labels < num_classes)
-  x_label = jnp.take_along_axis(x, jnp.clip(labels, 0, num_classes - 1), axis=-1)
-  cls = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1)
-  ahead = (x > x_label) | ((x == x_label) & (cls < labels))
+  x, labels = jnp.asarray(logits), jnp.asarray(labels)
+  check_labels(x, labels)
+  index, valid = label_index(labels, x.shape[-1])
+  index = index[..., None]
+  x_label = jnp.take_along_axis(x, index, axis=-1)
+  cls = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  ahead = (x > x_label) | ((x == x_label) & (cls < index))
   no_nan = ~jnp.any(jnp.isnan(x), axis=-1)
-  return (jnp.sum(ahead, axis=-1) < k) & valid[..., 0] & no_nan
+  return (jnp.sum(ahead, axis=-1) < k) & valid & no_nan
 
 
 def kd(student_logits: ArrayLike, teacher_logits: ArrayLike, temperature: ArrayLike) -> jax.Array:
   """Hinton KD: T**2 * mean_b KL(softmax(v/T) || softmax(z/T)) (methods.md "KD", spec §8.2)."""
-  t = _compute(temperature)
-  log_q = jax.nn.log_softmax(_compute(student_logits) / t, axis=-1)
-  log_p = jax.nn.log_softmax(lax.stop_gradient(_compute(teacher_logits)) / t, axis=-1)
+  t, z, v = _compute(temperature), _compute(student_logits), _compute(teacher_logits)
+  _check_same_shape(z, v)
+  log_q = jax.nn.log_softmax(z / t, axis=-1)
+  log_p = jax.nn.log_softmax(_teacher_scaled(v, t), axis=-1)
   return jnp.mean(_kl_rows(log_p, log_q)) * t**2
 
 
@@ -119,9 +161,11 @@ def dkd(
   exclusion of the target unless that scaled logit leads all others by more than ~900, where
   the reference itself stops excluding it. Labels must lie in ``[0, K)``.
   """
-  t = _compute(temperature)
-  z = _compute(student_logits) / t
-  v = lax.stop_gradient(_compute(teacher_logits)) / t
+  t, z, v, labels = (_compute(temperature), _compute(student_logits), _compute(teacher_logits),
+                     jnp.asarray(labels))
+  _check_same_shape(z, v)
+  check_labels(z, labels)
+  z, v = z / t, _teacher_scaled(v, t)
   target = jax.nn.one_hot(labels, z.shape[-1], dtype=jnp.bool_)
 
   p_v = jax.nn.softmax(v, axis=-1)

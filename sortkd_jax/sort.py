@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sortkd_jax.losses import check_labels, label_index
+
 __all__ = ["sort_teacher_logits"]
 
 _INT_OF_WIDTH = {1: jnp.int8, 2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
@@ -65,21 +67,17 @@ def sort_teacher_logits(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLi
   labels = jnp.asarray(labels)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"logits must be floating point, got {x.dtype}")
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"labels must be integers, got {labels.dtype}")
-  if x.ndim < 1 or labels.shape != x.shape[:-1]:
-    raise ValueError(f"labels shape {labels.shape} must equal logits.shape[:-1] of {x.shape}")
+  check_labels(x, labels)
   axis = x.ndim - 1
 
   # order[..., j]: the class at stable descending rank j; ranked: its value, bits moved as-is.
   iota = lax.broadcasted_iota(jnp.int32, x.shape, axis)  # class indices, later ranks
   _, order = lax.sort((-_order_key(x), iota), dimension=axis, is_stable=True, num_keys=1)
   ranked = jnp.take_along_axis(x, order, axis=axis)
-  # r = rank of the label; an out-of-range label gets r = 0 (row unchanged). Checked in the
-  # labels' own dtype: cast to int32 first, an int64 label of 2**32 + 3 would be class 3.
-  in_range = (labels >= 0) & (labels < x.shape[axis])
-  r = jnp.where(in_range[..., None], jnp.argmax(
-      order == labels[..., None].astype(order.dtype), axis=axis, keepdims=True), 0)
+  # r = rank of the label; an out-of-range label gets r = 0 (row unchanged).
+  index, in_range = label_index(labels, x.shape[axis])
+  r = jnp.where(in_range[..., None],
+                jnp.argmax(order == index[..., None], axis=axis, keepdims=True), 0)
   # In rank order: ranks above r take the next value down, rank r the maximum, the rest stay.
   next_down = jnp.concatenate([ranked[..., 1:], ranked[..., -1:]], axis=axis)
   rotated = jnp.where(iota < r, next_down, jnp.where(iota == r, ranked[..., :1], ranked))

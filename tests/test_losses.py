@@ -129,6 +129,36 @@ def test_topk_correct_counts_a_row_with_a_nan_logit_as_wrong(dtype):
   assert bool(losses.topk_correct(x[4], jnp.array(2), 5))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16])
+def test_topk_correct_with_narrow_label_dtypes(dtype):
+  """The class index is int32 whatever the labels' dtype: uint8 labels of 300 classes wrapped
+  around before (label 44 ranked against class indices modulo 256)."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((16, 300)).astype(np.float32)
+  y = rng.integers(0, 120, 16)
+  for k in (1, 50, 200):
+    np.testing.assert_array_equal(losses.topk_correct(x, y.astype(dtype), k),
+                                  losses.topk_correct(x, y.astype(np.int32), k))
+  assert bool(losses.topk_correct(np.zeros((300,), np.float32), np.uint8(44), 50))
+
+
+def test_labels_of_the_wrong_shape_or_dtype_are_refused():
+  """A [B, 1] column or one-hot labels would broadcast into a loss of the wrong value."""
+  z, v, y = _logits(9, shape=(4, 10))
+  for labels in (y[:, None], np.eye(10)[y].astype(np.int32), y[:3]):
+    with pytest.raises(ValueError, match=r"labels shape .* must equal logits.shape\[:-1\]"):
+      losses.dkd(z, v, labels, 1.0, 8.0, 4.0)
+    with pytest.raises(ValueError, match="must equal logits.shape"):
+      losses.cross_entropy(z, labels)
+    with pytest.raises(ValueError, match="must equal logits.shape"):
+      losses.topk_correct(z, labels, 1)
+  with pytest.raises(TypeError, match="labels must be integers, got float"):
+    losses.dkd(z, v, y.astype(np.float32), 1.0, 8.0, 4.0)
+  for loss in (lambda t: losses.kd(z, t, 4.0), lambda t: losses.dkd(z, t, y, 1.0, 8.0, 4.0)):
+    with pytest.raises(ValueError, match=r"teacher logits \(10,\) must have the same shape"):
+      loss(v[0])
+
+
 # ---------------------------------------------------------------- KD, DKD, LSKD
 @pytest.mark.parametrize("t", [1.0, 4.0, 2.5])
 def test_kd_matches_reference(t):
@@ -250,6 +280,27 @@ def test_extreme_logits_give_finite_losses_and_gradients(t):
   value, grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(z, jnp.float32(t))
   assert np.isfinite(float(value))
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+def test_masked_teacher_classes_follow_the_0_log_0_convention():
+  """A teacher logit of -inf (a masked class) has p = 0 and adds nothing, as in F.kl_div; the
+  loss and its gradients (the student's, a learned temperature's) equal those of a mask of
+  -1e30, whose probability underflows to 0. Both were NaN."""
+  z, v, y = _logits(11, shape=(4, 10))
+  masked = np.zeros_like(v, bool)
+  masked[:, [3, 7]] = True
+  masked[np.arange(4), y] = False
+  for loss in (lambda z, v, t: losses.kd(z, v, t),
+               lambda z, v, t: losses.dkd(z, v, y, 1.0, 8.0, t)):
+    def value_and_grads(fill):
+      return jax.value_and_grad(loss, argnums=(0, 2))(z, np.where(masked, fill, v), 4.0)
+    inf_loss, inf_grads = value_and_grads(-np.inf)
+    finite_loss, finite_grads = value_and_grads(-1e30)
+    assert np.isfinite(inf_loss)
+    np.testing.assert_allclose(inf_loss, finite_loss, rtol=1e-6)
+    chex.assert_trees_all_close(inf_grads, finite_grads, rtol=1e-6)
+  expected = np_kd(z, np.where(masked, -1e30, v), 4.0)
+  _assert_scalar_close(losses.kd(z, np.where(masked, -np.inf, v), 4.0), expected)
 
 
 def test_dkd_tckd_finite_where_the_reference_log_underflows():

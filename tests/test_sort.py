@@ -184,6 +184,18 @@ def test_out_of_range_labels_leave_rows_unchanged():
   np.testing.assert_array_equal(out, x)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16])
+def test_narrow_label_dtypes_with_more_classes_than_they_count(dtype):
+  """uint8 labels of 300 classes: the range check must not wrap 300 into the labels' dtype (it
+  did, and label 44 then counted as out of range, leaving its row unsorted)."""
+  x = jnp.asarray(np.random.default_rng(0).permutation(70_000)[:2 * 300].reshape(2, 300),
+                  jnp.float32)
+  labels = np.array([44, 2], dtype)
+  expected = _sort_jit(x, jnp.asarray(labels, jnp.int32))
+  np.testing.assert_array_equal(_sort_jit(x, labels), expected)
+  assert not np.array_equal(expected, x)
+
+
 def test_commutes_with_temperature():
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.permuted(np.tile(np.arange(10.0, dtype=np.float32), (4, 1)), axis=1))
