@@ -303,6 +303,18 @@ def test_save_load_model(tmp_path):
     checkpoint.save_model(dst, model, arch="vgg11", num_classes=100)
   with pytest.raises(ValueError, match="Unknown arch 'vgg12'. Valid names: resnet8"):
     checkpoint.save_model(dst, model, arch="vgg12", num_classes=100, overwrite=True)
+  # An arch or class count the model does not have would write a checkpoint that cannot load.
+  with pytest.raises(ValueError, match=r"The weights do not fit a vgg11 with 10 classes: their "
+                     r"params/classifier/bias has shape \(100,\), where a vgg11 with 10 classes "
+                     r"has \(10,\)"):
+    checkpoint.save_model(dst, model, arch="vgg11", num_classes=10, overwrite=True)
+  with pytest.raises(ValueError, match=r"The weights do not fit a vgg13 with 100 classes: they "
+                     r"have no "):
+    checkpoint.save_model(dst, model, arch="vgg13", num_classes=100, overwrite=True)
+  with pytest.raises(ValueError, match=r"The weights do not fit a vgg8 with 100 classes, which "
+                     r"has no "):
+    checkpoint.save_model(dst, model, arch="vgg8", num_classes=100, overwrite=True)
+  loaded, _ = checkpoint.load_model(dst)  # the refused saves left the checkpoint as it was
   checkpoint.save_model(dst, model, arch="vgg11", num_classes=100, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]
   run = tmp_path / "run"

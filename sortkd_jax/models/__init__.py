@@ -97,11 +97,32 @@ def model_from_pure_dicts(name: str, num_classes: int | None, params: dict,
   ``nnx.to_pure_dict`` writes them), in eval mode."""
   graphdef, abstract_params, abstract_stats = nnx.split(
       abstract_model(name, num_classes, dtype=dtype), nnx.Param, nnx.BatchStat)
+  _check_fits(name, num_classes, {"params": nnx.to_pure_dict(abstract_params),
+                                  "batch_stats": nnx.to_pure_dict(abstract_stats)},
+              {"params": params, "batch_stats": batch_stats})
   nnx.replace_by_pure_dict(abstract_params, params)
   nnx.replace_by_pure_dict(abstract_stats, batch_stats)
   model = nnx.merge(graphdef, abstract_params, abstract_stats)
   model.eval()
   return model
+
+
+def _check_fits(name: str, num_classes: int | None, expected: dict, given: dict) -> None:
+  """Raises, naming the first difference, unless `given` has `expected`'s arrays and shapes."""
+  def shapes(tree):
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(jnp.shape(leaf))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  want, got = shapes(expected), shapes(given)
+  model = f"a {name} with {num_classes or default_num_classes(name)} classes"
+  for path in sorted(want.keys() | got.keys()):
+    if path not in got:
+      raise ValueError(f"The weights do not fit {model}: they have no {path}.")
+    if path not in want:
+      raise ValueError(f"The weights do not fit {model}, which has no {path}.")
+  for path in sorted(want):
+    if want[path] != got[path]:
+      raise ValueError(f"The weights do not fit {model}: their {path} has shape "
+                       f"{got[path]}, where {model} has {want[path]}.")
 
 
 def count_params(model: nnx.Module) -> int:
