@@ -51,6 +51,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     temperatures["ctkd.t_start"] = config.ctkd.t_start
     if not config.ctkd.t_end >= 0:
       raise ValueError(f"config.ctkd.t_end must be at least 0, got {config.ctkd.t_end!r}.")
+    if not config.ctkd.ramp_epochs > 0:  # λ's cosine ramp divides by it
+      raise ValueError("config.ctkd.ramp_epochs must be positive (epochs until λ reaches 1), "
+                       f"got {config.ctkd.ramp_epochs!r}.")
   for key, value in temperatures.items():
     if not value > 0:
       raise ValueError(f"config.{key} must be positive, got {value!r}.")

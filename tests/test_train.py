@@ -423,6 +423,7 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("kd.temperature", 0.0, "config.kd.temperature must be positive, got 0.0"),
     ("ctkd.t_start", -1.0, "config.ctkd.t_start must be positive"),
     ("ctkd.t_end", -1.0, "config.ctkd.t_end must be at least 0"),
+    ("ctkd.ramp_epochs", 0, r"config.ctkd.ramp_epochs must be positive \(epochs until λ"),
     ("lr_decay_epochs", (150, 150), "lr_decay_epochs must be increasing"),
 ])
 def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message):
