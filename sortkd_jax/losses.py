@@ -48,11 +48,11 @@ def _kl_rows(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
 
   Where p is 0 (underflow, or a teacher logit of -inf: a masked class) the term is 0, the
   0 * log 0 = 0 convention of ``F.kl_div``; the inner ``where`` keeps -inf out of the gradient.
+  A NaN p stays NaN: a damaged teacher must not give a finite loss.
   """
   p = jnp.exp(log_p)
-  positive = p > 0
-  return jnp.sum(jnp.where(positive, p * (jnp.where(positive, log_p, 0.0) - log_q), 0.0),
-                 axis=-1)
+  zero = p == 0
+  return jnp.sum(jnp.where(zero, 0.0, p * (jnp.where(zero, 0.0, log_p) - log_q)), axis=-1)
 
 
 def _teacher_scaled(teacher_logits: jax.Array, t: jax.Array) -> jax.Array:
@@ -166,7 +166,8 @@ def dkd(
   _check_same_shape(z, v)
   check_labels(z, labels)
   z, v = z / t, _teacher_scaled(v, t)
-  target = jax.nn.one_hot(labels, z.shape[-1], dtype=jnp.bool_)
+  index, in_range = label_index(labels, z.shape[-1])  # one_hot would count in the labels' dtype
+  target = jax.nn.one_hot(index, z.shape[-1], dtype=jnp.bool_) & in_range[..., None]
 
   p_v = jax.nn.softmax(v, axis=-1)
   b_v_target = jnp.sum(jnp.where(target, p_v, 0.0), axis=-1)

@@ -748,12 +748,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 
 def _finished_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """The result of a run that has saved all its epochs, from its latest checkpoint (checked as a
-  resume would): it needs neither its data nor its teacher, which may be gone by now."""
+  """The result of a run that has saved all its epochs, from its latest checkpoint (its layout
+  and bits checked as on a resume): it needs neither its data nor its teacher, which may be
+  gone by now."""
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR))
   try:
     latest = ckpt.latest_epoch()
     meta = ckpt.read_meta(latest)
+    # The run's own schedule, though only the optimizer state's structure matters here.
     optimizer = make_optimizer(config, steps_per_epoch=meta["step"] // latest)
     state = create_train_state(config, meta["num_classes"], optimizer)[0]
     state, meta = ckpt.restore(latest, state)

@@ -130,16 +130,19 @@ def test_topk_correct_counts_a_row_with_a_nan_logit_as_wrong(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16])
-def test_topk_correct_with_narrow_label_dtypes(dtype):
-  """The class index is int32 whatever the labels' dtype: uint8 labels of 300 classes wrapped
-  around before (label 44 ranked against class indices modulo 256)."""
+def test_narrow_label_dtypes_in_topk_correct_and_dkd(dtype):
+  """The class index is int32 whatever the labels' dtype: with uint8 labels of 300 classes,
+  topk_correct ranked label 44 against class indices modulo 256, and DKD's one-hot also marked
+  classes 256-299 as targets of labels 0-43."""
   rng = np.random.default_rng(3)
-  x = rng.standard_normal((16, 300)).astype(np.float32)
+  x, v = rng.standard_normal((2, 16, 300)).astype(np.float32)
   y = rng.integers(0, 120, 16)
   for k in (1, 50, 200):
     np.testing.assert_array_equal(losses.topk_correct(x, y.astype(dtype), k),
                                   losses.topk_correct(x, y.astype(np.int32), k))
   assert bool(losses.topk_correct(np.zeros((300,), np.float32), np.uint8(44), 50))
+  np.testing.assert_array_equal(losses.dkd(x, v, y.astype(dtype), 1.0, 8.0, 4.0),
+                                losses.dkd(x, v, y.astype(np.int32), 1.0, 8.0, 4.0))
 
 
 def test_labels_of_the_wrong_shape_or_dtype_are_refused():
@@ -301,6 +304,9 @@ def test_masked_teacher_classes_follow_the_0_log_0_convention():
     chex.assert_trees_all_close(inf_grads, finite_grads, rtol=1e-6)
   expected = np_kd(z, np.where(masked, -1e30, v), 4.0)
   _assert_scalar_close(losses.kd(z, np.where(masked, -np.inf, v), 4.0), expected)
+  # A NaN teacher logit (damaged weights) is no mask: the loss must not come out finite.
+  damaged = np.where(masked, np.nan, v)
+  assert np.isnan(losses.kd(z, damaged, 4.0)) and np.isnan(losses.dkd(z, damaged, y, 1, 8, 4))
 
 
 def test_dkd_tckd_finite_where_the_reference_log_underflows():
