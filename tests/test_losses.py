@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sortkd_jax import losses
 
@@ -196,6 +198,21 @@ def test_nckd_offset_equals_exact_exclusion():
     exact = np_nckd_exact(z, v, y, t)
     np.testing.assert_allclose(np_dkd(z, v, y, 0.0, 1.0, t), exact, rtol=1e-12)
     _assert_scalar_close(losses.dkd(z, v, y, 0.0, 1.0, t), exact)
+
+
+@settings(deadline=None, max_examples=40)
+@given(seed=st.integers(0, 2**31 - 1), num_classes=st.integers(2, 12),
+       t=st.sampled_from([1.0, 2.0, 4.0]), scale=st.sampled_from([0.5, 3.0, 8.0]))
+def test_kd_decomposes_into_tckd_and_weighted_nckd(seed, num_classes, t, scale):
+  """DKD's identity (Zhao et al., CVPR 2022, eq. 5), per example: KD = TCKD + (1 - p_t) NCKD,
+  with p_t the teacher's target probability at temperature T. An independent check of the
+  split into binary and non-target parts, from the paper rather than from the reference code."""
+  z, v, y = _logits(seed, shape=(1, num_classes), scale=scale)
+  p_target = np_softmax(np.float64(v) / t)[0, y[0]]
+  tckd = losses.dkd(z, v, y, 1.0, 0.0, t)
+  nckd = losses.dkd(z, v, y, 0.0, 1.0, t)
+  np.testing.assert_allclose(losses.kd(z, v, t), tckd + (1 - p_target) * nckd,
+                             rtol=2e-5, atol=1e-6)
 
 
 def test_lskd_is_kd_on_standardized_logits():
