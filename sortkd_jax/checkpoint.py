@@ -206,6 +206,7 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
   }
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  set_aside = None
   try:
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stick to the final directory
     ckptr = ocp.StandardCheckpointer()
@@ -216,12 +217,16 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
       json.dump(info, f, indent=2)
     if os.path.exists(path):  # overwrite: move the old one aside, then swap in
       trash = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-      os.rename(path, os.path.join(trash, "old"))
+      set_aside = os.path.join(trash, "old")
+      os.rename(path, set_aside)
       os.rename(tmp, path)
       shutil.rmtree(trash, ignore_errors=True)
     else:
       os.rename(tmp, path)
-  except BaseException:
+  except BaseException:  # Ctrl-C too: the old model stays at `path`
+    if set_aside and not os.path.exists(path) and os.path.exists(set_aside):
+      os.rename(set_aside, path)
+      os.rmdir(os.path.dirname(set_aside))
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return info

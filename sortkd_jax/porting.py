@@ -28,6 +28,7 @@ import functools
 import os
 import pickle
 import re
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -158,6 +159,10 @@ def _as_numpy(value: Any, key: str) -> np.ndarray:
   if isinstance(value, np.ndarray):
     return value
   if type(value).__module__.startswith("torch"):  # a torch.Tensor; no torch import needed
+    if getattr(value, "is_meta", False):
+      raise TorchFileError(
+          f"State-dict entry {key!r} is a tensor on torch's 'meta' device, which holds a shape "
+          "but no values: save the model again after its weights are loaded or initialised.")
     t = value.detach().cpu()
     if t.is_floating_point():
       t = t.float()  # bf16/fp16 checkpoints; numpy has no bfloat16
@@ -321,9 +326,19 @@ def save_torch_file(path: str | os.PathLike, model: nnx.Module) -> int:
     state_dict[key] = torch.tensor(value)  # a copy: the arrays may be read-only views
     if key.endswith(".running_var"):
       state_dict[key.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0)
-  path = os.fspath(path)
-  torch.save({"model": state_dict}, path + ".tmp")
-  os.replace(path + ".tmp", path)
+  path = os.path.abspath(os.fspath(path))
+  # A temporary file of its own: a fixed name such as `path + ".tmp"` may be someone's file.
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+  os.close(fd)
+  try:
+    torch.save({"model": state_dict}, tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as a new file gets: mkstemp's 0600 would stick
+    os.replace(tmp, path)
+  except BaseException:
+    os.remove(tmp)
+    raise
   return len(state_dict)
 
 

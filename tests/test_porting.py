@@ -241,6 +241,43 @@ def test_saved_torch_file_is_the_ported_state_dict(name, tmp_path):
     assert value.numpy().dtype == sd[key].dtype, key
 
 
+def test_saving_a_torch_file_leaves_other_files_alone(tmp_path, monkeypatch):
+  """The file is written under a name of its own: `<dst>.tmp` may be the user's, and an
+  interrupted save leaves neither a temporary file nor a half-written `dst`."""
+  model = porting.port_state_dict("resnet8", fixture("resnet8")[0])
+  theirs = tmp_path / "student_best.pth.tmp"
+  theirs.write_text("my notes")
+  dst = tmp_path / "student_best.pth"
+  porting.save_torch_file(dst, model)
+  assert theirs.read_text() == "my notes"
+  assert sorted(os.listdir(tmp_path)) == ["student_best.pth", "student_best.pth.tmp"]
+  assert oct(os.stat(dst).st_mode & 0o777) == oct(0o666 & ~_umask())
+
+  def interrupted(obj, f):
+    with open(f, "wb") as out:
+      out.write(b"half")
+    raise KeyboardInterrupt
+  monkeypatch.setattr(torch, "save", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    porting.save_torch_file(dst, model)
+  assert sorted(os.listdir(tmp_path)) == ["student_best.pth", "student_best.pth.tmp"]
+  assert torch.load(dst, weights_only=True)["model"].keys() == fixture("resnet8")[0].keys()
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def test_meta_device_tensors_are_refused_with_advice():
+  sd = {k: torch.as_tensor(v) for k, v in fixture("resnet8")[0].items()}
+  sd["fc.weight"] = torch.empty(sd["fc.weight"].shape, device="meta")
+  with pytest.raises(porting.TorchFileError, match=r"'fc.weight' is a tensor on torch's 'meta' "
+                     "device, which holds a shape but no values: save the model again"):
+    porting.port_state_dict("resnet8", sd)
+
+
 def test_pth_component_selection(pth_files):
   t = porting.load_torch_state_dict(pth_files["latest"], "teacher")
   s = porting.load_torch_state_dict(pth_files["latest"], "student")
@@ -281,7 +318,7 @@ def test_pth_errors(pth_files, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------
 
 
-def test_save_load_model(tmp_path):
+def test_save_load_model(tmp_path, monkeypatch):
   # vgg11: nnx.List containers with gaps (block2.0, .1, .3, .4) must survive orbax.
   sd, x, ref = fixture("vgg11")
   model = porting.port_state_dict("vgg11", sd)
@@ -315,6 +352,19 @@ def test_save_load_model(tmp_path):
                      r"has no "):
     checkpoint.save_model(dst, model, arch="vgg8", num_classes=100, overwrite=True)
   loaded, _ = checkpoint.load_model(dst)  # the refused saves left the checkpoint as it was
+  # Ctrl-C as the new checkpoint is swapped in: the old one is put back, nothing else stays.
+  rename = os.rename
+
+  def interrupted_swap(src, dst_):
+    if os.path.basename(src).startswith(".ckpt.tmp-"):
+      raise KeyboardInterrupt
+    rename(src, dst_)
+  monkeypatch.setattr(os, "rename", interrupted_swap)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.save_model(dst, model, arch="vgg11", num_classes=100, overwrite=True)
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+  assert checkpoint.read_model_metadata(dst)["arch"] == "vgg11"
   checkpoint.save_model(dst, model, arch="vgg11", num_classes=100, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]
   run = tmp_path / "run"
