@@ -54,9 +54,11 @@ def main():
   from sortkd_jax import checkpoint, models, porting  # noqa: PLC0415 - keep --help fast
 
   arch, src, dst = FLAGS.arch, FLAGS.src, FLAGS.dst
-  # Both checked before the (possibly large) file is read.
+  # Checked before the (possibly large) file is read.
   if arch is not None:
     models.check_name(arch, "--arch")
+  if not dst.strip():
+    raise ValueError("--dst is empty: name the directory to write, e.g. teachers/resnet32x4.")
   if os.path.exists(dst) and not FLAGS.overwrite:
     raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it, or "
                           "choose another directory.")

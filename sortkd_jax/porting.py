@@ -439,6 +439,10 @@ def load_torch_state_dict(path: str | os.PathLike, component: str | None = None,
           "(in Python: trust_pickle=True).") from e
     try:
       obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as e2:  # the file is fine; a class in it is not found
+      raise TorchFileError(
+          f"{path!r} pickles a Python class that cannot be imported here ({e2}): put the code "
+          "that saved it on PYTHONPATH, or save its state_dict() alone and port that.") from e2
     except Exception as e2:
       raise TorchFileError(f"{path!r} is not a readable PyTorch checkpoint ({e2}).") from e2
   except Exception as e:  # truncated zip, empty file, ...

@@ -308,6 +308,19 @@ def test_pth_errors(pth_files, tmp_path, monkeypatch):
     porting.load_torch_state_dict(pickled)
   assert "add_safe_globals" not in str(err.value)  # torch's advice for Python code, not ours
   assert set(porting.load_torch_state_dict(pickled, trust_pickle=True)) == {"weight", "bias"}
+  # A class of the user's own code, not importable where the file is read.
+  (tmp_path / "users_net.py").write_text(
+      "import torch\nclass Net(torch.nn.Linear):\n  pass\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  import users_net
+  users = str(tmp_path / "users_net.pth")
+  torch.save({"model": users_net.Net(2, 3)}, users)
+  monkeypatch.delitem(sys.modules, "users_net")
+  os.remove(tmp_path / "users_net.py")
+  with pytest.raises(porting.TorchFileError, match=(
+      r"users_net.pth' pickles a Python class that cannot be imported here \(No module named "
+      r"'users_net'\): put the code that saved it on PYTHONPATH")):
+    porting.load_torch_state_dict(users, trust_pickle=True)
   monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
   with pytest.raises(ImportError, match="pip install torch"):
     porting.load_torch_state_dict(pth_files["bare"])
@@ -449,6 +462,8 @@ def test_port_weights_script(pth_files, tmp_path):
 
   r = port_weights("--arch", "resnet8", "--src", pth_files["teacher"], "--dst", dst)
   assert r.returncode != 0 and "already exists; pass --overwrite" in r.stderr
+  r = port_weights("--src", pth_files["teacher"], "--dst", "")  # not the current directory
+  assert r.returncode == 1 and "error: --dst is empty: name the directory" in r.stderr
   # A trainer file holds a student and a teacher: neither is taken without --component.
   r = port_weights("--arch", "resnet8", "--src", pth_files["latest"], "--dst", dst,
                    "--overwrite")
