@@ -149,5 +149,12 @@ def loss_terms(config: ml_collections.ConfigDict, student_logits: jax.Array,
     epoch: the 1-based epoch of this step (DKD warm-up and CTKD's λ depend on it).
     ctkd_theta: CTKD's learnable scalar θ (only for `ctkd`).
   """
+  validate(config)
+  if uses_teacher(config) and teacher_logits is None:
+    raise ValueError(f"config.method {config.method!r} needs the teacher's logits; "
+                     "got teacher_logits=None.")
+  if learns_temperature(config) and ctkd_theta is None:
+    raise ValueError("config.method 'ctkd' needs its learnable temperature parameter; "
+                     "got ctkd_theta=None (the trainer starts it at config.ctkd.init).")
   return _REGISTRY[config.method](config, student_logits, teacher_logits, labels, epoch,
                                   ctkd_theta)

@@ -71,3 +71,21 @@ def test_loss_terms_match_the_formulas(name):
   ce, distill = expected_terms(config, z, np.asarray(targets), y)
   np.testing.assert_allclose(float(terms["ce"]), ce, rtol=1e-5)
   np.testing.assert_allclose(float(terms["kd"]), distill, rtol=2e-5)
+
+
+@pytest.mark.parametrize("module, change, message", [
+    (cifar_kd, {"method": "kdd"}, "Unknown config.method 'kdd'"),
+    (cifar_kd, {"teacher_logits": None}, "needs the teacher's logits"),
+    (cifar_ctkd, {"ctkd_theta": None}, "needs its learnable temperature"),
+])
+def test_loss_terms_names_what_is_missing(module, change, message):
+  """A library user calling `loss_terms` directly gets the problem named, not a KeyError or
+  jnp.array's complaint about None."""
+  config = module.get_config("res32x4_res8x4")
+  if "method" in change:
+    config.method = change["method"]
+  logits, labels = jnp.zeros((2, 100)), jnp.array([0, 1])
+  arguments = {"teacher_logits": logits, "ctkd_theta": jnp.float32(0.0), **change}
+  arguments.pop("method", None)
+  with pytest.raises(ValueError, match=message):
+    methods.loss_terms(config, logits, labels=labels, epoch=jnp.float32(1.0), **arguments)
