@@ -62,10 +62,14 @@ def _teacher_scaled(teacher_logits: jax.Array, t: jax.Array) -> jax.Array:
   return jnp.where(masked, -jnp.inf, jnp.where(masked, 0.0, v) / t)
 
 
-def _check_same_shape(student_logits: jax.Array, teacher_logits: jax.Array) -> None:
+def _check_shapes(student_logits: jax.Array, teacher_logits: jax.Array,
+                  temperature: jax.Array) -> None:
+  """Same-shape logits and one temperature: a [B, 1] one would broadcast into a [B, 1] loss."""
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(f"student logits {student_logits.shape} and teacher logits "
                      f"{teacher_logits.shape} must have the same shape")
+  if temperature.ndim:
+    raise ValueError(f"the temperature must be a scalar, got shape {temperature.shape}")
 
 
 def check_labels(logits: jax.Array, labels: jax.Array) -> None:
@@ -121,7 +125,7 @@ def topk_correct(logits: ArrayLike, labels: ArrayLike, k: int) -> jax.Array:
 def kd(student_logits: ArrayLike, teacher_logits: ArrayLike, temperature: ArrayLike) -> jax.Array:
   """Hinton KD: T**2 * mean_b KL(softmax(v/T) || softmax(z/T)) (methods.md "KD", spec §8.2)."""
   t, z, v = _compute(temperature), _compute(student_logits), _compute(teacher_logits)
-  _check_same_shape(z, v)
+  _check_shapes(z, v, t)
   log_q = jax.nn.log_softmax(z / t, axis=-1)
   log_p = jax.nn.log_softmax(_teacher_scaled(v, t), axis=-1)
   return jnp.mean(_kl_rows(log_p, log_q)) * t**2
@@ -163,7 +167,7 @@ def dkd(
   """
   t, z, v, labels = (_compute(temperature), _compute(student_logits), _compute(teacher_logits),
                      jnp.asarray(labels))
-  _check_same_shape(z, v)
+  _check_shapes(z, v, t)
   check_labels(z, labels)
   z, v = z / t, _teacher_scaled(v, t)
   index, in_range = label_index(labels, z.shape[-1])  # one_hot would count in the labels' dtype

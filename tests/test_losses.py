@@ -147,7 +147,7 @@ def test_narrow_label_dtypes_in_topk_correct_and_dkd(dtype):
                                 losses.dkd(x, v, y.astype(np.int32), 1.0, 8.0, 4.0))
 
 
-def test_labels_of_the_wrong_shape_or_dtype_are_refused():
+def test_inputs_of_the_wrong_shape_or_dtype_are_refused():
   """A [B, 1] column or one-hot labels would broadcast into a loss of the wrong value."""
   z, v, y = _logits(9, shape=(4, 10))
   for labels in (y[:, None], np.eye(10)[y].astype(np.int32), y[:3]):
@@ -162,6 +162,10 @@ def test_labels_of_the_wrong_shape_or_dtype_are_refused():
   for loss in (lambda t: losses.kd(z, t, 4.0), lambda t: losses.dkd(z, t, y, 1.0, 8.0, 4.0)):
     with pytest.raises(ValueError, match=r"teacher logits \(10,\) must have the same shape"):
       loss(v[0])
+  # One temperature per batch: a [B, 1] one used to return a [B, 1] "loss".
+  for loss in (lambda t: losses.kd(z, v, t), lambda t: losses.dkd(z, v, y, 1.0, 8.0, t)):
+    with pytest.raises(ValueError, match=r"temperature must be a scalar, got shape \(4, 1\)"):
+      loss(np.full((4, 1), 4.0, np.float32))
 
 
 # ---------------------------------------------------------------- KD, DKD, LSKD
