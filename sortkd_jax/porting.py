@@ -30,7 +30,7 @@ import pickle
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -365,11 +365,30 @@ def _is_tensor_dict(obj: Any) -> bool:
       for k, v in obj.items())
 
 
-def _looks_like_torch_file(path: str) -> bool:
-  """A torch.save zip archive or a legacy (pickle protocol ≥ 2) torch file."""
+_LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # the first object of a legacy torch.save file
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+  def find_class(self, module: str, name: str) -> Any:
+    raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def _file_format(path: str) -> str:
+  """'zip' (torch.save), 'legacy' (torch.save before 1.6 or with the old format), 'pickle' (a
+  plain Python pickle, which torch.load cannot read) or 'other'. Reads the legacy magic number
+  without resolving any global, so nothing in the file runs."""
   with open(path, "rb") as f:
-    head = f.read(2)
-  return head == b"PK" or head[:1] == b"\x80"
+    if f.read(2) == b"PK":
+      return "zip"
+    f.seek(0)
+    if f.read(1) != b"\x80":
+      return "other"
+    f.seek(0)
+    try:
+      first = _NoGlobalsUnpickler(f).load()
+    except Exception:  # a global, a persistent id, a truncated file: not the legacy header
+      return "pickle"
+    return "legacy" if isinstance(first, int) and first == _LEGACY_TORCH_MAGIC else "pickle"
 
 
 def _unpickler_detail(message: str) -> str:
@@ -382,6 +401,54 @@ def _unpickler_detail(message: str) -> str:
       # Drop torch's advice to allowlist the global in Python: the caller's options follow.
       return re.split(r"\.? Please use `?torch\.serialization", rest)[0]
   return lines[-1] if lines else "unknown error"
+
+
+def _trusted_load(path: str, load: Callable[[], Any]) -> Any:
+  """``load()``, which may unpickle any class, with a missing class named as such."""
+  try:
+    return load()
+  except (ImportError, AttributeError) as e:  # the file is fine; a class in it is not found
+    raise TorchFileError(
+        f"{path!r} pickles a Python class that cannot be imported here ({e}): put the code "
+        "that saved it on PYTHONPATH, or save its state_dict() alone and port that.") from e
+  except Exception as e:
+    raise TorchFileError(f"{path!r} is not a readable PyTorch checkpoint ({e}).") from e
+
+
+def _unpickle(torch: Any, path: str, trust_pickle: bool) -> Any:
+  """The object in a torch.save file, or in a plain pickle when trusted; tensors stay on CPU."""
+  if_trusted = (f"If you trust the file, convert it once with `python scripts/port_weights.py "
+                f"--src {path} --dst DIR --trust_pickle` and use DIR instead (in Python: "
+                "trust_pickle=True).")
+  if _file_format(path) == "pickle":  # torch.load cannot read these at all
+    if not trust_pickle:
+      raise TorchFileError(f"{path!r} is a plain Python pickle, not a torch.save file, and "
+                           f"reading it may run code it holds. {if_trusted}")
+
+    def load_pickle() -> Any:
+      with open(path, "rb") as f:
+        return pickle.load(f)
+    return _trusted_load(path, load_pickle)
+  try:
+    with warnings.catch_warnings():  # a non-torch pickle warns before it fails, misleadingly
+      warnings.filterwarnings("ignore", message="Detected pickle protocol")
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    detail = _unpickler_detail(str(e))
+    if "unsupported global" not in detail.lower() or _file_format(path) == "other":
+      raise TorchFileError(
+          f"{path!r} is not a readable PyTorch checkpoint (corrupt or not a torch.save "
+          f"file: {detail}). Download or copy it again.") from e
+    if not trust_pickle:
+      raise TorchFileError(
+          f"{path!r} holds Python objects that torch.load(weights_only=True) refuses to "
+          f"unpickle ({detail}). {if_trusted}") from e
+  except Exception as e:  # truncated zip, empty file, ...
+    raise TorchFileError(
+        f"{path!r} is not a readable PyTorch checkpoint (corrupt or not a torch.save file: "
+        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected end of file'}"
+        "). Download or copy it again.") from e
+  return _trusted_load(path, lambda: torch.load(path, map_location="cpu", weights_only=False))
 
 
 def load_torch_state_dict(path: str | os.PathLike, component: str | None = None, *,
@@ -402,7 +469,8 @@ def load_torch_state_dict(path: str | os.PathLike, component: str | None = None,
       return; None: the file's only model (a distiller checkpoint holding both halves is
       refused). Ignored for files holding a single model.
     trust_pickle: retry with ``weights_only=False`` if the file holds objects beyond
-      tensors and plain containers. This executes pickled code: only for trusted files.
+      tensors and plain containers, and read plain pickles (``pickle.dump`` of a state
+      dict). This executes pickled code: only for trusted files.
 
   Raises:
     FileNotFoundError: no such file.
@@ -420,36 +488,7 @@ def load_torch_state_dict(path: str | os.PathLike, component: str | None = None,
         f"No such checkpoint file: {path!r}. For mdistiller's CIFAR teachers, download "
         "cifar_teachers.tar from the mdistiller GitHub release 'checkpoints' and untar it "
         "into download_ckpts/.")
-  torch = _import_torch()
-  try:
-    with warnings.catch_warnings():  # a non-torch pickle warns before it fails, misleadingly
-      warnings.filterwarnings("ignore", message="Detected pickle protocol")
-      obj = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    detail = _unpickler_detail(str(e))
-    if "unsupported global" not in detail.lower() or not _looks_like_torch_file(path):
-      raise TorchFileError(
-          f"{path!r} is not a readable PyTorch checkpoint (corrupt or not a torch.save "
-          f"file: {detail}). Download or copy it again.") from e
-    if not trust_pickle:
-      raise TorchFileError(
-          f"{path!r} holds Python objects that torch.load(weights_only=True) refuses to "
-          f"unpickle ({detail}). If you trust the file, convert it once with `python "
-          f"scripts/port_weights.py --src {path} --dst DIR --trust_pickle` and use DIR instead "
-          "(in Python: trust_pickle=True).") from e
-    try:
-      obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (ImportError, AttributeError) as e2:  # the file is fine; a class in it is not found
-      raise TorchFileError(
-          f"{path!r} pickles a Python class that cannot be imported here ({e2}): put the code "
-          "that saved it on PYTHONPATH, or save its state_dict() alone and port that.") from e2
-    except Exception as e2:
-      raise TorchFileError(f"{path!r} is not a readable PyTorch checkpoint ({e2}).") from e2
-  except Exception as e:  # truncated zip, empty file, ...
-    raise TorchFileError(
-        f"{path!r} is not a readable PyTorch checkpoint (corrupt or not a torch.save file: "
-        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected end of file'}"
-        "). Download or copy it again.") from e
+  obj = _unpickle(_import_torch(), path, trust_pickle)
 
   if isinstance(obj, Mapping) and callable(getattr(obj.get("model"), "state_dict", None)):
     obj = dict(obj, model=obj["model"].state_dict())  # a pickled nn.Module (trust_pickle)

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shutil
+import pickle
 import sys
 
 import jax
@@ -308,6 +309,20 @@ def test_pth_errors(pth_files, tmp_path, monkeypatch):
     porting.load_torch_state_dict(pickled)
   assert "add_safe_globals" not in str(err.value)  # torch's advice for Python code, not ours
   assert set(porting.load_torch_state_dict(pickled, trust_pickle=True)) == {"weight", "bias"}
+  # A plain pickle of NumPy arrays: torch.load cannot read it, even with weights_only=False.
+  plain = str(tmp_path / "plain.pkl")
+  with open(plain, "wb") as f:
+    pickle.dump({"weight": np.ones((3, 2), np.float32), "bias": torch.zeros(3)}, f, protocol=2)
+  with pytest.raises(porting.TorchFileError, match=(
+      r"plain.pkl' is a plain Python pickle, not a torch.save file, .* convert it once with "
+      r"`python scripts/port_weights.py --src .*plain\.pkl --dst DIR --trust_pickle`")):
+    porting.load_torch_state_dict(plain)
+  loaded = porting.load_torch_state_dict(plain, trust_pickle=True)
+  np.testing.assert_array_equal(loaded["weight"], np.ones((3, 2)))
+  assert set(loaded) == {"weight", "bias"}
+  legacy = str(tmp_path / "legacy.pth")  # torch.save's pre-1.6 format is a pickle stream too
+  torch.save({"weight": torch.ones(3, 2)}, legacy, _use_new_zipfile_serialization=False)
+  assert set(porting.load_torch_state_dict(legacy)) == {"weight"}
   # A class of the user's own code, not importable where the file is read.
   (tmp_path / "users_net.py").write_text(
       "import torch\nclass Net(torch.nn.Linear):\n  pass\n")
