@@ -516,9 +516,10 @@ def _open_split(
 
   tfds datasets are split per process with `tfds.split_for_jax_process` (shard sizes differ by
   at most one) and read only in part. `tfds.ImageFolder` has no sub-splits, so folders are
-  sharded with `Dataset.shard` after the file read: every process reads every file, which costs
-  I/O on many hosts (prepare a tfds dataset for multi-host ImageNet). With `shuffle_seed`, tfds
-  shuffles its files each epoch (a folder keeps tfds' fixed shuffled order). `max_examples`
+  sharded with `Dataset.shard`: the train stream (`shuffle_seed`) before reading its files, the
+  eval stream after, so every process reads every eval file. With `shuffle_seed`, tfds
+  shuffles its files each epoch, and a folder shard takes a new order of all its files each
+  epoch, as torch's `shuffle=True` (before any image is read). `max_examples`
   keeps the split's first ones, before sharding: the same examples for any process count.
   """
   tf, tfds = _tf()
@@ -527,11 +528,20 @@ def _open_split(
     folder = os.path.abspath(os.path.expanduser(folder))
     _check_folder_split(folder, split)
     builder = tfds.ImageFolder(folder)
-    full = builder.as_dataset(split=split, decoders=decoders)
+    if shuffle_seed is None:
+      full = builder.as_dataset(split=split, decoders=decoders)
+    else:
+      full = _folder_files(builder, split)
     if max_examples is not None:
       full = full.take(max_examples)
     total = _split_size(full, split, process_count)
     local = full.shard(process_count, process_index)
+    if shuffle_seed is not None:  # torch's shuffle=True: a new order of all files every epoch
+      local = local.shuffle(local.cardinality(), seed=shuffle_seed, reshuffle_each_iteration=True)
+      local = local.map(
+          lambda path, label: builder.info.features.decode_example(
+              {"image": tf.io.read_file(path), "label": label}, decoders=decoders),
+          num_parallel_calls=tf.data.AUTOTUNE)
   elif name == SYNTHETIC:
     raise ValueError("data.name='synthetic' is random CIFAR-shaped data for the on-device "
                      "pipeline (the CIFAR configs), not for tf.data streams (ImageNet).")
@@ -583,6 +593,20 @@ def _open_split(
   else:
     raise ValueError("Pass a tfds dataset `name` (e.g. 'imagenet2012') or an image `folder`.")
   return local, total, builder.info.features["label"]
+
+
+def _folder_files(builder: Any, split: str) -> "tf.data.Dataset":
+  """(path, label) of each file of an ImageFolder split, in tfds' fixed order, unread.
+
+  ImageFolder's own `shuffle_files` is unseeded and comes before our per-process sharding, so
+  the file list is taken from its (private; tfds is pinned) table and shuffled after sharding.
+  """
+  tf, _ = _tf()
+  label = builder.info.features["label"]
+  examples = builder._split_examples[split]
+  return tf.data.Dataset.from_tensor_slices(
+      ([e.image_path for e in examples],
+       tf.constant([label.str2int(e.label) for e in examples], tf.int64)))
 
 
 def _folder_choices(name: str) -> str:

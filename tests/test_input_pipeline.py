@@ -361,6 +361,31 @@ def test_folder_streams_shard_across_processes(tmp_path):
     assert sorted(sum(_eval_examples(count, max_examples=5, **source)[0], [])) == sorted(first)
 
 
+def test_folder_train_stream_takes_a_new_order_of_all_files_each_epoch(tmp_path):
+  """torch's shuffle=True over an ImageFolder: every epoch is a permutation of the whole shard,
+  a different one each epoch, the same for the same seed; process shards are disjoint."""
+  for i in range(12):
+    os.makedirs(tmp_path / "train" / CLASSES[i % 2], exist_ok=True)
+    _write_image(str(tmp_path / "train" / CLASSES[i % 2] / f"{i}.png"),
+                 np.full((20, 20, 3), 10 + 20 * i, np.uint8))
+
+  def epochs(seed, index, n=3):
+    """The images of process `index` of 2 in the first n epochs (6 files, 3 batches each)."""
+    stream = ip.imagenet_train_dataset(
+        name=None, folder=str(tmp_path), split="train", global_batch_size=4, image_size=8,
+        shuffle_buffer=1, seed=seed, process_index=index, process_count=2)
+    order = [int(np.round((image.mean() - 10) / 20))  # constant images: any crop keeps i
+             for b in stream.take(3 * n).as_numpy_iterator() for image in b["image"]]
+    return [order[6 * k:6 * (k + 1)] for k in range(n)]
+
+  first, second, third = epochs(0, index=0)
+  assert sorted(first) == sorted(second) == sorted(third)
+  assert len({tuple(first), tuple(second), tuple(third)}) == 3  # 1 in 720 to repeat by chance
+  assert epochs(0, index=0) == [first, second, third]
+  assert sorted(epochs(0, index=1)[0] + first) == list(range(12))
+  assert epochs(1, index=0) != [first, second, third]
+
+
 class SortkdTinyNumbered(tfds.core.GeneratorBasedBuilder):
   """A real prepared tfds dataset (mock_data ignores sub-splits): image i has grey level
   20 + 30·i, and a file name as imagenet2012's."""
