@@ -806,8 +806,9 @@ def imagenet_train_dataset(
   """This process's endless stream of train batches {'image': uint8 [b, S, S, 3], 'label': int32}.
 
   mdistiller's ImageNet train transform (spec §7.3), with b = global_batch_size / processes and
-  the last partial batch of the stream dropped. Shuffled per epoch (files and a buffer of
-  `shuffle_buffer` examples); crops/flips are seeded per example, so a run is reproducible.
+  the last partial batch of the stream dropped. Shuffled per epoch (tfds record files, or all
+  of a folder's files, then a buffer of `shuffle_buffer` examples); crops/flips are seeded per
+  example, so a run is reproducible.
   `manual_dir` (the ILSVRC2012 tars) or `download` prepares the tfds dataset first if needed.
   """
   tf, _ = _tf()
