@@ -578,8 +578,12 @@ def test_cifar_recipes_are_methods_md():
       assert dict(c.kd) == dict(temperature=4.0, ce_weight=0.1, kd_weight=0.9)
       assert dict(c.dkd) == dict(ce_weight=1.0, alpha=1.0, beta=beta, temperature=4.0,
                                  warmup_epochs=20)
-      assert dict(c.lskd) == dict(base="kd", temperature=2.0, ce_weight=0.1, kd_weight=9.0,
-                                  dkd_weight_scale=9.0)
+      lskd = dict(base="kd", temperature=2.0, ce_weight=0.1, kd_weight=9.0,
+                  dkd_weight_scale=9.0)
+      if method == "lskd":  # the published KD+LS logs' names: kd,T,S,τ,λ_KD
+        lskd.update({"vgg13_vgg8": dict(temperature=3.0), "vgg13_mv2": dict(temperature=3.0),
+                     "res50_mv2": dict(temperature=3.0, kd_weight=1.0)}.get(pair, {}))
+      assert dict(c.lskd) == lskd, (pair, method)
       assert dict(c.ctkd) == dict(base="kd", standardize=False, t_start=1.0, t_end=20.0,
                                   init=1.0, ramp_epochs=10)
 
