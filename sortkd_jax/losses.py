@@ -43,16 +43,20 @@ def _compute(x: ArrayLike) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _kl_rows(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
-  """Row-wise KL(p||q) from log-probabilities, summed over the last axis.
+def _kl_terms(p: jax.Array, log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+  """The terms p (log p - log q) of KL(p||q), elementwise.
 
   Where p is 0 (underflow, or a teacher logit of -inf: a masked class) the term is 0, the
   0 * log 0 = 0 convention of ``F.kl_div``; the inner ``where`` keeps -inf out of the gradient.
   A NaN p stays NaN: a damaged teacher must not give a finite loss.
   """
-  p = jnp.exp(log_p)
   zero = p == 0
-  return jnp.sum(jnp.where(zero, 0.0, p * (jnp.where(zero, 0.0, log_p) - log_q)), axis=-1)
+  return jnp.where(zero, 0.0, p * (jnp.where(zero, 0.0, log_p) - log_q))
+
+
+def _kl_rows(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+  """Row-wise KL(p||q) from log-probabilities, summed over the last axis."""
+  return jnp.sum(_kl_terms(jnp.exp(log_p), log_p, log_q), axis=-1)
 
 
 def _teacher_scaled(teacher_logits: jax.Array, t: jax.Array) -> jax.Array:
@@ -178,7 +182,8 @@ def dkd(
   b_v_other = jnp.sum(jnp.where(target, 0.0, p_v), axis=-1)
   log_v_target, log_v_other = _binary_log_probs(v, target)
   log_z_target, log_z_other = _binary_log_probs(z, target)
-  tckd_rows = b_v_target * (log_v_target - log_z_target) + b_v_other * (log_v_other - log_z_other)
+  tckd_rows = (_kl_terms(b_v_target, log_v_target, log_z_target)
+               + _kl_terms(b_v_other, log_v_other, log_z_other))
   tckd = jnp.mean(tckd_rows) * t**2
 
   offset = jnp.where(target, 1000.0, 0.0)

@@ -325,6 +325,14 @@ def test_masked_teacher_classes_follow_the_0_log_0_convention():
     chex.assert_trees_all_close(inf_grads, finite_grads, rtol=1e-6)
   expected = np_kd(z, np.where(masked, -1e30, v), 4.0)
   _assert_scalar_close(losses.kd(z, np.where(masked, -np.inf, v), 4.0), expected)
+  # DKD without Sort, the label's own class masked: the teacher's b_target is 0 (was NaN).
+  masked[np.arange(4), y] = True
+  inf_loss, inf_grads = jax.value_and_grad(losses.dkd, argnums=(0, 5))(
+      z, np.where(masked, -np.inf, v), y, 1.0, 8.0, 4.0)
+  finite_loss, finite_grads = jax.value_and_grad(losses.dkd, argnums=(0, 5))(
+      z, np.where(masked, -1e30, v), y, 1.0, 8.0, 4.0)
+  np.testing.assert_allclose(inf_loss, finite_loss, rtol=1e-6)
+  chex.assert_trees_all_close(inf_grads, finite_grads, rtol=1e-6)
   # A NaN teacher logit (damaged weights) is no mask: the loss must not come out finite.
   damaged = np.where(masked, np.nan, v)
   assert np.isnan(losses.kd(z, damaged, 4.0)) and np.isnan(losses.dkd(z, damaged, y, 1, 8, 4))
