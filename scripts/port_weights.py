@@ -72,9 +72,11 @@ def main():
   except porting.PortingError as e:
     if e.checkpoint_classes is not None:  # only the class count differs
       raise
+    other = {"student": "teacher", "teacher": "student"}.get(FLAGS.component)
     raise ValueError(
-        f"{src!r} does not fit --arch {arch}.\n{e}\n  (In an mdistiller trainer file - latest, "
-        "best, epoch_N - --component picks the student or the teacher.)") from e
+        f"{src!r} does not fit --arch {arch}.\n{e}" + (
+            f"\n  (--component {FLAGS.component} took the {FLAGS.component} of a trainer file; "
+            f"is the {arch} its {other}?)" if other else "")) from e
 
   num_classes = porting.num_classes_of(model)
   info = checkpoint.save_model(

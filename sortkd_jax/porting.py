@@ -288,9 +288,11 @@ def port_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int |
       if archs:
         lines.append(f"  The keys match architecture(s) {archs}: use that name "
                      "(--arch of the scripts, --config.teacher.name of a run).")
+      elif any(k.startswith(("student.", "teacher.")) for k in unexpected):
+        lines.append("  These are a distiller's keys (student./teacher.): port one component "
+                     "(load_torch_state_dict(path, component) or --component).")
       else:
-        lines.append("  Check the architecture name, and for distiller checkpoints "
-                     "(module.student./module.teacher.) the component.")
+        lines.append("  Check the architecture name.")
     raise PortingError("\n".join(lines), missing=missing, unexpected=unexpected,
                        mismatched=mismatched)
 

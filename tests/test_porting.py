@@ -149,6 +149,12 @@ def test_porting_error_lists_missing_unexpected_and_mismatched():
   assert e.value.missing == ["bn1.running_var", "layer1.0.conv1.weight"]
   assert e.value.unexpected == ["layer9.extra.weight"]
   assert e.value.mismatched == [("layer2.0.conv2.weight", (32, 32, 3, 3), (32, 32, 1, 1))]
+  assert msg.endswith("Check the architecture name.")
+  # A distiller's whole state dict (module.student.*, module.teacher.*) handed in directly.
+  distiller = {f"module.{c}.{k}": v for c in ("student", "teacher") for k, v in sd.items()}
+  with pytest.raises(porting.PortingError, match=r"distiller's keys \(student\./teacher\.\): "
+                     r"port one component"):
+    porting.port_state_dict("resnet8", distiller)
 
 
 def test_wrong_architecture_names_the_right_one():
@@ -550,17 +556,20 @@ def test_eval_script_reads_a_pth_file_as_its_architecture(pth_files):
   np.testing.assert_allclose(result["test_loss"], expected["test_loss"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "wrong_arch", "wrong_classes",
-                                  "unknown_arch"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "wrong_arch", "wrong_component_arch",
+                                  "wrong_classes", "unknown_arch"])
 def test_port_weights_script_errors(pth_files, tmp_path, case):
   args = {"missing": ("resnet8", str(tmp_path / "nope.pth"), []),
           "corrupt": ("resnet8", pth_files["corrupt"], []),
           "wrong_arch": ("resnet20", pth_files["teacher"], []),
+          "wrong_component_arch": ("resnet20", pth_files["latest"], ["--component", "teacher"]),
           "wrong_classes": ("resnet8", pth_files["teacher"], ["--num-classes", "10"]),
           "unknown_arch": ("resnet9", pth_files["teacher"], [])}[case]
   expect = {"missing": "No such checkpoint file",
             "corrupt": "not a readable PyTorch checkpoint",
             "wrong_arch": "does not fit --arch resnet20",
+            "wrong_component_arch": "(--component teacher took the teacher of a trainer file; "
+                                    "is the resnet20 its student?)",
             "wrong_classes": "has 100 classes but num_classes=10",
             "unknown_arch": "Unknown --arch 'resnet9'. Valid names: resnet8"}[case]
   arch, src, extra = args
@@ -569,5 +578,6 @@ def test_port_weights_script_errors(pth_files, tmp_path, case):
   assert r.returncode == 1
   assert expect in r.stderr
   assert "Traceback" not in r.stderr
-  assert ("--component" in r.stderr) == (case == "wrong_arch")  # the trainer-file hint
+  # The trainer-file hint only where a component was taken: a teacher file has none.
+  assert ("--component" in r.stderr) == (case == "wrong_component_arch")
   assert not dst.exists()
