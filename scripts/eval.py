@@ -1,13 +1,16 @@
 """Evaluates a student or teacher checkpoint on a test split: loss, top-1, top-5.
 
   python scripts/eval.py --checkpoint runs/kd
+  python scripts/eval.py --checkpoint runs/kd/checkpoints/240
   python scripts/eval.py --checkpoint teachers/resnet32x4 --config configs/cifar_kd.py
   python scripts/eval.py --checkpoint ckpt_epoch_240.pth --config configs/cifar_kd.py
   python scripts/eval.py --checkpoint teachers/imagenet_ResNet34 --config configs/imagenet_kd.py
 
-`--checkpoint` is a training workdir (its best epoch), a directory from scripts/port_weights.py,
-or a PyTorch file (its architecture found from its keys, or named by `--arch`; `--component`
-picks the model of an mdistiller trainer file that holds a student and a teacher). The config
+`--checkpoint` is a training workdir (its best epoch) or one kept epoch of it
+(`<workdir>/checkpoints/<epoch>`, as mdistiller's `epoch_N`), a directory from
+scripts/port_weights.py, or a PyTorch file (its architecture found from its keys, or named by
+`--arch`; `--component` picks the model of an mdistiller trainer file that holds a student and
+a teacher). The config
 only supplies the data and its pipeline (CIFAR on the device, ImageNet streamed:
 `--config.data.folder=DIR`, `--config.data.data_dir=DIR`, ...), the evaluation batch size and
 the compute dtype. A training workdir without `--config` is evaluated as its run evaluated it,
@@ -15,9 +18,9 @@ by its config.json (data, batch, dtype: a bf16 run's figures come out exactly), 
 `--config.*` overrides applied (e.g. `--config.dtype=float32`); those are checked against the
 default recipe (cifar_vanilla.py) first, so an ImageNet-only field (`data.manual_dir`,
 `data.shuffle_buffer`) needs the run's recipe as `--config`. Prints one JSON line: checkpoint,
-arch, epoch (of a training workdir: its best, the latest among ties; else null), split, dtype,
-test loss, top-1, top-5 and the number of examples counted. The checkpoint is read before the
-data, so a wrong path fails at once. A non-finite test loss (damaged or diverged weights) is
+arch, epoch (of a training workdir: its best, the latest among ties, or the one named; else
+null), split, dtype, test loss, top-1, top-5 and the number of examples counted. The checkpoint
+is read before the data, so a wrong path fails at once. A non-finite test loss (damaged or diverged weights) is
 printed, then reported as an error (exit status 1).
 """
 
@@ -60,10 +63,10 @@ def main():
   # The model before the data: a wrong path fails in seconds, not after the data is read.
   model, meta = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
                                            component=FLAGS.component, dtype=dtype)
-  epoch = meta.get("epoch")  # a run's: its best, so that the figures trace to a checkpoint
+  epoch = meta.get("epoch")  # a run's, so that the figures trace to a checkpoint
   if epoch is not None:
-    logging.info("Evaluating epoch %d of the run in %s, its best (test top-1 %.2f when saved).",
-                 epoch, FLAGS.checkpoint, meta["test_top1"])
+    logging.info("Evaluating epoch %d of the run in %s%s (test top-1 %.2f when saved).",
+                 epoch, _run_workdir(), ", its best" if meta["best"] else "", meta["test_top1"])
   mesh = distributed.make_mesh()
   evaluate, num_classes = train.make_test_evaluator(config, mesh, dtype=dtype)
   teachers.check_num_classes(FLAGS.checkpoint, meta["arch"], porting.num_classes_of(model),
@@ -84,14 +87,20 @@ def _config():
   import ml_collections
   from sortkd_jax import checkpoint
 
-  saved = os.path.join(FLAGS.checkpoint, "config.json")
-  if FLAGS["config"].present or not (checkpoint.is_train_workdir(FLAGS.checkpoint)
+  saved = os.path.join(_run_workdir(), "config.json")
+  if FLAGS["config"].present or not (checkpoint.is_train_workdir(_run_workdir())
                                      and os.path.isfile(saved)):
     return FLAGS.config
   with open(saved) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.update_from_flattened_dict(FLAGS["config"].override_values)
   return config
+
+
+def _run_workdir() -> str:
+  """--checkpoint, or the run whose kept epoch (`<workdir>/checkpoints/<epoch>`) it names."""
+  from sortkd_jax import checkpoint
+  return (checkpoint.run_epoch_folder(FLAGS.checkpoint) or (FLAGS.checkpoint,))[0]
 
 
 if __name__ == "__main__":

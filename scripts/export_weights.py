@@ -4,8 +4,8 @@ scripts/port_weights.py, e.g. to evaluate or deploy a student trained here with 
   python scripts/export_weights.py --checkpoint runs/kd --dst student_best.pth
   python tools/eval.py -m resnet8x4 -c student_best.pth      # in mdistiller
 
-`--checkpoint` is a training workdir (its best epoch, as mdistiller's `student_best`) or a model
-directory from scripts/port_weights.py. The file holds `{"model": state_dict}` with mdistiller's
+`--checkpoint` is a training workdir (its best epoch, as mdistiller's `student_best`), one kept
+epoch of it (`<workdir>/checkpoints/<epoch>`) or a model directory from scripts/port_weights.py. The file holds `{"model": state_dict}` with mdistiller's
 keys and layouts, `num_batches_tracked` included, so a strict `load_state_dict` takes it.
 Needs torch (the CPU build is enough).
 """
@@ -48,7 +48,8 @@ def main():
   arch = meta["arch"]
   num_tensors = porting.save_torch_file(dst, model)
   num_classes = porting.num_classes_of(model)
-  print(f"Exported {src}" + (f" (epoch {meta['epoch']}, its best)" if "epoch" in meta else "")
+  print(f"Exported {src}" + (f" (epoch {meta['epoch']}{', its best' * meta['best']})"
+                             if "epoch" in meta else "")
         + f"\n  arch        {arch} ({num_classes} classes)\n"
         f"  tensors     {num_tensors} (num_batches_tracked included)\n"
         f"  written to  {os.path.abspath(dst)}\n"

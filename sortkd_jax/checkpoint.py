@@ -333,6 +333,9 @@ class TrainCheckpointer:
   def latest_epoch(self) -> int | None:
     return self._manager.latest_step()
 
+  def kept_epochs(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
     meta = {**meta, "state_crc32": state_crc32(state)}
     self._manager.save(epoch, args=ocp.args.Composite(
@@ -429,17 +432,33 @@ class TrainCheckpointer:
     self._manager.close()
 
 
-def load_student_from_workdir(workdir: str, *, dtype: jnp.dtype = jnp.float32
-                              ) -> tuple[nnx.Module, dict[str, Any]]:
-  """The best-epoch student of a training run (the latest among ties), in eval mode, and its
-  metadata with that `epoch`."""
+def run_epoch_folder(path: str) -> tuple[str, int] | None:
+  """(workdir, epoch) for one kept epoch of a training run, `<workdir>/checkpoints/<epoch>` (as
+  mdistiller's `epoch_N`); None for any other path."""
+  path = os.path.normpath(path)
+  folder, name = os.path.split(path)
+  if os.path.basename(folder) != TRAIN_CHECKPOINT_DIR or not name.isdigit():
+    return None
+  workdir = os.path.dirname(folder) or os.curdir
+  return (workdir, int(name)) if os.path.isfile(os.path.join(workdir, "config.json")) else None
+
+
+def load_student_from_workdir(workdir: str, *, epoch: int | None = None,
+                              dtype: jnp.dtype = jnp.float32) -> tuple[nnx.Module, dict[str, Any]]:
+  """The student of a training run at `epoch`, by default its best (the latest among ties), in
+  eval mode, and its metadata with that `epoch` and whether it is the `best`."""
   ckpt = TrainCheckpointer(os.path.join(workdir, TRAIN_CHECKPOINT_DIR))
   try:
-    epoch = ckpt.best_epoch()
+    best = ckpt.best_epoch()
+    epoch = best if epoch is None else epoch
+    kept = ckpt.kept_epochs()
+    if epoch not in kept:
+      raise FileNotFoundError(f"The run in {workdir} keeps no checkpoint of epoch {epoch}; it "
+                              f"keeps epochs {', '.join(map(str, kept))}.")
     state, meta = ckpt.restore(epoch)
     ckpt.check_student(epoch, meta, state["params"]["student"], state["batch_stats"])
   finally:
     ckpt.close()
   return models.model_from_pure_dicts(meta["arch"], meta["num_classes"],
                                       state["params"]["student"], state["batch_stats"],
-                                      dtype=dtype), {**meta, "epoch": epoch}
+                                      dtype=dtype), {**meta, "epoch": epoch, "best": epoch == best}

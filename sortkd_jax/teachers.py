@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 from flax import nnx
 
 from sortkd_jax import checkpoint, models
@@ -62,7 +64,8 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
                       component: str | None = None) -> tuple[nnx.Module, dict[str, Any]]:
   """A model in eval mode from a ported checkpoint, a PyTorch file or a run's workdir.
 
-  Returns the model and its metadata: its "arch", and for a run the "epoch" used (its best).
+  Returns the model and its metadata: its "arch", and for a run the "epoch" used (its best, or
+  the one of a `<workdir>/checkpoints/<epoch>` path) and whether it is the run's "best".
   A PyTorch file does not say what it holds: `arch`, or if None the architecture whose keys it
   holds (`porting.infer_arch`); for the others `arch` is checked, and `num_classes` when given.
   `component` picks the student or teacher of an mdistiller trainer file (`latest`, `best`);
@@ -79,14 +82,20 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
         check_num_classes(path, arch, e.checkpoint_classes, num_classes)
       raise
     return model, {"arch": arch}
-  _check_not_inside_a_run(path)
-  if checkpoint.is_train_workdir(path):
-    model, meta = checkpoint.load_student_from_workdir(path, dtype=dtype)
+  in_run = checkpoint.run_epoch_folder(path)
+  if in_run is not None:  # one kept epoch of a run
+    workdir, epoch = in_run
+    model, meta = checkpoint.load_student_from_workdir(workdir, epoch=epoch, dtype=dtype)
   else:
-    model, meta = checkpoint.load_model(path, dtype=dtype)
+    _check_not_inside_a_run(path)
+    if checkpoint.is_train_workdir(path):
+      model, meta = checkpoint.load_student_from_workdir(path, dtype=dtype)
+    else:
+      model, meta = checkpoint.load_model(path, dtype=dtype)
   if arch is not None and meta["arch"] != arch:
     raise ValueError(f"{path} holds a {meta['arch']}, not a {arch}; point to a {arch} "
-                     f"checkpoint or set the architecture to {meta['arch']}.")
+                     f"checkpoint or name {meta['arch']} as the architecture "
+                     "(--config.teacher.name of a teacher, --arch of eval.py).")
   check_num_classes(path, meta["arch"], meta["num_classes"], num_classes)
   return model, meta
 
@@ -105,15 +114,37 @@ def check_num_classes(path: str, arch: str, model_classes: int,
 def _check_not_inside_a_run(path: str) -> None:
   """Points to the workdir when given a run's checkpoint folders or a run without any."""
   path = os.path.normpath(path)
-  for workdir in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-    checkpoints = os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR)
-    if path == checkpoints or path.startswith(checkpoints + os.sep):
+  parts = path.split(os.sep)
+  for i, part in enumerate(parts):  # <workdir>/checkpoints, or a path inside an epoch of it
+    below = parts[i + 1:]
+    workdir = os.sep.join(parts[:i]) or os.curdir
+    if (part == checkpoint.TRAIN_CHECKPOINT_DIR and (not below or below[0].isdigit())
+        and os.path.isfile(os.path.join(workdir, "config.json"))):
       raise ValueError(f"{path} is inside the training run {workdir}: pass the workdir itself "
-                       "(its best epoch is used).")
+                       f"(its best epoch is used) or one kept epoch, "
+                       f"{os.path.join(workdir, part, '<epoch>')}.")
   if (os.path.isfile(os.path.join(path, "config.json"))
       and checkpoint.latest_saved_epoch(path) is None):
     raise FileNotFoundError(f"The training run in {path} has no checkpoint yet: no epoch "
                             "finished.")
+
+
+def _report_teacher_run(path: str, meta: dict[str, Any]) -> None:
+  """Logs which epoch of a run the teacher is, and warns if that run has not finished: were it
+  to train on, its best epoch would change, and a run distilled from it could not resume."""
+  workdir = (checkpoint.run_epoch_folder(path) or (path,))[0]
+  logging.info("Teacher: the student of epoch %d of the run in %s%s (test top-1 %.2f).",
+               meta["epoch"], workdir, ", its best" if meta["best"] else "", meta["test_top1"])
+  with open(os.path.join(workdir, "config.json")) as f:
+    planned = json.load(f).get("num_epochs")
+  finished = checkpoint.latest_saved_epoch(workdir)
+  if isinstance(planned, int) and finished < planned:
+    logging.warning(
+        "The teacher's run in %s has finished %d of its %d epochs. If it trains on, its best "
+        "epoch changes and this run cannot resume with it: let it finish first, or pin one "
+        "kept epoch as --config.teacher.checkpoint=%s (kept while that run keeps it).",
+        workdir, finished, planned,
+        os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR, str(meta["epoch"])))
 
 
 def check_teacher_exists(teacher: ml_collections.ConfigDict) -> None:
@@ -131,6 +162,8 @@ def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *, image_
   check_teacher_exists(teacher)
   model, meta = load_frozen_model(teacher.checkpoint, arch=teacher.name,
                                   num_classes=num_classes, dtype=dtype)
+  if "epoch" in meta:
+    _report_teacher_run(teacher.checkpoint, meta)
   checksum = meta.get("logits_checksum")  # a checkpoint's, checked as it was loaded
   if not checkpoint.verifiable(checksum):
     _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)

@@ -94,7 +94,22 @@ def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   result = _last_json(out)
   assert (result["epoch"], result["arch"], result["test_examples"]) == (1, "resnet8", 64)
-  assert "Evaluating epoch 1 of the run" in out.stderr
+  assert "Evaluating epoch 1 of the run" in out.stderr and ", its best" in out.stderr
+  # One kept epoch, as mdistiller's epoch_N: that epoch's student (another seed, another loss).
+  named = run_script("eval.py", "--checkpoint", os.path.join(workdir, "checkpoints", "3"),
+                     *SYNTHETIC)
+  assert named.returncode == 0, named.stderr[-2000:]
+  assert _last_json(named)["epoch"] == 3 and _last_json(named)["test_loss"] != result["test_loss"]
+  assert f"Evaluating epoch 3 of the run in {workdir} (test top-1 20.00" in named.stderr
+  # Without --config, an epoch is evaluated as its run evaluated it: by its config.json.
+  config = cifar_vanilla.get_config()
+  config.dtype = "bfloat16"
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort())
+  as_run = run_script("eval.py", "--checkpoint", os.path.join(workdir, "checkpoints", "3"),
+                      *SYNTHETIC[2:])
+  assert as_run.returncode == 0, as_run.stderr[-2000:]
+  assert (_last_json(as_run)["epoch"], _last_json(as_run)["dtype"]) == (3, "bfloat16")
   wrong_arch = run_script("eval.py", "--checkpoint", workdir, "--arch", "resnet20", *SYNTHETIC)
   assert wrong_arch.returncode == 1 and "holds a resnet8, not a resnet20" in wrong_arch.stderr
 

@@ -3,6 +3,7 @@
 import glob
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import types
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -283,8 +285,48 @@ def test_a_run_used_as_a_teacher_gives_its_best_epoch_not_its_latest(tmp_path):
               {"test_top1": top1, "best_top1": 50.0, "arch": "resnet8", "num_classes": 10})
   ckpt.close()
   loaded, meta = teachers.load_frozen_model(str(tmp_path), arch="resnet8", num_classes=10)
-  assert (meta["arch"], meta["epoch"]) == ("resnet8", 2)
+  assert (meta["arch"], meta["epoch"], meta["best"]) == ("resnet8", 2, True)
   np.testing.assert_array_equal(loaded.fc.kernel[...], 2 * params["fc"]["kernel"])
+
+
+def test_a_teacher_run_names_its_epoch_and_warns_while_it_is_unfinished(tmp_path, caplog):
+  """mdistiller's epoch_N is <workdir>/checkpoints/<N>; a teacher taken from a run that is
+  still training is named with its epoch, and warned about (its best epoch may change)."""
+  model = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))
+  _, _, params, batch_stats = train.split_student(model)
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "checkpoints"))
+  for epoch, top1 in ((1, 30.0), (2, 50.0), (3, 40.0)):
+    scaled = jax.tree.map(lambda p: p * epoch, params)
+    ckpt.save(epoch, {"params": {"student": scaled}, "batch_stats": batch_stats},
+              {"test_top1": top1, "best_top1": 50.0, "arch": "resnet8", "num_classes": 10})
+  ckpt.close()
+  config = common.cifar_config("res56_res20", "vanilla")
+  config.num_epochs = 5
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  third = str(tmp_path / "checkpoints" / "3")
+  loaded, meta = teachers.load_frozen_model(third + os.sep, arch="resnet8", num_classes=10)
+  assert (meta["epoch"], meta["best"]) == (3, False)
+  np.testing.assert_array_equal(loaded.fc.kernel[...], 3 * params["fc"]["kernel"])
+  with pytest.raises(ValueError, match=r"is inside the training run .* or one kept epoch, "
+                     r".*checkpoints/<epoch>"):
+    teachers.load_frozen_model(os.path.join(third, "state"))
+  ported = str(tmp_path / "mine" / "checkpoints" / "resnet8")  # a folder of one's own models
+  checkpoint.save_model(ported, model, arch="resnet8", num_classes=10)
+  assert teachers.load_frozen_model(ported)[1]["arch"] == "resnet8"
+  caplog.set_level(logging.INFO, logger="absl")
+  for path, named in ((str(tmp_path), "epoch 2 of the run in .*, its best \\(test top-1 50.00"),
+                      (third, "epoch 3 of the run in .* \\(test top-1 40.00")):
+    caplog.clear()
+    teacher = ml_collections.ConfigDict(dict(name="resnet8", checkpoint=path,
+                                             fold_batchnorm=False))
+    teachers.load_teacher(teacher, 10, image_size=32)
+    assert re.search("Teacher: the student of " + named, caplog.text), caplog.text
+    assert "has finished 3 of its 5 epochs" in caplog.text
+  config.num_epochs = 3  # finished: nothing to warn about
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  caplog.clear()
+  teachers.load_teacher(teacher, 10, image_size=32)
+  assert "Teacher: the student of epoch 3" in caplog.text and "has finished" not in caplog.text
 
 
 # A changed value of each kind of field, for the resume rules below.
