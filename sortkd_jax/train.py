@@ -736,8 +736,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                "teacher_logits_checksum": teacher_checksum})
       reporter.stop_timing()
   except KeyboardInterrupt:
-    logging.warning("Interrupted in epoch %d. Re-run the same command to resume from the last "
-                    "finished epoch.", epoch)
+    logging.warning("Interrupted in epoch %d. %s", epoch, (
+        "Re-run the same command to resume from the last finished epoch." if epoch > 1 else
+        "No epoch had finished, so nothing is saved: the same command starts the run over."))
     raise
   finally:
     ckpt.close()

@@ -219,6 +219,37 @@ def test_nan_test_loss_stops_before_its_epoch_is_saved(teacher_dir, tmp_path, mo
   assert [r["epoch"] for r in read_metrics(workdir) if r["kind"] == "epoch"] == [1]
 
 
+@pytest.mark.parametrize("interrupted_eval, message", [
+    (1, "Interrupted in epoch 1. No epoch had finished, so nothing is saved: the same command "
+        "starts the run over."),
+    (2, "Interrupted in epoch 2. Re-run the same command to resume from the last finished "
+        "epoch."),
+])
+def test_ctrl_c_says_whether_a_rerun_resumes(teacher_dir, tmp_path, monkeypatch, caplog,
+                                             interrupted_eval, message):
+  """A vanilla run evaluates once per epoch; Ctrl-C lands in the given evaluation."""
+  make_evaluator = train.make_evaluator
+
+  def interrupted_evaluator(*args, **kwargs):
+    evaluate, calls = make_evaluator(*args, **kwargs), []
+
+    def evaluate_or_interrupt(*a):
+      calls.append(1)
+      if len(calls) == interrupted_eval:
+        raise KeyboardInterrupt
+      return evaluate(*a)
+    return evaluate_or_interrupt
+
+  monkeypatch.setattr(train, "make_evaluator", interrupted_evaluator)
+  caplog.set_level(logging.WARNING, logger="absl")
+  workdir = str(tmp_path / "run")
+  with tfds.testing.mock_data(num_examples=64):
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(tiny_config("vanilla", teacher_dir), workdir)
+  assert message in caplog.text
+  assert checkpoint.latest_saved_epoch(workdir) == (None if interrupted_eval == 1 else 1)
+
+
 def test_workdir_of_another_config_is_refused_and_a_finished_run_returns(teacher_dir, kd_one_epoch,
                                                                         tmp_path):
   workdir = str(tmp_path / "run")
