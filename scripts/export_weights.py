@@ -37,8 +37,8 @@ def main():
   if not os.path.isdir(src):
     raise ValueError(f"--checkpoint {src!r} is a file: give a training workdir or a directory "
                      "from scripts/port_weights.py (a .pth file is PyTorch already).")
-  if os.path.isdir(dst):
-    raise ValueError(f"--dst {dst!r} is a directory; give the file to write, e.g. "
+  if os.path.isdir(dst) or dst.endswith((os.sep, "/")):
+    raise ValueError(f"--dst {dst!r} names a directory; give the file to write, e.g. "
                      f"{os.path.join(dst, 'student_best.pth')}.")
   if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
     raise FileNotFoundError(f"The folder of --dst {dst!r} does not exist; create it first.")

@@ -1016,9 +1016,11 @@ def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epo
   assert again.returncode == 1 and "pass --overwrite" in again.stderr
   errors = {"is PyTorch already": (dst, tmp_path / "x.pth"),
             "does not exist.": (tmp_path / "typo", tmp_path / "x.pth"),
-            "folder of --dst .* does not exist": (kd_one_epoch.workdir, tmp_path / "no" / "x.pth")}
+            "folder of --dst .* does not exist": (kd_one_epoch.workdir, tmp_path / "no" / "x.pth"),
+            "names a directory; give the file": (kd_one_epoch.workdir, f"{tmp_path / 'new'}/")}
   for message, (src, to) in errors.items():
     out = run_script("export_weights.py", "--checkpoint", src, "--dst", to)
+    assert not os.path.exists(tmp_path / "new")  # was written as a file named 'new'
     assert out.returncode == 1 and re.search(message, out.stderr.splitlines()[-1]), out.stderr
 
 
