@@ -163,6 +163,7 @@ def main():
   config.dtype = FLAGS.dtype or config.dtype
   k = 1 if streaming else (FLAGS["steps-per-dispatch"].value or config.steps_per_dispatch
                            or train.default_steps_per_dispatch())
+  train.warn_if_slow_on_cpu(k)
   n = FLAGS["num-examples"].value
   num_classes = FLAGS["num-classes"].value or models.default_num_classes(config.student.name)
   size = config.data.image_size

@@ -384,6 +384,15 @@ def default_steps_per_dispatch() -> int:
   return 1 if jax.default_backend() == "cpu" else 32
 
 
+def warn_if_slow_on_cpu(steps_per_dispatch: int) -> None:
+  """Several steps per dispatch on a CPU are a GPU setting copied over: say what it costs."""
+  if steps_per_dispatch > 1 and jax.default_backend() == "cpu":
+    logging.warning(
+        "%d steps per dispatch on a CPU: XLA:CPU runs the convolutions inside that loop over "
+        "ten times slower than one step per dispatch; leave config.steps_per_dispatch "
+        "(benchmark.py: --steps-per-dispatch) unset on a CPU.", steps_per_dispatch)
+
+
 def epoch_plan(num_examples: int, batch_size: int, num_devices: int,
                steps_per_dispatch: int | None) -> list[tuple[int, int, int]]:
   """An epoch as dispatches (num_steps, batch_size, first example index in the permutation).
@@ -521,6 +530,7 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
   train_split, test_split = load_splits(config.data)
   n = len(train_split.labels)
   plan = epoch_plan(n, batch_size, mesh.size, config.steps_per_dispatch)
+  warn_if_slow_on_cpu(plan[0][0])
   steps_per_epoch = sum(k for k, _, _ in plan)
   logging.info("%d train / %d test images, %d classes; %d steps per epoch.", n,
                len(test_split.labels), train_split.num_classes, steps_per_epoch)

@@ -219,6 +219,16 @@ def test_nan_test_loss_stops_before_its_epoch_is_saved(teacher_dir, tmp_path, mo
   assert [r["epoch"] for r in read_metrics(workdir) if r["kind"] == "epoch"] == [1]
 
 
+def test_several_steps_per_dispatch_on_a_cpu_are_warned_about(caplog):
+  """A GPU setting copied to a CPU makes a run or a benchmark over ten times slower."""
+  assert jax.default_backend() == "cpu"
+  caplog.set_level(logging.WARNING, logger="absl")
+  train.warn_if_slow_on_cpu(1)
+  assert "steps per dispatch" not in caplog.text
+  train.warn_if_slow_on_cpu(16)
+  assert "16 steps per dispatch on a CPU: XLA:CPU runs the convolutions" in caplog.text
+
+
 @pytest.mark.parametrize("interrupted_eval, message", [
     (1, "Interrupted in epoch 1. No epoch had finished, so nothing is saved: the same command "
         "starts the run over."),
