@@ -114,8 +114,8 @@ _MDISTILLER_YAML = re.compile(r"(?:^|/)(cifar100|imagenet)/(?:(\w+)/)?(\w+)\.ya?
 
 def _mdistiller_usage(args: list[str]) -> str | None:
   """What to type instead of mdistiller's `tools/train.py` usage (`--cfg FILE.yaml`, a YAML
-  --config, `--resume`, `KEY VALUE` overrides, a pair chosen by an override), or None for a
-  command line without it."""
+  --config, `--resume`, `KEY VALUE` overrides, a pair chosen by an override) or its
+  `tools/eval.py -m MODEL -c FILE`, or None for a command line without it."""
   for i, arg in enumerate(args):
     name, _, value = arg.partition("=")
     if name in ("--cfg", "--config") and not value and i + 1 < len(args):
@@ -129,6 +129,10 @@ def _mdistiller_usage(args: list[str]) -> str | None:
       return ("config.pair only records the recipe's pair: choose the pair in the recipe "
               "argument, e.g. --config configs/cifar_dkd.py:wrn40_2_wrn16_2, which sets its "
               "teacher, student and per-pair settings (lr, DKD's beta)")
+    if name in ("-m", "-c", "--model", "--ckpt"):
+      return ("mdistiller's tools/eval.py -m MODEL -c FILE is python scripts/eval.py "
+              "--checkpoint FILE (a .pth, a ported folder or a workdir; the architecture is "
+              "found from the file's keys, or name it with --arch MODEL)")
     if name == "--resume":
       return ("there is no --resume: the same command again (same --config and --workdir) "
               "resumes from the last saved epoch")

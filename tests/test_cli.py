@@ -65,6 +65,9 @@ def test_either_spelling_of_a_flag_name_parses():
      "config.pair only records the recipe's pair: choose the pair in the recipe argument"),
     (["--config", "configs/cifar_kd.py", "SOLVER.LR", "0.1"],
      "overrides are --config.FIELD=VALUE, not mdistiller's KEY VALUE (SOLVER.LR)"),
+    (["-m", "resnet32x4", "-c", "download_ckpts/x.pth"],
+     "mdistiller's tools/eval.py -m MODEL -c FILE is python scripts/eval.py --checkpoint FILE"),
+    (["--model=resnet8x4", "--ckpt=student_best"], "or name it with --arch MODEL"),
 ])
 def test_mdistiller_usage_says_what_to_type_instead(monkeypatch, args, expected):
   with pytest.raises(SystemExit) as exit_info:
