@@ -102,6 +102,11 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError) as e:  # an override of a field the config does not have
     sys.exit(_unknown_field_message(e))
   except (flags.Error, OSError) as e:
+    group = re.search(r"flag --config\.([\w.]+)=(.*): Failed to parse .* as a ConfigDict", str(e))
+    if group:  # e.g. --config.teacher=resnet56
+      field = "name" if group[1] in ("teacher", "student") else "FIELD"
+      sys.exit(f"error: config.{group[1]} is a group of fields, not a value: set one of them, "
+               f"e.g. --config.{group[1]}.{field}={group[2]}.")
     while isinstance(e.__cause__ or e.__context__, (flags.Error, OSError)):
       e = e.__cause__ or e.__context__  # the first failure, e.g. the missing config file
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -187,12 +192,33 @@ def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> 
     sys.exit(_unknown_field_message(e, default))
 
 
+# mdistiller's YAML names (and its Sort-KD fork's) that are spelt otherwise here.
+_MDISTILLER_FIELDS = {
+    "T": "temperature", "TEMPERATURE": "temperature", "CE_WEIGHT": "ce_weight",
+    "KD_WEIGHT": "kd_weight", "ALPHA": "alpha", "BETA": "beta", "WARMUP": "warmup_epochs",
+    "LR": "lr", "EPOCHS": "num_epochs", "BATCH_SIZE": "batch_size",
+    "WEIGHT_DECAY": "weight_decay", "MOMENTUM": "momentum", "LR_DECAY_STAGES": "lr_decay_epochs",
+    "LR_DECAY_RATE": "lr_decay_rate",
+}
+_MDISTILLER_GROUPS = {
+    "solver": "its fields are top-level here: --config.lr, --config.batch_size, "
+              "--config.num_epochs, --config.lr_decay_epochs, --config.weight_decay and others",
+    "distiller": "--config.method, --config.teacher.name, --config.student.name",
+}
+
+
 def _unknown_field_message(e: Exception, default: str | None = None) -> str:
   """`default`: the config file the overrides were applied to, not named on the command line."""
   guess = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', str(e))
   if guess:
     return f"error: the config has no field {guess[2]!r}; did you mean {guess[1]!r}?"
   name = re.search(r"'(\w+)'", str(e))
+  if name and name[1] in _MDISTILLER_FIELDS:
+    return (f"error: the config has no field {name[1]!r}; mdistiller's {name[1]} is "
+            f"{_MDISTILLER_FIELDS[name[1]]!r} here (every field: configs/common.py).")
+  if name and name[1].lower() in _MDISTILLER_GROUPS:
+    return (f"error: the config has no field {name[1]!r}; for mdistiller's {name[1].upper()}, "
+            f"{_MDISTILLER_GROUPS[name[1].lower()]}.")
   message = (f"error: the config has no field {name[1]!r}." if name else
              f"error: unknown config field ({e}).")
   if default:

@@ -5,6 +5,7 @@ import sys
 import pytest
 from absl import flags
 
+from helpers import run_script
 from sortkd_jax import cli
 
 
@@ -75,6 +76,19 @@ def test_mdistiller_usage_says_what_to_type_instead(monkeypatch, args, expected)
   message = exit_info.value.code
   assert message.startswith("error: ") and expected in message, message
   assert message.endswith("(README: Coming from mdistiller).")
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.kd.T=2", "no field 'T'; mdistiller's T is 'temperature' here"),
+    ("--config.SOLVER.LR=0.1", "for mdistiller's SOLVER, its fields are top-level here: "
+                               "--config.lr,"),
+    ("--config.teacher=resnet56", "config.teacher is a group of fields, not a value: set one "
+                                  "of them, e.g. --config.teacher.name=resnet56."),
+    ("--config.kd.temprature=3", "no field 'temprature'; did you mean 'temperature'?"),
+])
+def test_config_overrides_in_mdistillers_names_say_ours(override, expected):
+  out = run_script("train.py", "--config", "configs/cifar_kd.py", "--workdir", "unused", override)
+  assert out.returncode == 1 and expected in out.stderr.splitlines()[-1], out.stderr
 
 
 def test_our_own_usage_is_not_taken_for_mdistillers():
