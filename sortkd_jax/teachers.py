@@ -30,9 +30,11 @@ TORCHVISION_FILES = {"imagenet_ResNet34": "resnet34-333f7ec4.pth",
                      "imagenet_ResNet50": "resnet50-19c8e357.pth"}
 
 
-def missing_teacher_message(name: str, path: str) -> str:
+def missing_teacher_message(name: str, path: str,
+                            data: ml_collections.ConfigDict | None = None) -> str:
   """What to run to get a `name` teacher: the conversion of its published file, or, for an
-  architecture mdistiller publishes no teacher of, a run of this project to train one."""
+  architecture mdistiller publishes no teacher of, a run of this project to train one (on
+  `data`, the distillation run's, when given)."""
   dst = f"teachers/{name}" if path.endswith((".pth", ".pt", ".tar")) else path
   then_pass = f"\nand pass --config.teacher.checkpoint={dst}" if dst != path else ""
   if name in TORCHVISION_FILES:
@@ -46,7 +48,7 @@ def missing_teacher_message(name: str, path: str) -> str:
            f"cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth --dst {dst}{then_pass}")
   else:
     get = (f"mdistiller publishes no {name} teacher; train one with\n  python scripts/train.py "
-           f"{_teacher_recipe(name)} --workdir runs/{name}\nand pass "
+           f"{_teacher_recipe(name)}{_data_flags(name, data)} --workdir runs/{name}\nand pass "
            f"--config.teacher.checkpoint=runs/{name}")
   return (f"Teacher checkpoint {path!r} for {name} does not exist.\n{get}\n(A PyTorch file "
           "also works as --config.teacher.checkpoint=FILE.pth, converted on the fly.)")
@@ -57,6 +59,22 @@ def _teacher_recipe(name: str) -> str:
   recipe = ("configs/imagenet_kd.py --config.method=vanilla" if name.startswith("imagenet_")
             else "configs/cifar_vanilla.py")
   return f"--config {recipe} --config.student.name={name}"
+
+
+def _data_flags(name: str, data: ml_collections.ConfigDict | None) -> str:
+  """The flags that give a teacher's training run the data of this run, where the teacher's
+  recipe would read other data."""
+  if data is None:
+    return ""
+  default = "imagenet2012" if name.startswith("imagenet_") else "cifar100"
+  flags = []
+  if data.get("folder"):
+    flags.append(f"--config.data.folder={data.folder}")
+  elif data.get("name") != default:
+    flags.append(f"--config.data.name={data.name}")
+  if data.get("data_dir"):
+    flags.append(f"--config.data.data_dir={data.data_dir}")
+  return "".join(f" {flag}" for flag in flags)
 
 
 def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | None = None,
@@ -147,10 +165,11 @@ def _report_teacher_run(path: str, meta: dict[str, Any]) -> None:
         os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR, str(meta["epoch"])))
 
 
-def check_teacher_exists(teacher: ml_collections.ConfigDict) -> None:
+def check_teacher_exists(teacher: ml_collections.ConfigDict,
+                         data: ml_collections.ConfigDict | None = None) -> None:
   """Fails before any data is read if the teacher checkpoint is missing."""
   if not teacher.checkpoint or not os.path.exists(teacher.checkpoint):
-    raise FileNotFoundError(missing_teacher_message(teacher.name, teacher.checkpoint))
+    raise FileNotFoundError(missing_teacher_message(teacher.name, teacher.checkpoint, data))
 
 
 def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *, image_size: int,

@@ -613,7 +613,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     return _finished_run(config, workdir)
   uses_teacher = methods.uses_teacher(config)
   if uses_teacher:
-    teachers.check_teacher_exists(config.teacher)
+    teachers.check_teacher_exists(config.teacher, config.data)
   dtype = compute_dtype(config)
   mesh = distributed.make_mesh()
   batch_size = config.batch_size

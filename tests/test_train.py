@@ -481,6 +481,15 @@ def test_missing_teacher_says_where_teachers_come_from(tmp_path):
       "--dst teachers/resnet56\nand pass --config.teacher.checkpoint=teachers/resnet56\n(A "
       "PyTorch file also works as --config.teacher.checkpoint=FILE.pth, converted on the fly.)")
   assert "and pass" not in message("resnet56", "teachers/resnet56")
+  # A teacher to train: on this run's data, not on its recipe's default.
+  data = common.cifar_config("res56_res20", "kd").data
+  assert "--config.student.name=resnet8 --workdir" in message("resnet8", "x", data)
+  data.folder = "data/cifar10"
+  assert ("--config.student.name=resnet8 --config.data.folder=data/cifar10 --workdir runs/"
+          "resnet8" in message("resnet8", "x", data))
+  data.update(folder=None, name="synthetic", data_dir="/tfds")
+  assert ("resnet8 --config.data.name=synthetic --config.data.data_dir=/tfds --workdir" in
+          message("resnet8", "x", data))
 
 
 def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
