@@ -190,6 +190,8 @@ def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> 
     config_flags.DEFINE_config_file("config", default, help_string, **kwargs)
   except (AttributeError, KeyError) as e:
     sys.exit(_unknown_field_message(e, default))
+  # A flag of the script, so that --help (the main module's flags) lists it.
+  flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])
 
 
 # mdistiller's YAML names (and its Sort-KD fork's) that are spelt otherwise here.

@@ -117,3 +117,11 @@ def test_launch_commands_in_docstrings_keep_their_line_continuations():
         assert line + "\n" in docstring + "\n", (path, line)
         continued += 1
   assert continued >= 6  # the scripts' and ImageNet recipes' commands
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "benchmark.py"])
+def test_help_lists_the_config_flag(script):
+  """--help shows the script's own flags; --config is defined in cli.py for all of them."""
+  out = run_script(script, "--help")  # absl exits with status 1 after --help
+  own = out.stdout.split(f"scripts/{script}:", 1)[1]
+  assert "\n  --config: " in own, out.stdout
