@@ -20,8 +20,8 @@ default recipe (cifar_vanilla.py) first, so an ImageNet-only field (`data.manual
 `data.shuffle_buffer`) needs the run's recipe as `--config`. Prints one JSON line: checkpoint,
 arch, epoch (of a training workdir: its best, the latest among ties, or the one named; else
 null), split, dtype, test loss, top-1, top-5 and the number of examples counted. The checkpoint
-is read before the data, so a wrong path fails at once. A non-finite test loss (damaged or diverged weights) is
-printed, then reported as an error (exit status 1).
+is read before the data, so a wrong path fails at once. A non-finite test loss (damaged or
+diverged weights) is printed, then reported as an error (exit status 1).
 """
 
 import json

@@ -5,8 +5,9 @@ scripts/port_weights.py, e.g. to evaluate or deploy a student trained here with 
   python tools/eval.py -m resnet8x4 -c student_best.pth      # in mdistiller
 
 `--checkpoint` is a training workdir (its best epoch, as mdistiller's `student_best`), one kept
-epoch of it (`<workdir>/checkpoints/<epoch>`) or a model directory from scripts/port_weights.py. The file holds `{"model": state_dict}` with mdistiller's
-keys and layouts, `num_batches_tracked` included, so a strict `load_state_dict` takes it.
+epoch of it (`<workdir>/checkpoints/<epoch>`) or a model directory from scripts/port_weights.py.
+The file holds `{"model": state_dict}` with mdistiller's keys and layouts, `num_batches_tracked`
+included, so a strict `load_state_dict` takes it.
 Needs torch (the CPU build is enough).
 """
 
