@@ -296,13 +296,27 @@ def is_train_workdir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, TRAIN_CHECKPOINT_DIR))
 
 
-def latest_saved_epoch(workdir: str) -> int | None:
-  """The last epoch a run's workdir holds a checkpoint of, read from the directory names alone
-  (orbax names a finished save `<epoch>/`, one in progress otherwise); None if none."""
+def saved_epochs(workdir: str) -> list[int]:
+  """The epochs a run's workdir holds checkpoints of, read from the directory names alone
+  (orbax names a finished save `<epoch>/`, one in progress otherwise)."""
   directory = os.path.join(workdir, TRAIN_CHECKPOINT_DIR)
   if not os.path.isdir(directory):
-    return None
-  return max((int(name) for name in os.listdir(directory) if name.isdigit()), default=None)
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def latest_saved_epoch(workdir: str) -> int | None:
+  """The last epoch a run's workdir holds a checkpoint of; None if none."""
+  return max(saved_epochs(workdir), default=None)
+
+
+def check_epoch_kept(workdir: str, epoch: int) -> None:
+  """Raises, naming the kept ones, unless the run keeps `epoch` (it deletes old epochs)."""
+  kept = saved_epochs(workdir)
+  if epoch not in kept:
+    raise FileNotFoundError(
+        f"The run in {workdir} keeps no checkpoint of epoch {epoch}; it keeps " +
+        (f"epochs {', '.join(map(str, kept))}." if kept else "none."))
 
 
 TRAIN_CHECKPOINT_DIR = "checkpoints"
@@ -332,9 +346,6 @@ class TrainCheckpointer:
 
   def latest_epoch(self) -> int | None:
     return self._manager.latest_step()
-
-  def kept_epochs(self) -> list[int]:
-    return sorted(self._manager.all_steps())
 
   def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
     meta = {**meta, "state_crc32": state_crc32(state)}
@@ -437,10 +448,10 @@ def run_epoch_folder(path: str) -> tuple[str, int] | None:
   mdistiller's `epoch_N`); None for any other path."""
   path = os.path.normpath(path)
   folder, name = os.path.split(path)
-  if os.path.basename(folder) != TRAIN_CHECKPOINT_DIR or not name.isdigit():
+  if (os.path.basename(folder) != TRAIN_CHECKPOINT_DIR or not name.isdigit()
+      or os.path.isfile(os.path.join(path, MODEL_JSON))):  # a ported model named by a number
     return None
-  workdir = os.path.dirname(folder) or os.curdir
-  return (workdir, int(name)) if os.path.isfile(os.path.join(workdir, "config.json")) else None
+  return os.path.dirname(folder) or os.curdir, int(name)
 
 
 def load_student_from_workdir(workdir: str, *, epoch: int | None = None,
@@ -449,14 +460,12 @@ def load_student_from_workdir(workdir: str, *, epoch: int | None = None,
   eval mode, and its metadata with that `epoch` and whether it is the `best`."""
   ckpt = TrainCheckpointer(os.path.join(workdir, TRAIN_CHECKPOINT_DIR))
   try:
-    best = ckpt.best_epoch()
-    epoch = best if epoch is None else epoch
-    kept = ckpt.kept_epochs()
-    if epoch not in kept:
-      raise FileNotFoundError(f"The run in {workdir} keeps no checkpoint of epoch {epoch}; it "
-                              f"keeps epochs {', '.join(map(str, kept))}.")
+    if epoch is not None:
+      check_epoch_kept(workdir, epoch)
+    epoch = ckpt.best_epoch() if epoch is None else epoch
     state, meta = ckpt.restore(epoch)
     ckpt.check_student(epoch, meta, state["params"]["student"], state["batch_stats"])
+    best = ckpt.best_epoch()
   finally:
     ckpt.close()
   return models.model_from_pure_dicts(meta["arch"], meta["num_classes"],

@@ -136,8 +136,7 @@ def _check_not_inside_a_run(path: str) -> None:
   for i, part in enumerate(parts):  # <workdir>/checkpoints, or a path inside an epoch of it
     below = parts[i + 1:]
     workdir = os.sep.join(parts[:i]) or os.curdir
-    if (part == checkpoint.TRAIN_CHECKPOINT_DIR and (not below or below[0].isdigit())
-        and os.path.isfile(os.path.join(workdir, "config.json"))):
+    if part == checkpoint.TRAIN_CHECKPOINT_DIR and (not below or below[0].isdigit()):
       raise ValueError(f"{path} is inside the training run {workdir}: pass the workdir itself "
                        f"(its best epoch is used) or one kept epoch, "
                        f"{os.path.join(workdir, part, '<epoch>')}.")
@@ -148,27 +147,38 @@ def _check_not_inside_a_run(path: str) -> None:
 
 
 def _report_teacher_run(path: str, meta: dict[str, Any]) -> None:
-  """Logs which epoch of a run the teacher is, and warns if that run has not finished: were it
-  to train on, its best epoch would change, and a run distilled from it could not resume."""
-  workdir = (checkpoint.run_epoch_folder(path) or (path,))[0]
+  """Logs which epoch of a run the teacher is, and warns while that run is unfinished: training
+  on, it may change its best epoch or delete this one, and a run distilled from it could then
+  not resume."""
+  in_run = checkpoint.run_epoch_folder(path)
+  workdir = in_run[0] if in_run else path
+  epoch = meta["epoch"]
   logging.info("Teacher: the student of epoch %d of the run in %s%s (test top-1 %.2f).",
-               meta["epoch"], workdir, ", its best" if meta["best"] else "", meta["test_top1"])
-  with open(os.path.join(workdir, "config.json")) as f:
+               epoch, workdir, ", its best" if meta["best"] else "", meta["test_top1"])
+  saved_config = os.path.join(workdir, "config.json")
+  if not os.path.isfile(saved_config):
+    return
+  with open(saved_config) as f:
     planned = json.load(f).get("num_epochs")
   finished = checkpoint.latest_saved_epoch(workdir)
   if isinstance(planned, int) and finished < planned:
+    change = (f"it deletes epoch {epoch} once that is neither among its latest nor its best"
+              if in_run else "its best epoch may change")
     logging.warning(
-        "The teacher's run in %s has finished %d of its %d epochs. If it trains on, its best "
-        "epoch changes and this run cannot resume with it: let it finish first, or pin one "
-        "kept epoch as --config.teacher.checkpoint=%s (kept while that run keeps it).",
-        workdir, finished, planned,
-        os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR, str(meta["epoch"])))
+        "The teacher's run in %s has finished %d of its %d epochs; training on, %s, and this "
+        "run could then not resume with it. Let it finish first, or freeze this teacher as a "
+        "file: python scripts/export_weights.py --checkpoint %s --dst teacher.pth, then "
+        "--config.teacher.checkpoint=teacher.pth.", workdir, finished, planned, change,
+        os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR, str(epoch)))
 
 
 def check_teacher_exists(teacher: ml_collections.ConfigDict,
                          data: ml_collections.ConfigDict | None = None) -> None:
   """Fails before any data is read if the teacher checkpoint is missing."""
   if not teacher.checkpoint or not os.path.exists(teacher.checkpoint):
+    in_run = checkpoint.run_epoch_folder(teacher.checkpoint or "")
+    if in_run and checkpoint.is_train_workdir(in_run[0]):  # that run has deleted the epoch
+      checkpoint.check_epoch_kept(*in_run)
     raise FileNotFoundError(missing_teacher_message(teacher.name, teacher.checkpoint, data))
 
 

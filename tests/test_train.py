@@ -328,6 +328,9 @@ def test_a_run_used_as_a_teacher_gives_its_best_epoch_not_its_latest(tmp_path):
   loaded, meta = teachers.load_frozen_model(str(tmp_path), arch="resnet8", num_classes=10)
   assert (meta["arch"], meta["epoch"], meta["best"]) == ("resnet8", 2, True)
   np.testing.assert_array_equal(loaded.fc.kernel[...], 2 * params["fc"]["kernel"])
+  teacher = ml_collections.ConfigDict(dict(name="resnet8", checkpoint=str(tmp_path),
+                                           fold_batchnorm=False))
+  teachers.load_teacher(teacher, 10, image_size=32)  # no config.json: nothing to warn about
 
 
 def test_a_teacher_run_names_its_epoch_and_warns_while_it_is_unfinished(tmp_path, caplog):
@@ -358,14 +361,23 @@ def test_a_teacher_run_names_its_epoch_and_warns_while_it_is_unfinished(tmp_path
   checkpoint.save_model(ported, model, arch="resnet8", num_classes=10)
   assert teachers.load_frozen_model(ported)[1]["arch"] == "resnet8"
   caplog.set_level(logging.INFO, logger="absl")
-  for path, named in ((str(tmp_path), "epoch 2 of the run in .*, its best \\(test top-1 50.00"),
-                      (third, "epoch 3 of the run in .* \\(test top-1 40.00")):
+  for path, named, risk in (
+      (str(tmp_path), "epoch 2 of the run in .*, its best \\(test top-1 50.00",
+       "its best epoch may change"),
+      (third, "epoch 3 of the run in .* \\(test top-1 40.00", "it deletes epoch 3 once")):
     caplog.clear()
     teacher = ml_collections.ConfigDict(dict(name="resnet8", checkpoint=path,
                                              fold_batchnorm=False))
     teachers.load_teacher(teacher, 10, image_size=32)
     assert re.search("Teacher: the student of " + named, caplog.text), caplog.text
-    assert "has finished 3 of its 5 epochs" in caplog.text
+    assert f"has finished 3 of its 5 epochs; training on, {risk}" in caplog.text
+    assert "export_weights.py --checkpoint " + os.path.join(str(tmp_path), "checkpoints") in (
+        caplog.text)
+  # A pinned epoch that run has deleted since: which ones it keeps, not how to port a teacher.
+  with pytest.raises(FileNotFoundError, match="keeps no checkpoint of epoch 1; it keeps epochs "
+                     "2, 3"):
+    teachers.check_teacher_exists(ml_collections.ConfigDict(dict(
+        name="resnet8", checkpoint=str(tmp_path / "checkpoints" / "1"))))
   config.num_epochs = 3  # finished: nothing to warn about
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
   caplog.clear()
@@ -452,9 +464,10 @@ def test_a_model_checkpoint_is_not_a_workdir(teacher_dir):
 
 
 def test_checkpoint_folders_of_a_run_point_to_its_workdir(tmp_path):
-  os.makedirs(tmp_path / "run" / "checkpoints" / "2")
-  for inside in ("checkpoints", "checkpoints/2"):
-    with pytest.raises(ValueError, match="pass the workdir itself"):
+  os.makedirs(tmp_path / "run" / "checkpoints" / "2")  # an epoch whose save never completed
+  for inside, message in (("checkpoints", "pass the workdir itself"),
+                          ("checkpoints/2", "The checkpoint of epoch 2, .* cannot be read")):
+    with pytest.raises(ValueError, match=message):
       teachers.load_frozen_model(str(tmp_path / "run" / inside))
   os.makedirs(tmp_path / "failed")
   (tmp_path / "failed" / "config.json").write_text("{}")
