@@ -437,14 +437,15 @@ def _unpickle(torch: Any, path: str, trust_pickle: bool) -> Any:
       return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     detail = _unpickler_detail(str(e))
-    if "unsupported global" not in detail.lower() or _file_format(path) == "other":
+    refused = ("unsupported global", "unsupported operand")  # a class; a pickle protocol >= 4
+    if not any(r in detail.lower() for r in refused) or _file_format(path) == "other":
       raise TorchFileError(
           f"{path!r} is not a readable PyTorch checkpoint (corrupt or not a torch.save "
           f"file: {detail}). Download or copy it again.") from e
     if not trust_pickle:
       raise TorchFileError(
-          f"{path!r} holds Python objects that torch.load(weights_only=True) refuses to "
-          f"unpickle ({detail}). {if_trusted}") from e
+          f"{path!r} holds Python objects (or a pickle protocol) that "
+          f"torch.load(weights_only=True) refuses to unpickle ({detail}). {if_trusted}") from e
   except Exception as e:  # truncated zip, empty file, ...
     raise TorchFileError(
         f"{path!r} is not a readable PyTorch checkpoint (corrupt or not a torch.save file: "

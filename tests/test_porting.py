@@ -326,6 +326,13 @@ def test_pth_errors(pth_files, tmp_path, monkeypatch):
   loaded = porting.load_torch_state_dict(plain, trust_pickle=True)
   np.testing.assert_array_equal(loaded["weight"], np.ones((3, 2)))
   assert set(loaded) == {"weight", "bias"}
+  # torch.save with pickle_protocol=4: its weights-only reader refuses the protocol's opcodes.
+  protocol4 = str(tmp_path / "protocol4.pth")
+  torch.save({"weight": torch.ones(3, 2)}, protocol4, pickle_protocol=4)
+  with pytest.raises(porting.TorchFileError, match=r"refuses to unpickle \(Unsupported operand "
+                     r"149.*--trust_pickle"):
+    porting.load_torch_state_dict(protocol4)
+  assert set(porting.load_torch_state_dict(protocol4, trust_pickle=True)) == {"weight"}
   legacy = str(tmp_path / "legacy.pth")  # torch.save's pre-1.6 format is a pickle stream too
   torch.save({"weight": torch.ones(3, 2)}, legacy, _use_new_zipfile_serialization=False)
   assert set(porting.load_torch_state_dict(legacy)) == {"weight"}
