@@ -75,7 +75,7 @@ def main():
     other = {"student": "teacher", "teacher": "student"}.get(FLAGS.component)
     raise ValueError(
         f"{src!r} does not fit --arch {arch}.\n{e}" + (
-            f"\n  (--component {FLAGS.component} took the {FLAGS.component} of a trainer file; "
+            f"\n  (In a trainer file, --component {FLAGS.component} takes its {FLAGS.component}; "
             f"is the {arch} its {other}?)" if other else "")) from e
 
   num_classes = porting.num_classes_of(model)

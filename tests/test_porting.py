@@ -575,8 +575,8 @@ def test_port_weights_script_errors(pth_files, tmp_path, case):
   expect = {"missing": "No such checkpoint file",
             "corrupt": "not a readable PyTorch checkpoint",
             "wrong_arch": "does not fit --arch resnet20",
-            "wrong_component_arch": "(--component teacher took the teacher of a trainer file; "
-                                    "is the resnet20 its student?)",
+            "wrong_component_arch": "(In a trainer file, --component teacher takes its "
+                                    "teacher; is the resnet20 its student?)",
             "wrong_classes": "has 100 classes but num_classes=10",
             "unknown_arch": "Unknown --arch 'resnet9'. Valid names: resnet8"}[case]
   arch, src, extra = args
