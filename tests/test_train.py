@@ -232,8 +232,8 @@ def test_several_steps_per_dispatch_on_a_cpu_are_warned_about(caplog):
 @pytest.mark.parametrize("interrupted_eval, message", [
     (1, "Interrupted in epoch 1. No epoch had finished, so nothing is saved: the same command "
         "starts the run over."),
-    (2, "Interrupted in epoch 2. Re-run the same command to resume from the last finished "
-        "epoch."),
+    (2, "Interrupted in epoch 2. Re-run the same command to resume after epoch 1, the last "
+        "saved."),
 ])
 def test_ctrl_c_says_whether_a_rerun_resumes(teacher_dir, tmp_path, monkeypatch, caplog,
                                              interrupted_eval, message):
