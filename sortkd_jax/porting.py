@@ -370,27 +370,31 @@ def _is_tensor_dict(obj: Any) -> bool:
 _LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # the first object of a legacy torch.save file
 
 
+class _GlobalRefused(pickle.UnpicklingError):
+  pass
+
+
 class _NoGlobalsUnpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str) -> Any:
-    raise pickle.UnpicklingError(f"{module}.{name}")
+    raise _GlobalRefused(f"{module}.{name}")
 
 
 def _file_format(path: str) -> str:
   """'zip' (torch.save), 'legacy' (torch.save before 1.6 or with the old format), 'pickle' (a
-  plain Python pickle, which torch.load cannot read) or 'other'. Reads the legacy magic number
-  without resolving any global, so nothing in the file runs."""
+  plain Python pickle, which torch.load cannot read) or 'other' (not a pickle: corrupt, or
+  something else). Reads the first pickled object without resolving any global, so nothing in
+  the file runs."""
   with open(path, "rb") as f:
     if f.read(2) == b"PK":
       return "zip"
     f.seek(0)
-    if f.read(1) != b"\x80":
-      return "other"
-    f.seek(0)
     try:
       first = _NoGlobalsUnpickler(f).load()
-    except Exception:  # a global, a persistent id, a truncated file: not the legacy header
+    except _GlobalRefused:  # a pickle that names a class: not torch's legacy header
       return "pickle"
-    return "legacy" if isinstance(first, int) and first == _LEGACY_TORCH_MAGIC else "pickle"
+    except Exception:  # truncated, or no pickle at all
+      return "other"
+  return "legacy" if isinstance(first, int) and first == _LEGACY_TORCH_MAGIC else "pickle"
 
 
 def _unpickler_detail(message: str) -> str:

@@ -333,9 +333,21 @@ def test_pth_errors(pth_files, tmp_path, monkeypatch):
                      r"149.*--trust_pickle"):
     porting.load_torch_state_dict(protocol4)
   assert set(porting.load_torch_state_dict(protocol4, trust_pickle=True)) == {"weight"}
+  text_pickle = str(tmp_path / "protocol0.pkl")  # protocol 0 has no binary header
+  with open(text_pickle, "wb") as f:
+    pickle.dump({"weight": np.ones((3, 2), np.float32)}, f, protocol=0)
+  with pytest.raises(porting.TorchFileError, match="is a plain Python pickle"):
+    porting.load_torch_state_dict(text_pickle)
+  assert set(porting.load_torch_state_dict(text_pickle, trust_pickle=True)) == {"weight"}
   legacy = str(tmp_path / "legacy.pth")  # torch.save's pre-1.6 format is a pickle stream too
   torch.save({"weight": torch.ones(3, 2)}, legacy, _use_new_zipfile_serialization=False)
   assert set(porting.load_torch_state_dict(legacy)) == {"weight"}
+  with open(legacy, "rb") as f:  # cut inside its header: corrupt, not a plain pickle
+    head = f.read(5)
+  with open(legacy, "wb") as f:
+    f.write(head)
+  with pytest.raises(porting.TorchFileError, match="not a readable PyTorch checkpoint"):
+    porting.load_torch_state_dict(legacy, trust_pickle=True)
   # A class of the user's own code, not importable where the file is read.
   (tmp_path / "users_net.py").write_text(
       "import torch\nclass Net(torch.nn.Linear):\n  pass\n")
