@@ -104,12 +104,14 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
   if in_run is not None:  # one kept epoch of a run
     workdir, epoch = in_run
     model, meta = checkpoint.load_student_from_workdir(workdir, epoch=epoch, dtype=dtype)
+  elif os.path.isfile(os.path.join(path, checkpoint.MODEL_JSON)):  # a model, wherever it is
+    model, meta = checkpoint.load_model(path, dtype=dtype)
   else:
     _check_not_inside_a_run(path)
     if checkpoint.is_train_workdir(path):
       model, meta = checkpoint.load_student_from_workdir(path, dtype=dtype)
     else:
-      model, meta = checkpoint.load_model(path, dtype=dtype)
+      model, meta = checkpoint.load_model(path, dtype=dtype)  # says what it is not
   if arch is not None and meta["arch"] != arch:
     raise ValueError(f"{path} holds a {meta['arch']}, not a {arch}; point to a {arch} "
                      f"checkpoint or name {meta['arch']} as the architecture "

@@ -357,9 +357,10 @@ def test_a_teacher_run_names_its_epoch_and_warns_while_it_is_unfinished(tmp_path
   with pytest.raises(FileNotFoundError, match="keeps no checkpoint of epoch 9; it keeps epochs "
                      "2, 3"):  # the latest two, epoch 2 also the best
     checkpoint.load_student_from_workdir(str(tmp_path), epoch=9)
-  ported = str(tmp_path / "mine" / "checkpoints" / "resnet8")  # a folder of one's own models
-  checkpoint.save_model(ported, model, arch="resnet8", num_classes=10)
-  assert teachers.load_frozen_model(ported)[1]["arch"] == "resnet8"
+  for mine in ("resnet8", "7", "2024/resnet8"):  # one's own models in a folder of that name
+    ported = str(tmp_path / "mine" / "checkpoints" / mine)
+    checkpoint.save_model(ported, model, arch="resnet8", num_classes=10)
+    assert teachers.load_frozen_model(ported)[1]["arch"] == "resnet8"
   caplog.set_level(logging.INFO, logger="absl")
   for path, named, risk in (
       (str(tmp_path), "epoch 2 of the run in .*, its best \\(test top-1 50.00",
