@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import signal
 import sys
 from typing import Any, Callable
 
@@ -31,6 +32,7 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
   def run_main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    signal.signal(signal.SIGINT, _interrupt)
     logging.set_verbosity(logging.INFO)
     quiet_library_info_logs()
     quiet_reads_of_a_failed_restore()
@@ -61,6 +63,13 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
     sys.exit(message)
 
   app.run(run_main, flags_parser=parse_flags_briefly)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+  """Ctrl-C as Python's default handler takes it, but not that very function: `asyncio.run`
+  (inside orbax and tfds) replaces only the default one, with a handler that cancels its task,
+  and a task that absorbs the cancellation then absorbed the Ctrl-C too (4 in 10 start-ups)."""
+  raise KeyboardInterrupt
 
 
 def _joined_process() -> str | None:

@@ -125,3 +125,32 @@ def test_help_lists_the_config_flag(script):
   out = run_script(script, "--help")  # absl exits with status 1 after --help
   own = out.stdout.split(f"scripts/{script}:", 1)[1]
   assert "\n  --config: " in own, out.stdout
+
+
+def test_ctrl_c_inside_asyncio_run_is_not_absorbed(monkeypatch):
+  """asyncio.run swaps Python's default SIGINT handler for one that cancels its task; a task
+  that absorbs the cancellation (as library code may) then absorbed the Ctrl-C: the script
+  went on and exited 0. cli.run's own handler is left alone by asyncio."""
+  import asyncio
+  import os
+  import signal
+
+  async def absorbs_cancellation():
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      await asyncio.sleep(5)
+    except asyncio.CancelledError:
+      pass
+
+  def main():
+    asyncio.run(absorbs_cancellation())
+
+  def exit_now(code):
+    raise SystemExit(("os._exit", code))
+
+  monkeypatch.setattr(cli.os, "_exit", exit_now)
+  previous = signal.getsignal(signal.SIGINT)
+  try:
+    assert _run(monkeypatch, main) == ("os._exit", 130)
+  finally:
+    signal.signal(signal.SIGINT, previous)
