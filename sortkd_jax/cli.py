@@ -3,11 +3,13 @@ known errors (bad input, a diverged run) reported as one `error:` line, not a tr
 
 from __future__ import annotations
 
+import _thread
 import gc
 import os
 import re
 import signal
 import sys
+import threading
 from typing import Any, Callable
 
 from absl import app, flags, logging
@@ -36,6 +38,7 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
     logging.set_verbosity(logging.INFO)
     quiet_library_info_logs()
     quiet_reads_of_a_failed_restore()
+    redeliver_dropped_interrupts()
     try:
       main()
       return
@@ -68,7 +71,7 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
 def _interrupt(signum: int, frame: Any) -> None:
   """Ctrl-C as Python's default handler takes it, but not that very function: `asyncio.run`
   (inside orbax and tfds) replaces only the default one, with a handler that cancels its task,
-  and a task that absorbs the cancellation then absorbed the Ctrl-C too (4 in 10 start-ups)."""
+  and a task that absorbs the cancellation then absorbed the Ctrl-C too."""
   raise KeyboardInterrupt
 
 
@@ -266,3 +269,19 @@ def quiet_reads_of_a_failed_restore() -> None:
       report(unraisable)
 
   sys.unraisablehook = filtered
+
+
+def redeliver_dropped_interrupts() -> None:
+  """A Ctrl-C that lands in a garbage-collector callback or a finalizer (JAX has one) raises
+  KeyboardInterrupt where Python only reports it, as unraisable, and goes on: the run carried
+  on to its end. Such an interrupt is signalled again, to land in the code that runs next."""
+  report = sys.unraisablehook
+
+  def redelivered(unraisable) -> None:
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+      # From another thread, a little later: signalled from here, it would land in this hook.
+      threading.Timer(0.05, _thread.interrupt_main).start()
+    else:
+      report(unraisable)
+
+  sys.unraisablehook = redelivered

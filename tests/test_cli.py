@@ -154,3 +154,31 @@ def test_ctrl_c_inside_asyncio_run_is_not_absorbed(monkeypatch):
     assert _run(monkeypatch, main) == ("os._exit", 130)
   finally:
     signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_in_a_garbage_collector_callback_is_not_dropped(monkeypatch):
+  """Python drops an exception raised in a gc callback (JAX registers one), KeyboardInterrupt
+  too: a Ctrl-C landing there let the run carry on. cli.run signals it again."""
+  import gc
+  import signal
+  import time
+
+  def interrupted_callback(phase, info):
+    gc.callbacks.remove(interrupted_callback)
+    raise KeyboardInterrupt  # as the SIGINT handler does when the signal lands here
+
+  def main():
+    gc.callbacks.append(interrupted_callback)
+    gc.collect()
+    for _ in range(500):  # where the redelivered signal lands, within 5 s
+      time.sleep(0.01)
+
+  def exit_now(code):
+    raise SystemExit(("os._exit", code))
+
+  monkeypatch.setattr(cli.os, "_exit", exit_now)
+  previous = signal.getsignal(signal.SIGINT)
+  try:
+    assert _run(monkeypatch, main) == ("os._exit", 130)
+  finally:
+    signal.signal(signal.SIGINT, previous)
