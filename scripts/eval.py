@@ -50,9 +50,10 @@ FLAGS = flags.FLAGS
 
 def main():
   from absl import logging
-  from sortkd_jax import distributed, porting, teachers, train
+  from sortkd_jax import checkpoint, distributed, porting, teachers, train
 
   if not os.path.exists(FLAGS.checkpoint):
+    checkpoint.check_run_epoch_kept(FLAGS.checkpoint)
     raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist.")
   if FLAGS.component and not os.path.isfile(FLAGS.checkpoint):
     raise ValueError(f"--component picks a model of a PyTorch trainer file; {FLAGS.checkpoint} "

@@ -30,10 +30,11 @@ FLAGS = flags.FLAGS
 
 
 def main():
-  from sortkd_jax import porting, teachers  # noqa: PLC0415 - keep --help fast
+  from sortkd_jax import checkpoint, porting, teachers  # noqa: PLC0415 - keep --help fast
 
   src, dst = FLAGS.checkpoint, FLAGS.dst
   if not os.path.exists(src):
+    checkpoint.check_run_epoch_kept(src)
     raise FileNotFoundError(f"--checkpoint {src!r} does not exist.")
   if not os.path.isdir(src):
     raise ValueError(f"--checkpoint {src!r} is a file: give a training workdir or a directory "

@@ -454,6 +454,14 @@ def run_epoch_folder(path: str) -> tuple[str, int] | None:
   return os.path.dirname(folder) or os.curdir, int(name)
 
 
+def check_run_epoch_kept(path: str) -> None:
+  """For `<workdir>/checkpoints/<epoch>` of a run: raises, naming the epochs it keeps, if the
+  run has deleted that one (it keeps its latest and its best)."""
+  in_run = run_epoch_folder(path)
+  if in_run and is_train_workdir(in_run[0]):
+    check_epoch_kept(*in_run)
+
+
 def load_student_from_workdir(workdir: str, *, epoch: int | None = None,
                               dtype: jnp.dtype = jnp.float32) -> tuple[nnx.Module, dict[str, Any]]:
   """The student of a training run at `epoch`, by default its best (the latest among ties), in

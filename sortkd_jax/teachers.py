@@ -178,9 +178,7 @@ def check_teacher_exists(teacher: ml_collections.ConfigDict,
                          data: ml_collections.ConfigDict | None = None) -> None:
   """Fails before any data is read if the teacher checkpoint is missing."""
   if not teacher.checkpoint or not os.path.exists(teacher.checkpoint):
-    in_run = checkpoint.run_epoch_folder(teacher.checkpoint or "")
-    if in_run and checkpoint.is_train_workdir(in_run[0]):  # that run has deleted the epoch
-      checkpoint.check_epoch_kept(*in_run)
+    checkpoint.check_run_epoch_kept(teacher.checkpoint or "")
     raise FileNotFoundError(missing_teacher_message(teacher.name, teacher.checkpoint, data))
 
 

@@ -566,13 +566,12 @@ def _streaming_feed(config, mesh, batch_size) -> _Feed:
   """ImageNet: tf.data batches of this process's shard, prefetched to the device."""
   d = config.data
   source = stream_source(d)
-  n, num_classes = input_pipeline.split_info(split=d.train_split, **source)
-  if d.max_train_examples is not None:
-    n = min(n, d.max_train_examples)
+  total, num_classes = input_pipeline.split_info(split=d.train_split, **source)
+  n = total if d.max_train_examples is None else min(total, d.max_train_examples)
   steps_per_epoch = math.ceil(n / batch_size)
   batch_sharding = NamedSharding(mesh, P("data"))
-  logging.info("%d train images, %d classes; %d steps per epoch.", n, num_classes,
-               steps_per_epoch)
+  logging.info("%d train images%s, %d classes; %d steps per epoch.", n,
+               f" per epoch (of {total})" if n < total else "", num_classes, steps_per_epoch)
 
   def epoch_runner(state, teacher, teacher_vars, train_step):
     step = build_train_batch(config, mesh, train_step=train_step, teacher=teacher)
@@ -804,7 +803,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
                                         "log_every_steps")}
   if config.steps_per_dispatch is not None:
     sizes["steps_per_dispatch"] = config.steps_per_dispatch
-  sizes.update({f"data.{key}": config.data[key] for key in ("max_train_examples",
+  sizes.update({f"data.{key}": config.data[key] for key in ("image_size", "max_train_examples",
                                                             "max_test_examples")
                 if config.data[key] is not None})
   for key, value in sizes.items():

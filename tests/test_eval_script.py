@@ -101,6 +101,10 @@ def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
   assert named.returncode == 0, named.stderr[-2000:]
   assert _last_json(named)["epoch"] == 3 and _last_json(named)["test_loss"] != result["test_loss"]
   assert f"Evaluating epoch 3 of the run in {workdir} (test top-1 20.00" in named.stderr
+  gone = run_script("eval.py", "--checkpoint", os.path.join(workdir, "checkpoints", "9"),
+                    *SYNTHETIC)
+  assert gone.returncode == 1 and gone.stderr.splitlines()[-1].endswith(
+      "keeps no checkpoint of epoch 9; it keeps epochs 1, 2, 3."), gone.stderr[-2000:]
   # Without --config, an epoch is evaluated as its run evaluated it: by its config.json.
   config = cifar_vanilla.get_config()
   config.dtype = "bfloat16"

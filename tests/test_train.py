@@ -521,6 +521,7 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("batch_size", 0, "config.batch_size must be a positive"),
     ("num_epochs", 0, "config.num_epochs must be a positive"),
     ("data.max_test_examples", -5, "config.data.max_test_examples must be a positive"),
+    ("data.image_size", 0, "config.data.image_size must be a positive integer, got 0"),
     ("data.pipeline", "tfdata", "Unknown config.data.pipeline 'tfdata'"),
     ("data.pipeline", "tf_data", "'tf_data' is the ImageNet recipes' stream"),
     ("student.name", "resnet999", "Unknown config.student.name 'resnet999'. Valid names: "),
@@ -984,6 +985,16 @@ def test_imagenet_resume_is_bit_identical(tmp_path):
   assert (result["arch"], result["test_examples"]) == ("resnet8", 4)
   assert result["test_top1"] == best["test_top1"]
   np.testing.assert_allclose(result["test_loss"], best["test_loss"], rtol=1e-5)
+
+
+def test_a_capped_imagenet_epoch_says_it_is_part_of_the_split(tmp_path, caplog):
+  """max_train_examples makes epochs of N examples drawn from the whole split: the log says so,
+  rather than reading as if the split held N."""
+  config = _imagenet_folder_config(tmp_path)
+  config.data.max_train_examples = 8
+  caplog.set_level(logging.INFO, logger="absl")
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert "8 train images per epoch (of 16), 2 classes; 1 steps per epoch." in caplog.text
 
 
 def test_imagenet_stream_names_an_undecodable_file(tmp_path):
