@@ -215,8 +215,9 @@ def test_kd_decomposes_into_tckd_and_weighted_nckd(seed, num_classes, t, scale):
   p_target = np_softmax(np.float64(v) / t)[0, y[0]]
   tckd = losses.dkd(z, v, y, 1.0, 0.0, t)
   nckd = losses.dkd(z, v, y, 0.0, 1.0, t)
+  # float32: small logits leave KL values near 1e-4 whose terms cancel to ~1e-7, times T².
   np.testing.assert_allclose(losses.kd(z, v, t), tckd + (1 - p_target) * nckd,
-                             rtol=2e-5, atol=1e-6)
+                             rtol=2e-5, atol=1e-7 * t**2)
 
 
 def test_lskd_is_kd_on_standardized_logits():
