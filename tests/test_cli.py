@@ -1,5 +1,6 @@
 """What every script shares: known errors as one line, Ctrl-C without a traceback."""
 
+import signal
 import sys
 
 import pytest
@@ -10,10 +11,19 @@ from sortkd_jax import cli
 
 
 def _run(monkeypatch, main, **kwargs):
+  """cli.run(main)'s exit status; os._exit (Ctrl-C) is caught as ("os._exit", status)."""
+  def exit_now(code):  # os._exit would end pytest too
+    raise SystemExit(("os._exit", code))
+
   monkeypatch.setattr(sys, "argv", ["script"])
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # cli.run filters it
-  with pytest.raises(SystemExit) as exit_info:
-    cli.run(main, **kwargs)
+  monkeypatch.setattr(cli.os, "_exit", exit_now)
+  sigint = signal.getsignal(signal.SIGINT)  # cli.run installs its own
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      cli.run(main, **kwargs)
+  finally:
+    signal.signal(signal.SIGINT, sigint)
   return exit_info.value.code
 
 
@@ -24,11 +34,7 @@ def test_known_error_is_one_line_and_ctrl_c_exits_130(monkeypatch):
   def interrupted():
     raise KeyboardInterrupt
 
-  def exit_now(code):  # os._exit would end pytest too
-    raise SystemExit(("os._exit", code))
-
   assert _run(monkeypatch, bad_input) == "error: the data folder is empty"
-  monkeypatch.setattr(cli.os, "_exit", exit_now)
   assert _run(monkeypatch, interrupted) == ("os._exit", 130)  # no teardown waiting on devices
   with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
     _run(monkeypatch, lambda: 1 / 0)
@@ -133,7 +139,6 @@ def test_ctrl_c_inside_asyncio_run_is_not_absorbed(monkeypatch):
   went on and exited 0. cli.run's own handler is left alone by asyncio."""
   import asyncio
   import os
-  import signal
 
   async def absorbs_cancellation():
     try:
@@ -145,22 +150,13 @@ def test_ctrl_c_inside_asyncio_run_is_not_absorbed(monkeypatch):
   def main():
     asyncio.run(absorbs_cancellation())
 
-  def exit_now(code):
-    raise SystemExit(("os._exit", code))
-
-  monkeypatch.setattr(cli.os, "_exit", exit_now)
-  previous = signal.getsignal(signal.SIGINT)
-  try:
-    assert _run(monkeypatch, main) == ("os._exit", 130)
-  finally:
-    signal.signal(signal.SIGINT, previous)
+  assert _run(monkeypatch, main) == ("os._exit", 130)
 
 
 def test_ctrl_c_in_a_garbage_collector_callback_is_not_dropped(monkeypatch):
   """Python drops an exception raised in a gc callback (JAX registers one), KeyboardInterrupt
   too: a Ctrl-C landing there let the run carry on. cli.run signals it again."""
   import gc
-  import signal
   import time
 
   def interrupted_callback(phase, info):
@@ -173,12 +169,4 @@ def test_ctrl_c_in_a_garbage_collector_callback_is_not_dropped(monkeypatch):
     for _ in range(500):  # where the redelivered signal lands, within 5 s
       time.sleep(0.01)
 
-  def exit_now(code):
-    raise SystemExit(("os._exit", code))
-
-  monkeypatch.setattr(cli.os, "_exit", exit_now)
-  previous = signal.getsignal(signal.SIGINT)
-  try:
-    assert _run(monkeypatch, main) == ("os._exit", 130)
-  finally:
-    signal.signal(signal.SIGINT, previous)
+  assert _run(monkeypatch, main) == ("os._exit", 130)
