@@ -515,33 +515,30 @@ def _open_split(
   """(this process's shard as tf.data, examples in the whole split, the ClassLabel feature).
 
   tfds datasets are split per process with `tfds.split_for_jax_process` (shard sizes differ by
-  at most one) and read only in part. `tfds.ImageFolder` has no sub-splits, so folders are
-  sharded with `Dataset.shard`: the train stream (`shuffle_seed`) before reading its files, the
-  eval stream after, so every process reads every eval file. With `shuffle_seed`, tfds
+  at most one) and read only in part. `tfds.ImageFolder` has no sub-splits, so a folder's file
+  list is sharded with `Dataset.shard`, before any file is read. With `shuffle_seed`, tfds
   shuffles its files each epoch, and a folder shard takes a new order of all its files each
-  epoch, as torch's `shuffle=True` (before any image is read). `max_examples`
-  keeps the split's first ones, before sharding: the same examples for any process count.
+  epoch, as torch's `shuffle=True`. `max_examples` keeps the split's first ones, before
+  sharding: the same examples for any process count.
   """
   tf, tfds = _tf()
   decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
   if folder is not None:
     folder = os.path.abspath(os.path.expanduser(folder))
     _check_folder_split(folder, split)
-    builder = tfds.ImageFolder(folder)
-    if shuffle_seed is None:
-      full = builder.as_dataset(split=split, decoders=decoders)
-    else:
-      full = _folder_files(builder, split)
+    features, paths, labels = _folder_split_files(folder, split)
+    full = tf.data.Dataset.from_tensor_slices((paths, labels))
     if max_examples is not None:
       full = full.take(max_examples)
     total = _split_size(full, split, process_count)
-    local = full.shard(process_count, process_index)
+    local = full.shard(process_count, process_index)  # before reading: each its own files
     if shuffle_seed is not None:  # torch's shuffle=True: a new order of all files every epoch
       local = local.shuffle(local.cardinality(), seed=shuffle_seed, reshuffle_each_iteration=True)
-      local = local.map(
-          lambda path, label: builder.info.features.decode_example(
-              {"image": tf.io.read_file(path), "label": label}, decoders=decoders),
-          num_parallel_calls=tf.data.AUTOTUNE)
+    local = local.map(
+        lambda path, label: features.decode_example(
+            {"image": tf.io.read_file(path), "label": label, "image/filename": path},
+            decoders=decoders),
+        num_parallel_calls=tf.data.AUTOTUNE)
   elif name == SYNTHETIC:
     raise ValueError("data.name='synthetic' is random CIFAR-shaped data for the on-device "
                      "pipeline (the CIFAR configs), not for tf.data streams (ImageNet).")
@@ -575,8 +572,9 @@ def _open_split(
             f"{where} ({type(err).__name__}: {err}). Offline? "
             f"Prepare it where there is internet (`tfds build {name} --data_dir=DIR`) and pass "
             f"--config.data.data_dir=DIR, or {_folder_choices(name)}.") from err
+    features = builder.info.features
     full = _tfds_as_dataset(builder, data_dir, split=split, decoders=decoders)
-    if max_examples is not None:  # a smoke-test cap: read whole, like a folder
+    if max_examples is not None:  # a smoke-test cap: the split's first ones, then sharded
       full = full.take(max_examples)
     total = _split_size(full, split, process_count)
     if max_examples is not None:
@@ -592,21 +590,49 @@ def _open_split(
       )
   else:
     raise ValueError("Pass a tfds dataset `name` (e.g. 'imagenet2012') or an image `folder`.")
-  return local, total, builder.info.features["label"]
+  return local, total, features["label"]
 
 
-def _folder_files(builder: Any, split: str) -> "tf.data.Dataset":
-  """(path, label) of each file of an ImageFolder split, in tfds' fixed order, unread.
+def _folder_split_files(folder: str, split: str) -> tuple[Any, "tf.Tensor", "tf.Tensor"]:
+  """(`tfds.ImageFolder(folder)`'s features, the split's file paths, their label ids), in
+  ImageFolder's fixed order (its `as_dataset` reads them in this order).
 
-  ImageFolder's own `shuffle_files` is unseeded and comes before our per-process sharding, so
-  the file list is taken from its (private; tfds is pinned) table and shuffled after sharding.
+  Taken from ImageFolder's (private; tfds is pinned) file table, so that a stream can shard and
+  shuffle the files before reading any: its own `shuffle_files` is unseeded and reads them all.
+  Scanned once per process while the folder's listing is unchanged: a scan lists every file
+  (seconds for ImageNet's 1.3M, more on network disks), and a run opens its folder for every
+  epoch's train stream and evaluation.
   """
+  return _scan_folder_split(folder, split, _listing_stamp(folder))
+
+
+def _listing_stamp(folder: str) -> tuple[tuple[str, int], ...]:
+  """The modification times of `folder`, its split and class folders: adding, removing or
+  renaming a file or folder changes one, and with it what `tfds.ImageFolder` would list."""
+  stamp = [(folder, os.stat(folder).st_mtime_ns)]
+  for split_dir in os.scandir(folder):
+    if split_dir.is_dir():
+      stamp.append((split_dir.path, split_dir.stat().st_mtime_ns))
+      stamp += [(d.path, d.stat().st_mtime_ns) for d in os.scandir(split_dir.path) if d.is_dir()]
+  return tuple(sorted(stamp))
+
+
+@functools.lru_cache(maxsize=2)  # a run's train and test splits
+def _scan_folder_split(folder: str, split: str, stamp: tuple[tuple[str, int], ...]
+                       ) -> tuple[Any, "tf.Tensor", "tf.Tensor"]:
   tf, _ = _tf()
-  label = builder.info.features["label"]
+  builder = _scan_folder(folder, stamp)
+  label_id = {name: i for i, name in enumerate(builder.info.features["label"].names)}
   examples = builder._split_examples[split]
-  return tf.data.Dataset.from_tensor_slices(
-      ([e.image_path for e in examples],
-       tf.constant([label.str2int(e.label) for e in examples], tf.int64)))
+  return (builder.info.features, tf.constant([e.image_path for e in examples], tf.string),
+          tf.constant([label_id[e.label] for e in examples], tf.int64))
+
+
+@functools.lru_cache(maxsize=1)
+def _scan_folder(folder: str, stamp: tuple[tuple[str, int], ...]) -> Any:
+  del stamp  # part of the cache key only
+  _, tfds = _tf()
+  return tfds.ImageFolder(folder)
 
 
 def _folder_choices(name: str) -> str:
@@ -806,9 +832,10 @@ def imagenet_train_dataset(
   """This process's endless stream of train batches {'image': uint8 [b, S, S, 3], 'label': int32}.
 
   mdistiller's ImageNet train transform (spec §7.3), with b = global_batch_size / processes and
-  the last partial batch of the stream dropped. Shuffled per epoch (tfds record files, or all
-  of a folder's files, then a buffer of `shuffle_buffer` examples); crops/flips are seeded per
-  example, so a run is reproducible.
+  the last partial batch of the stream dropped. Shuffled per epoch: a prepared tfds dataset's
+  record files, then a buffer of `shuffle_buffer` examples; a folder takes a new order of all
+  its files (no buffer, which would only read that many files before the first batch). Crops
+  and flips are seeded per example, so a run is reproducible.
   `manual_dir` (the ILSVRC2012 tars) or `download` prepares the tfds dataset first if needed.
   """
   tf, _ = _tf()
@@ -817,7 +844,9 @@ def imagenet_train_dataset(
   ds, _, _ = _open_split(name=name, folder=folder, split=split, data_dir=data_dir,
                          download=download, manual_dir=manual_dir, decode=False,
                          shuffle_seed=base_seed, process_index=index, process_count=count)
-  ds = ds.shuffle(shuffle_buffer, seed=base_seed, reshuffle_each_iteration=True).repeat()
+  if folder is None:
+    ds = ds.shuffle(shuffle_buffer, seed=base_seed, reshuffle_each_iteration=True)
+  ds = ds.repeat()
 
   def transform(i, ex):
     example_seed = tf.stack([tf.constant(base_seed, tf.int64), i])

@@ -369,21 +369,60 @@ def test_folder_train_stream_takes_a_new_order_of_all_files_each_epoch(tmp_path)
     _write_image(str(tmp_path / "train" / CLASSES[i % 2] / f"{i}.png"),
                  np.full((20, 20, 3), 10 + 20 * i, np.uint8))
 
-  def epochs(seed, index, n=3):
+  def epochs(seed, index, n=3, shuffle_buffer=1):
     """The images of process `index` of 2 in the first n epochs (6 files, 3 batches each)."""
     stream = ip.imagenet_train_dataset(
         name=None, folder=str(tmp_path), split="train", global_batch_size=4, image_size=8,
-        shuffle_buffer=1, seed=seed, process_index=index, process_count=2)
+        shuffle_buffer=shuffle_buffer, seed=seed, process_index=index, process_count=2)
     order = [int(np.round((image.mean() - 10) / 20))  # constant images: any crop keeps i
              for b in stream.take(3 * n).as_numpy_iterator() for image in b["image"]]
     return [order[6 * k:6 * (k + 1)] for k in range(n)]
 
   first, second, third = epochs(0, index=0)
   assert sorted(first) == sorted(second) == sorted(third)
+  # No example buffer: it would add nothing to a full permutation but file reads.
+  assert epochs(0, index=0, shuffle_buffer=1000) == [first, second, third]
   assert len({tuple(first), tuple(second), tuple(third)}) == 3  # seeded: not a chance result
   assert epochs(0, index=0) == [first, second, third]
   assert sorted(epochs(0, index=1)[0] + first) == list(range(12))
   assert epochs(1, index=0) != [first, second, third]
+
+
+def test_a_folder_stream_reads_only_its_process_shard(tmp_path):
+  """Each process reads only its own files, eval too: a dangling link in process 1's shard
+  fails process 1's streams and not process 0's."""
+  folder = _make_folder(tmp_path / "data", per_split=(("val", 2),), ext=".jpg")
+  in_order = tfds.ImageFolder(folder).as_dataset(split="val").as_numpy_iterator()
+  missing = [ex["image/filename"].decode() for ex in in_order][1]  # process 1's first of 2
+  os.remove(missing)
+  os.symlink(os.path.join(folder, "nowhere.jpg"), missing)
+  common = dict(name=None, folder=folder, split="val", global_batch_size=2, image_size=16)
+  streams = lambda index: (  # noqa: E731
+      ip.imagenet_eval_dataset(resize_size=20, process_index=index, process_count=2, **common),
+      ip.imagenet_train_dataset(process_index=index, process_count=2, **common).take(3))
+  for stream in streams(0):
+    assert len(list(stream.as_numpy_iterator())) == 3
+  for stream in streams(1):
+    with pytest.raises(tf.errors.NotFoundError):
+      list(stream.as_numpy_iterator())
+
+
+def test_an_image_folder_is_listed_once_while_unchanged(tmp_path, monkeypatch):
+  """Listing ImageNet takes seconds and a run opens its folder twice an epoch: one scan, until
+  a file is added."""
+  folder = _make_folder(tmp_path / "data", per_split=(("train", 2), ("val", 1)))
+  scans = []
+  image_folder = tfds.ImageFolder
+  monkeypatch.setattr(tfds, "ImageFolder", lambda root: scans.append(root) or image_folder(root))
+  common = dict(name=None, folder=folder, global_batch_size=2, image_size=16)
+  for _ in range(2):
+    ip.imagenet_train_dataset(split="train", **common)
+    ip.imagenet_eval_dataset(split="val", resize_size=20, **common)
+    assert ip.split_info(name=None, folder=folder, split="train") == (6, 3)
+  assert scans == [folder]
+  _write_image(os.path.join(folder, "train", "bee", "new.png"), np.zeros((32, 32, 3), np.uint8))
+  assert ip.split_info(name=None, folder=folder, split="train") == (7, 3)
+  assert len(scans) == 2
 
 
 class SortkdTinyNumbered(tfds.core.GeneratorBasedBuilder):
