@@ -141,7 +141,7 @@ def imagenet_config(arg: str | None, method: str) -> ml_collections.ConfigDict:
   c = _base_config(method, pair, p["teacher"], p["student"])
   c.data.update(name="imagenet2012", image_size=224, test_split="validation", download=False,
                 pipeline="tf_data")
-  c.data.shuffle_buffer = 16 * 1024  # examples, after a tfds dataset's file shuffle (a folder: unused)
+  c.data.shuffle_buffer = 16 * 1024  # examples, after a tfds file shuffle; folders: unused
   c.data.manual_dir = _optional(str)  # the ILSVRC2012 tars, to prepare the tfds dataset once
 
   c.batch_size = 512
