@@ -35,7 +35,8 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     signal.signal(signal.SIGINT, _interrupt)
-    logging.set_verbosity(logging.INFO)
+    if not flags.FLAGS["verbosity"].present:  # --verbosity=1 also logs debug lines
+      logging.set_verbosity(logging.INFO)
     quiet_library_info_logs()
     quiet_reads_of_a_failed_restore()
     redeliver_dropped_interrupts()

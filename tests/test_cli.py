@@ -6,7 +6,7 @@ import sys
 import pytest
 from absl import flags
 
-from helpers import run_script
+from helpers import run_python, run_script
 from sortkd_jax import cli
 
 
@@ -38,6 +38,17 @@ def test_known_error_is_one_line_and_ctrl_c_exits_130(monkeypatch):
   assert _run(monkeypatch, interrupted) == ("os._exit", 130)  # no teardown waiting on devices
   with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
     _run(monkeypatch, lambda: 1 / 0)
+
+
+def test_verbosity_1_logs_the_traceback_of_a_known_error():
+  script = ("from sortkd_jax import cli\n"
+            "def main():\n  raise ValueError('the data folder is empty')\n"
+            "cli.run(main)\n")
+  for args, traceback in (([], False), (["--verbosity=1"], True)):
+    done = run_python("-c", script, *args, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith("error: the data folder is empty")
+    assert ("Traceback" in done.stderr) == traceback, done.stderr
 
 
 def test_either_spelling_of_a_flag_name_parses():
