@@ -11,6 +11,9 @@ Conventions shared by every loss here:
   them in Python, so every function is jit-able.
 * Teacher logits are wrapped in ``lax.stop_gradient``: the reference computes them under
   ``no_grad``. Gradients still reach a learned temperature through both softmaxes.
+* Labels must lie in ``[0, K)``. Concrete (not traced) labels outside it, or a concrete
+  temperature that is not positive, raise; under ``jit`` nothing can be raised, so the loss
+  rows of such labels are NaN (never a wrapped-around class) and a training loop sees a NaN loss.
 """
 
 import math
@@ -23,6 +26,7 @@ from jax import lax
 __all__ = [
   "check_labels",
   "label_index",
+  "target_index",
   "cross_entropy",
   "topk_correct",
   "kd",
@@ -67,13 +71,17 @@ def _teacher_scaled(teacher_logits: jax.Array, t: jax.Array) -> jax.Array:
 
 
 def _check_shapes(student_logits: jax.Array, teacher_logits: jax.Array,
-                  temperature: jax.Array) -> None:
-  """Same-shape logits and one temperature: a [B, 1] one would broadcast into a [B, 1] loss."""
+                  temperature: jax.Array, **weights: ArrayLike) -> None:
+  """Same-shape logits, one positive temperature and scalar weights: a [B, 1] temperature or a
+  per-example weight would broadcast into a [B, 1] or [B] "loss"."""
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(f"student logits {student_logits.shape} and teacher logits "
                      f"{teacher_logits.shape} must have the same shape")
-  if temperature.ndim:
-    raise ValueError(f"the temperature must be a scalar, got shape {temperature.shape}")
+  for name, value in {"the temperature": temperature, **weights}.items():
+    if jnp.ndim(value):
+      raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+  if not isinstance(temperature, jax.core.Tracer) and not temperature > 0:
+    raise ValueError(f"the temperature must be positive, got {temperature}")
 
 
 def check_labels(logits: jax.Array, labels: jax.Array) -> None:
@@ -81,9 +89,23 @@ def check_labels(logits: jax.Array, labels: jax.Array) -> None:
   one-hot rows would otherwise broadcast into a loss of the wrong value."""
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"labels must be integers, got {labels.dtype}")
-  if logits.ndim < 1 or labels.shape != logits.shape[:-1]:
+  if logits.ndim < 1:
+    raise ValueError(f"logits need a class axis, [..., K]; got shape {logits.shape}")
+  if labels.shape != logits.shape[:-1]:
     raise ValueError(f"labels shape {labels.shape} must equal logits.shape[:-1] of "
                      f"{logits.shape}")
+
+
+def target_index(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`label_index` of labels used as targets, after `check_labels`; concrete labels outside
+  ``[0, K)`` raise (traced ones cannot: callers must handle their rows)."""
+  check_labels(logits, labels)
+  index, in_range = label_index(labels, logits.shape[-1])
+  if not isinstance(in_range, jax.core.Tracer) and not bool(jnp.all(in_range)):
+    bad = sorted({int(y) for y in jnp.ravel(labels[~in_range])})
+    raise ValueError(f"labels must lie in [0, {logits.shape[-1]}) (the logits' classes), got "
+                     f"{bad[:5]}{' ...' if len(bad) > 5 else ''}")
+  return index, in_range
 
 
 def label_index(labels: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
@@ -100,8 +122,9 @@ def label_index(labels: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Arr
 def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
   """Mean softmax cross-entropy at temperature 1, no label smoothing (spec §8.1)."""
   logits, labels = _compute(logits), jnp.asarray(labels)
-  check_labels(logits, labels)
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  index, in_range = target_index(logits, labels)
+  rows = optax.softmax_cross_entropy_with_integer_labels(logits, index)
+  return jnp.mean(jnp.where(in_range, rows, jnp.nan))
 
 
 def topk_correct(logits: ArrayLike, labels: ArrayLike, k: int) -> jax.Array:
@@ -167,15 +190,14 @@ def dkd(
   NCKD = T**2 * mean_b KL(softmax(v/T - 1000 e_y) || softmax(z/T - 1000 e_y)). The -1000 offset
   on the temperature-scaled target logit is kept for parity with the reference: it equals exact
   exclusion of the target unless that scaled logit leads all others by more than ~900, where
-  the reference itself stops excluding it. Labels must lie in ``[0, K)``.
+  the reference itself stops excluding it.
   """
   t, z, v, labels = (_compute(temperature), _compute(student_logits), _compute(teacher_logits),
                      jnp.asarray(labels))
-  _check_shapes(z, v, t)
-  check_labels(z, labels)
+  _check_shapes(z, v, t, alpha=alpha, beta=beta)
+  index, in_range = target_index(z, labels)  # one_hot would count in the labels' dtype
   z, v = z / t, _teacher_scaled(v, t)
-  index, in_range = label_index(labels, z.shape[-1])  # one_hot would count in the labels' dtype
-  target = jax.nn.one_hot(index, z.shape[-1], dtype=jnp.bool_) & in_range[..., None]
+  target = jax.nn.one_hot(index, z.shape[-1], dtype=jnp.bool_)
 
   p_v = jax.nn.softmax(v, axis=-1)
   b_v_target = jnp.sum(jnp.where(target, p_v, 0.0), axis=-1)
@@ -184,10 +206,11 @@ def dkd(
   log_z_target, log_z_other = _binary_log_probs(z, target)
   tckd_rows = (_kl_terms(b_v_target, log_v_target, log_z_target)
                + _kl_terms(b_v_other, log_v_other, log_z_other))
-  tckd = jnp.mean(tckd_rows) * t**2
+  tckd = jnp.mean(jnp.where(in_range, tckd_rows, jnp.nan)) * t**2
 
   offset = jnp.where(target, 1000.0, 0.0)
-  nckd = jnp.mean(_kl_rows(jax.nn.log_softmax(v - offset), jax.nn.log_softmax(z - offset))) * t**2
+  nckd_rows = _kl_rows(jax.nn.log_softmax(v - offset), jax.nn.log_softmax(z - offset))
+  nckd = jnp.mean(jnp.where(in_range, nckd_rows, jnp.nan)) * t**2
   return alpha * tckd + beta * nckd
 
 

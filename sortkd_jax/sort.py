@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sortkd_jax.losses import check_labels, label_index
+from sortkd_jax.losses import target_index
 
 __all__ = ["sort_teacher_logits"]
 
@@ -43,8 +43,9 @@ def sort_teacher_logits(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLi
   Returns:
     An array of the same shape and dtype whose every row is a permutation of the input row's
     values: the bits are only moved, never recomputed or upcast. Rows where the label already
-    holds the maximum (rank 1 under the tie rule below) are returned bit for bit. A label outside
-    ``[0, K)`` leaves its row unchanged (nothing can be raised under ``jit``).
+    holds the maximum (rank 1 under the tie rule below) are returned bit for bit. Labels
+    outside ``[0, K)`` raise; under ``jit``, where nothing can be raised, they leave their row
+    unchanged (and the losses' rows of such labels are NaN).
 
   Ranking and ties: classes are ranked by one stable descending sort of exact integer keys
   (``_order_key``), so equal logits (and ``-0.0 == 0.0``) keep class-index order; the
@@ -67,7 +68,7 @@ def sort_teacher_logits(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLi
   labels = jnp.asarray(labels)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"logits must be floating point, got {x.dtype}")
-  check_labels(x, labels)
+  index, in_range = target_index(x, labels)
   axis = x.ndim - 1
 
   # order[..., j]: the class at stable descending rank j; ranked: its value, bits moved as-is.
@@ -75,7 +76,6 @@ def sort_teacher_logits(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLi
   _, order = lax.sort((-_order_key(x), iota), dimension=axis, is_stable=True, num_keys=1)
   ranked = jnp.take_along_axis(x, order, axis=axis)
   # r = rank of the label; an out-of-range label gets r = 0 (row unchanged).
-  index, in_range = label_index(labels, x.shape[axis])
   r = jnp.where(in_range[..., None],
                 jnp.argmax(order == index[..., None], axis=axis, keepdims=True), 0)
   # In rank order: ranks above r take the next value down, rank r the maximum, the rest stay.

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sortkd_jax import losses
+from sortkd_jax import losses, sort_teacher_logits
 
 RTOL = 1e-5
 
@@ -87,6 +87,38 @@ def test_cross_entropy():
   z, _, y = _logits(0)
   expected = -np.mean(np_log_softmax(np.float64(z))[np.arange(len(y)), y])
   _assert_scalar_close(jax.jit(losses.cross_entropy)(z, y), expected)
+
+
+def test_labels_outside_the_classes_raise_or_give_a_nan_loss():
+  """-1 (a padding value) or K would train toward a wrapped-around class or give a NaN loss
+  with finite gradients: refused at once, and under jit a NaN loss, gradients 0 on that row."""
+  z, v, y = _logits(4, shape=(4, 10))
+  uses_labels = {"ce": lambda z, y: losses.cross_entropy(z, y),
+                 "dkd": lambda z, y: losses.dkd(z, v, y, 1.0, 8.0, 4.0),
+                 "sort": lambda z, y: sort_teacher_logits(z, y)}
+  for bad in (-1, 10):
+    labels = y.copy()
+    labels[3] = bad
+    for name, loss in uses_labels.items():
+      with pytest.raises(ValueError, match=rf"labels must lie in \[0, 10\).*got \[{bad}\]"):
+        loss(z, labels)
+      if name != "sort":  # its traced behaviour: tests/test_sort.py
+        assert np.isnan(jax.jit(loss)(z, labels)), name
+        grad = jax.jit(jax.grad(loss))(z, labels)
+        assert np.all(np.isfinite(grad)) and not np.any(grad[3]), name
+        np.testing.assert_allclose(grad[:3], jax.grad(loss)(z, y)[:3], rtol=1e-6)
+
+
+def test_bad_temperatures_weights_and_logits_are_refused():
+  z, v, y = _logits(5, shape=(4, 10))
+  for t in (0.0, -2.0):
+    with pytest.raises(ValueError, match="the temperature must be positive"):
+      losses.kd(z, v, t)
+  with pytest.raises(ValueError, match="alpha must be a scalar, got shape \\(4,\\)"):
+    losses.dkd(z, v, y, jnp.ones(4), 8.0, 4.0)
+  with pytest.raises(ValueError, match="logits need a class axis"):
+    losses.cross_entropy(jnp.array(1.0), jnp.array(0))
+  assert np.isfinite(jax.jit(jax.grad(losses.kd, argnums=2))(z, v, 4.0))  # traced: no check
 
 
 def test_topk_correct_ties_go_to_lower_index():
