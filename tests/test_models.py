@@ -78,6 +78,23 @@ def test_create_model_contract():
   assert porting.torch_key_shapes(abstract("imagenet_MobileNetV1", 7))["fc.weight"] == (7, 1024)
 
 
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1",
+                                  "ShuffleV2", "ResNet18", "imagenet_ResNet18",
+                                  "imagenet_MobileNetV1"])  # every family's forward
+def test_images_must_be_nhwc_floats(name):
+  """PyTorch's NCHW failed deep inside XLA's convolution; uint8 pixels ran unnormalised."""
+  graphdef, state = nnx.split(abstract(name))
+  apply = lambda x: jax.eval_shape(  # noqa: E731  shapes only, nothing runs
+      lambda state, x: nnx.merge(graphdef, state)(x), state, x)
+  assert apply(jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)).ndim == 2
+  for shape, message in (((2, 3, 32, 32), r"\(2, 3, 32, 32\): PyTorch's NCHW\? x.transpose"),
+                         ((32, 32, 3), r"NHWC images \[batch, height, width, 3\], got shape")):
+    with pytest.raises(ValueError, match=message):
+      apply(jax.ShapeDtypeStruct(shape, jnp.float32))
+  with pytest.raises(TypeError, match="normalised float images, got uint8"):
+    apply(jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.uint8))
+
+
 def test_bf16_compute_keeps_float32_params_stats_and_logits():
   m = models.create_model("resnet8", rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)

@@ -35,7 +35,7 @@ class CifarResNet(nnx.Module):
     self.fc = L.linear(in_ch, num_classes, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = L.relu(self.bn1(self.conv1(x.astype(self.dtype))))
+    x = L.relu(self.bn1(self.conv1(L.model_input(x, self.dtype))))
     for stage in (self.layer1, self.layer2, self.layer3):
       for block in stage:
         x = block(x)

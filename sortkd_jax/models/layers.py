@@ -105,6 +105,20 @@ def zeros(key, shape, dtype=jnp.float32) -> jax.Array:
   return jnp.asarray(np.zeros(shape, np.float32), dtype)
 
 
+def model_input(x: jax.Array, dtype: Dtype) -> jax.Array:
+  """A model's images, checked and cast to its compute dtype: NHWC floats [B, H, W, 3],
+  normalised. PyTorch's NCHW would fail deep inside XLA, and raw uint8 pixels run silently."""
+  x = jnp.asarray(x)
+  if x.ndim != 4 or x.shape[-1] != 3:
+    nchw = x.ndim == 4 and x.shape[1] == 3
+    raise ValueError(f"models take NHWC images [batch, height, width, 3], got shape {x.shape}"
+                     + (": PyTorch's NCHW? x.transpose(0, 2, 3, 1)" if nchw else ""))
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"models take normalised float images, got {x.dtype} (for uint8 pixels: "
+                    "sortkd_jax.augment.normalize)")
+  return x.astype(dtype)
+
+
 # --------------------------------------------------------------------------------------
 # Conv / Linear factories.
 # --------------------------------------------------------------------------------------
@@ -116,7 +130,6 @@ def conv(
     kernel: int,
     stride: int = 1,
     *,
-    padding: int | None = None,
     groups: int = 1,
     bias: bool = False,
     kernel_init: Initializer,
@@ -124,9 +137,9 @@ def conv(
     rngs: nnx.Rngs,
     dtype: Dtype = jnp.float32,
 ) -> nnx.Conv:
-  """A torch ``Conv2d`` as ``nnx.Conv``: symmetric padding ``kernel // 2`` by default
-  (spec §1: 3×3 pads 1, 1×1 pads 0, 7×7 pads 3), ``groups`` → ``feature_group_count``."""
-  p = kernel // 2 if padding is None else padding
+  """A torch ``Conv2d`` as ``nnx.Conv``: symmetric padding ``kernel // 2``, as every model of
+  the zoo (spec §1: 3×3 pads 1, 1×1 pads 0, 7×7 pads 3), ``groups`` → ``feature_group_count``."""
+  p = kernel // 2
   if bias and bias_init is None:
     bias_init = torch_default_bias(in_ch // groups * kernel * kernel)
   return nnx.Conv(

@@ -36,7 +36,7 @@ class MobileNetV1(nnx.Module):
     self.fc = L.linear(1024, num_classes, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
+    x = L.model_input(x, self.dtype)
     for unit in self.model[:14]:
       for j in range(0, len(unit), 3):
         x = L.relu(unit[j + 1](unit[j](x)))

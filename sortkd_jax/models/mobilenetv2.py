@@ -65,7 +65,7 @@ class MobileNetV2(nnx.Module):
                                          bias_init=L.zeros, rngs=rngs, dtype=dtype)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = L.relu(self.conv1[1](self.conv1[0](x.astype(self.dtype))))
+    x = L.relu(self.conv1[1](self.conv1[0](L.model_input(x, self.dtype))))
     for stage in self.blocks:
       for block in stage:
         x = block(x)

@@ -26,7 +26,7 @@ class ResNetV2(nnx.Module):
     self.linear = L.linear(in_ch, num_classes, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = L.relu(self.bn1(self.conv1(x.astype(self.dtype))))
+    x = L.relu(self.bn1(self.conv1(L.model_input(x, self.dtype))))
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
       for block in stage:
         x = block(x)

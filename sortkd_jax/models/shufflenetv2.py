@@ -85,7 +85,7 @@ class ShuffleNetV2(nnx.Module):
     self.linear = L.linear(out_channels[3], num_classes, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = L.relu(self.bn1(self.conv1(x.astype(self.dtype))))
+    x = L.relu(self.bn1(self.conv1(L.model_input(x, self.dtype))))
     for stage in (self.layer1, self.layer2, self.layer3):
       for block in stage:
         x = block(x)

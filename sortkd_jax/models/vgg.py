@@ -45,7 +45,7 @@ class VGG(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = x.shape[1]
-    x = x.astype(self.dtype)
+    x = L.model_input(x, self.dtype)
     x = L.max_pool(self._block(self.block0, x), 2, 2)
     x = L.max_pool(self._block(self.block1, x), 2, 2)
     x = L.max_pool(self._block(self.block2, x), 2, 2)

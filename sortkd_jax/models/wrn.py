@@ -75,7 +75,7 @@ class WideResNet(nnx.Module):
     self.fc = L.linear(w[3], num_classes, bias_init=L.zeros, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.conv1(x.astype(self.dtype))
+    x = self.conv1(L.model_input(x, self.dtype))
     x = self.block3(self.block2(self.block1(x)))
     x = L.relu(self.bn1(x))
     return L.logits_f32(self.fc(L.global_avg_pool(x)))
