@@ -124,9 +124,10 @@ def load_array_split(
     class names sorted over all splits, and the examples come in tfds' fixed shuffled order.
     Decoding takes a while (12 s for CIFAR-10's 50,000 JPEGs on two cores, 0.7 s from the
     cache), so the arrays are cached as
-    `<cache_dir>/<folder name>-<split>-<hash of the absolute path>.npz` (default cache_dir
-    `~/.cache/sortkd_jax`) and reused while the split's file count, total size, newest mtime
-    and the class list are unchanged.
+    `<cache_dir>/<folder name>-<split>-<decoder>-<hash of the absolute path>.npz` (default
+    cache_dir `~/.cache/sortkd_jax`; decoder: TensorFlow's, or Pillow's without TensorFlow)
+    and reused while the split's file count, total size, newest mtime and the class list are
+    unchanged.
   * `name`: a tfds dataset with 'image' and 'label' features, e.g. 'cifar100', already prepared
     under `data_dir` (tfds' default when None). Nothing is downloaded unless `download=True`:
     offline, tfds retries for minutes before failing.
@@ -182,7 +183,8 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
     raise ValueError(f"The cache directory {cache_dir!r} (config.data.cache_dir) is a file.")
   digest = hashlib.sha1(folder.encode()).hexdigest()[:12]
-  cache_path = os.path.join(cache_dir, f"{os.path.basename(folder)}-{split}-{digest}.npz")
+  cache_path = os.path.join(cache_dir,
+                            f"{os.path.basename(folder)}-{split}-{decoder}-{digest}.npz")
   where = f"image folder {folder}, split {split!r}"
 
   cached = _read_folder_cache(cache_path, fingerprint)
@@ -233,7 +235,8 @@ def _read_folder_cache(cache_path: str, fingerprint: str
 
 
 def _have_tensorflow() -> bool:
-  return importlib.util.find_spec("tensorflow_datasets") is not None
+  """Whether TensorFlow and tfds are installed (found, not imported)."""
+  return all(importlib.util.find_spec(m) is not None for m in ("tensorflow", "tensorflow_datasets"))
 
 
 def _decode_folder_with_pil(folder: str, split: str, image_size: int,

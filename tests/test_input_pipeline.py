@@ -570,10 +570,11 @@ def test_image_folder_without_tensorflow_decodes_with_pillow(tmp_path, monkeypat
   key = lambda s: sorted(zip(s.images[:, 0, 0, 0].tolist(), s.labels.tolist()))
   assert key(with_pil) == key(with_tf)
   assert len(set(with_pil.labels[:4].tolist())) > 1  # shuffled: a truncated split mixes classes
-  # The orders differ, so a cache filled by the other decoder is not reused.
+  # The orders differ, so a cache filled by the other decoder is not reused, nor overwritten.
   assert not np.array_equal(with_pil.images, with_tf.images)
   again = ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "c1"))
   np.testing.assert_array_equal(again.images, with_pil.images)
+  assert len(os.listdir(tmp_path / "c1")) == 2
   _write_image(os.path.join(folder, "train", "ant", "big.png"), np.zeros((40, 32, 3), np.uint8))
   with pytest.raises(ValueError, match=r"big.png \(40, 32, 3\)"):
     ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "c3"))
