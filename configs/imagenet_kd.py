@@ -6,7 +6,8 @@ mdistiller's ImageNet recipe: batch 512, 100 epochs, lr 0.2 (×0.1 at 30, 60, 90
       --config.data.data_dir=$TFDS_DATA_DIR
 
 Pairs: r34_r18 (torchvision ResNet34 → ResNet18), r50_mv1 (ResNet50 → MobileNetV1). Teachers:
-torchvision's v1 files converted with scripts/port_weights.py. Mock-data smoke test: `:r34_r18,runlocal`.
+torchvision's v1 files converted with scripts/port_weights.py. CPU smoke test (an image folder):
+`:r34_r18,runlocal --config.data.folder=DIR`.
 """
 
 import ml_collections

@@ -834,11 +834,11 @@ def imagenet_train_dataset(
 ) -> "tf.data.Dataset":
   """This process's endless stream of train batches {'image': uint8 [b, S, S, 3], 'label': int32}.
 
-  mdistiller's ImageNet train transform (spec §7.3), with b = global_batch_size / processes and
-  the last partial batch of the stream dropped. Shuffled per epoch: a prepared tfds dataset's
-  record files, then a buffer of `shuffle_buffer` examples; a folder takes a new order of all
-  its files (no buffer, which would only read that many files before the first batch). Crops
-  and flips are seeded per example, so a run is reproducible.
+  mdistiller's ImageNet train transform (spec §7.3), with b = global_batch_size / processes:
+  epochs follow each other without a partial batch between them. Shuffled per epoch: a tfds
+  dataset's record files, then a buffer of `shuffle_buffer` examples; a folder takes a new
+  order of all its files (no buffer, which would only read that many files before the first
+  batch). Crops and flips are seeded per example, so a run is reproducible.
   `manual_dir` (the ILSVRC2012 tars) or `download` prepares the tfds dataset first if needed.
   """
   tf, _ = _tf()
