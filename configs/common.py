@@ -3,8 +3,8 @@
 Each `configs/<dataset>_<method>.py` file builds on these; every loss group (kd, dkd, lskd, ctkd)
 is always present, filled with the pair's published settings, so `--config.method=dkd` on any
 file gives the reference DKD recipe for that pair (KD+LS's per-pair τ and λ_KD, below, come
-only with configs/cifar_lskd.py). Sources: ../shared/spec/methods.md and §7 of
-mdistiller_spec.md.
+only with configs/cifar_lskd.py). Sources: docs/methods.md and §7 of
+docs/mdistiller_spec.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Logit distillation losses: CE, KD, DKD, LSKD's z-score and CTKD's temperature machinery.
 
-Formulas follow spec/methods.md and the reference-code description in mdistiller_spec.md §8.
+Formulas follow docs/methods.md and the reference-code description in docs/mdistiller_spec.md
+§8 ("spec §N" below).
 Conventions shared by every loss here:
 
 * Inputs in bfloat16/float16 (or float32) are cast to float32 at entry; float64 stays float64.

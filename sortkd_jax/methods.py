@@ -3,7 +3,7 @@
 A small registry in the scenic style: a config only names the method; this module turns the
 student logits, the frozen teacher's logits and the labels into named loss terms. The total
 loss is the sum of the terms (mdistiller sums its loss dict, spec §7.2). Definitions and
-per-method weights: ../shared/spec/methods.md.
+per-method weights: docs/methods.md.
 
 The teacher's side of every method is `teacher_targets`: the frozen logits, Sort-corrected
 when `config.sort`, before temperature or standardisation (Sort commutes with both, so every

@@ -1,6 +1,6 @@
 """The Sort correction of teacher logits (Limantoro, IEEE SPL 2025, arXiv 2508.16544).
 
-Definition (spec/methods.md, "Sort"): order the classes as the label ``y`` first, then every other
+Definition (docs/methods.md, "Sort"): order the classes as the label ``y`` first, then every other
 class by descending teacher logit; order the values descending, v(1) >= ... >= v(K); the class at
 position j receives v(j). Closed form, with r the rank of ``y``: ``y`` receives the maximum v(1),
 the classes ranked above ``y`` each move down one value, the classes ranked below keep their own
@@ -51,7 +51,7 @@ def sort_teacher_logits(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLi
   (``_order_key``), so equal logits (and ``-0.0 == 0.0``) keep class-index order; the
   highest-index member of a tied group above the label is the one that receives the next lower
   value. This is deliberately different from the
-  reference code (mdistiller_spec.md §8.4), which adds 1e9 to the label's logit and uses an
+  reference code (docs/mdistiller_spec.md §8.4), which adds 1e9 to the label's logit and uses an
   unstable ``torch.sort``: the offset is inexact in float32 once logits approach 1e9, and the tie
   order of an unstable sort is implementation-defined. Here the result is exact for any finite
   logits and the same on every backend.

@@ -10,7 +10,7 @@ CIFAR-sized splits live on the device: each epoch draws a permutation. A dispatc
 `steps_per_dispatch` steps gathers, augments (crop + flip) and normalises all its batches and runs
 the frozen teacher and Sort on them at once, then the student's steps in one `lax.scan`; metrics
 stay on the device until the log period. ImageNet streams tf.data batches prefetched to the
-device, one step per dispatch. Recipe and reference behaviour: mdistiller_spec.md §7.
+device, one step per dispatch. Recipe and reference behaviour: docs/mdistiller_spec.md §7.
 
 Several processes (hosts): `distributed.maybe_initialize` joins them and the mesh spans every
 device of every process. A CIFAR-sized split is small, so every process loads all of it and
