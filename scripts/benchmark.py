@@ -33,6 +33,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -70,7 +71,8 @@ flags.DEFINE_boolean("input", True, "ImageNet (tf.data) recipes: also time this 
 FLAGS = flags.FLAGS
 
 
-def timed_windows(run_once, items_per_call: int, windows: int, seconds: float) -> dict:
+def timed_windows(run_once: Callable[[], object], items_per_call: int, windows: int,
+                  seconds: float) -> dict:
   """Median items/s over windows of repeated calls; `run_once` must block on its result."""
   t = time.perf_counter()
   run_once()

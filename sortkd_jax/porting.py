@@ -30,7 +30,7 @@ import pickle
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -71,8 +71,10 @@ class PortingError(ValueError):
     checkpoint_classes: the checkpoint's class count when only that disagrees, else None.
   """
 
-  def __init__(self, message: str, *, missing=(), unexpected=(), mismatched=(),
-               checkpoint_classes=None):
+  def __init__(self, message: str, *, missing: Iterable[str] = (),
+               unexpected: Iterable[str] = (),
+               mismatched: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+               checkpoint_classes: int | None = None):
     super().__init__(message)
     self.missing = list(missing)
     self.unexpected = list(unexpected)

@@ -18,7 +18,7 @@ from sortkd_jax.models.resnet_blocks import BasicBlock
 class CifarResNet(nnx.Module):
 
   def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int,
-               *, rngs: nnx.Rngs, dtype=jnp.float32):
+               *, rngs: nnx.Rngs, dtype: L.Dtype = jnp.float32):
     assert (depth - 2) % 6 == 0, depth
     n = (depth - 2) // 6
     kw = dict(rngs=rngs, dtype=dtype)
@@ -59,6 +59,7 @@ CONFIGS = {
 }
 
 
-def build(name: str, num_classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> CifarResNet:
+def build(name: str, num_classes: int, *, rngs: nnx.Rngs,
+          dtype: L.Dtype = jnp.float32) -> CifarResNet:
   depth, widths = CONFIGS[name]
   return CifarResNet(depth, widths, num_classes, rngs=rngs, dtype=dtype)

@@ -20,8 +20,8 @@ from sortkd_jax.models.resnet_blocks import BasicBlock, Bottleneck, add_stages
 
 class ImageNetResNet(nnx.Module):
 
-  def __init__(self, block, num_blocks, num_classes: int, *, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+  def __init__(self, block: type[nnx.Module], num_blocks: tuple[int, ...], num_classes: int,
+               *, rngs: nnx.Rngs, dtype: L.Dtype = jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype)
     self.dtype = dtype
     self.conv1 = L.conv(3, 64, 7, 2, kernel_init=L.normal_fan_out(), **kw)
@@ -45,6 +45,7 @@ CONFIGS = {
 }
 
 
-def build(name: str, num_classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> ImageNetResNet:
+def build(name: str, num_classes: int, *, rngs: nnx.Rngs,
+          dtype: L.Dtype = jnp.float32) -> ImageNetResNet:
   block, num_blocks = CONFIGS[name]
   return ImageNetResNet(block, num_blocks, num_classes, rngs=rngs, dtype=dtype)

@@ -100,7 +100,7 @@ def torch_default_bias(fan_in: int) -> Initializer:
   return init
 
 
-def zeros(key, shape, dtype=jnp.float32) -> jax.Array:
+def zeros(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
   del key
   return jnp.asarray(np.zeros(shape, np.float32), dtype)
 

@@ -22,7 +22,7 @@ _DW = ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1),
 
 class MobileNetV1(nnx.Module):
 
-  def __init__(self, num_classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, num_classes: int, *, rngs: nnx.Rngs, dtype: L.Dtype = jnp.float32):
     kw = dict(kernel_init=L.torch_default_kernel(), rngs=rngs, dtype=dtype)
     self.dtype = dtype
     entries = [nnx.List([L.conv(3, 32, 3, 2, **kw), L.BatchNorm(32, dtype=dtype), None])]
@@ -46,5 +46,6 @@ class MobileNetV1(nnx.Module):
 CONFIGS = {"imagenet_MobileNetV1": {}}
 
 
-def build(name: str, num_classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> MobileNetV1:
+def build(name: str, num_classes: int, *, rngs: nnx.Rngs,
+          dtype: L.Dtype = jnp.float32) -> MobileNetV1:
   return MobileNetV1(num_classes, rngs=rngs, dtype=dtype)

@@ -19,7 +19,8 @@ from sortkd_jax.models import layers as L
 
 class InvertedResidual(nnx.Module):
 
-  def __init__(self, inp: int, oup: int, stride: int, expand: int, *, rngs: nnx.Rngs, dtype):
+  def __init__(self, inp: int, oup: int, stride: int, expand: int, *, rngs: nnx.Rngs,
+               dtype: L.Dtype):
     hidden = inp * expand
     kw = dict(kernel_init=L.normal_fan_out(), rngs=rngs, dtype=dtype)
     self.use_res_connect = stride == 1 and inp == oup
@@ -41,7 +42,7 @@ class InvertedResidual(nnx.Module):
 class MobileNetV2(nnx.Module):
 
   def __init__(self, num_classes: int, *, expansion: int = 6, width_mult: float = 0.5,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+               rngs: nnx.Rngs, dtype: L.Dtype = jnp.float32):
     settings = [(1, 16, 1, 1), (expansion, 24, 2, 1), (expansion, 32, 3, 2),
                 (expansion, 64, 4, 2), (expansion, 96, 3, 1), (expansion, 160, 3, 2),
                 (expansion, 320, 1, 1)]
@@ -76,5 +77,6 @@ class MobileNetV2(nnx.Module):
 CONFIGS = {"MobileNetV2": dict(expansion=6, width_mult=0.5)}
 
 
-def build(name: str, num_classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> MobileNetV2:
+def build(name: str, num_classes: int, *, rngs: nnx.Rngs,
+          dtype: L.Dtype = jnp.float32) -> MobileNetV2:
   return MobileNetV2(num_classes, **CONFIGS[name], rngs=rngs, dtype=dtype)

@@ -40,7 +40,7 @@ class BasicBlock(nnx.Module):
   expansion = 1
 
   def __init__(self, in_ch: int, planes: int, stride: int, *, projection: str = "downsample",
-               rngs: nnx.Rngs, dtype):
+               rngs: nnx.Rngs, dtype: L.Dtype):
     kw = dict(kernel_init=L.normal_fan_out(), rngs=rngs, dtype=dtype)
     self.conv1 = L.conv(in_ch, planes, 3, stride, **kw)
     self.bn1 = L.BatchNorm(planes, dtype=dtype)
@@ -58,7 +58,7 @@ class Bottleneck(nnx.Module):
   expansion = 4
 
   def __init__(self, in_ch: int, planes: int, stride: int, *, projection: str = "downsample",
-               rngs: nnx.Rngs, dtype):
+               rngs: nnx.Rngs, dtype: L.Dtype):
     kw = dict(kernel_init=L.normal_fan_out(), rngs=rngs, dtype=dtype)
     out_ch = planes * self.expansion
     self.conv1 = L.conv(in_ch, planes, 1, 1, **kw)

@@ -19,7 +19,7 @@ from sortkd_jax.models import layers as L
 class Bottleneck(nnx.Module):
 
   def __init__(self, in_ch: int, out_ch: int, stride: int, groups: int, *,
-               rngs: nnx.Rngs, dtype):
+               rngs: nnx.Rngs, dtype: L.Dtype):
     mid = int(out_ch / 4)
     g1 = 1 if in_ch == 24 else groups
     kw = dict(kernel_init=L.torch_default_kernel(), rngs=rngs, dtype=dtype)
@@ -46,8 +46,8 @@ class Bottleneck(nnx.Module):
 
 class ShuffleNetV1(nnx.Module):
 
-  def __init__(self, out_planes, num_blocks, groups: int, num_classes: int, *,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, out_planes: tuple[int, ...], num_blocks: tuple[int, ...], groups: int,
+               num_classes: int, *, rngs: nnx.Rngs, dtype: L.Dtype = jnp.float32):
     self.dtype = dtype
     self.conv1 = L.conv(3, 24, 1, 1, kernel_init=L.torch_default_kernel(), rngs=rngs,
                         dtype=dtype)
@@ -74,5 +74,6 @@ class ShuffleNetV1(nnx.Module):
 CONFIGS = {"ShuffleV1": dict(out_planes=(240, 480, 960), num_blocks=(4, 8, 4), groups=3)}
 
 
-def build(name: str, num_classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> ShuffleNetV1:
+def build(name: str, num_classes: int, *, rngs: nnx.Rngs,
+          dtype: L.Dtype = jnp.float32) -> ShuffleNetV1:
   return ShuffleNetV1(**CONFIGS[name], num_classes=num_classes, rngs=rngs, dtype=dtype)

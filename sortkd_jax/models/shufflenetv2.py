@@ -22,7 +22,7 @@ def _kw(rngs, dtype):
 
 class BasicBlock(nnx.Module):
 
-  def __init__(self, channels: int, *, split_ratio: float = 0.5, rngs: nnx.Rngs, dtype):
+  def __init__(self, channels: int, *, split_ratio: float = 0.5, rngs: nnx.Rngs, dtype: L.Dtype):
     c = int(channels * split_ratio)
     kw = _kw(rngs, dtype)
     self.split = c
@@ -43,7 +43,7 @@ class BasicBlock(nnx.Module):
 
 class DownBlock(nnx.Module):
 
-  def __init__(self, in_ch: int, out_ch: int, *, rngs: nnx.Rngs, dtype):
+  def __init__(self, in_ch: int, out_ch: int, *, rngs: nnx.Rngs, dtype: L.Dtype):
     mid = out_ch // 2
     kw = _kw(rngs, dtype)
     self.conv1 = L.conv(in_ch, in_ch, 3, 2, groups=in_ch, **kw)
@@ -68,8 +68,9 @@ class DownBlock(nnx.Module):
 
 class ShuffleNetV2(nnx.Module):
 
-  def __init__(self, out_channels, num_blocks, num_classes: int, *, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+  def __init__(self, out_channels: tuple[int, ...], num_blocks: tuple[int, ...],
+               num_classes: int, *, rngs: nnx.Rngs,
+               dtype: L.Dtype = jnp.float32):
     kw = _kw(rngs, dtype)
     self.dtype = dtype
     self.conv1 = L.conv(3, 24, 1, 1, **kw)
@@ -96,5 +97,6 @@ class ShuffleNetV2(nnx.Module):
 CONFIGS = {"ShuffleV2": dict(out_channels=(116, 232, 464, 1024), num_blocks=(3, 7, 3))}
 
 
-def build(name: str, num_classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> ShuffleNetV2:
+def build(name: str, num_classes: int, *, rngs: nnx.Rngs,
+          dtype: L.Dtype = jnp.float32) -> ShuffleNetV2:
   return ShuffleNetV2(**CONFIGS[name], num_classes=num_classes, rngs=rngs, dtype=dtype)

@@ -21,7 +21,7 @@ _WIDTHS = (64, 128, 256, 512, 512)
 class VGG(nnx.Module):
 
   def __init__(self, convs_per_block: tuple[int, ...], num_classes: int, *,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+               rngs: nnx.Rngs, dtype: L.Dtype = jnp.float32):
     self.dtype = dtype
     in_ch = 3
     for b, (n, width) in enumerate(zip(convs_per_block, _WIDTHS)):
@@ -65,5 +65,6 @@ CONFIGS = {
 }
 
 
-def build(name: str, num_classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> VGG:
+def build(name: str, num_classes: int, *, rngs: nnx.Rngs,
+          dtype: L.Dtype = jnp.float32) -> VGG:
   return VGG(CONFIGS[name], num_classes, rngs=rngs, dtype=dtype)

@@ -24,7 +24,7 @@ from sortkd_jax.models import layers as L
 class BasicBlock(nnx.Module):
 
   def __init__(self, in_ch: int, out_ch: int, stride: int, *, bn1_stat_updates: int = 1,
-               rngs: nnx.Rngs, dtype):
+               rngs: nnx.Rngs, dtype: L.Dtype):
     kw = dict(kernel_init=L.normal_fan_out(), rngs=rngs, dtype=dtype)
     self.bn1 = L.BatchNorm(in_ch, stat_updates=bn1_stat_updates, dtype=dtype)
     self.conv1 = L.conv(in_ch, out_ch, 3, stride, **kw)
@@ -43,7 +43,7 @@ class NetworkBlock(nnx.Module):
   """Holds its blocks in ``.layer`` (torch keys ``blockS.layer.i.*``)."""
 
   def __init__(self, n: int, in_ch: int, out_ch: int, stride: int, *,
-               first_bn1_stat_updates: int = 1, rngs: nnx.Rngs, dtype):
+               first_bn1_stat_updates: int = 1, rngs: nnx.Rngs, dtype: L.Dtype):
     self.layer = nnx.List([
         BasicBlock(in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1,
                    bn1_stat_updates=first_bn1_stat_updates if i == 0 else 1,
@@ -60,7 +60,7 @@ class NetworkBlock(nnx.Module):
 class WideResNet(nnx.Module):
 
   def __init__(self, depth: int, widen: int, num_classes: int, *, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+               dtype: L.Dtype = jnp.float32):
     assert (depth - 4) % 6 == 0, depth
     n = (depth - 4) // 6
     w = (16, 16 * widen, 32 * widen, 64 * widen)
@@ -89,6 +89,7 @@ CONFIGS = {
 }
 
 
-def build(name: str, num_classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> WideResNet:
+def build(name: str, num_classes: int, *, rngs: nnx.Rngs,
+          dtype: L.Dtype = jnp.float32) -> WideResNet:
   depth, widen = CONFIGS[name]
   return WideResNet(depth, widen, num_classes, rngs=rngs, dtype=dtype)
