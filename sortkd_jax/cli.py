@@ -103,14 +103,16 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
   traceback; the last line says what is wrong.
   """
   flag_args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  rest = argv[1 + len(flag_args):]
   instead = _mdistiller_usage(flag_args)
   if instead:
     sys.exit(f"error: {instead} (README: Coming from mdistiller).")
   try:
-    argv = flags.FLAGS([argv[0], *map(_defined_spelling, flag_args),
-                        *argv[1 + len(flag_args):]])
+    argv = flags.FLAGS([argv[0], *map(_defined_spelling, _take_none_overrides(flag_args)),
+                        *rest])
     if "config" in flags.FLAGS:
       flags.FLAGS.config.to_dict()  # a config that failed to load raises only when read
+      _apply_none_overrides(flags.FLAGS.config)
     return argv
   except (AttributeError, KeyError) as e:  # an override of a field the config does not have
     sys.exit(_unknown_field_message(e))
@@ -192,6 +194,42 @@ def _defined_spelling(arg: str) -> str:
   return arg
 
 
+# `--config.FIELD=None` overrides: ml_collections parses them as the field's type (int('None')
+# fails), so they are taken off the command line and applied after it is parsed.
+_NONE_OVERRIDES: list[str] = []
+
+
+def _take_none_overrides(args: list[str]) -> list[str]:
+  """`args` without their `--config.FIELD=None` overrides, which are kept for later (unless a
+  later override of the field, which wins, gives it a value)."""
+  kept = []
+  for arg in args:
+    match = re.fullmatch(r"--config\.([\w.]+)=(.*)", arg)
+    if match and match[1] in _NONE_OVERRIDES:
+      _NONE_OVERRIDES.remove(match[1])
+    if match and match[2].lower() == "none":
+      _NONE_OVERRIDES.append(match[1])
+    else:
+      kept.append(arg)
+  return kept
+
+
+def _apply_none_overrides(config: Any) -> None:
+  """Sets the fields of `--config.FIELD=None` to None: only those a recipe declares optional
+  (None by default, e.g. data.max_test_examples, steps_per_dispatch); others need a value."""
+  from ml_collections import FieldReference
+  for path in _NONE_OVERRIDES:
+    *groups, name = path.split(".")
+    group = config
+    for key in groups:
+      group = group[key]
+    group[name]  # an unknown field: ml_collections' KeyError, with its suggestion
+    if not isinstance(group._fields[name], FieldReference):
+      raise flags.Error(f"config.{path} takes a value, not None (only fields that are None in "
+                        "a recipe take None).")
+    group[name] = None
+
+
 def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> None:
   """`--config`, an ml_collections config file, whose errors `parse_flags_briefly` reports.
 
@@ -199,6 +237,9 @@ def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> 
   overrides at once, when the flag is defined: an override typo fails here, not in absl's parse.
   """
   from ml_collections import config_flags
+  if default is not None:  # its overrides are read from sys.argv now
+    end = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+    sys.argv[1:end] = _take_none_overrides(sys.argv[1:end])
   try:
     config_flags.DEFINE_config_file("config", default, help_string, **kwargs)
   except (AttributeError, KeyError) as e:

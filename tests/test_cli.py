@@ -51,6 +51,28 @@ def test_verbosity_1_logs_the_traceback_of_a_known_error():
     assert ("Traceback" in done.stderr) == traceback, done.stderr
 
 
+def test_fields_that_are_none_in_a_recipe_take_none_on_the_command_line(tmp_path):
+  """ml_collections parses `--config.data.max_test_examples=None` as int('None')."""
+  script = tmp_path / "show.py"
+  script.write_text("import sys\nfrom absl import flags\nfrom sortkd_jax import cli\n"
+                    "default = sys.argv.pop(1)\n"
+                    "cli.define_config_flag(None if default == '-' else default, 'a recipe')\n"
+                    "config = lambda: flags.FLAGS.config\n"
+                    "cli.run(lambda: print(config().data.max_test_examples, "
+                    "config().steps_per_dispatch))\n")
+  recipe = "configs/cifar_kd.py:res56_res20,runlocal"
+  show = lambda *args: run_python(script, *args, env={"PYTHONPATH": "."}, timeout=60)  # noqa
+  for default, args in (("-", ["--config", recipe]), (recipe, [])):  # either way of loading
+    done = show(default, *args, "--config.data.max_test_examples=None",
+                "--config.steps_per_dispatch=None", "--config.steps_per_dispatch=2")
+    assert done.stdout.split() == ["None", "2"], done.stderr  # the last override wins
+  done = show("-", "--config", recipe, "--config.batch_size=none")
+  assert done.stderr.strip() == ("error: config.batch_size takes a value, not None (only fields "
+                                 "that are None in a recipe take None).")
+  done = show("-", "--config", recipe, "--config.data.max_test_exampels=None")
+  assert "did you mean 'max_test_examples'?" in done.stderr
+
+
 def test_either_spelling_of_a_flag_name_parses():
   flags.DEFINE_integer("spelling-test-size", 1, "A hyphenated flag, as benchmark.py's.")
   flags.DEFINE_boolean("spelling_test_eval", True, "An underscored one, as train.py's.")
