@@ -635,7 +635,13 @@ def _scan_folder_split(folder: str, split: str, stamp: tuple[tuple[str, int], ..
 def _scan_folder(folder: str, stamp: tuple[tuple[str, int], ...]) -> Any:
   del stamp  # part of the cache key only
   _, tfds = _tf()
-  return tfds.ImageFolder(folder)
+  start = time.perf_counter()
+  logging.info("Listing the files of image folder %s.", folder)
+  builder = tfds.ImageFolder(folder)
+  logging.info("Image folder %s: %s in %.1f s.", folder, ", ".join(
+      f"{split} {info.num_examples:,} files" for split, info in builder.info.splits.items()),
+      time.perf_counter() - start)
+  return builder
 
 
 def _folder_choices(name: str) -> str:

@@ -407,9 +407,10 @@ def test_a_folder_stream_reads_only_its_process_shard(tmp_path):
       list(stream.as_numpy_iterator())
 
 
-def test_an_image_folder_is_listed_once_while_unchanged(tmp_path, monkeypatch):
+def test_an_image_folder_is_listed_once_while_unchanged(tmp_path, monkeypatch, caplog):
   """Listing ImageNet takes seconds and a run opens its folder twice an epoch: one scan, until
-  a file is added."""
+  a file is added, and logged."""
+  caplog.set_level(logging.INFO, logger="absl")
   folder = _make_folder(tmp_path / "data", per_split=(("train", 2), ("val", 1)))
   scans = []
   image_folder = tfds.ImageFolder
@@ -420,6 +421,7 @@ def test_an_image_folder_is_listed_once_while_unchanged(tmp_path, monkeypatch):
     ip.imagenet_eval_dataset(split="val", resize_size=20, **common)
     assert ip.split_info(name=None, folder=folder, split="train") == (6, 3)
   assert scans == [folder]
+  assert f"Image folder {folder}: train 6 files, val 3 files in" in caplog.text
   _write_image(os.path.join(folder, "train", "bee", "new.png"), np.zeros((32, 32, 3), np.uint8))
   assert ip.split_info(name=None, folder=folder, split="train") == (7, 3)
   assert len(scans) == 2
