@@ -21,8 +21,8 @@ from flax import nnx
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
 from helpers import read_metrics, run_python, run_script
-from sortkd_jax import (augment, checkpoint, distributed, losses, methods, models, reporting,
-                        teachers, train, workdirs)
+from sortkd_jax import (augment, checkpoint, distributed, input_pipeline, losses, methods, models,
+                        reporting, teachers, train, workdirs)
 
 CONFIG_MODULES = {"vanilla": cifar_vanilla, "kd": cifar_kd, "dkd": cifar_dkd,
                   "lskd": cifar_lskd, "ctkd": cifar_ctkd}
@@ -955,6 +955,21 @@ def _imagenet_folder_config(tmp_path):
   config.student.name = "resnet8"
   config.data.update(name=None, folder=str(tmp_path / "data"), test_split="val", image_size=32)
   return config
+
+
+def test_imagenet_run_reads_each_stream_through_one_tf_data_iterator(tmp_path, monkeypatch):
+  """Ending a tf.data iterator waits for its autotuning thread (up to 36 s seen): a run has one
+  train stream for all its epochs and one eval stream for every evaluation, not one a pass."""
+  config = _imagenet_folder_config(tmp_path)
+  config.num_epochs = 3
+  opened = []
+  naming_undecodable = input_pipeline.naming_undecodable
+  monkeypatch.setattr(input_pipeline, "naming_undecodable",
+                      lambda batches, *, split, **kw: opened.append(split)
+                      or naming_undecodable(batches, split=split, **kw))
+  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert sorted(opened) == ["train", "val"] and int(result["state"].step) == 6
+  assert len([r for r in read_metrics(str(tmp_path / "run")) if r["kind"] == "epoch"]) == 3
 
 
 def test_imagenet_resume_is_bit_identical(tmp_path):
