@@ -86,14 +86,13 @@ def _config():
   """--config; for a training workdir given without it, the run's own config.json (so its data
   and pipeline), with the command line's --config.* overrides applied."""
   import ml_collections
-  from sortkd_jax import checkpoint
+  from sortkd_jax import checkpoint, workdirs
 
   saved = os.path.join(_run_workdir(), "config.json")
   if FLAGS["config"].present or not (checkpoint.is_train_workdir(_run_workdir())
                                      and os.path.isfile(saved)):
     return FLAGS.config
-  with open(saved) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(workdirs.read_run_config(_run_workdir()))
   config.update_from_flattened_dict(FLAGS["config"].override_values)
   return config
 

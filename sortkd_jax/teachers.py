@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -19,7 +18,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from sortkd_jax import checkpoint, models
+from sortkd_jax import checkpoint, models, workdirs
 
 
 # The teachers mdistiller publishes (spec §6): `cifar_teachers.tar` on its GitHub release
@@ -160,8 +159,7 @@ def _report_teacher_run(path: str, meta: dict[str, Any]) -> None:
   saved_config = os.path.join(workdir, "config.json")
   if not os.path.isfile(saved_config):
     return
-  with open(saved_config) as f:
-    planned = json.load(f).get("num_epochs")
+  planned = workdirs.read_run_config(workdir).get("num_epochs")
   finished = checkpoint.latest_saved_epoch(workdir)
   if isinstance(planned, int) and finished < planned:
     change = (f"it deletes epoch {epoch} once that is neither among its latest nor its best"

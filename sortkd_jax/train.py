@@ -797,8 +797,10 @@ def _finished_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     ckpt.check_student(latest, meta, state.params["student"], state.batch_stats)
   finally:
     ckpt.close()
-  logging.info("The run in %s has finished its %d epochs (best top-1 %.2f); raise "
-               "--config.num_epochs to continue it.", workdir, latest, meta["best_top1"])
+  done = (f"has finished its {latest} epochs" if latest == config.num_epochs else
+          f"has run {latest} epochs, more than --config.num_epochs={config.num_epochs}")
+  logging.info("The run in %s %s (best top-1 %.2f); raise --config.num_epochs above %d to "
+               "continue it.", workdir, done, meta["best_top1"], latest)
   return {"best_top1": meta["best_top1"], "last_top1": meta["test_top1"],
           "state": distributed.to_host(state)}
 

@@ -111,13 +111,24 @@ def _check_workdir_kind(workdir: str) -> None:
                      "training run; choose another --workdir.")
 
 
+def read_run_config(workdir: str) -> dict[str, Any]:
+  """The config.json of the run in `workdir`, with what to do if it is damaged."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as err:
+    raise ValueError(f"{path}, the run's recorded config, is damaged ({err}): restore it from a "
+                     "copy, or pass the run's recipe as --config (eval.py, export_weights.py)."
+                     ) from None
+
+
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses checkpoints that were trained with another recipe."""
   saved_path = os.path.join(workdir, CONFIG_FILE)
   if checkpoint.latest_saved_epoch(workdir) is None or not os.path.exists(saved_path):
     return  # nothing trained yet (or a run stopped in its first epoch): any config may start
-  with open(saved_path) as f:
-    saved = _flat(json.load(f))
+  saved = _flat(read_run_config(workdir))
   current = _flat(json.loads(config.to_json_best_effort()))
   changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
              for k in sorted(saved.keys() | current.keys())

@@ -95,7 +95,7 @@ def test_runlocal_every_method(method, teacher_dir, tmp_path):
     assert 1.0 < epochs[-1]["train_ctkd_temperature"] < 21.0
 
 
-def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path, monkeypatch):
+def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path, monkeypatch, caplog):
   """Two epochs straight = epoch 1 (the shared run), then a resumed epoch 2, even after a crash
   mid-save of epoch 2: that leaves only orbax's temporary directory, which resume ignores."""
   # The reporter's clock moves 1 s per reading, so images/s is the images counted per window.
@@ -127,6 +127,18 @@ def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path, monkeypatc
   # Epoch 1's record is the one copied in (its wall time too): resumed, not trained again.
   epoch_1 = lambda workdir: [r for r in read_metrics(workdir) if r["kind"] == "epoch"][0]
   assert epoch_1(str(tmp_path / "resumed")) == epoch_1(kd_one_epoch.workdir)
+  # Asked for fewer epochs than it has run, the run is reported, as such.
+  config.num_epochs = 1
+  caplog.set_level(logging.INFO, logger="absl")
+  again = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert int(again["state"].step) == int(resumed["state"].step)
+  assert "has run 2 epochs, more than --config.num_epochs=1 (best" in caplog.text
+  # A damaged config.json is named, with what to do.
+  with open(tmp_path / "resumed" / "config.json", "w") as f:
+    f.write('{"method": ')
+  with pytest.raises(ValueError, match=r"resumed/config.json, the run's recorded config, is "
+                     r"damaged \(Expecting value"):
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
 
 def test_resume_takes_the_teacher_moved_but_not_another_one(teacher_dir, kd_one_epoch,
