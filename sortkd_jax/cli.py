@@ -108,8 +108,8 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
   if instead:
     sys.exit(f"error: {instead} (README: Coming from mdistiller).")
   try:
-    argv = flags.FLAGS([argv[0], *map(_defined_spelling, _take_none_overrides(flag_args)),
-                        *rest])
+    flag_args = _take_none_overrides(_last_tuple_literal_wins(flag_args))
+    argv = flags.FLAGS([argv[0], *map(_defined_spelling, flag_args), *rest])
     if "config" in flags.FLAGS:
       flags.FLAGS.config.to_dict()  # a config that failed to load raises only when read
       _apply_none_overrides(flags.FLAGS.config)
@@ -214,6 +214,19 @@ def _take_none_overrides(args: list[str]) -> list[str]:
   return kept
 
 
+def _last_tuple_literal_wins(args: list[str]) -> list[str]:
+  """`args` without the overrides of a field that a later `--config.FIELD=(...)` sets whole:
+  ml_collections joins every occurrence of a tuple field's flag, so appending
+  `--config.lr_decay_epochs=(7,)` to a command holding `=(5,)` gave (5, 7)."""
+  field = lambda arg: re.match(r"--config\.([\w.]+)=", arg)  # noqa: E731
+  kept = []
+  for arg in args:
+    if field(arg) and arg.partition("=")[2][:1] in ("(", "["):
+      kept = [a for a in kept if not (field(a) and field(a)[1] == field(arg)[1])]
+    kept.append(arg)
+  return kept
+
+
 def _apply_none_overrides(config: Any) -> None:
   """Sets the fields of `--config.FIELD=None` to None: only those a recipe declares optional
   (None by default, e.g. data.max_test_examples, steps_per_dispatch); others need a value."""
@@ -239,7 +252,7 @@ def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> 
   from ml_collections import config_flags
   if default is not None:  # its overrides are read from sys.argv now
     end = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
-    sys.argv[1:end] = _take_none_overrides(sys.argv[1:end])
+    sys.argv[1:end] = _take_none_overrides(_last_tuple_literal_wins(sys.argv[1:end]))
   try:
     config_flags.DEFINE_config_file("config", default, help_string, **kwargs)
   except (AttributeError, KeyError) as e:

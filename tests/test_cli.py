@@ -51,7 +51,7 @@ def test_verbosity_1_logs_the_traceback_of_a_known_error():
     assert ("Traceback" in done.stderr) == traceback, done.stderr
 
 
-def test_fields_that_are_none_in_a_recipe_take_none_on_the_command_line(tmp_path):
+def test_none_and_whole_tuple_overrides(tmp_path):
   """ml_collections parses `--config.data.max_test_examples=None` as int('None')."""
   script = tmp_path / "show.py"
   script.write_text("import sys\nfrom absl import flags\nfrom sortkd_jax import cli\n"
@@ -59,13 +59,19 @@ def test_fields_that_are_none_in_a_recipe_take_none_on_the_command_line(tmp_path
                     "cli.define_config_flag(None if default == '-' else default, 'a recipe')\n"
                     "config = lambda: flags.FLAGS.config\n"
                     "cli.run(lambda: print(config().data.max_test_examples, "
-                    "config().steps_per_dispatch))\n")
+                    "config().steps_per_dispatch, config().lr_decay_epochs))\n")
   recipe = "configs/cifar_kd.py:res56_res20,runlocal"
   show = lambda *args: run_python(script, *args, env={"PYTHONPATH": "."}, timeout=60)  # noqa
   for default, args in (("-", ["--config", recipe]), (recipe, [])):  # either way of loading
     done = show(default, *args, "--config.data.max_test_examples=None",
                 "--config.steps_per_dispatch=None", "--config.steps_per_dispatch=2")
-    assert done.stdout.split() == ["None", "2"], done.stderr  # the last override wins
+    assert done.stdout.split()[:2] == ["None", "2"], done.stderr  # the last override wins
+  # A tuple given whole replaces the field: ml_collections joined repeated ones into (5, 7).
+  for default, args in (("-", ["--config", recipe]), (recipe, [])):
+    done = show(default, *args, "--config.data.max_test_examples=None",
+                "--config.steps_per_dispatch=None", "--config.lr_decay_epochs=(5,)",
+                "--config.lr_decay_epochs=(7,)")
+    assert done.stdout.split()[2:] == ["(7,)"], done.stderr
   done = show("-", "--config", recipe, "--config.batch_size=none")
   assert done.stderr.strip() == ("error: config.batch_size takes a value, not None (only fields "
                                  "that are None in a recipe take None).")
