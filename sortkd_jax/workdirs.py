@@ -152,7 +152,13 @@ def check_same_teacher(teacher_path: str, saved_meta: dict[str, Any],
         f"The teacher {teacher_path} is not the one this run was distilled from so far (its "
         f"logits checksum: {checkpoint.describe_checksum(checksum)}; the run's teacher: "
         f"{checkpoint.describe_checksum(recorded)}). teacher.checkpoint may change on resume "
-        "only to where the same weights are now; for another teacher, use a new --workdir.")
+        "only to where the same weights are now; for another teacher, use a new --workdir."
+        + (f" A run as teacher means its best epoch, which changes if that run trains on: "
+           f"pass the epoch this run was distilled from, if {teacher_path} still keeps it "
+           f"(epochs {checkpoint.saved_epochs(teacher_path)}), as --config.teacher.checkpoint="
+           f"{os.path.join(teacher_path, checkpoint.TRAIN_CHECKPOINT_DIR, 'EPOCH')} (the "
+           "run's log names it: 'Teacher: the student of epoch ...')."
+           if checkpoint.is_train_workdir(teacher_path) else ""))
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

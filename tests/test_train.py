@@ -163,6 +163,11 @@ def test_resume_takes_the_teacher_moved_but_not_another_one(teacher_dir, kd_one_
       train.train_and_evaluate(tiny_config("kd", other, num_epochs=2), workdir)
     assert sorted(glob.glob(f"{workdir}/**", recursive=True)) == before
     assert open(os.path.join(workdir, "config.json")).read() == config_json
+    a_run = kd_one_epoch.workdir  # a run as teacher (its resnet8 student): says which epoch
+    with pytest.raises(ValueError, match=(
+        r"A run as teacher means its best epoch, .* if .* still keeps it \(epochs \[1\]\), as "
+        rf"--config.teacher.checkpoint={re.escape(os.path.join(a_run, 'checkpoints', 'EPOCH'))}")):
+      train.train_and_evaluate(tiny_config("kd", a_run, num_epochs=2), workdir)
     moved = str(tmp_path / "moved_teacher")
     shutil.copytree(teacher_dir, moved)
     train.train_and_evaluate(tiny_config("kd", moved, num_epochs=2), workdir)
