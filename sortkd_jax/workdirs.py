@@ -126,8 +126,13 @@ def read_run_config(workdir: str) -> dict[str, Any]:
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses checkpoints that were trained with another recipe."""
   saved_path = os.path.join(workdir, CONFIG_FILE)
-  if checkpoint.latest_saved_epoch(workdir) is None or not os.path.exists(saved_path):
+  if checkpoint.latest_saved_epoch(workdir) is None:
     return  # nothing trained yet (or a run stopped in its first epoch): any config may start
+  if not os.path.exists(saved_path):  # a run writes it before its first epoch
+    raise FileNotFoundError(
+        f"{workdir} holds checkpoints (epochs {checkpoint.saved_epochs(workdir)}) but no "
+        f"{CONFIG_FILE}, so resuming cannot check that they were trained with this config: "
+        f"copy the run's {CONFIG_FILE} back beside checkpoints/, or use a new --workdir.")
   saved = _flat(read_run_config(workdir))
   current = _flat(json.loads(config.to_json_best_effort()))
   changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"

@@ -133,6 +133,12 @@ def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path, monkeypatc
   again = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert int(again["state"].step) == int(resumed["state"].step)
   assert "has run 2 epochs, more than --config.num_epochs=1 (best" in caplog.text
+  # Checkpoints without their config.json (copied alone) cannot be checked: refused.
+  os.rename(tmp_path / "resumed" / "config.json", tmp_path / "config.json")
+  with pytest.raises(FileNotFoundError, match=r"resumed holds checkpoints \(epochs \[1, 2\]\) "
+                     "but no config.json, so resuming cannot check"):
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  os.rename(tmp_path / "config.json", tmp_path / "resumed" / "config.json")
   # A damaged config.json is named, with what to do.
   with open(tmp_path / "resumed" / "config.json", "w") as f:
     f.write('{"method": ')
