@@ -94,6 +94,7 @@ def _config():
     return FLAGS.config
   config = ml_collections.ConfigDict(workdirs.read_run_config(_run_workdir()))
   config.update_from_flattened_dict(FLAGS["config"].override_values)
+  cli.apply_none_overrides(config, recipe=FLAGS.config)
   return config
 
 

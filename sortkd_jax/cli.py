@@ -112,7 +112,7 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
     argv = flags.FLAGS([argv[0], *map(_defined_spelling, flag_args), *rest])
     if "config" in flags.FLAGS:
       flags.FLAGS.config.to_dict()  # a config that failed to load raises only when read
-      _apply_none_overrides(flags.FLAGS.config)
+      apply_none_overrides(flags.FLAGS.config)
     return argv
   except (AttributeError, KeyError) as e:  # an override of a field the config does not have
     sys.exit(_unknown_field_message(e))
@@ -207,7 +207,8 @@ def _take_none_overrides(args: list[str]) -> list[str]:
     match = re.fullmatch(r"--config\.([\w.]+)=(.*)", arg)
     if match and match[1] in _NONE_OVERRIDES:
       _NONE_OVERRIDES.remove(match[1])
-    if match and match[2].lower() == "none":
+    if match and match[2].lower() == "none":  # it overrides the field's earlier values too
+      kept = [a for a in kept if not a.startswith(f"--config.{match[1]}=")]
       _NONE_OVERRIDES.append(match[1])
     else:
       kept.append(arg)
@@ -227,17 +228,18 @@ def _last_tuple_literal_wins(args: list[str]) -> list[str]:
   return kept
 
 
-def _apply_none_overrides(config: Any) -> None:
-  """Sets the fields of `--config.FIELD=None` to None: only those a recipe declares optional
-  (None by default, e.g. data.max_test_examples, steps_per_dispatch); others need a value."""
+def apply_none_overrides(config: Any, recipe: Any | None = None) -> None:
+  """Sets the fields of `--config.FIELD=None` to None in `config`: only those that `recipe`
+  (`config` itself by default) declares optional (None by default, e.g.
+  data.max_test_examples, steps_per_dispatch); others need a value."""
   from ml_collections import FieldReference
   for path in _NONE_OVERRIDES:
     *groups, name = path.split(".")
-    group = config
+    group, recipe_group = config, config if recipe is None else recipe
     for key in groups:
-      group = group[key]
-    group[name]  # an unknown field: ml_collections' KeyError, with its suggestion
-    if not isinstance(group._fields[name], FieldReference):
+      group, recipe_group = group[key], recipe_group[key]
+    recipe_group[name]  # an unknown field: ml_collections' KeyError, with its suggestion
+    if not isinstance(recipe_group._fields[name], FieldReference):
       raise flags.Error(f"config.{path} takes a value, not None (only fields that are None in "
                         "a recipe take None).")
     group[name] = None

@@ -63,8 +63,9 @@ def test_none_and_whole_tuple_overrides(tmp_path):
   recipe = "configs/cifar_kd.py:res56_res20,runlocal"
   show = lambda *args: run_python(script, *args, env={"PYTHONPATH": "."}, timeout=60)  # noqa
   for default, args in (("-", ["--config", recipe]), (recipe, [])):  # either way of loading
-    done = show(default, *args, "--config.data.max_test_examples=None",
-                "--config.steps_per_dispatch=None", "--config.steps_per_dispatch=2")
+    done = show(default, *args, "--config.data.max_test_examples=5",
+                "--config.data.max_test_examples=None", "--config.steps_per_dispatch=None",
+                "--config.steps_per_dispatch=2")
     assert done.stdout.split()[:2] == ["None", "2"], done.stderr  # the last override wins
   # A tuple given whole replaces the field: ml_collections joined repeated ones into (5, 7).
   for default, args in (("-", ["--config", recipe]), (recipe, [])):

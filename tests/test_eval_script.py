@@ -114,6 +114,12 @@ def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
                       *SYNTHETIC[2:])
   assert as_run.returncode == 0, as_run.stderr[-2000:]
   assert (_last_json(as_run)["epoch"], _last_json(as_run)["dtype"]) == (3, "bfloat16")
+  # A last `=None` lifts a cap, there too: the whole synthetic test split.
+  whole = run_script("eval.py", "--checkpoint", os.path.join(workdir, "checkpoints", "3"),
+                     *SYNTHETIC[2:], "--config.data.max_test_examples=None",
+                     "--config.eval_batch_size=1000", "--config.dtype=float32")
+  assert whole.returncode == 0, whole.stderr[-2000:]
+  assert _last_json(whole)["test_examples"] == 10_000
   wrong_arch = run_script("eval.py", "--checkpoint", workdir, "--arch", "resnet20", *SYNTHETIC)
   assert wrong_arch.returncode == 1 and "holds a resnet8, not a resnet20" in wrong_arch.stderr
 
