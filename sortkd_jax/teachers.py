@@ -159,7 +159,11 @@ def _report_teacher_run(path: str, meta: dict[str, Any]) -> None:
   saved_config = os.path.join(workdir, "config.json")
   if not os.path.isfile(saved_config):
     return
-  planned = workdirs.read_run_config(workdir).get("num_epochs")
+  try:
+    planned = workdirs.read_run_config(workdir).get("num_epochs")
+  except ValueError as err:  # only for a warning: the teacher's weights are sound
+    logging.warning("%s", err)
+    return
   finished = checkpoint.latest_saved_epoch(workdir)
   if isinstance(planned, int) and finished < planned:
     change = (f"it deletes epoch {epoch} once that is neither among its latest nor its best"

@@ -119,8 +119,7 @@ def read_run_config(workdir: str) -> dict[str, Any]:
       return json.load(f)
   except json.JSONDecodeError as err:
     raise ValueError(f"{path}, the run's recorded config, is damaged ({err}): restore it from a "
-                     "copy, or pass the run's recipe as --config (eval.py, export_weights.py)."
-                     ) from None
+                     "copy (eval.py also takes the run's recipe as --config instead).") from None
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import types
+from unittest import mock
 
 import chex
 import jax
@@ -354,6 +355,10 @@ def test_a_run_used_as_a_teacher_gives_its_best_epoch_not_its_latest(tmp_path):
   teacher = ml_collections.ConfigDict(dict(name="resnet8", checkpoint=str(tmp_path),
                                            fold_batchnorm=False))
   teachers.load_teacher(teacher, 10, image_size=32)  # no config.json: nothing to warn about
+  (tmp_path / "config.json").write_text('{"num_epochs": ')  # damaged: a warning, not an error
+  with mock.patch.object(teachers.logging, "warning") as warning:
+    teachers.load_teacher(teacher, 10, image_size=32)
+  assert "config.json, the run's recorded config, is damaged" in str(warning.call_args)
 
 
 def test_a_teacher_run_names_its_epoch_and_warns_while_it_is_unfinished(tmp_path, caplog):
