@@ -183,10 +183,11 @@ def dkd(
   """Decoupled KD, alpha * TCKD + beta * NCKD, without the warm-up (methods.md "DKD", spec §8.3).
 
   TCKD = T**2 * mean_b KL(b_v || b_z) over the binary [target, non-target] probabilities. As in
-  the reference, the teacher's b is a masked sum of its softmax (not 1 - p_y); the logs of both
-  binary distributions come from log-sum-exp of the masked logits (``_binary_log_probs``)
-  instead of ``log`` of those sums: the same value in exact arithmetic, without the reference's
-  infinite loss when a student probability underflows.
+  the reference (spec §8.3), the teacher's b is a masked sum of its softmax, not the 1 - p_y of
+  methods.md (equal in exact arithmetic, not in float32); the logs of both binary
+  distributions come from log-sum-exp of the masked logits (``_binary_log_probs``) instead of
+  ``log`` of those sums: the same value in exact arithmetic, without the reference's infinite
+  loss when a student probability underflows.
 
   NCKD = T**2 * mean_b KL(softmax(v/T - 1000 e_y) || softmax(z/T - 1000 e_y)). The -1000 offset
   on the temperature-scaled target logit is kept for parity with the reference: it equals exact

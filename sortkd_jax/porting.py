@@ -1,7 +1,7 @@
-"""PyTorch → Flax porting of mdistiller weights (spec §6 and §9.1).
+"""PyTorch → Flax porting of mdistiller weights (spec §6 and §9, item 1).
 
 The NNX models of ``sortkd_jax.models`` keep PyTorch's module names, so every variable's
-state path *is* its torch key after a leaf rename (spec §9.1):
+state path *is* its torch key after a leaf rename (spec §9, item 1):
 
 =================  =====================  ===========================================
 NNX path leaf      torch key leaf         layout

@@ -117,7 +117,7 @@ def test_identity_on_correct_rows_bitwise(dtype):
 
 
 def test_documented_examples():
-  v = jnp.array([3.0, 5.0, 1.0, 4.0, 2.0])  # methods.md / spec §8.4, 0-based labels
+  v = jnp.array([3.0, 5.0, 1.0, 4.0, 2.0])  # methods.md "Sort" (y=2), spec §8.4 (y=0, 1, 2)
   np.testing.assert_array_equal(sort_teacher_logits(v, jnp.array(2)), [2, 4, 5, 3, 1])
   np.testing.assert_array_equal(sort_teacher_logits(v, jnp.array(0)), [5, 4, 1, 3, 2])
   np.testing.assert_array_equal(sort_teacher_logits(v, jnp.array(1)), v)

@@ -331,7 +331,7 @@ def avg_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Ar
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
   """[B, H, W, C] → [B, C]. Every head pool of the zoo reduces to 1×1 at its native
-  input size (spec §9.3), where this equals the fixed-kernel torch pool."""
+  input size (spec §9, item 3), where this equals the fixed-kernel torch pool."""
   return jnp.mean(x, axis=(1, 2))
 
 
