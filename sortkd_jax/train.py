@@ -584,15 +584,13 @@ def _streaming_feed(config, mesh, batch_size) -> _Feed:
                f" per epoch (of {total})" if n < total else "", num_classes, steps_per_epoch)
 
   def epochs_from(first: int) -> Iterator[dict[str, jax.Array]]:
-    """The batches of epochs `first`..`num_epochs`: epoch e is the start of a stream seeded by
-    e alone, so a resumed run sees the same batches. One tf.data iterator for them all: ending
-    one per epoch waits for tf.data's autotuning thread (up to 36 s here, TF 2.21)."""
+    """The batches of epochs `first`..`num_epochs`, one tf.data stream: epoch e is the start of
+    a stream seeded by e alone, so a resumed run sees the same batches."""
     start = time.perf_counter()
-    epochs = [input_pipeline.imagenet_train_dataset(
-        global_batch_size=batch_size, split=d.train_split, shuffle_buffer=d.shuffle_buffer,
-        seed=config.seed * 100_003 + epoch, image_size=d.image_size, **source
-    ).take(steps_per_epoch) for epoch in range(first, config.num_epochs + 1)]
-    ds = functools.reduce(lambda ds, next_epoch: ds.concatenate(next_epoch), epochs)
+    ds = input_pipeline.imagenet_train_epochs(
+        seeds=[config.seed * 100_003 + epoch for epoch in range(first, config.num_epochs + 1)],
+        steps_per_epoch=steps_per_epoch, global_batch_size=batch_size, split=d.train_split,
+        shuffle_buffer=d.shuffle_buffer, image_size=d.image_size, **source)
     logging.info("Built the tf.data train stream of epochs %d-%d in %.1f s.", first,
                  config.num_epochs, time.perf_counter() - start)
     batches = input_pipeline.naming_undecodable(ds.as_numpy_iterator(), split=d.train_split,

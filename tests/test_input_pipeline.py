@@ -388,6 +388,33 @@ def test_folder_train_stream_takes_a_new_order_of_all_files_each_epoch(tmp_path)
   assert epochs(1, index=0) != [first, second, third]
 
 
+def test_train_epochs_are_the_seeded_streams_one_after_another_transformed_once(
+    tmp_path, monkeypatch):
+  """A run's stream equals each epoch's own seeded stream cut to its steps, in order (so a
+  resumed run sees the same batches), and traces the image transform once, not per epoch."""
+  rng = np.random.default_rng(0)
+  for i in range(10):
+    os.makedirs(tmp_path / "train" / CLASSES[i % 2], exist_ok=True)
+    _write_image(str(tmp_path / "train" / CLASSES[i % 2] / f"{i}.jpg"),
+                 rng.integers(0, 256, (20 + i, 30 - i, 3), np.uint8))
+  common = dict(name=None, folder=str(tmp_path), split="train", global_batch_size=4,
+                image_size=8, process_index=1, process_count=2)
+  seeds = [3, 4, 5]
+  expected = [b for seed in seeds for b in ip.imagenet_train_dataset(seed=seed, **common).take(
+      3).as_numpy_iterator()]
+  traces = []
+  train_image = ip._train_image
+  monkeypatch.setattr(ip, "_train_image", lambda *a, **k: traces.append(1) or train_image(*a, **k))
+  stream = ip.imagenet_train_epochs(seeds=seeds, steps_per_epoch=3, **common)
+  assert len(traces) == 1
+  got = list(stream.as_numpy_iterator())
+  assert len(got) == len(expected) == 9
+  for g, e in zip(got, expected):
+    np.testing.assert_array_equal(g["image"], e["image"])
+    np.testing.assert_array_equal(g["label"], e["label"])
+  assert not np.array_equal(got[0]["image"], got[3]["image"])  # epochs differ
+
+
 def test_a_folder_stream_reads_only_its_process_shard(tmp_path):
   """Each process reads only its own files, eval too: a dangling link in process 1's shard
   fails process 1's streams and not process 0's."""
