@@ -875,7 +875,7 @@ def imagenet_train_epochs(
 
   One stream for a whole run: a tf.data iterator waits for tf.data's autotuning thread when it
   ends (seconds to a minute, TF 2.21), and the image transform is traced once, not per epoch
-  (0.3 s each).
+  (0.1 to 0.3 s each).
   """
   tf, _ = _tf()
   index, count, local_batch = _process_shard(process_index, process_count, global_batch_size)
