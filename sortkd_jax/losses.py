@@ -248,6 +248,8 @@ def ctkd_lambda(epoch: ArrayLike, ramp_epochs: ArrayLike) -> jax.Array:
 
   About 0.024 at epoch 1 for E = 10, 1 from epoch E on.
   """
+  if not isinstance(ramp_epochs, jax.core.Tracer) and not ramp_epochs > 0:  # 0/0 below
+    raise ValueError(f"ramp_epochs must be positive, got {ramp_epochs}")
   e = jnp.minimum(_compute(epoch), ramp_epochs)
   return 0.5 * (1.0 - jnp.cos(math.pi * e / ramp_epochs))
 

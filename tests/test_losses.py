@@ -403,6 +403,9 @@ def test_schedules():
   np.testing.assert_allclose(losses.ctkd_lambda(1, 5), (1 - math.cos(math.pi / 5)) / 2, rtol=1e-6)
   for epoch in (10, 11, 240):
     np.testing.assert_allclose(losses.ctkd_lambda(epoch, 10), 1.0, rtol=1e-7)
+  for ramp in (0, -3):  # would be 0/0 = NaN
+    with pytest.raises(ValueError, match="ramp_epochs must be positive"):
+      losses.ctkd_lambda(1, ramp)
 
   t0 = losses.ctkd_temperature(1.0)
   np.testing.assert_allclose(t0, 1.0 + 20.0 / (1.0 + math.exp(-1.0)), rtol=1e-6)
