@@ -200,14 +200,17 @@ _NONE_OVERRIDES: list[str] = []
 
 
 def _take_none_overrides(args: list[str]) -> list[str]:
-  """`args` without their `--config.FIELD=None` overrides, which are kept for later (unless a
-  later override of the field, which wins, gives it a value)."""
-  kept = []
-  for arg in args:
-    match = re.fullmatch(r"--config\.([\w.]+)=(.*)", arg)
+  """`args` without their `--config.FIELD=None` (or `--config.FIELD None`) overrides, which are
+  kept for later (unless a later override of the field, which wins, gives it a value)."""
+  kept, args = [], list(args)
+  while args:
+    arg = args.pop(0)
+    if re.fullmatch(r"--config\.[\w.]+", arg) and args and args[0].lower() == "none":
+      arg = f"{arg}={args.pop(0)}"
+    match = re.fullmatch(r"--config\.([\w.]+)(?:=(.*))?", arg)  # or its value in the next arg
     if match and match[1] in _NONE_OVERRIDES:
       _NONE_OVERRIDES.remove(match[1])
-    if match and match[2].lower() == "none":  # it overrides the field's earlier values too
+    if match and (match[2] or "").lower() == "none":  # it overrides the earlier values too
       kept = [a for a in kept if not a.startswith(f"--config.{match[1]}=")]
       _NONE_OVERRIDES.append(match[1])
     else:

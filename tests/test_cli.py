@@ -67,6 +67,11 @@ def test_none_and_whole_tuple_overrides(tmp_path):
                 "--config.data.max_test_examples=None", "--config.steps_per_dispatch=None",
                 "--config.steps_per_dispatch=2")
     assert done.stdout.split()[:2] == ["None", "2"], done.stderr  # the last override wins
+  # absl's other spelling, the value in the next argument
+  done = show("-", "--config", recipe, "--config.data.max_test_examples", "5",
+              "--config.data.max_test_examples", "None", "--config.steps_per_dispatch", "none",
+              "--config.steps_per_dispatch", "2")
+  assert done.stdout.split()[:2] == ["None", "2"], done.stderr
   # A tuple given whole replaces the field: ml_collections joined repeated ones into (5, 7).
   for default, args in (("-", ["--config", recipe]), (recipe, [])):
     done = show(default, *args, "--config.data.max_test_examples=None",
