@@ -141,7 +141,8 @@ def _check_not_inside_a_run(path: str) -> None:
       raise ValueError(f"{path} is inside the training run {workdir}: pass the workdir itself "
                        f"(its best epoch is used) or one kept epoch, "
                        f"{os.path.join(workdir, part, '<epoch>')}.")
-  if (os.path.isfile(os.path.join(path, "config.json"))
+  run_files = ("config.json", workdirs.LOCK_FILE)  # a run stopped at start-up has only its lock
+  if (any(os.path.isfile(os.path.join(path, f)) for f in run_files)
       and checkpoint.latest_saved_epoch(path) is None):
     raise FileNotFoundError(f"The training run in {path} has no checkpoint yet: no epoch "
                             "finished.")

@@ -502,6 +502,10 @@ def test_checkpoint_folders_of_a_run_point_to_its_workdir(tmp_path):
   (tmp_path / "failed" / "config.json").write_text("{}")
   with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
     teachers.load_frozen_model(str(tmp_path / "failed"))
+  os.makedirs(tmp_path / "killed")  # at start-up, before its config.json was written
+  (tmp_path / "killed" / workdirs.LOCK_FILE).write_text("")
+  with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
+    teachers.load_frozen_model(str(tmp_path / "killed"))
 
 
 def test_missing_teacher_says_where_teachers_come_from(tmp_path):
