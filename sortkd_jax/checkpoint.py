@@ -19,20 +19,24 @@ this process's first device, so a checkpoint reads back on any number of devices
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import zlib
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
+from absl import logging
 from flax import nnx
 
 from sortkd_jax import models
@@ -348,10 +352,13 @@ class TrainCheckpointer:
     return self._manager.latest_step()
 
   def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
+    """Starts saving `epoch` in the background, once the previous save (and its deletion of
+    the epochs no longer kept) is complete."""
     meta = {**meta, "state_crc32": state_crc32(state)}
-    self._manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics={"test_top1": meta["test_top1"]})
+    with _finishing_before_interrupt():
+      self._manager.save(epoch, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+          metrics={"test_top1": meta["test_top1"]})
 
   def restore(self, epoch: int, target: Any = None) -> tuple[Any, dict[str, Any]]:
     """Restores into the structure (and dtypes) of `target`, e.g. a freshly created state;
@@ -439,8 +446,39 @@ class TrainCheckpointer:
     return best
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    with _finishing_before_interrupt():
+      self._manager.wait_until_finished()
+      self._manager.close()
+
+
+@contextlib.contextmanager
+def _finishing_before_interrupt() -> Iterator[None]:
+  """Holds back a Ctrl-C until the block ends, then raises it; a second one raises at once.
+
+  A KeyboardInterrupt inside orbax's wait for its save thread (CPython 3.11's `Thread.join`)
+  marks that thread finished while it is still writing or deleting, and the process then
+  exits under it: orbax logged a traceback, and an epoch no longer kept was left half deleted.
+  """
+  if threading.current_thread() is not threading.main_thread():  # signals reach only main
+    yield
+    return
+  interrupted = False
+
+  def hold_back(signum: int, frame: Any) -> None:
+    nonlocal interrupted
+    if interrupted:
+      raise KeyboardInterrupt
+    interrupted = True
+    logging.warning("Interrupted: finishing the checkpoint save in progress first (Ctrl-C "
+                    "again to stop at once, which may leave it incomplete).")
+
+  previous = signal.signal(signal.SIGINT, hold_back)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+  if interrupted:
+    raise KeyboardInterrupt
 
 
 def run_epoch_folder(path: str) -> tuple[str, int] | None:

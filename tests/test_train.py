@@ -7,6 +7,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import time
 import types
 from unittest import mock
 
@@ -1124,6 +1126,36 @@ def test_checkpoints_beyond_latest_and_best_are_deleted_across_restarts(tmp_path
     ckpt.close()
   assert sorted(int(d) for d in os.listdir(tmp_path)) == [1, 4, 5]
   assert checkpoint.TrainCheckpointer(str(tmp_path)).best_epoch() == 1
+
+
+def test_ctrl_c_lets_the_save_in_flight_and_its_deletions_finish(tmp_path, monkeypatch):
+  """Ctrl-C while orbax's save thread deletes an epoch no longer kept: the KeyboardInterrupt
+  comes once that save is complete. Raised inside orbax's wait, it left the epoch half deleted
+  (and printed orbax's traceback), the thread being taken for finished."""
+  rmtree, signalled = shutil.rmtree, []
+
+  def slow_rmtree(path, *args, **kwargs):
+    if not signalled:  # the first deletion: Ctrl-C half way through it
+      signalled.append(str(path))
+      entries = sorted(os.listdir(path))
+      shutil.rmtree(os.path.join(path, entries[-1]))
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.5)
+    return rmtree(path, *args, **kwargs)
+
+  monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
+  handler = signal.getsignal(signal.SIGINT)
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path), keep=1)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      for epoch in (1, 2, 3, 4):  # each a new best: epoch N's save deletes epoch N - 1
+        ckpt.save(epoch, {"w": jnp.ones(3) * epoch}, {"test_top1": epoch, "best_top1": epoch})
+      ckpt.close()
+    assert signalled and not os.path.exists(signalled[0])  # deleted whole before the interrupt
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+  finally:
+    ckpt.close()
+  assert all(os.path.exists(tmp_path / d / "_CHECKPOINT_METADATA") for d in os.listdir(tmp_path))
 
 
 def _corrupt_arrays(epoch_dir) -> None:
