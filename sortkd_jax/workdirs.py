@@ -134,9 +134,13 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"copy the run's {CONFIG_FILE} back beside checkpoints/, or use a new --workdir.")
   saved = _flat(read_run_config(workdir))
   current = _flat(json.loads(config.to_json_best_effort()))
-  changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
-             for k in sorted(saved.keys() | current.keys())
-             if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+  # Fields added to the recipes since the run started (a newer sortkd-jax): nothing to compare.
+  added = sorted(current.keys() - saved.keys())
+  if added:
+    logging.info("Fields new since this run started, taken as the config gives them: %s.",
+                 ", ".join(f"{k}={current[k]!r}" for k in added))
+  changed = [f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in sorted(saved)
+             if k not in RESUMABLE_CHANGES and saved[k] != current.get(k)]
   if changed:
     raise ValueError(
         f"{workdir} holds a run with another config ({'; '.join(changed)}). Use a new "
