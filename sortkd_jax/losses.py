@@ -21,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -73,7 +74,7 @@ def _teacher_scaled(teacher_logits: jax.Array, t: jax.Array) -> jax.Array:
 
 def _check_shapes(student_logits: jax.Array, teacher_logits: jax.Array,
                   temperature: jax.Array, **weights: ArrayLike) -> None:
-  """Same-shape logits, one positive temperature and scalar weights: a [B, 1] temperature or a
+  """Same-shape logits, one temperature and scalar weights: a [B, 1] temperature or a
   per-example weight would broadcast into a [B, 1] or [B] "loss"."""
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(f"student logits {student_logits.shape} and teacher logits "
@@ -81,8 +82,13 @@ def _check_shapes(student_logits: jax.Array, teacher_logits: jax.Array,
   for name, value in {"the temperature": temperature, **weights}.items():
     if jnp.ndim(value):
       raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
-  if not isinstance(temperature, jax.core.Tracer) and not temperature > 0:
-    raise ValueError(f"the temperature must be positive, got {temperature}")
+
+
+def _check_positive(name: str, value: ArrayLike) -> None:
+  """Refuses a concrete value that is not positive. Checked in NumPy, before any `jnp` op: under
+  `jit` that would make even a Python constant a tracer."""
+  if not isinstance(value, jax.core.Tracer) and not np.all(np.asarray(value) > 0):
+    raise ValueError(f"{name} must be positive, got {value}")
 
 
 def check_labels(logits: jax.Array, labels: jax.Array) -> None:
@@ -152,6 +158,7 @@ def topk_correct(logits: ArrayLike, labels: ArrayLike, k: int) -> jax.Array:
 
 def kd(student_logits: ArrayLike, teacher_logits: ArrayLike, temperature: ArrayLike) -> jax.Array:
   """Hinton KD: T**2 * mean_b KL(softmax(v/T) || softmax(z/T)) (methods.md "KD", spec §8.2)."""
+  _check_positive("the temperature", temperature)
   t, z, v = _compute(temperature), _compute(student_logits), _compute(teacher_logits)
   _check_shapes(z, v, t)
   log_q = jax.nn.log_softmax(z / t, axis=-1)
@@ -194,6 +201,7 @@ def dkd(
   exclusion of the target unless that scaled logit leads all others by more than ~900, where
   the reference itself stops excluding it.
   """
+  _check_positive("the temperature", temperature)
   t, z, v, labels = (_compute(temperature), _compute(student_logits), _compute(teacher_logits),
                      jnp.asarray(labels))
   _check_shapes(z, v, t, alpha=alpha, beta=beta)
@@ -248,8 +256,7 @@ def ctkd_lambda(epoch: ArrayLike, ramp_epochs: ArrayLike) -> jax.Array:
 
   About 0.024 at epoch 1 for E = 10, 1 from epoch E on.
   """
-  if not isinstance(ramp_epochs, jax.core.Tracer) and not ramp_epochs > 0:  # 0/0 below
-    raise ValueError(f"ramp_epochs must be positive, got {ramp_epochs}")
+  _check_positive("ramp_epochs", ramp_epochs)  # 0/0 below
   e = jnp.minimum(_compute(epoch), ramp_epochs)
   return 0.5 * (1.0 - jnp.cos(math.pi * e / ramp_epochs))
 

@@ -112,8 +112,10 @@ def test_labels_outside_the_classes_raise_or_give_a_nan_loss():
 def test_bad_temperatures_weights_and_logits_are_refused():
   z, v, y = _logits(5, shape=(4, 10))
   for t in (0.0, -2.0):
-    with pytest.raises(ValueError, match="the temperature must be positive"):
-      losses.kd(z, v, t)
+    for loss in (lambda z: losses.kd(z, v, t), lambda z: losses.dkd(z, v, y, 1.0, 8.0, t)):
+      for call in (loss, jax.jit(loss)):  # a constant under jit is concrete too (was NaN)
+        with pytest.raises(ValueError, match="the temperature must be positive"):
+          call(z)
   with pytest.raises(ValueError, match="alpha must be a scalar, got shape \\(4,\\)"):
     losses.dkd(z, v, y, jnp.ones(4), 8.0, 4.0)
   with pytest.raises(ValueError, match="logits need a class axis"):
@@ -406,6 +408,8 @@ def test_schedules():
   for ramp in (0, -3):  # would be 0/0 = NaN
     with pytest.raises(ValueError, match="ramp_epochs must be positive"):
       losses.ctkd_lambda(1, ramp)
+    with pytest.raises(ValueError, match="ramp_epochs must be positive"):
+      jax.jit(lambda e: losses.ctkd_lambda(e, ramp))(1)
 
   t0 = losses.ctkd_temperature(1.0)
   np.testing.assert_allclose(t0, 1.0 + 20.0 / (1.0 + math.exp(-1.0)), rtol=1e-6)
