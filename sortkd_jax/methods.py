@@ -9,6 +9,12 @@ The teacher's side of every method is `teacher_targets`: the frozen logits, Sort
 when `config.sort`, before temperature or standardisation (Sort commutes with both, so every
 method sees the same corrected logits). It is per example and does not depend on the student,
 so the trainer computes it once per dispatch for all the steps of that dispatch.
+
+A method is a function `(config, z, v, y, epoch, theta) -> {name: scalar}` in `_REGISTRY`:
+student logits z, Sort-corrected teacher logits v, labels y, the 1-based epoch and CTKD's θ
+(None for the others). Its terms come already weighted; the trainer sums them and logs each as
+`loss_<name>`. Its hyperparameters are the config group named after it (configs/common.py
+gives every recipe every group).
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from sortkd_jax.sort import sort_teacher_logits
 
 LossTerms = dict[str, jax.Array]
 
-METHODS = ("vanilla", "kd", "dkd", "lskd", "ctkd")
 BASE_LOSSES = ("kd", "dkd")
 
 
@@ -38,8 +43,12 @@ def learns_temperature(config: ml_collections.ConfigDict) -> bool:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails early, naming the valid choices, for an unknown method or base loss."""
-  if config.method not in METHODS:
-    raise ValueError(f"Unknown config.method {config.method!r}; choose one of {METHODS}.")
+  if config.method not in _REGISTRY:
+    raise ValueError(f"Unknown config.method {config.method!r}; choose one of "
+                     f"{tuple(_REGISTRY)}.")
+  if uses_teacher(config) and config.method not in config:
+    raise ValueError(f"The config has no {config.method!r} group for the hyperparameters of "
+                     f"config.method {config.method!r} (configs/common.py gives them).")
   for group in ("lskd", "ctkd"):
     if config.method == group and config[group].base not in BASE_LOSSES:
       raise ValueError(f"config.{group}.base must be one of {BASE_LOSSES}, "
@@ -156,5 +165,10 @@ def loss_terms(config: ml_collections.ConfigDict, student_logits: jax.Array,
   if learns_temperature(config) and ctkd_theta is None:
     raise ValueError("config.method 'ctkd' needs its learnable temperature parameter; "
                      "got ctkd_theta=None (the trainer starts it at config.ctkd.init).")
-  return _REGISTRY[config.method](config, student_logits, teacher_logits, labels, epoch,
-                                  ctkd_theta)
+  terms = _REGISTRY[config.method](config, student_logits, teacher_logits, labels, epoch,
+                                   ctkd_theta)
+  shapes = {name: jax.numpy.shape(term) for name, term in terms.items()}
+  if any(shapes.values()):  # summed into the loss, a [B] term would become a [B] "loss"
+    raise ValueError(f"config.method {config.method!r} must give scalar loss terms, got shapes "
+                     f"{shapes}.")
+  return terms

@@ -3,11 +3,12 @@ written from methods.md: KD, DKD, LSKD over KD or DKD, CTKD over KD or DKD, with
 standardisation. (The losses themselves: test_losses.py; Sort: test_sort.py.)"""
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd
-from sortkd_jax import methods
+from sortkd_jax import losses, methods
 from test_losses import np_dkd, np_kd, np_log_softmax, np_standardize
 
 EPOCH = 5  # inside DKD's 20-epoch warm-up (factor 1/4) and CTKD's 10-epoch λ ramp
@@ -89,3 +90,19 @@ def test_loss_terms_names_what_is_missing(module, change, message):
   arguments.pop("method", None)
   with pytest.raises(ValueError, match=message):
     methods.loss_terms(config, logits, labels=labels, epoch=jnp.float32(1.0), **arguments)
+
+
+def test_a_new_method_is_checked_for_its_group_and_scalar_terms(monkeypatch):
+  """What a user adding a method gets wrong first: its hyperparameter group (an AttributeError
+  deep in tracing before), or a per-example term (summed into a [B] "loss")."""
+  monkeypatch.setitem(methods._REGISTRY, "nkd", lambda config, z, v, y, epoch, theta: {
+      "ce": losses.cross_entropy(z, y), "nkd": config.nkd.gamma * jnp.sum(v * z, axis=-1)})
+  config = cifar_kd.get_config("res32x4_res8x4")
+  config.method = "nkd"
+  logits, labels = jnp.zeros((2, 100)), jnp.array([0, 1])
+  with pytest.raises(ValueError, match="The config has no 'nkd' group for the hyperparameters"):
+    methods.loss_terms(config, logits, logits, labels, jnp.float32(1.0))
+  config.nkd = ml_collections.ConfigDict({"gamma": 1.5})
+  with pytest.raises(ValueError, match=r"'nkd' must give scalar loss terms, got shapes "
+                     r"\{'ce': \(\), 'nkd': \(2,\)\}"):
+    methods.loss_terms(config, logits, logits, labels, jnp.float32(1.0))
