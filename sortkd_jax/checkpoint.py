@@ -213,10 +213,11 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
   set_aside = None
   try:
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stick to the final directory
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, _STATE_DIR), tree)
-    ckptr.wait_until_finished()
-    ckptr.close()
+    with _finishing_before_interrupt():  # else orbax's thread wrote on into a deleted `tmp`
+      ckptr = ocp.StandardCheckpointer()
+      ckptr.save(os.path.join(tmp, _STATE_DIR), tree)
+      ckptr.wait_until_finished()
+      ckptr.close()
     with open(os.path.join(tmp, MODEL_JSON), "w") as f:
       json.dump(info, f, indent=2)
     if os.path.exists(path):  # overwrite: move the old one aside, then swap in

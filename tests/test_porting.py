@@ -14,11 +14,14 @@ import json
 import os
 import shutil
 import pickle
+import signal
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 from flax import nnx
@@ -418,6 +421,21 @@ def test_save_load_model(tmp_path, monkeypatch):
   monkeypatch.undo()
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]
   assert checkpoint.read_model_metadata(dst)["arch"] == "vgg11"
+  # Ctrl-C while orbax's thread writes the state: it stops once that thread is done (else the
+  # thread wrote on into the removed temporary folder, which could then stay), leaving nothing.
+  finalize, finalized = ocp.StandardCheckpointHandler.finalize, []
+
+  def interrupted_finalize(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)
+    finalize(*args, **kwargs)
+    finalized.append(True)
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "finalize", interrupted_finalize)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.save_model(tmp_path / "new", model, arch="vgg11", num_classes=100)
+  assert finalized
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == ["ckpt"]
   checkpoint.save_model(dst, model, arch="vgg11", num_classes=100, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]
   run = tmp_path / "run"
