@@ -452,34 +452,53 @@ class TrainCheckpointer:
       self._manager.close()
 
 
+# Set when a held-back Ctrl-C has been delivered, until a save completes uninterrupted: the
+# trainer closes its checkpoints after a Ctrl-C, and a second Ctrl-C there must stop at once.
+_interrupt_delivered = False
+
+
 @contextlib.contextmanager
 def _finishing_before_interrupt() -> Iterator[None]:
-  """Holds back a Ctrl-C until the block ends, then raises it; a second one raises at once.
+  """Holds back a Ctrl-C until the block ends, then delivers it to the SIGINT handler that was
+  in place (KeyboardInterrupt by default); a second one, or one after a delivered one, at once.
 
   A KeyboardInterrupt inside orbax's wait for its save thread (CPython 3.11's `Thread.join`)
   marks that thread finished while it is still writing or deleting, and the process then
   exits under it: orbax logged a traceback, and an epoch no longer kept was left half deleted.
   """
-  if threading.current_thread() is not threading.main_thread():  # signals reach only main
-    yield
+  global _interrupt_delivered
+  previous = signal.getsignal(signal.SIGINT)
+  if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
+    yield  # signals reach only the main thread; an ignored Ctrl-C stays ignored
     return
-  interrupted = False
+  held_back = None
+
+  def deliver(signum: int, frame: Any) -> None:
+    global _interrupt_delivered
+    _interrupt_delivered = True
+    if callable(previous):
+      previous(signum, frame)
+    else:  # SIG_DFL, or a handler not installed from Python
+      raise KeyboardInterrupt
 
   def hold_back(signum: int, frame: Any) -> None:
-    nonlocal interrupted
-    if interrupted:
-      raise KeyboardInterrupt
-    interrupted = True
+    nonlocal held_back
+    if held_back is not None or _interrupt_delivered:
+      deliver(signum, frame)
+      return
+    held_back = signum
     logging.warning("Interrupted: finishing the checkpoint save in progress first (Ctrl-C "
                     "again to stop at once, which may leave it incomplete).")
 
-  previous = signal.signal(signal.SIGINT, hold_back)
+  signal.signal(signal.SIGINT, hold_back)
   try:
     yield
   finally:
     signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-  if interrupted:
-    raise KeyboardInterrupt
+  if held_back is None:
+    _interrupt_delivered = False
+  else:
+    deliver(held_back, None)
 
 
 def run_epoch_folder(path: str) -> tuple[str, int] | None:

@@ -871,13 +871,15 @@ def imagenet_train_epochs(
     process_count: int | None = None,
 ) -> "tf.data.Dataset":
   """The first `steps_per_epoch` batches of `imagenet_train_dataset(seed=s)` for each s of
-  `seeds`, one after another (all of the last one's if `steps_per_epoch` is None).
+  `seeds`, one after another (with `steps_per_epoch=None`, one seed's endless stream).
 
   One stream for a whole run: a tf.data iterator waits for tf.data's autotuning thread when it
   ends (seconds to a minute, TF 2.21), and the image transform is traced once, not per epoch
   (0.1 to 0.3 s each).
   """
   tf, _ = _tf()
+  if steps_per_epoch is None and len(seeds) != 1:
+    raise ValueError(f"An endless stream (steps_per_epoch=None) takes one seed, got {seeds}.")
   index, count, local_batch = _process_shard(process_index, process_count, global_batch_size)
   epochs = []
   for seed in seeds:

@@ -769,11 +769,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                "teacher_logits_checksum": teacher_checksum})
       reporter.stop_timing()
   except KeyboardInterrupt:
-    ckpt.close()  # lets a save in flight finish, so that the message below is true
-    saved = checkpoint.latest_saved_epoch(workdir)
-    logging.warning("Interrupted in epoch %d. %s", epoch, (
-        f"Re-run the same command to resume after epoch {saved}, the last saved." if saved else
-        "No epoch had finished, so nothing is saved: the same command starts the run over."))
+    try:
+      ckpt.close()  # lets a save in flight finish (unless Ctrl-C is pressed again)
+    finally:
+      saved = checkpoint.latest_saved_epoch(workdir)
+      logging.warning("Interrupted in epoch %d. %s", epoch, (
+          f"Re-run the same command to resume after epoch {saved}, the last saved." if saved
+          else "No epoch had finished, so nothing is saved: the same command starts the run "
+          "over."))
     raise
   finally:
     ckpt.close()

@@ -134,6 +134,12 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"copy the run's {CONFIG_FILE} back beside checkpoints/, or use a new --workdir.")
   saved = _flat(read_run_config(workdir))
   current = _flat(json.loads(config.to_json_best_effort()))
+  lacking = [k for k in ("method", "student.name", "data.name", "seed") if k not in saved]
+  if lacking:  # fields every version writes: not a run's config as it saved it
+    raise ValueError(
+        f"{os.path.join(workdir, CONFIG_FILE)}, the run's recorded config, lacks "
+        f"{', '.join(lacking)}, so resuming cannot check that the checkpoints were trained with "
+        "this config: restore it from a copy, or use a new --workdir.")
   # Fields added to the recipes since the run started (a newer sortkd-jax): nothing to compare.
   added = sorted(current.keys() - saved.keys())
   if added:

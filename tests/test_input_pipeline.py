@@ -413,6 +413,8 @@ def test_train_epochs_are_the_seeded_streams_one_after_another_transformed_once(
     np.testing.assert_array_equal(g["image"], e["image"])
     np.testing.assert_array_equal(g["label"], e["label"])
   assert not np.array_equal(got[0]["image"], got[3]["image"])  # epochs differ
+  with pytest.raises(ValueError, match="An endless stream .* takes one seed"):
+    ip.imagenet_train_epochs(seeds=seeds, steps_per_epoch=None, **common)
 
 
 def test_a_folder_stream_reads_only_its_process_shard(tmp_path):

@@ -277,6 +277,15 @@ def test_ctrl_c_says_whether_a_rerun_resumes(teacher_dir, tmp_path, monkeypatch,
     return evaluate_or_interrupt
 
   monkeypatch.setattr(train, "make_evaluator", interrupted_evaluator)
+  if interrupted_eval == 2:  # and Ctrl-C again while the checkpoints are closed: still said
+    close, closes = checkpoint.TrainCheckpointer.close, []
+
+    def interrupted_close(self):
+      closes.append(1)
+      close(self)
+      if len(closes) == 1:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint.TrainCheckpointer, "close", interrupted_close)
   caplog.set_level(logging.WARNING, logger="absl")
   workdir = str(tmp_path / "run")
   with tfds.testing.mock_data(num_examples=64):
@@ -334,18 +343,22 @@ def test_a_run_stopped_before_its_first_checkpoint_does_not_bind_its_workdir(tea
   checkpoints/ made, perhaps a save in progress) may be restarted with another config."""
   workdir = tmp_path / "run"
   os.makedirs(workdir / "checkpoints" / "1.orbax-checkpoint-tmp-1234")
-  (workdir / "config.json").write_text(json.dumps({"sort": False}))
   config = tiny_config("kd", teacher_dir)
+  saved = json.loads(config.to_json_best_effort())
+  (workdir / "config.json").write_text(json.dumps({**saved, "sort": False}))
   workdirs.check_resumable(config, str(workdir))
   os.makedirs(workdir / "checkpoints" / "1")
   with pytest.raises(ValueError, match=r"another config \(sort: False -> True\)\. "):
-    workdirs.check_resumable(config, str(workdir))  # its other fields are new since: not compared
-  saved = json.loads(config.to_json_best_effort())
+    workdirs.check_resumable(config, str(workdir))
   del saved["dkd"]["beta"]  # a field that a newer sortkd-jax adds: not compared
   saved["kd"]["gone"] = 1  # one that it removes: the run cannot go on as it was
   (workdir / "config.json").write_text(json.dumps(saved))
   with pytest.raises(ValueError, match=r"another config \(kd.gone: 1 -> None\)\. "):
     workdirs.check_resumable(config, str(workdir))
+  for damaged in ({}, {"seed": 0}):  # not what any version saved: nothing to compare with
+    (workdir / "config.json").write_text(json.dumps(damaged))
+    with pytest.raises(ValueError, match="the run's recorded config, lacks method, student.name"):
+      workdirs.check_resumable(config, str(workdir))
 
 
 def test_a_run_used_as_a_teacher_gives_its_best_epoch_not_its_latest(tmp_path):
@@ -1162,6 +1175,48 @@ def test_ctrl_c_lets_the_save_in_flight_and_its_deletions_finish(tmp_path, monke
   finally:
     ckpt.close()
   assert all(os.path.exists(tmp_path / d / "_CHECKPOINT_METADATA") for d in os.listdir(tmp_path))
+
+
+def test_a_held_back_ctrl_c_goes_to_the_handler_in_place_and_a_second_one_is_not_held():
+  held_back = checkpoint._finishing_before_interrupt
+  before = signal.getsignal(signal.SIGINT)
+  calls = []
+  try:
+    signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))  # a library user's
+    with held_back():
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+      assert calls == []  # held back...
+    assert calls == [signal.SIGINT]  # ...then given to their handler, which does not raise
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with held_back():
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # ignored stays ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with pytest.raises(KeyboardInterrupt):  # as the trainer saves, then closes after a Ctrl-C
+      with held_back():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+      with held_back():
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C: at once
+        time.sleep(0.1)
+        reached.append(True)
+    assert reached == []
+    with held_back():  # a save completed uninterrupted: the next Ctrl-C is held back again
+      pass
+    with pytest.raises(KeyboardInterrupt):
+      with held_back():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        reached.append(True)
+    assert reached == [True]
+  finally:
+    signal.signal(signal.SIGINT, before)
+    with held_back():  # leaves no delivered Ctrl-C behind for other tests
+      pass
 
 
 def _corrupt_arrays(epoch_dir) -> None:
