@@ -823,35 +823,10 @@ def _eval_image(encoded: Any, image_size: int, resize_size: int) -> Any:
   return image[top:top + image_size, left:left + image_size]
 
 
-def imagenet_train_dataset(
-    *,
-    global_batch_size: int,
-    name: str | None = "imagenet2012",
-    folder: str | None = None,
-    split: str = "train",
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    download: bool = False,
-    image_size: int = 224,
-    shuffle_buffer: int = 16 * 1024,
-    seed: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> "tf.data.Dataset":
-  """This process's endless stream of train batches {'image': uint8 [b, S, S, 3], 'label': int32}.
-
-  mdistiller's ImageNet train transform (spec §7.3), with b = global_batch_size / processes:
-  epochs follow each other without a partial batch between them. Shuffled per epoch: a tfds
-  dataset's record files, then a buffer of `shuffle_buffer` examples; a folder takes a new
-  order of all its files (no buffer, which would only read that many files before the first
-  batch). Crops and flips are seeded per example, so a run is reproducible.
-  `manual_dir` (the ILSVRC2012 tars) or `download` prepares the tfds dataset first if needed.
-  """
-  return imagenet_train_epochs(
-      seeds=[seed], steps_per_epoch=None, global_batch_size=global_batch_size, name=name,
-      folder=folder, split=split, data_dir=data_dir, manual_dir=manual_dir, download=download,
-      image_size=image_size, shuffle_buffer=shuffle_buffer, process_index=process_index,
-      process_count=process_count)
+def imagenet_train_dataset(*, seed: int = 0, **kwargs: Any) -> "tf.data.Dataset":
+  """This process's endless stream of train batches seeded by `seed`; `kwargs` (the source,
+  `global_batch_size`, ...) as `imagenet_train_epochs`, which describes the batches."""
+  return imagenet_train_epochs(seeds=[seed], steps_per_epoch=None, **kwargs)
 
 
 def imagenet_train_epochs(
@@ -870,8 +845,16 @@ def imagenet_train_epochs(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> "tf.data.Dataset":
-  """The first `steps_per_epoch` batches of `imagenet_train_dataset(seed=s)` for each s of
-  `seeds`, one after another (with `steps_per_epoch=None`, one seed's endless stream).
+  """This process's train batches {'image': uint8 [b, S, S, 3], 'label': int32}: the first
+  `steps_per_epoch` of the stream seeded by s, for each s of `seeds` in turn (with
+  `steps_per_epoch=None`, one seed's endless stream).
+
+  mdistiller's ImageNet train transform (spec §7.3), with b = global_batch_size / processes:
+  epochs follow each other without a partial batch between them. Shuffled per epoch: a tfds
+  dataset's record files, then a buffer of `shuffle_buffer` examples; a folder takes a new
+  order of all its files (no buffer, which would only read that many files before the first
+  batch). Crops and flips are seeded per example, so a run is reproducible.
+  `manual_dir` (the ILSVRC2012 tars) or `download` prepares the tfds dataset first if needed.
 
   One stream for a whole run: a tf.data iterator waits for tf.data's autotuning thread when it
   ends (seconds to a minute, TF 2.21), and the image transform is traced once, not per epoch
