@@ -421,14 +421,14 @@ def _check_folder_classes(folder: str) -> None:
 
 
 def _folder_fingerprint(folder: str, split: str, decoder: str) -> str:
-  """Cheap change detector for the cache: class list, the split's file count/bytes/mtime, and
-  the decoder that filled it."""
-  count = size = newest = 0
-  for _, f in _split_image_files(folder, split):
-    stat = f.stat()
-    count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
-  return json.dumps(dict(classes=list(_folder_classes(folder)), files=count, bytes=size,
-                         newest_mtime_ns=newest, decoder=decoder))
+  """Change detector for the cache, from the listing alone: the class list, every file's class,
+  name, size and mtime (a file moved to another class keeps its size and mtime), and the
+  decoder that filled it."""
+  files = sorted((label, f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                 for label, f in _split_image_files(folder, split))
+  listing = hashlib.sha1(json.dumps(files).encode()).hexdigest()
+  return json.dumps(dict(classes=list(_folder_classes(folder)), files=len(files),
+                         listing_sha1=listing, decoder=decoder))
 
 
 def _folder_classes(folder: str) -> tuple[str, ...]:

@@ -102,6 +102,11 @@ def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkey
     ip.load_array_split(folder=folder, split="train", cache_dir=cache)
   monkeypatch.undo()
   assert len(ip.load_array_split(folder=folder, split="train", cache_dir=cache).labels) == 13
+  # A file moved to another class (relabelled) keeps its size and mtime: still a new listing.
+  os.rename(os.path.join(folder, "train", "ant", "extra.png"),
+            os.path.join(folder, "train", "bee", "extra.png"))
+  relabelled = ip.load_array_split(folder=folder, split="train", cache_dir=cache)
+  assert np.bincount(relabelled.labels).tolist() == [4, 5, 4]  # ant, bee, cat
 
   # A cache file cut short (or empty) is decoded again and rewritten, not a crash.
   for damage in (lambda b: b[: len(b) // 2], lambda b: b""):
@@ -115,7 +120,7 @@ def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkey
     assert len(ip.load_array_split(folder=folder, split="test", cache_dir=cache).labels) == 6
   with pytest.raises(ValueError, match="cache directory .* is a file"):
     ip.load_array_split(folder=folder, split="train", cache_dir=os.path.join(folder, "train",
-                                                                              "ant", "extra.png"))
+                                                                              "bee", "extra.png"))
 
 
 def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog):
