@@ -408,7 +408,14 @@ def _check_folder_classes(folder: str) -> None:
   """Refuses splits with different class folders: labels index the classes of all splits, so
   a class would be trained but never tested (or the reverse), and the ids would not match a
   per-split index such as torchvision's ImageFolder (e.g. a ported teacher's)."""
-  by_split = {s: c for s, c in _split_classes(folder).items() if c}  # unlabelled splits: skip
+  classes = _split_classes(folder)
+  hidden = sorted(os.path.join(folder, s, c) for s, names in classes.items() for c in names
+                  if s.startswith(".") or c.startswith("."))
+  if hidden:  # e.g. Jupyter's .ipynb_checkpoints: a class of its own, every label shifted
+    raise ValueError(
+        f"Image folder {folder} has hidden folders that would be taken as classes: "
+        f"{', '.join(hidden[:5])}{' ...' if len(hidden) > 5 else ''}. Remove them.")
+  by_split = {s: c for s, c in classes.items() if c}  # unlabelled splits: skip
   every = set().union(*by_split.values())
   missing = {s: sorted(every - c) for s, c in sorted(by_split.items()) if every - c}
   if missing:

@@ -205,6 +205,11 @@ def test_folder_splits_with_different_classes_are_refused(tmp_path):
   os.makedirs(tmp_path / "train" / "cat")  # an empty class folder evens the class lists
   os.makedirs(tmp_path / "validation" / "bee")
   assert ip.split_info(folder=str(tmp_path), split="validation") == (2, 3)
+  for split in ("train", "validation"):  # in every split alike, as Jupyter leaves them
+    os.makedirs(tmp_path / split / ".ipynb_checkpoints")
+  with pytest.raises(ValueError, match=r"hidden folders that would be taken as classes: "
+                     r".*/train/\.ipynb_checkpoints, .*/validation/\.ipynb_checkpoints\. Remove"):
+    ip.split_info(folder=str(tmp_path), split="validation")
 
 
 def test_missing_eval_split_suggests_another(tmp_path):
