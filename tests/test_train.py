@@ -1124,8 +1124,18 @@ def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epo
   with torch.no_grad():
     expected = student.eval()(torch.tensor(images).permute(0, 3, 1, 2)).numpy()
   np.testing.assert_allclose(model(images), expected, rtol=1e-4, atol=1e-4)
+  assert "note" not in out.stdout
   again = run_script("export_weights.py", "--checkpoint", kd_one_epoch.workdir, "--dst", dst)
   assert again.returncode == 1 and "pass --overwrite" in again.stderr
+  bigger = tmp_path / "run64"  # trained on 64x64 images: mdistiller's fixed 8x8 pool would fail
+  shutil.copytree(kd_one_epoch.workdir, bigger)
+  saved = json.loads((bigger / "config.json").read_text())
+  saved["data"]["image_size"] = 64
+  (bigger / "config.json").write_text(json.dumps(saved))
+  out = run_script("export_weights.py", "--checkpoint", bigger, "--dst", tmp_path / "s64.pth")
+  assert ("note        trained on 64x64 images; mdistiller's resnet8 ends in a fixed pooling "
+          "sized for 32x32: for 64x64, replace that last pool by a global average "
+          "(nn.AdaptiveAvgPool2d(1))") in out.stdout
   errors = {"is PyTorch already": (dst, tmp_path / "x.pth"),
             "does not exist.": (tmp_path / "typo", tmp_path / "x.pth"),
             "folder of --dst .* does not exist": (kd_one_epoch.workdir, tmp_path / "no" / "x.pth"),
