@@ -451,13 +451,15 @@ def load_splits(data: ml_collections.ConfigDict,
   """Train and test splits (or the test split alone) as host arrays, optionally truncated."""
   source = dict(name=data.name, data_dir=data.data_dir, folder=data.folder,
                 cache_dir=data.cache_dir, image_size=data.image_size, download=data.download)
-  wanted = [(data.test_split, data.max_test_examples)]
+  wanted = [("test", data.test_split, data.max_test_examples)]
   if include_train:
-    wanted.insert(0, (data.train_split, data.max_train_examples))
+    wanted.insert(0, ("train", data.train_split, data.max_train_examples))
   splits = []
-  for split, limit in wanted:
+  for kind, split, limit in wanted:
     s = input_pipeline.load_array_split(split=split, **source)
-    if limit is not None:
+    if limit is not None and limit < len(s.labels):
+      logging.info("Split %r: its first %d of %d images (config.data.max_%s_examples).", split,
+                   limit, len(s.labels), kind)
       s = dataclasses.replace(s, images=s.images[:limit], labels=s.labels[:limit])
     splits.append(s)
   return splits

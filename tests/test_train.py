@@ -1065,6 +1065,17 @@ def test_a_capped_imagenet_epoch_says_it_is_part_of_the_split(tmp_path, caplog):
   assert "8 train images per epoch (of 16), 2 classes; 1 steps per epoch." in caplog.text
 
 
+def test_a_capped_cifar_split_says_it_is_part_of_the_split(caplog):
+  data = ml_collections.ConfigDict(dict(
+      name="synthetic", data_dir=None, folder=None, cache_dir=None, image_size=32, download=False,
+      train_split="train", test_split="test", max_train_examples=72, max_test_examples=None))
+  caplog.set_level(logging.INFO, logger="absl")
+  train_split, test_split = train.load_splits(data)
+  assert (len(train_split.labels), len(test_split.labels)) == (72, 10_000)
+  assert ("Split 'train': its first 72 of 50000 images (config.data.max_train_examples)."
+          in caplog.text) and "Split 'test'" not in caplog.text
+
+
 def test_imagenet_stream_names_an_undecodable_file(tmp_path):
   """A JPEG cut short in a streamed split stops the run with a ValueError (a clean CLI error)
   naming it and the split: TF's own error names no file."""
