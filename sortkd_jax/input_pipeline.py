@@ -246,6 +246,7 @@ def _decode_folder_with_pil(folder: str, split: str, image_size: int,
   files come in a fixed shuffled order (not tfds' one), so a truncated split mixes classes."""
   from PIL import Image
 
+  _warn_of_skipped_files(folder, split)  # (the TF path: in `_scan_folder_split`)
   class_names = _folder_classes(folder)
   files = sorted((f.path, class_names.index(class_name))
                  for class_name, f in _split_image_files(folder, split))
@@ -449,6 +450,17 @@ def _split_classes(folder: str) -> dict[str, set[str]]:
           for s in os.scandir(folder) if s.is_dir()}
 
 
+def _warn_of_skipped_files(folder: str, split: str) -> None:
+  """Logs the files of a split's class folders that are not images read here (e.g. .webp)."""
+  skipped = [os.path.join(class_dir.path, f.name)
+             for class_dir in os.scandir(os.path.join(folder, split)) if class_dir.is_dir()
+             for f in os.scandir(class_dir.path)
+             if f.is_file() and not f.name.lower().endswith(_IMAGE_EXTENSIONS)]
+  if skipped:
+    logging.warning("Skipping %d files of image folder %s, split %r, that are not %s, e.g. %s.",
+                    len(skipped), folder, split, "/".join(_IMAGE_EXTENSIONS), skipped[0])
+
+
 def _split_image_files(folder: str, split: str) -> Iterator[tuple[str, os.DirEntry]]:
   """(class name, file) for every image of `<folder>/<split>/<class>/`."""
   for class_dir in os.scandir(os.path.join(folder, split)):
@@ -632,6 +644,7 @@ def _scan_folder_split(folder: str, split: str, stamp: tuple[tuple[str, int], ..
                        ) -> tuple[Any, "tf.Tensor", "tf.Tensor"]:
   tf, _ = _tf()
   builder = _scan_folder(folder, stamp)
+  _warn_of_skipped_files(folder, split)
   label_id = {name: i for i, name in enumerate(builder.info.features["label"].names)}
   examples = builder._split_examples[split]
   return (builder.info.features, tf.constant([e.image_path for e in examples], tf.string),

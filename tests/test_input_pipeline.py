@@ -191,6 +191,28 @@ def test_folder_with_undecodable_files_names_them(tmp_path, monkeypatch, decoder
   assert not cache.exists() or not os.listdir(cache)
 
 
+@pytest.mark.parametrize("decoder", ["tensorflow", "pillow"])
+def test_files_that_are_not_read_are_named(tmp_path, caplog, monkeypatch, decoder):
+  """tfds.ImageFolder reads .jpg/.jpeg/.png only: other images would vanish from the split."""
+  if decoder == "pillow":
+    monkeypatch.setattr(ip, "_have_tensorflow", lambda: False)
+  folder = _make_folder(tmp_path / "data", per_split=(("train", 2), ("test", 1)))
+  (tmp_path / "data" / "train" / "ant" / "photo.webp").write_bytes(b"RIFF")
+  caplog.set_level(logging.WARNING, logger="absl")
+  assert len(ip.load_array_split(folder=folder, split="train",
+                                 cache_dir=str(tmp_path / "c")).labels) == 6
+  assert len(ip.load_array_split(folder=folder, split="test",
+                                 cache_dir=str(tmp_path / "c")).labels) == 3
+  warning = (f"Skipping 1 files of image folder {folder}, split 'train', that are not "
+             ".jpg/.jpeg/.png, e.g. ")
+  assert caplog.text.count(warning) == 1 and "photo.webp" in caplog.text  # not for 'test'
+  if decoder == "tensorflow":
+    caplog.clear()
+    ip._scan_folder_split.cache_clear()
+    assert ip.split_info(folder=folder, split="train") == (6, 3)  # the streams' listing
+    assert warning in caplog.text
+
+
 def test_folder_splits_with_different_classes_are_refused(tmp_path):
   """Labels index the classes of all splits: one missing from a split is never trained/tested."""
   for split, names in (("train", ("ant", "bee")), ("validation", ("ant", "cat"))):
