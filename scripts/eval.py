@@ -61,6 +61,9 @@ def main():
                      "model): leave --component out.")
   config = _config()
   dtype = train.compute_dtype(config)
+  teachers.check_same_inputs(FLAGS.checkpoint, config.data, role="model",
+                             fix="evaluate it with its run's recipe as --config, or leave "
+                             "--config out to use the run's config.json")
   # The model before the data: a wrong path fails in seconds, not after the data is read.
   model, meta = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
                                            component=FLAGS.component, dtype=dtype)

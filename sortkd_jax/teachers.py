@@ -179,10 +179,45 @@ def _report_teacher_run(path: str, meta: dict[str, Any]) -> None:
 
 def check_teacher_exists(teacher: ml_collections.ConfigDict,
                          data: ml_collections.ConfigDict | None = None) -> None:
-  """Fails before any data is read if the teacher checkpoint is missing."""
+  """Fails before any data is read if the teacher checkpoint is missing, or, given the run's
+  `data`, is a run of this project that fed its images otherwise (`check_same_inputs`)."""
   if not teacher.checkpoint or not os.path.exists(teacher.checkpoint):
     checkpoint.check_run_epoch_kept(teacher.checkpoint or "")
     raise FileNotFoundError(missing_teacher_message(teacher.name, teacher.checkpoint, data))
+  if data is not None:
+    check_same_inputs(teacher.checkpoint, data, role="teacher",
+                      fix="distill from a teacher trained with this run's recipe")
+
+
+# What each pipeline feeds a model (train.py): its normalisation is part of what a model learns.
+_PIPELINE_INPUTS = {"on_device": "CIFAR's normalisation (the CIFAR recipes)",
+                    "tf_data": "ImageNet's normalisation (the ImageNet recipes)"}
+
+
+def check_same_inputs(path: str, data: ml_collections.ConfigDict, *, role: str,
+                      fix: str) -> None:
+  """A model from a run of this project (`path`: its workdir or one kept epoch) is refused on
+  the other pipeline, whose normalisation it never saw (its logits would be silently off), and
+  warned about at another image size. Other models record no pipeline: nothing to check."""
+  in_run = checkpoint.run_epoch_folder(path)
+  workdir = in_run[0] if in_run else path
+  if not (checkpoint.is_train_workdir(workdir)
+          and os.path.isfile(os.path.join(workdir, workdirs.CONFIG_FILE))):
+    return
+  try:
+    trained = workdirs.read_run_config(workdir).get("data", {})
+  except ValueError:  # a check only: the weights are sound (a run's teacher warns of it)
+    return
+  was, now = trained.get("pipeline"), data.get("pipeline")
+  if was in _PIPELINE_INPUTS and now in _PIPELINE_INPUTS and was != now:
+    raise ValueError(
+        f"The {role}'s run in {workdir} was trained on the {was!r} pipeline, with "
+        f"{_PIPELINE_INPUTS[was]}; it would be fed the {now!r} pipeline's images, with "
+        f"{_PIPELINE_INPUTS[now]}, which it never saw: {fix}.")
+  was, now = trained.get("image_size"), data.get("image_size")
+  if isinstance(was, int) and was != now:
+    logging.warning("The %s's run in %s was trained on %d-px images; it is fed %s-px images "
+                    "here, so its accuracy may differ from that run's.", role, workdir, was, now)
 
 
 def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *, image_size: int,

@@ -122,6 +122,14 @@ def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
   assert _last_json(whole)["test_examples"] == 10_000
   wrong_arch = run_script("eval.py", "--checkpoint", workdir, "--arch", "resnet20", *SYNTHETIC)
   assert wrong_arch.returncode == 1 and "holds a resnet8, not a resnet20" in wrong_arch.stderr
+  # The ImageNet recipes normalise otherwise: a CIFAR run is refused there, before any data.
+  imagenet = run_script("eval.py", "--checkpoint", workdir, "--config",
+                        "configs/imagenet_kd.py:r34_r18,runlocal",
+                        f"--config.data.folder={os.path.join(workdir, 'nodata')}")
+  assert imagenet.returncode == 1 and "Traceback" not in imagenet.stderr, imagenet.stderr[-2000:]
+  assert imagenet.stderr.splitlines()[-1].startswith(
+      f"error: The model's run in {workdir} was trained on the 'on_device' pipeline, with "
+      "CIFAR's normalisation"), imagenet.stderr[-2000:]
 
 
 def test_a_model_with_non_finite_outputs_is_an_error(tmp_path):

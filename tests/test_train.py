@@ -435,6 +435,37 @@ def test_a_teacher_run_names_its_epoch_and_warns_while_it_is_unfinished(tmp_path
   assert "Teacher: the student of epoch 3" in caplog.text and "has finished" not in caplog.text
 
 
+def test_a_teacher_run_is_refused_on_the_pipeline_it_did_not_train_on(tmp_path, caplog):
+  """Its pipeline's normalisation is part of what a model learnt: a CIFAR-recipe run as the
+  teacher of an ImageNet-recipe one would give silently wrong logits. Refused before any data
+  is read; another image size is only warned about."""
+  model = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))
+  _, _, params, batch_stats = train.split_student(model)
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "checkpoints"))
+  ckpt.save(1, {"params": {"student": params}, "batch_stats": batch_stats},
+            {"test_top1": 30.0, "best_top1": 30.0, "arch": "resnet8", "num_classes": 10})
+  ckpt.close()
+  (tmp_path / "config.json").write_text(common.cifar_config(None, "vanilla").to_json_best_effort())
+  caplog.set_level(logging.INFO, logger="absl")
+  for path in (str(tmp_path), str(tmp_path / "checkpoints" / "1")):
+    teacher = ml_collections.ConfigDict(dict(name="resnet8", checkpoint=path))
+    imagenet = common.imagenet_config(None, "kd").data
+    with pytest.raises(ValueError, match=(
+        "The teacher's run in .* was trained on the 'on_device' pipeline, with CIFAR's "
+        "normalisation .*; it would be fed the 'tf_data' pipeline's images, with ImageNet's "
+        "normalisation .*, which it never saw: distill from a teacher trained with this run's "
+        "recipe.")):
+      teachers.check_teacher_exists(teacher, imagenet)
+    cifar = common.cifar_config(None, "kd").data
+    caplog.clear()
+    teachers.check_teacher_exists(teacher, cifar)
+    assert "px images" not in caplog.text
+    cifar.image_size = 64
+    teachers.check_teacher_exists(teacher, cifar)
+    assert f"The teacher's run in {tmp_path} was trained on 32-px images; it is fed 64-px" in (
+        caplog.text)
+
+
 # A changed value of each kind of field, for the resume rules below.
 def _another_value(value):
   if isinstance(value, bool):
