@@ -207,8 +207,7 @@ def main():
   labels_np = rng.integers(0, num_classes, (len(images_np),), dtype=np.int32)
   steps_per_epoch = (math.ceil(n / batch_size) if streaming
                      else sum(s for s, _, _ in train.epoch_plan(n, batch_size, mesh.size, k)))
-  mean, std = ((augment.IMAGENET_MEAN, augment.IMAGENET_STD) if streaming
-               else (augment.CIFAR_MEAN, augment.CIFAR_STD))
+  mean_std = augment.PIPELINE_STATS[config.data.pipeline]
   optimizer = train.make_optimizer(config, steps_per_epoch)
   state, train_graphdef, eval_graphdef = train.create_train_state(config, num_classes, optimizer)
   teacher = teacher_vars = None
@@ -297,7 +296,7 @@ def main():
     # Each part at the size the trainer runs it: augmentation per step; the teacher and its
     # targets (Sort) once per dispatch. Inputs are arguments, so XLA cannot fold them away.
     m = batch_size if streaming else min(n, k * batch_size)
-    x = augment.normalize(images[:m], mean, std, dtype)
+    x = augment.normalize(images[:m], *mean_std, dtype)
     parts = {}
     if not streaming:  # tf.data crops and flips on the host
       parts["augment"] = (jax.jit(lambda imgs: augment.cifar_train_augment(

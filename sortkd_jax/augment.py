@@ -16,6 +16,9 @@ CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR_STD = (0.2675, 0.2565, 0.2761)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# What each pipeline (config.data.pipeline) normalises with, whatever data it reads: the CIFAR
+# recipes' on-device split CIFAR-100's statistics, the ImageNet recipes' stream ImageNet's.
+PIPELINE_STATS = {"on_device": (CIFAR_MEAN, CIFAR_STD), "tf_data": (IMAGENET_MEAN, IMAGENET_STD)}
 
 CIFAR_PADDING = 4
 

@@ -189,7 +189,7 @@ def check_teacher_exists(teacher: ml_collections.ConfigDict,
                       fix="distill from a teacher trained with this run's recipe")
 
 
-# What each pipeline feeds a model (train.py): its normalisation is part of what a model learns.
+# How each pipeline normalises (augment.PIPELINE_STATS): a model learns it with its weights.
 _PIPELINE_INPUTS = {"on_device": "CIFAR's normalisation (the CIFAR recipes)",
                     "tf_data": "ImageNet's normalisation (the ImageNet recipes)"}
 

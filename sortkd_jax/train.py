@@ -211,16 +211,17 @@ def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_shard
                  compute_dtype, teacher, config, train_step):
   """One step on a device batch already cropped and flipped by tf.data (ImageNet)."""
   x = jax.lax.with_sharding_constraint(
-      augment.normalize(images, augment.IMAGENET_MEAN, augment.IMAGENET_STD, compute_dtype),
+      augment.normalize(images, *augment.PIPELINE_STATS["tf_data"], compute_dtype),
       batch_sharding)
   return _one_step(state, x, labels, teacher=teacher, teacher_vars=teacher_vars, config=config,
                    train_step=train_step)
 
 
 def _eval_batch_sums(model: Network, variables, images, labels, mask, *, batch_sharding,
-                     mean, std, compute_dtype):
-  """Summed CE, top-1 and top-5 hits of one masked batch of uint8 images."""
-  x = jax.lax.with_sharding_constraint(augment.normalize(images, mean, std, compute_dtype),
+                     stats, compute_dtype):
+  """Summed CE, top-1 and top-5 hits of one masked batch of uint8 images, normalised with
+  `stats` (mean, std)."""
+  x = jax.lax.with_sharding_constraint(augment.normalize(images, *stats, compute_dtype),
                                        batch_sharding)
   mask = mask.astype(jnp.float32)
   logits = model(variables, x).astype(jnp.float32)
@@ -258,8 +259,8 @@ def make_evaluator(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_siz
   batch_size = eval_batch_size(batch_size, mesh.size, len(labels))
   data = distributed.replicate(pad_for_eval(images, labels.astype(np.int32), batch_size), mesh)
   sums_fn = jax.jit(functools.partial(
-      _eval_sums, batch_sharding=NamedSharding(mesh, P("data")), mean=augment.CIFAR_MEAN,
-      std=augment.CIFAR_STD, compute_dtype=dtype),
+      _eval_sums, batch_sharding=NamedSharding(mesh, P("data")),
+      stats=augment.PIPELINE_STATS["on_device"], compute_dtype=dtype),
       static_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
 
   def evaluate(network: Network, variables: PyTree) -> dict[str, float]:
@@ -274,7 +275,7 @@ def make_streaming_evaluator(mesh: Mesh, batches: Callable[[], Iterator[dict[str
   """Like `make_evaluator`, over a fresh pass of masked device batches (ImageNet statistics)."""
   sums_fn = jax.jit(functools.partial(
       _eval_batch_sums, batch_sharding=NamedSharding(mesh, P("data")),
-      mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, compute_dtype=dtype),
+      stats=augment.PIPELINE_STATS["tf_data"], compute_dtype=dtype),
       static_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
 
   def evaluate(network: Network, variables: PyTree) -> dict[str, float]:
