@@ -2,7 +2,8 @@ r"""KD (+Sort) on ImageNet, T=1, CE 0.5, KD 0.5.
 
 mdistiller's ImageNet recipe: batch 512, 100 epochs, lr 0.2 (×0.1 at 30, 60, 90), wd 1e-4.
 
-  python scripts/train.py --config configs/imagenet_kd.py:r34_r18 --workdir runs/imagenet_kd_r34_r18 \
+  python scripts/train.py --config configs/imagenet_kd.py:r34_r18 \
+      --workdir runs/imagenet_kd_r34_r18 \
       --config.data.data_dir=$TFDS_DATA_DIR
 
 Pairs: r34_r18 (torchvision ResNet34 → ResNet18), r50_mv1 (ResNet50 → MobileNetV1). Teachers:
