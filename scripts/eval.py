@@ -70,7 +70,8 @@ def main():
   epoch = meta.get("epoch")  # a run's, so that the figures trace to a checkpoint
   if epoch is not None:
     logging.info("Evaluating epoch %d of the run in %s%s (test top-1 %.2f when saved).",
-                 epoch, _run_workdir(), ", its best" if meta["best"] else "", meta["test_top1"])
+                 epoch, checkpoint.workdir_of(FLAGS.checkpoint),
+                 ", its best" if meta["best"] else "", meta["test_top1"])
   mesh = distributed.make_mesh()
   evaluate, num_classes = train.make_test_evaluator(config, mesh, dtype=dtype)
   teachers.check_num_classes(FLAGS.checkpoint, meta["arch"], porting.num_classes_of(model),
@@ -91,20 +92,15 @@ def _config():
   import ml_collections
   from sortkd_jax import checkpoint, workdirs
 
-  saved = os.path.join(_run_workdir(), "config.json")
-  if FLAGS["config"].present or not (checkpoint.is_train_workdir(_run_workdir())
+  workdir = checkpoint.workdir_of(FLAGS.checkpoint)
+  saved = os.path.join(workdir, workdirs.CONFIG_FILE)
+  if FLAGS["config"].present or not (checkpoint.is_train_workdir(workdir)
                                      and os.path.isfile(saved)):
     return FLAGS.config
-  config = ml_collections.ConfigDict(workdirs.read_run_config(_run_workdir()))
+  config = ml_collections.ConfigDict(workdirs.read_run_config(workdir))
   config.update_from_flattened_dict(FLAGS["config"].override_values)
   cli.apply_none_overrides(config, recipe=FLAGS.config)
   return config
-
-
-def _run_workdir() -> str:
-  """--checkpoint, or the run whose kept epoch (`<workdir>/checkpoints/<epoch>`) it names."""
-  from sortkd_jax import checkpoint
-  return (checkpoint.run_epoch_folder(FLAGS.checkpoint) or (FLAGS.checkpoint,))[0]
 
 
 if __name__ == "__main__":

@@ -64,14 +64,13 @@ def _input_size_note(src: str, arch: str) -> str:
   """For a run trained at another image size than the architecture's: most of mdistiller's
   models end in a fixed-size pool (8x8 for CIFAR's ResNets, 7x7 for ImageNet's; spec §2-§3),
   ours in a global one, which is the same at the native size."""
-  from sortkd_jax import checkpoint, workdirs  # noqa: PLC0415
+  from sortkd_jax import checkpoint, models, workdirs  # noqa: PLC0415
 
-  in_run = checkpoint.run_epoch_folder(src)
-  workdir = in_run[0] if in_run else src
+  workdir = checkpoint.workdir_of(src)
   if not os.path.isfile(os.path.join(workdir, workdirs.CONFIG_FILE)):
     return ""  # a ported model: trained by PyTorch code, at its native size
   size = workdirs.read_run_config(workdir).get("data", {}).get("image_size")
-  native = 224 if arch.startswith("imagenet_") else 32
+  native = models.native_image_size(arch)
   if size in (None, native) or arch in ("ResNet18", "ResNet50") or arch.startswith("vgg"):
     return ""  # VGG and CIFAR's ResNet18/50 pool adaptively in mdistiller too
   return (f"\n  note        trained on {size}x{size} images; mdistiller's {arch} ends in a "

@@ -96,7 +96,7 @@ def _eval_logits(arch, num_classes, params, batch_stats, x):
 
 
 def _checksum_input(arch: str) -> np.ndarray:
-  size = 224 if arch.startswith("imagenet_") else 32
+  size = models.native_image_size(arch)
   x = np.random.default_rng(0).random((2, size, size, 3)) * 2.0 - 1.0
   return x.astype(np.float32)
 
@@ -499,6 +499,12 @@ def _finishing_before_interrupt() -> Iterator[None]:
     _interrupt_delivered = False
   else:
     deliver(held_back, None)
+
+
+def workdir_of(path: str) -> str:
+  """The workdir of the run that `path` is one kept epoch of, else `path` itself."""
+  in_run = run_epoch_folder(path)
+  return in_run[0] if in_run else path
 
 
 def run_epoch_folder(path: str) -> tuple[str, int] | None:

@@ -141,7 +141,7 @@ def _check_not_inside_a_run(path: str) -> None:
       raise ValueError(f"{path} is inside the training run {workdir}: pass the workdir itself "
                        f"(its best epoch is used) or one kept epoch, "
                        f"{os.path.join(workdir, part, '<epoch>')}.")
-  run_files = ("config.json", workdirs.LOCK_FILE)  # a run stopped at start-up has only its lock
+  run_files = (workdirs.CONFIG_FILE, workdirs.LOCK_FILE)  # a run stopped at start-up has only its lock
   if (any(os.path.isfile(os.path.join(path, f)) for f in run_files)
       and checkpoint.latest_saved_epoch(path) is None):
     raise FileNotFoundError(f"The training run in {path} has no checkpoint yet: no epoch "
@@ -152,12 +152,11 @@ def _report_teacher_run(path: str, meta: dict[str, Any]) -> None:
   """Logs which epoch of a run the teacher is, and warns while that run is unfinished: training
   on, it may change its best epoch or delete this one, and a run distilled from it could then
   not resume."""
-  in_run = checkpoint.run_epoch_folder(path)
-  workdir = in_run[0] if in_run else path
+  workdir = checkpoint.workdir_of(path)
   epoch = meta["epoch"]
   logging.info("Teacher: the student of epoch %d of the run in %s%s (test top-1 %.2f).",
                epoch, workdir, ", its best" if meta["best"] else "", meta["test_top1"])
-  saved_config = os.path.join(workdir, "config.json")
+  saved_config = os.path.join(workdir, workdirs.CONFIG_FILE)
   if not os.path.isfile(saved_config):
     return
   try:
@@ -168,7 +167,7 @@ def _report_teacher_run(path: str, meta: dict[str, Any]) -> None:
   finished = checkpoint.latest_saved_epoch(workdir)
   if isinstance(planned, int) and finished < planned:
     change = (f"it deletes epoch {epoch} once that is neither among its latest nor its best"
-              if in_run else "its best epoch may change")
+              if checkpoint.run_epoch_folder(path) else "its best epoch may change")
     logging.warning(
         "The teacher's run in %s has finished %d of its %d epochs; training on, %s, and this "
         "run could then not resume with it. Let it finish first, or freeze this teacher as a "
@@ -199,8 +198,7 @@ def check_same_inputs(path: str, data: ml_collections.ConfigDict, *, role: str,
   """A model from a run of this project (`path`: its workdir or one kept epoch) is refused on
   the other pipeline, whose normalisation it never saw (its logits would be silently off), and
   warned about at another image size. Other models record no pipeline: nothing to check."""
-  in_run = checkpoint.run_epoch_folder(path)
-  workdir = in_run[0] if in_run else path
+  workdir = checkpoint.workdir_of(path)
   if not (checkpoint.is_train_workdir(workdir)
           and os.path.isfile(os.path.join(workdir, workdirs.CONFIG_FILE))):
     return

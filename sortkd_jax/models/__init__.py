@@ -26,15 +26,17 @@ from sortkd_jax.models.folding import fold_batchnorm
 from sortkd_jax.models.layers import BatchNorm
 
 __all__ = ["MODEL_NAMES", "check_name", "create_model", "abstract_model", "model_from_pure_dicts",
-           "count_params", "default_num_classes", "fold_batchnorm", "BatchNorm"]
+           "count_params", "default_num_classes", "native_image_size", "fold_batchnorm",
+           "BatchNorm"]
 
-# name -> (builder(name, num_classes, *, rngs, dtype), default num_classes)
-_REGISTRY: dict[str, tuple[Callable[..., nnx.Module], int]] = {}
-for _family, _classes in (
-    (cifar_resnet, 100), (wrn, 100), (vgg, 100), (mobilenetv2, 100), (shufflenetv1, 100),
-    (shufflenetv2, 100), (resnetv2, 100), (imagenet_resnet, 1000), (mobilenetv1, 1000)):
+# name -> (builder(name, num_classes, *, rngs, dtype), default num_classes, native image size)
+_REGISTRY: dict[str, tuple[Callable[..., nnx.Module], int, int]] = {}
+for _family, _classes, _size in (
+    (cifar_resnet, 100, 32), (wrn, 100, 32), (vgg, 100, 32), (mobilenetv2, 100, 32),
+    (shufflenetv1, 100, 32), (shufflenetv2, 100, 32), (resnetv2, 100, 32),
+    (imagenet_resnet, 1000, 224), (mobilenetv1, 1000, 224)):
   for _name in _family.CONFIGS:
-    _REGISTRY[_name] = (_family.build, _classes)
+    _REGISTRY[_name] = (_family.build, _classes, _size)
 
 # Same order as mdistiller_state_dict_keys.json.
 MODEL_NAMES: tuple[str, ...] = (
@@ -58,6 +60,12 @@ def default_num_classes(name: str) -> int:
   return _REGISTRY[name][1]
 
 
+def native_image_size(name: str) -> int:
+  """The image size mdistiller trains the architecture at: 32 (CIFAR), 224 (``imagenet_*``)."""
+  check_name(name)
+  return _REGISTRY[name][2]
+
+
 def create_model(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs,
                  dtype: jnp.dtype = jnp.float32) -> nnx.Module:
   """Builds the named architecture with the reference initialisation (spec §1 table).
@@ -71,7 +79,7 @@ def create_model(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs,
       float32 and logits are returned as float32.
   """
   check_name(name)
-  builder, default = _REGISTRY[name]
+  builder, default, _ = _REGISTRY[name]
   if num_classes is None:
     num_classes = default
   try:  # ints and NumPy ints; not floats or bools
