@@ -10,11 +10,13 @@ when `config.sort`, before temperature or standardisation (Sort commutes with bo
 method sees the same corrected logits). It is per example and does not depend on the student,
 so the trainer computes it once per dispatch for all the steps of that dispatch.
 
-A method is a function `(config, z, v, y, epoch, theta) -> {name: scalar}` in `_REGISTRY`:
-student logits z, Sort-corrected teacher logits v, labels y, the 1-based epoch and CTKD's θ
-(None for the others). Its terms come already weighted; the trainer sums them and logs each as
-`loss_<name>`. Its hyperparameters are the config group named after it (configs/common.py
-gives every recipe every group).
+A method is a function `(config, z, v, y, epoch, params) -> {name: scalar}` in `_REGISTRY`:
+student logits z, Sort-corrected teacher logits v, labels y, the 1-based epoch and the trainable
+parameters it adds beside the student's (`init_params`: CTKD's θ; empty for the others). Its
+terms come already weighted; the trainer sums them and logs each as `loss_<name>`, with
+`logged_values` beside them. Its hyperparameters are the config group named after it, and for
+LSKD and CTKD also the group of their base loss (`kd`, `dkd`; configs/common.py gives every
+recipe every group).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from sortkd_jax import losses
@@ -36,9 +39,22 @@ def uses_teacher(config: ml_collections.ConfigDict) -> bool:
   return config.method != "vanilla"
 
 
-def learns_temperature(config: ml_collections.ConfigDict) -> bool:
-  """CTKD adds one trainable scalar θ, optimised together with the student."""
-  return config.method == "ctkd"
+def init_params(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """The trainable parameters `config.method` adds beside the student's, optimised with them by
+  the same SGD (methods.md): CTKD's scalar θ, from `config.ctkd.init`; none for the others."""
+  if config.method == "ctkd":
+    return {"ctkd_theta": jnp.asarray(config.ctkd.init, jnp.float32)}
+  return {}
+
+
+def logged_values(config: ml_collections.ConfigDict,
+                  params: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """What a method logs per step beside its loss terms, from its `init_params` as the step's
+  loss used them: CTKD's learned temperature."""
+  if config.method == "ctkd":
+    return {"ctkd_temperature": losses.ctkd_temperature(params["ctkd_theta"], config.ctkd.t_start,
+                                                        config.ctkd.t_end)}
+  return {}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -97,30 +113,31 @@ def _standardized(config, z, v, y, epoch, base: str, temperature) -> LossTerms:
               warmup_epochs=d.warmup_epochs, ce_logits=z)
 
 
-def _vanilla(config, z, v, y, epoch, theta) -> LossTerms:
+def _vanilla(config, z, v, y, epoch, params) -> LossTerms:
   return {"ce": losses.cross_entropy(z, y)}
 
 
-def _kd_method(config, z, v, y, epoch, theta) -> LossTerms:
+def _kd_method(config, z, v, y, epoch, params) -> LossTerms:
   return _kd(z, v, y, **config.kd)
 
 
-def _dkd_method(config, z, v, y, epoch, theta) -> LossTerms:
+def _dkd_method(config, z, v, y, epoch, params) -> LossTerms:
   return _dkd(z, v, y, epoch, **config.dkd)
 
 
-def _lskd_method(config, z, v, y, epoch, theta) -> LossTerms:
+def _lskd_method(config, z, v, y, epoch, params) -> LossTerms:
   return _standardized(config, z, v, y, epoch, config.lskd.base, config.lskd.temperature)
 
 
-def _ctkd_method(config, z, v, y, epoch, theta) -> LossTerms:
+def _ctkd_method(config, z, v, y, epoch, params) -> LossTerms:
   """CTKD (global): τ = t_start + t_end·sigmoid(θ) with θ behind a gradient-reversal layer.
 
   θ ascends the distillation loss while the student descends it; λ follows the cosine ramp.
   The learned τ replaces the base loss's temperature (KD's T, DKD's T, or LSKD's τ).
   """
   c = config.ctkd
-  reversed_theta = losses.reverse_gradient(theta, losses.ctkd_lambda(epoch, c.ramp_epochs))
+  reversed_theta = losses.reverse_gradient(params["ctkd_theta"],
+                                           losses.ctkd_lambda(epoch, c.ramp_epochs))
   temperature = losses.ctkd_temperature(reversed_theta, c.t_start, c.t_end)
   if c.standardize:
     terms = _standardized(config, z, v, y, epoch, c.base, temperature)
@@ -147,7 +164,7 @@ def teacher_targets(config: ml_collections.ConfigDict, teacher_logits: jax.Array
 
 def loss_terms(config: ml_collections.ConfigDict, student_logits: jax.Array,
                teacher_logits: jax.Array | None, labels: jax.Array, epoch: jax.Array,
-               ctkd_theta: jax.Array | None = None) -> LossTerms:
+               params: dict[str, jax.Array] | None = None) -> LossTerms:
   """The named, weighted loss terms of `config.method` for one batch.
 
   Args:
@@ -156,17 +173,19 @@ def loss_terms(config: ml_collections.ConfigDict, student_logits: jax.Array,
       applied), or None for `vanilla`.
     labels: [B] integer labels.
     epoch: the 1-based epoch of this step (DKD warm-up and CTKD's λ depend on it).
-    ctkd_theta: CTKD's learnable scalar θ (only for `ctkd`).
+    params: the method's trainable parameters, as `init_params` makes them (CTKD's θ).
   """
   validate(config)
   if uses_teacher(config) and teacher_logits is None:
     raise ValueError(f"config.method {config.method!r} needs the teacher's logits; "
                      "got teacher_logits=None.")
-  if learns_temperature(config) and ctkd_theta is None:
-    raise ValueError("config.method 'ctkd' needs its learnable temperature parameter; "
-                     "got ctkd_theta=None (the trainer starts it at config.ctkd.init).")
+  params = params or {}
+  missing = init_params(config).keys() - params.keys()
+  if missing:
+    raise ValueError(f"config.method {config.method!r} needs its trainable parameters "
+                     f"{sorted(missing)} (methods.init_params makes them); got {sorted(params)}.")
   terms = _REGISTRY[config.method](config, student_logits, teacher_logits, labels, epoch,
-                                   ctkd_theta)
+                                   params)
   shapes = {name: jax.numpy.shape(term) for name, term in terms.items()}
   if any(shapes.values()):  # summed into the loss, a [B] term would become a [B] "loss"
     raise ValueError(f"config.method {config.method!r} must give scalar loss terms, got shapes "

@@ -62,7 +62,7 @@ PyTree = Any
 class TrainState:
   """Everything that changes during training; checkpointed every epoch."""
   step: jax.Array            # optimizer steps taken (int32 scalar)
-  params: PyTree             # {'student': ..., ['ctkd_theta': scalar]}
+  params: PyTree             # {'student': ..., **methods.init_params(config)}
   batch_stats: PyTree        # student BatchNorm running statistics
   opt_state: optax.OptState
 
@@ -113,8 +113,8 @@ def _train_step(state: TrainState, images, labels, teacher_logits, *, config, st
   def loss_fn(params):
     student = nnx.merge(student_graphdef, params["student"], state.batch_stats)
     logits = student(images)
-    terms = methods.loss_terms(config, logits, teacher_logits, labels, epoch,
-                               params.get("ctkd_theta"))
+    method_params = {k: v for k, v in params.items() if k != "student"}
+    terms = methods.loss_terms(config, logits, teacher_logits, labels, epoch, method_params)
     new_stats = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
     return sum(terms.values()), (terms, logits, new_stats)
 
@@ -125,11 +125,8 @@ def _train_step(state: TrainState, images, labels, teacher_logits, *, config, st
                         batch_stats=new_stats, opt_state=opt_state)
   n = jnp.float32(labels.shape[0])
   metrics = {"loss": loss * n, "top1": losses.topk_correct(logits, labels, 1).sum(),
-             "count": n, **{f"loss_{k}": v * n for k, v in terms.items()}}
-  if methods.learns_temperature(config):  # the temperature this step's loss used
-    temperature = losses.ctkd_temperature(params["ctkd_theta"], config.ctkd.t_start,
-                                          config.ctkd.t_end)
-    metrics["ctkd_temperature"] = temperature * n
+             "count": n, **{f"loss_{k}": v * n for k, v in terms.items()},
+             **{k: v * n for k, v in methods.logged_values(config, params).items()}}
   return state, metrics
 
 
@@ -338,9 +335,7 @@ def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
     student = models.create_model(config.student.name, num_classes, rngs=nnx.Rngs(key),
                                   dtype=dtype)
     params, batch_stats = split_student(student)[2:]
-    params = {"student": params}
-    if methods.learns_temperature(config):
-      params["ctkd_theta"] = jnp.asarray(config.ctkd.init, jnp.float32)
+    params = {"student": params, **methods.init_params(config)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=optimizer.init(params))
 

@@ -67,7 +67,7 @@ def test_loss_terms_match_the_formulas(name):
   y = rng.integers(0, 100, 8)
   targets = methods.teacher_targets(config, jnp.asarray(v), jnp.asarray(y))
   terms = methods.loss_terms(config, jnp.asarray(z), targets, jnp.asarray(y),
-                             jnp.float32(EPOCH), jnp.float32(THETA))
+                             jnp.float32(EPOCH), {"ctkd_theta": jnp.float32(THETA)})
   assert sorted(terms) == ["ce", "kd"]
   ce, distill = expected_terms(config, z, np.asarray(targets), y)
   np.testing.assert_allclose(float(terms["ce"]), ce, rtol=1e-5)
@@ -77,7 +77,7 @@ def test_loss_terms_match_the_formulas(name):
 @pytest.mark.parametrize("module, change, message", [
     (cifar_kd, {"method": "kdd"}, "Unknown config.method 'kdd'"),
     (cifar_kd, {"teacher_logits": None}, "needs the teacher's logits"),
-    (cifar_ctkd, {"ctkd_theta": None}, "needs its learnable temperature"),
+    (cifar_ctkd, {"params": None}, r"'ctkd' needs its trainable parameters \['ctkd_theta'\]"),
 ])
 def test_loss_terms_names_what_is_missing(module, change, message):
   """A library user calling `loss_terms` directly gets the problem named, not a KeyError or
@@ -86,7 +86,7 @@ def test_loss_terms_names_what_is_missing(module, change, message):
   if "method" in change:
     config.method = change["method"]
   logits, labels = jnp.zeros((2, 100)), jnp.array([0, 1])
-  arguments = {"teacher_logits": logits, "ctkd_theta": jnp.float32(0.0), **change}
+  arguments = {"teacher_logits": logits, "params": {"ctkd_theta": jnp.float32(0.0)}, **change}
   arguments.pop("method", None)
   with pytest.raises(ValueError, match=message):
     methods.loss_terms(config, logits, labels=labels, epoch=jnp.float32(1.0), **arguments)
@@ -95,7 +95,7 @@ def test_loss_terms_names_what_is_missing(module, change, message):
 def test_a_new_method_is_checked_for_its_group_and_scalar_terms(monkeypatch):
   """What a user adding a method gets wrong first: its hyperparameter group (an AttributeError
   deep in tracing before), or a per-example term (summed into a [B] "loss")."""
-  monkeypatch.setitem(methods._REGISTRY, "nkd", lambda config, z, v, y, epoch, theta: {
+  monkeypatch.setitem(methods._REGISTRY, "nkd", lambda config, z, v, y, epoch, params: {
       "ce": losses.cross_entropy(z, y), "nkd": config.nkd.gamma * jnp.sum(v * z, axis=-1)})
   config = cifar_kd.get_config("res32x4_res8x4")
   config.method = "nkd"

@@ -951,7 +951,7 @@ def test_ctkd_gradient_reversal_and_lambda_schedule():
 
   def kd_term(theta, epoch):
     return methods.loss_terms(config, z, methods.teacher_targets(config, v, y), y,
-                              jnp.float32(epoch), theta)["kd"]
+                              jnp.float32(epoch), {"ctkd_theta": theta})["kd"]
 
   def plain_kd(theta):  # the same loss with θ not reversed
     t = losses.ctkd_temperature(theta, 1.0, 20.0)
