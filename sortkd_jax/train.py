@@ -158,7 +158,7 @@ def _one_step(state: TrainState, x: jax.Array, y: jax.Array, *, teacher: Network
   return state, {**metrics, "teacher_top1": hits}
 
 
-def _teacher_targets(teacher: Network, teacher_vars, xs: jax.Array, ys: jax.Array, *,
+def _dispatch_teacher_targets(teacher: Network, teacher_vars, xs: jax.Array, ys: jax.Array, *,
                      batch_sharding: NamedSharding, config) -> tuple[jax.Array, jax.Array]:
   """`_targets_and_teacher_hits` of a whole dispatch's [steps, batch, ...] inputs, with the
   teacher run on them as one batch.
@@ -195,7 +195,7 @@ def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *
     return _one_step(state, *batch(0), teacher=teacher, teacher_vars=teacher_vars, config=config,
                      train_step=train_step)
   xs, ys = jax.vmap(batch)(jnp.arange(num_steps))
-  ts, hits = (None, None) if teacher is None else _teacher_targets(
+  ts, hits = (None, None) if teacher is None else _dispatch_teacher_targets(
       teacher, teacher_vars, xs, ys, batch_sharding=batch_sharding, config=config)
 
   state, metrics = jax.lax.scan(lambda state, inputs: train_step(state, *inputs), state,
