@@ -159,7 +159,8 @@ def _one_step(state: TrainState, x: jax.Array, y: jax.Array, *, teacher: Network
 
 
 def _dispatch_teacher_targets(teacher: Network, teacher_vars, xs: jax.Array, ys: jax.Array, *,
-                     batch_sharding: NamedSharding, config) -> tuple[jax.Array, jax.Array]:
+                              batch_sharding: NamedSharding,
+                              config) -> tuple[jax.Array, jax.Array]:
   """`_targets_and_teacher_hits` of a whole dispatch's [steps, batch, ...] inputs, with the
   teacher run on them as one batch.
 
