@@ -153,9 +153,7 @@ def check_output_paths() -> None:
 def main():
   config = FLAGS.config
   config.unlock()
-  models.check_name(config.student.name, "config.student.name")
-  if methods.uses_teacher(config):
-    models.check_name(config.teacher.name, "config.teacher.name")
+  train.check_config(config)
   check_output_paths()  # before minutes of timing, not after
   streaming = config.data.pipeline == "tf_data"
   if streaming and FLAGS["steps-per-dispatch"].value:

@@ -494,7 +494,7 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
   held on the device; a `tf_data` split (ImageNet) is streamed, resized and centre-cropped.
   """
   dtype = compute_dtype(config) if dtype is None else dtype
-  _check_config(config)
+  check_config(config)
   d = config.data
   if d.pipeline == "on_device":
     if test_split is None:
@@ -629,7 +629,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   launched = time.perf_counter()
   methods.validate(config)
-  _check_config(config)
+  check_config(config)
   workdirs.check_resumable(config, workdir)
   if (checkpoint.latest_saved_epoch(workdir) or 0) >= config.num_epochs:
     return _finished_run(config, workdir)
@@ -815,7 +815,7 @@ def _sum_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(sum(np.asarray(m[k], np.float64) for m in fetched)) for k in fetched[0]}
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, before anything is read or written, on a bad model name, pipeline or size."""
   models.check_name(config.student.name, "config.student.name")
   if methods.uses_teacher(config):
