@@ -56,6 +56,17 @@ def test_unwritable_output_paths_are_refused_before_any_timing(tmp_path, flag, t
   assert (tmp_path / "file.txt").read_text() == "not a directory"
 
 
+def test_a_bad_config_is_refused_as_the_trainer_refuses_it():
+  """The trainer's checks (train.check_config), before any compilation or timing."""
+  proc = run_script("benchmark.py", "--config.teacher.name=resnet9", "--noeval", timeout=600)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "error: Unknown config.teacher.name 'resnet9'" in proc.stderr
+  proc = run_script("benchmark.py", "--config.data.pipeline=tf_data", "--noeval", timeout=600)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "error: config.data.pipeline='tf_data' is the ImageNet recipes' stream" in proc.stderr
+  assert "train_step" not in proc.stdout
+
+
 def _jpeg_folder(root, count=8, size=(80, 96)):
   """<root>/train/<class>/<i>.jpg: a tiny ImageNet-style folder of two classes."""
   from PIL import Image
