@@ -121,7 +121,8 @@ def cifar_config(arg: str | None, method: str) -> ml_collections.ConfigDict:
   c.ctkd = ml_collections.ConfigDict(dict(
       base="kd", standardize=False, t_start=1.0, t_end=20.0, init=1.0, ramp_epochs=10))
   # lskd.ce_weight and kd_weight weigh base kd; base dkd takes dkd's weights and warm-up, its α
-  # and β times lskd.dkd_weight_scale. CTKD takes its base's group, with τ learned.
+  # and β times lskd.dkd_weight_scale. CTKD takes its base's group (lskd's as above when it
+  # standardizes), with τ learned.
 
   if runlocal:  # a CPU smoke test: tiny batches, two short epochs.
     c.batch_size = 16
