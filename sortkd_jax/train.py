@@ -828,7 +828,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      "resized crops, data.shuffle_buffer, data.manual_dir); this config's data "
                      "is CIFAR-sized: keep 'on_device', or use a configs/imagenet_*.py recipe.")
   sizes = {key: config[key] for key in ("batch_size", "eval_batch_size", "num_epochs",
-                                        "log_every_steps")}
+                                        "log_every_steps", "checkpoints_to_keep")}
   if config.steps_per_dispatch is not None:
     sizes["steps_per_dispatch"] = config.steps_per_dispatch
   sizes.update({f"data.{key}": config.data[key] for key in ("image_size", "max_train_examples",
@@ -842,3 +842,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           and all(a < b for a, b in zip(decay, decay[1:]))):
     raise ValueError("config.lr_decay_epochs must be increasing positive epochs, e.g. "
                      f"'--config.lr_decay_epochs=(150,180,210)', got {decay!r}.")
+  # Out of range, SGD trains on and diverges (gradient ascent, growing weights) without a word.
+  ranges = {"lr": (lambda v: v > 0, "positive"), "lr_decay_rate": (lambda v: v > 0, "positive"),
+            "weight_decay": (lambda v: v >= 0, "at least 0"),
+            "momentum": (lambda v: 0 <= v < 1, "in [0, 1)")}
+  for key, (valid, wanted) in ranges.items():
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+      raise ValueError(f"config.{key} must be {wanted}, got {value!r}.")

@@ -619,6 +619,13 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("ctkd.t_end", -1.0, "config.ctkd.t_end must be at least 0"),
     ("ctkd.ramp_epochs", 0, r"config.ctkd.ramp_epochs must be positive \(epochs until λ"),
     ("lr_decay_epochs", (150, 150), "lr_decay_epochs must be increasing"),
+    # Kept as given, these lost epochs (0 kept the best alone, -1 broke the next save) or
+    # trained on, diverging (gradient ascent, growing weights).
+    ("checkpoints_to_keep", 0, "config.checkpoints_to_keep must be a positive integer, got 0"),
+    ("lr", -0.1, "config.lr must be positive, got -0.1"),
+    ("lr_decay_rate", -1.0, "config.lr_decay_rate must be positive, got -1.0"),
+    ("weight_decay", -1.0, "config.weight_decay must be at least 0, got -1.0"),
+    ("momentum", 1.0, r"config.momentum must be in \[0, 1\), got 1.0"),
 ])
 def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message):
   method = "lskd" if key.startswith("lskd") else "kd"
@@ -1173,11 +1180,15 @@ def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epo
   shutil.copytree(kd_one_epoch.workdir, bigger)
   saved = json.loads((bigger / "config.json").read_text())
   saved["data"]["image_size"] = 64
+  saved["data"]["pipeline"] = "tf_data"  # and with an ImageNet recipe's normalisation
   (bigger / "config.json").write_text(json.dumps(saved))
   out = run_script("export_weights.py", "--checkpoint", bigger, "--dst", tmp_path / "s64.pth")
   assert ("note        trained on 64x64 images; mdistiller's resnet8 ends in a fixed pooling "
           "sized for 32x32: for 64x64, replace that last pool by a global average "
           "(nn.AdaptiveAvgPool2d(1))") in out.stdout
+  assert ("note        trained on images normalised with ImageNet's mean (0.485, 0.456, 0.406) "
+          "and std (0.229, 0.224, 0.225), not those of mdistiller's loader for resnet8: "
+          "normalise so") in out.stdout
   errors = {"is PyTorch already": (dst, tmp_path / "x.pth"),
             "does not exist.": (tmp_path / "typo", tmp_path / "x.pth"),
             "folder of --dst .* does not exist": (kd_one_epoch.workdir, tmp_path / "no" / "x.pth"),
