@@ -57,25 +57,38 @@ def main():
         f"  written to  {os.path.abspath(dst)}\n"
         f"  in PyTorch  mdistiller's {arch}: "
         f"model.load_state_dict(torch.load({dst!r})['model'])"
-        + _input_size_note(src, arch))
+        + _input_notes(src, arch))
 
 
-def _input_size_note(src: str, arch: str) -> str:
-  """For a run trained at another image size than the architecture's: most of mdistiller's
-  models end in a fixed-size pool (8x8 for CIFAR's ResNets, 7x7 for ImageNet's; spec §2-§3),
-  ours in a global one, which is the same at the native size."""
-  from sortkd_jax import checkpoint, models, workdirs  # noqa: PLC0415
+def _input_notes(src: str, arch: str) -> str:
+  """For a run that fed its model otherwise than mdistiller feeds the architecture:
+  * at another image size: most of mdistiller's models end in a fixed-size pool (8x8 for
+    CIFAR's ResNets, 7x7 for ImageNet's; spec §2-§3), ours in a global one, which is the same
+    at the native size;
+  * normalised with the other dataset's statistics (a CIFAR model on an ImageNet recipe, or
+    the reverse)."""
+  from sortkd_jax import augment, checkpoint, models, workdirs  # noqa: PLC0415
 
   workdir = checkpoint.workdir_of(src)
   if not os.path.isfile(os.path.join(workdir, workdirs.CONFIG_FILE)):
     return ""  # a ported model: trained by PyTorch code, at its native size
-  size = workdirs.read_run_config(workdir).get("data", {}).get("image_size")
-  native = models.native_image_size(arch)
-  if size in (None, native) or arch in ("ResNet18", "ResNet50") or arch.startswith("vgg"):
-    return ""  # VGG and CIFAR's ResNet18/50 pool adaptively in mdistiller too
-  return (f"\n  note        trained on {size}x{size} images; mdistiller's {arch} ends in a "
-          f"fixed pooling sized for {native}x{native}: for {size}x{size}, replace that last "
-          "pool by a global average (nn.AdaptiveAvgPool2d(1)), as this model was trained with")
+  data = workdirs.read_run_config(workdir).get("data", {})
+  size, native = data.get("image_size"), models.native_image_size(arch)
+  notes = ""
+  if not (size in (None, native) or arch in ("ResNet18", "ResNet50") or arch.startswith("vgg")):
+    # (VGG and CIFAR's ResNet18/50 pool adaptively in mdistiller too.)
+    notes += (f"\n  note        trained on {size}x{size} images; mdistiller's {arch} ends in a "
+              f"fixed pooling sized for {native}x{native}: for {size}x{size}, replace that last "
+              "pool by a global average (nn.AdaptiveAvgPool2d(1)), as this model was trained "
+              "with")
+  pipeline = data.get("pipeline")
+  mdistillers = "tf_data" if native == 224 else "on_device"  # ImageNet's loader, or CIFAR's
+  if pipeline in augment.PIPELINE_STATS and pipeline != mdistillers:
+    mean, std = augment.PIPELINE_STATS[pipeline]
+    dataset = "ImageNet" if pipeline == "tf_data" else "CIFAR-100"
+    notes += (f"\n  note        trained on images normalised with {dataset}'s mean {mean} and "
+              f"std {std}, not those of mdistiller's loader for {arch}: normalise so")
+  return notes
 
 
 if __name__ == "__main__":
