@@ -108,7 +108,7 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
   if instead:
     sys.exit(f"error: {instead} (README: Coming from mdistiller).")
   try:
-    flag_args = _take_none_overrides(_last_tuple_literal_wins(flag_args))
+    flag_args = _take_none_overrides(_last_tuple_literal_wins(_expand_tildes(flag_args)))
     argv = flags.FLAGS([argv[0], *map(_defined_spelling, flag_args), *rest])
     if "config" in flags.FLAGS:
       flags.FLAGS.config.to_dict()  # a config that failed to load raises only when read
@@ -199,6 +199,13 @@ def _defined_spelling(arg: str) -> str:
 _NONE_OVERRIDES: list[str] = []
 
 
+def _expand_tildes(args: list[str]) -> list[str]:
+  """`--FLAG=~/path` with its `~` expanded, as the shell expands `--FLAG ~/path`: after `=` it
+  leaves `~` alone, and a run then made a folder named `~` in the working directory."""
+  return [re.sub(r"^(--[\w.-]+=)(~[^/]*)(?=/|$)", lambda m: m[1] + os.path.expanduser(m[2]), arg)
+          for arg in args]
+
+
 def _take_none_overrides(args: list[str]) -> list[str]:
   """`args` without their `--config.FIELD=None` (or `--config.FIELD None`) overrides, which are
   kept for later (unless a later override of the field, which wins, gives it a value)."""
@@ -257,7 +264,8 @@ def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> 
   from ml_collections import config_flags
   if default is not None:  # its overrides are read from sys.argv now
     end = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
-    sys.argv[1:end] = _take_none_overrides(_last_tuple_literal_wins(sys.argv[1:end]))
+    sys.argv[1:end] = _take_none_overrides(_last_tuple_literal_wins(
+        _expand_tildes(sys.argv[1:end])))
   try:
     config_flags.DEFINE_config_file("config", default, help_string, **kwargs)
   except (AttributeError, KeyError) as e:
