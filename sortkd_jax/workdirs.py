@@ -175,12 +175,23 @@ def check_same_teacher(teacher_path: str, saved_meta: dict[str, Any],
            if checkpoint.is_train_workdir(teacher_path) else ""))
 
 
+# Recorded as absolute paths: eval.py, and a run taking this one as its teacher, read the run's
+# config.json from other working directories. (All may change on a resume.)
+_PATH_FIELDS = ("data.folder", "data.data_dir", "data.cache_dir", "data.manual_dir",
+                "teacher.checkpoint")
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Process 0 replaces config.json whole: the other processes may be reading it."""
   if jax.process_index() == 0:
+    recorded = json.loads(config.to_json_best_effort())
+    for field in _PATH_FIELDS:
+      group, name = field.split(".")
+      if recorded.get(group, {}).get(name):
+        recorded[group][name] = os.path.abspath(os.path.expanduser(recorded[group][name]))
     path = os.path.join(workdir, CONFIG_FILE)
     with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      json.dump(recorded, f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
 
 

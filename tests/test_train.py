@@ -466,6 +466,27 @@ def test_a_teacher_run_is_refused_on_the_pipeline_it_did_not_train_on(tmp_path, 
         caplog.text)
 
 
+def test_config_json_records_the_paths_absolute(tmp_path, monkeypatch):
+  """eval.py and a run taking this one as its teacher read config.json from other working
+  directories, where a relative data folder would name another folder or none."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  os.makedirs("run")
+  config = common.cifar_config(None, "kd")
+  config.data.folder = "data/cifar10"
+  config.data.cache_dir = "~/cache"
+  workdirs.write_config(config, "run")
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["data"]["folder"] == str(tmp_path / "data" / "cifar10")
+  assert saved["data"]["cache_dir"] == str(tmp_path / "home" / "cache")  # as the run read it
+  assert saved["teacher"]["checkpoint"] == str(tmp_path / "teachers" / "resnet32x4")
+  assert saved["data"]["data_dir"] is None and saved["data"]["folder"] != config.data.folder
+  assert {k: v for k, v in saved.items() if k not in ("data", "teacher")} == {
+      k: v for k, v in json.loads(config.to_json_best_effort()).items()
+      if k not in ("data", "teacher")}
+  assert set(workdirs._PATH_FIELDS) <= set(workdirs.RESUMABLE_CHANGES)  # resumes as given
+
+
 # A changed value of each kind of field, for the resume rules below.
 def _another_value(value):
   if isinstance(value, bool):
