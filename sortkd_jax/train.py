@@ -622,6 +622,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Re-running with the same workdir resumes from the latest checkpoint. Returns a summary:
   best and last test top-1 and the final state (NumPy).
   """
+  workdirs.check_place(workdir, config.data)
   with workdirs.lock(workdir):
     return _train_and_evaluate(config, workdir)
 

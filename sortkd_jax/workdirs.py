@@ -102,6 +102,19 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
+  """Refuses a blank workdir, and one at or inside the image folder the run reads: its
+  checkpoints/ and tensorboard/ would become class folders of that data."""
+  if not workdir.strip():
+    raise ValueError(f"--workdir {workdir!r} is blank; name a directory.")
+  if data.get("folder"):
+    folder = os.path.realpath(os.path.expanduser(data.folder))
+    if os.path.commonpath([folder, os.path.realpath(workdir)]) == folder:
+      raise ValueError(f"--workdir {workdir} is inside the image folder {data.folder} that the "
+                       "run reads, whose class folders its files would join; choose a "
+                       "directory outside it.")
+
+
 def _check_workdir_kind(workdir: str) -> None:
   """Refuses a file and a model directory as a workdir."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):

@@ -656,6 +656,21 @@ def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message
   assert not os.path.exists(tmp_path / "run")  # a refused start leaves no workdir
 
 
+def test_a_workdir_inside_the_image_folder_or_blank_is_refused(teacher_dir, tmp_path):
+  """Its checkpoints/ and tensorboard/ became class folders of the data: the run trained, and
+  every later run on that folder failed on its splits' differing classes."""
+  folder = tmp_path / "images"
+  os.makedirs(folder / "train")
+  for workdir in (folder, folder / "train", folder / "runs" / "x"):
+    config = tiny_config("kd", teacher_dir, **{"data.folder": str(folder)})
+    with pytest.raises(ValueError, match=f"--workdir {workdir} is inside the image folder "):
+      train.train_and_evaluate(config, str(workdir))
+  assert sorted(os.listdir(folder)) == ["train"] and os.listdir(folder / "train") == []
+  with pytest.raises(ValueError, match="--workdir ' ' is blank"):
+    train.train_and_evaluate(tiny_config("kd", teacher_dir), " ")
+  assert not os.path.exists(" ")
+
+
 def test_a_second_run_in_a_busy_workdir_is_refused(teacher_dir, tmp_path):
   """Two runs in one workdir would overwrite each other's checkpoints and logs."""
   import fcntl
