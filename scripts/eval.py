@@ -32,7 +32,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from absl import flags  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 from sortkd_jax import cli  # noqa: E402
 
@@ -49,7 +49,6 @@ FLAGS = flags.FLAGS
 
 
 def main():
-  from absl import logging
   from sortkd_jax import checkpoint, distributed, porting, teachers, train
 
   if not os.path.exists(FLAGS.checkpoint):
@@ -60,6 +59,7 @@ def main():
                      "is a directory, which holds one model (a run's student, a ported "
                      "model): leave --component out.")
   config = _config()
+  _warn_of_other_data(config)
   dtype = train.compute_dtype(config)
   teachers.check_same_inputs(FLAGS.checkpoint, config.data, role="model",
                              fix="evaluate it with its run's recipe as --config, or leave "
@@ -101,6 +101,34 @@ def _config():
   config.update_from_flattened_dict(FLAGS["config"].override_values)
   cli.apply_none_overrides(config, recipe=FLAGS.config)
   return config
+
+
+def _warn_of_other_data(config) -> None:
+  """A run given with --config is evaluated on that config's data, which may not be the run's
+  (offline, a default CIFAR-100 was minutes of download retries before any error)."""
+  from sortkd_jax import checkpoint, workdirs
+
+  workdir = checkpoint.workdir_of(FLAGS.checkpoint)
+  if not (FLAGS["config"].present and checkpoint.is_train_workdir(workdir)
+          and os.path.isfile(os.path.join(workdir, workdirs.CONFIG_FILE))):
+    return
+  try:
+    trained = workdirs.read_run_config(workdir).get("data", {})
+  except ValueError:
+    return
+  if _data_source(trained) != _data_source(config.data):
+    logging.warning("The run in %s was trained on %s; --config evaluates it on %s (leave --config "
+                    "out to evaluate it on its run's data).", workdir, _data_source(trained),
+                    _data_source(config.data))
+
+
+def _data_source(data) -> str:
+  """Where a config's test split is read from, in words."""
+  path = lambda p: os.path.abspath(os.path.expanduser(p))  # noqa: E731
+  if data.get("folder"):
+    return f"the image folder {path(data['folder'])}"
+  where = f" in {path(data['data_dir'])}" if data.get("data_dir") else ""
+  return f"tfds {data.get('name')!r}{where}"
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
   result = _last_json(out)
   assert (result["epoch"], result["arch"], result["test_examples"]) == (1, "resnet8", 64)
   assert "Evaluating epoch 1 of the run" in out.stderr and ", its best" in out.stderr
+  # --config's data is not the run's: said at once, before the data is read.
+  assert (f"The run in {workdir} was trained on tfds 'cifar100'; --config evaluates it on tfds "
+          "'synthetic' (leave --config out") in out.stderr
   # One kept epoch, as mdistiller's epoch_N: that epoch's student (another seed, another loss).
   named = run_script("eval.py", "--checkpoint", os.path.join(workdir, "checkpoints", "3"),
                      *SYNTHETIC)
@@ -114,6 +117,7 @@ def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
                       *SYNTHETIC[2:])
   assert as_run.returncode == 0, as_run.stderr[-2000:]
   assert (_last_json(as_run)["epoch"], _last_json(as_run)["dtype"]) == (3, "bfloat16")
+  assert "--config evaluates it on" not in as_run.stderr
   # A last `=None` lifts a cap, there too: the whole synthetic test split.
   whole = run_script("eval.py", "--checkpoint", os.path.join(workdir, "checkpoints", "3"),
                      *SYNTHETIC[2:], "--config.data.max_test_examples=None",
