@@ -291,6 +291,10 @@ _MDISTILLER_GROUPS = {
 
 def _unknown_field_message(e: Exception, default: str | None = None) -> str:
   """`default`: the config file the overrides were applied to, not named on the command line."""
+  if "has no attribute 'get_config'" in str(e):  # ml_collections' name for the module: no help
+    return ("error: the --config file has no get_config(), so it is not a recipe: use one of "
+            "configs/cifar_*.py or configs/imagenet_*.py, e.g. "
+            "--config configs/cifar_kd.py:res32x4_res8x4.")
   guess = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', str(e))
   if guess:
     return f"error: the config has no field {guess[2]!r}; did you mean {guess[1]!r}?"

@@ -142,6 +142,18 @@ def test_config_overrides_in_mdistillers_names_say_ours(override, expected):
   assert out.returncode == 1 and expected in out.stderr.splitlines()[-1], out.stderr
 
 
+def test_a_config_file_that_is_not_a_recipe_is_named_so():
+  """ml_collections' AttributeError names its module 'config_config', which was taken for a
+  missing field of that name."""
+  for script, config, other in (("train.py", "configs/common.py", "--workdir=unused"),
+                                ("eval.py", "sortkd_jax/sort.py", "--checkpoint=unused")):
+    out = run_script(script, "--config", config, other)
+    assert out.returncode == 1 and out.stderr.splitlines()[-1] == (
+        "error: the --config file has no get_config(), so it is not a recipe: use one of "
+        "configs/cifar_*.py or configs/imagenet_*.py, e.g. "
+        "--config configs/cifar_kd.py:res32x4_res8x4."), out.stderr[-2000:]
+
+
 def test_our_own_usage_is_not_taken_for_mdistillers():
   for args in (["--config", "configs/cifar_kd.py:res32x4_res8x4", "--workdir", "RUNS.A"],
                ["--config.lr=0.1", "--config.data.folder=data/cifar-100-python"]):
