@@ -62,6 +62,11 @@ def main():
   if os.path.exists(dst) and not FLAGS.overwrite:
     raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it, or "
                           "choose another directory.")
+  if os.path.isdir(src) and (checkpoint.is_train_workdir(checkpoint.workdir_of(src))
+                             or os.path.isfile(os.path.join(src, checkpoint.MODEL_JSON))):
+    raise ValueError(f"--src {src} is a model of this project already (a training run or a "
+                     "ported model): train.py's --config.teacher.checkpoint and eval.py take it "
+                     "as it is; export_weights.py makes a PyTorch file of it.")
   state_dict = porting.load_torch_state_dict(src, FLAGS.component,
                                              trust_pickle=FLAGS.trust_pickle)
   found = arch is None

@@ -89,6 +89,7 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
   None accepts only a file holding one model.
   """
   if os.path.isfile(path):
+    _check_not_a_run_file(path)
     from sortkd_jax import porting
     state_dict = porting.load_torch_state_dict(path, component)
     arch = arch or porting.infer_arch(state_dict)
@@ -128,6 +129,17 @@ def check_num_classes(path: str, arch: str, model_classes: int,
         f"the data set it was trained on. To distill on this data, train a teacher on it first "
         f"(scripts/train.py {_teacher_recipe(arch)} with this data and a --workdir, then pass "
         "that workdir as --config.teacher.checkpoint).")
+
+
+def _check_not_a_run_file(path: str) -> None:
+  """A run's own files (its config.json, say) are not PyTorch files to convert: points to the
+  run."""
+  workdir = os.path.dirname(path) or os.curdir
+  if (os.path.basename(path) in (workdirs.CONFIG_FILE, "metrics.jsonl", workdirs.LOCK_FILE)
+      and checkpoint.is_train_workdir(workdir)):
+    raise ValueError(f"{path} is a file of the training run in {workdir}: pass the workdir "
+                     "itself (its best epoch is used) or one kept epoch, "
+                     f"{os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR, '<epoch>')}.")
 
 
 def _check_not_inside_a_run(path: str) -> None:

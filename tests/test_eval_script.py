@@ -50,6 +50,7 @@ def _last_json(out):
     ("run_without_checkpoints", "has no checkpoint yet: no epoch finished"),
     ("checkpoints_folder", "is inside the training run"),
     ("image_folder", "is not a sortkd model checkpoint"),
+    ("run_file", "is a file of the training run in"),  # not "a PyTorch file damaged"
 ])
 def test_a_wrong_checkpoint_fails_before_the_data_is_read(tmp_path, kind, message):
   """Offline, reading the default CIFAR-100 first meant minutes of tfds retries before this
@@ -57,7 +58,7 @@ def test_a_wrong_checkpoint_fails_before_the_data_is_read(tmp_path, kind, messag
   run = tmp_path / "run"
   path = {"missing": tmp_path / "none", "run_without_epoch": run,
           "run_without_checkpoints": run, "checkpoints_folder": run / "checkpoints",
-          "image_folder": tmp_path / "images"}[kind]
+          "image_folder": tmp_path / "images", "run_file": run / "config.json"}[kind]
   os.makedirs(tmp_path / "images")
   (tmp_path / "images" / "0.jpg").write_bytes(b"\xff\xd8\xff")
   os.makedirs(run)

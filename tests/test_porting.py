@@ -522,6 +522,14 @@ def test_port_weights_script(pth_files, tmp_path):
   assert r.returncode != 0 and "already exists; pass --overwrite" in r.stderr
   r = port_weights("--src", pth_files["teacher"], "--dst", "")  # not the current directory
   assert r.returncode == 1 and "error: --dst is empty: name the directory" in r.stderr
+  # Our own models need no conversion (the error said to pass a .pth file from inside them).
+  os.makedirs(tmp_path / "run" / "checkpoints" / "3")
+  for ours in (dst, tmp_path / "run", tmp_path / "run" / "checkpoints" / "3"):
+    r = port_weights("--src", ours, "--dst", tmp_path / "new")
+    assert r.returncode == 1 and r.stderr.splitlines()[-1] == (
+        f"error: --src {ours} is a model of this project already (a training run or a ported "
+        "model): train.py's --config.teacher.checkpoint and eval.py take it as it is; "
+        "export_weights.py makes a PyTorch file of it."), r.stderr[-2000:]
   # A trainer file holds a student and a teacher: neither is taken without --component.
   r = port_weights("--arch", "resnet8", "--src", pth_files["latest"], "--dst", dst,
                    "--overwrite")
