@@ -39,6 +39,8 @@ def main():
   if not os.path.isdir(src):
     raise ValueError(f"--checkpoint {src!r} is a file: give a training workdir or a directory "
                      "from scripts/port_weights.py (a .pth file is PyTorch already).")
+  if not dst.strip():
+    raise ValueError("--dst is empty: name the file to write, e.g. student_best.pth.")
   if os.path.isdir(dst) or dst.endswith((os.sep, "/")):
     raise ValueError(f"--dst {dst!r} names a directory; give the file to write, e.g. "
                      f"{os.path.join(dst, 'student_best.pth')}.")

@@ -1228,7 +1228,8 @@ def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epo
   errors = {"is PyTorch already": (dst, tmp_path / "x.pth"),
             "does not exist.": (tmp_path / "typo", tmp_path / "x.pth"),
             "folder of --dst .* does not exist": (kd_one_epoch.workdir, tmp_path / "no" / "x.pth"),
-            "names a directory; give the file": (kd_one_epoch.workdir, f"{tmp_path / 'new'}/")}
+            "names a directory; give the file": (kd_one_epoch.workdir, f"{tmp_path / 'new'}/"),
+            "--dst is empty: name the file": (kd_one_epoch.workdir, "")}
   for message, (src, to) in errors.items():
     out = run_script("export_weights.py", "--checkpoint", src, "--dst", to)
     assert not os.path.exists(tmp_path / "new")  # was written as a file named 'new'
