@@ -17,11 +17,13 @@ the compute dtype. A training workdir without `--config` is evaluated as its run
 by its config.json (data, batch, dtype: a bf16 run's figures come out exactly), with the
 `--config.*` overrides applied (e.g. `--config.dtype=float32`); those are checked against the
 default recipe (cifar_vanilla.py) first, so an ImageNet-only field (`data.manual_dir`,
-`data.shuffle_buffer`) needs the run's recipe as `--config`. Prints one JSON line: checkpoint,
-arch, epoch (of a training workdir: its best, the latest among ties, or the one named; else
-null), split, dtype, test loss, top-1, top-5 and the number of examples counted. The checkpoint
-is read before the data, so a wrong path fails at once. A non-finite test loss (damaged or
-diverged weights) is printed, then reported as an error (exit status 1).
+`data.shuffle_buffer`) needs the run's recipe as `--config`. With `--config`, a run is
+evaluated on that config's data: a warning names both when they differ, and a run trained on
+the other pipeline (CIFAR's normalisation, or ImageNet's) is refused. Prints one JSON line:
+checkpoint, arch, epoch (of a training workdir: its best, the latest among ties, or the one
+named; else null), split, dtype, test loss, top-1, top-5 and the number of examples counted. The
+checkpoint is read before the data, so a wrong path fails at once. A non-finite test loss
+(damaged or diverged weights) is printed, then reported as an error (exit status 1).
 """
 
 import json
