@@ -494,7 +494,7 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
   held on the device; a `tf_data` split (ImageNet) is streamed, resized and centre-cropped.
   """
   dtype = compute_dtype(config) if dtype is None else dtype
-  check_config(config)
+  check_config(config, training=False)
   d = config.data
   if d.pipeline == "on_device":
     if test_split is None:
@@ -629,7 +629,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   launched = time.perf_counter()
-  methods.validate(config)
   check_config(config)
   workdirs.check_resumable(config, workdir)
   if (checkpoint.latest_saved_epoch(workdir) or 0) >= config.num_epochs:
@@ -816,8 +815,12 @@ def _sum_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(sum(np.asarray(m[k], np.float64) for m in fetched)) for k in fetched[0]}
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Fails early, before anything is read or written, on a bad model name, pipeline or size."""
+def check_config(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
+  """Fails early, before anything is read or written, on a bad method, model name, pipeline,
+  size or optimiser setting. `training=False` (an evaluation) leaves out what only training
+  reads: a run's config.json may hold settings refused since (say, checkpoints_to_keep=0)."""
+  if training:
+    methods.validate(config)
   models.check_name(config.student.name, "config.student.name")
   if methods.uses_teacher(config):
     models.check_name(config.teacher.name, "config.teacher.name")
@@ -829,7 +832,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      "resized crops, data.shuffle_buffer, data.manual_dir); this config's data "
                      "is CIFAR-sized: keep 'on_device', or use a configs/imagenet_*.py recipe.")
   sizes = {key: config[key] for key in ("batch_size", "eval_batch_size", "num_epochs",
-                                        "log_every_steps", "checkpoints_to_keep")}
+                                        "log_every_steps")}
   if config.steps_per_dispatch is not None:
     sizes["steps_per_dispatch"] = config.steps_per_dispatch
   sizes.update({f"data.{key}": config.data[key] for key in ("image_size", "max_train_examples",
@@ -843,8 +846,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           and all(a < b for a, b in zip(decay, decay[1:]))):
     raise ValueError("config.lr_decay_epochs must be increasing positive epochs, e.g. "
                      f"'--config.lr_decay_epochs=(150,180,210)', got {decay!r}.")
-  # Out of range, SGD trains on and diverges (gradient ascent, growing weights) without a word.
-  ranges = {"lr": (lambda v: v > 0, "positive"), "lr_decay_rate": (lambda v: v > 0, "positive"),
+  if not training:
+    return
+  # Out of range, these lost epochs (0 kept the best alone, -1 broke the next save) or trained
+  # on, diverging (gradient ascent, growing weights), without a word.
+  ranges = {"checkpoints_to_keep": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+            "lr": (lambda v: v > 0, "positive"), "lr_decay_rate": (lambda v: v > 0, "positive"),
             "weight_decay": (lambda v: v >= 0, "at least 0"),
             "momentum": (lambda v: 0 <= v < 1, "in [0, 1)")}
   for key, (valid, wanted) in ranges.items():

@@ -65,6 +65,9 @@ def test_a_bad_config_is_refused_as_the_trainer_refuses_it():
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "error: config.data.pipeline='tf_data' is the ImageNet recipes' stream" in proc.stderr
   assert "train_step" not in proc.stdout
+  proc = run_script("benchmark.py", "--config.method=kdd", "--noeval", timeout=600)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "error: Unknown config.method 'kdd'" in proc.stderr
 
 
 def _jpeg_folder(root, count=8, size=(80, 96)):

@@ -112,6 +112,7 @@ def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
   # Without --config, an epoch is evaluated as its run evaluated it: by its config.json.
   config = cifar_vanilla.get_config()
   config.dtype = "bfloat16"
+  config.checkpoints_to_keep = 0  # refused for training since, and no business of evaluation
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort())
   as_run = run_script("eval.py", "--checkpoint", os.path.join(workdir, "checkpoints", "3"),
