@@ -103,15 +103,15 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
-  """Refuses a blank workdir, and one at or inside the image folder the run reads: its
-  checkpoints/ and tensorboard/ would become class folders of that data."""
+  """Refuses a blank workdir, and one at or inside the data folder the run reads: its
+  checkpoints/ and tensorboard/ would become class folders of an image folder."""
   if not workdir.strip():
     raise ValueError(f"--workdir {workdir!r} is blank; name a directory.")
   if data.get("folder"):
     folder = os.path.realpath(os.path.expanduser(data.folder))
     if os.path.commonpath([folder, os.path.realpath(workdir)]) == folder:
-      raise ValueError(f"--workdir {workdir} is inside the image folder {data.folder} that the "
-                       "run reads, whose class folders its files would join; choose a "
+      raise ValueError(f"--workdir {workdir} is inside the data folder {data.folder} that the "
+                       "run reads (its files would be read as part of the data); choose a "
                        "directory outside it.")
 
 
@@ -200,8 +200,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     recorded = json.loads(config.to_json_best_effort())
     for field in _PATH_FIELDS:
       group, name = field.split(".")
-      if recorded.get(group, {}).get(name):
-        recorded[group][name] = os.path.abspath(os.path.expanduser(recorded[group][name]))
+      value = recorded.get(group, {}).get(name)
+      if value and "://" not in value:  # not a URL, such as tfds's gs://bucket/... data_dir
+        recorded[group][name] = os.path.abspath(os.path.expanduser(value))
     path = os.path.join(workdir, CONFIG_FILE)
     with open(path + ".tmp", "w") as f:
       json.dump(recorded, f, indent=2, sort_keys=True)
