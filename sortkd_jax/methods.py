@@ -179,6 +179,9 @@ def loss_terms(config: ml_collections.ConfigDict, student_logits: jax.Array,
   if uses_teacher(config) and teacher_logits is None:
     raise ValueError(f"config.method {config.method!r} needs the teacher's logits; "
                      "got teacher_logits=None.")
+  if params is not None and not isinstance(params, dict):
+    raise TypeError(f"params is a dict, as methods.init_params(config) makes, e.g. "
+                    f"{{'ctkd_theta': θ}}; got {type(params).__name__}.")
   params = params or {}
   missing = init_params(config).keys() - params.keys()
   if missing:

@@ -113,8 +113,8 @@ def _train_step(state: TrainState, images, labels, teacher_logits, *, config, st
   def loss_fn(params):
     student = nnx.merge(student_graphdef, params["student"], state.batch_stats)
     logits = student(images)
-    method_params = {k: v for k, v in params.items() if k != "student"}
-    terms = methods.loss_terms(config, logits, teacher_logits, labels, epoch, method_params)
+    terms = methods.loss_terms(config, logits, teacher_logits, labels, epoch,
+                               _method_params(params))
     new_stats = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
     return sum(terms.values()), (terms, logits, new_stats)
 
@@ -126,8 +126,13 @@ def _train_step(state: TrainState, images, labels, teacher_logits, *, config, st
   n = jnp.float32(labels.shape[0])
   metrics = {"loss": loss * n, "top1": losses.topk_correct(logits, labels, 1).sum(),
              "count": n, **{f"loss_{k}": v * n for k, v in terms.items()},
-             **{k: v * n for k, v in methods.logged_values(config, params).items()}}
+             **{k: v * n for k, v in methods.logged_values(config, _method_params(params)).items()}}
   return state, metrics
+
+
+def _method_params(params: PyTree) -> PyTree:
+  """The trainable parameters of the method (`methods.init_params`), beside the student's."""
+  return {k: v for k, v in params.items() if k != "student"}
 
 
 def make_train_step(config: ml_collections.ConfigDict, *, student_graphdef: nnx.GraphDef,

@@ -90,6 +90,10 @@ def test_loss_terms_names_what_is_missing(module, change, message):
   arguments.pop("method", None)
   with pytest.raises(ValueError, match=message):
     methods.loss_terms(config, logits, labels=labels, epoch=jnp.float32(1.0), **arguments)
+  if config.method == "ctkd":  # θ alone, as loss_terms took it before its params dict
+    with pytest.raises(TypeError, match=r"params is a dict, as methods.init_params\(config\) "
+                       r"makes, e.g. \{'ctkd_theta': θ\}; got ArrayImpl"):
+      methods.loss_terms(config, logits, logits, labels, jnp.float32(1.0), jnp.float32(0.0))
 
 
 def test_a_new_method_is_checked_for_its_group_and_scalar_terms(monkeypatch):
