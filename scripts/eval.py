@@ -126,11 +126,15 @@ def _warn_of_other_data(config) -> None:
 
 def _data_source(data) -> str:
   """Where a config's test split is read from, in words."""
-  path = lambda p: os.path.abspath(os.path.expanduser(p))  # noqa: E731
   if data.get("folder"):
-    return f"the image folder {path(data['folder'])}"
-  where = f" in {path(data['data_dir'])}" if data.get("data_dir") else ""
+    return f"the folder {_resolved(data['folder'])}"
+  where = f" in {_resolved(data['data_dir'])}" if data.get("data_dir") else ""
   return f"tfds {data.get('name')!r}{where}"
+
+
+def _resolved(path: str) -> str:
+  """A local path as the data reader opens it (a URL as it is)."""
+  return path if "://" in path else os.path.realpath(os.path.expanduser(path))
 
 
 if __name__ == "__main__":
