@@ -202,7 +202,7 @@ _NONE_OVERRIDES: list[str] = []
 def _expand_tildes(args: list[str]) -> list[str]:
   """`--FLAG=~/path` with its `~` expanded, as the shell expands `--FLAG ~/path`: after `=` it
   leaves `~` alone, and a run then made a folder named `~` in the working directory."""
-  return [re.sub(r"^(--[\w.-]+=)(~[^/]*)(?=/|$)", lambda m: m[1] + os.path.expanduser(m[2]), arg)
+  return [re.sub(r"^(--?[\w.-]+=)(~[^/]*)(?=/|$)", lambda m: m[1] + os.path.expanduser(m[2]), arg)
           for arg in args]
 
 

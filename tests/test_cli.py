@@ -142,6 +142,15 @@ def test_config_overrides_in_mdistillers_names_say_ours(override, expected):
   assert out.returncode == 1 and expected in out.stderr.splitlines()[-1], out.stderr
 
 
+def test_a_tilde_after_an_equals_sign_is_expanded_as_the_shell_would(monkeypatch):
+  """absl takes `-flag=value` too; a `~` inside a value, or of an unknown user, stays."""
+  monkeypatch.setenv("HOME", "/home/me")
+  assert cli._expand_tildes(["--workdir=~/runs/x", "-workdir=~", "--config.data.folder=~/d",
+                             "--dst=a~/b", "--x=~nosuchuser_sortkd/y", "~/positional"]) == [
+      "--workdir=/home/me/runs/x", "-workdir=/home/me", "--config.data.folder=/home/me/d",
+      "--dst=a~/b", "--x=~nosuchuser_sortkd/y", "~/positional"]
+
+
 def test_a_config_file_that_is_not_a_recipe_is_named_so():
   """ml_collections' AttributeError names its module 'config_config', which was taken for a
   missing field of that name."""
