@@ -89,7 +89,8 @@ def _input_notes(src: str, arch: str) -> str:
     mean, std = augment.PIPELINE_STATS[pipeline]
     dataset = "ImageNet" if pipeline == "tf_data" else "CIFAR-100"
     notes += (f"\n  note        trained on images normalised with {dataset}'s mean {mean} and "
-              f"std {std}, not those of mdistiller's loader for {arch}: normalise so")
+              f"std {std}, not those of mdistiller's loader for {arch}: normalise its inputs "
+              "with these")
   return notes
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 from absl import logging
 
+METRICS_FILE = "metrics.jsonl"
+
 
 class Reporter:
   """Writes metrics from process 0; every other process only keeps time."""
@@ -31,7 +33,7 @@ class Reporter:
     self._window_start: tuple[float, int, int] | None = None  # (time, step, images)
     if self._is_writer:
       os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, "metrics.jsonl")
+      path = os.path.join(workdir, METRICS_FILE)
       kept_up_to = start_step if start_step > 0 else -1
       _drop_records_after(path, kept_up_to)
       self._jsonl = open(path, "a")

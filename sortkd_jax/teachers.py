@@ -18,7 +18,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from sortkd_jax import checkpoint, models, workdirs
+from sortkd_jax import augment, checkpoint, models, reporting, workdirs
 
 
 # The teachers mdistiller publishes (spec §6): `cifar_teachers.tar` on its GitHub release
@@ -135,7 +135,7 @@ def _check_not_a_run_file(path: str) -> None:
   """A run's own files (its config.json, say) are not PyTorch files to convert: points to the
   run."""
   workdir = os.path.dirname(path) or os.curdir
-  if (os.path.basename(path) in (workdirs.CONFIG_FILE, "metrics.jsonl", workdirs.LOCK_FILE)
+  if (os.path.basename(path) in (workdirs.CONFIG_FILE, reporting.METRICS_FILE, workdirs.LOCK_FILE)
       and checkpoint.is_train_workdir(workdir)):
     raise ValueError(f"{path} is a file of the training run in {workdir}: pass the workdir "
                      "itself (its best epoch is used) or one kept epoch, "
@@ -153,7 +153,8 @@ def _check_not_inside_a_run(path: str) -> None:
       raise ValueError(f"{path} is inside the training run {workdir}: pass the workdir itself "
                        f"(its best epoch is used) or one kept epoch, "
                        f"{os.path.join(workdir, part, '<epoch>')}.")
-  run_files = (workdirs.CONFIG_FILE, workdirs.LOCK_FILE)  # a run stopped at start-up has only its lock
+  # A run stopped at start-up has only its lock.
+  run_files = (workdirs.CONFIG_FILE, workdirs.LOCK_FILE)
   if (any(os.path.isfile(os.path.join(path, f)) for f in run_files)
       and checkpoint.latest_saved_epoch(path) is None):
     raise FileNotFoundError(f"The training run in {path} has no checkpoint yet: no epoch "
@@ -203,6 +204,7 @@ def check_teacher_exists(teacher: ml_collections.ConfigDict,
 # How each pipeline normalises (augment.PIPELINE_STATS): a model learns it with its weights.
 _PIPELINE_INPUTS = {"on_device": "CIFAR's normalisation (the CIFAR recipes)",
                     "tf_data": "ImageNet's normalisation (the ImageNet recipes)"}
+assert _PIPELINE_INPUTS.keys() == augment.PIPELINE_STATS.keys()
 
 
 def check_same_inputs(path: str, data: ml_collections.ConfigDict, *, role: str,

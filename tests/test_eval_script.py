@@ -195,6 +195,6 @@ def test_a_tilde_after_an_equals_sign_is_the_home_folder(tmp_path):
   # A --config.* override, read as eval.py defines its default recipe: the same.
   out = run_script("eval.py", "--checkpoint=~/model", "--config.data.folder=~/nodata", env=home,
                    cwd=tmp_path / "elsewhere")
-  assert out.returncode == 1 and f"image folder {tmp_path / 'nodata'}" in out.stderr, (
+  assert out.returncode == 1 and f"folder {tmp_path / 'nodata'}" in out.stderr, (
       out.stderr[-2000:])
   assert os.listdir(tmp_path / "elsewhere") == []

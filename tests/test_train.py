@@ -475,12 +475,13 @@ def test_config_json_records_the_paths_absolute(tmp_path, monkeypatch):
   config = common.cifar_config(None, "kd")
   config.data.folder = "data/cifar10"
   config.data.cache_dir = "~/cache"
+  config.data.data_dir = "gs://bucket/tensorflow_datasets"  # tfds reads URLs: left as they are
   workdirs.write_config(config, "run")
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["data"]["folder"] == str(tmp_path / "data" / "cifar10")
   assert saved["data"]["cache_dir"] == str(tmp_path / "home" / "cache")  # as the run read it
   assert saved["teacher"]["checkpoint"] == str(tmp_path / "teachers" / "resnet32x4")
-  assert saved["data"]["data_dir"] is None and saved["data"]["folder"] != config.data.folder
+  assert saved["data"]["data_dir"] == "gs://bucket/tensorflow_datasets"
   assert {k: v for k, v in saved.items() if k not in ("data", "teacher")} == {
       k: v for k, v in json.loads(config.to_json_best_effort()).items()
       if k not in ("data", "teacher")}
@@ -663,7 +664,7 @@ def test_a_workdir_inside_the_image_folder_or_blank_is_refused(teacher_dir, tmp_
   os.makedirs(folder / "train")
   for workdir in (folder, folder / "train", folder / "runs" / "x"):
     config = tiny_config("kd", teacher_dir, **{"data.folder": str(folder)})
-    with pytest.raises(ValueError, match=f"--workdir {workdir} is inside the image folder "):
+    with pytest.raises(ValueError, match=f"--workdir {workdir} is inside the data folder "):
       train.train_and_evaluate(config, str(workdir))
   assert sorted(os.listdir(folder)) == ["train"] and os.listdir(folder / "train") == []
   with pytest.raises(ValueError, match="--workdir ' ' is blank"):
@@ -1224,7 +1225,7 @@ def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epo
           "(nn.AdaptiveAvgPool2d(1))") in out.stdout
   assert ("note        trained on images normalised with ImageNet's mean (0.485, 0.456, 0.406) "
           "and std (0.229, 0.224, 0.225), not those of mdistiller's loader for resnet8: "
-          "normalise so") in out.stdout
+          "normalise its inputs with these") in out.stdout
   errors = {"is PyTorch already": (dst, tmp_path / "x.pth"),
             "does not exist.": (tmp_path / "typo", tmp_path / "x.pth"),
             "folder of --dst .* does not exist": (kd_one_epoch.workdir, tmp_path / "no" / "x.pth"),
