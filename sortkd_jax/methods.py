@@ -16,7 +16,7 @@ parameters it adds beside the student's (`init_params`: CTKD's θ; empty for the
 terms come already weighted; the trainer sums them and logs each as `loss_<name>`, with
 `logged_values` beside them. Its hyperparameters are the config group named after it, and for
 LSKD and CTKD also the group of their base loss (`kd`, `dkd`; configs/common.py gives every
-recipe every group).
+recipe every group); `unread_fields` lists the groups it does not read, which a resume may change.
 """
 
 from __future__ import annotations
@@ -37,6 +37,21 @@ BASE_LOSSES = ("kd", "dkd")
 
 def uses_teacher(config: ml_collections.ConfigDict) -> bool:
   return config.method != "vanilla"
+
+
+def unread_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The config groups and fields that `config.method` never reads, so that a resumed run may
+  change them: the other methods' hyperparameter groups (LSKD and CTKD read their base loss's
+  too), and without a teacher the teacher group and `sort`."""
+  read = {config.method}
+  if config.method == "lskd" and config.lskd.base == "dkd":
+    read.add("dkd")
+  if config.method == "ctkd":
+    read.add(config.ctkd.base)
+    if config.ctkd.standardize:  # LSKD's weights on that base, with the learned τ
+      read.add("lskd")
+  unread = sorted(set(_REGISTRY) - {"vanilla"} - read)
+  return tuple(unread) if uses_teacher(config) else (*unread, "teacher", "sort")
 
 
 def init_params(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:

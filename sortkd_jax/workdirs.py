@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from sortkd_jax import checkpoint
+from sortkd_jax import checkpoint, methods
 
 LOCK_FILE = "train.lock"
 CONFIG_FILE = "config.json"
@@ -158,13 +158,25 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   if added:
     logging.info("Fields new since this run started, taken as the config gives them: %s.",
                  ", ".join(f"{k}={current[k]!r}" for k in added))
-  changed = [f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in sorted(saved)
-             if k not in RESUMABLE_CHANGES and saved[k] != current.get(k)]
+  differ = {k: f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in sorted(saved)
+            if saved[k] != current.get(k)}
+  unread = [text for k, text in differ.items() if _unread_by_method(config, k)]
+  changed = [text for k, text in differ.items()
+             if k not in RESUMABLE_CHANGES and not _unread_by_method(config, k)]
   if changed:
     raise ValueError(
         f"{workdir} holds a run with another config ({'; '.join(changed)}). Use a new "
         f"--workdir, or the run's own settings to resume it (only "
-        f"{', '.join(RESUMABLE_CHANGES)} may change).")
+        f"{', '.join(RESUMABLE_CHANGES)} may change, and what config.method does not read).")
+  if unread:
+    logging.info("Changed fields that config.method %r does not read, taken as the config "
+                 "gives them: %s.", config.method, "; ".join(unread))
+
+
+def _unread_by_method(config: ml_collections.ConfigDict, key: str) -> bool:
+  """Whether the flat `key` lies in a group or field that `config.method` never reads (the
+  method itself is compared, so it is the run's whenever this matters)."""
+  return any(key == u or key.startswith(f"{u}.") for u in methods.unread_fields(config))
 
 
 def check_same_teacher(teacher_path: str, saved_meta: dict[str, Any],

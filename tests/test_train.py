@@ -504,7 +504,7 @@ RESUMABLE = ("num_epochs", "log_every_steps", "steps_per_dispatch", "eval_batch_
              "checkpoints_to_keep", "data.folder", "data.data_dir", "data.cache_dir",
              "data.manual_dir", "data.download", "teacher.checkpoint", "teacher.fold_batchnorm")
 REFUSED = ("seed", "lr", "batch_size", "dtype", "method", "sort", "weight_decay", "momentum",
-           "lr_decay_epochs", "lr_decay_rate", "kd.temperature", "dkd.beta", "student.name",
+           "lr_decay_epochs", "lr_decay_rate", "kd.temperature", "student.name",
            "teacher.name", "data.name", "data.image_size", "data.max_train_examples",
            "data.pipeline", "data.train_split", "data.test_split",
            "data.max_test_examples")  # the test set the best top-1 so far was measured on
@@ -526,6 +526,43 @@ def test_resume_accepts_exactly_the_documented_changes(teacher_dir, tmp_path, ke
   else:
     with pytest.raises(ValueError, match=rf"another config \({re.escape(key)}: "):
       workdirs.check_resumable(config, str(workdir))
+
+
+# (recipe, its settings, a changed field, whether the method reads it so a resume refuses it)
+METHOD_READS = [
+    ("kd", {}, "dkd.beta", False), ("kd", {}, "lskd.temperature", False),
+    ("kd", {}, "ctkd.t_end", False),
+    ("vanilla", {}, "teacher.name", False), ("vanilla", {}, "sort", False),
+    ("vanilla", {}, "kd.temperature", False), ("vanilla", {}, "lr", True),
+    ("dkd", {}, "dkd.alpha", True), ("dkd", {}, "kd.kd_weight", False),
+    ("lskd", {}, "dkd.beta", False), ("lskd", {"lskd.base": "dkd"}, "dkd.beta", True),
+    ("lskd", {"lskd.base": "dkd"}, "kd.temperature", False),
+    ("ctkd", {}, "kd.kd_weight", True), ("ctkd", {}, "lskd.kd_weight", False),
+    ("ctkd", {}, "dkd.beta", False), ("ctkd", {"ctkd.base": "dkd"}, "dkd.beta", True),
+    ("ctkd", {"ctkd.standardize": True}, "lskd.kd_weight", True),
+]
+
+
+@pytest.mark.parametrize("recipe,settings,key,read", METHOD_READS)
+def test_resume_ignores_only_what_the_method_does_not_read(teacher_dir, tmp_path, caplog,
+                                                            recipe, settings, key, read):
+  """Another method's hyperparameters (or, without a teacher, the teacher's) do not change what
+  a run trains: a resume takes them as given, and logs them."""
+  config = tiny_config(recipe, teacher_dir, **settings)
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / "checkpoints" / "1")
+  (workdir / "config.json").write_text(config.to_json_best_effort())
+  group, _, field = key.rpartition(".")
+  target = config[group] if group else config
+  target[field] = _another_value(target[field])
+  if read:
+    with pytest.raises(ValueError, match=rf"another config \({re.escape(key)}: "):
+      workdirs.check_resumable(config, str(workdir))
+  else:
+    caplog.set_level(logging.INFO, logger="absl")
+    workdirs.check_resumable(config, str(workdir))
+    assert (f"Changed fields that config.method {recipe!r} does not read, taken as the config "
+            f"gives them: {key}: ") in caplog.text
 
 
 def test_epoch_plan_keeps_every_image_but_a_remainder_below_the_device_count():
