@@ -500,7 +500,7 @@ def _another_value(value):
 
 
 # README ("A workdir resumes only with its own config: ..."): what a resumed run may change.
-RESUMABLE = ("num_epochs", "log_every_steps", "steps_per_dispatch", "eval_batch_size",
+RESUMABLE = ("pair", "num_epochs", "log_every_steps", "steps_per_dispatch", "eval_batch_size",
              "checkpoints_to_keep", "data.folder", "data.data_dir", "data.cache_dir",
              "data.manual_dir", "data.download", "teacher.checkpoint", "teacher.fold_batchnorm")
 REFUSED = ("seed", "lr", "batch_size", "dtype", "method", "sort", "weight_decay", "momentum",
