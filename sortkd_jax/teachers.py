@@ -197,24 +197,31 @@ def check_teacher_exists(teacher: ml_collections.ConfigDict,
     checkpoint.check_run_epoch_kept(teacher.checkpoint or "")
     raise FileNotFoundError(missing_teacher_message(teacher.name, teacher.checkpoint, data))
   if data is not None:
-    check_same_inputs(teacher.checkpoint, data, role="teacher",
+    check_same_inputs(teacher.checkpoint, data, arch=teacher.name, role="teacher",
                       fix="distill from a teacher trained with this run's recipe")
 
 
 # How each pipeline normalises (augment.PIPELINE_STATS): a model learns it with its weights.
-_PIPELINE_INPUTS = {"on_device": "CIFAR's normalisation (the CIFAR recipes)",
-                    "tf_data": "ImageNet's normalisation (the ImageNet recipes)"}
+_PIPELINE_INPUTS = {"on_device": "CIFAR's normalisation", "tf_data": "ImageNet's normalisation"}
 assert _PIPELINE_INPUTS.keys() == augment.PIPELINE_STATS.keys()
 
 
-def check_same_inputs(path: str, data: ml_collections.ConfigDict, *, role: str,
-                      fix: str) -> None:
+def check_same_inputs(path: str, data: ml_collections.ConfigDict, *, arch: str | None = None,
+                      role: str, fix: str) -> None:
   """A model from a run of this project (`path`: its workdir or one kept epoch) is refused on
   the other pipeline, whose normalisation it never saw (its logits would be silently off), and
-  warned about at another image size. Other models record no pipeline: nothing to check."""
+  warned about at another image size. Other models (ported, PyTorch files) record no pipeline:
+  an `arch` fed otherwise than mdistiller and torchvision train it is warned about."""
   workdir = checkpoint.workdir_of(path)
   if not (checkpoint.is_train_workdir(workdir)
           and os.path.isfile(os.path.join(workdir, workdirs.CONFIG_FILE))):
+    usual = "tf_data" if arch and models.native_image_size(arch) == 224 else "on_device"
+    if arch and data.get("pipeline") in _PIPELINE_INPUTS and data.pipeline != usual:
+      logging.warning(
+          "The %s %s, a %s, records no normalisation; mdistiller and torchvision train one with "
+          "%s, and it is fed the %r pipeline's images, with %s: unless it was trained so, its "
+          "logits are off (%s).", role, path, arch, _PIPELINE_INPUTS[usual], data.pipeline,
+          _PIPELINE_INPUTS[data.pipeline], fix)
     return
   try:
     trained = workdirs.read_run_config(workdir).get("data", {})

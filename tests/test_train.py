@@ -452,8 +452,8 @@ def test_a_teacher_run_is_refused_on_the_pipeline_it_did_not_train_on(tmp_path, 
     imagenet = common.imagenet_config(None, "kd").data
     with pytest.raises(ValueError, match=(
         "The teacher's run in .* was trained on the 'on_device' pipeline, with CIFAR's "
-        "normalisation .*; it would be fed the 'tf_data' pipeline's images, with ImageNet's "
-        "normalisation .*, which it never saw: distill from a teacher trained with this run's "
+        "normalisation; it would be fed the 'tf_data' pipeline's images, with ImageNet's "
+        "normalisation, which it never saw: distill from a teacher trained with this run's "
         "recipe.")):
       teachers.check_teacher_exists(teacher, imagenet)
     cifar = common.cifar_config(None, "kd").data
@@ -464,6 +464,18 @@ def test_a_teacher_run_is_refused_on_the_pipeline_it_did_not_train_on(tmp_path, 
     teachers.check_teacher_exists(teacher, cifar)
     assert f"The teacher's run in {tmp_path} was trained on 32-px images; it is fed 64-px" in (
         caplog.text)
+  # A ported model records no pipeline: its architecture's usual one is assumed, and warned of.
+  ported = str(tmp_path / "ported")
+  checkpoint.save_model(ported, model, arch="resnet8", num_classes=10)
+  teacher = ml_collections.ConfigDict(dict(name="resnet8", checkpoint=ported))
+  caplog.clear()
+  teachers.check_teacher_exists(teacher, common.cifar_config(None, "kd").data)
+  assert "records no normalisation" not in caplog.text
+  teachers.check_teacher_exists(teacher, common.imagenet_config(None, "kd").data)
+  assert (f"The teacher {ported}, a resnet8, records no normalisation; mdistiller and "
+          "torchvision train one with CIFAR's normalisation, and it is fed the 'tf_data' "
+          "pipeline's images, with ImageNet's normalisation: unless it was trained so, its "
+          "logits are off") in caplog.text
 
 
 def test_config_json_records_the_paths_absolute(tmp_path, monkeypatch):
