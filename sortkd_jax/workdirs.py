@@ -147,7 +147,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"{CONFIG_FILE}, so resuming cannot check that they were trained with this config: "
         f"copy the run's {CONFIG_FILE} back beside checkpoints/, or use a new --workdir.")
   saved = _flat(read_run_config(workdir))
-  current = _flat(json.loads(config.to_json_best_effort()))
+  current = _flat(_as_recorded(config))  # paths as config.json records them
   lacking = [k for k in ("method", "student.name", "data.name", "seed") if k not in saved]
   if lacking:  # fields every version writes: not a run's config as it saved it
     raise ValueError(
@@ -207,18 +207,23 @@ _PATH_FIELDS = ("data.folder", "data.data_dir", "data.cache_dir", "data.manual_d
                 "teacher.checkpoint")
 
 
+def _as_recorded(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`config` as config.json records it: JSON, its `_PATH_FIELDS` absolute."""
+  recorded = json.loads(config.to_json_best_effort())
+  for field in _PATH_FIELDS:
+    group, name = field.split(".")
+    value = recorded.get(group, {}).get(name)
+    if value and "://" not in value:  # not a URL, such as tfds's gs://bucket/... data_dir
+      recorded[group][name] = os.path.abspath(os.path.expanduser(value))
+  return recorded
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Process 0 replaces config.json whole: the other processes may be reading it."""
   if jax.process_index() == 0:
-    recorded = json.loads(config.to_json_best_effort())
-    for field in _PATH_FIELDS:
-      group, name = field.split(".")
-      value = recorded.get(group, {}).get(name)
-      if value and "://" not in value:  # not a URL, such as tfds's gs://bucket/... data_dir
-        recorded[group][name] = os.path.abspath(os.path.expanduser(value))
     path = os.path.join(workdir, CONFIG_FILE)
     with open(path + ".tmp", "w") as f:
-      json.dump(recorded, f, indent=2, sort_keys=True)
+      json.dump(_as_recorded(config), f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
 
 

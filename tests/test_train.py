@@ -478,7 +478,7 @@ def test_a_teacher_run_is_refused_on_the_pipeline_it_did_not_train_on(tmp_path, 
           "logits are off") in caplog.text
 
 
-def test_config_json_records_the_paths_absolute(tmp_path, monkeypatch):
+def test_config_json_records_the_paths_absolute(tmp_path, monkeypatch, caplog):
   """eval.py and a run taking this one as its teacher read config.json from other working
   directories, where a relative data folder would name another folder or none."""
   monkeypatch.chdir(tmp_path)
@@ -498,6 +498,14 @@ def test_config_json_records_the_paths_absolute(tmp_path, monkeypatch):
       k: v for k, v in json.loads(config.to_json_best_effort()).items()
       if k not in ("data", "teacher")}
   assert set(workdirs._PATH_FIELDS) <= set(workdirs.RESUMABLE_CHANGES)  # resumes as given
+  # The same command again: nothing changed, nothing to report (a vanilla run, which does not
+  # read its teacher group, logged its relative teacher path as changed).
+  config.method = "vanilla"
+  workdirs.write_config(config, "run")
+  os.makedirs(tmp_path / "run" / "checkpoints" / "1")
+  caplog.set_level(logging.INFO, logger="absl")
+  workdirs.check_resumable(config, "run")
+  assert "Changed fields" not in caplog.text
 
 
 # A changed value of each kind of field, for the resume rules below.
