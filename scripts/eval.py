@@ -5,6 +5,7 @@
   python scripts/eval.py --checkpoint teachers/resnet32x4 --config configs/cifar_kd.py
   python scripts/eval.py --checkpoint ckpt_epoch_240.pth --config configs/cifar_kd.py
   python scripts/eval.py --checkpoint teachers/imagenet_ResNet34 --config configs/imagenet_kd.py
+  (a CPU trial: --config.data.max_test_examples=N, as the whole split at 224 px takes long)
 
 `--checkpoint` is a training workdir (its best epoch) or one kept epoch of it
 (`<workdir>/checkpoints/<epoch>`, as mdistiller's `epoch_N`), a directory from
