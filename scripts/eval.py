@@ -93,14 +93,12 @@ def _config():
   """--config; for a training workdir given without it, the run's own config.json (so its data
   and pipeline), with the command line's --config.* overrides applied."""
   import ml_collections
-  from sortkd_jax import checkpoint, workdirs
+  from sortkd_jax import workdirs
 
-  workdir = checkpoint.workdir_of(FLAGS.checkpoint)
-  saved = os.path.join(workdir, workdirs.CONFIG_FILE)
-  if FLAGS["config"].present or not (checkpoint.is_train_workdir(workdir)
-                                     and os.path.isfile(saved)):
+  recorded = None if FLAGS["config"].present else workdirs.run_config_of(FLAGS.checkpoint)
+  if recorded is None:
     return FLAGS.config
-  config = ml_collections.ConfigDict(workdirs.read_run_config(workdir))
+  config = ml_collections.ConfigDict(recorded)
   config.update_from_flattened_dict(FLAGS["config"].override_values)
   cli.apply_none_overrides(config, recipe=FLAGS.config)
   return config
@@ -111,14 +109,15 @@ def _warn_of_other_data(config) -> None:
   (offline, a default CIFAR-100 was minutes of download retries before any error)."""
   from sortkd_jax import checkpoint, workdirs
 
-  workdir = checkpoint.workdir_of(FLAGS.checkpoint)
-  if not (FLAGS["config"].present and checkpoint.is_train_workdir(workdir)
-          and os.path.isfile(os.path.join(workdir, workdirs.CONFIG_FILE))):
+  if not FLAGS["config"].present:
     return
   try:
-    trained = workdirs.read_run_config(workdir).get("data", {})
+    recorded = workdirs.run_config_of(FLAGS.checkpoint)
   except ValueError:
     return
+  if recorded is None:
+    return
+  trained, workdir = recorded.get("data", {}), checkpoint.workdir_of(FLAGS.checkpoint)
   if _data_source(trained) != _data_source(config.data):
     logging.warning("The run in %s was trained on %s; --config evaluates it on %s (leave --config "
                     "out to evaluate it on its run's data).", workdir, _data_source(trained),

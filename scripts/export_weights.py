@@ -69,12 +69,12 @@ def _input_notes(src: str, arch: str) -> str:
     at the native size;
   * normalised with the other dataset's statistics (a CIFAR model on an ImageNet recipe, or
     the reverse)."""
-  from sortkd_jax import augment, checkpoint, models, workdirs  # noqa: PLC0415
+  from sortkd_jax import augment, models, workdirs  # noqa: PLC0415
 
-  workdir = checkpoint.workdir_of(src)
-  if not os.path.isfile(os.path.join(workdir, workdirs.CONFIG_FILE)):
+  recorded = workdirs.run_config_of(src)
+  if recorded is None:
     return ""  # a ported model: trained by PyTorch code, at its native size
-  data = workdirs.read_run_config(workdir).get("data", {})
+  data = recorded.get("data", {})
   size, native = data.get("image_size"), models.native_image_size(arch)
   notes = ""
   if not (size in (None, native) or arch in ("ResNet18", "ResNet50") or arch.startswith("vgg")):

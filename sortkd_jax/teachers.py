@@ -212,9 +212,11 @@ def check_same_inputs(path: str, data: ml_collections.ConfigDict, *, arch: str |
   the other pipeline, whose normalisation it never saw (its logits would be silently off), and
   warned about at another image size. Other models (ported, PyTorch files) record no pipeline:
   an `arch` fed otherwise than mdistiller and torchvision train it is warned about."""
-  workdir = checkpoint.workdir_of(path)
-  if not (checkpoint.is_train_workdir(workdir)
-          and os.path.isfile(os.path.join(workdir, workdirs.CONFIG_FILE))):
+  try:
+    recorded = workdirs.run_config_of(path)
+  except ValueError:  # a check only: the weights are sound (a run's teacher warns of it)
+    return
+  if recorded is None:
     usual = "tf_data" if arch and models.native_image_size(arch) == 224 else "on_device"
     if arch and data.get("pipeline") in _PIPELINE_INPUTS and data.pipeline != usual:
       logging.warning(
@@ -223,10 +225,7 @@ def check_same_inputs(path: str, data: ml_collections.ConfigDict, *, arch: str |
           "logits are off (%s).", role, path, arch, _PIPELINE_INPUTS[usual], data.pipeline,
           _PIPELINE_INPUTS[data.pipeline], fix)
     return
-  try:
-    trained = workdirs.read_run_config(workdir).get("data", {})
-  except ValueError:  # a check only: the weights are sound (a run's teacher warns of it)
-    return
+  workdir, trained = checkpoint.workdir_of(path), recorded.get("data", {})
   was, now = trained.get("pipeline"), data.get("pipeline")
   if was in _PIPELINE_INPUTS and now in _PIPELINE_INPUTS and was != now:
     raise ValueError(

@@ -136,6 +136,16 @@ def read_run_config(workdir: str) -> dict[str, Any]:
                      "copy (eval.py also takes the run's recipe as --config instead).") from None
 
 
+def run_config_of(path: str) -> dict[str, Any] | None:
+  """The config.json of the run that `path` is (its workdir or one kept epoch), or None for
+  any other model (ported, a run without one); ValueError if it is damaged."""
+  workdir = checkpoint.workdir_of(path)
+  if not (checkpoint.is_train_workdir(workdir)
+          and os.path.isfile(os.path.join(workdir, CONFIG_FILE))):
+    return None
+  return read_run_config(workdir)
+
+
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses checkpoints that were trained with another recipe."""
   saved_path = os.path.join(workdir, CONFIG_FILE)
