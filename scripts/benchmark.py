@@ -45,8 +45,8 @@ from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from sortkd_jax import (augment, cli, distributed, input_pipeline, methods, models,  # noqa: E402
-                        train)
+from sortkd_jax import (augment, cli, distributed, evaluation, input_pipeline,  # noqa: E402
+                        methods, models, train)
 
 cli.define_config_flag(os.path.join(REPO, "configs", "cifar_kd.py:res32x4_res8x4"),
                        "Recipe whose method, models and loss are benchmarked.")
@@ -173,7 +173,7 @@ def main():
   if n < batch_size:
     raise ValueError(f"--num-examples {n} is smaller than the batch size {batch_size}.")
   if streaming and FLAGS.input:  # the data must be there before minutes of timing
-    source = train.stream_source(config.data)
+    source = input_pipeline.stream_source(config.data)
     try:
       input_pipeline.split_info(split=config.data.train_split, **source)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -214,7 +214,7 @@ def main():
                                         dtype=dtype)
     if config.teacher.get("fold_batchnorm"):
       models.fold_batchnorm(teacher_model, (size, size, 3))
-    teacher, teacher_vars = train.freeze(teacher_model)
+    teacher, teacher_vars = evaluation.freeze(teacher_model)
   state, teacher_vars = distributed.replicate((state, teacher_vars), mesh)
   images, labels = (jax.device_put((images_np, labels_np), NamedSharding(mesh, P("data")))
                     if streaming else distributed.replicate((images_np, labels_np), mesh))
@@ -268,25 +268,25 @@ def main():
 
   if FLAGS.eval:
     if streaming:  # the trainer's per-batch evaluator, over two device batches of its own
-      b = train.eval_batch_size(config.eval_batch_size, mesh.size)
+      b = evaluation.eval_batch_size(config.eval_batch_size, mesh.size)
       n_eval = 2 * b
       eval_batches = [jax.device_put(
           {"image": rng.integers(0, 256, (b, size, size, 3), np.uint8),
            "label": rng.integers(0, num_classes, (b,), dtype=np.int32),
            "mask": np.ones((b,), bool)}, NamedSharding(mesh, P("data"))) for _ in range(2)]
-      evaluate = train.make_streaming_evaluator(mesh, lambda: iter(eval_batches), dtype=dtype)
+      evaluate = evaluation.make_streaming_evaluator(mesh, lambda: iter(eval_batches), dtype=dtype)
     else:
       n_eval = min(n, 10_000)
-      evaluate = train.make_evaluator(mesh, images_np[:n_eval], labels_np[:n_eval],
+      evaluate = evaluation.make_evaluator(mesh, images_np[:n_eval], labels_np[:n_eval],
                                       config.eval_batch_size, dtype=dtype)
     student_vars = (box["state"].params["student"], box["state"].batch_stats)
-    network = train.Network(eval_graphdef)
+    network = evaluation.Network(eval_graphdef)
     t = time.perf_counter()
     evaluate(network, student_vars)
     first = time.perf_counter() - t
     stats = timed_windows(lambda: evaluate(network, student_vars), n_eval, FLAGS.windows,
                           FLAGS["window-seconds"].value)
-    report("eval_student", eval_batch_size=train.eval_batch_size(
+    report("eval_student", eval_batch_size=evaluation.eval_batch_size(
         config.eval_batch_size, mesh.size, None if streaming else n_eval), eval_images=n_eval,
            first_call_s=first, **stats)
 

@@ -52,7 +52,7 @@ FLAGS = flags.FLAGS
 
 
 def main():
-  from sortkd_jax import checkpoint, distributed, porting, teachers, train
+  from sortkd_jax import checkpoint, distributed, evaluation, porting, teachers, train
 
   if not os.path.exists(FLAGS.checkpoint):
     checkpoint.check_run_epoch_kept(FLAGS.checkpoint)
@@ -62,6 +62,7 @@ def main():
                      "is a directory, which holds one model (a run's student, a ported "
                      "model): leave --component out.")
   config = _config()
+  train.check_config(config, training=False)
   _warn_of_other_data(config)
   dtype = train.compute_dtype(config)
   # The model before the data: a wrong path fails in seconds, not after the data is read.
@@ -76,10 +77,10 @@ def main():
                  epoch, checkpoint.workdir_of(FLAGS.checkpoint),
                  ", its best" if meta["best"] else "", meta["test_top1"])
   mesh = distributed.make_mesh()
-  evaluate, num_classes = train.make_test_evaluator(config, mesh, dtype=dtype)
+  evaluate, num_classes = evaluation.make_test_evaluator(config, mesh, dtype=dtype)
   teachers.check_num_classes(FLAGS.checkpoint, meta["arch"], porting.num_classes_of(model),
                              num_classes)
-  network, variables = train.freeze(model)
+  network, variables = evaluation.freeze(model)
   metrics = evaluate(network, distributed.replicate(variables, mesh))
   print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": meta["arch"], "epoch": epoch,
                     "split": config.data.test_split, "dtype": config.dtype, **metrics}),

@@ -139,3 +139,10 @@ def _check_same_on_every_process(tree: PyTree) -> None:
 def to_host(tree: PyTree) -> PyTree:
   """Fetches replicated arrays (also those spanning several processes) as NumPy values."""
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def sum_on_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Sums of metric sums fetched from the device (per dispatch or eval batch), in float64 on
+  the host."""
+  fetched = to_host(metrics_list)
+  return {k: float(sum(np.asarray(m[k], np.float64) for m in fetched)) for k in fetched[0]}

@@ -32,6 +32,7 @@ from absl import logging
 from sortkd_jax import torchvision_cifar
 
 if TYPE_CHECKING:
+  import ml_collections
   import tensorflow as tf
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "sortkd_jax")
@@ -170,6 +171,33 @@ def synthetic_split(split: str, image_size: int = 32, num_classes: int = 100) ->
   n = _SYNTHETIC_SIZES[split]
   return ArraySplit(rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8),
                     rng.integers(0, num_classes, (n,), dtype=np.int32), num_classes)
+
+
+def load_splits(data: "ml_collections.ConfigDict",
+                include_train: bool = True) -> list[ArraySplit]:
+  """Train and test splits (or the test split alone) of a recipe's `config.data`, as host
+  arrays, truncated to its max_*_examples."""
+  source = dict(name=data.name, data_dir=data.data_dir, folder=data.folder,
+                cache_dir=data.cache_dir, image_size=data.image_size, download=data.download)
+  wanted = [("test", data.test_split, data.max_test_examples)]
+  if include_train:
+    wanted.insert(0, ("train", data.train_split, data.max_train_examples))
+  splits = []
+  for kind, split, limit in wanted:
+    s = load_array_split(split=split, **source)
+    if limit is not None and limit < len(s.labels):
+      logging.info("Split %r: its first %d of %d images (config.data.max_%s_examples).", split,
+                   limit, len(s.labels), kind)
+      s = dataclasses.replace(s, images=s.images[:limit], labels=s.labels[:limit])
+    splits.append(s)
+  return splits
+
+
+def stream_source(data: "ml_collections.ConfigDict") -> dict[str, Any]:
+  """The source arguments (`split_info`, the ImageNet datasets) of a tf.data recipe's
+  `config.data`."""
+  return dict(name=data.name, folder=data.folder, data_dir=data.data_dir,
+              manual_dir=data.manual_dir, download=data.download)
 
 
 def _load_folder_split(folder: str, split: str, cache_dir: str | None,

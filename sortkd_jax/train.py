@@ -20,7 +20,8 @@ ImageNet is where each process reads its own shard with tf.data and
 `input_pipeline.prefetch_to_device` assembles the global batch with
 `jax.make_array_from_process_local_data`. Process 0 writes config.json, metrics and TensorBoard
 events; every process takes part in orbax checkpoints, whose directory must be the same shared
-path for all. The workdir's lock and resume rules: `workdirs`.
+path for all. The workdir's lock and resume rules: `workdirs`; the test evaluation after each
+epoch: `evaluation`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sortkd_jax import augment
 from sortkd_jax import checkpoint
 from sortkd_jax import distributed
+from sortkd_jax import evaluation
 from sortkd_jax import input_pipeline  # imports TensorFlow only when data is first read
 from sortkd_jax import losses
 from sortkd_jax import methods
@@ -65,15 +67,6 @@ class TrainState:
   params: PyTree             # {'student': ..., **methods.init_params(config)}
   batch_stats: PyTree        # student BatchNorm running statistics
   opt_state: optax.OptState
-
-
-@dataclasses.dataclass(frozen=True)
-class Network:
-  """A network's graphdef, called with its variables: hashable, so it can be a static argument."""
-  graphdef: nnx.GraphDef
-
-  def __call__(self, variables: tuple[PyTree, ...], images: jax.Array) -> jax.Array:
-    return nnx.merge(self.graphdef, *variables)(images)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -153,7 +146,7 @@ def _targets_and_teacher_hits(config, teacher_logits: jax.Array, labels: jax.Arr
           losses.topk_correct(teacher_logits, labels, 1).sum())
 
 
-def _one_step(state: TrainState, x: jax.Array, y: jax.Array, *, teacher: Network | None,
+def _one_step(state: TrainState, x: jax.Array, y: jax.Array, *, teacher: evaluation.Network | None,
               teacher_vars, config, train_step) -> tuple[TrainState, dict[str, jax.Array]]:
   """`train_step` on one batch, with its teacher's targets and `teacher_top1` (if any)."""
   if teacher is None:
@@ -163,8 +156,8 @@ def _one_step(state: TrainState, x: jax.Array, y: jax.Array, *, teacher: Network
   return state, {**metrics, "teacher_top1": hits}
 
 
-def _dispatch_teacher_targets(teacher: Network, teacher_vars, xs: jax.Array, ys: jax.Array, *,
-                              batch_sharding: NamedSharding,
+def _dispatch_teacher_targets(teacher: evaluation.Network, teacher_vars, xs: jax.Array,
+                              ys: jax.Array, *, batch_sharding: NamedSharding,
                               config) -> tuple[jax.Array, jax.Array]:
   """`_targets_and_teacher_hits` of a whole dispatch's [steps, batch, ...] inputs, with the
   teacher run on them as one batch.
@@ -220,74 +213,6 @@ def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_shard
                    train_step=train_step)
 
 
-def _eval_batch_sums(model: Network, variables, images, labels, mask, *, batch_sharding,
-                     stats, compute_dtype):
-  """Summed CE, top-1 and top-5 hits of one masked batch of uint8 images, normalised with
-  `stats` (mean, std)."""
-  x = jax.lax.with_sharding_constraint(augment.normalize(images, *stats, compute_dtype),
-                                       batch_sharding)
-  mask = mask.astype(jnp.float32)
-  logits = model(variables, x).astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return {"loss": (ce * mask).sum(), "top1": (losses.topk_correct(logits, labels, 1) * mask).sum(),
-          "top5": (losses.topk_correct(logits, labels, 5) * mask).sum(), "count": mask.sum()}
-
-
-def _eval_sums(model: Network, variables, images, labels, mask, **kwargs):
-  """`_eval_batch_sums` summed over [num_batches, batch, ...] padded data, in one dispatch."""
-
-  def body(totals, batch):
-    return jax.tree.map(jnp.add, totals, _eval_batch_sums(model, variables, *batch, **kwargs)), None
-
-  zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "top1", "top5", "count")}
-  totals, _ = jax.lax.scan(body, zeros, (images, labels, mask))
-  return totals
-
-
-def _eval_summary(sums: dict[str, np.ndarray]) -> dict[str, float]:
-  count = sums["count"]
-  return {"test_loss": float(sums["loss"] / count), "test_top1": float(100 * sums["top1"] / count),
-          "test_top5": float(100 * sums["top5"] / count), "test_examples": int(count)}
-
-
-def make_evaluator(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
-                   dtype: jnp.dtype = jnp.float32) -> Callable[[Network, PyTree], dict[str, float]]:
-  """A function computing test loss, top-1 and top-5 (%) of a network on a whole split, and
-  the number of examples counted.
-
-  The split (CIFAR-sized, normalised with CIFAR's statistics) is padded to whole batches with a
-  mask and held on the device; one dispatch per evaluation. Matches mdistiller's validate (spec
-  §7.4): per-example means over the set.
-  """
-  batch_size = eval_batch_size(batch_size, mesh.size, len(labels))
-  data = distributed.replicate(pad_for_eval(images, labels.astype(np.int32), batch_size), mesh)
-  sums_fn = jax.jit(functools.partial(
-      _eval_sums, batch_sharding=NamedSharding(mesh, P("data")),
-      stats=augment.PIPELINE_STATS["on_device"], compute_dtype=dtype),
-      static_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
-
-  def evaluate(network: Network, variables: PyTree) -> dict[str, float]:
-    return _eval_summary(distributed.to_host(sums_fn(network, variables, *data)))
-
-  return evaluate
-
-
-def make_streaming_evaluator(mesh: Mesh, batches: Callable[[], Iterator[dict[str, jax.Array]]],
-                             *, dtype: jnp.dtype = jnp.float32
-                             ) -> Callable[[Network, PyTree], dict[str, float]]:
-  """Like `make_evaluator`, over a fresh pass of masked device batches (ImageNet statistics)."""
-  sums_fn = jax.jit(functools.partial(
-      _eval_batch_sums, batch_sharding=NamedSharding(mesh, P("data")),
-      stats=augment.PIPELINE_STATS["tf_data"], compute_dtype=dtype),
-      static_argnums=(0,), out_shardings=NamedSharding(mesh, P()))
-
-  def evaluate(network: Network, variables: PyTree) -> dict[str, float]:
-    return _eval_summary(_sum_host([sums_fn(network, variables, b["image"], b["label"], b["mask"])
-                                    for b in batches()]))
-
-  return evaluate
-
-
 # ----------------------------------------------------------------------------- set-up
 
 
@@ -305,13 +230,6 @@ def split_student(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.GraphDef, PyTree
   train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   return (train_graphdef, eval_graphdef, nnx.to_pure_dict(params),
           nnx.to_pure_dict(batch_stats))
-
-
-def freeze(model: nnx.Module) -> tuple[Network, tuple[PyTree, PyTree]]:
-  """An eval-mode network and its pure variables (the teacher never leaves eval mode)."""
-  model.eval()
-  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  return Network(graphdef), (nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats))
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -348,26 +266,6 @@ def create_train_state(config: ml_collections.ConfigDict, num_classes: int,
   train_graphdef, eval_graphdef = split_student(
       models.abstract_model(config.student.name, num_classes, dtype=dtype))[:2]
   return jax.jit(init)(run_keys(config.seed)[0]), train_graphdef, eval_graphdef
-
-
-def pad_for_eval(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tuple[np.ndarray, ...]:
-  """Pads to whole batches and masks the padding, so no test example is ever dropped."""
-  n = len(labels)
-  num_batches = max(1, math.ceil(n / batch_size))
-  pad = num_batches * batch_size - n
-  images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-  labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
-  mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
-  shape = (num_batches, batch_size)
-  return (images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape))
-
-
-def eval_batch_size(requested: int, num_devices: int, num_examples: int | None = None) -> int:
-  """Evaluation pads and masks its batches, so any size works: round up to the devices. At most
-  the split's `num_examples` (rounded up too), so a small split is not padded to a big batch."""
-  if num_examples is not None:
-    requested = min(requested, num_examples)
-  return -(-requested // num_devices) * num_devices
 
 
 def check_divisible_by_devices(batch_size: int, num_devices: int, what: str) -> None:
@@ -418,7 +316,7 @@ def epoch_plan(num_examples: int, batch_size: int, num_devices: int,
 
 
 def build_train_chunk(config: ml_collections.ConfigDict, mesh: Mesh, *, train_step: Callable,
-                      teacher: Network | None) -> Callable:
+                      teacher: evaluation.Network | None) -> Callable:
   """The jitted, state-donating `(state, teacher_vars, images, labels, perm, start) ->
   (state, metric sums)` over `num_steps` steps of `batch_size` (both static); `train_step` is
   `make_train_step`'s."""
@@ -434,7 +332,7 @@ def build_train_chunk(config: ml_collections.ConfigDict, mesh: Mesh, *, train_st
 
 
 def build_train_batch(config: ml_collections.ConfigDict, mesh: Mesh, *, train_step: Callable,
-                      teacher: Network | None) -> Callable:
+                      teacher: evaluation.Network | None) -> Callable:
   """The jitted, state-donating `(state, teacher_vars, images, labels) -> (state, metric sums)`
   of one step on a device batch of uint8 images cropped by tf.data (ImageNet)."""
   return jax.jit(
@@ -448,25 +346,6 @@ def build_train_batch(config: ml_collections.ConfigDict, mesh: Mesh, *, train_st
 # ----------------------------------------------------------------------------- the job
 
 
-def load_splits(data: ml_collections.ConfigDict,
-                include_train: bool = True) -> list[input_pipeline.ArraySplit]:
-  """Train and test splits (or the test split alone) as host arrays, optionally truncated."""
-  source = dict(name=data.name, data_dir=data.data_dir, folder=data.folder,
-                cache_dir=data.cache_dir, image_size=data.image_size, download=data.download)
-  wanted = [("test", data.test_split, data.max_test_examples)]
-  if include_train:
-    wanted.insert(0, ("train", data.train_split, data.max_train_examples))
-  splits = []
-  for kind, split, limit in wanted:
-    s = input_pipeline.load_array_split(split=split, **source)
-    if limit is not None and limit < len(s.labels):
-      logging.info("Split %r: its first %d of %d images (config.data.max_%s_examples).", split,
-                   limit, len(s.labels), kind)
-      s = dataclasses.replace(s, images=s.images[:limit], labels=s.labels[:limit])
-    splits.append(s)
-  return splits
-
-
 PIPELINES = ("on_device", "tf_data")
 
 
@@ -475,64 +354,12 @@ class _Feed:
   """How one run gets its batches: the steps of an epoch, and the test-set evaluator."""
   num_classes: int
   steps_per_epoch: int
-  evaluate: Callable[[Network, PyTree], dict[str, float]]
+  evaluate: Callable[[evaluation.Network, PyTree], dict[str, float]]
   # (state, teacher, teacher_vars, train_step) -> ((state, epoch) -> iterator of (state,
   # metric sums, steps taken, images trained on)): built once the state exists, the step being
   # compiled for it.
   epoch_runner: Callable[..., Callable[[TrainState, int],
                                        Iterator[tuple[TrainState, PyTree, int, int]]]]
-
-
-def stream_source(data: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The `input_pipeline` source arguments of a tf.data recipe's `config.data`."""
-  return dict(name=data.name, folder=data.folder, data_dir=data.data_dir,
-              manual_dir=data.manual_dir, download=data.download)
-
-
-def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *,
-                        dtype: jnp.dtype | None = None,
-                        test_split: input_pipeline.ArraySplit | None = None
-                        ) -> tuple[Callable[[Network, PyTree], dict[str, float]], int]:
-  """The test evaluator of `config.data`'s pipeline, and the split's class count.
-
-  Training and scripts/eval.py share it: a CIFAR-sized split (`test_split` if already loaded) is
-  held on the device; a `tf_data` split (ImageNet) is streamed, resized and centre-cropped.
-  """
-  dtype = compute_dtype(config) if dtype is None else dtype
-  check_config(config, training=False)
-  d = config.data
-  if d.pipeline == "on_device":
-    if test_split is None:
-      (test_split,) = load_splits(d, include_train=False)
-    evaluate = make_evaluator(mesh, test_split.images, test_split.labels, config.eval_batch_size,
-                              dtype=dtype)
-    return evaluate, test_split.num_classes
-  source = stream_source(d)
-  n, num_classes = input_pipeline.split_info(split=d.test_split, **source)
-  if d.max_test_examples is not None:
-    n = min(n, d.max_test_examples)
-  batch = eval_batch_size(config.eval_batch_size, mesh.size, n)
-  batch_sharding = NamedSharding(mesh, P("data"))
-
-  stream, per_pass = None, None
-
-  def batches():
-    """One pass; one tf.data iterator for every pass (as training's `epochs_from`)."""
-    nonlocal stream, per_pass
-    if stream is None:
-      ds = input_pipeline.imagenet_eval_dataset(
-          global_batch_size=batch, split=d.test_split, image_size=d.image_size,
-          resize_size=round(d.image_size * 256 / 224), max_examples=d.max_test_examples,
-          **source)
-      per_pass = int(ds.cardinality())
-      numpy_batches = input_pipeline.naming_undecodable(
-          ds.repeat().as_numpy_iterator(), split=d.test_split, max_examples=d.max_test_examples,
-          **source)
-      stream = input_pipeline.prefetch_to_device(numpy_batches, 2, batch_sharding)
-    return itertools.islice(stream, per_pass)
-
-  evaluate = make_streaming_evaluator(mesh, batches, dtype=dtype)
-  return evaluate, num_classes
 
 
 def _on_device_feed(config, mesh, batch_size) -> _Feed:
@@ -541,7 +368,7 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
   With several processes each one loads the whole split (identical on all), so the global
   batch is gathered on the device from the replicated split, with no per-process input.
   """
-  train_split, test_split = load_splits(config.data)
+  train_split, test_split = input_pipeline.load_splits(config.data)
   n = len(train_split.labels)
   plan = epoch_plan(n, batch_size, mesh.size, config.steps_per_dispatch)
   warn_if_slow_on_cpu(plan[0][0])
@@ -572,14 +399,15 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
 
     return run_epoch
 
-  evaluate, _ = make_test_evaluator(config, mesh, test_split=test_split)
+  evaluate, _ = evaluation.make_test_evaluator(config, mesh, dtype=compute_dtype(config),
+                                               test_split=test_split)
   return _Feed(train_split.num_classes, steps_per_epoch, evaluate, epoch_runner)
 
 
 def _streaming_feed(config, mesh, batch_size) -> _Feed:
   """ImageNet: tf.data batches of this process's shard, prefetched to the device."""
   d = config.data
-  source = stream_source(d)
+  source = input_pipeline.stream_source(d)
   total, num_classes = input_pipeline.split_info(split=d.train_split, **source)
   n = total if d.max_train_examples is None else min(total, d.max_train_examples)
   steps_per_epoch = math.ceil(n / batch_size)
@@ -617,7 +445,7 @@ def _streaming_feed(config, mesh, batch_size) -> _Feed:
 
     return run_epoch
 
-  evaluate, _ = make_test_evaluator(config, mesh)
+  evaluate, _ = evaluation.make_test_evaluator(config, mesh, dtype=compute_dtype(config))
   return _Feed(num_classes, steps_per_epoch, evaluate, epoch_runner)
 
 
@@ -657,7 +485,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if uses_teacher:
     teacher_model, teacher_checksum = teachers.load_teacher(
         config.teacher, feed.num_classes, image_size=config.data.image_size, dtype=dtype)
-    teacher, teacher_vars = freeze(teacher_model)
+    teacher, teacher_vars = evaluation.freeze(teacher_model)
 
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR),
                                       keep=config.checkpoints_to_keep)
@@ -691,7 +519,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   def fetch_pending() -> None:
     """Moves the pending sums to the host, each once, adding them to the window and the epoch."""
     if pending:
-      sums = _sum_host(pending)
+      sums = distributed.sum_on_host(pending)
       pending.clear()
       window_sums.update(sums)
       epoch_sums.update(sums)
@@ -754,7 +582,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         write_window()
       epoch_metrics = averages(epoch_sums)
       epoch_sums.clear()
-      test = feed.evaluate(Network(eval_graphdef), (state.params["student"], state.batch_stats))
+      test = feed.evaluate(evaluation.Network(eval_graphdef),
+                           (state.params["student"], state.batch_stats))
       # Eval-mode BatchNorm uses the running statistics, which the training loss never sees.
       stop_unless_finite(test["test_loss"],
                          f"test loss (training loss {epoch_metrics['loss']:.4g})",
@@ -811,13 +640,6 @@ def _finished_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                "continue it.", workdir, done, meta["best_top1"], latest)
   return {"best_top1": meta["best_top1"], "last_top1": meta["test_top1"],
           "state": distributed.to_host(state)}
-
-
-def _sum_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Sums of metric sums fetched from the device (per dispatch or eval batch), in float64 on
-  the host."""
-  fetched = distributed.to_host(metrics_list)
-  return {k: float(sum(np.asarray(m[k], np.float64) for m in fetched)) for k in fetched[0]}
 
 
 def check_config(config: ml_collections.ConfigDict, *, training: bool = True) -> None:

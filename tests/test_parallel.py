@@ -27,7 +27,7 @@ RUN = textwrap.dedent("""
     import hashlib, os, sys, numpy as np, jax, tensorflow_datasets as tfds
     from flax import nnx
     from configs import cifar_kd
-    from sortkd_jax import checkpoint, distributed, models, train
+    from sortkd_jax import checkpoint, distributed, input_pipeline, models, train
     out, workdir, teacher, num_epochs = sys.argv[1:5]
     if len(sys.argv) > 5:
       distributed.maybe_initialize(sys.argv[5], int(sys.argv[6]), int(sys.argv[7]))
@@ -44,7 +44,7 @@ RUN = textwrap.dedent("""
     config.eval_batch_size = 10  # not a multiple of 4 devices: evaluation rounds it up
     config.steps_per_dispatch = 2
     with tfds.testing.mock_data(num_examples=64):
-      splits = train.load_splits(config.data)
+      splits = input_pipeline.load_splits(config.data)
       result = train.train_and_evaluate(config, workdir)
     digest = hashlib.sha256()
     for s in splits:

@@ -586,7 +586,7 @@ def test_port_weights_warns_of_a_model_whose_logits_are_not_finite(tmp_path):
 
 def test_eval_script_reads_a_pth_file_as_its_architecture(pth_files):
   """eval.py on a .pth with --arch: the numbers of the ported model on the same images."""
-  from sortkd_jax import distributed, input_pipeline, train
+  from sortkd_jax import distributed, evaluation, input_pipeline
   out = run_script("eval.py", "--checkpoint", pth_files["teacher"], "--arch", "resnet8",
                    "--config", "configs/cifar_kd.py", "--config.data.name=synthetic",
                    "--config.data.max_test_examples=16", "--config.eval_batch_size=16")
@@ -594,8 +594,8 @@ def test_eval_script_reads_a_pth_file_as_its_architecture(pth_files):
   result = json.loads(out.stdout.strip().splitlines()[-1])
   test = input_pipeline.synthetic_split("test")
   model = porting.port_state_dict("resnet8", porting.load_torch_state_dict(pth_files["teacher"]))
-  expected = train.make_evaluator(distributed.make_mesh(), test.images[:16], test.labels[:16],
-                                  16)(*train.freeze(model))
+  expected = evaluation.make_evaluator(distributed.make_mesh(), test.images[:16],
+                                       test.labels[:16], 16)(*evaluation.freeze(model))
   assert (result["arch"], result["test_examples"]) == ("resnet8", 16)
   assert result["test_top1"] == expected["test_top1"]
   np.testing.assert_allclose(result["test_loss"], expected["test_loss"], rtol=1e-5)

@@ -25,7 +25,7 @@ from flax import nnx
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd
 from mdistiller_torch import torch_model
-from sortkd_jax import checkpoint, methods, models, porting, teachers, train
+from sortkd_jax import checkpoint, evaluation, methods, models, porting, teachers, train
 
 NUM_CLASSES = 100
 STEPS_PER_EPOCH = 1  # so that 3 steps cross two lr decays and DKD's warm-up moves each step
@@ -159,7 +159,7 @@ def test_training_steps_match_an_mdistiller_step_in_torch(module, tmp_path):
               rng.integers(0, NUM_CLASSES, 16).astype(np.int32)) for _ in range(3)]
   expected_losses, theta = torch_train(config, student, teacher, batches)
 
-  network, teacher_vars = train.freeze(teachers.load_teacher(config.teacher, NUM_CLASSES,
+  network, teacher_vars = evaluation.freeze(teachers.load_teacher(config.teacher, NUM_CLASSES,
                                                              image_size=32)[0])
   step = jax.jit(train.make_train_step(config, student_graphdef=train_graphdef,
                                        optimizer=optimizer, steps_per_epoch=STEPS_PER_EPOCH))
@@ -188,5 +188,5 @@ def test_training_steps_match_an_mdistiller_step_in_torch(module, tmp_path):
   with torch.no_grad():
     expected_logits = student.eval()(torch.tensor(images, dtype=torch.float64).permute(
         0, 3, 1, 2)).numpy()
-  logits = train.Network(eval_graphdef)((state.params["student"], state.batch_stats), images)
+  logits = evaluation.Network(eval_graphdef)((state.params["student"], state.batch_stats), images)
   np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=5e-6)  # max |Δ| 4e-7

@@ -24,8 +24,8 @@ from flax import nnx
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
 from helpers import read_metrics, run_python, run_script
-from sortkd_jax import (augment, checkpoint, distributed, input_pipeline, losses, methods, models,
-                        reporting, teachers, train, workdirs)
+from sortkd_jax import (augment, checkpoint, distributed, evaluation, input_pipeline, losses,
+                        methods, models, reporting, teachers, train, workdirs)
 
 CONFIG_MODULES = {"vanilla": cifar_vanilla, "kd": cifar_kd, "dkd": cifar_dkd,
                   "lskd": cifar_lskd, "ctkd": cifar_ctkd}
@@ -223,7 +223,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_dir, tmp_path):
 def test_nan_test_loss_stops_before_its_epoch_is_saved(teacher_dir, tmp_path, monkeypatch):
   """Evaluation uses the running statistics, which the training loss never sees: a non-finite
   test loss after epoch 2 (faked here) stops the run with epoch 1 as its latest checkpoint."""
-  make_evaluator = train.make_evaluator
+  make_evaluator = evaluation.make_evaluator
 
   def evaluator_failing_after_epoch_1(*args, **kwargs):
     evaluate = make_evaluator(*args, **kwargs)
@@ -234,7 +234,7 @@ def test_nan_test_loss_stops_before_its_epoch_is_saved(teacher_dir, tmp_path, mo
       return {**evaluate(*a), **({"test_loss": float("nan")} if len(calls) > 1 else {})}
     return failing
 
-  monkeypatch.setattr(train, "make_evaluator", evaluator_failing_after_epoch_1)
+  monkeypatch.setattr(evaluation, "make_evaluator", evaluator_failing_after_epoch_1)
   workdir = str(tmp_path / "nan_test")
   with tfds.testing.mock_data(num_examples=64):
     with pytest.raises(FloatingPointError, match=r"The test loss \(training loss [0-9.]+\) is "
@@ -264,7 +264,7 @@ def test_several_steps_per_dispatch_on_a_cpu_are_warned_about(caplog):
 def test_ctrl_c_says_whether_a_rerun_resumes(teacher_dir, tmp_path, monkeypatch, caplog,
                                              interrupted_eval, message):
   """A vanilla run evaluates once per epoch; Ctrl-C lands in the given evaluation."""
-  make_evaluator = train.make_evaluator
+  make_evaluator = evaluation.make_evaluator
 
   def interrupted_evaluator(*args, **kwargs):
     evaluate, calls = make_evaluator(*args, **kwargs), []
@@ -276,7 +276,7 @@ def test_ctrl_c_says_whether_a_rerun_resumes(teacher_dir, tmp_path, monkeypatch,
       return evaluate(*a)
     return evaluate_or_interrupt
 
-  monkeypatch.setattr(train, "make_evaluator", interrupted_evaluator)
+  monkeypatch.setattr(evaluation, "make_evaluator", interrupted_evaluator)
   if interrupted_eval == 2:  # and Ctrl-C again while the checkpoints are closed: still said
     close, closes = checkpoint.TrainCheckpointer.close, []
 
@@ -986,7 +986,7 @@ def test_evaluation_counts_every_example_once_whatever_the_batch():
   """Padding is masked: a 7-image split gives the same loss and accuracy at batch 2, 7 and 1000
   (which is capped at the split's size), equal to a direct computation."""
   model = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))
-  network, variables = train.freeze(model)
+  network, variables = evaluation.freeze(model)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (7, 32, 32, 3), np.uint8)
   logits = np.asarray(model(augment.normalize(images, augment.CIFAR_MEAN, augment.CIFAR_STD)))
@@ -999,13 +999,14 @@ def test_evaluation_counts_every_example_once_whatever_the_batch():
   assert (expected_top1, expected_top5) == (pytest.approx(300 / 7), pytest.approx(500 / 7))
   mesh = distributed.make_mesh()
   for batch_size in (2, 7, 1000):
-    result = train.make_evaluator(mesh, images, labels, batch_size)(network, variables)
+    result = evaluation.make_evaluator(mesh, images, labels, batch_size)(network, variables)
     assert result["test_loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert result["test_top1"] == pytest.approx(expected_top1)
     assert result["test_top5"] == pytest.approx(expected_top5)
     assert result["test_examples"] == 7
-  assert train.eval_batch_size(1000, 4, num_examples=6) == 8
-  assert train.eval_batch_size(1000, 4) == 1000 and train.eval_batch_size(10, 4, 100) == 12
+  assert evaluation.eval_batch_size(1000, 4, num_examples=6) == 8
+  assert evaluation.eval_batch_size(1000, 4) == 1000
+  assert evaluation.eval_batch_size(10, 4, 100) == 12
 
 
 def test_each_epoch_visits_every_example_once_in_its_own_order():
@@ -1089,7 +1090,7 @@ def test_teacher_top1_is_the_share_of_training_examples_the_teacher_ranks_right(
   teacher = models.create_model("resnet8", 100, rngs=nnx.Rngs(0))
   config = tiny_config("kd", str(tmp_path / "teacher"), num_epochs=2)
   with tfds.testing.mock_data(num_examples=64):
-    (train_split,) = train.load_splits(config.data)[:1]
+    (train_split,) = input_pipeline.load_splits(config.data)[:1]
     labels = train_split.labels
     c = int(np.bincount(labels).argmax())
     teacher.fc.kernel[...] = jnp.zeros_like(teacher.fc.kernel[...])
@@ -1202,7 +1203,7 @@ def test_a_capped_cifar_split_says_it_is_part_of_the_split(caplog):
       name="synthetic", data_dir=None, folder=None, cache_dir=None, image_size=32, download=False,
       train_split="train", test_split="test", max_train_examples=72, max_test_examples=None))
   caplog.set_level(logging.INFO, logger="absl")
-  train_split, test_split = train.load_splits(data)
+  train_split, test_split = input_pipeline.load_splits(data)
   assert (len(train_split.labels), len(test_split.labels)) == (72, 10_000)
   assert ("Split 'train': its first 72 of 50000 images (config.data.max_train_examples)."
           in caplog.text) and "Split 'test'" not in caplog.text
