@@ -278,7 +278,7 @@ def main():
     else:
       n_eval = min(n, 10_000)
       evaluate = evaluation.make_evaluator(mesh, images_np[:n_eval], labels_np[:n_eval],
-                                      config.eval_batch_size, dtype=dtype)
+                                           config.eval_batch_size, dtype=dtype)
     student_vars = (box["state"].params["student"], box["state"].batch_stats)
     network = evaluation.Network(eval_graphdef)
     t = time.perf_counter()

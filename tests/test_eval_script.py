@@ -71,6 +71,17 @@ def test_a_wrong_checkpoint_fails_before_the_data_is_read(tmp_path, kind, messag
   assert "No split" not in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_bad_config_fails_before_the_model_is_read(tmp_path):
+  """A setting no evaluation can use is refused first, not after a model was loaded (here
+  a damaged .pth file, whose error must not come first)."""
+  (tmp_path / "teacher.pth").write_bytes(b"PK")
+  out = run_script("eval.py", "--checkpoint", tmp_path / "teacher.pth", *SYNTHETIC,
+                   "--config.eval_batch_size=0", timeout=120)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "config.eval_batch_size must be a positive integer, got 0" in out.stderr
+  assert ".pth" not in out.stderr
+
+
 def test_a_pth_file_without_torch_installed_is_one_error_line(tmp_path):
   """Every script reports a missing optional package as its other known errors: one line
   saying what to install, no traceback."""

@@ -159,8 +159,8 @@ def test_training_steps_match_an_mdistiller_step_in_torch(module, tmp_path):
               rng.integers(0, NUM_CLASSES, 16).astype(np.int32)) for _ in range(3)]
   expected_losses, theta = torch_train(config, student, teacher, batches)
 
-  network, teacher_vars = evaluation.freeze(teachers.load_teacher(config.teacher, NUM_CLASSES,
-                                                             image_size=32)[0])
+  network, teacher_vars = evaluation.freeze(
+      teachers.load_teacher(config.teacher, NUM_CLASSES, image_size=32)[0])
   step = jax.jit(train.make_train_step(config, student_graphdef=train_graphdef,
                                        optimizer=optimizer, steps_per_epoch=STEPS_PER_EPOCH))
   losses = []
