@@ -3,7 +3,8 @@
 As mdistiller's validate (spec §7.4): per-example means over every test example, none dropped
 (batches are padded and masked). A CIFAR-sized split is held on the device and evaluated in one
 dispatch; an ImageNet split streams through tf.data, resized and centre-cropped. Training
-(`train`) and scripts/eval.py share `make_test_evaluator`.
+(`train`) and scripts/eval.py share `make_test_evaluator`. A network runs here as `Network`, an
+eval-mode graphdef called with its variables, as the frozen teacher runs in training too.
 """
 
 from __future__ import annotations
