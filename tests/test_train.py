@@ -24,8 +24,8 @@ from flax import nnx
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
 from helpers import read_metrics, run_python, run_script
-from sortkd_jax import (augment, checkpoint, distributed, evaluation, input_pipeline, losses,
-                        methods, models, reporting, teachers, train, workdirs)
+from sortkd_jax import (checkpoint, evaluation, input_pipeline, losses, methods, models,
+                        reporting, teachers, train, workdirs)
 
 CONFIG_MODULES = {"vanilla": cifar_vanilla, "kd": cifar_kd, "dkd": cifar_dkd,
                   "lskd": cifar_lskd, "ctkd": cifar_ctkd}
@@ -980,33 +980,6 @@ def test_train_step_keeps_the_batch_statistics_of_its_forward_pass():
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   assert float(metrics["loss"]) / 4 == pytest.approx(float(ce), rel=1e-5)
   assert not np.allclose(new_state.batch_stats["bn1"]["mean"], state.batch_stats["bn1"]["mean"])
-
-
-def test_evaluation_counts_every_example_once_whatever_the_batch():
-  """Padding is masked: a 7-image split gives the same loss and accuracy at batch 2, 7 and 1000
-  (which is capped at the split's size), equal to a direct computation."""
-  model = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))
-  network, variables = evaluation.freeze(model)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (7, 32, 32, 3), np.uint8)
-  logits = np.asarray(model(augment.normalize(images, augment.CIFAR_MEAN, augment.CIFAR_STD)))
-  # Labels at ranks 1, 1, 1, 3, 3, 10, 10 of each image's logits: top-1 3/7, top-5 5/7.
-  ranked = np.argsort(-logits, axis=-1)
-  labels = ranked[np.arange(7), [0, 0, 0, 2, 2, 9, 9]].astype(np.int32)
-  expected_loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
-  expected_top1 = 100 * float(np.mean(ranked[:, 0] == labels))
-  expected_top5 = 100 * float(np.mean((ranked[:, :5] == labels[:, None]).any(-1)))
-  assert (expected_top1, expected_top5) == (pytest.approx(300 / 7), pytest.approx(500 / 7))
-  mesh = distributed.make_mesh()
-  for batch_size in (2, 7, 1000):
-    result = evaluation.make_evaluator(mesh, images, labels, batch_size)(network, variables)
-    assert result["test_loss"] == pytest.approx(expected_loss, rel=1e-5)
-    assert result["test_top1"] == pytest.approx(expected_top1)
-    assert result["test_top5"] == pytest.approx(expected_top5)
-    assert result["test_examples"] == 7
-  assert evaluation.eval_batch_size(1000, 4, num_examples=6) == 8
-  assert evaluation.eval_batch_size(1000, 4) == 1000
-  assert evaluation.eval_batch_size(10, 4, 100) == 12
 
 
 def test_each_epoch_visits_every_example_once_in_its_own_order():
