@@ -39,8 +39,10 @@ class Reporter:
       self._jsonl = open(path, "a")
       try:
         from tensorboardX import SummaryWriter
+        # Named by its purge step too: tensorboardX names files by the second, and a restart
+        # within it may then replace only a file whose events it hides anyway.
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                 purge_step=kept_up_to + 1)
+                                 purge_step=kept_up_to + 1, filename_suffix=f".{kept_up_to + 1}")
       except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard events are written.")
 

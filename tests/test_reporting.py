@@ -14,6 +14,20 @@ def _records(workdir):
     return [(r["kind"], r["step"], r["loss"]) for r in map(json.loads, f)]
 
 
+def _tensorboard_losses(workdir):
+  """(kind, step, loss) as TensorBoard shows them: a writer's START event at step p hides what
+  was logged before it at steps >= p (SummaryWriter's purge_step)."""
+  import tensorflow as tf
+  shown = []
+  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")),
+                     key=os.path.getmtime):
+    for e in tf.compat.v1.train.summary_iterator(path):
+      if e.HasField("session_log") and e.session_log.status == e.session_log.START:
+        shown = [s for s in shown if s[1] < e.step]
+      shown += [(v.tag.split("/")[0], e.step, v.simple_value) for v in e.summary.value]
+  return shown
+
+
 def test_restart_drops_what_was_logged_after_the_resumed_step(tmp_path):
   first = reporting.Reporter(str(tmp_path), total_steps=100)
   for kind, step in (("teacher", 0), ("train", 4), ("epoch", 8), ("train", 12)):  # then cut
@@ -27,15 +41,16 @@ def test_restart_drops_what_was_logged_after_the_resumed_step(tmp_path):
   resumed.close()
   assert _records(tmp_path) == [("teacher", 0, 1.0), ("train", 4, 1.0), ("epoch", 8, 1.0),
                                 ("train", 12, 2.0)]
+  assert _tensorboard_losses(tmp_path) == _records(tmp_path)  # step 8 kept, not logged again
 
   # No checkpoint: the run starts afresh, teacher evaluation included.
   fresh = reporting.Reporter(str(tmp_path), total_steps=100)
   fresh.close()
-  assert _records(tmp_path) == []
+  assert _records(tmp_path) == [] and _tensorboard_losses(tmp_path) == []
 
 
 def test_throughput_and_eta_count_only_the_timed_steps(tmp_path, monkeypatch):
-  clock = iter([10.0, 12.0, 20.0])  # start, first reading, reading after a pause
+  clock = iter([10.0, 12.0, 13.0, 13.5])  # start, then readings
   monkeypatch.setattr(reporting.time, "perf_counter", lambda: next(clock))
   reporter = reporting.Reporter(str(tmp_path), total_steps=100)
   assert reporter.throughput(5, 40) == (None, None)  # no window open yet (compiling)
@@ -43,6 +58,9 @@ def test_throughput_and_eta_count_only_the_timed_steps(tmp_path, monkeypatch):
   # 10 steps in 2 s: 9 batches of 8 images and an epoch's last batch of 6.
   img_s, eta_s = reporter.throughput(14, 32 + 9 * 8 + 6)
   assert img_s == 39.0 and eta_s == (100 - 14) / 5
+  # The next window starts where that one ended: 2 steps of 10 images in 1 s.
+  assert reporter.throughput(16, 130) == (20.0, (100 - 16) / 2)
+  assert reporter.throughput(16, 130) == (None, None)  # no step since: nothing to measure
   reporter.stop_timing()  # evaluation and saving are left out
   assert reporter.throughput(20, 160) == (None, None)
   reporter.write("epoch", 1, 14, {"loss": np.float32(0.5), "img_per_s": img_s, "note": None,
