@@ -32,12 +32,13 @@ CONFIG_FILE = "config.json"
 def lock(workdir: str) -> Iterator[None]:
   """One run per workdir: a second one (say, launched twice) would overwrite the first's
   checkpoints and logs. Process 0 holds an flock on `<workdir>/train.lock`, which the system
-  releases if the process dies, and tells the others whether it got it; a workdir that the run
-  created and left empty is removed again."""
+  releases if the process dies, and tells the others whether it got it. A start that leaves
+  nothing but the lock file it made takes that file away again, and the workdir if it made it."""
   _check_workdir_kind(workdir)  # before anything is written into it
-  lock_file, created, refusal = None, False, None
+  lock_file, created, lock_created, refusal = None, False, False, None
   if jax.process_index() == 0:
     created = not os.path.exists(workdir)
+    lock_created = not os.path.exists(os.path.join(workdir, LOCK_FILE))
     try:
       lock_file = _flock(workdir)
     except ValueError as e:
@@ -52,9 +53,10 @@ def lock(workdir: str) -> Iterator[None]:
     yield
   finally:
     if lock_file is not None:
-      if created and os.listdir(workdir) == [LOCK_FILE]:  # a failed start: leave nothing
+      if lock_created and os.listdir(workdir) == [LOCK_FILE]:  # a failed start: leave nothing
         os.remove(lock_file.name)
-        os.rmdir(workdir)
+        if created:
+          os.rmdir(workdir)
       lock_file.close()
 
 

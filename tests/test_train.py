@@ -335,6 +335,11 @@ def test_resume_with_another_number_of_steps_per_epoch_is_refused(teacher_dir, k
   # The refused config is not saved: eval.py and the next resume still see the run's own.
   assert open(os.path.join(workdir, "config.json")).read() == saved
   assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
+  # More images (more steps per epoch) shift the schedule as much.
+  with pytest.raises(ValueError, match=r"taken at step 3 \(3 steps per epoch\), but an epoch "
+                     "now has 4 steps"):
+    workdirs.check_steps_per_epoch(3, 1, 4)
+  workdirs.check_steps_per_epoch(3, 1, 3)
 
 
 def test_a_run_stopped_before_its_first_checkpoint_does_not_bind_its_workdir(teacher_dir,
@@ -712,6 +717,14 @@ def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")  # a refused start leaves no workdir
+
+
+def test_a_refused_start_keeps_a_workdir_made_beforehand(teacher_dir, tmp_path):
+  """Only a workdir the run made itself is removed when its start is refused."""
+  os.makedirs(tmp_path / "made")
+  with pytest.raises(ValueError, match="config.lr must be positive"):
+    train.train_and_evaluate(tiny_config("kd", teacher_dir, lr=-0.1), str(tmp_path / "made"))
+  assert os.listdir(tmp_path / "made") == []
 
 
 def test_a_workdir_inside_the_image_folder_or_blank_is_refused(teacher_dir, tmp_path):
