@@ -40,6 +40,15 @@ def test_known_error_is_one_line_and_ctrl_c_exits_130(monkeypatch):
     _run(monkeypatch, lambda: 1 / 0)
 
 
+def test_a_stray_argument_is_refused_not_ignored():
+  """eval.py's --config has a default: a recipe given without --config would be ignored, and the
+  default recipe evaluated instead."""
+  script = "from sortkd_jax import cli\ncli.run(lambda: print('ran'))\n"
+  done = run_python("-c", script, "configs/cifar_kd.py", timeout=60)
+  assert done.returncode != 0 and "ran" not in done.stdout
+  assert "Unexpected arguments: ['configs/cifar_kd.py']" in done.stderr, done.stderr[-2000:]
+
+
 def test_verbosity_1_logs_the_traceback_of_a_known_error():
   script = ("from sortkd_jax import cli\n"
             "def main():\n  raise ValueError('the data folder is empty')\n"
@@ -74,10 +83,11 @@ def test_none_and_whole_tuple_overrides(tmp_path):
   assert done.stdout.split()[:2] == ["None", "2"], done.stderr
   # A tuple given whole replaces the field: ml_collections joined repeated ones into (5, 7).
   for default, args in (("-", ["--config", recipe]), (recipe, [])):
-    done = show(default, *args, "--config.data.max_test_examples=None",
-                "--config.steps_per_dispatch=None", "--config.lr_decay_epochs=(5,)",
-                "--config.lr_decay_epochs=(7,)")
-    assert done.stdout.split()[2:] == ["(7,)"], done.stderr
+    for last in ("(7,)", "[7]"):  # ml_collections reads a list literal as the tuple too
+      done = show(default, *args, "--config.data.max_test_examples=None",
+                  "--config.steps_per_dispatch=None", "--config.lr_decay_epochs=(5,)",
+                  f"--config.lr_decay_epochs={last}")
+      assert done.stdout.split()[2:] == ["(7,)"], done.stderr
   done = show("-", "--config", recipe, "--config.batch_size=none")
   assert done.stderr.strip() == ("error: config.batch_size takes a value, not None (only fields "
                                  "that are None in a recipe take None).")
