@@ -140,17 +140,18 @@ def test_porting_error_lists_missing_unexpected_and_mismatched():
   bad = dict(sd)
   del bad["layer1.0.conv1.weight"], bad["bn1.running_var"]
   bad["layer9.extra.weight"] = np.zeros(3, np.float32)
+  bad["conv1.num_batches_tracked"] = np.zeros((), np.int64)  # only a BatchNorm's is skipped
   bad["layer2.0.conv2.weight"] = np.zeros((32, 32, 1, 1), np.float32)
   with pytest.raises(porting.PortingError) as e:
     porting.port_state_dict("resnet8", bad)
   msg = str(e.value)
   assert isinstance(e.value, ValueError)
-  assert "2 missing key(s), 1 unexpected key(s), 1 shape mismatch(es)" in msg
+  assert "2 missing key(s), 2 unexpected key(s), 1 shape mismatch(es)" in msg
   for text in ("layer1.0.conv1.weight", "bn1.running_var", "layer9.extra.weight",
                "layer2.0.conv2.weight: expected (32, 32, 3, 3), got (32, 32, 1, 1)"):
     assert text in msg
   assert e.value.missing == ["bn1.running_var", "layer1.0.conv1.weight"]
-  assert e.value.unexpected == ["layer9.extra.weight"]
+  assert sorted(e.value.unexpected) == ["conv1.num_batches_tracked", "layer9.extra.weight"]
   assert e.value.mismatched == [("layer2.0.conv2.weight", (32, 32, 3, 3), (32, 32, 1, 1))]
   assert msg.endswith("Check the architecture name.")
   # A distiller's whole state dict (module.student.*, module.teacher.*) handed in directly.
@@ -278,6 +279,30 @@ def _umask():
   mask = os.umask(0)
   os.umask(mask)
   return mask
+
+
+def test_half_precision_tensors_are_ported_as_float32():
+  """A bf16 or fp16 checkpoint: NumPy has no bfloat16, so torch's .numpy() would fail on it."""
+  sd, x, _ = fixture("resnet8")
+  full = porting.port_state_dict("resnet8", sd)
+  for dtype in (torch.bfloat16, torch.float16):
+    half = {k: torch.as_tensor(v).to(dtype) if v.dtype == np.float32 else torch.as_tensor(v)
+            for k, v in sd.items()}
+    model = porting.port_state_dict("resnet8", half)
+    assert model.fc.kernel[...].dtype == jnp.float32
+    assert rel_err(model(jnp.asarray(x)), full(jnp.asarray(x))) < 0.1  # half's rounding
+
+
+def test_a_trainer_file_holding_only_a_student_is_that_student(tmp_path):
+  """mdistiller's vanilla trainer (no teacher) saves module.student.* alone: no --component
+  is needed to read it."""
+  sd, _, _ = fixture("resnet8")
+  path = str(tmp_path / "latest")
+  torch.save({"model": {f"module.student.{k}": torch.as_tensor(v) for k, v in sd.items()},
+              "epoch": 240}, path)
+  loaded = porting.load_torch_state_dict(path)
+  assert loaded.keys() == sd.keys()
+  np.testing.assert_array_equal(loaded["fc.weight"], sd["fc.weight"])
 
 
 def test_meta_device_tensors_are_refused_with_advice():
