@@ -21,11 +21,12 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
 from helpers import read_metrics, run_python, run_script
-from sortkd_jax import (checkpoint, evaluation, input_pipeline, losses, methods, models,
-                        reporting, teachers, train, workdirs)
+from sortkd_jax import (augment, checkpoint, distributed, evaluation, input_pipeline, losses,
+                        methods, models, reporting, teachers, train, workdirs)
 
 CONFIG_MODULES = {"vanilla": cifar_vanilla, "kd": cifar_kd, "dkd": cifar_dkd,
                   "lskd": cifar_lskd, "ctkd": cifar_ctkd}
@@ -215,7 +216,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_dir, tmp_path):
   workdir = str(tmp_path / "nan")
   config = tiny_config("kd", teacher_dir, lr_decay_rate=1e30)  # epoch 2's lr diverges
   with tfds.testing.mock_data(num_examples=64):
-    with pytest.raises(FloatingPointError, match="checkpoint of epoch 1, the last with a finite"):
+    with pytest.raises(FloatingPointError, match=r"The training loss is -?(nan|inf) in epoch 2 "
+                       r".*checkpoint of epoch 1, the last with a finite"):
       train.train_and_evaluate(config, workdir)
   assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
 
@@ -243,6 +245,40 @@ def test_nan_test_loss_stops_before_its_epoch_is_saved(teacher_dir, tmp_path, mo
       train.train_and_evaluate(tiny_config("vanilla", teacher_dir), workdir)
   assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
   assert [r["epoch"] for r in read_metrics(workdir) if r["kind"] == "epoch"] == [1]
+
+
+def test_a_streamed_batch_is_normalised_with_imagenet_statistics():
+  """tf.data (ImageNet) batches arrive as uint8 crops; the step normalises them as the eval
+  stream and mdistiller's ImageNet loader do, not with CIFAR's statistics."""
+  mesh = distributed.make_mesh()
+  images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), np.uint8)
+  seen = train._train_batch(
+      None, None, images, np.zeros(4, np.int32), batch_sharding=NamedSharding(mesh, P("data")),
+      compute_dtype=jnp.float32, teacher=None, config=None,
+      train_step=lambda state, x, y, targets: (state, x))[1]
+  expected = augment.normalize(images, augment.IMAGENET_MEAN, augment.IMAGENET_STD)
+  np.testing.assert_allclose(seen, expected, rtol=1e-6)
+
+
+def test_best_top1_is_the_best_epoch_not_the_last(teacher_dir, tmp_path, monkeypatch):
+  """Epoch 2 scoring below epoch 1 (faked here) leaves best_top1 at epoch 1's, everywhere it is
+  recorded."""
+  make_evaluator = evaluation.make_evaluator
+
+  def evaluator_scoring_50_then_40(*args, **kwargs):
+    evaluate, top1s = make_evaluator(*args, **kwargs), [50.0, 40.0]
+    return lambda *a: {**evaluate(*a), "test_top1": top1s.pop(0)}
+
+  monkeypatch.setattr(evaluation, "make_evaluator", evaluator_scoring_50_then_40)
+  workdir = str(tmp_path / "run")
+  with tfds.testing.mock_data(num_examples=64):
+    result = train.train_and_evaluate(tiny_config("vanilla", teacher_dir, num_epochs=2), workdir)
+  assert (result["best_top1"], result["last_top1"]) == (50.0, 40.0)
+  epochs = [r for r in read_metrics(workdir) if r["kind"] == "epoch"]
+  assert [(r["test_top1"], r["best_top1"]) for r in epochs] == [(50.0, 50.0), (40.0, 50.0)]
+  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.read_meta(2)["best_top1"] == 50.0
+  ckpt.close()
 
 
 def test_several_steps_per_dispatch_on_a_cpu_are_warned_about(caplog):
@@ -719,6 +755,10 @@ def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message
   assert not os.path.exists(tmp_path / "run")  # a refused start leaves no workdir
 
 
+def test_plain_sgd_without_weight_decay_is_a_valid_config(teacher_dir):
+  train.check_config(tiny_config("kd", teacher_dir, weight_decay=0.0, momentum=0.0))
+
+
 def test_a_refused_start_keeps_a_workdir_made_beforehand(teacher_dir, tmp_path):
   """Only a workdir the run made itself is removed when its start is refused."""
   os.makedirs(tmp_path / "made")
@@ -1134,13 +1174,19 @@ def test_imagenet_run_reads_each_stream_through_one_tf_data_iterator(tmp_path, m
   train stream for all its epochs and one eval stream for every evaluation, not one a pass."""
   config = _imagenet_folder_config(tmp_path)
   config.num_epochs = 3
-  opened = []
+  opened, calls = [], {}
   naming_undecodable = input_pipeline.naming_undecodable
   monkeypatch.setattr(input_pipeline, "naming_undecodable",
                       lambda batches, *, split, **kw: opened.append(split)
                       or naming_undecodable(batches, split=split, **kw))
+  for name in ("imagenet_train_epochs", "imagenet_eval_dataset"):
+    monkeypatch.setattr(input_pipeline, name, lambda *, _f=getattr(input_pipeline, name),
+                        _name=name, **kw: calls.setdefault(_name, kw) and _f(**kw))
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert sorted(opened) == ["train", "val"] and int(result["state"].step) == 6
+  assert len(set(calls["imagenet_train_epochs"]["seeds"])) == 3  # each epoch its own crops
+  # mdistiller's Resize(256) + CenterCrop(224), at this config's 32 px: short side 37.
+  assert calls["imagenet_eval_dataset"]["resize_size"] == 37
   assert len([r for r in read_metrics(str(tmp_path / "run")) if r["kind"] == "epoch"]) == 3
 
 
@@ -1178,10 +1224,10 @@ def test_a_capped_imagenet_epoch_says_it_is_part_of_the_split(tmp_path, caplog):
   """max_train_examples makes epochs of N examples drawn from the whole split: the log says so,
   rather than reading as if the split held N."""
   config = _imagenet_folder_config(tmp_path)
-  config.data.max_train_examples = 8
+  config.data.max_train_examples = 12  # a batch of 8 and a smaller one: 2 steps, none dropped
   caplog.set_level(logging.INFO, logger="absl")
   train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert "8 train images per epoch (of 16), 2 classes; 1 steps per epoch." in caplog.text
+  assert "12 train images per epoch (of 16), 2 classes; 2 steps per epoch." in caplog.text
 
 
 def test_a_capped_cifar_split_says_it_is_part_of_the_split(caplog):
@@ -1191,6 +1237,9 @@ def test_a_capped_cifar_split_says_it_is_part_of_the_split(caplog):
   caplog.set_level(logging.INFO, logger="absl")
   train_split, test_split = input_pipeline.load_splits(data)
   assert (len(train_split.labels), len(test_split.labels)) == (72, 10_000)
+  whole = input_pipeline.synthetic_split("train")  # the first 72, each with its own label
+  np.testing.assert_array_equal(train_split.images, whole.images[:72])
+  np.testing.assert_array_equal(train_split.labels, whole.labels[:72])
   assert ("Split 'train': its first 72 of 50000 images (config.data.max_train_examples)."
           in caplog.text) and "Split 'test'" not in caplog.text
 
