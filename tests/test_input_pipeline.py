@@ -281,16 +281,21 @@ def test_random_resized_crop_window_ranges_and_fallback():
   # w = round(10 * 4/3) = 13 at left = (200 - 13) // 2.
   np.testing.assert_array_equal(window(10, 200, seeds[:20]).numpy(),
                                 np.tile([0, 93, 10, 13], (20, 1)))
+  # Its tall twin: h = round(10 / (3/4)) = 13 at top = (200 - 13) // 2.
+  np.testing.assert_array_equal(window(200, 10, seeds[:20]).numpy(),
+                                np.tile([93, 0, 13, 10], (20, 1)))
 
 
 def test_eval_geometry_is_torchvision_resize_then_centre_crop():
-  image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)
-  got = ip._eval_image(tf.io.encode_png(image), image_size=224, resize_size=256).numpy()
   # Shorter side 300 -> 256, longer int(256 * 400 / 300) = 341; crop top round(32 / 2) = 16,
-  # left round(117 / 2) = 58 (round half to even, as Python's round).
-  resized = tf.image.resize(image, [256, 341], method="bilinear", antialias=True).numpy()
-  want = np.clip(np.round(resized[16:240, 58:282]), 0, 255).astype(np.uint8)
-  np.testing.assert_array_equal(got, want)
+  # left round(117 / 2) = 58, or for 402 wide (343) round(119 / 2) = 60: round half to even,
+  # as Python's round.
+  for width, longer, left in ((400, 341, 58), (402, 343, 60)):
+    image = np.random.default_rng(0).integers(0, 256, (300, width, 3), np.uint8)
+    got = ip._eval_image(tf.io.encode_png(image), image_size=224, resize_size=256).numpy()
+    resized = tf.image.resize(image, [256, longer], method="bilinear", antialias=True).numpy()
+    want = np.clip(np.round(resized[16:240, left:left + 224]), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_jpeg_decoding_equals_pillow(tmp_path):
