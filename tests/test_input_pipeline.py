@@ -398,6 +398,21 @@ def test_folder_streams_shard_across_processes(tmp_path):
     assert sorted(sum(_eval_examples(count, max_examples=5, **source)[0], [])) == sorted(first)
 
 
+def test_each_process_draws_its_own_crops_and_flips(tmp_path):
+  """With every image the same, two processes' first batches differ only by their crops and
+  flips: drawn from the same seed, the processes would crop alike at each place."""
+  y, x = np.mgrid[:24, :24]
+  image = np.repeat((4 * x + 5 * y)[..., None], 3, axis=-1).astype(np.uint8)  # a gradient
+  for i in range(8):
+    os.makedirs(tmp_path / "train" / CLASSES[i % 2], exist_ok=True)
+    _write_image(str(tmp_path / "train" / CLASSES[i % 2] / f"{i}.png"), image)
+  first = [next(ip.imagenet_train_dataset(
+      name=None, folder=str(tmp_path), split="train", global_batch_size=4, image_size=8,
+      shuffle_buffer=1, seed=0, process_index=index, process_count=2).as_numpy_iterator())
+      for index in (0, 1)]
+  assert not np.array_equal(first[0]["image"], first[1]["image"])
+
+
 def test_folder_train_stream_takes_a_new_order_of_all_files_each_epoch(tmp_path):
   """torch's shuffle=True over an ImageFolder: every epoch is a permutation of the whole shard,
   a different one each epoch, the same for the same seed; process shards are disjoint."""
