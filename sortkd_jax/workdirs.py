@@ -105,11 +105,30 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _lacking_run_fields(recorded: Any) -> list[str]:
+  """The fields that every version writes into a run's config.json and `recorded` (a parsed
+  one) lacks."""
+  flat = _flat(recorded) if isinstance(recorded, dict) else {}
+  return [k for k in ("method", "student.name", "data.name", "seed") if k not in flat]
+
+
 def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
-  """Refuses a blank workdir, and one at or inside the data folder the run reads: its
-  checkpoints/ and tensorboard/ would become class folders of an image folder."""
+  """Refuses a blank workdir; one at or inside the data folder the run reads (its
+  checkpoints/ and tensorboard/ would become class folders of an image folder); and one holding
+  a config.json that is not a run's, which the run would write over (say, a model folder)."""
   if not workdir.strip():
     raise ValueError(f"--workdir {workdir!r} is blank; name a directory.")
+  path = os.path.join(workdir, CONFIG_FILE)
+  # (Beside saved epochs, check_resumable says what is wrong with a run's config.json.)
+  if os.path.isfile(path) and checkpoint.latest_saved_epoch(workdir) is None:
+    try:
+      with open(path) as f:
+        recorded = json.load(f)
+    except ValueError:  # not JSON (UnicodeDecodeError is a ValueError too)
+      recorded = None
+    if _lacking_run_fields(recorded):
+      raise ValueError(f"--workdir {workdir} holds a {CONFIG_FILE} that is not a training run's, "
+                       "and the run would write its own over it: choose another --workdir.")
   if data.get("folder"):
     folder = os.path.realpath(os.path.expanduser(data.folder))
     if os.path.commonpath([folder, os.path.realpath(workdir)]) == folder:
@@ -158,14 +177,15 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"{workdir} holds checkpoints (epochs {checkpoint.saved_epochs(workdir)}) but no "
         f"{CONFIG_FILE}, so resuming cannot check that they were trained with this config: "
         f"copy the run's {CONFIG_FILE} back beside checkpoints/, or use a new --workdir.")
-  saved = _flat(read_run_config(workdir))
-  current = _flat(_as_recorded(config))  # paths as config.json records them
-  lacking = [k for k in ("method", "student.name", "data.name", "seed") if k not in saved]
-  if lacking:  # fields every version writes: not a run's config as it saved it
+  recorded = read_run_config(workdir)
+  lacking = _lacking_run_fields(recorded)
+  if lacking:  # not a run's config as it saved it
     raise ValueError(
         f"{os.path.join(workdir, CONFIG_FILE)}, the run's recorded config, lacks "
         f"{', '.join(lacking)}, so resuming cannot check that the checkpoints were trained with "
         "this config: restore it from a copy, or use a new --workdir.")
+  saved = _flat(recorded)
+  current = _flat(_as_recorded(config))  # paths as config.json records them
   # Fields added to the recipes since the run started (a newer sortkd-jax): nothing to compare.
   added = sorted(current.keys() - saved.keys())
   if added:

@@ -759,6 +759,23 @@ def test_plain_sgd_without_weight_decay_is_a_valid_config(teacher_dir):
   train.check_config(tiny_config("kd", teacher_dir, weight_decay=0.0, momentum=0.0))
 
 
+def test_a_workdir_holding_another_config_json_is_refused_untouched(teacher_dir, tmp_path):
+  """A folder with a config.json of something else (a model folder, say) is not a run's: the
+  run would overwrite that file. A run of ours stopped before its first epoch still restarts."""
+  for content in ('{"architectures": ["BertModel"]}', "not json", "[1, 2]"):
+    folder = tmp_path / "model"
+    os.makedirs(folder, exist_ok=True)
+    (folder / "config.json").write_text(content)
+    with tfds.testing.mock_data(num_examples=64):
+      with pytest.raises(ValueError, match="holds a config.json that is not a training run's"):
+        train.train_and_evaluate(tiny_config("kd", teacher_dir), str(folder))
+    assert os.listdir(folder) == ["config.json"]
+    assert (folder / "config.json").read_text() == content
+  ours = tiny_config("kd", teacher_dir)
+  (folder / "config.json").write_text(ours.to_json_best_effort())
+  workdirs.check_place(str(folder), ours.data)
+
+
 def test_a_refused_start_keeps_a_workdir_made_beforehand(teacher_dir, tmp_path):
   """Only a workdir the run made itself is removed when its start is refused."""
   os.makedirs(tmp_path / "made")
