@@ -122,9 +122,8 @@ def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
   # (Beside saved epochs, check_resumable says what is wrong with a run's config.json.)
   if os.path.isfile(path) and checkpoint.latest_saved_epoch(workdir) is None:
     try:
-      with open(path) as f:
-        recorded = json.load(f)
-    except ValueError:  # not JSON (UnicodeDecodeError is a ValueError too)
+      recorded = read_run_config(workdir)
+    except ValueError:  # not JSON, or not text
       recorded = None
     if _lacking_run_fields(recorded):
       raise ValueError(f"--workdir {workdir} holds a {CONFIG_FILE} that is not a training run's, "
