@@ -222,6 +222,18 @@ def test_batchnorm_statistics_outputs_have_autodiff_gradients(dtype):
     assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
 
 
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (1e4, 1.0), (1e3, 1e-2)])
+def test_batchnorm_one_pass_statistics_hold_for_large_mean_channels(mean, std):
+  """The batch variance from one shifted pass is as exact as the two-pass one in float32 (an
+  unshifted E[x²] − E[x]² returns rounding noise for these channels)."""
+  x = np.random.default_rng(5).normal(mean, std, (64, 8, 8, 16)).astype(np.float32)
+  _, batch_mean, var = L.batch_norm_train(jnp.asarray(x), jnp.ones(16), jnp.zeros(16), 1e-5,
+                                          jnp.float32)
+  x64 = x.astype(np.float64)
+  np.testing.assert_allclose(var, x64.var(axis=(0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(batch_mean, x64.mean(axis=(0, 1, 2)), rtol=1e-6, atol=1e-6 * std)
+
+
 def test_batchnorm_bf16_keeps_float32_statistics():
   rng = np.random.default_rng(2)
   x = (rng.normal(size=(16, 4, 4, 8)) * 4 + 100).astype(np.float32)  # large mean

@@ -191,10 +191,17 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
   """Train-mode BatchNorm over all axes but the last: (output in `dtype`, batch mean, biased
   batch variance), the statistics in float32.
 
+  The statistics come from one pass over the activations: per channel, the sums of x − s and
+  of its square in a single reduction (one kernel on a GPU, where the two-pass form takes two,
+  the second waiting for the first). The shift s is the channel's first value in the batch:
+  the variance's float32 rounding error grows with ((mean − s)/std)², a few units for a value
+  drawn from the batch, whereas the unshifted E[x²] − E[x]² loses the variance of channels
+  whose mean is large against their std.
+
   The gradient is the closed-form one that cuDNN and PyTorch use, with two per-channel sums of
   the output gradient; autodiff of the forward would differentiate through the mean and the
-  two-pass variance with several more reductions, each a kernel and a pass over the
-  activations on a GPU. Mathematically the same gradient.
+  variance with several more reductions, each a kernel and a pass over the activations on a
+  GPU. Mathematically the same gradient.
   """
   return _batch_norm_train_fwd(x, scale, bias, epsilon, dtype)[0]
 
@@ -210,9 +217,11 @@ def _normalize(x, mean, var, scale, bias, epsilon, dtype):
 def _batch_norm_train_fwd(x, scale, bias, epsilon, dtype):
   axes = tuple(range(x.ndim - 1))
   xf = x.astype(jnp.float32)
-  mean = jnp.mean(xf, axis=axes)
-  # Two-pass (mean of squared deviations): no cancellation for large-mean channels.
-  var = jnp.mean(jnp.square(xf - mean), axis=axes)
+  shift = xf[(0,) * len(axes)]
+  shifted = xf - shift
+  offset = jnp.mean(shifted, axis=axes)
+  mean = shift + offset
+  var = jnp.maximum(jnp.mean(jnp.square(shifted), axis=axes) - jnp.square(offset), 0.0)
   y = _normalize(x, mean, var, scale, bias, epsilon, dtype)
   return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
 
@@ -246,8 +255,8 @@ class BatchNorm(nnx.Module):
   the running statistics. ``model.train()`` / ``model.eval()`` (``set_attributes``) and
   ``nnx.view(model, use_running_average=...)`` (``set_view``) switch the mode.
 
-  Statistics are computed in float32 whatever the compute ``dtype``; the running stats
-  are ``nnx.BatchStat`` in float32. Reductions use plain ``jnp`` ops without
+  Statistics are computed in float32 whatever the compute ``dtype``, in one shifted pass
+  (``batch_norm_train``); the running stats are ``nnx.BatchStat`` in float32. Reductions use plain ``jnp`` ops without
   ``axis_name``: under ``jax.jit`` with the batch sharded over a mesh, XLA computes them
   over the global batch.
 
