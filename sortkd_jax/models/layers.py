@@ -256,9 +256,9 @@ class BatchNorm(nnx.Module):
   ``nnx.view(model, use_running_average=...)`` (``set_view``) switch the mode.
 
   Statistics are computed in float32 whatever the compute ``dtype``, in one shifted pass
-  (``batch_norm_train``); the running stats are ``nnx.BatchStat`` in float32. Reductions use plain ``jnp`` ops without
-  ``axis_name``: under ``jax.jit`` with the batch sharded over a mesh, XLA computes them
-  over the global batch.
+  (``batch_norm_train``); the running stats are ``nnx.BatchStat`` in float32. Reductions use
+  plain ``jnp`` ops without ``axis_name``: under ``jax.jit`` with the batch sharded over a
+  mesh, XLA computes them over the global batch.
 
   ``stat_updates`` = 2 reproduces WRN's double running-stat update (spec §2.3 quirk: the
   ``preact_feats`` BN calls run the same layer again on the same tensor in training), i.e.
