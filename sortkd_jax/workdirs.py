@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from sortkd_jax import checkpoint, methods
+from sortkd_jax import checkpoint, methods, reporting
 
 LOCK_FILE = "train.lock"
 CONFIG_FILE = "config.json"
@@ -113,12 +113,22 @@ def _lacking_run_fields(recorded: Any) -> list[str]:
 
 
 def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
-  """Refuses a blank workdir; one at or inside the data folder the run reads (its
-  checkpoints/ and tensorboard/ would become class folders of an image folder); and one holding
-  a config.json that is not a run's, which the run would write over (say, a model folder)."""
+  """Refuses a blank workdir and a filesystem root; one at or inside the data folder the run
+  reads (its checkpoints/ and tensorboard/ would become class folders of an image folder); one
+  holding a config.json that is not a run's, which the run would write over (say, a model
+  folder); and one holding a metrics.jsonl without a config.json, which a fresh start would
+  empty (no run of ours writes the first without the second)."""
   if not workdir.strip():
     raise ValueError(f"--workdir {workdir!r} is blank; name a directory.")
+  real = os.path.realpath(workdir)
+  if os.path.dirname(real) == real:
+    raise ValueError(f"--workdir {workdir} is the filesystem root; name a directory for the run.")
   path = os.path.join(workdir, CONFIG_FILE)
+  if (os.path.isfile(os.path.join(workdir, reporting.METRICS_FILE))
+      and not os.path.exists(path) and checkpoint.latest_saved_epoch(workdir) is None):
+    raise ValueError(f"--workdir {workdir} holds a {reporting.METRICS_FILE} but no {CONFIG_FILE}: "
+                     "not a run of ours, and a fresh start would empty that file; choose another "
+                     "--workdir.")
   # (Beside saved epochs, check_resumable says what is wrong with a run's config.json.)
   if os.path.isfile(path) and checkpoint.latest_saved_epoch(workdir) is None:
     try:
@@ -130,7 +140,7 @@ def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
                        "and the run would write its own over it: choose another --workdir.")
   if data.get("folder"):
     folder = os.path.realpath(os.path.expanduser(data.folder))
-    if os.path.commonpath([folder, os.path.realpath(workdir)]) == folder:
+    if os.path.commonpath([folder, real]) == folder:
       raise ValueError(f"--workdir {workdir} is inside the data folder {data.folder} that the "
                        "run reads (its files would be read as part of the data); choose a "
                        "directory outside it.")

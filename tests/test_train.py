@@ -776,6 +776,22 @@ def test_a_workdir_holding_another_config_json_is_refused_untouched(teacher_dir,
   workdirs.check_place(str(folder), ours.data)
 
 
+def test_a_workdir_with_a_foreign_metrics_file_or_the_root_is_refused_untouched(teacher_dir,
+                                                                              tmp_path):
+  """A metrics.jsonl without a config.json is not a run's (ours write config.json first): a
+  fresh start emptied it. The filesystem root is no place for a run's folders either."""
+  folder = tmp_path / "other"
+  os.makedirs(folder)
+  (folder / "metrics.jsonl").write_text('{"loss": 1.0}\n')
+  with tfds.testing.mock_data(num_examples=64):
+    with pytest.raises(ValueError, match="holds a metrics.jsonl but no config.json"):
+      train.train_and_evaluate(tiny_config("kd", teacher_dir), str(folder))
+  assert os.listdir(folder) == ["metrics.jsonl"]
+  assert (folder / "metrics.jsonl").read_text() == '{"loss": 1.0}\n'
+  with pytest.raises(ValueError, match="--workdir / is the filesystem root"):
+    workdirs.check_place("/", tiny_config("kd", teacher_dir).data)  # (a run there would write)
+
+
 def test_a_refused_start_keeps_a_workdir_made_beforehand(teacher_dir, tmp_path):
   """Only a workdir the run made itself is removed when its start is refused."""
   os.makedirs(tmp_path / "made")
