@@ -193,10 +193,10 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
 
   The statistics come from one pass over the activations: per channel, the sums of x − s and
   of its square, two reductions of the same input that XLA can fuse (the two-pass form's
-  second reduction waits for the first's result). The shift s is the channel's first value in the batch:
-  the variance's float32 rounding error grows with ((mean − s)/std)², a few units for a value
-  drawn from the batch, whereas the unshifted E[x²] − E[x]² loses the variance of channels
-  whose mean is large against their std.
+  second reduction waits for the first's result). The shift s is the channel's first value in
+  the batch: the variance's float32 rounding error grows with ((mean − s)/std)², a few units
+  for a value drawn from the batch, whereas the unshifted E[x²] − E[x]² loses the variance of
+  channels whose mean is large against their std.
 
   The gradient is the closed-form one that cuDNN and PyTorch use, with two per-channel sums of
   the output gradient; autodiff of the forward would differentiate through the mean and the
