@@ -18,7 +18,8 @@ the compute dtype. A training workdir without `--config` is evaluated as its run
 by its config.json (data, batch, dtype: a bf16 run's figures come out exactly), with the
 `--config.*` overrides applied (e.g. `--config.dtype=float32`); those are checked against the
 default recipe (cifar_vanilla.py) first, so an ImageNet-only field (`data.manual_dir`,
-`data.shuffle_buffer`) needs the run's recipe as `--config`. With `--config`, a run is
+`data.shuffle_buffer`) needs the run's recipe as `--config`. A run copied without its
+config.json is refused until `--config` names its recipe. With `--config`, a run is
 evaluated on that config's data: a warning names both when they differ, and a run trained on
 the other pipeline (CIFAR's normalisation, or ImageNet's) is refused. Prints one JSON line:
 checkpoint, arch, epoch (of a training workdir: its best, the latest among ties, or the one
@@ -92,11 +93,20 @@ def main():
 
 def _config():
   """--config; for a training workdir given without it, the run's own config.json (so its data
-  and pipeline), with the command line's --config.* overrides applied."""
+  and pipeline), with the command line's --config.* overrides applied. A run whose config.json
+  is gone needs --config: the default recipe's data may not be the run's."""
   import ml_collections
-  from sortkd_jax import workdirs
+  from sortkd_jax import checkpoint, workdirs
 
-  recorded = None if FLAGS["config"].present else workdirs.run_config_of(FLAGS.checkpoint)
+  if FLAGS["config"].present:
+    return FLAGS.config
+  recorded = workdirs.run_config_of(FLAGS.checkpoint)
+  workdir = checkpoint.workdir_of(FLAGS.checkpoint)
+  if recorded is None and checkpoint.is_train_workdir(workdir):
+    raise ValueError(f"{workdir} holds a training run's checkpoints but no "
+                     f"{workdirs.CONFIG_FILE}, which says what data the run used: pass the run's "
+                     "recipe as --config (with its --config.* flags), or put its config.json "
+                     "back beside checkpoints/.")
   if recorded is None:
     return FLAGS.config
   config = ml_collections.ConfigDict(recorded)

@@ -71,6 +71,21 @@ def test_a_wrong_checkpoint_fails_before_the_data_is_read(tmp_path, kind, messag
   assert "No split" not in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_run_without_its_config_json_needs_a_config(tmp_path):
+  """Checkpoints copied without their config.json were evaluated on the default recipe's data
+  (offline: minutes of CIFAR-100 download retries, the cause unsaid); now the run is refused
+  until --config names its recipe, and is evaluated with it."""
+  run = _save_run(tmp_path / "run", [10.0, 20.0])
+  os.remove(os.path.join(run, "config.json"))
+  for path in (run, os.path.join(run, "checkpoints", "2")):
+    out = run_script("eval.py", "--checkpoint", path, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert f"{run} holds a training run's checkpoints but no config.json" in out.stderr
+  out = run_script("eval.py", "--checkpoint", run, *SYNTHETIC, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert _last_json(out)["epoch"] == 2
+
+
 def test_a_bad_config_fails_before_the_model_is_read(tmp_path):
   """A setting no evaluation can use is refused first, not after a model was loaded (here
   a damaged .pth file, whose error must not come first)."""
