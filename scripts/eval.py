@@ -101,13 +101,13 @@ def _config():
   if FLAGS["config"].present:
     return FLAGS.config
   recorded = workdirs.run_config_of(FLAGS.checkpoint)
-  workdir = checkpoint.workdir_of(FLAGS.checkpoint)
-  if recorded is None and checkpoint.is_train_workdir(workdir):
-    raise ValueError(f"{workdir} holds a training run's checkpoints but no "
-                     f"{workdirs.CONFIG_FILE}, which says what data the run used: pass the run's "
-                     "recipe as --config (with its --config.* flags), or put its config.json "
-                     "back beside checkpoints/.")
   if recorded is None:
+    workdir = checkpoint.workdir_of(FLAGS.checkpoint)
+    if checkpoint.is_train_workdir(workdir):
+      raise ValueError(f"{workdir} holds a training run's checkpoints but no "
+                       f"{workdirs.CONFIG_FILE}, which says what data the run used: pass the "
+                       "run's recipe as --config (with its --config.* flags), or put its "
+                       "config.json back beside checkpoints/.")
     return FLAGS.config
   config = ml_collections.ConfigDict(recorded)
   config.update_from_flattened_dict(FLAGS["config"].override_values)
