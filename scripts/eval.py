@@ -80,7 +80,7 @@ def main():
   mesh = distributed.make_mesh()
   evaluate, num_classes = evaluation.make_test_evaluator(config, mesh, dtype=dtype)
   teachers.check_num_classes(FLAGS.checkpoint, meta["arch"], porting.num_classes_of(model),
-                             num_classes)
+                             num_classes, distilling=False)
   network, variables = evaluation.freeze(model)
   metrics = evaluate(network, distributed.replicate(variables, mesh))
   print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": meta["arch"], "epoch": epoch,

@@ -120,15 +120,18 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
   return model, meta
 
 
-def check_num_classes(path: str, arch: str, model_classes: int,
-                      data_classes: int | None) -> None:
-  """A model is evaluated or distilled only on data with its classes."""
+def check_num_classes(path: str, arch: str, model_classes: int, data_classes: int | None, *,
+                      distilling: bool = True) -> None:
+  """A model is evaluated or distilled only on data with its classes; a teacher's message also
+  says how to get one for this data."""
   if data_classes is not None and model_classes != data_classes:
-    raise ValueError(
-        f"The model in {path} has {model_classes} classes but the data has {data_classes}; use "
-        f"the data set it was trained on. To distill on this data, train a teacher on it first "
-        f"(scripts/train.py {_teacher_recipe(arch)} with this data and a --workdir, then pass "
-        "that workdir as --config.teacher.checkpoint).")
+    message = (f"The model in {path} has {model_classes} classes but the data has "
+               f"{data_classes}; use the data set it was trained on.")
+    if distilling:
+      message += (f" To distill on this data, train a teacher on it first (scripts/train.py "
+                  f"{_teacher_recipe(arch)} with this data and a --workdir, then pass that "
+                  "workdir as --config.teacher.checkpoint).")
+    raise ValueError(message)
 
 
 def _check_not_a_run_file(path: str) -> None:

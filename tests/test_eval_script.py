@@ -86,6 +86,24 @@ def test_a_run_without_its_config_json_needs_a_config(tmp_path):
   assert _last_json(out)["epoch"] == 2
 
 
+def test_data_of_another_class_count_is_refused_without_distillation_advice(tmp_path):
+  """eval.py's class-count error says to use the model's own data; the advice on training a
+  teacher for this data belongs to distillation."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for k in range(2):
+    os.makedirs(tmp_path / "data" / "test" / f"class{k}")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(
+        tmp_path / "data" / "test" / f"class{k}" / "0.png")
+  run = _save_run(tmp_path / "run", [10.0])
+  out = run_script("eval.py", "--checkpoint", run, "--config", "configs/cifar_vanilla.py",
+                   f"--config.data.folder={tmp_path / 'data'}", "--config.data.cache_dir",
+                   tmp_path / "cache", timeout=120)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "has 100 classes but the data has 2; use the data set it was trained on." in out.stderr
+  assert "To distill" not in out.stderr
+
+
 def test_a_bad_config_fails_before_the_model_is_read(tmp_path):
   """A setting no evaluation can use is refused first, not after a model was loaded (here
   a damaged .pth file, whose error must not come first)."""
