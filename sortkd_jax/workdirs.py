@@ -124,13 +124,13 @@ def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
   if os.path.dirname(real) == real:
     raise ValueError(f"--workdir {workdir} is the filesystem root; name a directory for the run.")
   path = os.path.join(workdir, CONFIG_FILE)
-  # (Beside saved epochs, check_resumable says what is wrong with a run's config.json.)
   unsaved = checkpoint.latest_saved_epoch(workdir) is None
   if (unsaved and os.path.isfile(os.path.join(workdir, reporting.METRICS_FILE))
       and not os.path.exists(path)):
     raise ValueError(f"--workdir {workdir} holds a {reporting.METRICS_FILE} but no {CONFIG_FILE}: "
                      "not a run of ours, and a fresh start would empty that file; choose another "
                      "--workdir.")
+  # (Beside saved epochs, check_resumable says what is wrong with a run's config.json.)
   if unsaved and os.path.isfile(path):
     try:
       recorded = read_run_config(workdir)
