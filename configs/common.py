@@ -89,6 +89,9 @@ def _base_config(method: str, pair: str, teacher: str, student: str) -> ml_colle
   c.seed = 0
   c.dtype = "float32"
   c.steps_per_dispatch = _optional(int)  # None: 32 on GPU/TPU, 1 on CPU (train.py says why)
+  # A GPU experiment (README, Speed): >1 runs the teacher in this many groups of a dispatch's
+  # steps, each on a second stream beside the student's steps on the group before.
+  c.teacher_stream_groups = 1
   c.log_every_steps = 200
   c.checkpoints_to_keep = 2
   return c

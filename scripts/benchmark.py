@@ -153,16 +153,17 @@ def check_output_paths() -> None:
 def main():
   config = FLAGS.config
   config.unlock()
-  train.check_config(config)
-  check_output_paths()  # before minutes of timing, not after
   streaming = config.data.pipeline == "tf_data"
   if streaming and FLAGS["steps-per-dispatch"].value:
     raise ValueError("ImageNet (tf.data) recipes run one step per dispatch, as the trainer does; "
                      "--steps-per-dispatch is for CIFAR recipes.")
+  # Set before the check: config.teacher_stream_groups must divide the steps timed.
+  config.steps_per_dispatch = FLAGS["steps-per-dispatch"].value or config.steps_per_dispatch
+  train.check_config(config)
+  check_output_paths()  # before minutes of timing, not after
   batch_size = FLAGS["batch-size"].value or config.batch_size
   config.dtype = FLAGS.dtype or config.dtype
-  k = 1 if streaming else (FLAGS["steps-per-dispatch"].value or config.steps_per_dispatch
-                           or train.default_steps_per_dispatch())
+  k = 1 if streaming else config.steps_per_dispatch or train.default_steps_per_dispatch()
   train.warn_if_slow_on_cpu(k)
   n = FLAGS["num-examples"].value
   num_classes = FLAGS["num-classes"].value or models.default_num_classes(config.student.name)
@@ -186,6 +187,7 @@ def main():
             "dtype": config.dtype, "batch_size": batch_size, "image_size": size,
             "teacher_fold_batchnorm": bool(config.teacher.get("fold_batchnorm"))
                                       and methods.uses_teacher(config),
+            "teacher_stream_groups": config.teacher_stream_groups,
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
   results = []
 
@@ -345,7 +347,9 @@ def main():
           else common["student"])
   print(f"device: {common['device']} x{common['num_devices']}, jax {common['jax']}, "
         f"{common['method']}{'+Sort' if common['sort'] else ''} {pair}, batch {batch_size}, "
-        f"{size} px, {common['dtype']}")
+        f"{size} px, {common['dtype']}"
+        + (f", teacher in {common['teacher_stream_groups']} stream groups"
+           if common["teacher"] and common["teacher_stream_groups"] > 1 else ""))
 
 
 if __name__ == "__main__":

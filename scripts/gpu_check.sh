@@ -7,9 +7,11 @@
 #      this script; an fp32 run would take about 466 s, by one stopped at 159 epochs on
 #      2026-11-28), for what is left of the deadline (at most its 6-minute target); a run
 #      stopped early reports its epochs, its per-epoch time and the whole run's projected time.
-# EXTRAS=1 runs instead (a second call, about 5 minutes): batch 64 fp32 with a kernel-level
-# profile and a part-by-part breakdown, bf16 at batch 64, 128 steps per dispatch, the unfolded
-# teacher, the ImageNet recipe's step, and the eval forward of resnet32x4.
+# EXTRAS=1 runs instead (a second call, about 7 minutes): batch 64 fp32 with the teacher on a
+# second GPU stream (config.teacher_stream_groups 2, 4 and 8; the 4 with a profile, which shows
+# whether the streams overlap), then with a kernel-level profile and a part-by-part breakdown,
+# bf16 at batch 64, 128 steps per dispatch, the unfolded teacher, the ImageNet recipe's step,
+# and the eval forward of resnet32x4.
 #
 # The GPU machines have JAX, flax, optax, orbax and chex but no ml-collections/tensorboardX;
 # fetch those wheels once, where pip works, into .whl/ (git-ignored):
@@ -40,6 +42,16 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "
 since_start() { echo "[$(( $(date +%s) - START_S )) s]"; }
 
 if [ "${EXTRAS:-0}" = 1 ]; then
+  # Target 1's lead: the teacher's forward beside the student's steps, in G groups per dispatch.
+  for groups in 2 4 8; do
+    profile=(); [ "$groups" = 4 ] && profile=(--profile /tmp/gpu_check_trace_streams)
+    $BENCH --batch-size 64 --noeval --config.teacher_stream_groups=$groups "${profile[@]}" \
+        > "$OUT/streams_g$groups.log" 2>&1
+    grep -E "^(train_step|per dispatch)" -A 3 "$OUT/streams_g$groups.log" | head -n 8
+  done
+  cp "$(find /tmp/gpu_check_trace_streams -name perfetto_trace.json.gz | head -n 1)" \
+      "$OUT/trace_streams.json.gz"
+  echo "streams done $(since_start)"
   # Where target 1's time goes: kernel by kernel (trace kept in $OUT/trace.json.gz) and part by
   # part (teacher forward and targets per dispatch, the student's steps alone).
   $BENCH --batch-size 64 --breakdown --profile /tmp/gpu_check_trace > "$OUT/profile_b64.log" 2>&1

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental.compute_on import compute_on
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sortkd_jax import augment
@@ -181,7 +182,7 @@ def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *
                  train_step):
   """`num_steps` steps over perm[start:start+num_steps·batch_size], in one dispatch: the batches
   are gathered and augmented and the teacher's targets computed for all steps first, then the
-  student's steps run in a scan."""
+  student's steps run in a scan (with `config.teacher_stream_groups`, `_steps_beside_teacher`)."""
 
   def batch(i):
     idx = jax.lax.dynamic_slice_in_dim(perm, start + i * batch_size, batch_size)
@@ -193,14 +194,52 @@ def _train_chunk(state: TrainState, teacher_vars, images, labels, perm, start, *
   if num_steps == 1:  # no loop: XLA:CPU runs convolutions inside loops far slower
     return _one_step(state, *batch(0), teacher=teacher, teacher_vars=teacher_vars, config=config,
                      train_step=train_step)
-  xs, ys = jax.vmap(batch)(jnp.arange(num_steps))
-  ts, hits = (None, None) if teacher is None else _dispatch_teacher_targets(
-      teacher, teacher_vars, xs, ys, batch_sharding=batch_sharding, config=config)
 
-  state, metrics = jax.lax.scan(lambda state, inputs: train_step(state, *inputs), state,
-                                (xs, ys, ts))
-  metrics = jax.tree.map(lambda m: m.sum(0), metrics)
-  return state, metrics if teacher is None else {**metrics, "teacher_top1": hits}
+  def student_steps(state, xs, ys, ts):
+    state, metrics = jax.lax.scan(lambda state, inputs: train_step(state, *inputs), state,
+                                  (xs, ys, ts))
+    return state, jax.tree.map(lambda m: m.sum(0), metrics)
+
+  xs, ys = jax.vmap(batch)(jnp.arange(num_steps))
+  if teacher is None:
+    return student_steps(state, xs, ys, None)
+  targets = functools.partial(_dispatch_teacher_targets, teacher, batch_sharding=batch_sharding,
+                              config=config)
+  groups = config.teacher_stream_groups
+  if groups > 1 and num_steps % groups == 0:
+    state, metrics, hits = _steps_beside_teacher(state, teacher_vars, xs, ys, groups=groups,
+                                                 student_steps=student_steps, targets=targets)
+  else:
+    ts, hits = targets(teacher_vars, xs, ys)
+    state, metrics = student_steps(state, xs, ys, ts)
+  return state, {**metrics, "teacher_top1": hits}
+
+
+def _steps_beside_teacher(state: TrainState, teacher_vars, xs: jax.Array, ys: jax.Array, *,
+                          groups: int, student_steps: Callable, targets: Callable):
+  """A dispatch's steps in `groups` groups, the teacher's targets for group g+1 computed on a
+  second GPU stream while the student trains on group g (`config.teacher_stream_groups`).
+
+  An experiment for small batches on a GPU: the student's small kernels leave much of it idle,
+  which the teacher's convolutions might fill. XLA ignores the stream on other backends; the
+  numbers are those of the teacher run on the whole dispatch at once, but for rounding.
+  """
+  split = lambda a: a.reshape(groups, -1, *a.shape[1:])
+  xs, ys = split(xs), split(ys)
+  targets_on_side_stream = compute_on("gpu_stream:1")(jax.jit(targets))
+  ts, hits = targets(teacher_vars, xs[0], ys[0])
+
+  def group(carry, inputs):
+    state, ts, hits = carry
+    x, y, x_next, y_next = inputs
+    ts_next, next_hits = targets_on_side_stream(teacher_vars, x_next, y_next)
+    state, metrics = student_steps(state, x, y, ts)
+    return (state, ts_next, hits + next_hits), metrics
+
+  (state, ts, hits), metrics = jax.lax.scan(group, (state, ts, hits),
+                                            (xs[:-1], ys[:-1], xs[1:], ys[1:]))
+  state, last = student_steps(state, xs[-1], ys[-1], ts)
+  return state, jax.tree.map(lambda m, l: m.sum(0) + l, metrics, last), hits
 
 
 def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_sharding,
@@ -675,6 +714,13 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
                      f"'--config.lr_decay_epochs=(150,180,210)', got {decay!r}.")
   if not training:
     return
+  groups = config.teacher_stream_groups
+  steps = (1 if config.data.pipeline == "tf_data"
+           else config.steps_per_dispatch or default_steps_per_dispatch())
+  if not (isinstance(groups, int) and groups > 0 and steps % groups == 0):
+    raise ValueError(f"config.teacher_stream_groups must be a positive integer that divides the "
+                     f"{steps} steps of a dispatch (config.steps_per_dispatch; one step with "
+                     f"data.pipeline='tf_data'), got {groups!r}.")
   # Out of range, these lost epochs (0 kept the best alone, -1 broke the next save) or trained
   # on, diverging (gradient ascent, growing weights), without a word.
   ranges = {"checkpoints_to_keep": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),

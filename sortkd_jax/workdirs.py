@@ -85,14 +85,14 @@ def _flock(workdir: str) -> IO[str]:
 
 
 # Fields a resumed run may change: they do not alter what the checkpoints were trained on
-# (steps per dispatch and teacher folding only by float rounding), nor the test set that the
-# best top-1 so far was measured on (the data paths say where the same data is, e.g. after a
-# move; other data with another number of steps per epoch is refused on resume). `pair` only
-# names the recipe's pair: what it sets is compared field by field.
+# (steps per dispatch, teacher stream groups and teacher folding only by float rounding), nor
+# the test set that the best top-1 so far was measured on (the data paths say where the same
+# data is, e.g. after a move; other data with another number of steps per epoch is refused on
+# resume). `pair` only names the recipe's pair: what it sets is compared field by field.
 RESUMABLE_CHANGES = ("pair", "num_epochs", "log_every_steps", "steps_per_dispatch",
-                     "eval_batch_size", "checkpoints_to_keep", "teacher.checkpoint",
-                     "teacher.fold_batchnorm", "data.data_dir", "data.folder", "data.cache_dir",
-                     "data.download", "data.manual_dir")
+                     "teacher_stream_groups", "eval_batch_size", "checkpoints_to_keep",
+                     "teacher.checkpoint", "teacher.fold_batchnorm", "data.data_dir",
+                     "data.folder", "data.cache_dir", "data.download", "data.manual_dir")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -70,6 +70,24 @@ def test_a_bad_config_is_refused_as_the_trainer_refuses_it():
   assert "error: Unknown config.method 'kdd'" in proc.stderr
 
 
+def test_teacher_stream_groups_divide_the_steps_per_dispatch_flag(tmp_path):
+  """--steps-per-dispatch is what config.teacher_stream_groups must divide, as it is what runs
+  (the config's steps, unset on CPU, mean one step)."""
+  out_file = tmp_path / "bench.jsonl"
+  args = ("benchmark.py", "--config.student.name=resnet8", "--config.teacher.name=resnet8",
+          "--num-examples=16", "--batch-size=8", "--config.teacher_stream_groups=2", "--noeval",
+          "--windows=1", "--window-seconds=0.01", f"--json={out_file}")
+  proc = run_script(*args, "--steps-per-dispatch=2", timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  record = json.loads(out_file.read_text())
+  assert (record["steps_per_dispatch"], record["teacher_stream_groups"]) == (2, 2)
+  assert "teacher in 2 stream groups" in proc.stdout
+  proc = run_script(*args, timeout=600)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "error: config.teacher_stream_groups must be a positive integer that divides the 1 steps"\
+      in proc.stderr
+
+
 def _jpeg_folder(root, count=8, size=(80, 96)):
   """<root>/train/<class>/<i>.jpg: a tiny ImageNet-style folder of two classes."""
   from PIL import Image

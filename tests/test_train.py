@@ -212,6 +212,47 @@ def test_folding_the_teacher_changes_training_only_by_rounding(teacher_dir, kd_o
                unfolded["state"], kd_one_epoch.result["state"])
 
 
+def test_teacher_on_a_second_stream_changes_training_only_by_rounding():
+  """config.teacher_stream_groups: the dispatch's steps in groups, each group's teacher targets
+  computed on GPU stream 1 (an annotation in the program) beside the student's previous group;
+  the same steps as the teacher run on the whole dispatch first. A dispatch the groups do not
+  divide runs the teacher first."""
+  config = cifar_kd.get_config("res56_res20,runlocal")
+  config.student.name = config.teacher.name = "resnet8"
+  mesh = distributed.make_mesh()
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (48, 32, 32, 3), np.uint8)
+  optimizer = train.make_optimizer(config, steps_per_epoch=6)
+  state, graphdef, _ = train.create_train_state(config, 100, optimizer)
+  teacher, teacher_vars = evaluation.freeze(models.create_model("resnet8", 100,
+                                                                rngs=nnx.Rngs(42)))
+  # Labels the teacher gets partly right, so that its per-group hits are counted.
+  labels = np.asarray(teacher(teacher_vars, augment.normalize(
+      images, *augment.PIPELINE_STATS["on_device"])).argmax(-1)).astype(np.int32)
+  labels[::2] = (labels[::2] + 1) % 100
+  args = (teacher_vars, images, labels, jnp.arange(48), jnp.int32(0))
+
+  def dispatch(groups, num_steps):
+    config.teacher_stream_groups = groups
+    train_step = train.make_train_step(config, student_graphdef=graphdef, optimizer=optimizer,
+                                       steps_per_epoch=6)
+    chunk = train.build_train_chunk(config, mesh, train_step=train_step, teacher=teacher)
+    lowered = chunk.lower(state, *args, num_steps=num_steps, batch_size=8)
+    return lowered.as_text().count('_xla_stream_annotation = "1"') > 0, lowered.compile()
+
+  assert [dispatch(g, k)[0] for g, k in [(1, 4), (2, 3)]] == [False, False]
+  streamed, grouped = dispatch(2, 4)
+  assert streamed
+  _, whole = dispatch(1, 4)
+  copy = lambda: jax.tree.map(jnp.copy, state)  # each dispatch donates the state it is given
+  (a, metrics_a), (b, metrics_b) = whole(copy(), *args), grouped(copy(), *args)
+  assert int(a.step) == int(b.step) == 4
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+  assert metrics_a.keys() == metrics_b.keys()
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5), metrics_a, metrics_b)
+  assert 0 < int(metrics_b["teacher_top1"]) == int(metrics_a["teacher_top1"]) < 32
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_dir, tmp_path):
   workdir = str(tmp_path / "nan")
   config = tiny_config("kd", teacher_dir, lr_decay_rate=1e30)  # epoch 2's lr diverges
@@ -562,8 +603,9 @@ def _another_value(value):
 
 # README ("A workdir resumes only with its own config: ..."): what a resumed run may change.
 RESUMABLE = ("pair", "num_epochs", "log_every_steps", "steps_per_dispatch", "eval_batch_size",
-             "checkpoints_to_keep", "data.folder", "data.data_dir", "data.cache_dir",
-             "data.manual_dir", "data.download", "teacher.checkpoint", "teacher.fold_batchnorm")
+             "teacher_stream_groups", "checkpoints_to_keep", "data.folder", "data.data_dir",
+             "data.cache_dir", "data.manual_dir", "data.download", "teacher.checkpoint",
+             "teacher.fold_batchnorm")
 REFUSED = ("seed", "lr", "batch_size", "dtype", "method", "sort", "weight_decay", "momentum",
            "lr_decay_epochs", "lr_decay_rate", "kd.temperature", "student.name",
            "teacher.name", "data.name", "data.image_size", "data.max_train_examples",
@@ -732,6 +774,9 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("teacher.name", "resnet999", "Unknown config.teacher.name 'resnet999'. Valid names: "),
     ("log_every_steps", 0, "config.log_every_steps must be a positive"),
     ("steps_per_dispatch", 0, "config.steps_per_dispatch must be a positive"),
+    ("teacher_stream_groups", 3, r"teacher_stream_groups must be a positive integer that divides "
+     r"the 2 steps of a dispatch \(config.steps_per_dispatch; .*got 3"),
+    ("teacher_stream_groups", 0, "config.teacher_stream_groups must be a positive integer"),
     ("lr_decay_epochs", ("a", "b"), r"lr_decay_epochs must be increasing positive epochs.*'a'"),
     ("lr_decay_epochs", (180, 150), "lr_decay_epochs must be increasing"),
     ("kd.temperature", 0.0, "config.kd.temperature must be positive, got 0.0"),
