@@ -103,7 +103,7 @@ def _jpeg_folder(root, count=8, size=(80, 96)):
 def test_benchmark_of_an_imagenet_recipe_times_the_step_and_the_input_pipeline(tmp_path):
   out_file = tmp_path / "bench.jsonl"
   args = ["--config", "configs/imagenet_kd.py:r34_r18,runlocal",
-          "--config.teacher.name=imagenet_ResNet18", "--noeval", "--windows=1",
+          "--config.teacher.name=imagenet_ResNet18", "--windows=1",
           "--window-seconds=0.05", f"--json={out_file}"]
   missing = run_script("benchmark.py", *args, f"--config.data.folder={tmp_path / 'none'}")
   assert missing.returncode == 1 and "No split 'train' in image folder" in missing.stderr
@@ -116,10 +116,13 @@ def test_benchmark_of_an_imagenet_recipe_times_the_step_and_the_input_pipeline(t
                     timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in out_file.read_text().splitlines()]
-  assert [r["measurement"] for r in records] == ["train_step", "input_pipeline"]
-  step, stream = records
+  assert [r["measurement"] for r in records] == ["train_step", "eval_student", "input_pipeline"]
+  step, evaluation, stream = records
   assert (step["batch_size"], step["image_size"], step["steps_per_dispatch"]) == (8, 64, 1)
   assert step["student"] == "imagenet_ResNet18" and step["images_per_s"] > 0
+  # The trainer's streaming evaluator, over two device batches of the eval batch size.
+  assert evaluation["eval_images"] == 2 * evaluation["eval_batch_size"] > 0
+  assert evaluation["images_per_s"] > 0
   assert stream["images_per_s"] > 0 and stream["host_cpus"] >= 1
 
 
