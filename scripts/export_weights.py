@@ -48,8 +48,14 @@ def main():
     raise FileNotFoundError(f"The folder of --dst {dst!r} does not exist; create it first.")
   if os.path.exists(dst) and not FLAGS.overwrite:
     raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it.")
+  # Inside the run or model being exported, --overwrite would replace one of its own files.
+  source = os.path.realpath(checkpoint.workdir_of(src))
+  if os.path.commonpath([source, os.path.realpath(dst)]) == source:
+    raise ValueError(f"--dst {dst!r} is inside {source}, the checkpoint being exported; write "
+                     "the file outside it.")
   model, meta = teachers.load_frozen_model(src)
   arch = meta["arch"]
+  notes = _input_notes(src, arch)  # reads the run's config.json: fails before anything is written
   num_tensors = porting.save_torch_file(dst, model)
   num_classes = porting.num_classes_of(model)
   print(f"Exported {src}" + (f" (epoch {meta['epoch']}{', its best' * meta['best']})"
@@ -58,8 +64,7 @@ def main():
         f"  tensors     {num_tensors} (num_batches_tracked included)\n"
         f"  written to  {os.path.abspath(dst)}\n"
         f"  in PyTorch  mdistiller's {arch}: "
-        f"model.load_state_dict(torch.load({dst!r})['model'])"
-        + _input_notes(src, arch))
+        f"model.load_state_dict(torch.load({dst!r})['model'])" + notes)
 
 
 def _input_notes(src: str, arch: str) -> str:

@@ -160,11 +160,18 @@ def read_run_config(workdir: str) -> dict[str, Any]:
   """The config.json of the run in `workdir`, with what to do if it is damaged."""
   path = os.path.join(workdir, CONFIG_FILE)
   try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as err:
-    raise ValueError(f"{path}, the run's recorded config, is damaged ({err}): restore it from a "
-                     "copy (eval.py also takes the run's recipe as --config instead).") from None
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f)
+    if not isinstance(recorded, dict):
+      raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
+  except ValueError as err:  # not JSON, not UTF-8 text, or not a config
+    raise _damaged(path, str(err)) from None
+  return recorded
+
+
+def _damaged(path: str, why: str) -> ValueError:
+  return ValueError(f"{path}, the run's recorded config, is damaged ({why}): restore it from a "
+                    "copy (eval.py also takes the run's recipe as --config instead).")
 
 
 def run_config_of(path: str) -> dict[str, Any] | None:
@@ -174,7 +181,11 @@ def run_config_of(path: str) -> dict[str, Any] | None:
   if not (checkpoint.is_train_workdir(workdir)
           and os.path.isfile(os.path.join(workdir, CONFIG_FILE))):
     return None
-  return read_run_config(workdir)
+  recorded = read_run_config(workdir)
+  lacking = _lacking_run_fields(recorded)
+  if lacking:  # e.g. "data": null
+    raise _damaged(os.path.join(workdir, CONFIG_FILE), f"it lacks {', '.join(lacking)}")
+  return recorded
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -1408,6 +1408,44 @@ def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epo
     assert out.returncode == 1 and re.search(message, out.stderr.splitlines()[-1]), out.stderr
 
 
+def test_export_writes_nothing_inside_its_checkpoint_nor_for_a_damaged_run(kd_one_epoch,
+                                                                          teacher_dir, tmp_path):
+  """--overwrite replaced the run's config.json (or a model's sortkd_model.json) with the .pth;
+  a damaged config.json failed after the .pth was written."""
+  run = tmp_path / "run"
+  shutil.copytree(kd_one_epoch.workdir, run)
+  model = tmp_path / "model"
+  shutil.copytree(teacher_dir, model)
+  for src, dst in ((run, run / "config.json"), (model, model / checkpoint.MODEL_JSON)):
+    before = dst.read_bytes()
+    out = run_script("export_weights.py", "--checkpoint", src, "--dst", dst, "--overwrite")
+    assert out.returncode == 1 and out.stderr.splitlines()[-1] == (
+        f"error: --dst {str(dst)!r} is inside {src}, the checkpoint being exported; write the "
+        "file outside it."), out.stderr[-2000:]
+    assert dst.read_bytes() == before
+  (run / "config.json").write_text("[]")
+  out = run_script("export_weights.py", "--checkpoint", run, "--dst", tmp_path / "s.pth")
+  assert out.returncode == 1 and out.stderr.splitlines()[-1].startswith(
+      f"error: {run / 'config.json'}, the run's recorded config, is damaged (a JSON list, not "
+      "an object)"), out.stderr[-2000:]
+  assert not (tmp_path / "s.pth").exists()
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"\x80\x81", "'utf-8' codec can't decode byte 0x80"), (b"[]", "a JSON list, not an object"),
+    (b'{"trunc', "Unterminated string"), (b'{"method": "kd", "seed": 0, "data": null, '
+                                         b'"student": {"name": "resnet8"}}',
+                                         "it lacks data.name")])
+def test_a_damaged_run_config_is_named_as_such(tmp_path, content, why):
+  """Read for eval.py and export_weights.py: not UTF-8 text or not an object gave a bare
+  decode error (no file named) or a traceback."""
+  os.makedirs(tmp_path / "checkpoints" / "1")
+  (tmp_path / "config.json").write_bytes(content)
+  with pytest.raises(ValueError, match=re.escape(
+      f"{tmp_path / 'config.json'}, the run's recorded config, is damaged ({why}")):
+    workdirs.run_config_of(str(tmp_path))
+
+
 def test_checkpoints_beyond_latest_and_best_are_deleted_across_restarts(tmp_path):
   top1 = {1: 50.0, 2: 10.0, 3: 20.0, 4: 30.0, 5: 40.0}
   for epochs in ([1], [2, 3], [4, 5]):  # three processes, as a twice-resumed run
