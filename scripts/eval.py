@@ -53,8 +53,10 @@ FLAGS = flags.FLAGS
 
 
 def main():
-  from sortkd_jax import checkpoint, distributed, evaluation, porting, teachers, train
+  from sortkd_jax import checkpoint, distributed, evaluation, models, porting, teachers, train
 
+  if FLAGS.arch is not None:  # a typo is named as one, whatever the checkpoint
+    models.check_name(FLAGS.arch, "--arch")
   if not os.path.exists(FLAGS.checkpoint):
     checkpoint.check_run_epoch_kept(FLAGS.checkpoint)
     raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist.")

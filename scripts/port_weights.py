@@ -37,7 +37,7 @@ flags.DEFINE_string("arch", None, "Architecture, e.g. resnet32x4, wrn_40_2, imag
 flags.DEFINE_string("src", None, "PyTorch checkpoint file (.pth).")
 flags.DEFINE_string("dst", None, "Output directory (orbax checkpoint + sortkd_model.json).")
 flags.DEFINE_integer("num_classes", None,
-                     "Classifier width; default: read from the checkpoint.")
+                     "Classifier width; default: read from the checkpoint.", lower_bound=1)
 flags.DEFINE_enum("component", None, ["student", "teacher"],
                   "Which model of an mdistiller trainer file (module.student./module.teacher. "
                   "keys) to convert; a file holding both is refused without it. Ignored for "
@@ -51,7 +51,7 @@ FLAGS = flags.FLAGS
 
 
 def main():
-  from sortkd_jax import checkpoint, models, porting  # noqa: PLC0415 - keep --help fast
+  from sortkd_jax import checkpoint, models, porting, teachers  # noqa: PLC0415 - keep --help fast
 
   arch, src, dst = FLAGS.arch, FLAGS.src, FLAGS.dst
   # Checked before the (possibly large) file is read.
@@ -59,6 +59,11 @@ def main():
     models.check_name(arch, "--arch")
   if not dst.strip():
     raise ValueError("--dst is empty: name the directory to write, e.g. teachers/resnet32x4.")
+  folder, name = os.path.split(os.path.normpath(os.path.abspath(dst)))
+  if os.path.basename(folder) == checkpoint.TRAIN_CHECKPOINT_DIR and name.isdigit():
+    raise ValueError(f"--dst {dst!r} would pass for epoch {name} of a training run in "
+                     f"{os.path.dirname(folder)}, which could then not resume; choose another "
+                     "directory.")
   if os.path.exists(dst) and not FLAGS.overwrite:
     raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it, or "
                           "choose another directory.")
@@ -67,6 +72,8 @@ def main():
     raise ValueError(f"--src {src} is a model of this project already (a training run or a "
                      "ported model): train.py's --config.teacher.checkpoint and eval.py take it "
                      "as it is; export_weights.py makes a PyTorch file of it.")
+  if os.path.isfile(src):
+    teachers.check_not_a_file_of_ours(src)
   state_dict = porting.load_torch_state_dict(src, FLAGS.component,
                                              trust_pickle=FLAGS.trust_pickle)
   found = arch is None
@@ -78,8 +85,9 @@ def main():
     if e.checkpoint_classes is not None:  # only the class count differs
       raise
     other = {"student": "teacher", "teacher": "student"}.get(FLAGS.component)
+    named = f"{arch} (the architecture whose keys it holds)" if found else f"--arch {arch}"
     raise ValueError(
-        f"{src!r} does not fit --arch {arch}.\n{e}" + (
+        f"{src!r} does not fit {named}.\n{e}" + (
             f"\n  (In a trainer file, --component {FLAGS.component} takes its {FLAGS.component}; "
             f"is the {arch} its {other}?)" if other else "")) from e
 

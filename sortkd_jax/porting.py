@@ -28,6 +28,7 @@ import functools
 import os
 import pickle
 import re
+import tarfile
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -381,6 +382,27 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
     raise _GlobalRefused(f"{module}.{name}")
 
 
+# The members of a file in torch.save's oldest format, a tar archive (PyTorch before 0.4).
+_TORCH_TAR_MEMBERS = frozenset({"pickle", "storages", "tensors"})
+
+
+def _tar_members(path: str) -> list[str] | None:
+  """The names in a tar archive (compressed or not), or None for any other file."""
+  try:
+    with tarfile.open(path) as tar:
+      return tar.getnames()
+  except (tarfile.TarError, OSError, EOFError):
+    return None
+
+
+def _archive_error(path: str, members: list[str]) -> TorchFileError:
+  """For an archive of checkpoints (say, mdistiller's cifar_teachers.tar) given as one."""
+  inside = [m for m in members if m.endswith((".pth", ".pt", ".pth.tar", ".ckpt"))]
+  example = f" (it holds {len(inside)}, e.g. {inside[0]})" if inside else ""
+  return TorchFileError(f"{path!r} is a tar archive, not a PyTorch checkpoint: unpack it (tar -xf "
+                        f"{path}) and pass one of the checkpoint files inside{example}.")
+
+
 def _file_format(path: str) -> str:
   """'zip' (torch.save), 'legacy' (torch.save before 1.6 or with the old format), 'pickle' (a
   plain Python pickle, which torch.load cannot read) or 'other' (not a pickle: corrupt, or
@@ -428,7 +450,16 @@ def _unpickle(torch: Any, path: str, trust_pickle: bool) -> Any:
   if_trusted = (f"If you trust the file, convert it once with `python scripts/port_weights.py "
                 f"--src {path} --dst DIR --trust_pickle` and use DIR instead (in Python: "
                 "trust_pickle=True).")
-  if _file_format(path) == "pickle":  # torch.load cannot read these at all
+  kind = _file_format(path)
+  if kind == "other" and (members := _tar_members(path)) is not None:
+    if not _TORCH_TAR_MEMBERS <= set(members):
+      raise _archive_error(path, members)
+    if not trust_pickle:  # torch.load reads this format only with weights_only=False
+      raise TorchFileError(f"{path!r} is in torch.save's oldest format (a tar archive, PyTorch "
+                           f"before 0.4), which torch.load reads only by unpickling whatever "
+                           f"it holds. {if_trusted}")
+    return _trusted_load(path, lambda: torch.load(path, map_location="cpu", weights_only=False))
+  if kind == "pickle":  # torch.load cannot read these at all
     if not trust_pickle:
       raise TorchFileError(f"{path!r} is a plain Python pickle, not a torch.save file, and "
                            f"reading it may run code it holds. {if_trusted}")

@@ -89,7 +89,7 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
   None accepts only a file holding one model.
   """
   if os.path.isfile(path):
-    _check_not_a_run_file(path)
+    check_not_a_file_of_ours(path)
     from sortkd_jax import porting
     state_dict = porting.load_torch_state_dict(path, component)
     arch = arch or porting.infer_arch(state_dict)
@@ -134,15 +134,21 @@ def check_num_classes(path: str, arch: str, model_classes: int, data_classes: in
     raise ValueError(message)
 
 
-def _check_not_a_run_file(path: str) -> None:
-  """A run's own files (its config.json, say) are not PyTorch files to convert: points to the
-  run."""
+def check_not_a_file_of_ours(path: str) -> None:
+  """A run's own files (its config.json, say) and a model directory's are not PyTorch files to
+  convert: points to the run or the model directory."""
   workdir = os.path.dirname(path) or os.curdir
   if (os.path.basename(path) in (workdirs.CONFIG_FILE, reporting.METRICS_FILE, workdirs.LOCK_FILE)
       and checkpoint.is_train_workdir(workdir)):
     raise ValueError(f"{path} is a file of the training run in {workdir}: pass the workdir "
                      "itself (its best epoch is used) or one kept epoch, "
                      f"{os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR, '<epoch>')}.")
+  folder = os.path.dirname(os.path.abspath(path))
+  for model_dir in (folder, os.path.dirname(folder)):  # its sortkd_model.json, or in state/
+    if os.path.isfile(os.path.join(model_dir, checkpoint.MODEL_JSON)):
+      raise ValueError(f"{path} is a file of the model directory {model_dir} (a model of this "
+                       "project, e.g. from port_weights.py): pass that directory itself to "
+                       "train.py's --config.teacher.checkpoint, eval.py or export_weights.py.")
 
 
 def _check_not_inside_a_run(path: str) -> None:

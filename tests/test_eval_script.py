@@ -71,6 +71,16 @@ def test_a_wrong_checkpoint_fails_before_the_data_is_read(tmp_path, kind, messag
   assert "No split" not in out.stderr and "Traceback" not in out.stderr
 
 
+def test_an_arch_typo_is_named_as_one_for_a_directory_too(tmp_path):
+  """It read 'holds a resnet8, not a resnet_8' for a model directory (a .pth: 'Unknown')."""
+  model = str(tmp_path / "model")
+  checkpoint.save_model(model, _resnet8(), arch="resnet8", num_classes=100)
+  out = run_script("eval.py", "--checkpoint", model, "--arch", "resnet_8", *SYNTHETIC,
+                   timeout=120)
+  assert out.returncode == 1 and out.stderr.splitlines()[-1].startswith(
+      "error: Unknown --arch 'resnet_8'. Valid names: resnet8, "), out.stderr[-2000:]
+
+
 def test_a_run_without_its_config_json_needs_a_config(tmp_path):
   """Checkpoints copied without their config.json were evaluated on the default recipe's data
   (offline: minutes of CIFAR-100 download retries, the cause unsaid); now the run is refused

@@ -570,6 +570,57 @@ def test_port_weights_script(pth_files, tmp_path):
   assert meta["logits_checksum"]["sum"] == 0.0  # the all-zero teacher half
 
 
+@pytest.mark.parametrize("case", ["reshaped", "zero_classes", "epoch_folder", "model_file"])
+def test_port_weights_script_mistakes_are_named(pth_files, tmp_path, case):
+  """Each refused with what is wrong, nothing written: a tensor of the wrong shape in a file
+  whose architecture was found from its keys (not blamed on an --arch never given); a class
+  count of 0; a --dst that would pass for an epoch of a run; a ported model's own files."""
+  ported = tmp_path / "ported"
+  checkpoint.save_model(str(ported), models.create_model("resnet8", 100, rngs=nnx.Rngs(0)),
+                        arch="resnet8", num_classes=100)
+  reshaped = {k: torch.zeros(16, 3, 5, 5) if k == "conv1.weight" else v
+              for k, v in _torch_sd(fixture("resnet8")[0]).items()}
+  torch.save({"model": reshaped}, tmp_path / "reshaped.pth")
+  dst = tmp_path / "out"
+  src, args, expect = {
+      "reshaped": (tmp_path / "reshaped.pth", [],
+                   "does not fit resnet8 (the architecture whose keys it holds).\n"),
+      "zero_classes": (pth_files["teacher"], ["--num_classes", "0"],
+                       "error: flag --num_classes=0: 0 is not a positive integer"),
+      "epoch_folder": (pth_files["teacher"], [],
+                       "would pass for epoch 7 of a training run in " + str(tmp_path / "run")),
+      "model_file": (ported / "sortkd_model.json", [],
+                     f"is a file of the model directory {ported} (a model of this project")}[case]
+  if case == "epoch_folder":
+    dst = tmp_path / "run" / "checkpoints" / "7"
+  r = port_weights("--src", str(src), "--dst", str(dst), *args)
+  assert r.returncode == 1 and expect in r.stderr, r.stderr[-2000:]
+  assert "--arch" not in r.stderr and "Traceback" not in r.stderr
+  assert not dst.exists()
+
+
+def test_an_archive_of_checkpoints_is_named_as_one(pth_files, tmp_path):
+  """mdistiller's teachers come as cifar_teachers.tar: given whole, it was 'corrupt'."""
+  import tarfile
+  for suffix, mode in ((".tar", "w"), (".tar.gz", "w:gz")):
+    archive = tmp_path / f"cifar_teachers{suffix}"
+    with tarfile.open(archive, mode) as tar:
+      tar.add(pth_files["teacher"], "cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth")
+    for trust in (False, True):
+      with pytest.raises(porting.TorchFileError, match=(
+          rf"is a tar archive, not a PyTorch checkpoint: unpack it \(tar -xf {archive}\) and "
+          r"pass one of the checkpoint files inside \(it holds 1, e\.g\. "
+          r"cifar_teachers/resnet8_vanilla/ckpt_epoch_240\.pth\)\.")):
+        porting.load_torch_state_dict(archive, trust_pickle=trust)
+  # torch.save's oldest format is a tar too: torch.load reads it, unpickling anything.
+  legacy = tmp_path / "old.pth"
+  with tarfile.open(legacy, "w") as tar:
+    for name in ("sys_info", "pickle", "storages", "tensors"):
+      tar.add(pth_files["corrupt"], name)
+  with pytest.raises(porting.TorchFileError, match="torch.save's oldest format.*--trust_pickle"):
+    porting.load_torch_state_dict(legacy)
+
+
 def test_every_architecture_has_its_own_keys_so_a_state_dict_names_its_own():
   """What lets port_weights.py and eval.py take a .pth file without --arch."""
   key_sets = {name: frozenset(porting.torch_key_shapes(name)) for name in models.MODEL_NAMES}
