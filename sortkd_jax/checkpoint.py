@@ -209,7 +209,7 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
       "metadata": metadata or {},
   }
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  tmp = temp_beside(path, directory=True)
   set_aside = None
   try:
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stick to the final directory
@@ -221,7 +221,7 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
     with open(os.path.join(tmp, MODEL_JSON), "w") as f:
       json.dump(info, f, indent=2)
     if os.path.exists(path):  # overwrite: move the old one aside, then swap in
-      trash = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+      trash = temp_beside(path, directory=True, tag="old")
       set_aside = os.path.join(trash, "old")
       os.rename(path, set_aside)
       os.rename(tmp, path)
@@ -294,6 +294,23 @@ def load_model(path: str | os.PathLike, *,
 
 
 # ----------------------------------------------------------------------------- training runs
+
+
+def temp_beside(path: str, *, directory: bool, tag: str = "tmp") -> str:
+  """A new, uniquely named temporary directory or (empty) file beside `path`, on its filesystem,
+  to be renamed to `path` whole: a fixed name such as `path + ".tmp"` may be someone's file.
+  Its name stays short for any legal `path`, and a failure (say, a read-only folder) names
+  `path`, not the temporary name."""
+  parent = os.path.dirname(os.path.abspath(path))
+  prefix = f".{os.path.basename(path)[:64]}.{tag}-"
+  try:
+    if directory:
+      return tempfile.mkdtemp(prefix=prefix, dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=parent)
+    os.close(fd)
+    return tmp
+  except OSError as e:
+    raise OSError(e.errno, f"cannot write {path} in {parent}: {e.strerror}") from None
 
 
 def is_train_workdir(path: str) -> bool:

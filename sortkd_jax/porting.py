@@ -29,7 +29,6 @@ import os
 import pickle
 import re
 import tarfile
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sortkd_jax import checkpoint
 from sortkd_jax import models
 
 __all__ = [
@@ -332,9 +332,7 @@ def save_torch_file(path: str | os.PathLike, model: nnx.Module) -> int:
     if key.endswith(".running_var"):
       state_dict[key.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0)
   path = os.path.abspath(os.fspath(path))
-  # A temporary file of its own: a fixed name such as `path + ".tmp"` may be someone's file.
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
-  os.close(fd)
+  tmp = checkpoint.temp_beside(path, directory=False)
   try:
     torch.save({"model": state_dict}, tmp)
     umask = os.umask(0)

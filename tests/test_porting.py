@@ -275,6 +275,19 @@ def test_saving_a_torch_file_leaves_other_files_alone(tmp_path, monkeypatch):
   assert torch.load(dst, weights_only=True)["model"].keys() == fixture("resnet8")[0].keys()
 
 
+def test_a_long_legal_name_is_written_and_a_failure_names_the_path(tmp_path):
+  """The temporary name beside `dst` added 14 characters, so a legal 245-character name failed
+  (ENAMETOOLONG); errors named the temporary file, not the one asked for."""
+  model = porting.port_state_dict("resnet8", fixture("resnet8")[0])
+  long_name = tmp_path / ("a" * 245)
+  porting.save_torch_file(f"{long_name}.pth", model)
+  checkpoint.save_model(str(long_name), model, arch="resnet8", num_classes=100)
+  assert sorted(os.listdir(tmp_path)) == [long_name.name, f"{long_name.name}.pth"]
+  missing = tmp_path / "gone" / "student.pth"
+  with pytest.raises(OSError, match=f"cannot write {missing} in {missing.parent}: No such"):
+    porting.save_torch_file(missing, model)
+
+
 def _umask():
   mask = os.umask(0)
   os.umask(mask)
