@@ -103,16 +103,31 @@ def check_labels(logits: jax.Array, labels: jax.Array) -> None:
                      f"{logits.shape}")
 
 
-def target_index(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+def target_index(logits: jax.Array, labels: ArrayLike) -> tuple[jax.Array, jax.Array]:
   """`label_index` of labels used as targets, after `check_labels`; concrete labels outside
-  ``[0, K)`` raise (traced ones cannot: callers must handle their rows)."""
+  ``[0, K)`` raise (traced ones cannot: callers must handle their rows).
+
+  Host labels are checked before they become a JAX array: without ``jax_enable_x64`` that
+  narrows int64 to int32, which would wrap a label of 2**32 + 3 into class 3."""
+  host = None if isinstance(labels, jax.Array) else np.asarray(labels)
+  labels = jnp.asarray(labels)
   check_labels(logits, labels)
-  index, in_range = label_index(labels, logits.shape[-1])
-  if not isinstance(in_range, jax.core.Tracer) and not bool(jnp.all(in_range)):
-    bad = sorted({int(y) for y in jnp.ravel(labels[~in_range])})
-    raise ValueError(f"labels must lie in [0, {logits.shape[-1]}) (the logits' classes), got "
-                     f"{bad[:5]}{' ...' if len(bad) > 5 else ''}")
+  num_classes = logits.shape[-1]
+  if host is not None and host.dtype.kind in "iu" and not jax.config.jax_enable_x64:
+    int32 = np.iinfo(np.int32)
+    _refuse_labels(num_classes, host[(host < int32.min) | (host > int32.max)])
+  index, in_range = label_index(labels, num_classes)
+  if not isinstance(in_range, jax.core.Tracer):
+    _refuse_labels(num_classes, labels[~in_range])
   return index, in_range
+
+
+def _refuse_labels(num_classes: int, bad: ArrayLike) -> None:
+  """Raises naming the (concrete) labels `bad`, if any."""
+  bad = sorted({int(y) for y in np.ravel(bad)})
+  if bad:
+    raise ValueError(f"labels must lie in [0, {num_classes}) (the logits' classes), got "
+                     f"{bad[:5]}{' ...' if len(bad) > 5 else ''}")
 
 
 def label_index(labels: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
@@ -128,7 +143,7 @@ def label_index(labels: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Arr
 
 def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
   """Mean softmax cross-entropy at temperature 1, no label smoothing (spec §8.1)."""
-  logits, labels = _compute(logits), jnp.asarray(labels)
+  logits = _compute(logits)
   index, in_range = target_index(logits, labels)
   rows = optax.softmax_cross_entropy_with_integer_labels(logits, index)
   return jnp.mean(jnp.where(in_range, rows, jnp.nan))
@@ -202,8 +217,7 @@ def dkd(
   the reference itself stops excluding it.
   """
   _check_positive("the temperature", temperature)
-  t, z, v, labels = (_compute(temperature), _compute(student_logits), _compute(teacher_logits),
-                     jnp.asarray(labels))
+  t, z, v = _compute(temperature), _compute(student_logits), _compute(teacher_logits)
   _check_shapes(z, v, t, alpha=alpha, beta=beta)
   index, in_range = target_index(z, labels)  # one_hot would count in the labels' dtype
   z, v = z / t, _teacher_scaled(v, t)
@@ -226,6 +240,7 @@ def dkd(
 
 def dkd_warmup_factor(epoch: ArrayLike, warmup: ArrayLike) -> jax.Array:
   """DKD's loss warm-up min(epoch / warmup, 1), epochs counted from 1 (spec §8.3, item 6)."""
+  _check_positive("the warm-up epochs", warmup)  # 0 gave NaN, a negative one a negated loss
   return jnp.minimum(_compute(epoch) / warmup, 1.0)
 
 

@@ -94,6 +94,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config.ctkd.ramp_epochs > 0:  # λ's cosine ramp divides by it
       raise ValueError("config.ctkd.ramp_epochs must be positive (epochs until λ reaches 1), "
                        f"got {config.ctkd.ramp_epochs!r}.")
+  if "dkd" in config and not config.dkd.warmup_epochs > 0:  # its loss's factor divides by it
+    raise ValueError("config.dkd.warmup_epochs must be positive (epochs until DKD's loss has "
+                     f"its full weight), got {config.dkd.warmup_epochs!r}.")
   for key, value in temperatures.items():
     if not value > 0:
       raise ValueError(f"config.{key} must be positive, got {value!r}.")

@@ -44,8 +44,8 @@ def sort_teacher_logits(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLi
     An array of the same shape and dtype whose every row is a permutation of the input row's
     values: the bits are only moved, never recomputed or upcast. Rows where the label already
     holds the maximum (rank 1 under the tie rule below) are returned bit for bit. Labels
-    outside ``[0, K)`` raise; under ``jit``, where nothing can be raised, they leave their row
-    unchanged (and the losses' rows of such labels are NaN).
+    outside ``[0, K)`` raise; under ``jit`` or ``vmap``, where nothing can be raised, their rows
+    come back as NaN, so that any loss of them (KD's too, which reads no labels) is NaN.
 
   Ranking and ties: classes are ranked by one stable descending sort of exact integer keys
   (``_order_key``), so equal logits (and ``-0.0 == 0.0``) keep class-index order; the
@@ -65,7 +65,6 @@ def sort_teacher_logits(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLi
   through this function yields zeros, and no backward pass through the sort is ever traced.
   """
   x = jnp.asarray(logits)
-  labels = jnp.asarray(labels)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"logits must be floating point, got {x.dtype}")
   index, in_range = target_index(x, labels)
@@ -75,7 +74,7 @@ def sort_teacher_logits(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLi
   iota = lax.broadcasted_iota(jnp.int32, x.shape, axis)  # class indices, later ranks
   _, order = lax.sort((-_order_key(x), iota), dimension=axis, is_stable=True, num_keys=1)
   ranked = jnp.take_along_axis(x, order, axis=axis)
-  # r = rank of the label; an out-of-range label gets r = 0 (row unchanged).
+  # r = rank of the label; an out-of-range (traced) label gets r = 0, then a row of NaN.
   r = jnp.where(in_range[..., None],
                 jnp.argmax(order == index[..., None], axis=axis, keepdims=True), 0)
   # In rank order: ranks above r take the next value down, rank r the maximum, the rest stay.
@@ -83,4 +82,4 @@ def sort_teacher_logits(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLi
   rotated = jnp.where(iota < r, next_down, jnp.where(iota == r, ranked[..., :1], ranked))
   # Scatter back to class order (on XLA:CPU faster than a second sort or an inverse-perm gather).
   out = jnp.put_along_axis(jnp.zeros_like(x), order, rotated, axis=axis, inplace=False)
-  return lax.stop_gradient(out)
+  return lax.stop_gradient(jnp.where(in_range[..., None], out, jnp.nan))

@@ -109,6 +109,26 @@ def test_labels_outside_the_classes_raise_or_give_a_nan_loss():
         np.testing.assert_allclose(grad[:3], jax.grad(loss)(z, y)[:3], rtol=1e-6)
 
 
+def test_host_labels_beyond_int32_are_refused_not_wrapped():
+  """Without jax_enable_x64 JAX narrows int64 to int32: 2**32 + 3 became class 3, silently."""
+  assert not jax.config.jax_enable_x64
+  z, v, _ = _logits(4, shape=(2, 10))
+  for loss in (losses.cross_entropy, lambda z, y: losses.dkd(z, v, y, 1.0, 8.0, 4.0),
+               sort_teacher_logits):
+    for bad in (2**32 + 3, 2**31, -2**32):
+      with pytest.raises(ValueError, match=rf"labels must lie in \[0, 10\).*got \[{bad}\]"):
+        loss(z, np.array([1, bad]))
+    loss(z, np.array([1, 3]))  # int64 in range: accepted
+
+
+def test_dkd_warm_up_must_be_positive():
+  """0 epochs gave a NaN factor, a negative count a negated DKD loss."""
+  assert float(losses.dkd_warmup_factor(5, 20)) == 0.25
+  for warmup in (0, -20):
+    with pytest.raises(ValueError, match="the warm-up epochs must be positive"):
+      losses.dkd_warmup_factor(5, warmup)
+
+
 def test_bad_temperatures_weights_and_logits_are_refused():
   z, v, y = _logits(5, shape=(4, 10))
   for t in (0.0, -2.0):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sortkd_jax import sort_teacher_logits
+from sortkd_jax import losses, sort_teacher_logits
 
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 _sort_jit = jax.jit(sort_teacher_logits)
@@ -175,13 +175,18 @@ def test_vmap_consistency():
   np.testing.assert_array_equal(swapped, whole)
 
 
-def test_out_of_range_labels_leave_rows_unchanged():
+def test_out_of_range_labels_give_rows_of_nan_under_jit():
+  """Nothing can be raised there: a NaN row makes any loss of it NaN, KD's too, which reads no
+  labels (an unchanged row gave KD+Sort a finite loss, the bad label unnoticed)."""
   x = jnp.array([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
   out = _sort_jit(x, jnp.array([-1, 3, 0]))
-  np.testing.assert_array_equal(out, [[1, 3, 2], [1, 3, 2], [3, 2, 1]])
+  np.testing.assert_array_equal(out, [[np.nan] * 3, [np.nan] * 3, [3, 2, 1]])
+  kd_sort = jax.jit(lambda z, v, y: losses.kd(z, sort_teacher_logits(v, y), 4.0))
+  assert np.isnan(kd_sort(x, x, jnp.array([0, 1, 3])))
+  assert np.isfinite(kd_sort(x, x, jnp.array([0, 1, 2])))
   with jax.enable_x64(True):  # int64 labels, beyond int32: none of them is class 0
     out = _sort_jit(x, jnp.array([2**32, -2**32, 2**33 + 2], jnp.int64))
-  np.testing.assert_array_equal(out, x)
+  assert np.all(np.isnan(out))
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16])

@@ -783,6 +783,7 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("ctkd.t_start", -1.0, "config.ctkd.t_start must be positive"),
     ("ctkd.t_end", -1.0, "config.ctkd.t_end must be at least 0"),
     ("ctkd.ramp_epochs", 0, r"config.ctkd.ramp_epochs must be positive \(epochs until λ"),
+    ("dkd.warmup_epochs", -20, r"config.dkd.warmup_epochs must be positive \(epochs until DKD"),
     ("lr_decay_epochs", (150, 150), "lr_decay_epochs must be increasing"),
     # Kept as given, these lost epochs (0 kept the best alone, -1 broke the next save) or
     # trained on, diverging (gradient ascent, growing weights).
