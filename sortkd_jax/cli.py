@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import _thread
 import gc
+import logging as std_logging
 import os
 import re
 import signal
@@ -331,8 +332,9 @@ def quiet_library_info_logs() -> None:
 def quiet_reads_of_a_failed_restore() -> None:
   """When one read of an orbax restore fails (an unreadable checkpoint), orbax closes its
   event loop with TensorStore's other reads in flight; each then reports "Event loop is
-  closed" as it finishes, a traceback on stderr under the one-line error. Nobody waits for
-  those reads: their reports are dropped."""
+  closed" as it finishes, or, if it failed too and is garbage-collected, asyncio logs "Task
+  exception was never retrieved": a traceback on stderr beside the one-line error. Nobody waits
+  for those reads: their reports are dropped."""
   report = sys.unraisablehook
 
   def filtered(unraisable) -> None:
@@ -341,6 +343,14 @@ def quiet_reads_of_a_failed_restore() -> None:
       report(unraisable)
 
   sys.unraisablehook = filtered
+  std_logging.getLogger("asyncio").addFilter(_unawaited_tensorstore_read)
+
+
+def _unawaited_tensorstore_read(record: std_logging.LogRecord) -> bool:
+  """False (drop) for asyncio's report of a failed TensorStore read that nobody awaited."""
+  error = record.exc_info[1] if record.exc_info else None
+  return not (record.getMessage().startswith("Task exception was never retrieved")
+              and "tensorstore_spec=" in str(error))
 
 
 def redeliver_dropped_interrupts() -> None:

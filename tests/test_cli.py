@@ -27,6 +27,29 @@ def _run(monkeypatch, main, **kwargs):
   return exit_info.value.code
 
 
+def test_unawaited_failed_reads_of_a_restore_are_not_reported():
+  """After an unreadable checkpoint's one-line error, a TensorStore read that failed too and
+  was never awaited printed asyncio's 'Task exception was never retrieved' traceback (seen
+  once, on a loaded machine); other unawaited failures are still reported."""
+  script = (
+      "import asyncio, gc\n"
+      "from sortkd_jax import cli\n"
+      "cli.quiet_reads_of_a_failed_restore()\n"
+      "async def fail(message):\n"
+      "  raise ValueError(message)\n"
+      "loop = asyncio.new_event_loop()\n"
+      "for message in ('OUT_OF_RANGE: Error reading [tensorstore_spec=\\'{}\\']', 'a bug'):\n"
+      "  task = loop.create_task(fail(message))\n"
+      "  loop.run_until_complete(asyncio.sleep(0.01))\n"
+      "  del task\n"
+      "  gc.collect()\n"
+      "loop.close()\n")
+  out = run_python("-c", script)
+  assert out.returncode == 0, out.stderr
+  assert "OUT_OF_RANGE" not in out.stderr
+  assert "Task exception was never retrieved" in out.stderr and "ValueError: a bug" in out.stderr
+
+
 def test_known_error_is_one_line_and_ctrl_c_exits_130(monkeypatch):
   def bad_input():
     raise ValueError("the data folder is empty")
