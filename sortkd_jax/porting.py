@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import tarfile
+import zipfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -401,6 +402,24 @@ def _archive_error(path: str, members: list[str]) -> TorchFileError:
                         f"{path}) and pass one of the checkpoint files inside{example}.")
 
 
+def _check_torch_zip(path: str) -> None:
+  """Refuses a zip that torch.save did not write (every one holds `<name>/data.pkl`), e.g. a
+  NumPy .npz of a state dict, which torch.load calls corrupt."""
+  try:
+    with zipfile.ZipFile(path) as archive:
+      names = archive.namelist()
+  except (zipfile.BadZipFile, OSError):
+    return  # damaged: torch.load says how
+  if any(name.endswith("/data.pkl") for name in names):
+    return
+  npz = bool(names) and all(name.endswith(".npy") for name in names)
+  raise TorchFileError(
+      f"{path!r} is a zip archive, not a torch.save file (it holds {', '.join(names[:3])}"
+      f"{', ...' if len(names) > 3 else ''})." + (
+          " A NumPy .npz of a state dict ports in Python: sortkd_jax.porting.port_state_dict("
+          "ARCH, dict(numpy.load(path))), then checkpoint.save_model." if npz else ""))
+
+
 def _file_format(path: str) -> str:
   """'zip' (torch.save), 'legacy' (torch.save before 1.6 or with the old format), 'pickle' (a
   plain Python pickle, which torch.load cannot read) or 'other' (not a pickle: corrupt, or
@@ -449,6 +468,8 @@ def _unpickle(torch: Any, path: str, trust_pickle: bool) -> Any:
                 f"--src {path} --dst DIR --trust_pickle` and use DIR instead (in Python: "
                 "trust_pickle=True).")
   kind = _file_format(path)
+  if kind == "zip":
+    _check_torch_zip(path)
   if kind == "other" and (members := _tar_members(path)) is not None:
     if not _TORCH_TAR_MEMBERS <= set(members):
       raise _archive_error(path, members)

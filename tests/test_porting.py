@@ -613,7 +613,8 @@ def test_port_weights_script_mistakes_are_named(pth_files, tmp_path, case):
 
 
 def test_an_archive_of_checkpoints_is_named_as_one(pth_files, tmp_path):
-  """mdistiller's teachers come as cifar_teachers.tar: given whole, it was 'corrupt'."""
+  """mdistiller's teachers come as cifar_teachers.tar: given whole, it was 'corrupt', as was an
+  .npz."""
   import tarfile
   for suffix, mode in ((".tar", "w"), (".tar.gz", "w:gz")):
     archive = tmp_path / f"cifar_teachers{suffix}"
@@ -632,6 +633,16 @@ def test_an_archive_of_checkpoints_is_named_as_one(pth_files, tmp_path):
       tar.add(pth_files["corrupt"], name)
   with pytest.raises(porting.TorchFileError, match="torch.save's oldest format.*--trust_pickle"):
     porting.load_torch_state_dict(legacy)
+  # A zip that torch.save did not write: a NumPy .npz of the state dict (was 'corrupt').
+  sd = fixture("resnet8")[0]
+  np.savez(tmp_path / "sd.npz", **sd)
+  with pytest.raises(porting.TorchFileError, match=(
+      r"is a zip archive, not a torch.save file \(it holds conv1.weight.npy, .*\)\. A NumPy "
+      r"\.npz of a state dict ports in Python: sortkd_jax\.porting\.port_state_dict\(ARCH, "
+      r"dict\(numpy\.load\(path\)\)\)")):
+    porting.load_torch_state_dict(tmp_path / "sd.npz")
+  ported = porting.port_state_dict("resnet8", dict(np.load(tmp_path / "sd.npz")))
+  assert porting.num_classes_of(ported) == 100
 
 
 def test_every_architecture_has_its_own_keys_so_a_state_dict_names_its_own():
