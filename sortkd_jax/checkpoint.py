@@ -293,9 +293,6 @@ def load_model(path: str | os.PathLike, *,
                                       restored["batch_stats"], dtype=dtype), info
 
 
-# ----------------------------------------------------------------------------- training runs
-
-
 def temp_beside(path: str, *, directory: bool, tag: str = "tmp") -> str:
   """A new, uniquely named temporary directory or (empty) file beside `path`, on its filesystem,
   to be renamed to `path` whole: a fixed name such as `path + ".tmp"` may be someone's file.
@@ -311,6 +308,9 @@ def temp_beside(path: str, *, directory: bool, tag: str = "tmp") -> str:
     return tmp
   except OSError as e:
     raise OSError(e.errno, f"cannot write {path} in {parent}: {e.strerror}") from None
+
+
+# ----------------------------------------------------------------------------- training runs
 
 
 def is_train_workdir(path: str) -> bool:

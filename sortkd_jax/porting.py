@@ -29,8 +29,8 @@ import os
 import pickle
 import re
 import tarfile
-import zipfile
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
