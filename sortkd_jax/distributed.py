@@ -121,13 +121,33 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
       lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), tree)
 
 
+def check_same_launch(identity: str) -> None:
+  """Refuses a launch whose processes were given other settings (`identity`: their config and
+  workdir) than process 0. Each would train on as told: with a learning rate of its own to
+  other weights, unseen; waiting minutes for epochs another process does not run; saving into a
+  workdir that is not the others', where the checkpoint never completes."""
+  if jax.process_count() == 1:
+    return
+  differing = _differing_processes(hashlib.sha1(identity.encode()).digest())
+  if differing:
+    raise ValueError(
+        f"Processes {differing} were started with another config or --workdir than process 0: "
+        "give every process the same --config, --config.* flags and --workdir (one directory "
+        "that every host reaches by the same path); only the data paths may differ.")
+
+
+def _differing_processes(digest: bytes) -> list[int]:
+  """The processes whose `digest` differs from process 0's."""
+  digests = multihost_utils.process_allgather(np.frombuffer(digest, np.uint32))
+  return [i for i, d in enumerate(digests) if not np.array_equal(d, digests[0])]
+
+
 def _check_same_on_every_process(tree: PyTree) -> None:
   digest = hashlib.sha1()
   for x in jax.tree.leaves(tree):
     digest.update(f"{x.shape}{x.dtype}".encode())
     digest.update(x.tobytes())
-  digests = multihost_utils.process_allgather(np.frombuffer(digest.digest(), np.uint32))
-  differing = [i for i, d in enumerate(digests) if not np.array_equal(d, digests[0])]
+  differing = _differing_processes(digest.digest())
   if differing:
     raise ValueError(
         f"Processes {differing} hold other values than process 0 for arrays every process must "

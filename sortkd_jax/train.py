@@ -502,6 +502,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   launched = time.perf_counter()
   check_config(config)
+  distributed.check_same_launch(workdirs.launch_identity(config, workdir))
   workdirs.check_resumable(config, workdir)
   if (checkpoint.latest_saved_epoch(workdir) or 0) >= config.num_epochs:
     return _finished_run(config, workdir)

@@ -95,6 +95,18 @@ RESUMABLE_CHANGES = ("pair", "num_epochs", "log_every_steps", "steps_per_dispatc
                      "data.folder", "data.cache_dir", "data.download", "data.manual_dir")
 
 
+# Paths that each host may reach its own copy of the same data by.
+_PER_HOST_FIELDS = ("data.data_dir", "data.folder", "data.cache_dir", "data.manual_dir")
+
+
+def launch_identity(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """What every process of a run must be given alike (`distributed.check_same_launch`): its
+  config but for the per-host paths, and its workdir."""
+  fields = {k: v for k, v in _flat(json.loads(config.to_json_best_effort())).items()
+            if k not in _PER_HOST_FIELDS}
+  return json.dumps([fields, os.path.abspath(workdir)], sort_keys=True)
+
+
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in tree.items():

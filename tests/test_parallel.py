@@ -209,6 +209,11 @@ REPLICATE = textwrap.dedent("""
       distributed.replicate({"x": np.arange(6.0) + pid, "n": np.int32(3)}, mesh)
     except ValueError as e:
       print("REFUSED", e)
+    distributed.check_same_launch("lr 0.05")
+    try:  # process 1 was given another --config.lr
+      distributed.check_same_launch(f"lr {0.05 if pid == 0 else 0.5}")
+    except ValueError as e:
+      print("LAUNCH REFUSED", e)
 """)
 
 
@@ -221,6 +226,31 @@ def test_replicated_host_values_must_be_the_same_on_every_process(tmp_path):
   for out in outs:
     assert "SAME 15.0 3" in out
     assert "REFUSED Processes [1] hold other values than process 0" in out, out
+    assert ("LAUNCH REFUSED Processes [1] were started with another config or --workdir than "
+            "process 0: give every process the same --config") in out, out
+
+
+def test_processes_given_other_workdirs_are_refused_at_start(four_devices):
+  """Each process saved into its own workdir: the first checkpoint never completed, and both
+  waited without a word (helper's audit). Now both end at start, before any data is read."""
+  root, _ = four_devices
+  address = f"localhost:{_free_port()}"
+  for pid in range(2):
+    os.makedirs(root / f"own{pid}")
+  procs = [_launch(RUN, [root / f"own{pid}", root / f"own{pid}" / "run", root / "teacher", 1,
+                         address, 2, pid], 2, str(root / f"own_log{pid}")) for pid in range(2)]
+  try:
+    codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  errors = [open(p.logs[1]).read() for p in procs]
+  assert codes == [1, 1], errors
+  for err in errors:
+    assert "were started with another config or --workdir than process 0" in err, err[-3000:]
+  assert not any(os.path.exists(root / f"own{pid}" / "run" / "checkpoints" / "1")
+                 for pid in range(2))
 
 
 # ----------------------------------------------------------------------------- tf.data (ImageNet)

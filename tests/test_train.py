@@ -613,6 +613,18 @@ REFUSED = ("seed", "lr", "batch_size", "dtype", "method", "sort", "weight_decay"
            "data.max_test_examples")  # the test set the best top-1 so far was measured on
 
 
+def test_every_process_of_a_run_is_given_the_same_config_but_data_paths():
+  """What distributed.check_same_launch compares across processes (tests/test_parallel.py)."""
+  identity = lambda **fields: workdirs.launch_identity(
+      tiny_config("kd", "/teachers/r8", **fields), "runs/x")
+  same = identity()
+  assert identity(**{"data.data_dir": "/mnt/b", "data.folder": "/mnt/c"}) == same
+  for key, value in (("lr", 0.5), ("num_epochs", 7), ("batch_size", 32),
+                     ("teacher.checkpoint", "/elsewhere")):
+    assert identity(**{key: value}) != same, key
+  assert workdirs.launch_identity(tiny_config("kd", "/teachers/r8"), "runs/y") != same
+
+
 @pytest.mark.parametrize("key", RESUMABLE + REFUSED)
 def test_resume_accepts_exactly_the_documented_changes(teacher_dir, tmp_path, key):
   from configs import imagenet_kd  # the only recipes with data.manual_dir
