@@ -46,13 +46,13 @@ def main():
                      f"{os.path.join(dst, 'student_best.pth')}.")
   if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
     raise FileNotFoundError(f"The folder of --dst {dst!r} does not exist; create it first.")
-  if os.path.exists(dst) and not FLAGS.overwrite:
-    raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it.")
-  # Inside the run or model being exported, --overwrite would replace one of its own files.
-  source = os.path.realpath(checkpoint.workdir_of(src))
-  if os.path.commonpath([source, os.path.realpath(dst)]) == source:
-    raise ValueError(f"--dst {dst!r} is inside {source}, the checkpoint being exported; write "
-                     "the file outside it.")
+  if os.path.exists(dst):
+    if not FLAGS.overwrite:
+      raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it.")
+    source = os.path.realpath(checkpoint.workdir_of(src))
+    if os.path.commonpath([source, os.path.realpath(dst)]) == source:
+      raise ValueError(f"--dst {dst!r} is a file of {source}, the checkpoint being exported, "
+                       "which --overwrite would break; write the .pth elsewhere.")
   model, meta = teachers.load_frozen_model(src)
   arch = meta["arch"]
   notes = _input_notes(src, arch)  # reads the run's config.json: fails before anything is written

@@ -1421,10 +1421,10 @@ def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epo
     assert out.returncode == 1 and re.search(message, out.stderr.splitlines()[-1]), out.stderr
 
 
-def test_export_writes_nothing_inside_its_checkpoint_nor_for_a_damaged_run(kd_one_epoch,
-                                                                          teacher_dir, tmp_path):
-  """--overwrite replaced the run's config.json (or a model's sortkd_model.json) with the .pth;
-  a damaged config.json failed after the .pth was written."""
+def test_export_replaces_no_file_of_its_checkpoint_nor_writes_for_a_damaged_run(
+    kd_one_epoch, teacher_dir, tmp_path):
+  """--overwrite replaced the run's config.json (or a model's sortkd_model.json) with the .pth
+  (a new file beside them is fine); a damaged config.json failed after the .pth was written."""
   run = tmp_path / "run"
   shutil.copytree(kd_one_epoch.workdir, run)
   model = tmp_path / "model"
@@ -1433,9 +1433,11 @@ def test_export_writes_nothing_inside_its_checkpoint_nor_for_a_damaged_run(kd_on
     before = dst.read_bytes()
     out = run_script("export_weights.py", "--checkpoint", src, "--dst", dst, "--overwrite")
     assert out.returncode == 1 and out.stderr.splitlines()[-1] == (
-        f"error: --dst {str(dst)!r} is inside {src}, the checkpoint being exported; write the "
-        "file outside it."), out.stderr[-2000:]
+        f"error: --dst {str(dst)!r} is a file of {src}, the checkpoint being exported, which "
+        "--overwrite would break; write the .pth elsewhere."), out.stderr[-2000:]
     assert dst.read_bytes() == before
+  out = run_script("export_weights.py", "--checkpoint", run, "--dst", run / "student.pth")
+  assert out.returncode == 0 and (run / "student.pth").exists(), out.stderr[-2000:]  # a new file
   (run / "config.json").write_text("[]")
   out = run_script("export_weights.py", "--checkpoint", run, "--dst", tmp_path / "s.pth")
   assert out.returncode == 1 and out.stderr.splitlines()[-1].startswith(
