@@ -43,7 +43,7 @@ from sortkd_jax import models
 
 MODEL_JSON = "sortkd_model.json"
 MODEL_FORMAT = "sortkd_model"
-_STATE_DIR = "state"
+MODEL_STATE_DIR = "state"
 
 
 def _local_target(tree: Any) -> Any:
@@ -187,7 +187,7 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
       raise FileExistsError(f"{path!r} already exists; pass overwrite=True (--overwrite) "
                             "to replace it.")
     # Only a model directory (or an empty one) is replaced: nothing else in it may be lost.
-    others = (sorted(set(os.listdir(path)) - {MODEL_JSON, _STATE_DIR})
+    others = (sorted(set(os.listdir(path)) - {MODEL_JSON, MODEL_STATE_DIR})
               if os.path.isdir(path) else [os.path.basename(path)])
     if others:
       what = ("is a training workdir" if is_train_workdir(path) else
@@ -215,7 +215,7 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stick to the final directory
     with _finishing_before_interrupt():  # else orbax's thread wrote on into a deleted `tmp`
       ckptr = ocp.StandardCheckpointer()
-      ckptr.save(os.path.join(tmp, _STATE_DIR), tree)
+      ckptr.save(os.path.join(tmp, MODEL_STATE_DIR), tree)
       ckptr.wait_until_finished()
       ckptr.close()
     with open(os.path.join(tmp, MODEL_JSON), "w") as f:
@@ -245,9 +245,9 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"No model checkpoint directory at {path!r}. {how}")
   meta_file = os.path.join(path, MODEL_JSON)
-  if not os.path.isfile(meta_file) or not os.path.isdir(os.path.join(path, _STATE_DIR)):
+  if not os.path.isfile(meta_file) or not os.path.isdir(os.path.join(path, MODEL_STATE_DIR)):
     raise ValueError(f"{path!r} is not a sortkd model checkpoint (no {MODEL_JSON} and "
-                     f"{_STATE_DIR}/). {how}")
+                     f"{MODEL_STATE_DIR}/). {how}")
   try:
     with open(meta_file) as f:
       info = json.load(f)
@@ -274,7 +274,7 @@ def load_model(path: str | os.PathLike, *,
   target = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
   ckptr = ocp.StandardCheckpointer()
   try:
-    restored = ckptr.restore(os.path.join(path, _STATE_DIR), _local_target(target))
+    restored = ckptr.restore(os.path.join(path, MODEL_STATE_DIR), _local_target(target))
   except Exception as e:
     raise ValueError(
         f"Could not restore the weights in {path!r} as a {info['arch']} with "

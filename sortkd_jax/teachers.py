@@ -143,12 +143,18 @@ def check_not_a_file_of_ours(path: str) -> None:
     raise ValueError(f"{path} is a file of the training run in {workdir}: pass the workdir "
                      "itself (its best epoch is used) or one kept epoch, "
                      f"{os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR, '<epoch>')}.")
-  folder = os.path.dirname(os.path.abspath(path))
-  for model_dir in (folder, os.path.dirname(folder)):  # its sortkd_model.json, or in state/
-    if os.path.isfile(os.path.join(model_dir, checkpoint.MODEL_JSON)):
+  real = os.path.abspath(path)
+  model_dir = os.path.dirname(real)
+  while True:  # <model_dir>/sortkd_model.json, or any file under <model_dir>/state/
+    first = os.path.relpath(real, model_dir).split(os.sep)[0]
+    if (first in (checkpoint.MODEL_JSON, checkpoint.MODEL_STATE_DIR)
+        and os.path.isfile(os.path.join(model_dir, checkpoint.MODEL_JSON))):
       raise ValueError(f"{path} is a file of the model directory {model_dir} (a model of this "
                        "project, e.g. from port_weights.py): pass that directory itself to "
                        "train.py's --config.teacher.checkpoint, eval.py or export_weights.py.")
+    if os.path.dirname(model_dir) == model_dir:
+      return
+    model_dir = os.path.dirname(model_dir)
 
 
 def _check_not_inside_a_run(path: str) -> None:

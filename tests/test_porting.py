@@ -612,6 +612,22 @@ def test_port_weights_script_mistakes_are_named(pth_files, tmp_path, case):
   assert not dst.exists()
 
 
+def test_only_a_model_directory_s_own_files_are_pointed_to_it(pth_files, tmp_path):
+  """Its sortkd_model.json and any file under state/ are not PyTorch files; a .pth someone put
+  beside them is one."""
+  from sortkd_jax import teachers
+  model = tmp_path / "model"
+  checkpoint.save_model(str(model), models.create_model("resnet8", 100, rngs=nnx.Rngs(0)),
+                        arch="resnet8", num_classes=100)
+  deepest = max((os.path.join(d, f) for d, _, files in os.walk(model / "state") for f in files),
+                key=lambda p: p.count(os.sep))
+  for ours in (model / checkpoint.MODEL_JSON, deepest):
+    with pytest.raises(ValueError, match=f"is a file of the model directory {model} "):
+      teachers.check_not_a_file_of_ours(str(ours))
+  shutil.copy(pth_files["teacher"], model / "extra.pth")
+  teachers.check_not_a_file_of_ours(str(model / "extra.pth"))
+
+
 def test_an_archive_of_checkpoints_is_named_as_one(pth_files, tmp_path):
   """mdistiller's teachers come as cifar_teachers.tar: given whole, it was 'corrupt', as was an
   .npz."""
