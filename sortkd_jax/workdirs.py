@@ -101,9 +101,9 @@ _PER_HOST_FIELDS = ("data.data_dir", "data.folder", "data.cache_dir", "data.manu
 
 def launch_identity(config: ml_collections.ConfigDict, workdir: str) -> str:
   """What every process of a run must be given alike (`distributed.check_same_launch`): its
-  config but for the per-host paths, and its workdir."""
-  fields = {k: v for k, v in _flat(json.loads(config.to_json_best_effort())).items()
-            if k not in _PER_HOST_FIELDS}
+  config as config.json records it (paths absolute) but for the per-host paths, and its
+  workdir, absolute too."""
+  fields = {k: v for k, v in _flat(_as_recorded(config)).items() if k not in _PER_HOST_FIELDS}
   return json.dumps([fields, os.path.abspath(workdir)], sort_keys=True)
 
 
