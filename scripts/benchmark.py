@@ -46,7 +46,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from sortkd_jax import (augment, cli, distributed, evaluation, input_pipeline,  # noqa: E402
-                        methods, models, train)
+                        methods, models, reporting, train)
 
 cli.define_config_flag(os.path.join(REPO, "configs", "cifar_kd.py:res32x4_res8x4"),
                        "Recipe whose method, models and loss are benchmarked.")
@@ -194,7 +194,7 @@ def main():
   def report(kind, **fields):
     record = {"measurement": kind, **common, **fields}
     results.append(record)
-    line = json.dumps(record)
+    line = reporting.json_line(record)
     print(line, flush=True)
     if FLAGS.json:
       with open(FLAGS.json, "a") as f:

@@ -25,10 +25,9 @@ the other pipeline (CIFAR's normalisation, or ImageNet's) is refused. Prints one
 checkpoint, arch, epoch (of a training workdir: its best, the latest among ties, or the one
 named; else null), split, dtype, test loss, top-1, top-5 and the number of examples counted. The
 checkpoint is read before the data, so a wrong path fails at once. A non-finite test loss
-(damaged or diverged weights) is printed, then reported as an error (exit status 1).
+(damaged or diverged weights) is printed as null, then reported as an error (exit status 1).
 """
 
-import json
 import math
 import os
 import sys
@@ -53,7 +52,8 @@ FLAGS = flags.FLAGS
 
 
 def main():
-  from sortkd_jax import checkpoint, distributed, evaluation, models, porting, teachers, train
+  from sortkd_jax import (checkpoint, distributed, evaluation, models, porting, reporting,
+                          teachers, train)
 
   if FLAGS.arch is not None:  # a typo is named as one, whatever the checkpoint
     models.check_name(FLAGS.arch, "--arch")
@@ -85,9 +85,9 @@ def main():
                              num_classes, distilling=False)
   network, variables = evaluation.freeze(model)
   metrics = evaluate(network, distributed.replicate(variables, mesh))
-  print(json.dumps({"checkpoint": FLAGS.checkpoint, "arch": meta["arch"], "epoch": epoch,
-                    "split": config.data.test_split, "dtype": config.dtype, **metrics}),
-        flush=True)
+  print(reporting.json_line({"checkpoint": FLAGS.checkpoint, "arch": meta["arch"],
+                            "epoch": epoch, "split": config.data.test_split,
+                            "dtype": config.dtype, **metrics}), flush=True)
   if not math.isfinite(metrics["test_loss"]):
     raise RuntimeError(f"the model's outputs are not finite (test loss {metrics['test_loss']}): "
                        "its weights are damaged or its training diverged.")

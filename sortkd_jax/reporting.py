@@ -9,6 +9,7 @@ compilation, evaluation and checkpointing out.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any
@@ -79,7 +80,7 @@ class Reporter:
       return
     record = {"kind": kind, "epoch": epoch, "step": step,
               **{k: _plain(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.write(json_line(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
       for name, value in record.items():
@@ -114,6 +115,21 @@ def _drop_records_after(path: str, step: int) -> None:
     with open(path + ".tmp", "w") as f:
       f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+def json_line(record: dict[str, Any]) -> str:
+  """`record` as one line of strict JSON. JSON has no NaN or Infinity (Python writes them; jq
+  and most readers refuse the line), so a non-finite number, e.g. a diverged loss, is null."""
+  return json.dumps(_finite_or_null(record), allow_nan=False)
+
+
+def _finite_or_null(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {k: _finite_or_null(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_null(v) for v in value]
+  value = _plain(value)
+  return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _plain(value: Any) -> Any:

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from sortkd_jax import reporting
 
@@ -76,3 +77,16 @@ def test_throughput_and_eta_count_only_the_timed_steps(tmp_path, monkeypatch):
   scalars = {(v.tag, e.step, v.simple_value) for e in tf.compat.v1.train.summary_iterator(events)
              for v in e.summary.value}
   assert scalars == {("epoch/loss", 14, 0.5), ("epoch/img_per_s", 14, 39.0)}
+
+
+def test_a_non_finite_value_is_written_as_json_null(tmp_path):
+  """metrics.jsonl stays strict JSON when a loss diverges (the teacher's record, written before
+  the run stops on it)."""
+  reporter = reporting.Reporter(str(tmp_path), total_steps=10)
+  reporter.write("teacher", 0, 0, {"test_loss": np.float32("nan"), "test_top1": 0.0,
+                                   "nested": {"a": [float("inf"), 1]}})
+  reporter.close()
+  with open(tmp_path / "metrics.jsonl") as f:
+    record = json.loads(f.read(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+  assert record == {"kind": "teacher", "epoch": 0, "step": 0, "test_loss": None,
+                    "test_top1": 0.0, "nested": {"a": [None, 1]}}
