@@ -44,8 +44,14 @@ def main():
   if os.path.isdir(dst) or dst.endswith((os.sep, "/")):
     raise ValueError(f"--dst {dst!r} names a directory; give the file to write, e.g. "
                      f"{os.path.join(dst, 'student_best.pth')}.")
-  if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
-    raise FileNotFoundError(f"The folder of --dst {dst!r} does not exist; create it first.")
+  target = checkpoint.write_target(dst)  # a symbolic link's target
+  folder = os.path.dirname(target)
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise NotADirectoryError(f"The folder of --dst {dst!r}, {folder}, is a file: choose another "
+                             "path.")
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"The folder of --dst {dst!r}, {folder}, does not exist; create it "
+                            "first.")
   if os.path.exists(dst):
     if not FLAGS.overwrite:
       raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it.")
@@ -62,7 +68,7 @@ def main():
                              if "epoch" in meta else "")
         + f"\n  arch        {arch} ({num_classes} classes)\n"
         f"  tensors     {num_tensors} (num_batches_tracked included)\n"
-        f"  written to  {os.path.abspath(dst)}\n"
+        f"  written to  {target}\n"
         f"  in PyTorch  mdistiller's {arch}: "
         f"model.load_state_dict(torch.load({dst!r})['model'])" + notes)
 

@@ -59,7 +59,7 @@ def main():
     models.check_name(arch, "--arch")
   if not dst.strip():
     raise ValueError("--dst is empty: name the directory to write, e.g. teachers/resnet32x4.")
-  folder, name = os.path.split(os.path.normpath(os.path.abspath(dst)))
+  folder, name = os.path.split(checkpoint.write_target(dst))
   if os.path.basename(folder) == checkpoint.TRAIN_CHECKPOINT_DIR and name.isdigit():
     raise ValueError(f"--dst {dst!r} would pass for epoch {name} of a training run in "
                      f"{os.path.dirname(folder)}, which could then not resume; choose another "
@@ -105,7 +105,7 @@ def main():
         f"  parameters    {info['param_count']:,}\n"
         f"  logits check  sum {info['logits_checksum']['sum']:.6f}; first [{first}]\n"
         f"                ({info['logits_checksum']['input']})\n"
-        f"  written to    {os.path.abspath(dst)}")
+        f"  written to    {checkpoint.write_target(dst)}")
   checksum = info["logits_checksum"]
   if not all(math.isfinite(v) for v in (checksum["sum"], *checksum["first"])):
     print(f"warning: its logits are not finite: {src} holds NaN or infinite weights (a run that "

@@ -180,7 +180,7 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
   Returns:
     The JSON metadata written (arch, num_classes, param_count, logits_checksum, ...).
   """
-  path = os.path.abspath(os.fspath(path))
+  path = write_target(path)
   models.check_name(arch, "arch")
   if os.path.exists(path):
     if not overwrite:
@@ -291,6 +291,14 @@ def load_model(path: str | os.PathLike, *,
         "scripts/port_weights.py.")
   return models.model_from_pure_dicts(info["arch"], info["num_classes"], restored["params"],
                                       restored["batch_stats"], dtype=dtype), info
+
+
+def write_target(path: str | os.PathLike) -> str:
+  """The absolute path that writing `path` replaces: a symbolic link's target, as `open` follows
+  it. (Renaming a finished file onto the link would replace the link, not what it names, and
+  fail for a directory through a dangling link.)"""
+  path = os.path.abspath(os.fspath(path))
+  return os.path.realpath(path) if os.path.islink(path) else path
 
 
 def temp_beside(path: str, *, directory: bool, tag: str = "tmp") -> str:

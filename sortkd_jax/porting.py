@@ -332,7 +332,7 @@ def save_torch_file(path: str | os.PathLike, model: nnx.Module) -> int:
     state_dict[key] = torch.tensor(value)  # a copy: the arrays may be read-only views
     if key.endswith(".running_var"):
       state_dict[key.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0)
-  path = os.path.abspath(os.fspath(path))
+  path = checkpoint.write_target(path)
   tmp = checkpoint.temp_beside(path, directory=False)
   try:
     torch.save({"model": state_dict}, tmp)
@@ -526,7 +526,8 @@ def load_torch_state_dict(path: str | os.PathLike, component: str | None = None,
     path: the ``.pth`` file.
     component: ``"student"`` or ``"teacher"``: which half of a distiller checkpoint to
       return; None: the file's only model (a distiller checkpoint holding both halves is
-      refused). Ignored for files holding a single model.
+      refused). A file holding a single model is refused with one: the component would be
+      recorded as the model's origin, which it is not.
     trust_pickle: retry with ``weights_only=False`` if the file holds objects beyond
       tensors and plain containers, and read plain pickles (``pickle.dump`` of a state
       dict). This executes pickled code: only for trusted files.
@@ -582,6 +583,9 @@ def load_torch_state_dict(path: str | os.PathLike, component: str | None = None,
           f"{path!r} is a distiller checkpoint without a {component!r} component "
           f"(found {[c for c in halves if halves[c]]}).")
     sd = halves[component]
+  elif component is not None:
+    raise TorchFileError(f"{path!r} holds one model, not a trainer's student and teacher: leave "
+                         f"the component ({component!r}, --component) out.")
   out = {}
   for k, v in sd.items():
     if not (isinstance(v, np.ndarray) or type(v).__module__.startswith("torch")):

@@ -333,6 +333,37 @@ def test_pth_component_selection(pth_files):
   assert not np.any(t["fc.weight"]) and np.any(s["fc.weight"])
 
 
+def test_a_component_of_a_file_holding_one_model_is_refused(pth_files):
+  """It would be recorded as the ported model's origin (port_weights.py's metadata)."""
+  with pytest.raises(porting.TorchFileError, match="holds one model, not a trainer's student "
+                     r"and teacher: leave the component \('teacher', --component\) out"):
+    porting.load_torch_state_dict(pth_files["teacher"], "teacher")
+
+
+def test_a_symbolic_link_dst_is_written_through(pth_files, tmp_path):
+  """As `open` writes through a link: the link stays and names the new checkpoint (a dangling
+  link failed with 'Not a directory', naming a temporary path; a live one was replaced)."""
+  store = tmp_path / "store"
+  ported, exported = tmp_path / "teacher", tmp_path / "student.pth"
+  ported.symlink_to(store / "r8")  # dangling: store/ does not exist yet
+  out = run_script("port_weights.py", "--src", pth_files["teacher"], "--dst", ported)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"written to    {store / 'r8'}" in out.stdout
+  assert os.path.islink(ported) and os.path.isfile(store / "r8" / checkpoint.MODEL_JSON)
+  exported.symlink_to(store / "s.pth")
+  out = run_script("export_weights.py", "--checkpoint", ported, "--dst", exported)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert os.path.islink(exported) and sorted(os.listdir(store)) == ["r8", "s.pth"]
+  assert (torch.load(exported, weights_only=True)["model"].keys()
+          == torch.load(pth_files["teacher"], weights_only=True)["model"].keys())
+  (tmp_path / "a_file").write_text("")  # a folder that is a file
+  out = run_script("export_weights.py", "--checkpoint", ported, "--dst",
+                   tmp_path / "a_file" / "s.pth")
+  assert out.returncode == 1 and out.stderr.splitlines()[-1] == (
+      f"error: The folder of --dst '{tmp_path / 'a_file' / 's.pth'}', {tmp_path / 'a_file'}, is "
+      "a file: choose another path."), out.stderr[-2000:]
+
+
 def test_a_distiller_file_is_loaded_as_one_model_only_with_a_component(pth_files):
   """A teacher or eval.py path must not silently take one half of a student+teacher file."""
   from sortkd_jax import teachers
