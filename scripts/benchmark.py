@@ -45,8 +45,8 @@ from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from sortkd_jax import (augment, cli, distributed, evaluation, input_pipeline,  # noqa: E402
-                        methods, models, reporting, train)
+from sortkd_jax import (augment, cli, data_sources, distributed, evaluation,  # noqa: E402
+                        imagenet_input, methods, models, reporting, train)
 
 cli.define_config_flag(os.path.join(REPO, "configs", "cifar_kd.py:res32x4_res8x4"),
                        "Recipe whose method, models and loss are benchmarked.")
@@ -174,9 +174,9 @@ def main():
   if n < batch_size:
     raise ValueError(f"--num-examples {n} is smaller than the batch size {batch_size}.")
   if streaming and FLAGS.input:  # the data must be there before minutes of timing
-    source = input_pipeline.stream_source(config.data)
+    source = data_sources.stream_source(config.data)
     try:
-      input_pipeline.split_info(split=config.data.train_split, **source)
+      data_sources.split_info(split=config.data.train_split, **source)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
       raise ValueError(f"{e} (--noinput times the device step alone, without data.)") from e
   common = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
@@ -326,7 +326,7 @@ def main():
 
   if streaming and FLAGS.input:  # this host's tf.data stream: decode, crop, flip, batch
     d = config.data
-    batches = input_pipeline.imagenet_train_dataset(
+    batches = imagenet_input.imagenet_train_dataset(
         global_batch_size=batch_size, split=d.train_split, shuffle_buffer=d.shuffle_buffer,
         image_size=size, **source).as_numpy_iterator()
     t = time.perf_counter()

@@ -3,7 +3,7 @@
 CIFAR lives on the device as uint8, so mdistiller's train transform (spec §7.3: RandomCrop(32,
 padding=4) with black padding -> RandomHorizontalFlip(0.5) -> ToTensor -> Normalize) runs here,
 driven by a PRNG key, with no host round trip. ImageNet batches arrive cropped as uint8 from
-tf.data (`input_pipeline`) and only need `normalize`.
+tf.data (`imagenet_input`) and only need `normalize`.
 """
 
 from collections.abc import Sequence

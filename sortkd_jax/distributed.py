@@ -8,9 +8,12 @@ devices of all processes, and each process reads back replicated values with `to
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import os
 import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -166,3 +169,27 @@ def sum_on_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
   the host."""
   fetched = to_host(metrics_list)
   return {k: float(sum(np.asarray(m[k], np.float64) for m in fetched)) for k in fetched[0]}
+
+
+def prefetch_to_device(
+    batches: Iterable[dict[str, np.ndarray]], size: int, sharding: jax.sharding.Sharding
+) -> Iterator[dict[str, jax.Array]]:
+  """Turns per-process NumPy batches into global jax.Arrays, keeping `size` transfers in flight.
+
+  Each leaf's leading axis is this process's slice of the global batch, assembled with
+  `jax.make_array_from_process_local_data(sharding, leaf)`; transfers are asynchronous, so
+  queueing them ahead overlaps host-to-device copies with the step. Use
+  `prefetch_to_device(ds.as_numpy_iterator(), 2, NamedSharding(mesh, P('data')))`.
+  """
+  queue = collections.deque()
+  iterator = iter(batches)
+
+  def enqueue(n: int) -> None:
+    for batch in itertools.islice(iterator, n):
+      queue.append(jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(sharding, x), batch))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)

@@ -24,8 +24,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sortkd_jax import augment
+from sortkd_jax import data_sources  # imports TensorFlow only when data is first read
 from sortkd_jax import distributed
-from sortkd_jax import input_pipeline  # imports TensorFlow only when data is first read
+from sortkd_jax import imagenet_input
+from sortkd_jax import input_pipeline
 from sortkd_jax import losses
 
 PyTree = Any
@@ -149,8 +151,8 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *, dtype:
     evaluate = make_evaluator(mesh, test_split.images, test_split.labels, config.eval_batch_size,
                               dtype=dtype)
     return evaluate, test_split.num_classes
-  source = input_pipeline.stream_source(d)
-  n, num_classes = input_pipeline.split_info(split=d.test_split, **source)
+  source = data_sources.stream_source(d)
+  n, num_classes = data_sources.split_info(split=d.test_split, **source)
   if d.max_test_examples is not None:
     n = min(n, d.max_test_examples)
   batch = eval_batch_size(config.eval_batch_size, mesh.size, n)
@@ -162,15 +164,15 @@ def make_test_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, *, dtype:
     """One pass; one tf.data iterator for every pass (as training's `epochs_from`)."""
     nonlocal stream, per_pass
     if stream is None:
-      ds = input_pipeline.imagenet_eval_dataset(
+      ds = imagenet_input.imagenet_eval_dataset(
           global_batch_size=batch, split=d.test_split, image_size=d.image_size,
           resize_size=round(d.image_size * 256 / 224), max_examples=d.max_test_examples,
           **source)
       per_pass = int(ds.cardinality())
-      numpy_batches = input_pipeline.naming_undecodable(
+      numpy_batches = imagenet_input.naming_undecodable(
           ds.repeat().as_numpy_iterator(), split=d.test_split, max_examples=d.max_test_examples,
           **source)
-      stream = input_pipeline.prefetch_to_device(numpy_batches, 2, batch_sharding)
+      stream = distributed.prefetch_to_device(numpy_batches, 2, batch_sharding)
     return itertools.islice(stream, per_pass)
 
   evaluate = make_streaming_evaluator(mesh, batches, dtype=dtype)

@@ -17,7 +17,7 @@ device of every process. A CIFAR-sized split is small, so every process loads al
 `distributed.replicate` puts it on every device; the permutation is drawn on the device from
 the seed, so all processes gather the same global batch (deliberately: no per-process input).
 ImageNet is where each process reads its own shard with tf.data and
-`input_pipeline.prefetch_to_device` assembles the global batch with
+`distributed.prefetch_to_device` assembles the global batch with
 `jax.make_array_from_process_local_data`. Process 0 writes config.json, metrics and TensorBoard
 events; every process takes part in orbax checkpoints, whose directory must be the same shared
 path for all. The workdir's lock and resume rules: `workdirs`; the test evaluation after each
@@ -49,8 +49,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sortkd_jax import augment
 from sortkd_jax import checkpoint
 from sortkd_jax import distributed
+from sortkd_jax import data_sources  # imports TensorFlow only when data is first read
 from sortkd_jax import evaluation
-from sortkd_jax import input_pipeline  # imports TensorFlow only when data is first read
+from sortkd_jax import imagenet_input
+from sortkd_jax import input_pipeline
 from sortkd_jax import losses
 from sortkd_jax import methods
 from sortkd_jax import models
@@ -446,8 +448,8 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
 def _streaming_feed(config, mesh, batch_size) -> _Feed:
   """ImageNet: tf.data batches of this process's shard, prefetched to the device."""
   d = config.data
-  source = input_pipeline.stream_source(d)
-  total, num_classes = input_pipeline.split_info(split=d.train_split, **source)
+  source = data_sources.stream_source(d)
+  total, num_classes = data_sources.split_info(split=d.train_split, **source)
   n = total if d.max_train_examples is None else min(total, d.max_train_examples)
   steps_per_epoch = math.ceil(n / batch_size)
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -458,15 +460,15 @@ def _streaming_feed(config, mesh, batch_size) -> _Feed:
     """The batches of epochs `first`..`num_epochs`, one tf.data stream: epoch e is the start of
     a stream seeded by e alone, so a resumed run sees the same batches."""
     start = time.perf_counter()
-    ds = input_pipeline.imagenet_train_epochs(
+    ds = imagenet_input.imagenet_train_epochs(
         seeds=[config.seed * 100_003 + epoch for epoch in range(first, config.num_epochs + 1)],
         steps_per_epoch=steps_per_epoch, global_batch_size=batch_size, split=d.train_split,
         shuffle_buffer=d.shuffle_buffer, image_size=d.image_size, **source)
     logging.info("Built the tf.data train stream of epochs %d-%d in %.1f s.", first,
                  config.num_epochs, time.perf_counter() - start)
-    batches = input_pipeline.naming_undecodable(ds.as_numpy_iterator(), split=d.train_split,
+    batches = imagenet_input.naming_undecodable(ds.as_numpy_iterator(), split=d.train_split,
                                                 **source)
-    return input_pipeline.prefetch_to_device(batches, 2, batch_sharding)
+    return distributed.prefetch_to_device(batches, 2, batch_sharding)
 
   def epoch_runner(state, teacher, teacher_vars, train_step):
     step = build_train_batch(config, mesh, train_step=train_step, teacher=teacher)

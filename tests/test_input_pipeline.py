@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from sortkd_jax import data_sources as sources, imagenet_input as imagenet
 from sortkd_jax import input_pipeline as ip
 
 CLASSES = ("cat", "ant", "bee")  # created unsorted; label ids follow sorted names
@@ -72,7 +73,7 @@ def test_unprepared_tfds_dataset_says_how_to_provide_data(tmp_path):
   assert "torchvision's CIFAR folder, as it is (e.g. mdistiller's data/cifar-100-python)" in str(
       err.value)
   with pytest.raises(FileNotFoundError, match="config.data.folder") as err:  # not for ImageNet
-    ip.split_info(name="imagenet2012", split="validation", data_dir=str(tmp_path))
+    sources.split_info(name="imagenet2012", split="validation", data_dir=str(tmp_path))
   assert "CIFAR" not in str(err.value)
 
 
@@ -141,7 +142,8 @@ def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog
 
 def test_tfds_without_tensorflow_says_what_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` fails
-  monkeypatch.setattr(ip, "_tf", ip._tf.__wrapped__)  # as on the first call (it is cached)
+  # As on the first call (it is cached).
+  monkeypatch.setattr(sources, "tf_and_tfds", sources.tf_and_tfds.__wrapped__)
   with pytest.raises(ImportError, match=r"needs TensorFlow .*`pip install -r requirements.txt`"):
     ip.load_array_split(name="cifar100", split="test")
 
@@ -150,7 +152,7 @@ def test_unknown_tfds_name_suggests_close_ones():
   with pytest.raises(ValueError, match="Unknown tfds dataset 'cifar1000' \\(did you mean cifar100"):
     ip.load_array_split(name="cifar1000", split="train")
   with pytest.raises(ValueError, match="on-device pipeline"):
-    ip.split_info(name=ip.SYNTHETIC, split="train")
+    sources.split_info(name=sources.SYNTHETIC, split="train")
 
 
 def test_missing_folder_or_split(tmp_path):
@@ -208,8 +210,8 @@ def test_files_that_are_not_read_are_named(tmp_path, caplog, monkeypatch, decode
   assert caplog.text.count(warning) == 1 and "photo.webp" in caplog.text  # not for 'test'
   if decoder == "tensorflow":
     caplog.clear()
-    ip._scan_folder_split.cache_clear()
-    assert ip.split_info(folder=folder, split="train") == (6, 3)  # the streams' listing
+    sources._scan_folder_split.cache_clear()
+    assert sources.split_info(folder=folder, split="train") == (6, 3)  # the streams' listing
     assert warning in caplog.text
 
 
@@ -223,28 +225,28 @@ def test_folder_splits_with_different_classes_are_refused(tmp_path):
   with pytest.raises(ValueError, match=want):
     ip.load_array_split(folder=str(tmp_path), split="train", cache_dir=str(tmp_path / "c"))
   with pytest.raises(ValueError, match=want):  # ImageNet folders: tfds.ImageFolder's classes
-    ip.split_info(folder=str(tmp_path), split="validation")
+    sources.split_info(folder=str(tmp_path), split="validation")
   os.makedirs(tmp_path / "train" / "cat")  # an empty class folder evens the class lists
   os.makedirs(tmp_path / "validation" / "bee")
-  assert ip.split_info(folder=str(tmp_path), split="validation") == (2, 3)
+  assert sources.split_info(folder=str(tmp_path), split="validation") == (2, 3)
   for split in ("train", "validation"):  # in every split alike, as Jupyter leaves them
     os.makedirs(tmp_path / split / ".ipynb_checkpoints")
   with pytest.raises(ValueError, match=r"hidden folders that would be taken as classes: "
                      r".*/train/\.ipynb_checkpoints, .*/validation/\.ipynb_checkpoints\. Remove"):
-    ip.split_info(folder=str(tmp_path), split="validation")
+    sources.split_info(folder=str(tmp_path), split="validation")
 
 
 def test_missing_eval_split_suggests_another(tmp_path):
   folder = _make_folder(tmp_path / "data", per_split=(("train", 1), ("test", 1)))
   with pytest.raises(FileNotFoundError, match=r"To evaluate on the 'test' split \(.*/test\) "
                      r"instead, pass --config.data.test_split=test\.$"):
-    ip.split_info(folder=folder, split="validation")
+    sources.split_info(folder=folder, split="validation")
   with pytest.raises(FileNotFoundError) as err:
-    ip.split_info(folder=folder, split="train_all")
+    sources.split_info(folder=folder, split="train_all")
   assert "test_split=test" in str(err.value)
   os.rename(os.path.join(folder, "train"), os.path.join(folder, "other"))
   with pytest.raises(FileNotFoundError) as err:  # no hint for the train split
-    ip.split_info(folder=folder, split="train")
+    sources.split_info(folder=folder, split="train")
   assert "test_split" not in str(err.value)
 
 
@@ -265,7 +267,7 @@ def test_validate_labels():
 def test_random_resized_crop_window_ranges_and_fallback():
   @tf.function
   def window(height, width, seeds):
-    return tf.map_fn(lambda s: tf.stack(ip._random_resized_crop_window(height, width, s)),
+    return tf.map_fn(lambda s: tf.stack(imagenet._random_resized_crop_window(height, width, s)),
                      seeds, fn_output_signature=tf.int32)
 
   seeds = tf.stack([tf.zeros(500, tf.int64), tf.range(500, dtype=tf.int64)], axis=1)
@@ -292,7 +294,7 @@ def test_eval_geometry_is_torchvision_resize_then_centre_crop():
   # as Python's round.
   for width, longer, left in ((400, 341, 58), (402, 343, 60)):
     image = np.random.default_rng(0).integers(0, 256, (300, width, 3), np.uint8)
-    got = ip._eval_image(tf.io.encode_png(image), image_size=224, resize_size=256).numpy()
+    got = imagenet._eval_image(tf.io.encode_png(image), image_size=224, resize_size=256).numpy()
     resized = tf.image.resize(image, [256, longer], method="bilinear", antialias=True).numpy()
     want = np.clip(np.round(resized[16:240, left:left + 224]), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(got, want)
@@ -306,9 +308,9 @@ def test_jpeg_decoding_equals_pillow(tmp_path):
   Image.fromarray(smooth.astype(np.uint8)).save(tmp_path / "a.jpg", quality=85)
   encoded = tf.io.read_file(str(tmp_path / "a.jpg"))
   want = np.asarray(Image.open(tmp_path / "a.jpg").convert("RGB"))
-  np.testing.assert_array_equal(ip.decode_image(encoded).numpy(), want)
+  np.testing.assert_array_equal(sources.decode_image(encoded).numpy(), want)
   png = tf.io.encode_png(want)
-  np.testing.assert_array_equal(ip.decode_image(png).numpy(), want)
+  np.testing.assert_array_equal(sources.decode_image(png).numpy(), want)
 
 
 def test_jpeg_crop_window_equals_pillow_decode_then_crop(tmp_path):
@@ -324,7 +326,7 @@ def test_jpeg_crop_window_equals_pillow_decode_then_crop(tmp_path):
       (t, l, h, w) for h, w, t, l in (rng.integers([1, 1, 0, 0], [75, 90, 75, 90], 4)
                                       for _ in range(40)) if t + h <= 75 and l + w <= 90]
   for top, left, h, w in windows:
-    got = ip.decode_jpeg_window(encoded, *map(int, (top, left, h, w)), height=75,
+    got = imagenet.decode_jpeg_window(encoded, *map(int, (top, left, h, w)), height=75,
                                 width=90).numpy()
     np.testing.assert_array_equal(got, whole[top:top + h, left:left + w],
                                   err_msg=str((top, left, h, w)))
@@ -336,7 +338,7 @@ def test_bilinear_resize_is_within_one_grey_level_of_pillow():
   rng = np.random.default_rng(3)
   image = (np.cumsum(rng.integers(-30, 31, (180, 130, 3)), axis=1) % 256).astype(np.uint8)
   for height, width in ((224, 224), (256, 184), (37, 301), (45, 60)):
-    got = ip._resize_uint8(image, [height, width]).numpy().astype(int)
+    got = imagenet._resize_uint8(image, [height, width]).numpy().astype(int)
     want = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
     diff = got - want
     assert np.abs(diff).max() <= 1 and abs(diff.mean()) < 0.05, (height, width)
@@ -344,14 +346,15 @@ def test_bilinear_resize_is_within_one_grey_level_of_pillow():
 
 def test_mock_imagenet_train_and_eval():
   with tfds.testing.mock_data(num_examples=10):
-    train = ip.imagenet_train_dataset(global_batch_size=4, shuffle_buffer=8)
+    train = imagenet.imagenet_train_dataset(global_batch_size=4, shuffle_buffer=8)
     for batch in train.take(3).as_numpy_iterator():
       assert batch["image"].shape == (4, 224, 224, 3) and batch["image"].dtype == np.uint8
       assert batch["label"].dtype == np.int32
       assert 0 <= batch["label"].min() <= batch["label"].max() < 1000
-    batches = list(ip.imagenet_eval_dataset(global_batch_size=4).as_numpy_iterator())
+    batches = list(imagenet.imagenet_eval_dataset(global_batch_size=4).as_numpy_iterator())
     want = [ex["label"] for ex in tfds.load("imagenet2012", split="validation").as_numpy_iterator()]
-    capped = list(ip.imagenet_eval_dataset(global_batch_size=4, max_examples=5).as_numpy_iterator())
+    capped = list(imagenet.imagenet_eval_dataset(global_batch_size=4,
+                                                 max_examples=5).as_numpy_iterator())
   masks = [b["mask"].tolist() for b in batches]
   assert masks == [[True] * 4, [True] * 4, [True, True, False, False]]
   assert [b["mask"].tolist() for b in capped] == [[True] * 4, [True, False, False, False]]
@@ -365,7 +368,7 @@ def _eval_examples(count, global_batch_size=4, **source):
   processes; an image's number is encoded in its grey level (20 + 30·i)."""
   seen, batch_counts = [], []
   for index in range(count):
-    batches = list(ip.imagenet_eval_dataset(
+    batches = list(imagenet.imagenet_eval_dataset(
         global_batch_size=global_batch_size, image_size=16, resize_size=20, process_index=index,
         process_count=count, **source).as_numpy_iterator())
     batch_counts.append(len(batches))
@@ -390,7 +393,7 @@ def test_folder_streams_shard_across_processes(tmp_path):
   assert batch_counts == [2, 2]  # ceil(ceil(7 / 2) / 2) on each process
   assert sorted(sum(seen, [])) == list(range(7))
   common = dict(global_batch_size=4, image_size=16, process_index=1, process_count=2, **source)
-  for b in ip.imagenet_train_dataset(shuffle_buffer=4, **common).take(4).as_numpy_iterator():
+  for b in imagenet.imagenet_train_dataset(shuffle_buffer=4, **common).take(4).as_numpy_iterator():
     assert b["image"].shape == (2, 16, 16, 3) and b["label"].dtype == np.int32
   first = sum(_eval_examples(1, max_examples=5, **source)[0], [])
   assert len(first) == 5
@@ -406,7 +409,7 @@ def test_each_process_draws_its_own_crops_and_flips(tmp_path):
   for i in range(8):
     os.makedirs(tmp_path / "train" / CLASSES[i % 2], exist_ok=True)
     _write_image(str(tmp_path / "train" / CLASSES[i % 2] / f"{i}.png"), image)
-  first = [next(ip.imagenet_train_dataset(
+  first = [next(imagenet.imagenet_train_dataset(
       name=None, folder=str(tmp_path), split="train", global_batch_size=4, image_size=8,
       shuffle_buffer=1, seed=0, process_index=index, process_count=2).as_numpy_iterator())
       for index in (0, 1)]
@@ -423,7 +426,7 @@ def test_folder_train_stream_takes_a_new_order_of_all_files_each_epoch(tmp_path)
 
   def epochs(seed, index, n=3, shuffle_buffer=1):
     """The images of process `index` of 2 in the first n epochs (6 files, 3 batches each)."""
-    stream = ip.imagenet_train_dataset(
+    stream = imagenet.imagenet_train_dataset(
         name=None, folder=str(tmp_path), split="train", global_batch_size=4, image_size=8,
         shuffle_buffer=shuffle_buffer, seed=seed, process_index=index, process_count=2)
     order = [int(np.round((image.mean() - 10) / 20))  # constant images: any crop keeps i
@@ -452,12 +455,14 @@ def test_train_epochs_are_the_seeded_streams_one_after_another_transformed_once(
   common = dict(name=None, folder=str(tmp_path), split="train", global_batch_size=4,
                 image_size=8, process_index=1, process_count=2)
   seeds = [3, 4, 5]
-  expected = [b for seed in seeds for b in ip.imagenet_train_dataset(seed=seed, **common).take(
-      3).as_numpy_iterator()]
+  expected = [b for seed in seeds
+              for b in imagenet.imagenet_train_dataset(seed=seed, **common).take(3)
+              .as_numpy_iterator()]
   traces = []
-  train_image = ip._train_image
-  monkeypatch.setattr(ip, "_train_image", lambda *a, **k: traces.append(1) or train_image(*a, **k))
-  stream = ip.imagenet_train_epochs(seeds=seeds, steps_per_epoch=3, **common)
+  train_image = imagenet._train_image
+  monkeypatch.setattr(imagenet, "_train_image",
+                      lambda *a, **k: traces.append(1) or train_image(*a, **k))
+  stream = imagenet.imagenet_train_epochs(seeds=seeds, steps_per_epoch=3, **common)
   assert len(traces) == 1
   got = list(stream.as_numpy_iterator())
   assert len(got) == len(expected) == 9
@@ -466,7 +471,7 @@ def test_train_epochs_are_the_seeded_streams_one_after_another_transformed_once(
     np.testing.assert_array_equal(g["label"], e["label"])
   assert not np.array_equal(got[0]["image"], got[3]["image"])  # epochs differ
   with pytest.raises(ValueError, match="An endless stream .* takes one seed"):
-    ip.imagenet_train_epochs(seeds=seeds, steps_per_epoch=None, **common)
+    imagenet.imagenet_train_epochs(seeds=seeds, steps_per_epoch=None, **common)
 
 
 def test_a_folder_stream_reads_only_its_process_shard(tmp_path):
@@ -479,8 +484,9 @@ def test_a_folder_stream_reads_only_its_process_shard(tmp_path):
   os.symlink(os.path.join(folder, "nowhere.jpg"), missing)
   common = dict(name=None, folder=folder, split="val", global_batch_size=2, image_size=16)
   streams = lambda index: (  # noqa: E731
-      ip.imagenet_eval_dataset(resize_size=20, process_index=index, process_count=2, **common),
-      ip.imagenet_train_dataset(process_index=index, process_count=2, **common).take(3))
+      imagenet.imagenet_eval_dataset(resize_size=20, process_index=index, process_count=2,
+                                     **common),
+      imagenet.imagenet_train_dataset(process_index=index, process_count=2, **common).take(3))
   for stream in streams(0):
     assert len(list(stream.as_numpy_iterator())) == 3
   for stream in streams(1):
@@ -498,13 +504,13 @@ def test_an_image_folder_is_listed_once_while_unchanged(tmp_path, monkeypatch, c
   monkeypatch.setattr(tfds, "ImageFolder", lambda root: scans.append(root) or image_folder(root))
   common = dict(name=None, folder=folder, global_batch_size=2, image_size=16)
   for _ in range(2):
-    ip.imagenet_train_dataset(split="train", **common)
-    ip.imagenet_eval_dataset(split="val", resize_size=20, **common)
-    assert ip.split_info(name=None, folder=folder, split="train") == (6, 3)
+    imagenet.imagenet_train_dataset(split="train", **common)
+    imagenet.imagenet_eval_dataset(split="val", resize_size=20, **common)
+    assert sources.split_info(name=None, folder=folder, split="train") == (6, 3)
   assert scans == [folder]
   assert f"Image folder {folder}: train 6 files, val 3 files in" in caplog.text
   _write_image(os.path.join(folder, "train", "bee", "new.png"), np.zeros((32, 32, 3), np.uint8))
-  assert ip.split_info(name=None, folder=folder, split="train") == (7, 3)
+  assert sources.split_info(name=None, folder=folder, split="train") == (7, 3)
   assert len(scans) == 2
 
 
@@ -539,7 +545,7 @@ def test_tfds_streams_shard_across_processes(tmp_path):
     assert sorted(sum(seen, [])) == list(range(7)) and len(set(batch_counts)) == 1
     assert sorted(sum(_eval_examples(count, max_examples=5, **source)[0], [])) == sorted(first)
   with pytest.raises(ValueError, match="has 7 examples, fewer than the 8 processes"):
-    ip.imagenet_train_dataset(global_batch_size=8, process_index=7, process_count=8, **source)
+    imagenet.imagenet_train_dataset(global_batch_size=8, process_index=7, process_count=8, **source)
 
 
 def test_folder_streams_name_undecodable_files(tmp_path, caplog):
@@ -550,15 +556,15 @@ def test_folder_streams_name_undecodable_files(tmp_path, caplog):
   with open(os.path.join(folder, "val", "cat", "notes.jpg"), "w") as f:
     f.write("not an image")
   common = dict(name=None, folder=folder, global_batch_size=2, image_size=16)
-  train = ip.imagenet_train_dataset(split="train", shuffle_buffer=4, **common).take(4)
-  assert len(list(ip.naming_undecodable(train.as_numpy_iterator(), split="train", name=None,
+  train = imagenet.imagenet_train_dataset(split="train", shuffle_buffer=4, **common).take(4)
+  assert len(list(imagenet.naming_undecodable(train.as_numpy_iterator(), split="train", name=None,
                                         folder=folder))) == 4  # a sound split streams as before
   caplog.set_level(logging.INFO, logger="absl")
-  for stream in (ip.imagenet_train_dataset(split="val", shuffle_buffer=4, **common),
-                 ip.imagenet_eval_dataset(split="val", resize_size=20, **common)):
+  for stream in (imagenet.imagenet_train_dataset(split="val", shuffle_buffer=4, **common),
+                 imagenet.imagenet_eval_dataset(split="val", resize_size=20, **common)):
     with pytest.raises(ValueError, match=r"split 'val': 2 of 7 image files cannot be decoded"
                        ) as err:
-      list(ip.naming_undecodable(stream.as_numpy_iterator(), split="val", name=None,
+      list(imagenet.naming_undecodable(stream.as_numpy_iterator(), split="val", name=None,
                                  folder=folder))
     assert cut in str(err.value) and os.path.join("cat", "notes.jpg") in str(err.value)
     assert "0000.jpg" not in str(err.value)
@@ -572,9 +578,10 @@ def test_a_capped_stream_rechecks_only_its_own_examples(tmp_path):
     with open(os.path.join(folder, "val", "cat", f"notes{i}.jpg"), "w") as f:
       f.write("not an image")
   source = dict(name=None, folder=folder, split="val", max_examples=5)
-  stream = ip.imagenet_eval_dataset(global_batch_size=2, image_size=16, resize_size=20, **source)
+  stream = imagenet.imagenet_eval_dataset(global_batch_size=2, image_size=16, resize_size=20,
+                                          **source)
   with pytest.raises(ValueError, match=r"split 'val': [2-4] of 5 image files cannot be decoded"):
-    list(ip.naming_undecodable(stream.as_numpy_iterator(), **source))
+    list(imagenet.naming_undecodable(stream.as_numpy_iterator(), **source))
 
 
 def test_tfds_streams_name_undecodable_records():
@@ -586,11 +593,12 @@ def test_tfds_streams_name_undecodable_records():
   as_dataset = lambda *args, **kwargs: tf.data.Dataset.from_tensor_slices(records)
   with tfds.testing.mock_data(as_dataset_fn=as_dataset):
     for split, stream in (
-        ("train", ip.imagenet_train_dataset(global_batch_size=2, image_size=16, shuffle_buffer=4)),
-        ("validation", ip.imagenet_eval_dataset(global_batch_size=2, image_size=16))):
+        ("train", imagenet.imagenet_train_dataset(global_batch_size=2, image_size=16,
+                                                  shuffle_buffer=4)),
+        ("validation", imagenet.imagenet_eval_dataset(global_batch_size=2, image_size=16))):
       with pytest.raises(ValueError, match=f"tfds dataset 'imagenet2012', split '{split}': 2 of 4 "
                          "image files .*: n01440761_1.JPEG, n01440763_3.JPEG. Fix them") as err:
-        list(ip.naming_undecodable(stream.as_numpy_iterator(), split=split))
+        list(imagenet.naming_undecodable(stream.as_numpy_iterator(), split=split))
       assert "n01440760_0" not in str(err.value)
 
 
@@ -598,7 +606,7 @@ def test_prefetch_to_device_on_four_devices():
   script = textwrap.dedent("""
       import jax, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      from sortkd_jax.input_pipeline import prefetch_to_device
+      from sortkd_jax.distributed import prefetch_to_device
       assert jax.device_count() == 4
       sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
       pulled = []
@@ -632,7 +640,8 @@ def test_decoding_a_folder_logs_its_progress(tmp_path, monkeypatch, caplog, deco
   """A folder's first decode takes minutes (60,000 CIFAR JPEGs): it logs how far it got."""
   folder = _make_folder(tmp_path / "data")
   # A line after every image or chunk, instead of every 15 s.
-  monkeypatch.setattr(ip, "_with_progress", functools.partial(ip._with_progress, every_s=0.0))
+  monkeypatch.setattr(sources, "with_progress",
+                      functools.partial(sources.with_progress, every_s=0.0))
   if decoder == "pillow":
     monkeypatch.setattr(ip, "_have_tensorflow", lambda: False)
   caplog.set_level(logging.INFO, logger="absl")
@@ -680,10 +689,10 @@ def test_tfds_stream_caps_and_corrupt_record_files(tmp_path):
     byte = f.read(1)
     f.seek(-1, os.SEEK_CUR)
     f.write(bytes([byte[0] ^ 0xFF]))
-  stream = ip.imagenet_eval_dataset(global_batch_size=2, image_size=16, split="validation",
+  stream = imagenet.imagenet_eval_dataset(global_batch_size=2, image_size=16, split="validation",
                                     **source)
   with pytest.raises(tf.errors.DataLossError, match="corrupted record"):
-    list(ip.naming_undecodable(stream.as_numpy_iterator(), split="validation", **source))
+    list(imagenet.naming_undecodable(stream.as_numpy_iterator(), split="validation", **source))
 
 
 def test_multi_process_runs_do_not_prepare_tfds_datasets(tmp_path, monkeypatch):
@@ -695,7 +704,7 @@ def test_multi_process_runs_do_not_prepare_tfds_datasets(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   with pytest.raises(ValueError, match=r"prepare it once before a multi-process run: `tfds "
                      r"build sortkd_tiny_numbered --data_dir=DIR --manual_dir=.*tars`"):
-    ip.split_info(**source)
+    sources.split_info(**source)
   assert not os.path.exists(tmp_path / "sortkd_tiny_numbered")
   monkeypatch.setattr(jax, "process_count", lambda: 1)
-  assert ip.split_info(**source) == (7, 2)
+  assert sources.split_info(**source) == (7, 2)

@@ -258,7 +258,7 @@ def test_processes_given_other_workdirs_are_refused_at_start(four_devices):
 STREAM = textwrap.dedent("""
     import json, sys, numpy as np, jax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from sortkd_jax import distributed, input_pipeline as ip
+    from sortkd_jax import distributed, imagenet_input
     folder, address, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
     distributed.maybe_initialize(address, 2, pid)
     mesh = distributed.make_mesh()
@@ -268,11 +268,11 @@ STREAM = textwrap.dedent("""
     def example(label, image, mask):  # (label, image number, real example)
       return label, int(np.round((image.mean() - 20) / 30)), mask
     out = {}
-    for split, ds in (("val", ip.imagenet_eval_dataset(split="val", resize_size=20, **common)),
-                      ("train", ip.imagenet_train_dataset(split="train", shuffle_buffer=8,
-                                                          **common).take(2))):
+    val = imagenet_input.imagenet_eval_dataset(split="val", resize_size=20, **common)
+    train = imagenet_input.imagenet_train_dataset(split="train", shuffle_buffer=8, **common)
+    for split, ds in (("val", val), ("train", train.take(2))):
       out[split] = []
-      for b in ip.prefetch_to_device(ds.as_numpy_iterator(), 2, sharded):
+      for b in distributed.prefetch_to_device(ds.as_numpy_iterator(), 2, sharded):
         assert b["image"].shape == (4, 16, 16, 3) and len(b["image"].addressable_shards) == 2
         g = distributed.to_host(gather(b))  # the global batch, read back on this process
         mask = g["mask"] if "mask" in g else np.ones(4, bool)
@@ -301,7 +301,7 @@ def _write_stream_folder(root, tf):
 def test_two_processes_assemble_the_global_tf_data_batches(tmp_path):
   """Each process reads its shard; the global batches hold what one process would read."""
   import tensorflow as tf
-  from sortkd_jax import input_pipeline as ip
+  from sortkd_jax import imagenet_input
 
   _write_stream_folder(tmp_path, tf)
   address = f"localhost:{_free_port()}"
@@ -317,8 +317,8 @@ def test_two_processes_assemble_the_global_tf_data_batches(tmp_path):
                 process_index=0, process_count=1)
   want = [sorted((int(l), int(np.round((im.mean() - 20) / 30)), bool(m))
                  for l, im, m in zip(b["label"], b["image"], b["mask"]))
-          for b in ip.imagenet_eval_dataset(split="val", resize_size=20,
-                                            **common).as_numpy_iterator()]
+          for b in imagenet_input.imagenet_eval_dataset(split="val", resize_size=20,
+                                                        **common).as_numpy_iterator()]
   assert got["val"] == want
   assert sum(m for batch in got["val"] for _, _, m in batch) == 7
   # Train: each process shuffles its own shard; the first 2 global batches are one epoch.

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from helpers import python2_pickle, run_python, run_script, write_torchvision_cifar
-from sortkd_jax import augment, checkpoint, models
+from sortkd_jax import augment, checkpoint, data_sources, models
 from sortkd_jax import input_pipeline as ip
 
 NAMES = [f"class_{i:02d}" for i in range(100)]
@@ -170,7 +170,7 @@ def test_the_wrong_folder_split_or_size_says_what_to_pass(tmp_path, monkeypatch)
                      "config.data.test_split=test"):
     ip.load_array_split(folder=folder, split="validation")
   with pytest.raises(ValueError, match="is torchvision's CIFAR folder: the CIFAR recipes read it"):
-    ip.split_info(folder=folder, split="train")  # as an ImageNet recipe's stream would
+    data_sources.split_info(folder=folder, split="train")  # as an ImageNet recipe's stream would
   monkeypatch.setenv("HOME", str(tmp_path))  # a shell leaves --config.data.folder=~/... as it is
   assert ip.load_array_split(folder="~/cifar-100-python", split="test").num_classes == 100
   with pytest.raises(ValueError, match=r"images are \(32, 32, 3\), expected \(64, 64, 3\)"):

@@ -25,8 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
 from helpers import read_metrics, run_python, run_script
-from sortkd_jax import (augment, checkpoint, distributed, evaluation, input_pipeline, losses,
-                        methods, models, reporting, teachers, train, workdirs)
+from sortkd_jax import (augment, checkpoint, distributed, evaluation, imagenet_input,
+                        input_pipeline, losses, methods, models, reporting, teachers, train,
+                        workdirs)
 
 CONFIG_MODULES = {"vanilla": cifar_vanilla, "kd": cifar_kd, "dkd": cifar_dkd,
                   "lskd": cifar_lskd, "ctkd": cifar_ctkd}
@@ -1266,12 +1267,12 @@ def test_imagenet_run_reads_each_stream_through_one_tf_data_iterator(tmp_path, m
   config = _imagenet_folder_config(tmp_path)
   config.num_epochs = 3
   opened, calls = [], {}
-  naming_undecodable = input_pipeline.naming_undecodable
-  monkeypatch.setattr(input_pipeline, "naming_undecodable",
+  naming_undecodable = imagenet_input.naming_undecodable
+  monkeypatch.setattr(imagenet_input, "naming_undecodable",
                       lambda batches, *, split, **kw: opened.append(split)
                       or naming_undecodable(batches, split=split, **kw))
   for name in ("imagenet_train_epochs", "imagenet_eval_dataset"):
-    monkeypatch.setattr(input_pipeline, name, lambda *, _f=getattr(input_pipeline, name),
+    monkeypatch.setattr(imagenet_input, name, lambda *, _f=getattr(imagenet_input, name),
                         _name=name, **kw: calls.setdefault(_name, kw) and _f(**kw))
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert sorted(opened) == ["train", "val"] and int(result["state"].step) == 6
