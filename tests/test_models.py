@@ -113,6 +113,19 @@ def test_bf16_compute_keeps_float32_params_stats_and_logits():
     np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02)
 
 
+def test_bf16_models_compute_their_classifier_in_float32():
+  """bf16 logits carry 8 bits, which tie most rows' largest logits: the order Sort and top-k
+  read."""
+  for name in models.MODEL_NAMES:
+    m = nnx.eval_shape(lambda: models.create_model(name, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    linears = [node for _, node in nnx.iter_graph(m) if isinstance(node, nnx.Linear)]
+    assert [layer.dtype for layer in linears] == [jnp.float32], name
+  m = models.create_model("resnet8", rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)), jnp.float32)
+  out = np.asarray(forward(m, x))
+  assert np.mean(out != out.astype(jnp.bfloat16).astype(np.float32)) > 0.9
+
+
 # --------------------------------------------------------------------------------------
 # BatchNorm: PyTorch semantics.
 # --------------------------------------------------------------------------------------

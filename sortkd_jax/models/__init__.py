@@ -76,7 +76,7 @@ def create_model(name: str, num_classes: int | None = None, *, rngs: nnx.Rngs,
     rngs: ``nnx.Rngs`` for initialisation (only the ``params`` stream is used, and no RNG
       state is kept in the model).
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters and BN statistics stay
-      float32 and logits are returned as float32.
+      float32, and the classifier computes in float32 (logits are not rounded to bf16).
   """
   check_name(name)
   builder, default, _ = _REGISTRY[name]

@@ -32,14 +32,14 @@ class CifarResNet(nnx.Module):
         blocks.append(BasicBlock(in_ch, out_ch, stride if i == 0 else 1, **kw))
         in_ch = out_ch
       setattr(self, f"layer{s}", nnx.List(blocks))
-    self.fc = L.linear(in_ch, num_classes, **kw)
+    self.fc = L.classifier(in_ch, num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = L.relu(self.bn1(self.conv1(L.model_input(x, self.dtype))))
     for stage in (self.layer1, self.layer2, self.layer3):
       for block in stage:
         x = block(x)
-    return L.logits_f32(self.fc(L.global_avg_pool(x)))
+    return self.fc(L.global_avg_pool(x))
 
 
 _WIDTHS = (16, 16, 32, 64)

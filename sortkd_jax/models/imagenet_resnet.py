@@ -27,7 +27,7 @@ class ImageNetResNet(nnx.Module):
     self.conv1 = L.conv(3, 64, 7, 2, kernel_init=L.normal_fan_out(), **kw)
     self.bn1 = L.BatchNorm(64, dtype=dtype)
     in_ch = add_stages(self, block, num_blocks, **kw)
-    self.fc = L.linear(in_ch, num_classes, **kw)
+    self.fc = L.classifier(in_ch, num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = L.relu(self.bn1(self.conv1(L.model_input(x, self.dtype))))
@@ -35,7 +35,7 @@ class ImageNetResNet(nnx.Module):
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
       for block in stage:
         x = block(x)
-    return L.logits_f32(self.fc(L.global_avg_pool(x)))
+    return self.fc(L.global_avg_pool(x))
 
 
 CONFIGS = {

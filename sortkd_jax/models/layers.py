@@ -6,7 +6,7 @@ from scratch starts from the same distributions as the reference:
 
 * ``BatchNorm``: torch ``BatchNorm2d`` (eps 1e-5, momentum 0.1 in torch terms), storing
   torch's own ``running_mean``/``running_var`` (unbiased) so porting copies them verbatim.
-* ``conv`` / ``linear``: ``nnx.Conv`` / ``nnx.Linear`` with explicit symmetric padding
+* ``conv`` / ``classifier``: ``nnx.Conv`` / ``nnx.Linear`` with explicit symmetric padding
   (never ``'SAME'``, spec §1 "Padding") and the per-family initialisers of the spec's
   init table.
 * pooling and channel shuffle helpers with torch's padding conventions.
@@ -158,21 +158,23 @@ def conv(
   )
 
 
-def linear(
+def classifier(
     in_f: int,
     out_f: int,
     *,
     kernel_init: Initializer | None = None,
     bias_init: Initializer | None = None,
     rngs: nnx.Rngs,
-    dtype: Dtype = jnp.float32,
 ) -> nnx.Linear:
-  """A torch ``Linear`` (with bias); defaults are torch's U(±1/√in) for weight and bias."""
+  """A model's last layer, a torch ``Linear`` (with bias; defaults are torch's U(±1/√in) for
+  weight and bias), computed in float32 whatever the model's dtype: bf16 logits carry 8 bits,
+  which ties most rows' largest logits (the order Sort and top-k read) and sums the bias
+  gradient over the batch in bf16. The matmul is a tiny share of a step."""
   return nnx.Linear(
       in_f,
       out_f,
       use_bias=True,
-      dtype=dtype,
+      dtype=jnp.float32,
       param_dtype=jnp.float32,
       kernel_init=kernel_init or torch_default_kernel(),
       bias_init=bias_init or torch_default_bias(in_f),
@@ -353,7 +355,3 @@ def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
   x = x.reshape(*lead, groups, c // groups)
   x = jnp.swapaxes(x, -1, -2)
   return x.reshape(*lead, c)
-
-
-def logits_f32(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.float32)

@@ -33,14 +33,14 @@ class MobileNetV1(nnx.Module):
       ]))
     entries.append(None)  # model.14: AvgPool2d(7)
     self.model = nnx.List(entries)
-    self.fc = L.linear(1024, num_classes, rngs=rngs, dtype=dtype)
+    self.fc = L.classifier(1024, num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = L.model_input(x, self.dtype)
     for unit in self.model[:14]:
       for j in range(0, len(unit), 3):
         x = L.relu(unit[j + 1](unit[j](x)))
-    return L.logits_f32(self.fc(L.global_avg_pool(x)))
+    return self.fc(L.global_avg_pool(x))
 
 
 CONFIGS = {"imagenet_MobileNetV1": {}}

@@ -62,8 +62,8 @@ class MobileNetV2(nnx.Module):
     self.blocks = nnx.List(stages)
     last = 1280  # int(1280·w) only when w > 1
     self.conv2 = nnx.List([L.conv(in_ch, last, 1, 1, **kw), L.BatchNorm(last, dtype=dtype), None])
-    self.classifier = nnx.List([L.linear(last, num_classes, kernel_init=L.normal(0.01),
-                                         bias_init=L.zeros, rngs=rngs, dtype=dtype)])
+    self.classifier = nnx.List([L.classifier(last, num_classes, kernel_init=L.normal(0.01),
+                                         bias_init=L.zeros, rngs=rngs)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = L.relu(self.conv1[1](self.conv1[0](L.model_input(x, self.dtype))))
@@ -71,7 +71,7 @@ class MobileNetV2(nnx.Module):
       for block in stage:
         x = block(x)
     x = L.relu(self.conv2[1](self.conv2[0](x)))
-    return L.logits_f32(self.classifier[0](L.global_avg_pool(x)))
+    return self.classifier[0](L.global_avg_pool(x))
 
 
 CONFIGS = {"MobileNetV2": dict(expansion=6, width_mult=0.5)}

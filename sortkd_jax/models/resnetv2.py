@@ -24,14 +24,14 @@ class ResNetV2(nnx.Module):
     self.conv1 = L.conv(3, 64, 3, 1, kernel_init=L.normal_fan_out(), **kw)
     self.bn1 = L.BatchNorm(64, dtype=dtype)
     in_ch = add_stages(self, block, num_blocks, projection="shortcut", **kw)
-    self.linear = L.linear(in_ch, num_classes, **kw)
+    self.linear = L.classifier(in_ch, num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = L.relu(self.bn1(self.conv1(L.model_input(x, self.dtype))))
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
       for block in stage:
         x = block(x)
-    return L.logits_f32(self.linear(L.global_avg_pool(x)))
+    return self.linear(L.global_avg_pool(x))
 
 
 CONFIGS = {

@@ -61,14 +61,14 @@ class ShuffleNetV1(nnx.Module):
         blocks.append(Bottleneck(in_ch, out_ch - cat, stride, groups, rngs=rngs, dtype=dtype))
         in_ch = out_ch
       setattr(self, f"layer{s}", nnx.List(blocks))
-    self.linear = L.linear(in_ch, num_classes, rngs=rngs, dtype=dtype)
+    self.linear = L.classifier(in_ch, num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = L.relu(self.bn1(self.conv1(L.model_input(x, self.dtype))))
     for stage in (self.layer1, self.layer2, self.layer3):
       for block in stage:
         x = block(x)
-    return L.logits_f32(self.linear(L.global_avg_pool(x)))
+    return self.linear(L.global_avg_pool(x))
 
 
 CONFIGS = {"ShuffleV1": dict(out_planes=(240, 480, 960), num_blocks=(4, 8, 4), groups=3)}

@@ -83,7 +83,7 @@ class ShuffleNetV2(nnx.Module):
       in_ch = out_ch
     self.conv2 = L.conv(in_ch, out_channels[3], 1, 1, **kw)
     self.bn2 = L.BatchNorm(out_channels[3], dtype=dtype)
-    self.linear = L.linear(out_channels[3], num_classes, rngs=rngs, dtype=dtype)
+    self.linear = L.classifier(out_channels[3], num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = L.relu(self.bn1(self.conv1(L.model_input(x, self.dtype))))
@@ -91,7 +91,7 @@ class ShuffleNetV2(nnx.Module):
       for block in stage:
         x = block(x)
     x = L.relu(self.bn2(self.conv2(x)))
-    return L.logits_f32(self.linear(L.global_avg_pool(x)))
+    return self.linear(L.global_avg_pool(x))
 
 
 CONFIGS = {"ShuffleV2": dict(out_channels=(116, 232, 464, 1024), num_blocks=(3, 7, 3))}

@@ -34,8 +34,8 @@ class VGG(nnx.Module):
         entries.append(L.BatchNorm(width, dtype=dtype))
         in_ch = width
       setattr(self, f"block{b}", nnx.List(entries))
-    self.classifier = L.linear(512, num_classes, kernel_init=L.normal(0.01),
-                               bias_init=L.zeros, rngs=rngs, dtype=dtype)
+    self.classifier = L.classifier(512, num_classes, kernel_init=L.normal(0.01),
+                               bias_init=L.zeros, rngs=rngs)
 
   @staticmethod
   def _block(block: nnx.List, x: jax.Array) -> jax.Array:
@@ -53,7 +53,7 @@ class VGG(nnx.Module):
     if h == 64:
       x = L.max_pool(x, 2, 2)
     x = self._block(self.block4, x)
-    return L.logits_f32(self.classifier(L.global_avg_pool(x)))
+    return self.classifier(L.global_avg_pool(x))
 
 
 CONFIGS = {

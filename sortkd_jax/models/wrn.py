@@ -72,13 +72,13 @@ class WideResNet(nnx.Module):
     self.block2 = NetworkBlock(n, w[1], w[2], 2, first_bn1_stat_updates=2, **kw)
     self.block3 = NetworkBlock(n, w[2], w[3], 2, first_bn1_stat_updates=2, **kw)
     self.bn1 = L.BatchNorm(w[3], stat_updates=2, dtype=dtype)
-    self.fc = L.linear(w[3], num_classes, bias_init=L.zeros, **kw)
+    self.fc = L.classifier(w[3], num_classes, bias_init=L.zeros, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.conv1(L.model_input(x, self.dtype))
     x = self.block3(self.block2(self.block1(x)))
     x = L.relu(self.bn1(x))
-    return L.logits_f32(self.fc(L.global_avg_pool(x)))
+    return self.fc(L.global_avg_pool(x))
 
 
 CONFIGS = {
