@@ -318,8 +318,6 @@ def quiet_library_info_logs() -> None:
   """Keeps the console readable: orbax's and tfds' INFO chatter, and JAX's note on the
   platforms it did not find (e.g. 'Unable to initialize backend tpu' on a CPU), are dropped;
   warnings stay."""
-  import logging as std_logging
-
   class _Filter(std_logging.Filter):
     def filter(self, record):
       return record.levelno >= std_logging.WARNING or not any(
