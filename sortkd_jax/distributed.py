@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import os
 import re
+import socket
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -61,6 +62,8 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   # `kill` or a scheduler's SIGTERM must end a multi-process run as it ends a single process.
   jax.config.update("jax_enable_preemption_service", False)
   if coordinator_address:
+    if process_id == 0:
+      _check_coordinator_port_free(int(port))
     logging.info("Process %d of %d: waiting for all %d processes at %s (the same flags on each; "
                  "process 0 runs there).", process_id, num_processes, num_processes,
                  coordinator_address)
@@ -79,6 +82,21 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
                jax.process_count(), jax.local_device_count(), jax.device_count())
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+
+
+def _check_coordinator_port_free(port: int) -> None:
+  """Process 0 serves the run's coordinator on `port` of every interface; JAX's service crashed
+  with a segmentation fault on a port in use (jax 0.10), e.g. a second process 0."""
+  family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+  with socket.socket(family, socket.SOCK_STREAM) as probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is free
+    try:
+      probe.bind(("::" if family == socket.AF_INET6 else "", port))
+    except OSError as e:
+      raise ValueError(
+          f"Process 0 cannot serve the coordinator on port {port} of this host: {e.strerror} "
+          "(another program, or another process 0, holds it). Choose a free port in "
+          "--coordinator_address, the same for every process.") from None
 
 
 def _warn_of_idle_slurm_gpus() -> None:

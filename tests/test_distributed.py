@@ -1,5 +1,7 @@
 """Joining a multi-process run (the runs themselves: test_parallel.py)."""
 
+import socket
+
 import jax
 import pytest
 
@@ -23,6 +25,23 @@ def test_a_process_count_other_than_process_0s_is_refused(monkeypatch, joins):
   with pytest.raises(ValueError, match=r"--num_processes=3, but process 0 at 127.0.0.1:1234 "
                      r"runs 2 processes: give every process the same"):
     distributed.maybe_initialize("127.0.0.1:1234", 3, 1)
+
+
+def test_process_0_refuses_a_coordinator_port_in_use(joins):
+  """JAX's coordinator service crashed with a segmentation fault on a port in use (a second
+  process 0, or another program): refused first, with what to change."""
+  with socket.socket() as other_program:
+    other_program.bind(("", 0))
+    other_program.listen()
+    port = other_program.getsockname()[1]
+    with pytest.raises(ValueError, match=f"Process 0 cannot serve the coordinator on port {port} "
+                       r"of this host: Address already in use \(another program, or another "
+                       r"process 0, holds it\)"):
+      distributed.maybe_initialize(f"localhost:{port}", 2, 0)
+    assert not joins
+    distributed.maybe_initialize(f"localhost:{port}", 2, 1)  # the coordinator is elsewhere
+  distributed.maybe_initialize(f"localhost:{port}", 2, 0)  # free again
+  assert [args for args, _ in joins] == [(f"localhost:{port}", 2, 1), (f"localhost:{port}", 2, 0)]
 
 
 LAUNCHER_VARIABLES = ("SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_GPUS_ON_NODE", "SLURM_NODEID",
