@@ -63,7 +63,7 @@ def split_info(*, split: str, name: str | None = None, folder: str | None = None
                download: bool = False) -> tuple[int, int]:
   """(number of examples, number of classes) of a split, without reading its images."""
   _, total, label = open_split(name=name, folder=folder, split=split, data_dir=data_dir,
-                                download=download, manual_dir=manual_dir, decode=False)
+                               download=download, manual_dir=manual_dir, decode=False)
   return total, label.num_classes
 
 
@@ -388,7 +388,7 @@ def _undecodable_examples(ds: "tf.data.Dataset", where: str) -> tuple[list[str],
   chunks = ds.map(lambda ex: (ex["image"], ex[key] if key else "")).batch(1024).prefetch(1)
   bad, start = [], 0
   for images, names in with_progress(chunks.as_numpy_iterator(), where, total,
-                                      count=lambda chunk: len(chunk[0])):
+                                     count=lambda chunk: len(chunk[0])):
     decoded = tf.data.Dataset.from_tensor_slices(images).enumerate().map(
         lambda i, image: (i, tf.shape(decode_image(image))),
         num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
@@ -405,7 +405,7 @@ _DECODE_FAILURE = re.compile(r"JPEG|PNG|GIF|BMP|image", re.IGNORECASE)
 
 
 def raise_naming_undecodable(err: Exception, records: Callable[[], "tf.data.Dataset"],
-                              where: str, fix: str = "Replace or remove them.") -> NoReturn:
+                             where: str, fix: str = "Replace or remove them.") -> NoReturn:
   """Raises a ValueError naming the undecodable images of `records()` (undecoded records)
   behind TF's decode error `err`, which names none; re-raises `err` if it is another error or
   every image decodes alone. A full pass over the records: only for when TF has failed."""
@@ -422,7 +422,7 @@ def raise_naming_undecodable(err: Exception, records: Callable[[], "tf.data.Data
 
 
 def undecodable_error(where: str, paths: list[str], total: int,
-                       fix: str = "Replace or remove them.") -> ValueError:
+                      fix: str = "Replace or remove them.") -> ValueError:
   """One message naming the files that cannot be decoded, so they can be fixed or removed."""
   shown = ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
   return ValueError(f"{where}: {len(paths)} of {total} image files cannot be decoded (corrupt, "
@@ -430,7 +430,7 @@ def undecodable_error(where: str, paths: list[str], total: int,
 
 
 def with_progress(items: Iterable[Any], where: str, total: int | None, *,
-                   count: Callable[[Any], int], every_s: float = 15.0) -> Iterator[Any]:
+                  count: Callable[[Any], int], every_s: float = 15.0) -> Iterator[Any]:
   """Yields `items`, logging the images decoded so far every `every_s` seconds: decoding a
   folder of JPEGs takes minutes, once (then the arrays are cached)."""
   start = last = time.monotonic()

@@ -84,8 +84,9 @@ def imagenet_train_epochs(
   for seed in seeds:
     base_seed = seed * count + index
     ds, _, _ = data_sources.open_split(name=name, folder=folder, split=split, data_dir=data_dir,
-                           download=download, manual_dir=manual_dir, decode=False,
-                           shuffle_seed=base_seed, process_index=index, process_count=count)
+                                       download=download, manual_dir=manual_dir, decode=False,
+                                       shuffle_seed=base_seed, process_index=index,
+                                       process_count=count)
     if folder is None:
       ds = ds.shuffle(shuffle_buffer, seed=base_seed, reshuffle_each_iteration=True)
     # Each example's crop and flip seed: (its epoch's seed, its place in the epoch).
@@ -128,9 +129,9 @@ def imagenet_eval_dataset(
     raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}.")
   index, count, local_batch = _process_shard(process_index, process_count, global_batch_size)
   ds, total, _ = data_sources.open_split(name=name, folder=folder, split=split, data_dir=data_dir,
-                             download=download, manual_dir=manual_dir, decode=False,
-                             max_examples=max_examples, process_index=index,
-                             process_count=count)
+                                         download=download, manual_dir=manual_dir, decode=False,
+                                         max_examples=max_examples, process_index=index,
+                                         process_count=count)
   per_process = -(-total // count)  # ceil: the largest shard
   num_batches = -(-per_process // local_batch)
   ds = ds.map(lambda ex: {"image": _eval_image(ex["image"], image_size, resize_size),
@@ -173,9 +174,9 @@ def naming_undecodable(
 
     def records():  # opened only if `err` is a decode failure
       return data_sources.open_split(name=name, folder=folder, split=split, data_dir=data_dir,
-                         download=download, manual_dir=manual_dir, decode=False,
-                         max_examples=max_examples, process_index=index,
-                         process_count=count)[0]
+                                     download=download, manual_dir=manual_dir, decode=False,
+                                     max_examples=max_examples, process_index=index,
+                                     process_count=count)[0]
 
     where = (f"image folder {os.path.abspath(os.path.expanduser(folder))}" if folder is not None
              else f"tfds dataset {name!r}") + f", split {split!r}"

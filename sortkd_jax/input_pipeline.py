@@ -116,7 +116,7 @@ def load_array_split(
     raise ValueError("Pass a tfds dataset `name` (e.g. 'cifar100') or a `folder`: torchvision's "
                      "CIFAR folder or an image folder.")
   ds, _, label = data_sources.open_split(name=name, folder=None, split=split, data_dir=data_dir,
-                             download=download)
+                                         download=download)
   images, labels = _to_arrays(ds, image_size, f"tfds dataset {name!r}, split {split!r}")
   return ArraySplit(images, validate_labels(labels, label.num_classes), label.num_classes,
                     tuple(label.names))
@@ -180,7 +180,7 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   logging.info("Decoding %s; the arrays will be cached in %s.", where, cache_path)
   if decoder.startswith("tfds"):
     ds, _, label = data_sources.open_split(name=None, folder=folder, split=split, data_dir=None,
-                               download=False, decode=False)
+                                           download=False, decode=False)
     decoded = ds.map(lambda ex: {**ex, "image": data_sources.decode_image(ex["image"])})
     tf, _ = data_sources.tf_and_tfds()
     try:
@@ -296,7 +296,8 @@ def _to_arrays(ds: "tf.data.Dataset", image_size: int, where: str) -> tuple[np.n
   total = int(ds.cardinality())
   ds = ds.enumerate().map(check, num_parallel_calls=tf.data.AUTOTUNE).batch(2048)
   chunks = list(data_sources.with_progress(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)), where,
-                               total if total >= 0 else None, count=lambda c: len(c["label"])))
+                                           total if total >= 0 else None,
+                                           count=lambda c: len(c["label"])))
   if not chunks:
     raise ValueError(f"{where} has no examples.")
   batch = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}

@@ -327,7 +327,7 @@ def test_jpeg_crop_window_equals_pillow_decode_then_crop(tmp_path):
                                       for _ in range(40)) if t + h <= 75 and l + w <= 90]
   for top, left, h, w in windows:
     got = imagenet.decode_jpeg_window(encoded, *map(int, (top, left, h, w)), height=75,
-                                width=90).numpy()
+                                      width=90).numpy()
     np.testing.assert_array_equal(got, whole[top:top + h, left:left + w],
                                   err_msg=str((top, left, h, w)))
 
@@ -557,15 +557,16 @@ def test_folder_streams_name_undecodable_files(tmp_path, caplog):
     f.write("not an image")
   common = dict(name=None, folder=folder, global_batch_size=2, image_size=16)
   train = imagenet.imagenet_train_dataset(split="train", shuffle_buffer=4, **common).take(4)
-  assert len(list(imagenet.naming_undecodable(train.as_numpy_iterator(), split="train", name=None,
-                                        folder=folder))) == 4  # a sound split streams as before
+  sound = imagenet.naming_undecodable(train.as_numpy_iterator(), split="train", name=None,
+                                      folder=folder)
+  assert len(list(sound)) == 4  # a sound split streams as before
   caplog.set_level(logging.INFO, logger="absl")
   for stream in (imagenet.imagenet_train_dataset(split="val", shuffle_buffer=4, **common),
                  imagenet.imagenet_eval_dataset(split="val", resize_size=20, **common)):
     with pytest.raises(ValueError, match=r"split 'val': 2 of 7 image files cannot be decoded"
                        ) as err:
       list(imagenet.naming_undecodable(stream.as_numpy_iterator(), split="val", name=None,
-                                 folder=folder))
+                                       folder=folder))
     assert cut in str(err.value) and os.path.join("cat", "notes.jpg") in str(err.value)
     assert "0000.jpg" not in str(err.value)
   assert "decoding its 7 images again" in caplog.text
@@ -690,7 +691,7 @@ def test_tfds_stream_caps_and_corrupt_record_files(tmp_path):
     f.seek(-1, os.SEEK_CUR)
     f.write(bytes([byte[0] ^ 0xFF]))
   stream = imagenet.imagenet_eval_dataset(global_batch_size=2, image_size=16, split="validation",
-                                    **source)
+                                          **source)
   with pytest.raises(tf.errors.DataLossError, match="corrupted record"):
     list(imagenet.naming_undecodable(stream.as_numpy_iterator(), split="validation", **source))
 
