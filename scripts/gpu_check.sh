@@ -30,9 +30,13 @@ RUN_DTYPE=${RUN_DTYPE:-bfloat16}
 START_S=$(date +%s)
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+      .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# Without ml-collections every step below fails in seconds and the call still ends with rc 0.
+python3 -c "import ml_collections, absl" || {
+  echo "ml_collections missing: carry .whl (see above)"; exit 1; }
 export PYTHONUNBUFFERED=1
 CFG=configs/cifar_kd.py:res32x4_res8x4
 # Each benchmark is stopped after 150 s, so that the call stays bounded.
@@ -40,6 +44,8 @@ BENCH="timeout 150 python3 scripts/benchmark.py --config $CFG --windows 3 --wind
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/device.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
 since_start() { echo "[$(( $(date +%s) - START_S )) s]"; }
+# A warm machine keeps /tmp: no stale trace may be copied.
+rm -rf /tmp/gpu_check_trace /tmp/gpu_check_trace_streams
 
 if [ "${EXTRAS:-0}" = 1 ]; then
   # Target 1's lead: the teacher's forward beside the student's steps, in G groups per dispatch.
@@ -55,18 +61,23 @@ if [ "${EXTRAS:-0}" = 1 ]; then
   # Where target 1's time goes: kernel by kernel (trace kept in $OUT/trace.json.gz) and part by
   # part (teacher forward and targets per dispatch, the student's steps alone).
   $BENCH --batch-size 64 --breakdown --profile /tmp/gpu_check_trace > "$OUT/profile_b64.log" 2>&1
-  grep -A 14 "^per dispatch" "$OUT/profile_b64.log"
+  grep -A 12 "^per dispatch" "$OUT/profile_b64.log"
   grep -E "^(train_step|eval_student|part_)" "$OUT/profile_b64.log"
   cp "$(find /tmp/gpu_check_trace -name perfetto_trace.json.gz | head -n 1)" "$OUT/trace.json.gz"
+  echo "-- bf16 b64 $(since_start)"
   $BENCH --batch-size 64 --dtype bfloat16 --noeval 2>&1 | tail -n 3
   # 8, 16, 32 (the default) and 64 steps per dispatch were measured on 2026-11-28.
+  echo "-- 128 steps per dispatch $(since_start)"
   $BENCH --batch-size 64 --steps-per-dispatch 128 --noeval 2>&1 | tail -n 3
+  echo "-- teacher NOT folded $(since_start)"
   $BENCH --batch-size 64 --noeval --config.teacher.fold_batchnorm=false 2>&1 | tail -n 3
   # The ImageNet recipe's device step (r34 -> r18, batch 512, 224 px, bf16), without input.
-  python3 scripts/benchmark.py --config configs/imagenet_kd.py:r34_r18 --dtype bfloat16 \
-      --noinput --noeval --windows 3 --window-seconds 1 --json "$OUT/bench.jsonl" 2>&1 | tail -n 3
+  echo "-- ImageNet r34_r18 step $(since_start)"
+  timeout 150 python3 scripts/benchmark.py --config configs/imagenet_kd.py:r34_r18 \
+      --dtype bfloat16 --noinput --noeval --windows 3 --window-seconds 1 --json "$OUT/bench.jsonl" 2>&1 | tail -n 3
   # Issue #3's figure: eval-mode forward of resnet32x4 at batch 256 (the eval_student line).
-  python3 scripts/benchmark.py --config configs/cifar_vanilla.py:res32x4_res8x4 \
+  echo "-- eval forward resnet32x4 $(since_start)"
+  timeout 150 python3 scripts/benchmark.py --config configs/cifar_vanilla.py:res32x4_res8x4 \
       --config.student.name=resnet32x4 --config.eval_batch_size=256 --batch-size 256 \
       --windows 3 --window-seconds 1 --json "$OUT/bench.jsonl" 2>&1 | tail -n 5
   echo "extras done $(since_start)"
@@ -92,35 +103,47 @@ $BENCH --batch-size 2048 --dtype bfloat16 --steps-per-dispatch 4 --noeval 2>&1 |
 elapsed=$(( $(date +%s) - START_S ))
 RUN_LIMIT_S=$(( DEADLINE_S - elapsed ))
 [ "$RUN_LIMIT_S" -gt 360 ] && RUN_LIMIT_S=360
+# 0 would mean no limit, and timeout refuses a negative one (rc 125).
+[ "$RUN_LIMIT_S" -lt 30 ] && RUN_LIMIT_S=30
 echo "target 3 $(since_start): whole run in $RUN_DTYPE, time limit ${RUN_LIMIT_S} s"
 
 # Target 3: a whole 240-epoch KD+Sort run, per-epoch eval and checkpoints, in <= 6 minutes.
 # The run is stopped at the limit: then the target is missed, and the epochs done are reported.
 rm -rf /tmp/gpu_check_run
 start=$(date +%s.%N)
-timeout "$RUN_LIMIT_S" python3 scripts/train.py --config $CFG --config.data.name=synthetic \
+timeout -k 10 "$RUN_LIMIT_S" python3 scripts/train.py --config $CFG --config.data.name=synthetic \
     --config.teacher.checkpoint=/tmp/gpu_check_teacher --config.num_epochs="$EPOCHS" \
     --config.dtype="$RUN_DTYPE" \
     --config.log_every_steps=100000 --workdir /tmp/gpu_check_run > "$OUT/run.log" 2>&1
 rc=$?
 end=$(date +%s.%N)
 grep -E "Compiled|First dispatch|Best" "$OUT/run.log" | tail -n 3
+[ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && tail -n 5 "$OUT/run.log"  # a crash, not the time limit
 cp /tmp/gpu_check_run/metrics.jsonl "$OUT/run_metrics.jsonl" 2>/dev/null
-python3 - "$EPOCHS" "$(python3 -c "print($end - $start)")" "$rc" <<'PY' | tee -a "$OUT/device.txt"
-import json, sys
+wall=$(python3 -c "print($end - $start)")
+python3 - "$EPOCHS" "$wall" "$rc" "$OUT/run.log" <<'PY' | tee -a "$OUT/device.txt"
+import json, re, sys
 epochs, wall, rc = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 try:
   records = [json.loads(line) for line in open("/tmp/gpu_check_run/metrics.jsonl")]
 except FileNotFoundError:
   records = []
 done = [r for r in records if r.get("kind") == "epoch"]
-status = "finished" if rc == 0 and len(done) == epochs else f"stopped (rc={rc})"
+status = ("finished" if rc == 0 and len(done) == epochs else
+          "stopped at its time limit" if rc in (124, 137) else f"FAILED (rc={rc}; see run.log)")
 line = f"whole run: {len(done)}/{epochs} epochs in {wall:.1f} s wall, {status}"
 if done:
   per_epoch = sum(r["epoch_time_s"] for r in done) / len(done)
   line += f"; {per_epoch:.2f} s per epoch (train + eval), best top-1 {done[-1]['best_top1']:.2f}"
-  if len(done) < epochs:  # the start (compilation, data) plus the remaining epochs at this pace
-    line += f"; all {epochs} epochs at this pace: {wall + (epochs - len(done)) * per_epoch:.0f} s"
+  # epoch_time_s leaves out the checksum and checkpoint after each epoch; the spacing of the
+  # [epoch] lines in run.log counts them (README: 1.13 s against 1.24 s apart).
+  stamps = [sum(float(x) * m for x, m in zip(t.split(":"), (3600, 60, 1))) for t in re.findall(
+      r"^I\d{4} (\d\d:\d\d:\d\d\.\d+) .*\[epoch\] epoch", open(sys.argv[4]).read(), re.M)]
+  pace = ((stamps[-1] - stamps[0]) / (len(stamps) - 1)
+          if len(stamps) > 1 and stamps[-1] > stamps[0] else per_epoch)
+  line += f", {pace:.2f} s apart"
+  if len(done) < epochs and rc in (124, 137):  # the start plus the remaining epochs at this pace
+    line += f"; all {epochs} epochs at this pace: {wall + (epochs - len(done)) * pace:.0f} s"
 print(line)
 PY
 echo "done $(since_start)"
