@@ -40,8 +40,8 @@ flags.DEFINE_integer("num_classes", None,
                      "Classifier width; default: read from the checkpoint.", lower_bound=1)
 flags.DEFINE_enum("component", None, ["student", "teacher"],
                   "Which model of an mdistiller trainer file (module.student./module.teacher. "
-                  "keys) to convert; a file holding both is refused without it. Ignored for "
-                  "single-model files.")
+                  "keys) to convert; a file holding both is refused without it, a file "
+                  "holding one model with it.")
 flags.DEFINE_bool("overwrite", False, "Replace --dst if it exists.")
 flags.DEFINE_bool("trust_pickle", False,
                   "Allow torch.load(weights_only=False) for files holding pickled Python "

@@ -9,6 +9,7 @@ devices of all processes, and each process reads back replicated values with `to
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import itertools
 import os
@@ -47,7 +48,7 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
     raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}.")
   if coordinator_address:
     host, _, port = coordinator_address.rpartition(":")
-    if not (host and port.isdigit()):
+    if not (host and port.isdigit() and 1 <= int(port) <= 65535):
       raise ValueError(f"--coordinator_address must be HOST:PORT (process 0's host and a free "
                        f"port), got {coordinator_address!r}.")
   elif not (slurm or open_mpi):
@@ -62,7 +63,7 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   # `kill` or a scheduler's SIGTERM must end a multi-process run as it ends a single process.
   jax.config.update("jax_enable_preemption_service", False)
   if coordinator_address:
-    if process_id == 0:
+    if process_id == 0 and "JAX_COORDINATOR_BIND_ADDRESS" not in os.environ:  # else binds there
       _check_coordinator_port_free(int(port))
     logging.info("Process %d of %d: waiting for all %d processes at %s (the same flags on each; "
                  "process 0 runs there).", process_id, num_processes, num_processes,
@@ -85,18 +86,24 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
 
 
 def _check_coordinator_port_free(port: int) -> None:
-  """Process 0 serves the run's coordinator on `port` of every interface; JAX's service crashed
-  with a segmentation fault on a port in use (jax 0.10), e.g. a second process 0."""
-  family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
-  with socket.socket(family, socket.SOCK_STREAM) as probe:
+  """Process 0 serves the run's coordinator on `port` of every interface ([::], or 0.0.0.0
+  without IPv6); JAX's service crashed with a segmentation fault on a port in use (jax 0.10),
+  e.g. a second process 0 on this host. Best effort: a port taken after the probe is not seen."""
+  try:
+    probe, address = socket.socket(socket.AF_INET6, socket.SOCK_STREAM), ("::", port)
+  except OSError:  # a kernel without IPv6
+    probe, address = socket.socket(socket.AF_INET, socket.SOCK_STREAM), ("", port)
+  with probe:
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is free
     try:
-      probe.bind(("::" if family == socket.AF_INET6 else "", port))
+      probe.bind(address)
     except OSError as e:
+      why = ("a port below 1024 needs root" if e.errno == errno.EACCES else
+             "another program, or another process 0, holds it")
       raise ValueError(
           f"Process 0 cannot serve the coordinator on port {port} of this host: {e.strerror} "
-          "(another program, or another process 0, holds it). Choose a free port in "
-          "--coordinator_address, the same for every process.") from None
+          f"({why}). Choose a free port in --coordinator_address, the same for every "
+          "process.") from None
 
 
 def _warn_of_idle_slurm_gpus() -> None:

@@ -1,5 +1,6 @@
 """Joining a multi-process run (the runs themselves: test_parallel.py)."""
 
+import errno
 import socket
 
 import jax
@@ -42,6 +43,54 @@ def test_process_0_refuses_a_coordinator_port_in_use(joins):
     distributed.maybe_initialize(f"localhost:{port}", 2, 1)  # the coordinator is elsewhere
   distributed.maybe_initialize(f"localhost:{port}", 2, 0)  # free again
   assert [args for args, _ in joins] == [(f"localhost:{port}", 2, 1), (f"localhost:{port}", 2, 0)]
+
+
+def test_the_port_probe_works_without_ipv6_and_names_a_privileged_port(monkeypatch, joins):
+  """A kernel without IPv6 refuses AF_INET6 sockets (JAX's service then binds IPv4); a port below
+  1024 needs root."""
+  bound = []
+
+  class Socket:
+    def __init__(self, family, kind):
+      if family == socket.AF_INET6:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+      self.family = family
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
+    def setsockopt(self, *args):
+      pass
+
+    def bind(self, address):
+      bound.append((self.family, address))
+      if address[1] < 1024:
+        raise OSError(errno.EACCES, "Permission denied")
+
+  monkeypatch.setattr(socket, "socket", Socket)
+  distributed.maybe_initialize("localhost:12355", 2, 0)
+  assert bound == [(socket.AF_INET, ("", 12355))] and len(joins) == 1
+  with pytest.raises(ValueError, match=r"port 999 of this host: Permission denied \(a port below "
+                     r"1024 needs root\)"):
+    distributed.maybe_initialize("localhost:999", 2, 0)
+
+
+def test_the_port_probe_leaves_a_bind_address_of_jax_alone(monkeypatch, joins):
+  """JAX_COORDINATOR_BIND_ADDRESS tells JAX where to serve, which may be another interface or
+  port than the one probed; ports outside 1-65535 are refused with the address's format."""
+  with socket.socket() as other_program:
+    other_program.bind(("", 0))
+    other_program.listen()
+    port = other_program.getsockname()[1]
+    monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", f"127.0.0.2:{port + 1}")
+    distributed.maybe_initialize(f"localhost:{port}", 2, 0)
+  assert len(joins) == 1
+  for bad in ("localhost:70000", "localhost:0"):
+    with pytest.raises(ValueError, match="must be HOST:PORT"):
+      distributed.maybe_initialize(bad, 2, 0)
 
 
 LAUNCHER_VARIABLES = ("SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_GPUS_ON_NODE", "SLURM_NODEID",
