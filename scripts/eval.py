@@ -15,7 +15,8 @@ a teacher). The config
 only supplies the data and its pipeline (CIFAR on the device, ImageNet streamed:
 `--config.data.folder=DIR`, `--config.data.data_dir=DIR`, ...), the evaluation batch size and
 the compute dtype. A training workdir without `--config` is evaluated as its run evaluated it,
-by its config.json (data, batch, dtype: a bf16 run's figures come out exactly), with the
+by its config.json (data, batch, dtype: a bf16 run's figures come out exactly, to rounding
+for runs made before the classifier computed in float32, 2026-11-30), with the
 `--config.*` overrides applied (e.g. `--config.dtype=float32`); those are checked against the
 default recipe (cifar_vanilla.py) first, so an ImageNet-only field (`data.manual_dir`,
 `data.shuffle_buffer`) needs the run's recipe as `--config`. A run copied without its
