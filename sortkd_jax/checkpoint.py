@@ -294,11 +294,10 @@ def load_model(path: str | os.PathLike, *,
 
 
 def write_target(path: str | os.PathLike) -> str:
-  """The absolute path that writing `path` replaces: a symbolic link's target, as `open` follows
-  it. (Renaming a finished file onto the link would replace the link, not what it names, and
-  fail for a directory through a dangling link.)"""
-  path = os.path.abspath(os.fspath(path))
-  return os.path.realpath(path) if os.path.islink(path) else path
+  """The absolute path that writing `path` replaces, its symbolic links followed as `open`
+  follows them (a `..` after a linked folder too). Renaming a finished file onto a link would
+  replace the link, not what it names, and fail for a directory through a dangling link."""
+  return os.path.realpath(os.fspath(path))
 
 
 def temp_beside(path: str, *, directory: bool, tag: str = "tmp") -> str:

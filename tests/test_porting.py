@@ -354,6 +354,11 @@ def test_a_symbolic_link_dst_is_written_through(pth_files, tmp_path):
   out = run_script("export_weights.py", "--checkpoint", ported, "--dst", exported)
   assert out.returncode == 0, out.stderr[-2000:]
   assert os.path.islink(exported) and sorted(os.listdir(store)) == ["r8", "s.pth"]
+  (tmp_path / "up").symlink_to(store / "r8")  # up/.. is store/, as open resolves it
+  out = run_script("export_weights.py", "--checkpoint", ported, "--dst",
+                   f"{tmp_path / 'up'}/../u.pth")
+  assert out.returncode == 0 and f"written to  {store / 'u.pth'}" in out.stdout, out.stderr[-2000:]
+  assert os.path.isfile(store / "u.pth") and not os.path.exists(tmp_path / "u.pth")
   assert (torch.load(exported, weights_only=True)["model"].keys()
           == torch.load(pth_files["teacher"], weights_only=True)["model"].keys())
   (tmp_path / "a_file").write_text("")  # a folder that is a file
