@@ -234,6 +234,9 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"{workdir} holds a run with another config ({'; '.join(changed)}). Use a new "
         f"--workdir, or the run's own settings to resume it (only "
         f"{', '.join(RESUMABLE_CHANGES)} may change, and what config.method does not read).")
+  resumable = [text for k, text in differ.items() if k in RESUMABLE_CHANGES]
+  if resumable:  # so that a log shows, say, when a run was extended
+    logging.info("Changed since the run started, as a resume allows: %s.", "; ".join(resumable))
   if unread:
     logging.info("Changed fields that config.method %r does not read, taken as the config "
                  "gives them: %s.", config.method, "; ".join(unread))

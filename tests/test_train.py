@@ -627,7 +627,8 @@ def test_every_process_of_a_run_is_given_the_same_config_but_data_paths():
 
 
 @pytest.mark.parametrize("key", RESUMABLE + REFUSED)
-def test_resume_accepts_exactly_the_documented_changes(teacher_dir, tmp_path, key):
+def test_resume_accepts_exactly_the_documented_changes(teacher_dir, tmp_path, caplog, key):
+  """And logs the accepted ones (a log then shows, say, when a run was extended)."""
   from configs import imagenet_kd  # the only recipes with data.manual_dir
   config = (imagenet_kd.get_config("r34_r18") if key == "data.manual_dir"
             else tiny_config("kd", teacher_dir))
@@ -638,7 +639,9 @@ def test_resume_accepts_exactly_the_documented_changes(teacher_dir, tmp_path, ke
   target = config[group] if group else config
   target[field] = "bfloat16" if key == "dtype" else _another_value(target[field])
   if key in RESUMABLE:
+    caplog.set_level(logging.INFO, logger="absl")
     workdirs.check_resumable(config, str(workdir))
+    assert f"Changed since the run started, as a resume allows: {key}: " in caplog.text
   else:
     with pytest.raises(ValueError, match=rf"another config \({re.escape(key)}: "):
       workdirs.check_resumable(config, str(workdir))
