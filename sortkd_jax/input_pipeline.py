@@ -173,6 +173,8 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   cached = _read_folder_cache(cache_path, fingerprint)
   if cached is not None:
     images, labels, class_names = cached
+    logging.info("Read %s from its cache %s (decoded before; changed files would be decoded "
+                 "again).", where, cache_path)
     _check_image_size(images.shape, image_size, f"{where} (cached in {cache_path})")
     return ArraySplit(images, validate_labels(labels, len(class_names)), len(class_names),
                       class_names)

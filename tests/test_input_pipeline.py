@@ -77,7 +77,7 @@ def test_unprepared_tfds_dataset_says_how_to_provide_data(tmp_path):
   assert "CIFAR" not in str(err.value)
 
 
-def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkeypatch):
+def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkeypatch, caplog):
   folder = _make_folder(tmp_path / "data")
   cache = str(tmp_path / "cache")
   split = ip.load_array_split(folder=folder, split="train", cache_dir=cache)
@@ -94,7 +94,10 @@ def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkey
     raise RuntimeError("decoded again")
 
   monkeypatch.setattr(tfds, "ImageFolder", no_decoding)
+  caplog.set_level(logging.INFO, logger="absl")
   again = ip.load_array_split(folder=folder, split="train", cache_dir=cache)
+  assert (f"Read image folder {folder}, split 'train' from its cache {cache}"
+          in caplog.text)  # a log shows which file the arrays came from
   np.testing.assert_array_equal(again.images, split.images)
   np.testing.assert_array_equal(again.labels, split.labels)
 
