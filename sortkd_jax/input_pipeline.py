@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import random
 import zipfile
 from typing import TYPE_CHECKING
 
@@ -159,8 +160,9 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
                        image_size: int) -> ArraySplit:
   """Image-folder branch of `load_array_split`, with the decoded-array cache."""
   data_sources.check_folder_split(folder, split)
-  # The two decoders give the same pixels in different example orders: each has its own cache.
-  decoder = "tfds-exact-idct" if _have_tensorflow() else "pillow"
+  # The two decoders give the same order and, for the JPEGs tested, the same pixels; each keeps
+  # its own cache all the same. (Caches named "pillow" hold an older order: not read.)
+  decoder = "tfds-exact-idct" if _have_tensorflow() else "pillow-tfds-order"
   fingerprint = _folder_fingerprint(folder, split, decoder)
   cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
   if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
@@ -227,15 +229,17 @@ def _have_tensorflow() -> bool:
 def _decode_folder_with_pil(folder: str, split: str, image_size: int,
                             where: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
   """The image-folder split decoded with Pillow, for machines without TensorFlow (e.g. GPU
-  boxes). Labels index the class names sorted over all splits, as `tfds.ImageFolder` does;
-  files come in a fixed shuffled order (not tfds' one), so a truncated split mixes classes."""
+  boxes), in `tfds.ImageFolder`'s order: files sorted by class, then name, then shuffled by
+  `random.Random(split)`. So both decoders give the same arrays, a `max_*_examples` the same
+  images, and a run the same batches. Labels index the class names sorted over all splits."""
   from PIL import Image
 
   data_sources.warn_of_skipped_files(folder, split)  # (TF: in data_sources._scan_folder_split)
   class_names = data_sources.folder_classes(folder)
-  files = sorted((f.path, class_names.index(class_name))
-                 for class_name, f in data_sources.split_image_files(folder, split))
-  files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
+  listed = sorted((class_name, f.name, f.path)
+                  for class_name, f in data_sources.split_image_files(folder, split))
+  files = [(path, class_names.index(class_name)) for class_name, _, path in listed]
+  random.Random(split).shuffle(files)  # as tfds.ImageFolder shuffles each split
   images, bad, undecodable = [], [], []
   for path, _ in data_sources.with_progress(files, where, len(files), count=lambda _: 1):
     try:
