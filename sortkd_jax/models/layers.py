@@ -168,8 +168,8 @@ def classifier(
 ) -> nnx.Linear:
   """A model's last layer, a torch ``Linear`` (with bias; defaults are torch's U(±1/√in) for
   weight and bias), computed in float32 whatever the model's dtype: bf16 logits carry 8 bits,
-  which ties most rows' largest logits (the order Sort and top-k read) and sums the bias
-  gradient over the batch in bf16. The matmul is a tiny share of a step."""
+  so a row's logits often tie (ties then decide the order Sort and top-k read), and the bias
+  gradient would be summed over the batch in bf16. The matmul is a tiny share of a step."""
   return nnx.Linear(
       in_f,
       out_f,
