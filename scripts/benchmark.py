@@ -87,7 +87,7 @@ def timed_windows(run_once: Callable[[], object], items_per_call: int, windows: 
           "calls_per_window": calls}
 
 
-def summarize_trace(trace_dir: str, calls: int, top: int = 12) -> dict:
+def summarize_trace(trace_dir: str, calls: int) -> dict:
   """Per-dispatch op time by op kind (HLO name without its number) from a Perfetto trace.
 
   On GPUs the ops are the kernels on the device's streams; on CPU, ops run on several threads
@@ -111,7 +111,7 @@ def summarize_trace(trace_dir: str, calls: int, top: int = 12) -> dict:
   return {"trace": path, "device_streams": bool(on_streams),
           "op_ms_per_call": sum(ms for ms, _ in kinds.values()),
           "ops_per_call": sum(n for _, n in kinds.values()),
-          "top_ops": [[name, round(ms, 4), round(n, 1)] for name, (ms, n) in ranked[:top]]}
+          "top_ops": [[name, round(ms, 4), round(n, 1)] for name, (ms, n) in ranked[:12]]}
 
 
 def _check_writable_place(flag: str, path: str, what: str) -> None:

@@ -68,17 +68,12 @@ def crop_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array) -> jax.Ar
   return jnp.take_along_axis(images, cols[:, None, :, None], axis=2, **take)
 
 
-def cifar_train_augment(
-    key: jax.Array,
-    images: jax.Array,
-    mean: Sequence[float] = CIFAR_MEAN,
-    std: Sequence[float] = CIFAR_STD,
-    dtype: jnp.dtype = jnp.float32,
-) -> jax.Array:
+def cifar_train_augment(key: jax.Array, images: jax.Array,
+                        dtype: jnp.dtype = jnp.float32) -> jax.Array:
   """mdistiller's CIFAR train transform on a uint8 batch [B, H, W, 3] (spec §7.3).
 
   Padding pixels are 0 before normalisation (so -mean/std after), as with torchvision's
   RandomCrop(padding=4) on the PIL image.
   """
   offsets, flips = sample_crop_flip(key, images.shape[0])
-  return normalize(crop_flip(images, offsets, flips), mean, std, dtype)
+  return normalize(crop_flip(images, offsets, flips), CIFAR_MEAN, CIFAR_STD, dtype)

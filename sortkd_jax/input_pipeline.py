@@ -124,16 +124,17 @@ def load_array_split(
 
 
 _SYNTHETIC_SIZES = {"train": 50_000, "test": 10_000}
+_SYNTHETIC_CLASSES = 100
 
 
-def synthetic_split(split: str, image_size: int = 32, num_classes: int = 100) -> ArraySplit:
+def synthetic_split(split: str, image_size: int = 32) -> ArraySplit:
   """Random uint8 images and labels shaped like CIFAR-100's `split` (no TensorFlow needed)."""
   if split not in _SYNTHETIC_SIZES:
     raise ValueError(f"Synthetic data has splits {sorted(_SYNTHETIC_SIZES)}, not {split!r}.")
   rng = np.random.default_rng(sorted(_SYNTHETIC_SIZES).index(split))
   n = _SYNTHETIC_SIZES[split]
   return ArraySplit(rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8),
-                    rng.integers(0, num_classes, (n,), dtype=np.int32), num_classes)
+                    rng.integers(0, _SYNTHETIC_CLASSES, (n,), dtype=np.int32), _SYNTHETIC_CLASSES)
 
 
 def load_splits(data: "ml_collections.ConfigDict",
