@@ -531,18 +531,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR),
                                       keep=config.checkpoints_to_keep)
-  start_epoch, best_top1 = 1, 0.0
-  latest = ckpt.latest_epoch()
-  if latest is not None:
-    state, meta = ckpt.restore(latest, state)
-    ckpt.check_student(latest, meta, state.params["student"], state.batch_stats)
-    start_epoch, best_top1 = latest + 1, meta["best_top1"]
-    workdirs.check_steps_per_epoch(int(distributed.to_host(state.step)), latest,
-                                   steps_per_epoch)
-    workdirs.check_same_teacher(config.teacher.checkpoint, meta, teacher_checksum,
-                                feed.num_classes)
-    logging.info("Resuming from %s at epoch %d (best top-1 so far %.2f).", ckpt.directory,
-                 start_epoch, best_top1)
+  state, start_epoch, best_top1 = _resume(ckpt, state, config, feed, teacher_checksum)
   workdirs.write_config(config, workdir)  # only now: a refused or failed start keeps the old one
 
   state, teacher_vars = distributed.replicate((state, teacher_vars), mesh)
@@ -554,61 +543,30 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   step = int(distributed.to_host(state.step))
   reporter = reporting.Reporter(workdir, config.num_epochs * steps_per_epoch, start_step=step)
   images = 0  # trained on since this (re)start, for images/s
-  pending = []  # per-dispatch metric sums, still on the device
-  window_sums, epoch_sums = collections.Counter(), collections.Counter()  # fetched, on the host
+  sums = _MetricSums()
   last_top1 = None
 
-  def fetch_pending() -> None:
-    """Moves the pending sums to the host, each once, adding them to the window and the epoch."""
-    if pending:
-      sums = distributed.sum_on_host(pending)
-      pending.clear()
-      window_sums.update(sums)
-      epoch_sums.update(sums)
-
-  def stop_unless_finite(loss: float, what: str, cause: str = "") -> None:
-    """Stops the run on a NaN or infinite loss, before anything of it is saved."""
-    if not math.isfinite(loss):
-      good = ckpt.latest_epoch()
-      kept, where = ((f"The checkpoint of epoch {good}, the last with a finite loss, stays in "
-                      f"{ckpt.directory}.", "in a new --workdir: a workdir resumes only with its "
-                      "own config") if good else
-                     ("No epoch finished, so there is no checkpoint.",
-                      "this --workdir takes any config until an epoch is saved"))
-      raise FloatingPointError(
-          f"The {what} is {loss} in epoch {epoch} (step {step}): stopping. {kept} {cause}Check "
-          f"the data and the teacher, or lower config.lr ({where}).")
-
-  def averages(sums: collections.Counter) -> dict[str, float]:
-    out = {k: v / sums["count"] for k, v in sums.items() if k != "count"}
-    for k in ("top1", "teacher_top1"):
-      if k in out:
-        out[k] *= 100
-    stop_unless_finite(out["loss"], "training loss")
-    return out
+  def train_averages(window: collections.Counter) -> dict[str, float]:
+    averages = _averages(window)
+    _stop_unless_finite(averages["loss"], "training loss", epoch=epoch, step=step, ckpt=ckpt)
+    return averages
 
   def write_window() -> None:
     img_s, eta = reporter.throughput(step, images)
-    reporter.write("train", epoch, step, {**averages(window_sums), "lr": float(schedule(step - 1)),
-                                          "img_per_s": img_s, "eta_s": eta})
-    window_sums.clear()
+    reporter.write("train", epoch, step, {**train_averages(sums.take_window()),
+                                          "lr": float(schedule(step - 1)), "img_per_s": img_s,
+                                          "eta_s": eta})
 
   epoch = start_epoch
   try:
     if teacher is not None and step == 0:  # the teacher's accuracy, on record with the run's
-      teacher_test = feed.evaluate(teacher, teacher_vars)
-      reporter.write("teacher", 0, 0, {"arch": config.teacher.name, **teacher_test})
-      if not math.isfinite(teacher_test["test_loss"]):
-        raise FloatingPointError(
-            f"The teacher's test loss is {teacher_test['test_loss']}: its outputs are not finite, "
-            f"so its weights are damaged ({config.teacher.checkpoint}). Convert or copy the "
-            "teacher again.")
+      _record_teacher(config, feed, teacher, teacher_vars, reporter)
     for epoch in range(start_epoch, config.num_epochs + 1):
       epoch_start = time.perf_counter()
       if epoch > start_epoch:  # compiled by now: the epoch's first dispatch counts too
         reporter.start_timing(step, images)
       for state, metrics, num_steps, num_images in run_epoch(state, epoch):
-        pending.append(metrics)
+        sums.add(metrics)
         step += num_steps
         images += num_images
         if not reporter.timing:  # throughput leaves out compilation, evaluation and saving
@@ -617,19 +575,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           logging.info("First dispatch done %.1f s after the start (data, models, "
                        "compilation).", time.perf_counter() - launched)
         if step // config.log_every_steps > (step - num_steps) // config.log_every_steps:
-          fetch_pending()
           write_window()
-      fetch_pending()
-      if window_sums:  # windows end with their epoch too, so a resumed run logs the same ones
+      if sums.window_open():  # windows end with their epoch too, so a resumed run logs the same
         write_window()
-      epoch_metrics = averages(epoch_sums)
-      epoch_sums.clear()
+      epoch_metrics = train_averages(sums.take_epoch())
       test = feed.evaluate(evaluation.Network(eval_graphdef),
                            (state.params["student"], state.batch_stats))
       # Eval-mode BatchNorm uses the running statistics, which the training loss never sees.
-      stop_unless_finite(test["test_loss"],
-                         f"test loss (training loss {epoch_metrics['loss']:.4g})",
-                         "The student's BatchNorm running statistics have probably diverged. ")
+      _stop_unless_finite(test["test_loss"],
+                          f"test loss (training loss {epoch_metrics['loss']:.4g})",
+                          "The student's BatchNorm running statistics have probably diverged. ",
+                          epoch=epoch, step=step, ckpt=ckpt)
       last_top1 = test["test_top1"]
       best_top1 = max(best_top1, last_top1)
       reporter.write("epoch", epoch, step, {
@@ -644,14 +600,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                "teacher_logits_checksum": teacher_checksum})
       reporter.stop_timing()
   except KeyboardInterrupt:
-    try:
-      ckpt.close()  # lets a save in flight finish (unless Ctrl-C is pressed again)
-    finally:
-      saved = checkpoint.latest_saved_epoch(workdir)
-      logging.warning("Interrupted in epoch %d. %s", epoch, (
-          f"Re-run the same command to resume after epoch {saved}, the last saved." if saved
-          else "No epoch had finished, so nothing is saved: the same command starts the run "
-          "over."))
+    _finish_interrupted(ckpt, workdir, epoch)
     raise
   finally:
     ckpt.close()
@@ -659,6 +608,110 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   logging.info("Best test top-1 %.2f, last %.2f.", best_top1, last_top1)
   return {"best_top1": best_top1, "last_top1": last_top1, "state": distributed.to_host(state)}
+
+
+def _resume(ckpt: checkpoint.TrainCheckpointer, state: TrainState,
+            config: ml_collections.ConfigDict, feed: _Feed,
+            teacher_checksum: str | None) -> tuple[TrainState, int, float]:
+  """(state, first epoch to run, best test top-1 so far): from the latest checkpoint, once it
+  is checked to be this run's (student bits, steps per epoch, teacher), else the fresh state."""
+  latest = ckpt.latest_epoch()
+  if latest is None:
+    return state, 1, 0.0
+  state, meta = ckpt.restore(latest, state)
+  ckpt.check_student(latest, meta, state.params["student"], state.batch_stats)
+  workdirs.check_steps_per_epoch(int(distributed.to_host(state.step)), latest,
+                                 feed.steps_per_epoch)
+  workdirs.check_same_teacher(config.teacher.checkpoint, meta, teacher_checksum,
+                              feed.num_classes)
+  logging.info("Resuming from %s at epoch %d (best top-1 so far %.2f).", ckpt.directory,
+               latest + 1, meta["best_top1"])
+  return state, latest + 1, meta["best_top1"]
+
+
+class _MetricSums:
+  """The train metrics' sums: per dispatch on the device (no host sync per step) until a log
+  window ends, then on the host, over the window and over the epoch."""
+
+  def __init__(self):
+    self._pending = []
+    self._window, self._epoch = collections.Counter(), collections.Counter()
+
+  def add(self, metric_sums: PyTree) -> None:
+    self._pending.append(metric_sums)
+
+  def window_open(self) -> bool:
+    """Whether steps were taken since the last window was taken."""
+    return bool(self._pending or self._window)
+
+  def take_window(self) -> collections.Counter:
+    self._fetch()
+    window, self._window = self._window, collections.Counter()
+    return window
+
+  def take_epoch(self) -> collections.Counter:
+    self._fetch()
+    epoch, self._epoch = self._epoch, collections.Counter()
+    return epoch
+
+  def _fetch(self) -> None:
+    """Moves the pending sums to the host, each once."""
+    if self._pending:
+      sums = distributed.sum_on_host(self._pending)
+      self._pending.clear()
+      self._window.update(sums)
+      self._epoch.update(sums)
+
+
+def _averages(sums: collections.Counter) -> dict[str, float]:
+  """Per-example averages of metric sums (with their 'count'); accuracies in percent."""
+  out = {k: v / sums["count"] for k, v in sums.items() if k != "count"}
+  for k in ("top1", "teacher_top1"):
+    if k in out:
+      out[k] *= 100
+  return out
+
+
+def _stop_unless_finite(loss: float, what: str, cause: str = "", *, epoch: int, step: int,
+                        ckpt: checkpoint.TrainCheckpointer) -> None:
+  """Stops the run on a NaN or infinite loss, before anything of it is saved."""
+  if math.isfinite(loss):
+    return
+  good = ckpt.latest_epoch()
+  kept, where = ((f"The checkpoint of epoch {good}, the last with a finite loss, stays in "
+                  f"{ckpt.directory}.", "in a new --workdir: a workdir resumes only with its "
+                  "own config") if good else
+                 ("No epoch finished, so there is no checkpoint.",
+                  "this --workdir takes any config until an epoch is saved"))
+  raise FloatingPointError(
+      f"The {what} is {loss} in epoch {epoch} (step {step}): stopping. {kept} {cause}Check "
+      f"the data and the teacher, or lower config.lr ({where}).")
+
+
+def _record_teacher(config: ml_collections.ConfigDict, feed: _Feed, teacher: evaluation.Network,
+                    teacher_vars: PyTree, reporter: reporting.Reporter) -> None:
+  """Logs the teacher's test accuracy at step 0, and refuses a teacher whose outputs are not
+  finite (damaged weights) before any step is taken."""
+  teacher_test = feed.evaluate(teacher, teacher_vars)
+  reporter.write("teacher", 0, 0, {"arch": config.teacher.name, **teacher_test})
+  if not math.isfinite(teacher_test["test_loss"]):
+    raise FloatingPointError(
+        f"The teacher's test loss is {teacher_test['test_loss']}: its outputs are not finite, "
+        f"so its weights are damaged ({config.teacher.checkpoint}). Convert or copy the "
+        "teacher again.")
+
+
+def _finish_interrupted(ckpt: checkpoint.TrainCheckpointer, workdir: str, epoch: int) -> None:
+  """On Ctrl-C: lets a save in flight finish (unless Ctrl-C is pressed again), then says where
+  the same command resumes."""
+  try:
+    ckpt.close()
+  finally:
+    saved = checkpoint.latest_saved_epoch(workdir)
+    logging.warning("Interrupted in epoch %d. %s", epoch, (
+        f"Re-run the same command to resume after epoch {saved}, the last saved." if saved
+        else "No epoch had finished, so nothing is saved: the same command starts the run "
+        "over."))
 
 
 def _finished_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
