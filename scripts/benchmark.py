@@ -23,6 +23,7 @@ pipeline.
 """
 
 import collections
+import dataclasses
 import functools
 import glob
 import gzip
@@ -34,16 +35,19 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from sortkd_jax import (augment, cli, data_sources, distributed, evaluation,  # noqa: E402
                         imagenet_input, methods, models, reporting, train)
@@ -150,7 +154,91 @@ def check_output_paths() -> None:
       _check_writable_place("profile", path, "trace directory")
 
 
-def main():
+@dataclasses.dataclass
+class Bench:
+  """What every measurement shares: the recipe as benchmarked, the mesh, the synthetic data
+  (host and device copies) and the initial train state and teacher."""
+  config: ml_collections.ConfigDict
+  streaming: bool        # an ImageNet (tf.data) recipe: one step per dispatch
+  mesh: Mesh
+  batch_size: int
+  steps_per_dispatch: int
+  num_examples: int
+  num_classes: int
+  images_np: np.ndarray
+  labels_np: np.ndarray
+  images: jax.Array
+  labels: jax.Array
+  optimizer: optax.GradientTransformation
+  steps_per_epoch: int
+  state: train.TrainState
+  train_graphdef: nnx.GraphDef
+  eval_graphdef: nnx.GraphDef
+  teacher: evaluation.Network | None
+  teacher_vars: Any
+  results: list[dict] = dataclasses.field(default_factory=list)
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return train.compute_dtype(self.config)
+
+  @property
+  def image_size(self) -> int:
+    return self.config.data.image_size
+
+  def common_fields(self) -> dict:
+    """The setting of every measurement, in each JSON line."""
+    config, distilling = self.config, methods.uses_teacher(self.config)
+    return {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+            "jax": jax.__version__, "method": config.method,
+            "sort": bool(config.sort) and distilling, "student": config.student.name,
+            "teacher": config.teacher.name if distilling else None,
+            "dtype": config.dtype, "batch_size": self.batch_size, "image_size": self.image_size,
+            "teacher_fold_batchnorm": bool(config.teacher.get("fold_batchnorm")) and distilling,
+            "teacher_stream_groups": config.teacher_stream_groups,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+  def report(self, kind: str, **fields) -> None:
+    """Prints one measurement as a JSON line (and appends it to --json)."""
+    record = {"measurement": kind, **self.common_fields(), **fields}
+    self.results.append(record)
+    line = reporting.json_line(record)
+    print(line, flush=True)
+    if FLAGS.json:
+      with open(FLAGS.json, "a") as f:
+        f.write(line + "\n")
+
+  def compile_dispatch(self, config: ml_collections.ConfigDict, state: train.TrainState,
+                       teacher: evaluation.Network | None) -> tuple[Callable[[], None], dict]:
+    """The trainer's jitted dispatch for `config`, compiled, a call that runs it once, and the
+    box holding its latest state."""
+    train_step = train.make_train_step(config, student_graphdef=self.train_graphdef,
+                                       optimizer=self.optimizer,
+                                       steps_per_epoch=self.steps_per_epoch)
+    t_vars = self.teacher_vars if teacher is not None else None
+    if self.streaming:
+      args = (t_vars, self.images, self.labels)
+      compiled = train.build_train_batch(config, self.mesh, train_step=train_step,
+                                         teacher=teacher).lower(state, *args).compile()
+    else:
+      perm = jax.random.permutation(jax.random.PRNGKey(0), self.num_examples)
+      args = (t_vars, self.images, self.labels, perm, jnp.int32(0))
+      compiled = train.build_train_chunk(config, self.mesh, train_step=train_step,
+                                         teacher=teacher).lower(
+          state, *args, num_steps=self.steps_per_dispatch,
+          batch_size=self.batch_size).compile()
+    box = {"state": state}
+
+    def run_once():
+      box["state"], metrics = compiled(box["state"], *args)
+      jax.block_until_ready(metrics)
+
+    return run_once, box
+
+
+def setup() -> Bench:
+  """The benchmarked recipe (config and flags, checked as the trainer checks them), its
+  synthetic data and its initial states."""
   config = FLAGS.config
   config.unlock()
   streaming = config.data.pipeline == "tf_data"
@@ -174,31 +262,11 @@ def main():
   if n < batch_size:
     raise ValueError(f"--num-examples {n} is smaller than the batch size {batch_size}.")
   if streaming and FLAGS.input:  # the data must be there before minutes of timing
-    source = data_sources.stream_source(config.data)
     try:
-      data_sources.split_info(split=config.data.train_split, **source)
+      data_sources.split_info(split=config.data.train_split,
+                              **data_sources.stream_source(config.data))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
       raise ValueError(f"{e} (--noinput times the device step alone, without data.)") from e
-  common = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-            "jax": jax.__version__, "method": config.method,
-            "sort": bool(config.sort) and methods.uses_teacher(config),
-            "student": config.student.name,
-            "teacher": config.teacher.name if methods.uses_teacher(config) else None,
-            "dtype": config.dtype, "batch_size": batch_size, "image_size": size,
-            "teacher_fold_batchnorm": bool(config.teacher.get("fold_batchnorm"))
-                                      and methods.uses_teacher(config),
-            "teacher_stream_groups": config.teacher_stream_groups,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
-  results = []
-
-  def report(kind, **fields):
-    record = {"measurement": kind, **common, **fields}
-    results.append(record)
-    line = reporting.json_line(record)
-    print(line, flush=True)
-    if FLAGS.json:
-      with open(FLAGS.json, "a") as f:
-        f.write(line + "\n")
 
   # On-device (CIFAR) recipes gather their batches from a whole synthetic split on the device;
   # tf.data (ImageNet) recipes get one synthetic batch as tf.data delivers it: cropped uint8.
@@ -207,7 +275,6 @@ def main():
   labels_np = rng.integers(0, num_classes, (len(images_np),), dtype=np.int32)
   steps_per_epoch = (math.ceil(n / batch_size) if streaming
                      else sum(s for s, _, _ in train.epoch_plan(n, batch_size, mesh.size, k)))
-  mean_std = augment.PIPELINE_STATS[config.data.pipeline]
   optimizer = train.make_optimizer(config, steps_per_epoch)
   state, train_graphdef, eval_graphdef = train.create_train_state(config, num_classes, optimizer)
   teacher = teacher_vars = None
@@ -220,136 +287,157 @@ def main():
   state, teacher_vars = distributed.replicate((state, teacher_vars), mesh)
   images, labels = (jax.device_put((images_np, labels_np), NamedSharding(mesh, P("data")))
                     if streaming else distributed.replicate((images_np, labels_np), mesh))
+  return Bench(config, streaming, mesh, batch_size, k, n, num_classes, images_np, labels_np,
+               images, labels, optimizer, steps_per_epoch, state, train_graphdef,
+               eval_graphdef, teacher, teacher_vars)
 
-  def compile_dispatch(cfg, step_state, step_teacher):
-    """The trainer's jitted dispatch for `cfg`, compiled, and a call that runs it once."""
-    train_step = train.make_train_step(cfg, student_graphdef=train_graphdef,
-                                       optimizer=optimizer, steps_per_epoch=steps_per_epoch)
-    t_vars = teacher_vars if step_teacher is not None else None
-    if streaming:
-      args = (t_vars, images, labels)
-      compiled = train.build_train_batch(cfg, mesh, train_step=train_step,
-                                         teacher=step_teacher).lower(step_state, *args).compile()
-    else:
-      perm = jax.random.permutation(jax.random.PRNGKey(0), n)
-      args = (t_vars, images, labels, perm, jnp.int32(0))
-      compiled = train.build_train_chunk(cfg, mesh, train_step=train_step, teacher=step_teacher
-                                         ).lower(step_state, *args, num_steps=k,
-                                                 batch_size=batch_size).compile()
-    box = {"state": step_state}
 
-    def run_once():
-      box["state"], metrics = compiled(box["state"], *args)
-      jax.block_until_ready(metrics)
-
-    return run_once, box
-
+def time_train_step(bench: Bench) -> tuple[Callable[[], None], dict]:
+  """The trainer's dispatch: compilation, first call, then steady state."""
   t = time.perf_counter()
-  run_once, box = compile_dispatch(config, state, teacher)
+  run_once, box = bench.compile_dispatch(bench.config, bench.state, bench.teacher)
   compile_s = time.perf_counter() - t
   t = time.perf_counter()
   run_once()
   warmup_s = time.perf_counter() - t
-  stats = timed_windows(run_once, k * batch_size, FLAGS.windows, FLAGS["window-seconds"].value)
-  report("train_step", steps_per_dispatch=k, compile_s=compile_s, first_call_s=warmup_s, **stats)
+  k = bench.steps_per_dispatch
+  stats = timed_windows(run_once, k * bench.batch_size, FLAGS.windows,
+                        FLAGS["window-seconds"].value)
+  bench.report("train_step", steps_per_dispatch=k, compile_s=compile_s, first_call_s=warmup_s,
+               **stats)
+  return run_once, box
 
-  if FLAGS.profile:
-    calls = 3
-    with jax.profiler.trace(FLAGS.profile, create_perfetto_trace=True):
-      t = time.perf_counter()
-      for _ in range(calls):
-        run_once()
-      wall_ms = (time.perf_counter() - t) * 1000 / calls
-    summary = summarize_trace(FLAGS.profile, calls)
-    report("profile_train_step", steps_per_dispatch=k, wall_ms_per_call=wall_ms,
-           images_per_s=k * batch_size / wall_ms * 1000, **summary)
-    print(f"\nper dispatch of {k} steps: {wall_ms:.2f} ms wall, "
-          f"{summary['op_ms_per_call']:.2f} ms in {summary['ops_per_call']:.0f} XLA ops")
-    for name, ms, count in summary["top_ops"]:
-      print(f"  {name:<40}{ms:>10.3f} ms {count:>8.0f} ops")
 
-  if FLAGS.eval:
-    if streaming:  # the trainer's per-batch evaluator, over two device batches of its own
-      b = evaluation.eval_batch_size(config.eval_batch_size, mesh.size)
-      n_eval = 2 * b
-      eval_batches = [jax.device_put(
-          {"image": rng.integers(0, 256, (b, size, size, 3), np.uint8),
-           "label": rng.integers(0, num_classes, (b,), dtype=np.int32),
-           "mask": np.ones((b,), bool)}, NamedSharding(mesh, P("data"))) for _ in range(2)]
-      evaluate = evaluation.make_streaming_evaluator(mesh, lambda: iter(eval_batches), dtype=dtype)
-    else:
-      n_eval = min(n, 10_000)
-      evaluate = evaluation.make_evaluator(mesh, images_np[:n_eval], labels_np[:n_eval],
-                                           config.eval_batch_size, dtype=dtype)
-    student_vars = (box["state"].params["student"], box["state"].batch_stats)
-    network = evaluation.Network(eval_graphdef)
+def profile_train_step(bench: Bench, run_once: Callable[[], None]) -> None:
+  """A trace of a few dispatches into --profile, and where their device time goes."""
+  calls, k = 3, bench.steps_per_dispatch
+  with jax.profiler.trace(FLAGS.profile, create_perfetto_trace=True):
     t = time.perf_counter()
-    evaluate(network, student_vars)
-    first = time.perf_counter() - t
-    stats = timed_windows(lambda: evaluate(network, student_vars), n_eval, FLAGS.windows,
-                          FLAGS["window-seconds"].value)
-    report("eval_student", eval_batch_size=evaluation.eval_batch_size(
-        config.eval_batch_size, mesh.size, None if streaming else n_eval), eval_images=n_eval,
-           first_call_s=first, **stats)
+    for _ in range(calls):
+      run_once()
+    wall_ms = (time.perf_counter() - t) * 1000 / calls
+  summary = summarize_trace(FLAGS.profile, calls)
+  bench.report("profile_train_step", steps_per_dispatch=k, wall_ms_per_call=wall_ms,
+               images_per_s=k * bench.batch_size / wall_ms * 1000, **summary)
+  print(f"\nper dispatch of {k} steps: {wall_ms:.2f} ms wall, "
+        f"{summary['op_ms_per_call']:.2f} ms in {summary['ops_per_call']:.0f} XLA ops")
+  for name, ms, count in summary["top_ops"]:
+    print(f"  {name:<40}{ms:>10.3f} ms {count:>8.0f} ops")
 
-  if FLAGS.breakdown:
-    # Each part at the size the trainer runs it: augmentation per step; the teacher and its
-    # targets (Sort) once per dispatch. Inputs are arguments, so XLA cannot fold them away.
-    m = batch_size if streaming else min(n, k * batch_size)
-    x = augment.normalize(images[:m], *mean_std, dtype)
-    parts = {}
-    if not streaming:  # tf.data crops and flips on the host
-      parts["augment"] = (jax.jit(lambda imgs: augment.cifar_train_augment(
-          jax.random.PRNGKey(0), imgs, dtype=dtype)), (images[:batch_size],), batch_size)
-    if teacher is not None:
-      parts["teacher_forward"] = (jax.jit(teacher), (teacher_vars, x), m)
-      parts["teacher_targets"] = (jax.jit(functools.partial(methods.teacher_targets, config)),
-                                  (teacher(teacher_vars, x), labels[:m]), m)
-    for name, (fn, args, count) in parts.items():
-      fn(*args).block_until_ready()
-      stats = timed_windows(lambda: fn(*args).block_until_ready(), count, FLAGS.windows,
-                            FLAGS["window-seconds"].value / 2)
-      report(f"part_{name}", batch=count, **stats)
-    if not parts and teacher is None:
+
+def time_eval(bench: Bench, student_state: train.TrainState) -> None:
+  """The trainer's test evaluation of the student: the whole-split evaluator (CIFAR, up to
+  10,000 images) or the per-batch one (tf.data), over two device batches of its own."""
+  config, mesh, size = bench.config, bench.mesh, bench.image_size
+  if bench.streaming:
+    rng = np.random.default_rng(1)
+    b = evaluation.eval_batch_size(config.eval_batch_size, mesh.size)
+    n_eval = 2 * b
+    eval_batches = [jax.device_put(
+        {"image": rng.integers(0, 256, (b, size, size, 3), np.uint8),
+         "label": rng.integers(0, bench.num_classes, (b,), dtype=np.int32),
+         "mask": np.ones((b,), bool)}, NamedSharding(mesh, P("data"))) for _ in range(2)]
+    evaluate = evaluation.make_streaming_evaluator(mesh, lambda: iter(eval_batches),
+                                                   dtype=bench.dtype)
+  else:
+    n_eval = min(bench.num_examples, 10_000)
+    evaluate = evaluation.make_evaluator(mesh, bench.images_np[:n_eval],
+                                         bench.labels_np[:n_eval], config.eval_batch_size,
+                                         dtype=bench.dtype)
+  student_vars = (student_state.params["student"], student_state.batch_stats)
+  network = evaluation.Network(bench.eval_graphdef)
+  t = time.perf_counter()
+  evaluate(network, student_vars)
+  first = time.perf_counter() - t
+  stats = timed_windows(lambda: evaluate(network, student_vars), n_eval, FLAGS.windows,
+                        FLAGS["window-seconds"].value)
+  bench.report("eval_student", eval_batch_size=evaluation.eval_batch_size(
+      config.eval_batch_size, mesh.size, None if bench.streaming else n_eval),
+               eval_images=n_eval, first_call_s=first, **stats)
+
+
+def time_parts(bench: Bench) -> None:
+  """The step's parts on their own, each at the size the trainer runs it: augmentation per
+  step; the teacher and its targets (Sort) once per dispatch; the step without a teacher.
+  Inputs are arguments, so XLA cannot fold them away."""
+  config, k, batch_size = bench.config, bench.steps_per_dispatch, bench.batch_size
+  teacher, teacher_vars, images = bench.teacher, bench.teacher_vars, bench.images
+  m = batch_size if bench.streaming else min(bench.num_examples, k * batch_size)
+  x = augment.normalize(images[:m], *augment.PIPELINE_STATS[config.data.pipeline], bench.dtype)
+  parts = {}
+  if not bench.streaming:  # tf.data crops and flips on the host
+    parts["augment"] = (jax.jit(lambda imgs: augment.cifar_train_augment(
+        jax.random.PRNGKey(0), imgs, dtype=bench.dtype)), (images[:batch_size],), batch_size)
+  if teacher is not None:
+    parts["teacher_forward"] = (jax.jit(teacher), (teacher_vars, x), m)
+    parts["teacher_targets"] = (jax.jit(functools.partial(methods.teacher_targets, config)),
+                                (teacher(teacher_vars, x), bench.labels[:m]), m)
+  for name, (fn, args, count) in parts.items():
+    fn(*args).block_until_ready()
+    stats = timed_windows(lambda: fn(*args).block_until_ready(), count, FLAGS.windows,
+                          FLAGS["window-seconds"].value / 2)
+    bench.report(f"part_{name}", batch=count, **stats)
+  if teacher is None:
+    if not parts:
       print("--breakdown: nothing to time apart (tf.data augments on the host, and the recipe "
             "has no teacher).")
-    if teacher is not None:  # the same step without a teacher: the student's share
-      vanilla = config.copy_and_resolve_references()
-      vanilla.method = "vanilla"
-      v_state = distributed.replicate(
-          train.create_train_state(vanilla, num_classes, optimizer)[0], mesh)
-      run_vanilla, _ = compile_dispatch(vanilla, v_state, None)
-      run_vanilla()
-      stats = timed_windows(run_vanilla, k * batch_size, FLAGS.windows,
-                            FLAGS["window-seconds"].value / 2)
-      report("part_student_step_without_teacher", steps_per_dispatch=k, **stats)
+    return
+  vanilla = config.copy_and_resolve_references()  # the student's share of the step
+  vanilla.method = "vanilla"
+  v_state = distributed.replicate(
+      train.create_train_state(vanilla, bench.num_classes, bench.optimizer)[0], bench.mesh)
+  run_vanilla, _ = bench.compile_dispatch(vanilla, v_state, None)
+  run_vanilla()
+  stats = timed_windows(run_vanilla, k * batch_size, FLAGS.windows,
+                        FLAGS["window-seconds"].value / 2)
+  bench.report("part_student_step_without_teacher", steps_per_dispatch=k, **stats)
 
-  if streaming and FLAGS.input:  # this host's tf.data stream: decode, crop, flip, batch
-    d = config.data
-    batches = imagenet_input.imagenet_train_dataset(
-        global_batch_size=batch_size, split=d.train_split, shuffle_buffer=d.shuffle_buffer,
-        image_size=size, **source).as_numpy_iterator()
-    t = time.perf_counter()
-    next(batches)
-    first = time.perf_counter() - t
-    stats = timed_windows(lambda: next(batches), batch_size, FLAGS.windows,
-                          FLAGS["window-seconds"].value)
-    report("input_pipeline", host_cpus=os.cpu_count(), first_call_s=first, **stats)
 
+def time_input_pipeline(bench: Bench) -> None:
+  """This host's tf.data stream of an ImageNet recipe: decode, crop, flip, batch."""
+  d = bench.config.data
+  batches = imagenet_input.imagenet_train_dataset(
+      global_batch_size=bench.batch_size, split=d.train_split, shuffle_buffer=d.shuffle_buffer,
+      image_size=d.image_size, **data_sources.stream_source(d)).as_numpy_iterator()
+  t = time.perf_counter()
+  next(batches)
+  first = time.perf_counter() - t
+  stats = timed_windows(lambda: next(batches), bench.batch_size, FLAGS.windows,
+                        FLAGS["window-seconds"].value)
+  bench.report("input_pipeline", host_cpus=os.cpu_count(), first_call_s=first, **stats)
+
+
+def print_table(bench: Bench) -> None:
+  """The measurements as a readable table, after their JSON lines."""
   print(f"\n{'measurement':<36}{'images/s':>14}  details")
-  for r in results:
+  for r in bench.results:
     detail = ", ".join(f"{key}={r[key]:.1f}" if isinstance(r[key], float) else f"{key}={r[key]}"
                        for key in ("steps_per_dispatch", "compile_s", "eval_batch_size",
                                    "host_cpus")
                        if key in r)
     print(f"{r['measurement']:<36}{r['images_per_s']:>14,.0f}  {detail}")
+  common = bench.common_fields()
   pair = (f"{common['teacher']} -> {common['student']}" if common["teacher"]
           else common["student"])
   print(f"device: {common['device']} x{common['num_devices']}, jax {common['jax']}, "
-        f"{common['method']}{'+Sort' if common['sort'] else ''} {pair}, batch {batch_size}, "
-        f"{size} px, {common['dtype']}"
+        f"{common['method']}{'+Sort' if common['sort'] else ''} {pair}, batch "
+        f"{bench.batch_size}, {bench.image_size} px, {common['dtype']}"
         + (f", teacher in {common['teacher_stream_groups']} stream groups"
            if common["teacher"] and common["teacher_stream_groups"] > 1 else ""))
+
+
+def main():
+  bench = setup()
+  run_once, box = time_train_step(bench)
+  if FLAGS.profile:
+    profile_train_step(bench, run_once)
+  if FLAGS.eval:
+    time_eval(bench, box["state"])
+  if FLAGS.breakdown:
+    time_parts(bench)
+  if bench.streaming and FLAGS.input:
+    time_input_pipeline(bench)
+  print_table(bench)
 
 
 if __name__ == "__main__":
