@@ -90,76 +90,103 @@ def open_split(
   epoch, as torch's `shuffle=True`. `max_examples` keeps the split's first ones, before
   sharding: the same examples for any process count.
   """
-  tf, tfds = tf_and_tfds()
+  _, tfds = tf_and_tfds()
   decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
+  shard = dict(decoders=decoders, shuffle_seed=shuffle_seed, max_examples=max_examples,
+               process_index=process_index, process_count=process_count)
   if folder is not None:
-    folder = os.path.abspath(os.path.expanduser(folder))
-    check_folder_split(folder, split)
-    features, paths, labels = _folder_split_files(folder, split)
-    full = tf.data.Dataset.from_tensor_slices((paths, labels))
-    if max_examples is not None:
-      full = full.take(max_examples)
-    total = _split_size(full, split, process_count)
-    local = full.shard(process_count, process_index)  # before reading: each its own files
-    if shuffle_seed is not None:  # torch's shuffle=True: a new order of all files every epoch
-      local = local.shuffle(local.cardinality(), seed=shuffle_seed, reshuffle_each_iteration=True)
-    local = local.map(
-        lambda path, label: features.decode_example(
-            {"image": tf.io.read_file(path), "label": label, "image/filename": path},
-            decoders=decoders),
-        num_parallel_calls=tf.data.AUTOTUNE)
-  elif name == SYNTHETIC:
+    return _open_folder_split(folder, split, **shard)
+  if name == SYNTHETIC:
     raise ValueError("data.name='synthetic' is random CIFAR-shaped data for the on-device "
                      "pipeline (the CIFAR configs), not for tf.data streams (ImageNet).")
-  elif name is not None:
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-      close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
-      raise ValueError(
-          f"Unknown tfds dataset {name!r}" + (f" (did you mean {', '.join(close)}?)" if close
-                                              else "")
-          + f". Use a tfds name such as cifar100 or imagenet2012, {SYNTHETIC!r} (CIFAR "
-          "configs), or --config.data.folder=DIR.") from None
-    if (download or manual_dir) and not builder.is_prepared():
-      if jax.process_count() > 1:  # every process would write the same files at once
-        raise ValueError(
-            f"tfds dataset {name!r} is not prepared under data_dir="
-            f"{data_dir or '~/tensorflow_datasets'}; prepare it once before a multi-process "
-            f"run: `tfds build {name} --data_dir=DIR"
-            + (f" --manual_dir={manual_dir}`" if manual_dir else "`")
-            + ", then pass --config.data.data_dir=DIR.")
-      config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-      where = data_dir or "~/tensorflow_datasets"
-      logging.info("Preparing tfds dataset %r under %s (once). Offline, its download fails only "
-                   "after minutes of retries: Ctrl-C, and %s.", name, where, _folder_choices(name))
-      try:
-        builder.download_and_prepare(download_config=config)
-      except Exception as err:
-        raise RuntimeError(
-            f"Could not download and prepare tfds dataset {name!r} under data_dir="
-            f"{where} ({type(err).__name__}: {err}). Offline? "
-            f"Prepare it where there is internet (`tfds build {name} --data_dir=DIR`) and pass "
-            f"--config.data.data_dir=DIR, or {_folder_choices(name)}.") from err
-    features = builder.info.features
-    full = _tfds_as_dataset(builder, data_dir, split=split, decoders=decoders)
-    if max_examples is not None:  # a smoke-test cap: the split's first ones, then sharded
-      full = full.take(max_examples)
-    total = _split_size(full, split, process_count)
-    if max_examples is not None:
-      local = full.shard(process_count, process_index)
-    else:
-      local = _tfds_as_dataset(
-          builder, data_dir,
-          split=tfds.split_for_jax_process(split, process_index=process_index,
-                                           process_count=process_count),
-          decoders=decoders,
-          shuffle_files=shuffle_seed is not None,
-          read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
-      )
-  else:
+  if name is None:
     raise ValueError("Pass a tfds dataset `name` (e.g. 'imagenet2012') or an image `folder`.")
+  builder = _prepared_builder(name, data_dir, download, manual_dir)
+  return _open_tfds_split(builder, data_dir, split, **shard)
+
+
+def _open_folder_split(folder: str, split: str, *, decoders, shuffle_seed: int | None,
+                       max_examples: int | None, process_index: int,
+                       process_count: int) -> tuple["tf.data.Dataset", int, Any]:
+  """`open_split` of an image folder: its file list, sharded before any file is read."""
+  tf, _ = tf_and_tfds()
+  folder = os.path.abspath(os.path.expanduser(folder))
+  check_folder_split(folder, split)
+  features, paths, labels = _folder_split_files(folder, split)
+  full = tf.data.Dataset.from_tensor_slices((paths, labels))
+  if max_examples is not None:
+    full = full.take(max_examples)
+  total = _split_size(full, split, process_count)
+  local = full.shard(process_count, process_index)  # before reading: each its own files
+  if shuffle_seed is not None:  # torch's shuffle=True: a new order of all files every epoch
+    local = local.shuffle(local.cardinality(), seed=shuffle_seed, reshuffle_each_iteration=True)
+  local = local.map(
+      lambda path, label: features.decode_example(
+          {"image": tf.io.read_file(path), "label": label, "image/filename": path},
+          decoders=decoders),
+      num_parallel_calls=tf.data.AUTOTUNE)
   return local, total, features["label"]
+
+
+def _prepared_builder(name: str, data_dir: str | None, download: bool,
+                      manual_dir: str | None) -> Any:
+  """The tfds builder of `name`, prepared first if `download` or `manual_dir` asks for it
+  (by one process: several would write the same files at once)."""
+  _, tfds = tf_and_tfds()
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
+    raise ValueError(
+        f"Unknown tfds dataset {name!r}" + (f" (did you mean {', '.join(close)}?)" if close
+                                            else "")
+        + f". Use a tfds name such as cifar100 or imagenet2012, {SYNTHETIC!r} (CIFAR "
+        "configs), or --config.data.folder=DIR.") from None
+  if (download or manual_dir) and not builder.is_prepared():
+    if jax.process_count() > 1:
+      raise ValueError(
+          f"tfds dataset {name!r} is not prepared under data_dir="
+          f"{data_dir or '~/tensorflow_datasets'}; prepare it once before a multi-process "
+          f"run: `tfds build {name} --data_dir=DIR"
+          + (f" --manual_dir={manual_dir}`" if manual_dir else "`")
+          + ", then pass --config.data.data_dir=DIR.")
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    where = data_dir or "~/tensorflow_datasets"
+    logging.info("Preparing tfds dataset %r under %s (once). Offline, its download fails only "
+                 "after minutes of retries: Ctrl-C, and %s.", name, where, _folder_choices(name))
+    try:
+      builder.download_and_prepare(download_config=config)
+    except Exception as err:
+      raise RuntimeError(
+          f"Could not download and prepare tfds dataset {name!r} under data_dir="
+          f"{where} ({type(err).__name__}: {err}). Offline? "
+          f"Prepare it where there is internet (`tfds build {name} --data_dir=DIR`) and pass "
+          f"--config.data.data_dir=DIR, or {_folder_choices(name)}.") from err
+  return builder
+
+
+def _open_tfds_split(builder: Any, data_dir: str | None, split: str, *, decoders,
+                     shuffle_seed: int | None, max_examples: int | None, process_index: int,
+                     process_count: int) -> tuple["tf.data.Dataset", int, Any]:
+  """`open_split` of a prepared tfds dataset: this process's sub-split, read in part (or,
+  under a `max_examples` cap, the split's first ones, then sharded)."""
+  _, tfds = tf_and_tfds()
+  full = _tfds_as_dataset(builder, data_dir, split=split, decoders=decoders)
+  if max_examples is not None:  # a smoke-test cap: the split's first ones, then sharded
+    full = full.take(max_examples)
+  total = _split_size(full, split, process_count)
+  if max_examples is not None:
+    local = full.shard(process_count, process_index)
+  else:
+    local = _tfds_as_dataset(
+        builder, data_dir,
+        split=tfds.split_for_jax_process(split, process_index=process_index,
+                                         process_count=process_count),
+        decoders=decoders,
+        shuffle_files=shuffle_seed is not None,
+        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
+    )
+  return local, total, builder.info.features["label"]
 
 
 def _folder_split_files(folder: str, split: str) -> tuple[Any, "tf.Tensor", "tf.Tensor"]:
