@@ -162,6 +162,17 @@ def test_dtype_shape_and_jit_equals_eager(shape, dtype):
   np.testing.assert_array_equal(_bits(jitted), _bits(expected))
 
 
+@pytest.mark.parametrize("num_classes", [17, 100, 1000])
+def test_ties_in_rows_of_real_widths_rank_by_class_index(num_classes):
+  """XLA:CPU sorts rows of up to 16 elements stably even when asked for an unstable sort, so
+  the tie order is checked on wider rows too (CIFAR-100's and ImageNet's class counts)."""
+  rng = np.random.default_rng(2)
+  x = rng.integers(-3, 4, (8, num_classes)).astype(np.float32)  # every value tied many times
+  labels = rng.integers(0, num_classes, 8)
+  out = _sort_jit(jnp.asarray(x), jnp.asarray(labels))
+  np.testing.assert_array_equal(_bits(out), _bits(reference_sort(x, labels)))
+
+
 def test_vmap_consistency():
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.integers(-2, 3, (3, 5, 6)).astype(np.float32))
