@@ -250,6 +250,16 @@ def test_dkd_matches_reference(alpha, beta, t):
   _assert_scalar_close(got, np_dkd(z, v, y, alpha, beta, t))
 
 
+def test_dkd_matches_reference_where_the_target_leads_by_hundreds():
+  """mdistiller's NCKD offset is 1000: a target leading by 200 (after T) is still masked out,
+  where a smaller offset would leave it in the non-target softmax."""
+  z, v, y = _logits(8)
+  rows = np.arange(len(y))
+  z[rows, y] += 200.0
+  v[rows, y] += 200.0
+  _assert_scalar_close(losses.dkd(z, v, y, 1.0, 8.0, 1.0), np_dkd(z, v, y, 1.0, 8.0, 1.0))
+
+
 def test_nckd_offset_equals_exact_exclusion():
   z, v, y = _logits(5)
   for t in (1.0, 4.0):
@@ -295,6 +305,7 @@ def test_lskd_is_kd_on_standardized_logits():
 def test_standardize():
   z, _, _ = _logits(7, shape=(4, 3, 10), scale=50.0)
   z[0, 0] = 1.5  # constant row: zero spread
+  z[0, 1] = 1e-6 * np.arange(10)  # a spread of the order of eps (1e-7), which then shows
   got = losses.standardize(z)
   chex.assert_shape(got, z.shape)
   chex.assert_type(got, jnp.float32)
