@@ -291,6 +291,56 @@ def test_random_resized_crop_window_ranges_and_fallback():
                                 np.tile([93, 0, 13, 10], (20, 1)))
 
 
+def _torchvision_crop_params(height: int, width: int, seed) -> list[int]:
+  """torchvision's RandomResizedCrop.get_params, transcribed, on the uniform draws the crop
+  makes from `seed` (float32, as they are drawn): its ten tries, rounding, bounds and
+  centre fallback."""
+  area_seed, ratio_seed, top_seed, left_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  scales = tf.random.stateless_uniform([10], area_seed, 0.08, 1.0).numpy()
+  log_ratios = tf.random.stateless_uniform([10], ratio_seed, np.log(3 / 4), np.log(4 / 3)).numpy()
+  for scale, log_ratio in zip(scales, log_ratios):
+    target_area = np.float32(height * width) * scale
+    aspect = np.exp(log_ratio)
+    w = int(round(float(np.sqrt(target_area * aspect))))
+    h = int(round(float(np.sqrt(target_area / aspect))))
+    if 0 < w <= width and 0 < h <= height:
+      top = tf.random.stateless_uniform([], top_seed, 0, height - h + 1, dtype=tf.int32)
+      left = tf.random.stateless_uniform([], left_seed, 0, width - w + 1, dtype=tf.int32)
+      return [int(top), int(left), h, w]
+  in_ratio = width / height
+  if in_ratio < 3 / 4:
+    w, h = width, int(round(width / (3 / 4)))
+  elif in_ratio > 4 / 3:
+    h, w = height, int(round(height * 4 / 3))
+  else:
+    w, h = width, height
+  return [(height - h) // 2, (width - w) // 2, h, w]
+
+
+@pytest.mark.parametrize("height,width", [(100, 80), (9, 12), (12, 9), (30, 30)])
+def test_random_resized_crop_window_is_torchvisions_on_the_same_draws(height, width):
+  """Each window equals torchvision's algorithm on the same uniform draws: small images make
+  full-width and full-height crops and fallbacks frequent, so bounds and rounding show."""
+  seeds = [tf.constant([7, i], tf.int64) for i in range(150)]
+  got = [[int(v) for v in imagenet._random_resized_crop_window(height, width, seed)]
+         for seed in seeds]
+  assert got == [_torchvision_crop_params(height, width, seed) for seed in seeds]
+
+
+def test_train_crops_and_flips_differ_per_image_and_flip_half_of_them():
+  """One image, many seeds: its crops differ from seed to seed, and about half of them are
+  mirrored (a left-to-right ramp then falls from left to right)."""
+  ramp = np.repeat(np.tile(np.arange(0, 240, 4, dtype=np.uint8), (48, 1))[..., None], 3, axis=-1)
+  encoded = tf.io.encode_png(ramp)
+  outs = np.stack([imagenet._train_image(encoded, tf.constant([3, i], tf.int64), 16).numpy()
+                   for i in range(200)])
+  slope = np.sign(outs[:, :, -1, 0].astype(int) - outs[:, :, 0, 0].astype(int)).mean(axis=1)
+  assert set(slope) <= {-1.0, 1.0}
+  assert 0.35 < np.mean(slope < 0) < 0.65
+  assert len({o.tobytes() for o in outs}) > 150
+
+
 def test_eval_geometry_is_torchvision_resize_then_centre_crop():
   # Shorter side 300 -> 256, longer int(256 * 400 / 300) = 341; crop top round(32 / 2) = 16,
   # left round(117 / 2) = 58, or for 402 wide (343) round(119 / 2) = 60: round half to even,
@@ -404,9 +454,10 @@ def test_folder_streams_shard_across_processes(tmp_path):
     assert sorted(sum(_eval_examples(count, max_examples=5, **source)[0], [])) == sorted(first)
 
 
-def test_each_process_draws_its_own_crops_and_flips(tmp_path):
-  """With every image the same, two processes' first batches differ only by their crops and
-  flips: drawn from the same seed, the processes would crop alike at each place."""
+def test_each_image_process_and_epoch_draws_its_own_crops_and_flips(tmp_path):
+  """With every image the same, batches differ only by their crops and flips: the images of a
+  batch from one another, two processes' first batches (drawn from the same seed, they would
+  crop alike at each place), and process 1 of seed 0 from process 0 of seed 1."""
   y, x = np.mgrid[:24, :24]
   image = np.repeat((4 * x + 5 * y)[..., None], 3, axis=-1).astype(np.uint8)  # a gradient
   for i in range(8):
@@ -417,6 +468,11 @@ def test_each_process_draws_its_own_crops_and_flips(tmp_path):
       shuffle_buffer=1, seed=0, process_index=index, process_count=2).as_numpy_iterator())
       for index in (0, 1)]
   assert not np.array_equal(first[0]["image"], first[1]["image"])
+  assert not np.array_equal(first[0]["image"][0], first[0]["image"][1])
+  next_seed = next(imagenet.imagenet_train_dataset(
+      name=None, folder=str(tmp_path), split="train", global_batch_size=4, image_size=8,
+      shuffle_buffer=1, seed=1, process_index=0, process_count=2).as_numpy_iterator())
+  assert not np.array_equal(first[1]["image"], next_seed["image"])
 
 
 def test_folder_train_stream_takes_a_new_order_of_all_files_each_epoch(tmp_path):
