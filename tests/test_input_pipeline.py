@@ -553,20 +553,46 @@ def test_a_folder_stream_reads_only_its_process_shard(tmp_path):
       list(stream.as_numpy_iterator())
 
 
+def test_tfds_train_streams_read_their_files_in_a_seeded_order_eval_streams_in_order(
+    tmp_path, monkeypatch):
+  """tfds' record files are shuffled per epoch seed (then the example buffer), as torch's
+  shuffle=True; evaluation reads them in their order."""
+  SortkdTinyNumbered(data_dir=str(tmp_path)).download_and_prepare()
+  reads = []
+  as_dataset = sources._tfds_as_dataset
+  monkeypatch.setattr(sources, "_tfds_as_dataset",
+                      lambda *args, **kwargs: reads.append(kwargs) or as_dataset(*args, **kwargs))
+  source = dict(name="sortkd_tiny_numbered", data_dir=str(tmp_path), split="validation",
+                global_batch_size=2, image_size=16)
+  imagenet.imagenet_train_epochs(seeds=[3, 4], steps_per_epoch=1, shuffle_buffer=4,
+                                 process_index=1, process_count=2, **source)
+  shard_reads = [r for r in reads if r["split"] != "validation"]  # this process's sub-split
+  assert [(r["shuffle_files"], r["read_config"].shuffle_seed) for r in shard_reads] == [
+      (True, 3 * 2 + 1), (True, 4 * 2 + 1)]
+  reads.clear()
+  imagenet.imagenet_eval_dataset(process_index=1, process_count=2, **source)
+  assert reads and not any(r.get("shuffle_files") for r in reads)
+
+
 def test_an_image_folder_is_listed_once_while_unchanged(tmp_path, monkeypatch, caplog):
   """Listing ImageNet takes seconds and a run opens its folder twice an epoch: one scan, until
   a file is added, and logged."""
   caplog.set_level(logging.INFO, logger="absl")
   folder = _make_folder(tmp_path / "data", per_split=(("train", 2), ("val", 1)))
-  scans = []
+  scans, split_scans = [], []
   image_folder = tfds.ImageFolder
   monkeypatch.setattr(tfds, "ImageFolder", lambda root: scans.append(root) or image_folder(root))
+  warn_of_skipped_files = sources.warn_of_skipped_files
+  monkeypatch.setattr(sources, "warn_of_skipped_files",
+                      lambda folder, split: split_scans.append(split)
+                      or warn_of_skipped_files(folder, split))
   common = dict(name=None, folder=folder, global_batch_size=2, image_size=16)
   for _ in range(2):
     imagenet.imagenet_train_dataset(split="train", **common)
     imagenet.imagenet_eval_dataset(split="val", resize_size=20, **common)
     assert sources.split_info(name=None, folder=folder, split="train") == (6, 3)
   assert scans == [folder]
+  assert split_scans == ["train", "val"]  # once per split, though they alternate
   assert f"Image folder {folder}: train 6 files, val 3 files in" in caplog.text
   _write_image(os.path.join(folder, "train", "bee", "new.png"), np.zeros((32, 32, 3), np.uint8))
   assert sources.split_info(name=None, folder=folder, split="train") == (7, 3)
