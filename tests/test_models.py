@@ -370,6 +370,46 @@ def test_initialisation_follows_the_reference():
   assert float(np.abs(w.fc.kernel[...]).max()) <= 1 / np.sqrt(128)
 
 
+# Spec §1's initialisation table, one model per row: (conv weights, Linear weight, Linear bias).
+_INIT_TABLE = {
+    "resnet8x4": ("fan_out", "torch", "torch"), "ResNet18": ("fan_out", "torch", "torch"),
+    "wrn_16_2": ("fan_out", "torch", "zero"), "vgg8": ("fan_out", "normal_0.01", "zero"),
+    "MobileNetV2": ("fan_out", "normal_0.01", "zero"), "ShuffleV1": ("torch", "torch", "torch"),
+    "ShuffleV2": ("torch", "torch", "torch"), "imagenet_MobileNetV1": ("torch", "torch", "torch"),
+    "imagenet_ResNet18": ("fan_out", "torch", "torch")}
+
+
+@pytest.mark.parametrize("name", sorted(_INIT_TABLE))
+def test_every_family_initialises_as_the_spec_table_says(name):
+  """All convolutions and the classifier of one model of each family: normal(0, √(2/(k²·out)))
+  has unit normalised std; torch's default U(±1/√fan_in) stays within its bound, with a mean
+  |w|/bound of 1/2; conv biases are 0."""
+  conv_init, linear_init, bias_init = _INIT_TABLE[name]
+  model = models.create_model(name, rngs=nnx.Rngs(0))
+  nodes = [node for _, node in nnx.iter_graph(model)]
+  convs = [m for m in nodes if isinstance(m, nnx.Conv)]
+  (fc,) = [m for m in nodes if isinstance(m, nnx.Linear)]
+  for c in convs:  # each one, within 6 standard errors of its own size
+    k = np.asarray(c.kernel[...])  # [kh, kw, in / groups, out]
+    if conv_init == "fan_out":
+      z = k / np.sqrt(2 / (k.shape[0] * k.shape[1] * k.shape[3]))
+      assert abs(np.std(z) - 1) < max(0.02, 6 / np.sqrt(2 * k.size)), c.kernel.shape
+    else:
+      r = np.abs(k) * np.sqrt(np.prod(k.shape[:3]))  # |w| / bound
+      assert r.max() <= 1 + 1e-6 and abs(r.mean() - 0.5) < max(0.01, 1.8 / np.sqrt(k.size))
+    if c.bias is not None:
+      np.testing.assert_array_equal(c.bias[...], 0.0)
+  w, b, bound = np.asarray(fc.kernel[...]), np.asarray(fc.bias[...]), 1 / np.sqrt(fc.in_features)
+  if linear_init == "torch":
+    assert np.abs(w).max() <= bound and abs(np.abs(w).mean() / bound - 0.5) < 0.02
+  else:
+    assert abs(np.std(w) / 0.01 - 1) < 0.05
+  if bias_init == "zero":
+    np.testing.assert_array_equal(b, 0.0)
+  else:
+    assert np.abs(b).max() <= bound and np.abs(b).max() > 0.8 * bound
+
+
 def test_pools_are_differentiable():
   """avg_pool must lower to reduce_window_sum (a generic reduce_window has no VJP)."""
   x = jnp.ones((1, 4, 4, 2))
