@@ -70,8 +70,10 @@ def test_create_model_contract():
   for bad in (0, 10.0, True):
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
       models.create_model("resnet8", bad, rngs=nnx.Rngs(0))
-  assert models.default_num_classes("wrn_40_2") == 100
-  assert models.default_num_classes("imagenet_ResNet34") == 1000
+  for name in models.MODEL_NAMES:  # mdistiller's data: CIFAR-100 at 32 px, ImageNet at 224
+    imagenet = name.startswith("imagenet_")
+    assert models.default_num_classes(name) == (1000 if imagenet else 100), name
+    assert models.native_image_size(name) == (224 if imagenet else 32), name
   m = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))
   out = forward(m, jnp.zeros((2, 32, 32, 3)))
   assert out.shape == (2, 10) and out.dtype == jnp.float32
@@ -408,6 +410,18 @@ def test_every_family_initialises_as_the_spec_table_says(name):
     np.testing.assert_array_equal(b, 0.0)
   else:
     assert np.abs(b).max() <= bound and np.abs(b).max() > 0.8 * bound
+
+
+@pytest.mark.parametrize("size,pools", [(32, 3), (64, 4), (128, 3)])
+def test_vgg_pools_once_more_at_64_px_only(size, pools, monkeypatch):
+  """mdistiller's VGG adds a max-pool after block 3 when the input is 64 px high (`h == 64`,
+  TinyImageNet), not at other sizes."""
+  model = models.create_model("vgg8", 10, rngs=nnx.Rngs(0))
+  calls = []
+  max_pool = L.max_pool
+  monkeypatch.setattr(L, "max_pool", lambda *args: calls.append(1) or max_pool(*args))
+  assert model(jnp.zeros((1, size, size, 3))).shape == (1, 10)
+  assert len(calls) == pools
 
 
 def test_pools_are_differentiable():
