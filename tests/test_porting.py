@@ -461,6 +461,15 @@ def test_save_load_model(tmp_path, monkeypatch):
   assert meta["arch"] == "vgg11" and meta["num_classes"] == 100
   assert meta["param_count"] == 9_277_284 and meta["metadata"] == {"source": "fixture"}
   assert meta["logits_checksum"] == info["logits_checksum"]
+  # The checksum as documented (every saved model's is compared with it on loading).
+  probe = (np.random.default_rng(0).random((2, 32, 32, 3)) * 2 - 1).astype(np.float32)
+  logits = np.asarray(loaded(jnp.asarray(probe)), np.float64)
+  checksum = info["logits_checksum"]
+  np.testing.assert_allclose(checksum["first"], logits[0, :5], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(checksum["sum"], logits.sum(), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(checksum["projection"], np.sum(
+      logits * np.random.default_rng(1).standard_normal(logits.shape)), rtol=1e-5, atol=1e-4)
+  assert os.stat(dst).st_mode & 0o777 == 0o755  # not mkdtemp's 0700: a teacher may be shared
   assert all(b.use_running_average for _, b in nnx.iter_modules(loaded)
              if isinstance(b, models.BatchNorm))
   for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(loaded))):

@@ -1511,12 +1511,14 @@ def test_a_held_back_ctrl_c_goes_to_the_handler_in_place_and_a_second_one_is_not
   before = signal.getsignal(signal.SIGINT)
   calls = []
   try:
-    signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))  # a library user's
+    theirs = lambda signum, frame: calls.append(signum)  # a library user's handler
+    signal.signal(signal.SIGINT, theirs)
     with held_back():
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(0.1)
       assert calls == []  # held back...
     assert calls == [signal.SIGINT]  # ...then given to their handler, which does not raise
+    assert signal.getsignal(signal.SIGINT) is theirs  # and it is in place again
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with held_back():
       os.kill(os.getpid(), signal.SIGINT)
