@@ -1,9 +1,10 @@
-"""Joining a multi-process run (the runs themselves: test_parallel.py)."""
+"""Joining a multi-process run, and host-side sums (the runs themselves: test_parallel.py)."""
 
 import errno
 import socket
 
 import jax
+import numpy as np
 import pytest
 
 from sortkd_jax import distributed
@@ -150,6 +151,7 @@ def test_an_open_mpi_launch_jax_cannot_join_says_what_to_pass(monkeypatch, joins
     ({"SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "1"}, False),
     ({"SLURM_TASKS_PER_NODE": "8,1", "SLURM_NODEID": "1"}, True),
     ({"SLURM_TASKS_PER_NODE": "8,1", "SLURM_NODEID": "0"}, False),
+    ({"SLURM_TASKS_PER_NODE": "1", "SLURM_NODEID": "1"}, False),  # a list too short: no guess
     ({}, False),
 ])
 def test_slurm_gpus_left_idle_are_warned_of(monkeypatch, joins, caplog, variables, warns):
@@ -164,3 +166,11 @@ def test_slurm_gpus_left_idle_are_warned_of(monkeypatch, joins, caplog, variable
   assert ("stay idle" in caplog.text) == warns
   if warns:
     assert "7 stay idle. Launch one task per GPU (srun --ntasks-per-node=8)" in caplog.text
+
+
+def test_metric_sums_add_up_in_float64_on_the_host():
+  """Each dispatch's float32 sums are added on the host in float64: over an epoch float32 would
+  lose the low digits (2**24 + 1 is not a float32)."""
+  sums = distributed.replicate([{"x": np.float32(2**24)}, {"x": np.float32(1)}],
+                               distributed.make_mesh())
+  assert distributed.sum_on_host(sums) == {"x": 2**24 + 1}
