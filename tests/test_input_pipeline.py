@@ -170,6 +170,17 @@ def test_missing_folder_or_split(tmp_path):
     ip.load_array_split(folder=str(tmp_path / "empty"), split="train")
 
 
+@pytest.mark.parametrize("decoder", ["tensorflow", "pillow"])
+def test_upper_case_extensions_are_images(tmp_path, monkeypatch, decoder):
+  """Cameras and Windows tools write `.JPG`; tfds.ImageFolder reads them, so they count."""
+  if decoder == "pillow":
+    monkeypatch.setattr(ip, "_have_tensorflow", lambda: False)
+  folder = _make_folder(tmp_path / "data", per_split=(("train", 2),), ext=".JPG")
+  split = ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "cache"))
+  assert split.images.shape == (6, 32, 32, 3)
+  assert sources.split_info(folder=folder, split="train") == (6, 3)
+
+
 def test_folder_of_wrong_image_size(tmp_path):
   folder = _make_folder(tmp_path / "data", per_split=(("train", 2),), size=(8, 8))
   cache = tmp_path / "cache"
