@@ -985,6 +985,10 @@ def test_override_typo_on_a_default_config_is_one_line(tmp_path, script):
 def test_unknown_pair_lists_the_pairs():
   with pytest.raises(ValueError, match="res32x4_res8x4"):
     cifar_kd.get_config("res32x4_res9x4")
+  from configs import imagenet_kd
+  for module, arg in ((cifar_kd, "res56_res20,runlcal"), (imagenet_kd, "r34_r18,foo")):
+    with pytest.raises(ValueError, match="Unknown config argument"):  # not a silent full run
+      module.get_config(arg)
 
 
 def test_every_config_and_pair_builds():
@@ -1001,18 +1005,29 @@ def test_every_config_and_pair_builds():
       name != "vanilla" for name in CONFIG_MODULES]
 
 
-# methods.md, typed in again: the CIFAR-100 recipe and the DKD table's β per pair.
-METHODS_MD_CIFAR_BETA = {
-    "res32x4_res8x4": 8.0, "res32x4_shuv1": 8.0, "res32x4_shuv2": 8.0, "res50_mv2": 8.0,
-    "wrn40_2_shuv1": 8.0, "res56_res20": 2.0, "res110_res32": 2.0, "vgg13_vgg8": 6.0,
-    "vgg13_mv2": 6.0, "wrn40_2_wrn16_2": 6.0, "wrn40_2_wrn40_1": 6.0}
+# methods.md, typed in again: the CIFAR-100 results table's teacher -> student pairs and the DKD
+# table's β per pair.
+METHODS_MD_CIFAR_PAIRS = {
+    "res32x4_res8x4": ("resnet32x4", "resnet8x4", 8.0),
+    "res32x4_shuv1": ("resnet32x4", "ShuffleV1", 8.0),
+    "res32x4_shuv2": ("resnet32x4", "ShuffleV2", 8.0),
+    "res50_mv2": ("ResNet50", "MobileNetV2", 8.0),
+    "wrn40_2_shuv1": ("wrn_40_2", "ShuffleV1", 8.0),
+    "res56_res20": ("resnet56", "resnet20", 2.0),
+    "res110_res32": ("resnet110", "resnet32", 2.0),
+    "vgg13_vgg8": ("vgg13", "vgg8", 6.0),
+    "vgg13_mv2": ("vgg13", "MobileNetV2", 6.0),
+    "wrn40_2_wrn16_2": ("wrn_40_2", "wrn_16_2", 6.0),
+    "wrn40_2_wrn40_1": ("wrn_40_2", "wrn_40_1", 6.0)}
 
 
 def test_cifar_recipes_are_methods_md():
-  assert sorted(common.CIFAR_PAIRS) == sorted(METHODS_MD_CIFAR_BETA)
-  for pair, beta in METHODS_MD_CIFAR_BETA.items():
+  assert sorted(common.CIFAR_PAIRS) == sorted(METHODS_MD_CIFAR_PAIRS)
+  for pair, (teacher, student, beta) in METHODS_MD_CIFAR_PAIRS.items():
     for method, module in CONFIG_MODULES.items():
       c = module.get_config(pair)
+      assert (c.teacher.name, c.student.name) == (teacher, student), (pair, method)
+      assert (c.data.train_split, c.data.test_split) == ("train", "test")
       assert (c.method, c.batch_size, c.num_epochs, c.momentum, c.weight_decay) == (
           method, 64, 240, 0.9, 5e-4)
       assert (tuple(c.lr_decay_epochs), c.lr_decay_rate) == ((150, 180, 210), 0.1)
@@ -1045,6 +1060,8 @@ def test_imagenet_recipes_are_the_spec():
       assert (c.batch_size, c.num_epochs, c.lr, tuple(c.lr_decay_epochs), c.lr_decay_rate,
               c.momentum, c.weight_decay) == (512, 100, 0.2, (30, 60, 90), 0.1, 0.9, 1e-4)
       assert c.data.image_size == 224
+      assert (c.data.train_split, c.data.test_split, c.data.shuffle_buffer) == (
+          "train", "validation", 16 * 1024)
       assert dict(c.kd) == dict(temperature=1.0, ce_weight=0.5, kd_weight=0.5)
       assert dict(c.dkd) == dict(ce_weight=1.0, alpha=1.0, beta=beta, temperature=1.0,
                                  warmup_epochs=1)
