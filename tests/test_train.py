@@ -1471,7 +1471,8 @@ def test_export_replaces_no_file_of_its_checkpoint_nor_writes_for_a_damaged_run(
     (b"\x80\x81", "'utf-8' codec can't decode byte 0x80"), (b"[]", "a JSON list, not an object"),
     (b'{"trunc', "Unterminated string"), (b'{"method": "kd", "seed": 0, "data": null, '
                                          b'"student": {"name": "resnet8"}}',
-                                         "it lacks data.name")])
+                                         "it lacks data.name"),
+    (b'{"method": "kd", "data": {"name": "x"}, "student": {"name": "resnet8"}}', "it lacks seed")])
 def test_a_damaged_run_config_is_named_as_such(tmp_path, content, why):
   """Read for eval.py and export_weights.py: not UTF-8 text or not an object gave a bare
   decode error (no file named) or a traceback."""
