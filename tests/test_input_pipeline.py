@@ -811,3 +811,11 @@ def test_multi_process_runs_do_not_prepare_tfds_datasets(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "sortkd_tiny_numbered")
   monkeypatch.setattr(jax, "process_count", lambda: 1)
   assert sources.split_info(**source) == (7, 2)
+
+
+def test_synthetic_test_images_are_not_the_train_images():
+  """Each synthetic split has a seed of its own: a test split repeating the train split's first
+  images would score training images as test ones."""
+  train, test = ip.synthetic_split("train"), ip.synthetic_split("test")
+  assert (train.images.shape, test.images.shape) == ((50_000, 32, 32, 3), (10_000, 32, 32, 3))
+  assert not np.array_equal(train.images[:100], test.images[:100])
