@@ -141,6 +141,8 @@ def test_either_spelling_of_a_flag_name_parses():
      "instead of configs/cifar100/dkd/wrn40_2_wrn_16_2.yaml, --config "
      "configs/cifar_dkd.py:wrn40_2_wrn16_2"),
     (["--config=configs/cifar100/kd.yaml"], "--config configs/cifar_kd.py:res32x4_res8x4"),
+    (["--cfg", "configs/cifar100/vanilla.yaml"],
+     "--config configs/cifar_vanilla.py:res32x4_res8x4"),
     (["--config", "mdistiller/configs/imagenet/r50_mv1/dkd.yaml", "--workdir", "w"],
      "--config configs/imagenet_dkd.py:r50_mv1"),
     (["--cfg", "configs/cifar100/crd.yaml"], "--config configs/<recipe>.py:<pair>, a recipe"),
@@ -164,6 +166,7 @@ def test_mdistiller_usage_says_what_to_type_instead(monkeypatch, args, expected)
 
 @pytest.mark.parametrize("override,expected", [
     ("--config.kd.T=2", "no field 'T'; mdistiller's T is 'temperature' here"),
+    ("--config.dkd.BETA=2", "no field 'BETA'; mdistiller's BETA is 'beta' here"),
     ("--config.SOLVER.LR=0.1", "for mdistiller's SOLVER, its fields are top-level here: "
                                "--config.lr,"),
     ("--config.teacher=resnet56", "config.teacher is a group of fields, not a value: set one "
