@@ -1147,6 +1147,26 @@ def test_train_step_keeps_the_batch_statistics_of_its_forward_pass():
   assert not np.allclose(new_state.batch_stats["bn1"]["mean"], state.batch_stats["bn1"]["mean"])
 
 
+def test_the_step_takes_its_epoch_from_the_step_count():
+  """Optimizer step s (0-based) is in epoch s // steps_per_epoch + 1: DKD's warm-up factor
+  (epoch / 20) is the same at steps 0 and 9 of 10 per epoch, and doubles at step 10."""
+  config = cifar_dkd.get_config("res32x4_res8x4")
+  config.student.name = "resnet8"
+  optimizer = train.make_optimizer(config, steps_per_epoch=10)
+  state, train_graphdef, _ = train.create_train_state(config, 100, optimizer)
+  step = jax.jit(train.make_train_step(config, student_graphdef=train_graphdef,
+                                       optimizer=optimizer, steps_per_epoch=10))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 100, 4))
+  targets = methods.teacher_targets(config, jnp.asarray(rng.normal(size=(4, 100)), jnp.float32),
+                                    labels)
+  kd = {s: float(step(state.replace(step=jnp.int32(s)), images, labels, targets)[1]["loss_kd"])
+        for s in (0, 9, 10)}
+  assert kd[9] == pytest.approx(kd[0], rel=1e-6)
+  assert kd[10] == pytest.approx(2 * kd[9], rel=1e-6)
+
+
 def test_each_epoch_visits_every_example_once_in_its_own_order():
   orders = {(seed, epoch): np.asarray(train.epoch_permutation(seed, epoch, 50))
             for seed in (0, 1) for epoch in (1, 2)}
@@ -1154,6 +1174,10 @@ def test_each_epoch_visits_every_example_once_in_its_own_order():
     np.testing.assert_array_equal(np.sort(order), np.arange(50))
   assert len({order.tobytes() for order in orders.values()}) == 4  # per epoch and per seed
   np.testing.assert_array_equal(train.epoch_permutation(0, 2, 50), orders[0, 2])  # a resume's
+  # Drawn from a key of its own: not the initialisation's or the augmentation's (folded with
+  # the step, which equals the epoch now and then).
+  for key in train.run_keys(0)[:2]:
+    assert not np.array_equal(orders[0, 2], jax.random.permutation(jax.random.fold_in(key, 2), 50))
 
 
 def test_learning_rate_schedule_is_per_epoch_steps():
