@@ -20,6 +20,7 @@ this process's first device, so a checkpoint reads back on any number of devices
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -211,29 +212,30 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
   os.makedirs(parent, exist_ok=True)
   tmp = temp_beside(path, directory=True)
   set_aside = None
-  try:
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stick to the final directory
-    with _finishing_before_interrupt():  # else orbax's thread wrote on into a deleted `tmp`
-      ckptr = ocp.StandardCheckpointer()
-      ckptr.save(os.path.join(tmp, MODEL_STATE_DIR), tree)
-      ckptr.wait_until_finished()
-      ckptr.close()
-    with open(os.path.join(tmp, MODEL_JSON), "w") as f:
-      json.dump(info, f, indent=2)
-    if os.path.exists(path):  # overwrite: move the old one aside, then swap in
-      trash = temp_beside(path, directory=True, tag="old")
-      set_aside = os.path.join(trash, "old")
-      os.rename(path, set_aside)
-      os.rename(tmp, path)
-      shutil.rmtree(trash, ignore_errors=True)
-    else:
-      os.rename(tmp, path)
-  except BaseException:  # Ctrl-C too: the old model stays at `path`
-    if set_aside and not os.path.exists(path) and os.path.exists(set_aside):
-      os.rename(set_aside, path)
-      os.rmdir(os.path.dirname(set_aside))
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  with full_disk_explained(path):
+    try:
+      os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stick to the final directory
+      with _finishing_before_interrupt():  # else orbax's thread wrote on into a deleted `tmp`
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, MODEL_STATE_DIR), tree)
+        ckptr.wait_until_finished()
+        ckptr.close()
+      with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+        json.dump(info, f, indent=2)
+      if os.path.exists(path):  # overwrite: move the old one aside, then swap in
+        trash = temp_beside(path, directory=True, tag="old")
+        set_aside = os.path.join(trash, "old")
+        os.rename(path, set_aside)
+        os.rename(tmp, path)
+        shutil.rmtree(trash, ignore_errors=True)
+      else:
+        os.rename(tmp, path)
+    except BaseException:  # Ctrl-C too: the old model stays at `path`
+      if set_aside and not os.path.exists(path) and os.path.exists(set_aside):
+        os.rename(set_aside, path)
+        os.rmdir(os.path.dirname(set_aside))
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
   return info
 
 
@@ -328,7 +330,10 @@ def is_train_workdir(path: str) -> bool:
 def saved_epochs(workdir: str) -> list[int]:
   """The epochs a run's workdir holds checkpoints of, read from the directory names alone
   (orbax names a finished save `<epoch>/`, one in progress otherwise)."""
-  directory = os.path.join(workdir, TRAIN_CHECKPOINT_DIR)
+  return _epoch_folders(os.path.join(workdir, TRAIN_CHECKPOINT_DIR))
+
+
+def _epoch_folders(directory: str) -> list[int]:
   if not os.path.isdir(directory):
     return []
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
@@ -372,6 +377,7 @@ class TrainCheckpointer:
             preservation_policy=policy, best_fn=lambda m: m["test_top1"], best_mode="max"),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
+    self._unconfirmed = None  # the epoch of a background save not yet known to have succeeded
 
   def latest_epoch(self) -> int | None:
     return self._manager.latest_step()
@@ -381,18 +387,51 @@ class TrainCheckpointer:
     the epochs no longer kept) is complete."""
     meta = {**meta, "state_crc32": state_crc32(state)}
     with _finishing_before_interrupt():
-      self._manager.save(epoch, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-          metrics={"test_top1": meta["test_top1"]})
+      self._wait_for_save()
+      with self._failed_save_explained(epoch):
+        self._manager.save(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            metrics={"test_top1": meta["test_top1"]})
+    self._unconfirmed = epoch
+
+  def check_background_save(self) -> None:
+    """Raises at once if the background save has ended in failure (a full disk, say), so that
+    the run stops before training a further epoch that could not be saved either."""
+    if self._unconfirmed is not None and not self._manager.is_saving_in_progress():
+      self._wait_for_save()
+
+  def _wait_for_save(self) -> None:
+    epoch, self._unconfirmed = self._unconfirmed, None
+    with self._failed_save_explained(epoch):
+      self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _failed_save_explained(self, epoch: int | None) -> Iterator[None]:
+    """Re-raises a failed save as an OSError that names the epoch, the cause (said plainly for
+    a full disk), the epochs kept and where the same command resumes."""
+    try:
+      yield
+    except Exception as e:
+      kept = _epoch_folders(self.directory)
+      resume = (f"it resumes after epoch {kept[-1]}, the last one saved" if kept
+                else "with no epoch saved, it starts again from epoch 1")
+      what = (f"its filesystem is full ({os.strerror(errno.ENOSPC)}). Free space there, then"
+              if disk_full(e) else f"{type(e).__name__}: {e}. Once that is fixed,")
+      raise OSError(f"Saving epoch {epoch} in {self.directory} failed: {what} re-run the same "
+                    f"command: {resume}.") from e
 
   def restore(self, epoch: int, target: Any = None) -> tuple[Any, dict[str, Any]]:
     """Restores into the structure (and dtypes) of `target`, e.g. a freshly created state;
     without one, as the saved nested dicts (e.g. to read a run's student). Refuses a state
     that does not read back bit for bit as saved (checkpoints of older versions unchecked)."""
     try:
-      saved = self._manager.item_metadata(epoch)["state"].tree
+      metadata = self._manager.item_metadata(epoch)["state"]
     except Exception as e:
       raise self._unreadable(epoch, e) from e
+    if metadata is None:  # orbax's word for a state without its metadata file
+      raise self._unusable(epoch, "cannot be read (its state/_METADATA is missing: say, a copy "
+                           "cut short)")
+    saved = metadata.tree
     if target is not None:
       self._check_layout(epoch, saved, target)
     tree = saved if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -472,8 +511,10 @@ class TrainCheckpointer:
 
   def close(self) -> None:
     with _finishing_before_interrupt():
-      self._manager.wait_until_finished()
-      self._manager.close()
+      try:
+        self._wait_for_save()
+      finally:
+        self._manager.close()
 
 
 # Set when a held-back Ctrl-C has been delivered, until a save completes uninterrupted: the
@@ -523,6 +564,31 @@ def _finishing_before_interrupt() -> Iterator[None]:
     _interrupt_delivered = False
   else:
     deliver(held_back, None)
+
+
+@contextlib.contextmanager
+def full_disk_explained(path: str) -> Iterator[None]:
+  """Re-raises a write of `path` that failed for a full disk as an OSError that says so and
+  names `path` (orbax's error names a temporary path, and torch's names no cause)."""
+  try:
+    yield
+  except Exception as e:
+    if not disk_full(e):
+      raise
+    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: cannot write {path}, its "
+                  "filesystem is full; nothing was written there (what was there is kept). "
+                  "Free space there, then re-run the same command.") from e
+
+
+def disk_full(e: BaseException | None) -> bool:
+  """Whether `e`, or an error that led to it, is a full filesystem: an OSError with ENOSPC,
+  or TensorStore's error text for it (orbax's writes)."""
+  while e is not None:
+    if (getattr(e, "errno", None) == errno.ENOSPC
+        or f"[os_error_code='{errno.ENOSPC}']" in str(e)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def workdir_of(path: str) -> str:

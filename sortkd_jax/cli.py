@@ -39,7 +39,7 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
     if not flags.FLAGS["verbosity"].present:  # --verbosity=1 also logs debug lines
       logging.set_verbosity(logging.INFO)
     quiet_library_info_logs()
-    quiet_reads_of_a_failed_restore()
+    quiet_unawaited_checkpoint_io()
     redeliver_dropped_interrupts()
     try:
       main()
@@ -317,9 +317,12 @@ def _unknown_field_message(e: Exception, default: str | None = None) -> str:
 def quiet_library_info_logs() -> None:
   """Keeps the console readable: orbax's and tfds' INFO chatter, and JAX's note on the
   platforms it did not find (e.g. 'Unable to initialize backend tpu' on a CPU), are dropped;
-  warnings stay."""
+  warnings stay. Orbax's errors stay as one line each, without their tracebacks unless
+  --verbosity=1: a failed save reaches the trainer, which says what failed and what to do."""
   class _Filter(std_logging.Filter):
     def filter(self, record):
+      if "/orbax/" in record.pathname and record.exc_info and not logging.level_debug():
+        record.exc_info, record.exc_text = None, None
       return record.levelno >= std_logging.WARNING or not any(
           part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/", "/etils/",
                                                "/jax/_src/xla_bridge.py"))
@@ -327,12 +330,13 @@ def quiet_library_info_logs() -> None:
   logging.get_absl_handler().addFilter(_Filter())
 
 
-def quiet_reads_of_a_failed_restore() -> None:
+def quiet_unawaited_checkpoint_io() -> None:
   """When one read of an orbax restore fails (an unreadable checkpoint), orbax closes its
   event loop with TensorStore's other reads in flight; each then reports "Event loop is
   closed" as it finishes, or, if it failed too and is garbage-collected, asyncio logs "Task
-  exception was never retrieved": a traceback on stderr beside the one-line error. Nobody waits
-  for those reads: their reports are dropped."""
+  exception was never retrieved". A failed save leaves its other writes so ("_GatheringFuture
+  exception was never retrieved"). Each is a traceback on stderr beside the one-line error that
+  says what failed; nobody waits for those reads and writes: their reports are dropped."""
   report = sys.unraisablehook
 
   def filtered(unraisable) -> None:
@@ -341,14 +345,16 @@ def quiet_reads_of_a_failed_restore() -> None:
       report(unraisable)
 
   sys.unraisablehook = filtered
-  std_logging.getLogger("asyncio").addFilter(_unawaited_tensorstore_read)
+  std_logging.getLogger("asyncio").addFilter(_unawaited_tensorstore_io)
 
 
-def _unawaited_tensorstore_read(record: std_logging.LogRecord) -> bool:
-  """False (drop) for asyncio's report of a failed TensorStore read that nobody awaited."""
-  error = record.exc_info[1] if record.exc_info else None
-  return not (record.getMessage().startswith("Task exception was never retrieved")
-              and "tensorstore_spec=" in str(error))
+def _unawaited_tensorstore_io(record: std_logging.LogRecord) -> bool:
+  """False (drop) for asyncio's report of a failed TensorStore read or write nobody awaited."""
+  error = str(record.exc_info[1]) if record.exc_info else ""
+  return not (record.getMessage().startswith(("Task exception was never retrieved",
+                                              "_GatheringFuture exception was never retrieved"))
+              and ("tensorstore_spec=" in error
+                   or re.match(r"[A-Z_]+: Error (reading|writing) ", error)))
 
 
 def redeliver_dropped_interrupts() -> None:

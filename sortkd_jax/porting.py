@@ -25,6 +25,7 @@ is enough).
 from __future__ import annotations
 
 import functools
+import io
 import os
 import pickle
 import re
@@ -332,17 +333,21 @@ def save_torch_file(path: str | os.PathLike, model: nnx.Module) -> int:
     state_dict[key] = torch.tensor(value)  # a copy: the arrays may be read-only views
     if key.endswith(".running_var"):
       state_dict[key.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0)
+  serialized = io.BytesIO()  # written by Python: torch's writer words ENOSPC "unexpected pos"
+  torch.save({"model": state_dict}, serialized)
   path = checkpoint.write_target(path)
   tmp = checkpoint.temp_beside(path, directory=False)
-  try:
-    torch.save({"model": state_dict}, tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as a new file gets: mkstemp's 0600 would stick
-    os.replace(tmp, path)
-  except BaseException:
-    os.remove(tmp)
-    raise
+  with checkpoint.full_disk_explained(path):
+    try:
+      with open(tmp, "wb") as f:
+        f.write(serialized.getbuffer())
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(tmp, 0o666 & ~umask)  # as a new file gets: mkstemp's 0600 would stick
+      os.replace(tmp, path)
+    except BaseException:
+      os.remove(tmp)
+      raise
   return len(state_dict)
 
 

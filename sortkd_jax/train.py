@@ -566,6 +566,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if epoch > start_epoch:  # compiled by now: the epoch's first dispatch counts too
         reporter.start_timing(step, images)
       for state, metrics, num_steps, num_images in run_epoch(state, epoch):
+        ckpt.check_background_save()
         sums.add(metrics)
         step += num_steps
         images += num_images

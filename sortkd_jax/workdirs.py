@@ -43,6 +43,8 @@ def lock(workdir: str) -> Iterator[None]:
       lock_file = _flock(workdir)
     except ValueError as e:
       refusal = e
+      if created and os.path.isdir(workdir) and not os.listdir(workdir):
+        os.rmdir(workdir)
   if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
       np.int32(refusal is not None)):
     refusal = refusal or ValueError(f"Process 0 could not start the run in {workdir}; see its "
@@ -78,9 +80,15 @@ def _flock(workdir: str) -> IO[str]:
   except OSError as e:  # e.g. a cluster filesystem mounted without flock support
     logging.warning("Cannot lock %s (%s): a second run in this workdir would go unnoticed.",
                     lock.name, e.strerror)
-  lock.truncate(0)
-  lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-  lock.flush()
+  try:
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+  except OSError as e:  # e.g. a full disk; the lock is this run's, so its file may go
+    with contextlib.suppress(OSError):  # closing flushes what could not be written: fails too
+      lock.close()
+    os.remove(lock.name)
+    raise ValueError(f"--workdir {workdir} cannot be written ({e.strerror}).") from e
   return lock
 
 

@@ -27,27 +27,38 @@ def _run(monkeypatch, main, **kwargs):
   return exit_info.value.code
 
 
-def test_unawaited_failed_reads_of_a_restore_are_not_reported():
+def test_unawaited_failed_checkpoint_reads_and_writes_are_not_reported():
   """After an unreadable checkpoint's one-line error, a TensorStore read that failed too and
   was never awaited printed asyncio's 'Task exception was never retrieved' traceback (seen
-  once, on a loaded machine); other unawaited failures are still reported."""
+  once, on a loaded machine); after a failed save, its other failed writes, gathered, printed
+  '_GatheringFuture exception was never retrieved' (a full disk). Other unawaited failures are
+  still reported."""
   script = (
       "import asyncio, gc\n"
       "from sortkd_jax import cli\n"
-      "cli.quiet_reads_of_a_failed_restore()\n"
+      "cli.quiet_unawaited_checkpoint_io()\n"
       "async def fail(message):\n"
       "  raise ValueError(message)\n"
+      "async def gather(message):\n"
+      "  return asyncio.gather(fail(message))\n"
       "loop = asyncio.new_event_loop()\n"
       "for message in ('OUT_OF_RANGE: Error reading [tensorstore_spec=\\'{}\\']', 'a bug'):\n"
       "  task = loop.create_task(fail(message))\n"
       "  loop.run_until_complete(asyncio.sleep(0.01))\n"
       "  del task\n"
       "  gc.collect()\n"
+      "for message in ('RESOURCE_EXHAUSTED: Error writing \"w/0\" in OCDBT database', 'a bug 2'):\n"
+      "  gathered = loop.run_until_complete(gather(message))\n"
+      "  loop.run_until_complete(asyncio.sleep(0.01))\n"
+      "  del gathered\n"
+      "  gc.collect()\n"
       "loop.close()\n")
   out = run_python("-c", script)
   assert out.returncode == 0, out.stderr
-  assert "OUT_OF_RANGE" not in out.stderr
+  assert "OUT_OF_RANGE" not in out.stderr and "RESOURCE_EXHAUSTED" not in out.stderr
   assert "Task exception was never retrieved" in out.stderr and "ValueError: a bug" in out.stderr
+  assert "_GatheringFuture exception was never retrieved" in out.stderr
+  assert "ValueError: a bug 2" in out.stderr
 
 
 def test_known_error_is_one_line_and_ctrl_c_exits_130(monkeypatch):

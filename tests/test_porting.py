@@ -12,8 +12,9 @@ N=2, S=224 for ImageNet); ``logits`` is PyTorch's eval-mode output.
 import functools
 import json
 import os
-import shutil
 import pickle
+import re
+import shutil
 import signal
 import sys
 import time
@@ -265,14 +266,30 @@ def test_saving_a_torch_file_leaves_other_files_alone(tmp_path, monkeypatch):
   assert oct(os.stat(dst).st_mode & 0o777) == oct(0o666 & ~_umask())
 
   def interrupted(obj, f):
-    with open(f, "wb") as out:
-      out.write(b"half")
+    f.write(b"half")
     raise KeyboardInterrupt
   monkeypatch.setattr(torch, "save", interrupted)
   with pytest.raises(KeyboardInterrupt):
     porting.save_torch_file(dst, model)
   assert sorted(os.listdir(tmp_path)) == ["student_best.pth", "student_best.pth.tmp"]
   assert torch.load(dst, weights_only=True)["model"].keys() == fixture("resnet8")[0].keys()
+
+
+def test_a_full_disk_is_named_as_such_and_keeps_the_file_there(tmp_path, monkeypatch):
+  """torch.save's own writer reported a full disk as "[enforce fail at inline_container.cc]
+  unexpected pos", naming neither the cause nor the file."""
+  model = porting.port_state_dict("resnet8", fixture("resnet8")[0])
+  dst = tmp_path / "student.pth"
+  porting.save_torch_file(dst, model)
+  before = dst.read_bytes()
+  monkeypatch.setattr(porting, "open", lambda path, mode: open("/dev/full", mode),
+                      raising=False)  # every write fails with ENOSPC
+  with pytest.raises(OSError, match=re.escape(
+      f"[Errno 28] No space left on device: cannot write {dst}, its filesystem is full; "
+      "nothing was written there (what was there is kept). Free space there, then re-run the "
+      "same command.")):
+    porting.save_torch_file(dst, model)
+  assert os.listdir(tmp_path) == ["student.pth"] and dst.read_bytes() == before
 
 
 def test_a_long_legal_name_is_written_and_a_failure_names_the_path(tmp_path):
@@ -286,6 +303,27 @@ def test_a_long_legal_name_is_written_and_a_failure_names_the_path(tmp_path):
   missing = tmp_path / "gone" / "student.pth"
   with pytest.raises(OSError, match=f"cannot write {missing} in {missing.parent}: No such"):
     porting.save_torch_file(missing, model)
+
+
+def test_a_model_directory_on_a_full_disk_is_named_and_the_old_one_kept(tmp_path, monkeypatch):
+  """Orbax's error named only the temporary directory, which was gone by then."""
+  model = porting.port_state_dict("resnet8", fixture("resnet8")[0])
+  dst = tmp_path / "teacher"
+  checkpoint.save_model(str(dst), model, arch="resnet8", num_classes=100)
+
+  def disk_full(self, directory, *args, **kwargs):
+    raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "params/0" in OCDBT database at local '
+                     f'file "{directory}/ocdbt.process_0/": No space left on device '
+                     "[os_error_code='28']")
+
+  monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "save", disk_full)
+  with pytest.raises(OSError, match=re.escape(
+      f"[Errno 28] No space left on device: cannot write {dst}, its filesystem is full; nothing "
+      "was written there (what was there is kept). Free space there, then re-run the same "
+      "command.")):
+    checkpoint.save_model(str(dst), model, arch="resnet8", num_classes=100, overwrite=True)
+  assert os.listdir(tmp_path) == ["teacher"]
+  assert checkpoint.load_model(str(dst))[1]["arch"] == "resnet8"
 
 
 def _umask():

@@ -911,6 +911,35 @@ def test_a_refused_run_leaves_the_running_ones_workdir_alone(teacher_dir, tmp_pa
   holder[0].close()
 
 
+def test_a_workdir_on_a_full_disk_is_refused_leaving_nothing(tmp_path, monkeypatch):
+  """The lock file's first write failed with a bare `[Errno 28] No space left on device`,
+  leaving the lock file and the new workdir behind."""
+  import errno
+
+  class FullDisk:  # the lock file as on a full disk: created, but nothing can be written
+    def __init__(self, f):
+      self._f, self.name = f, f.name
+
+    def __getattr__(self, name):
+      return getattr(self._f, name)
+
+    def flush(self):
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):  # closing flushes what is left, which fails the same way
+      self._f.close()
+      self.flush()
+
+  monkeypatch.setattr(workdirs, "open", lambda *args: FullDisk(open(*args)), raising=False)
+  workdir = tmp_path / "new" / "run"
+  (tmp_path / "new").mkdir()
+  with pytest.raises(ValueError, match=re.escape(
+      f"--workdir {workdir} cannot be written (No space left on device).")):
+    with workdirs.lock(str(workdir)):
+      pass
+  assert os.listdir(tmp_path / "new") == []
+
+
 def test_a_filesystem_without_locks_still_trains(tmp_path, monkeypatch, caplog):
   """Some cluster filesystems refuse flock: the run goes on, saying what it cannot detect."""
   import errno
@@ -1592,6 +1621,65 @@ def test_a_held_back_ctrl_c_goes_to_the_handler_in_place_and_a_second_one_is_not
       pass
 
 
+# A training run whose files may not exceed 20 kB (RLIMIT_FSIZE; SIGXFSZ ignored, so a write
+# past it fails with EFBIG): its first checkpoint, about 190 kB, fails in orbax's background
+# thread, as on a full disk. Each save is let end before training goes on, so the failure is
+# there to be seen from the next epoch's first dispatch on.
+_RUN_WITH_A_FILE_SIZE_LIMIT = """
+import resource, runpy, signal, sys, time
+from sortkd_jax import checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+save = checkpoint.TrainCheckpointer.save
+def save_and_let_it_end(self, *args, **kwargs):
+  save(self, *args, **kwargs)
+  while self._manager.is_saving_in_progress():
+    time.sleep(0.01)
+checkpoint.TrainCheckpointer.save = save_and_let_it_end
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_failed_background_save_stops_the_run_before_the_next_epoch_trains(tmp_path):
+  workdir = tmp_path / "run"
+  out = run_python("-c", _RUN_WITH_A_FILE_SIZE_LIMIT, "scripts/train.py",
+                   "--config=configs/cifar_vanilla.py:res56_res20,runlocal",
+                   "--config.student.name=resnet8", "--config.data.name=synthetic",
+                   "--config.data.max_train_examples=40", "--config.data.max_test_examples=30",
+                   "--config.num_epochs=3", "--config.steps_per_dispatch=1",
+                   f"--workdir={workdir}")
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      f"error: Saving epoch 1 in {workdir / 'checkpoints'} failed: ValueError: ")
+  assert "File too large" in out.stderr
+  assert out.stderr.strip().endswith("Once that is fixed, re-run the same command: with no "
+                                     "epoch saved, it starts again from epoch 1.")
+  assert "Traceback" not in out.stderr  # orbax's errors are one line each
+  assert {r["epoch"] for r in read_metrics(workdir)} == {1}  # epoch 2 stopped at its start
+  assert checkpoint.saved_epochs(str(workdir)) == []
+
+
+def test_a_save_that_fills_the_disk_says_so_and_where_the_run_resumes(tmp_path):
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
+  ckpt.save(1, {"w": jnp.ones(3)}, {"test_top1": 1.0, "best_top1": 1.0})
+  full = ValueError('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database: Failed to write '
+                    "96 bytes to file 19: No space left on device [os_error_code='28']")
+  ckpt._manager.wait_until_finished()
+  with mock.patch.object(ckpt._manager, "wait_until_finished", side_effect=full):
+    with pytest.raises(OSError, match=re.escape(
+        f"Saving epoch 1 in {tmp_path} failed: its filesystem is full (No space left on "
+        "device). Free space there, then re-run the same command: it resumes after epoch 1, "
+        "the last one saved.")):
+      ckpt.save(2, {"w": jnp.ones(3)}, {"test_top1": 1.0, "best_top1": 1.0})
+  ckpt.close()
+  assert checkpoint.disk_full(OSError(28, "No space left on device"))
+  wrapped = RuntimeError("save failed")
+  wrapped.__cause__ = full
+  assert checkpoint.disk_full(wrapped)
+  assert not checkpoint.disk_full(ValueError("File too large [os_error_code='27']"))
+
+
 def _corrupt_arrays(epoch_dir) -> None:
   for path in glob.glob(os.path.join(epoch_dir, "state", "**", "d", "*"), recursive=True):
     with open(path, "wb") as f:
@@ -1609,6 +1697,13 @@ def test_unreadable_checkpoint_names_the_epochs_to_fall_back_to(tmp_path):
   broken = str(tmp_path / "2")
   with pytest.raises(ValueError, match=(rf"epoch 2, {re.escape(broken)}, cannot be read .*"
                                         rf"other kept epochs \(1\).*mv {re.escape(broken)} ")):
+    ckpt.restore(ckpt.latest_epoch())
+  ckpt.close()
+  os.remove(tmp_path / "2" / "state" / "_METADATA")  # as in a copy cut short
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
+  with pytest.raises(ValueError, match=(rf"epoch 2, {re.escape(broken)}, cannot be read \(its "
+                                        r"state/_METADATA is missing: say, a copy cut short\)\. "
+                                        r"To use the other kept epochs \(1\)")):
     ckpt.restore(ckpt.latest_epoch())
   ckpt.close()
   os.rename(broken, broken + ".set-aside")  # as the message says
