@@ -8,11 +8,12 @@ compilation, evaluation and checkpointing out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 from absl import logging
@@ -28,6 +29,7 @@ class Reporter:
     is dropped, as it is about to be logged again; from step 0, that is everything (the
     teacher's record at step 0 too)."""
     self._is_writer = jax.process_index() == 0
+    self._workdir = workdir
     self._total_steps = total_steps
     self._jsonl = None
     self._tb = None
@@ -80,21 +82,36 @@ class Reporter:
       return
     record = {"kind": kind, "epoch": epoch, "step": step,
               **{k: _plain(v) for k, v in metrics.items()}}
-    self._jsonl.write(json_line(record) + "\n")
-    self._jsonl.flush()
-    if self._tb is not None:
-      for name, value in record.items():
-        if isinstance(value, float) and name not in ("epoch", "step"):
-          self._tb.add_scalar(f"{kind}/{name}", value, step)
-      self._tb.flush()
+    with self._failed_write_explained():
+      self._jsonl.write(json_line(record) + "\n")
+      self._jsonl.flush()
+      if self._tb is not None:
+        for name, value in record.items():
+          if isinstance(value, float) and name not in ("epoch", "step"):
+            self._tb.add_scalar(f"{kind}/{name}", value, step)
+        self._tb.flush()
     shown = ", ".join(f"{k} = {_fmt(v)}" for k, v in metrics.items() if v is not None)
     logging.info("[%s] epoch %d, step %d: %s", kind, epoch, step, shown)
 
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+    with self._failed_write_explained():
+      try:
+        if self._jsonl is not None:
+          self._jsonl.close()
+      finally:
+        if self._tb is not None:
+          self._tb.close()
+
+  @contextlib.contextmanager
+  def _failed_write_explained(self) -> Iterator[None]:
+    """A failed write (a full disk, say) names the run's metrics and what to do: bare, it said
+    only `[Errno 28] No space left on device`."""
+    try:
+      yield
+    except OSError as e:
+      raise OSError(e.errno, f"{e.strerror}: writing the run's metrics in {self._workdir} "
+                    "(metrics.jsonl, tensorboard/) failed. Once that is fixed (free space, "
+                    "say), re-run the same command: it resumes after the last epoch saved.") from e
 
 
 def _drop_records_after(path: str, step: int) -> None:

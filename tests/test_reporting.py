@@ -90,3 +90,16 @@ def test_a_non_finite_value_is_written_as_json_null(tmp_path):
     record = json.loads(f.read(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
   assert record == {"kind": "teacher", "epoch": 0, "step": 0, "test_loss": None,
                     "test_top1": 0.0, "nested": {"a": [None, 1]}}
+
+
+def test_a_full_disk_names_the_run_s_metrics_and_what_to_do(tmp_path):
+  reporter = reporting.Reporter(str(tmp_path), total_steps=10)
+  reporter._jsonl.close()
+  reporter._jsonl = open("/dev/full", "a")  # every write: ENOSPC, as on a full disk
+  with pytest.raises(OSError, match=(
+      rf"^\[Errno 28\] No space left on device: writing the run's metrics in {tmp_path} "
+      r"\(metrics.jsonl, tensorboard/\) failed. Once that is fixed \(free space, say\), re-run "
+      r"the same command: it resumes after the last epoch saved.$")):
+    reporter.write("train", 1, 1, {"loss": 1.0})
+  with pytest.raises(OSError, match="No space left on device: writing the run's metrics"):
+    reporter.close()  # closing flushes the line that could not be written: the same failure
