@@ -6,6 +6,7 @@ An image folder's decoded arrays are cached on disk. Sources and folder checks:
 `data_sources`; ImageNet is streamed instead (`imagenet_input`).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -196,11 +197,18 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   else:
     images, labels, class_names = _decode_folder_with_pil(folder, split, image_size, where)
   labels = validate_labels(labels, len(class_names))
-  os.makedirs(cache_dir, exist_ok=True)
   partial_path = f"{cache_path}.{os.getpid()}.tmp.npz"  # atomic: processes may race here
-  np.savez(partial_path, images=images, labels=labels, class_names=np.array(class_names),
-           fingerprint=np.array(fingerprint))
-  os.replace(partial_path, cache_path)
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+    np.savez(partial_path, images=images, labels=labels, class_names=np.array(class_names),
+             fingerprint=np.array(fingerprint))
+    os.replace(partial_path, cache_path)
+  except OSError as e:  # e.g. a full disk: the arrays are decoded all the same
+    with contextlib.suppress(OSError):
+      os.remove(partial_path)
+    logging.warning("Cannot cache the decoded %s in %s (%s); going on without the cache, so "
+                    "the next run decodes it again (config.data.cache_dir sets where).", where,
+                    cache_path, e.strerror or e)
   return ArraySplit(images, labels, len(class_names), class_names)
 
 

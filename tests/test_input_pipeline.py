@@ -127,6 +127,28 @@ def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkey
                                                                               "bee", "extra.png"))
 
 
+def test_a_cache_that_cannot_be_written_is_skipped_and_leaves_no_partial_file(
+    tmp_path, monkeypatch, caplog):
+  """A full disk under the cache stopped training, and each try left a partial file there that
+  nothing removed (filling the disk further): now the arrays serve without the cache."""
+  folder = _make_folder(tmp_path / "data")
+  cache = tmp_path / "cache"
+
+  def disk_full(path, **arrays):
+    with open(path, "wb") as f:
+      f.write(b"PK" * 1000)  # a part written before the disk filled up
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(ip.np, "savez", disk_full)
+  caplog.set_level(logging.WARNING, logger="absl")
+  split = ip.load_array_split(folder=folder, split="train", cache_dir=str(cache))
+  assert split.images.shape == (12, 32, 32, 3) and split.class_names == ("ant", "bee", "cat")
+  assert os.listdir(cache) == []
+  assert (f"Cannot cache the decoded image folder {folder}, split 'train' in {cache}"
+          in caplog.text)
+  assert "(No space left on device); going on without the cache" in caplog.text
+
+
 def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog):
   """Offline, tfds' download retries for minutes: the log says so before, the error after."""
   def offline(builder, download_config):
