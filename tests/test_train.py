@@ -955,6 +955,51 @@ def test_a_filesystem_without_locks_still_trains(tmp_path, monkeypatch, caplog):
   assert "a second run in this workdir would go unnoticed" in caplog.text
 
 
+_OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68719476736 "
+                  "bytes.")
+
+
+def test_a_device_out_of_memory_names_the_settings_to_lower(teacher_dir, tmp_path, monkeypatch):
+  """XLA's RESOURCE_EXHAUSTED alone left GPU users to guess that a dispatch holds all of its
+  steps' batches (32 by default) and their teacher activations at once."""
+  oom = jax.errors.JaxRuntimeError(_OUT_OF_MEMORY + "\nBufferAssignment OOM Debugging.")
+
+  def out_of_memory(self, metrics):  # where an asynchronous failure may surface
+    raise oom
+
+  monkeypatch.setattr(train._MetricSums, "add", out_of_memory)
+  config = tiny_config("kd", teacher_dir, steps_per_dispatch=2)
+  with tfds.testing.mock_data(num_examples=64), pytest.raises(RuntimeError) as err:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert str(err.value) == (
+      f"The device ran out of memory ({_OUT_OF_MEMORY}). A dispatch (2 × 16 images) holds all "
+      "its steps' images and the teacher's activations for them at once: lower "
+      "config.steps_per_dispatch (which changes results only by float rounding), then "
+      "config.batch_size (another recipe); in the evaluation, config.eval_batch_size (16). "
+      "config.dtype='bfloat16' halves the activations.")
+  assert err.value.__cause__ is oom
+
+
+def test_out_of_memory_advice_follows_the_pipeline_and_other_errors_pass():
+  from configs import imagenet_kd
+
+  def raised_within(config, error):
+    with pytest.raises(Exception) as err:
+      with train._out_of_memory_explained(config):
+        raise error
+    return err.value
+
+  oom = jax.errors.JaxRuntimeError(_OUT_OF_MEMORY)
+  default = str(raised_within(cifar_kd.get_config("res32x4_res8x4"), oom))
+  steps = train.default_steps_per_dispatch()
+  assert f"A dispatch ({steps} × 64 images) holds all its steps' images" in default
+  imagenet = str(raised_within(imagenet_kd.get_config("r34_r18"), oom))
+  assert ("A step holds its batch of 512 images' activations: lower config.batch_size (another "
+          "recipe); in the evaluation, config.eval_batch_size (500).") in imagenet
+  other = jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")
+  assert raised_within(cifar_kd.get_config("res32x4_res8x4"), other) is other
+
+
 def test_teacher_with_non_finite_outputs_stops_the_run(tmp_path):
   teacher = models.create_model("resnet8", 100, rngs=nnx.Rngs(0))
   teacher.fc.bias[...] = teacher.fc.bias[...].at[3].set(jnp.nan)  # e.g. a damaged file
