@@ -85,7 +85,8 @@ def main():
   teachers.check_num_classes(FLAGS.checkpoint, meta["arch"], porting.num_classes_of(model),
                              num_classes, distilling=False)
   network, variables = evaluation.freeze(model)
-  metrics = evaluate(network, distributed.replicate(variables, mesh))
+  with train.out_of_memory_explained(config, training=False):
+    metrics = evaluate(network, distributed.replicate(variables, mesh))
   print(reporting.json_line({"checkpoint": FLAGS.checkpoint, "arch": meta["arch"],
                             "epoch": epoch, "split": config.data.test_split,
                             "dtype": config.dtype, **metrics}), flush=True)

@@ -498,32 +498,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best and last test top-1 and the final state (NumPy).
   """
   workdirs.check_place(workdir, config.data)
-  with workdirs.lock(workdir), _out_of_memory_explained(config):
+  with workdirs.lock(workdir), out_of_memory_explained(config):
     return _train_and_evaluate(config, workdir)
 
 
 @contextlib.contextmanager
-def _out_of_memory_explained(config: ml_collections.ConfigDict) -> Iterator[None]:
-  """XLA's out-of-memory error, said with the settings that size what the device holds."""
+def out_of_memory_explained(config: ml_collections.ConfigDict, *,
+                            training: bool = True) -> Iterator[None]:
+  """XLA's out-of-memory error, said with the settings that size what the device holds (for
+  `scripts/eval.py`, `training=False`, the evaluation's batch alone)."""
   try:
     yield
   except jax.errors.JaxRuntimeError as e:
     first = (str(e).strip().splitlines() or [""])[0]
     if not (first.startswith("RESOURCE_EXHAUSTED") and "memory" in first.lower()):
       raise
-    if config.data.pipeline == "tf_data":
-      holds = f"A step holds its batch of {config.batch_size} images' activations"
-      lower = "config.batch_size (another recipe)"
+    evaluation_batch = f"config.eval_batch_size ({config.eval_batch_size})"
+    if not training:
+      advice = f"The evaluation holds batches of its images: lower {evaluation_batch}"
+    elif config.data.pipeline == "tf_data":
+      advice = (f"A step holds its batch of {config.batch_size} images' activations: lower "
+                f"config.batch_size (another recipe); in the evaluation, {evaluation_batch}")
     else:
       steps = config.steps_per_dispatch or default_steps_per_dispatch()
-      holds = (f"A dispatch ({steps} × {config.batch_size} images) holds all its steps' images "
-               "and the teacher's activations for them at once")
-      lower = ("config.steps_per_dispatch (which changes results only by float rounding), "
-               "then config.batch_size (another recipe)")
-    raise RuntimeError(
-        f"The device ran out of memory ({first}). {holds}: lower {lower}; in the evaluation, "
-        f"config.eval_batch_size ({config.eval_batch_size}). config.dtype='bfloat16' halves "
-        "the activations.") from e
+      advice = (f"A dispatch ({steps} × {config.batch_size} images) holds all its steps' images "
+                "and the teacher's activations for them at once: lower "
+                "config.steps_per_dispatch (which changes results only by float rounding), then "
+                f"config.batch_size (another recipe); in the evaluation, {evaluation_batch}")
+    raise RuntimeError(f"The device ran out of memory ({first}). {advice}. "
+                       "config.dtype='bfloat16' halves the activations.") from e
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

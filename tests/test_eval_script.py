@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import cifar_vanilla
-from helpers import REPO, run_script
+from helpers import REPO, run_python, run_script
 from sortkd_jax import checkpoint, models
 
 SYNTHETIC = ["--config", "configs/cifar_kd.py:res56_res20", "--config.data.name=synthetic",
@@ -258,3 +258,27 @@ def test_a_tilde_after_an_equals_sign_is_the_home_folder(tmp_path):
   assert out.returncode == 1 and f"folder {tmp_path / 'nodata'}" in out.stderr, (
       out.stderr[-2000:])
   assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_a_device_out_of_memory_names_the_evaluation_batch(tmp_path):
+  """XLA's error, as a GPU gives it when the evaluation batch does not fit (injected here)."""
+  model = str(tmp_path / "model")
+  checkpoint.save_model(model, _resnet8(), arch="resnet8", num_classes=100)
+  driver = (
+      "import runpy, sys, jax\n"
+      "from sortkd_jax import evaluation\n"
+      "def out_of_memory(*args, **kwargs):\n"
+      "  def evaluate(*args):\n"
+      "    raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to '\n"
+      "                                     'allocate 8589934592 bytes.')\n"
+      "  return evaluate\n"
+      "evaluation.make_evaluator = out_of_memory\n"
+      "sys.argv = sys.argv[1:]\n"
+      "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+  out = run_python("-c", driver, os.path.join(REPO, "scripts", "eval.py"), "--checkpoint", model,
+                   *SYNTHETIC)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: The device ran out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to "
+      "allocate 8589934592 bytes.). The evaluation holds batches of its images: lower "
+      "config.eval_batch_size (32). config.dtype='bfloat16' halves the activations.")

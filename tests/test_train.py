@@ -983,9 +983,9 @@ def test_a_device_out_of_memory_names_the_settings_to_lower(teacher_dir, tmp_pat
 def test_out_of_memory_advice_follows_the_pipeline_and_other_errors_pass():
   from configs import imagenet_kd
 
-  def raised_within(config, error):
+  def raised_within(config, error, training=True):
     with pytest.raises(Exception) as err:
-      with train._out_of_memory_explained(config):
+      with train.out_of_memory_explained(config, training=training):
         raise error
     return err.value
 
@@ -996,6 +996,10 @@ def test_out_of_memory_advice_follows_the_pipeline_and_other_errors_pass():
   imagenet = str(raised_within(imagenet_kd.get_config("r34_r18"), oom))
   assert ("A step holds its batch of 512 images' activations: lower config.batch_size (another "
           "recipe); in the evaluation, config.eval_batch_size (500).") in imagenet
+  evaluating = str(raised_within(imagenet_kd.get_config("r34_r18"), oom, training=False))
+  assert evaluating == (f"The device ran out of memory ({_OUT_OF_MEMORY}). The evaluation holds "
+                        "batches of its images: lower config.eval_batch_size (500). "
+                        "config.dtype='bfloat16' halves the activations.")
   other = jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")
   assert raised_within(cifar_kd.get_config("res32x4_res8x4"), other) is other
 
