@@ -21,6 +21,7 @@ recipe every group); `unread_fields` lists the groups it does not read, which a 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -84,22 +85,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.method == group and config[group].base not in BASE_LOSSES:
       raise ValueError(f"config.{group}.base must be one of {BASE_LOSSES}, "
                        f"got {config[group].base!r}.")
-  # Logits are divided by the temperatures: 0 or less would only show later, as a NaN loss.
-  temperatures = {f"{group}.temperature": config[group].temperature
-                  for group in ("kd", "dkd", "lskd") if group in config}
+  # Out of range, these showed only later, as a NaN loss (logits divided by a temperature of 0
+  # or inf), or never: a negative weight ascends its loss, which the run logs as negative.
+  ranges = {}
+  weights = {"kd": ("ce_weight", "kd_weight"), "dkd": ("ce_weight", "alpha", "beta"),
+             "lskd": ("ce_weight", "kd_weight", "dkd_weight_scale")}
+  for group, names in weights.items():
+    if group in config:
+      ranges[f"{group}.temperature"] = (config[group].temperature > 0, "positive")
+      ranges.update({f"{group}.{n}": (config[group][n] >= 0, "at least 0") for n in names})
+  if "dkd" in config:  # its loss's factor divides by it
+    ranges["dkd.warmup_epochs"] = (config.dkd.warmup_epochs > 0,
+                                   "positive (epochs until DKD's loss has its full weight)")
   if "ctkd" in config:  # τ = t_start + t_end·sigmoid(θ) lies in (t_start, t_start + t_end)
-    temperatures["ctkd.t_start"] = config.ctkd.t_start
-    if not config.ctkd.t_end >= 0:
-      raise ValueError(f"config.ctkd.t_end must be at least 0, got {config.ctkd.t_end!r}.")
-    if not config.ctkd.ramp_epochs > 0:  # λ's cosine ramp divides by it
-      raise ValueError("config.ctkd.ramp_epochs must be positive (epochs until λ reaches 1), "
-                       f"got {config.ctkd.ramp_epochs!r}.")
-  if "dkd" in config and not config.dkd.warmup_epochs > 0:  # its loss's factor divides by it
-    raise ValueError("config.dkd.warmup_epochs must be positive (epochs until DKD's loss has "
-                     f"its full weight), got {config.dkd.warmup_epochs!r}.")
-  for key, value in temperatures.items():
-    if not value > 0:
-      raise ValueError(f"config.{key} must be positive, got {value!r}.")
+    ranges.update({"ctkd.t_start": (config.ctkd.t_start > 0, "positive"),
+                   "ctkd.t_end": (config.ctkd.t_end >= 0, "at least 0"),
+                   "ctkd.init": (True, "a number"),  # θ's initial value
+                   "ctkd.ramp_epochs": (config.ctkd.ramp_epochs > 0,  # λ's ramp divides by it
+                                        "positive (epochs until λ reaches 1)")})
+  for key, (in_range, wanted) in ranges.items():
+    value = config[key]
+    if not math.isfinite(value):
+      raise ValueError(f"config.{key} must be a finite number, got {value!r}.")
+    if not in_range:
+      raise ValueError(f"config.{key} must be {wanted}, got {value!r}.")
 
 
 def _kd(z, v, y, *, ce_weight, kd_weight, temperature, ce_logits=None) -> LossTerms:

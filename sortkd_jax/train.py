@@ -809,10 +809,13 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
   # Out of range, these lost epochs (0 kept the best alone, -1 broke the next save) or trained
   # on, diverging (gradient ascent, growing weights), without a word.
   ranges = {"checkpoints_to_keep": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
-            "lr": (lambda v: v > 0, "positive"), "lr_decay_rate": (lambda v: v > 0, "positive"),
+            "lr": (lambda v: v > 0, "positive"),
+            "lr_decay_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
             "weight_decay": (lambda v: v >= 0, "at least 0"),
             "momentum": (lambda v: 0 <= v < 1, "in [0, 1)")}
   for key, (valid, wanted) in ranges.items():
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
       raise ValueError(f"config.{key} must be {wanted}, got {value!r}.")
+    if not math.isfinite(value):
+      raise ValueError(f"config.{key} must be a finite number, got {value!r}.")

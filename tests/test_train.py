@@ -4,6 +4,7 @@ import glob
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -801,11 +802,20 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("ctkd.ramp_epochs", 0, r"config.ctkd.ramp_epochs must be positive \(epochs until λ"),
     ("dkd.warmup_epochs", -20, r"config.dkd.warmup_epochs must be positive \(epochs until DKD"),
     ("lr_decay_epochs", (150, 150), "lr_decay_epochs must be increasing"),
+    # These passed, to a NaN loss blamed on the data (an infinite temperature, θ₀) or to a run
+    # that ascended its KD loss without a word (a negative weight).
+    ("kd.temperature", math.inf, "config.kd.temperature must be a finite number, got inf"),
+    ("ctkd.init", math.nan, "config.ctkd.init must be a finite number, got nan"),
+    ("kd.kd_weight", -0.9, "config.kd.kd_weight must be at least 0, got -0.9"),
+    ("dkd.beta", -8.0, "config.dkd.beta must be at least 0, got -8.0"),
+    ("lskd.dkd_weight_scale", -9.0, "config.lskd.dkd_weight_scale must be at least 0"),
     # Kept as given, these lost epochs (0 kept the best alone, -1 broke the next save) or
     # trained on, diverging (gradient ascent, growing weights).
     ("checkpoints_to_keep", 0, "config.checkpoints_to_keep must be a positive integer, got 0"),
     ("lr", -0.1, "config.lr must be positive, got -0.1"),
-    ("lr_decay_rate", -1.0, "config.lr_decay_rate must be positive, got -1.0"),
+    ("lr_decay_rate", -1.0, r"config.lr_decay_rate must be in \(0, 1\], got -1.0"),
+    ("lr_decay_rate", 10.0, r"config.lr_decay_rate must be in \(0, 1\], got 10.0"),
+    ("lr", math.inf, "config.lr must be a finite number, got inf"),
     ("weight_decay", -1.0, "config.weight_decay must be at least 0, got -1.0"),
     ("momentum", 1.0, r"config.momentum must be in \[0, 1\), got 1.0"),
 ])
