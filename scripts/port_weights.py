@@ -64,6 +64,9 @@ def main():
     raise ValueError(f"--dst {dst!r} would pass for epoch {name} of a training run in "
                      f"{os.path.dirname(folder)}, which could then not resume; choose another "
                      "directory.")
+  unwritable = checkpoint.unwritable_checkpoint_place(checkpoint.write_target(dst))
+  if unwritable:
+    raise ValueError(f"--dst {dst!r} {unwritable}; choose another directory.")
   if os.path.exists(dst) and not FLAGS.overwrite:
     raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it, or "
                           "choose another directory.")

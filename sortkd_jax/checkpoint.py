@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import functools
 import json
 import os
@@ -183,6 +184,9 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
   """
   path = write_target(path)
   models.check_name(arch, "arch")
+  unwritable = unwritable_checkpoint_place(path)
+  if unwritable:
+    raise ValueError(f"{path!r} {unwritable}; choose another path.")
   if os.path.exists(path):
     if not overwrite:
       raise FileExistsError(f"{path!r} already exists; pass overwrite=True (--overwrite) "
@@ -300,6 +304,22 @@ def write_target(path: str | os.PathLike) -> str:
   follows them (a `..` after a linked folder too). Renaming a finished file onto a link would
   replace the link, not what it names, and fail for a directory through a dangling link."""
   return os.path.realpath(os.fspath(path))
+
+
+def unwritable_checkpoint_place(path: str) -> str | None:
+  """Why a checkpoint written at `path` could not be read back, else None. orbax finds its own
+  files with a glob of the path, so below a folder such as `exp[3]` the run saved, finished and
+  reported success, and every epoch was unreadable. TensorStore takes only UTF-8 paths: another
+  name failed at the first save, an epoch in."""
+  place = os.path.abspath(path)  # as orbax has it: a link to such a folder is fine
+  try:
+    place.encode("utf-8")
+  except UnicodeEncodeError:
+    return "is not UTF-8 text, which checkpoints need (TensorStore)"
+  if not fnmatch.fnmatchcase(place, place):
+    return ("holds brackets, [...], which orbax reads as a pattern: the checkpoints written "
+            "there could not be read back")
+  return None
 
 
 def temp_beside(path: str, *, directory: bool, tag: str = "tmp") -> str:

@@ -133,7 +133,8 @@ def _lacking_run_fields(recorded: Any) -> list[str]:
 
 
 def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
-  """Refuses a blank workdir and a filesystem root; one at or inside the data folder the run
+  """Refuses a blank workdir and a filesystem root; a path where checkpoints cannot be
+  written (`checkpoint.unwritable_checkpoint_place`); one at or inside the data folder the run
   reads (its checkpoints/ and tensorboard/ would become class folders of an image folder); one
   holding a config.json that is not a run's, which the run would write over (say, a model
   folder); and one holding a metrics.jsonl without a config.json, which a fresh start would
@@ -143,6 +144,9 @@ def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
   real = os.path.realpath(workdir)
   if os.path.dirname(real) == real:
     raise ValueError(f"--workdir {workdir} is the filesystem root; name a directory for the run.")
+  unwritable = checkpoint.unwritable_checkpoint_place(workdir)
+  if unwritable:
+    raise ValueError(f"--workdir {workdir!r} {unwritable}; choose another --workdir.")
   path = os.path.join(workdir, CONFIG_FILE)
   unsaved = checkpoint.latest_saved_epoch(workdir) is None
   if (unsaved and os.path.isfile(os.path.join(workdir, reporting.METRICS_FILE))

@@ -515,6 +515,11 @@ def test_save_load_model(tmp_path, monkeypatch):
   assert rel_err(loaded(jnp.asarray(x)), ref) < 1e-4
   with pytest.raises(FileExistsError, match="overwrite"):
     checkpoint.save_model(dst, model, arch="vgg11", num_classes=100)
+  # orbax globs its own path on writing: below `x[1]` it wrote a model it could not read back.
+  with pytest.raises(ValueError, match=r"x\[1\]/ckpt' holds brackets, \[...\], which orbax reads "
+                     "as a pattern"):
+    checkpoint.save_model(tmp_path / "x[1]" / "ckpt", model, arch="vgg11", num_classes=100)
+  assert not os.path.exists(tmp_path / "x[1]")
   with pytest.raises(ValueError, match="Unknown arch 'vgg12'. Valid names: resnet8"):
     checkpoint.save_model(dst, model, arch="vgg12", num_classes=100, overwrite=True)
   # An arch or class count the model does not have would write a checkpoint that cannot load.
@@ -801,23 +806,26 @@ def test_eval_script_reads_a_pth_file_as_its_architecture(pth_files):
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "wrong_arch", "wrong_component_arch",
-                                  "wrong_classes", "unknown_arch"])
+                                  "wrong_classes", "unknown_arch", "brackets_in_dst"])
 def test_port_weights_script_errors(pth_files, tmp_path, case):
   args = {"missing": ("resnet8", str(tmp_path / "nope.pth"), []),
           "corrupt": ("resnet8", pth_files["corrupt"], []),
           "wrong_arch": ("resnet20", pth_files["teacher"], []),
           "wrong_component_arch": ("resnet20", pth_files["latest"], ["--component", "teacher"]),
           "wrong_classes": ("resnet8", pth_files["teacher"], ["--num-classes", "10"]),
-          "unknown_arch": ("resnet9", pth_files["teacher"], [])}[case]
+          "unknown_arch": ("resnet9", pth_files["teacher"], []),
+          "brackets_in_dst": ("resnet8", pth_files["teacher"], [])}[case]
   expect = {"missing": "No such checkpoint file",
             "corrupt": "not a readable PyTorch checkpoint",
             "wrong_arch": "does not fit --arch resnet20",
             "wrong_component_arch": "(In a trainer file, --component teacher takes its "
                                     "teacher; is the resnet20 its student?)",
             "wrong_classes": "has 100 classes but num_classes=10",
-            "unknown_arch": "Unknown --arch 'resnet9'. Valid names: resnet8"}[case]
+            "unknown_arch": "Unknown --arch 'resnet9'. Valid names: resnet8",
+            "brackets_in_dst": "out[1]' holds brackets, [...], which orbax reads as a "
+                               "pattern"}[case]
   arch, src, extra = args
-  dst = tmp_path / "out"
+  dst = tmp_path / ("out[1]" if case == "brackets_in_dst" else "out")
   r = port_weights("--arch", arch, "--src", src, "--dst", str(dst), *extra)
   assert r.returncode == 1
   assert expect in r.stderr

@@ -887,6 +887,24 @@ def test_a_workdir_inside_the_image_folder_or_blank_is_refused(teacher_dir, tmp_
   assert not os.path.exists(" ")
 
 
+def test_a_workdir_where_checkpoints_cannot_be_read_back_is_refused(teacher_dir, tmp_path):
+  """Below a folder such as `exp[3]` the run trained, saved, reported its best epoch, and no
+  checkpoint of it could be read (orbax globs its own path); a name that is not UTF-8 failed
+  at the first save, an epoch in."""
+  latin1 = os.fsdecode(bytes(tmp_path) + b"/lat\xe9")
+  for workdir, why in ((str(tmp_path / "my exp[3]" / "run"), r"holds brackets, \[...\]"),
+                       (latin1, "is not UTF-8 text")):
+    with pytest.raises(ValueError, match=f"--workdir .* {why}.*; choose another --workdir"):
+      train.train_and_evaluate(tiny_config("kd", teacher_dir), workdir)
+  assert os.listdir(tmp_path) == []
+  linked = tmp_path / "link"  # orbax has the link's path: the checkpoints read back
+  os.makedirs(tmp_path / "exp[3]")
+  os.symlink(tmp_path / "exp[3]", linked)
+  with tfds.testing.mock_data(num_examples=64):
+    train.train_and_evaluate(tiny_config("vanilla", teacher_dir, num_epochs=1), str(linked))
+  assert checkpoint.TrainCheckpointer(str(linked / "checkpoints")).restore(1)[1]["step"] == 3
+
+
 def test_a_second_run_in_a_busy_workdir_is_refused(teacher_dir, tmp_path):
   """Two runs in one workdir would overwrite each other's checkpoints and logs."""
   import fcntl
