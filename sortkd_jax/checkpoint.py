@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import tempfile
@@ -494,7 +495,7 @@ class TrainCheckpointer:
     others = [s for s in self._manager.all_steps() if s != epoch]
     fallback = ("No other epoch is kept." if not others else
                 f"To use the other kept epochs ({', '.join(map(str, others))}), move it out "
-                f"of the way: mv {broken} {broken}.set-aside")
+                f"of the way: mv {shlex.quote(broken)} {shlex.quote(broken + '.set-aside')}")
     return ValueError(f"The checkpoint of epoch {epoch}, {broken}, {reason}. {fallback}")
 
   def _check_layout(self, epoch: int, saved: Any, target: Any) -> None:
@@ -511,7 +512,7 @@ class TrainCheckpointer:
           f"layout than this version of sortkd-jax resumes "
           f"({'; '.join(d for d in differences if not d.endswith(': '))}), so the run cannot "
           "be continued; it was written by another version. Its student can still be "
-          f"evaluated with scripts/eval.py --checkpoint {os.path.dirname(self.directory)}; "
+          f"evaluated with scripts/eval.py --checkpoint {shlex.quote(os.path.dirname(self.directory))}; "
           "train in a new --workdir.")
     reshaped = [f"{path}: {saved_shapes[path]} in the checkpoint, {target_shapes[path]} now"
                 for path in sorted(saved_paths) if saved_shapes[path] != target_shapes[path]]

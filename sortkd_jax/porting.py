@@ -29,6 +29,7 @@ import io
 import os
 import pickle
 import re
+import shlex
 import tarfile
 import warnings
 import zipfile
@@ -470,7 +471,7 @@ def _trusted_load(path: str, load: Callable[[], Any]) -> Any:
 def _unpickle(torch: Any, path: str, trust_pickle: bool) -> Any:
   """The object in a torch.save file, or in a plain pickle when trusted; tensors stay on CPU."""
   if_trusted = (f"If you trust the file, convert it once with `python scripts/port_weights.py "
-                f"--src {path} --dst DIR --trust_pickle` and use DIR instead (in Python: "
+                f"--src {shlex.quote(path)} --dst DIR --trust_pickle` and use DIR instead (in Python: "
                 "trust_pickle=True).")
   kind = _file_format(path)
   if kind == "zip":
@@ -579,7 +580,7 @@ def load_torch_state_dict(path: str | os.PathLike, component: str | None = None,
       if halves["student"] and halves["teacher"]:
         raise TorchFileError(
             f"{path!r} is a distiller checkpoint holding a student and a teacher: convert the "
-            f"one you mean,\n  python scripts/port_weights.py --src {path} "
+            f"one you mean,\n  python scripts/port_weights.py --src {shlex.quote(path)} "
             "--component teacher --dst DIR\n(or --component student), and use that directory "
             "(scripts/eval.py also takes --component).")
       component = "student" if halves["student"] else "teacher"

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from typing import Any
 
 import jax.numpy as jnp
@@ -34,8 +35,9 @@ def missing_teacher_message(name: str, path: str,
   """What to run to get a `name` teacher: the conversion of its published file, or, for an
   architecture mdistiller publishes no teacher of, a run of this project to train one (on
   `data`, the distillation run's, when given)."""
-  dst = f"teachers/{name}" if path.endswith((".pth", ".pt", ".tar")) else path
-  then_pass = f"\nand pass --config.teacher.checkpoint={dst}" if dst != path else ""
+  a_torch_file = path.endswith((".pth", ".pt", ".tar"))  # converted on the fly: a copy to keep
+  dst = f"teachers/{name}" if a_torch_file else shlex.quote(path)
+  then_pass = f"\nand pass --config.teacher.checkpoint={dst}" if a_torch_file else ""
   if name in TORCHVISION_FILES:
     get = (f"ImageNet teachers are torchvision's v1 files; convert {TORCHVISION_FILES[name]} "
            f"with\n  python scripts/port_weights.py --arch {name} --src "
@@ -73,7 +75,7 @@ def _data_flags(name: str, data: ml_collections.ConfigDict | None) -> str:
     flags.append(f"--config.data.name={data.name}")
   if data.get("data_dir"):
     flags.append(f"--config.data.data_dir={data.data_dir}")
-  return "".join(f" {flag}" for flag in flags)
+  return "".join(f" {shlex.quote(flag)}" for flag in flags)
 
 
 def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | None = None,

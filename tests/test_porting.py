@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -407,11 +408,16 @@ def test_a_symbolic_link_dst_is_written_through(pth_files, tmp_path):
       "a file: choose another path."), out.stderr[-2000:]
 
 
-def test_a_distiller_file_is_loaded_as_one_model_only_with_a_component(pth_files):
+def test_a_distiller_file_is_loaded_as_one_model_only_with_a_component(pth_files, tmp_path):
   """A teacher or eval.py path must not silently take one half of a student+teacher file."""
   from sortkd_jax import teachers
-  with pytest.raises(porting.TorchFileError, match="holding a student and a teacher"):
-    teachers.load_frozen_model(pth_files["latest"], arch="resnet8")
+  spaced = str(tmp_path / "my runs" / "latest.pth")  # the command it prints quotes the path
+  os.makedirs(os.path.dirname(spaced))
+  shutil.copy(pth_files["latest"], spaced)
+  with pytest.raises(porting.TorchFileError, match=(
+      r"holding a student and a teacher: .*\n  python scripts/port_weights.py --src "
+      rf"{re.escape(shlex.quote(spaced))} --component teacher --dst DIR\n")):
+    teachers.load_frozen_model(spaced, arch="resnet8")
   model, _ = teachers.load_frozen_model(pth_files["latest"], arch="resnet8", component="teacher")
   assert not np.any(model.fc.kernel[...])  # the fixture's teacher has a zero classifier
 
@@ -421,11 +427,11 @@ def test_pth_errors(pth_files, tmp_path, monkeypatch):
     porting.load_torch_state_dict(str(tmp_path / "nope.pth"))
   with pytest.raises(porting.TorchFileError, match="corrupt.pth.*not a readable PyTorch"):
     porting.load_torch_state_dict(pth_files["corrupt"])
-  pickled = str(tmp_path / "whole_module.pth")  # torch.save(model): needs full unpickling
+  pickled = str(tmp_path / "whole module.pth")  # torch.save(model): needs full unpickling
   torch.save({"model": torch.nn.Linear(2, 3), "epoch": 1}, pickled)
   with pytest.raises(porting.TorchFileError, match=(
       r"\(Unsupported global: GLOBAL torch\.nn\.modules\.linear\.Linear [^)]*\)\. If you trust "
-      r"the file, convert it once with `python scripts/port_weights.py --src .*whole_module\.pth "
+      r"the file, convert it once with `python scripts/port_weights.py --src '.*whole module\.pth' "
       r"--dst DIR --trust_pickle`")) as err:
     porting.load_torch_state_dict(pickled)
   assert "add_safe_globals" not in str(err.value)  # torch's advice for Python code, not ours

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import time
 import types
 from unittest import mock
@@ -764,6 +765,10 @@ def test_missing_teacher_says_where_teachers_come_from(tmp_path):
   data.folder = "data/cifar10"
   assert ("--config.student.name=resnet8 --config.data.folder=data/cifar10 --workdir runs/"
           "resnet8" in message("resnet8", "x", data))
+  data.folder = "my data/cifar 10"  # the command holds it as one word: quoted
+  assert ("--config.student.name=resnet8 '--config.data.folder=my data/cifar 10' --workdir runs/"
+          "resnet8" in message("resnet8", "x", data))
+  assert "--dst 'my teachers/r56'\n" in message("resnet56", "my teachers/r56")
   data.update(folder=None, name="synthetic", data_dir="/tfds")
   assert ("resnet8 --config.data.name=synthetic --config.data.data_dir=/tfds --workdir" in
           message("resnet8", "x", data))
@@ -1764,6 +1769,7 @@ def _corrupt_arrays(epoch_dir) -> None:
 
 
 def test_unreadable_checkpoint_names_the_epochs_to_fall_back_to(tmp_path):
+  tmp_path = tmp_path / "my runs"  # the command it prints quotes the path
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
   for epoch in (1, 2):
     ckpt.save(epoch, {"w": jnp.arange(1000.0) * epoch},
@@ -1773,17 +1779,19 @@ def test_unreadable_checkpoint_names_the_epochs_to_fall_back_to(tmp_path):
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
   broken = str(tmp_path / "2")
   with pytest.raises(ValueError, match=(rf"epoch 2, {re.escape(broken)}, cannot be read .*"
-                                        rf"other kept epochs \(1\).*mv {re.escape(broken)} ")):
+                                        rf"other kept epochs \(1\).*mv '{re.escape(broken)}' ")):
     ckpt.restore(ckpt.latest_epoch())
   ckpt.close()
   os.remove(tmp_path / "2" / "state" / "_METADATA")  # as in a copy cut short
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
   with pytest.raises(ValueError, match=(rf"epoch 2, {re.escape(broken)}, cannot be read \(its "
                                         r"state/_METADATA is missing: say, a copy cut short\)\. "
-                                        r"To use the other kept epochs \(1\)")):
+                                        r"To use the other kept epochs \(1\)")) as refusal:
     ckpt.restore(ckpt.latest_epoch())
   ckpt.close()
-  os.rename(broken, broken + ".set-aside")  # as the message says
+  command = str(refusal.value).split("move it out of the way: ")[1]
+  subprocess.run(["bash", "-c", command], check=True)  # as the message says
+  assert os.path.isdir(broken + ".set-aside")
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
   state, _ = ckpt.restore(ckpt.latest_epoch())
   ckpt.close()
