@@ -512,8 +512,8 @@ class TrainCheckpointer:
           f"layout than this version of sortkd-jax resumes "
           f"({'; '.join(d for d in differences if not d.endswith(': '))}), so the run cannot "
           "be continued; it was written by another version. Its student can still be "
-          f"evaluated with scripts/eval.py --checkpoint {shlex.quote(os.path.dirname(self.directory))}; "
-          "train in a new --workdir.")
+          "evaluated with scripts/eval.py --checkpoint "
+          f"{shlex.quote(os.path.dirname(self.directory))}; train in a new --workdir.")
     reshaped = [f"{path}: {saved_shapes[path]} in the checkpoint, {target_shapes[path]} now"
                 for path in sorted(saved_paths) if saved_shapes[path] != target_shapes[path]]
     if reshaped:

@@ -470,9 +470,9 @@ def _trusted_load(path: str, load: Callable[[], Any]) -> Any:
 
 def _unpickle(torch: Any, path: str, trust_pickle: bool) -> Any:
   """The object in a torch.save file, or in a plain pickle when trusted; tensors stay on CPU."""
-  if_trusted = (f"If you trust the file, convert it once with `python scripts/port_weights.py "
-                f"--src {shlex.quote(path)} --dst DIR --trust_pickle` and use DIR instead (in Python: "
-                "trust_pickle=True).")
+  if_trusted = ("If you trust the file, convert it once with `python scripts/port_weights.py "
+                f"--src {shlex.quote(path)} --dst DIR --trust_pickle` and use DIR instead (in "
+                "Python: trust_pickle=True).")
   kind = _file_format(path)
   if kind == "zip":
     _check_torch_zip(path)
