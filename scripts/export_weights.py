@@ -41,6 +41,7 @@ def main():
                      "from scripts/port_weights.py (a .pth file is PyTorch already).")
   if not dst.strip():
     raise ValueError("--dst is empty: name the file to write, e.g. student_best.pth.")
+  dst = os.path.expanduser(dst)  # quoted, '~/m.pth' made a folder named ~
   if os.path.isdir(dst) or dst.endswith((os.sep, "/")):
     raise ValueError(f"--dst {dst!r} names a directory; give the file to write, e.g. "
                      f"{os.path.join(dst, 'student_best.pth')}.")

@@ -59,6 +59,7 @@ def main():
     models.check_name(arch, "--arch")
   if not dst.strip():
     raise ValueError("--dst is empty: name the directory to write, e.g. teachers/resnet32x4.")
+  dst = os.path.expanduser(dst)  # quoted, '~/teachers/x' made a folder named ~
   folder, name = os.path.split(checkpoint.write_target(dst))
   if os.path.basename(folder) == checkpoint.TRAIN_CHECKPOINT_DIR and name.isdigit():
     raise ValueError(f"--dst {dst!r} would pass for epoch {name} of a training run in "

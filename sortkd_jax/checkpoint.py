@@ -303,8 +303,9 @@ def load_model(path: str | os.PathLike, *,
 def write_target(path: str | os.PathLike) -> str:
   """The absolute path that writing `path` replaces, its symbolic links followed as `open`
   follows them (a `..` after a linked folder too). Renaming a finished file onto a link would
-  replace the link, not what it names, and fail for a directory through a dangling link."""
-  return os.path.realpath(os.fspath(path))
+  replace the link, not what it names, and fail for a directory through a dangling link. A
+  leading `~` is the home folder (quoted, `--dst '~/m'` made a folder named `~`)."""
+  return os.path.realpath(os.path.expanduser(os.fspath(path)))
 
 
 def unwritable_checkpoint_place(path: str) -> str | None:

@@ -495,8 +495,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config.student` by `config.method` (+Sort), evaluating after every epoch.
 
   Re-running with the same workdir resumes from the latest checkpoint. Returns a summary:
-  best and last test top-1 and the final state (NumPy).
+  best and last test top-1 and the final state (NumPy). A leading `~` is the home folder, as
+  in the data paths: a quoted `--workdir '~/runs/x'` made a folder named `~`.
   """
+  workdir = os.path.expanduser(workdir)
   workdirs.check_place(workdir, config.data)
   with workdirs.lock(workdir), out_of_memory_explained(config):
     return _train_and_evaluate(config, workdir)

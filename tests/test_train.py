@@ -910,6 +910,22 @@ def test_a_workdir_where_checkpoints_cannot_be_read_back_is_refused(teacher_dir,
   assert checkpoint.TrainCheckpointer(str(linked / "checkpoints")).restore(1)[1]["step"] == 3
 
 
+def test_a_leading_tilde_in_a_workdir_or_a_model_path_is_the_home_folder(teacher_dir, tmp_path,
+                                                                        monkeypatch):
+  """Quoted, `--workdir '~/runs/x'` or a model's `--dst '~/m'` made a folder named `~` in the
+  working directory (a trap for `rm -rf ~`); the data paths took `~` as home already."""
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.chdir(tmp_path)
+  os.makedirs(tmp_path / "home")
+  (tmp_path / "home" / "a_file").write_text("")
+  with pytest.raises(ValueError, match=f"--workdir {tmp_path}/home/a_file is a file"):
+    train.train_and_evaluate(tiny_config("kd", teacher_dir), "~/a_file")
+  checkpoint.save_model("~/model", models.create_model("resnet8", 10, rngs=nnx.Rngs(0)),
+                        arch="resnet8", num_classes=10)
+  assert sorted(os.listdir(tmp_path / "home")) == ["a_file", "model"]
+  assert os.listdir(tmp_path) == ["home"]
+
+
 def test_a_second_run_in_a_busy_workdir_is_refused(teacher_dir, tmp_path):
   """Two runs in one workdir would overwrite each other's checkpoints and logs."""
   import fcntl
