@@ -538,6 +538,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   workdirs.check_resumable(config, workdir)
   if (checkpoint.latest_saved_epoch(workdir) or 0) >= config.num_epochs:
     return _finished_run(config, workdir)
+  for unreached in schedule_cut_short(config):
+    logging.warning("config.num_epochs=%d ends the run before %s; if the shorter run is meant "
+                    "to follow the recipe's schedule, set that field for it.",
+                    config.num_epochs, unreached)
   uses_teacher = methods.uses_teacher(config)
   if uses_teacher:
     teachers.check_teacher_exists(config.teacher, config.data)
@@ -766,6 +770,25 @@ def _finished_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                "continue it.", workdir, done, meta["best_top1"], latest)
   return {"best_top1": meta["best_top1"], "last_top1": meta["test_top1"],
           "state": distributed.to_host(state)}
+
+
+def schedule_cut_short(config: ml_collections.ConfigDict) -> list[str]:
+  """What of the recipe's schedule `config.num_epochs` never reaches: an lr decay, DKD's
+  warm-up, CTKD's λ ramp. mdistiller is silent about it, so a run shortened to
+  `--config.num_epochs=100` on a 240-epoch CIFAR recipe trained at a constant lr unawares."""
+  epochs, unread = config.num_epochs, methods.unread_fields(config)
+  unreached = []
+  late = [e for e in config.lr_decay_epochs if e >= epochs]  # the lr decays after epoch e
+  if late:
+    unreached.append(f"the lr decays after epoch {', '.join(map(str, late))} "
+                     f"(config.lr_decay_epochs={tuple(config.lr_decay_epochs)})")
+  if "dkd" not in unread and config.dkd.warmup_epochs > epochs:
+    unreached.append(f"DKD's loss has its full weight, at epoch {config.dkd.warmup_epochs} "
+                     "(config.dkd.warmup_epochs)")
+  if config.method == "ctkd" and config.ctkd.ramp_epochs > epochs:
+    unreached.append(f"CTKD's λ reaches 1, at epoch {config.ctkd.ramp_epochs} "
+                     "(config.ctkd.ramp_epochs)")
+  return unreached
 
 
 def check_config(config: ml_collections.ConfigDict, *, training: bool = True) -> None:

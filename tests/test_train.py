@@ -712,9 +712,11 @@ def test_train_script_trains_and_then_reports_the_finished_run(tmp_path):
   assert (epoch["kind"], epoch["epoch"], epoch["step"], epoch["test_examples"]) == (
       "epoch", 1, 1, 16)
   assert json.load(open(tmp_path / "run" / "config.json"))["lr_decay_epochs"] == [1]
+  assert ("config.num_epochs=1 ends the run before the lr decays after epoch 1 "
+          "(config.lr_decay_epochs=(1,)); if the shorter run" in first.stderr)
   again = run_script("train.py", *args)
   assert again.returncode == 0, again.stderr[-2000:]
-  assert "has finished its 1 epochs" in again.stderr
+  assert "has finished its 1 epochs" in again.stderr and "ends the run before" not in again.stderr
   assert read_metrics(tmp_path / "run") == records
 
 
@@ -830,6 +832,28 @@ def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")  # a refused start leaves no workdir
+
+
+def test_a_run_shorter_than_its_recipes_schedule_is_pointed_out():
+  """mdistiller says nothing: `--config.num_epochs=100` on a 240-epoch recipe trained at a
+  constant lr, and a 10-epoch DKD run never gave DKD's loss its full weight."""
+  config = cifar_dkd.get_config("res56_res20")
+  assert train.schedule_cut_short(config) == []
+  config.num_epochs = 180
+  assert train.schedule_cut_short(config) == [
+      "the lr decays after epoch 180, 210 (config.lr_decay_epochs=(150, 180, 210))"]
+  config.num_epochs = 10
+  assert train.schedule_cut_short(config)[1:] == [
+      "DKD's loss has its full weight, at epoch 20 (config.dkd.warmup_epochs)"]
+  config.method = "kd"  # DKD's group unread
+  assert len(train.schedule_cut_short(config)) == 1
+  config.update(method="ctkd", num_epochs=9, lr_decay_epochs=(1,))
+  assert train.schedule_cut_short(config) == [
+      "CTKD's λ reaches 1, at epoch 10 (config.ctkd.ramp_epochs)"]
+  config.ctkd.base = "dkd"
+  assert len(train.schedule_cut_short(config)) == 2
+  config.num_epochs = 20
+  assert train.schedule_cut_short(config) == []
 
 
 def test_plain_sgd_without_weight_decay_is_a_valid_config(teacher_dir):
