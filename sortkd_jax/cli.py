@@ -115,8 +115,8 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
       flags.FLAGS.config.to_dict()  # a config that failed to load raises only when read
       apply_none_overrides(flags.FLAGS.config)
     return argv
-  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
-    sys.exit(_unknown_field_message(e))
+  except (AttributeError, KeyError, TypeError) as e:  # an override of a field the config lacks
+    sys.exit(_misplaced_override(flag_args) or _unknown_field_message(e))
   except (flags.Error, OSError) as e:
     group = re.search(r"flag --config\.([\w.]+)=(.*): Failed to parse .* as a ConfigDict", str(e))
     if group:  # e.g. --config.teacher=resnet56
@@ -229,12 +229,19 @@ def _take_none_overrides(args: list[str]) -> list[str]:
 def _last_tuple_literal_wins(args: list[str]) -> list[str]:
   """`args` without the overrides of a field that a later `--config.FIELD=(...)` sets whole:
   ml_collections joins every occurrence of a tuple field's flag, so appending
-  `--config.lr_decay_epochs=(7,)` to a command holding `=(5,)` gave (5, 7)."""
+  `--config.lr_decay_epochs=(7,)` to a command holding `=(5,)` gave (5, 7). A bare value after
+  a whole one (`=(5,)`, then `=7`) is refused: joined, it gave (5, 7) too."""
   field = lambda arg: re.match(r"--config\.([\w.]+)=", arg)  # noqa: E731
-  kept = []
+  kept, whole = [], {}
   for arg in args:
-    if field(arg) and arg.partition("=")[2][:1] in ("(", "["):
-      kept = [a for a in kept if not (field(a) and field(a)[1] == field(arg)[1])]
+    name, value = (field(arg)[1], arg.partition("=")[2]) if field(arg) else (None, None)
+    if name and value[:1] in ("(", "["):
+      kept = [a for a in kept if not (field(a) and field(a)[1] == name)]
+      whole[name] = value
+    elif name in whole:
+      raise flags.Error(f"--config.{name} is given whole, {whole[name]}, and then as {value}, "
+                        "which ml_collections would add to it: give the tuple once, e.g. "
+                        f"--config.{name}=({value.rstrip(',')},).")
     kept.append(arg)
   return kept
 
@@ -265,12 +272,15 @@ def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> 
   from ml_collections import config_flags
   if default is not None:  # its overrides are read from sys.argv now
     end = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
-    sys.argv[1:end] = _take_none_overrides(_last_tuple_literal_wins(
-        _expand_tildes(sys.argv[1:end])))
+    try:
+      sys.argv[1:end] = _take_none_overrides(_last_tuple_literal_wins(
+          _expand_tildes(sys.argv[1:end])))
+    except flags.Error as e:
+      sys.exit(f"error: {e}")
   try:
     config_flags.DEFINE_config_file("config", default, help_string, **kwargs)
-  except (AttributeError, KeyError) as e:
-    sys.exit(_unknown_field_message(e, default))
+  except (AttributeError, KeyError, TypeError) as e:
+    sys.exit(_misplaced_override(sys.argv[1:], default) or _unknown_field_message(e, default))
   # A flag of the script, so that --help (the main module's flags) lists it.
   flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])
 
@@ -288,6 +298,42 @@ _MDISTILLER_GROUPS = {
               "--config.num_epochs, --config.lr_decay_epochs, --config.weight_decay and others",
     "distiller": "--config.method, --config.teacher.name, --config.student.name",
 }
+
+
+def _misplaced_override(args: list[str], default: str | None = None) -> str | None:
+  """The error for the first `--config.A.B` whose B is not inside `config.A`, where config.A is
+  a value, not a group of fields (ml_collections said `no field 'float'`, or raised a bare
+  TypeError), or where B is a top-level field (`--config.kd.sort`). `default`: the recipe
+  when `args` name none."""
+  recipe = default
+  for i, arg in enumerate(args):
+    if arg == "--config" and i + 1 < len(args):
+      recipe = args[i + 1]
+    elif arg.startswith("--config="):
+      recipe = arg.partition("=")[2]
+  from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+  try:
+    config = ConfigFileFlagParser(name="config").parse(recipe)
+  except Exception:  # noqa: BLE001 - no recipe to check against: ml_collections' message
+    return None
+  for arg in args:
+    match = re.match(r"--config\.([\w.]+)(?:=|$)", arg)
+    if not match:
+      continue
+    group, *names = None, *match[1].split(".")
+    for depth, name in enumerate(names):
+      path = ".".join(names[:depth + 1])
+      if group is not None and not hasattr(group, "keys"):
+        parent = ".".join(names[:depth])
+        return (f"error: config.{parent} is a value ({type(group).__name__}), not a group of "
+                f"fields: --config.{parent}=VALUE sets it.")
+      container = config if group is None else group
+      if name not in container:
+        if depth and name in config:
+          return f"error: config.{path} does not exist; {name} is top-level: --config.{name}."
+        break
+      group = container[name]
+  return None
 
 
 def _unknown_field_message(e: Exception, default: str | None = None) -> str:

@@ -122,11 +122,41 @@ def test_none_and_whole_tuple_overrides(tmp_path):
                   "--config.steps_per_dispatch=None", "--config.lr_decay_epochs=(5,)",
                   f"--config.lr_decay_epochs={last}")
       assert done.stdout.split()[2:] == ["(7,)"], done.stderr
+    # A bare value after it would be joined to it, (5, 7): refused, as either could be meant.
+    done = show(default, *args, "--config.lr_decay_epochs=(5,)", "--config.lr_decay_epochs=7")
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        "error: --config.lr_decay_epochs is given whole, (5,), and then as 7, which "
+        "ml_collections would add to it: give the tuple once, e.g. "
+        "--config.lr_decay_epochs=(7,)."), done.stderr
+  # Bare values alone are ml_collections' way to give a tuple: joined.
+  done = show("-", "--config", recipe, "--config.lr_decay_epochs=3", "--config.lr_decay_epochs=5")
+  assert done.stdout.split()[2:] == ["(3,", "5)"], done.stderr
   done = show("-", "--config", recipe, "--config.batch_size=none")
   assert done.stderr.strip() == ("error: config.batch_size takes a value, not None (only fields "
                                  "that are None in a recipe take None).")
   done = show("-", "--config", recipe, "--config.data.max_test_exampels=None")
   assert "did you mean 'max_test_examples'?" in done.stderr
+
+
+def test_an_override_inside_a_value_or_of_a_top_level_field_in_a_group_is_named(tmp_path):
+  """`--config.method.sort=True` gave a 35-line TypeError traceback, `--config.lr.x=1` said the
+  config had no field 'float', `--config.kd.sort` that it had no field 'sort'."""
+  script = tmp_path / "show.py"
+  script.write_text("import sys\nfrom absl import flags\nfrom sortkd_jax import cli\n"
+                    "default = sys.argv.pop(1)\n"
+                    "cli.define_config_flag(None if default == '-' else default, 'a recipe')\n"
+                    "cli.run(lambda: print(flags.FLAGS.config.lr))\n")
+  recipe = "configs/cifar_kd.py:res56_res20"
+  for default, args in (("-", ["--config", recipe]), (recipe, [])):  # either way of loading
+    for override, error in (
+        ("--config.method.sort=True", "config.method is a value (str), not a group of fields: "
+                                      "--config.method=VALUE sets it."),
+        ("--config.kd.temperature.x=1", "config.kd.temperature is a value (float), not a group "
+                                        "of fields: --config.kd.temperature=VALUE sets it."),
+        ("--config.kd.sort=True", "config.kd.sort does not exist; sort is top-level: "
+                                  "--config.sort.")):
+      done = run_python(script, default, *args, override, env={"PYTHONPATH": "."}, timeout=60)
+      assert done.returncode == 1 and done.stderr.strip() == f"error: {error}", done.stderr
 
 
 def test_either_spelling_of_a_flag_name_parses():
