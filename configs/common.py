@@ -1,10 +1,11 @@
 """Shared pieces of the experiment recipes: the mdistiller training recipe and the per-pair table.
 
 Each `configs/<dataset>_<method>.py` file builds on these; every loss group (kd, dkd, lskd, ctkd)
-is always present, filled with the pair's published settings, so `--config.method=dkd` on any
-file gives the reference DKD recipe for that pair (KD+LS's per-pair τ and λ_KD, below, come
-only with configs/cifar_lskd.py). Sources: docs/methods.md and §7 of
-docs/mdistiller_spec.md.
+is always present, filled with the pair's published settings, so `--config.method=dkd` on
+configs/cifar_kd.py gives the reference DKD recipe for that pair. Two files set more than their
+method, which a switch keeps: cifar_vanilla.py turns Sort off, and cifar_lskd.py takes KD+LS's
+per-pair τ and λ_KD (below); to switch method, start from the method's own file or a KD one.
+Sources: docs/methods.md and §7 of docs/mdistiller_spec.md.
 """
 
 from __future__ import annotations
