@@ -169,9 +169,11 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
   if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
     raise ValueError(f"The cache directory {cache_dir!r} (config.data.cache_dir) is a file.")
-  digest = hashlib.sha1(folder.encode()).hexdigest()[:12]
+  # The digest tells folders apart: the name keeps a readable prefix, within the 255 bytes a
+  # file name may have (a long folder name was never cached).
+  digest = hashlib.sha1(os.fsencode(folder)).hexdigest()[:12]
   cache_path = os.path.join(cache_dir,
-                            f"{os.path.basename(folder)}-{split}-{decoder}-{digest}.npz")
+                            f"{os.path.basename(folder)[:64]}-{split}-{decoder}-{digest}.npz")
   where = f"image folder {folder}, split {split!r}"
 
   cached = _read_folder_cache(cache_path, fingerprint)

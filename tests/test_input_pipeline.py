@@ -127,6 +127,19 @@ def test_image_folder_labels_follow_sorted_class_dirs_and_cache(tmp_path, monkey
                                                                               "bee", "extra.png"))
 
 
+def test_a_folder_with_a_long_or_a_non_utf8_name(tmp_path):
+  """A long name, whole in the cache's file name, passed the 255-byte limit: never cached. One
+  that is not UTF-8 text failed in TensorFlow, or on a bare codec error."""
+  folder = _make_folder(tmp_path / ("数据" * 40))  # 240 bytes
+  cache = tmp_path / "cache"
+  ip.load_array_split(folder=folder, split="train", cache_dir=str(cache))
+  assert len(os.listdir(cache)) == 1
+  latin1 = os.fsdecode(bytes(tmp_path) + b"/donn\xe9es")
+  os.makedirs(os.path.join(latin1, "train", "ant"))
+  with pytest.raises(ValueError, match=r"donn\\udce9es' is not UTF-8 text, which TensorFlow"):
+    ip.load_array_split(folder=latin1, split="train", cache_dir=str(cache))
+
+
 def test_a_cache_that_cannot_be_written_is_skipped_and_leaves_no_partial_file(
     tmp_path, monkeypatch, caplog):
   """A full disk under the cache stopped training, and each try left a partial file there that
