@@ -621,13 +621,14 @@ def workdir_of(path: str) -> str:
 
 def run_epoch_folder(path: str) -> tuple[str, int] | None:
   """(workdir, epoch) for one kept epoch of a training run, `<workdir>/checkpoints/<epoch>` (as
-  mdistiller's `epoch_N`); None for any other path."""
-  path = os.path.normpath(path)
-  folder, name = os.path.split(path)
-  if (os.path.basename(folder) != TRAIN_CHECKPOINT_DIR or not name.isdigit()
-      or os.path.isfile(os.path.join(path, MODEL_JSON))):  # a ported model named by a number
-    return None
-  return os.path.dirname(folder) or os.curdir, int(name)
+  mdistiller's `epoch_N`), or a link to one (say, `best -> run/checkpoints/7`); None for any
+  other path."""
+  for spelling in (os.path.normpath(path), os.path.realpath(path)):
+    folder, name = os.path.split(spelling)
+    if (os.path.basename(folder) == TRAIN_CHECKPOINT_DIR and name.isdigit()
+        and not os.path.isfile(os.path.join(spelling, MODEL_JSON))):  # a model named by a number
+      return os.path.dirname(folder) or os.curdir, int(name)
+  return None
 
 
 def check_run_epoch_kept(path: str) -> None:

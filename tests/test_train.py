@@ -485,6 +485,9 @@ def test_a_teacher_run_names_its_epoch_and_warns_while_it_is_unfinished(tmp_path
   loaded, meta = teachers.load_frozen_model(third + os.sep, arch="resnet8", num_classes=10)
   assert (meta["epoch"], meta["best"]) == (3, False)
   np.testing.assert_array_equal(loaded.fc.kernel[...], 3 * params["fc"]["kernel"])
+  os.symlink(third, tmp_path / "latest")  # a link to a kept epoch: read as that epoch
+  loaded, meta = teachers.load_frozen_model(str(tmp_path / "latest"), arch="resnet8")
+  assert (meta["epoch"], meta["best"]) == (3, False)
   with pytest.raises(ValueError, match=r"is inside the training run .* or one kept epoch, "
                      r".*checkpoints/<epoch>"):
     teachers.load_frozen_model(os.path.join(third, "state"))
