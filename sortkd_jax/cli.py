@@ -36,6 +36,9 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     signal.signal(signal.SIGINT, _interrupt)
+    # A path with non-ASCII characters printed to an ASCII stdout (PYTHONIOENCODING=ascii, an
+    # old locale) failed the script after its work was written: escaped instead.
+    sys.stdout.reconfigure(errors="backslashreplace")
     if not flags.FLAGS["verbosity"].present:  # --verbosity=1 also logs debug lines
       logging.set_verbosity(logging.INFO)
     quiet_library_info_logs()

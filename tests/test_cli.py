@@ -83,6 +83,15 @@ def test_a_stray_argument_is_refused_not_ignored():
   assert "Unexpected arguments: ['configs/cifar_kd.py']" in done.stderr, done.stderr[-2000:]
 
 
+def test_a_path_printed_to_an_ascii_stdout_is_escaped():
+  """export_weights.py and port_weights.py wrote their file, then failed (status 1) printing
+  its non-ASCII path to an ASCII stdout."""
+  script = "from sortkd_jax import cli\ncli.run(lambda: print('written to /tmp/导出 é'))\n"
+  done = run_python("-c", script, env={"PYTHONIOENCODING": "ascii"}, timeout=60)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout == "written to /tmp/\\u5bfc\\u51fa \\xe9\n"
+
+
 def test_verbosity_1_logs_the_traceback_of_a_known_error():
   script = ("from sortkd_jax import cli\n"
             "def main():\n  raise ValueError('the data folder is empty')\n"
