@@ -275,10 +275,10 @@ def _tfds_as_dataset(builder: Any, data_dir: str | None, **kwargs: Any) -> Any:
 
 def check_folder_split(folder: str, split: str) -> None:
   """Fails early, with what to change, on a missing or empty split or mismatched classes."""
-  try:
+  try:  # else a bare codec error, or tf.data's "Error converting unicode string"
     folder.encode("utf-8")
-  except UnicodeEncodeError:  # else tf.data's "Error converting unicode string", or a bare
-    raise ValueError(f"The image folder {folder!r} is not UTF-8 text, which TensorFlow's "  # codec
+  except UnicodeEncodeError:
+    raise ValueError(f"The image folder {folder!r} is not UTF-8 text, which TensorFlow's "
                      "reader needs: rename it.") from None
   if torchvision_cifar.layout_of(folder):  # only load_array_split reads one
     raise ValueError(f"{folder} is torchvision's CIFAR folder: the CIFAR recipes read it (whole, "

@@ -100,7 +100,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if "ctkd" in config:  # τ = t_start + t_end·sigmoid(θ) lies in (t_start, t_start + t_end)
     ranges.update({"ctkd.t_start": (config.ctkd.t_start > 0, "positive"),
                    "ctkd.t_end": (config.ctkd.t_end >= 0, "at least 0"),
-                   "ctkd.init": (True, "a number"),  # θ's initial value
+                   "ctkd.init": (True, "finite"),  # θ₀: any finite number
                    "ctkd.ramp_epochs": (config.ctkd.ramp_epochs > 0,  # λ's ramp divides by it
                                         "positive (epochs until λ reaches 1)")})
   for key, (in_range, wanted) in ranges.items():
