@@ -256,9 +256,17 @@ def test_teacher_on_a_second_stream_changes_training_only_by_rounding():
   assert 0 < int(metrics_b["teacher_top1"]) == int(metrics_a["teacher_top1"]) < 32
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_dir, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / "nan")
-  config = tiny_config("kd", teacher_dir, lr_decay_rate=1e30)  # epoch 2's lr diverges
+  config = tiny_config("kd", teacher_dir)
+  make_optimizer = train.make_optimizer
+
+  def diverging_from_epoch_2(config, steps_per_epoch):  # an lr "decay" the config check refuses
+    config = config.copy_and_resolve_references()
+    config.lr_decay_rate = 1e30
+    return make_optimizer(config, steps_per_epoch)
+
+  monkeypatch.setattr(train, "make_optimizer", diverging_from_epoch_2)
   with tfds.testing.mock_data(num_examples=64):
     with pytest.raises(FloatingPointError, match=r"The training loss is -?(nan|inf) in epoch 2 "
                        r".*checkpoint of epoch 1, the last with a finite"):
