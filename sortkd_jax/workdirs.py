@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import socket
 from typing import IO, Any, Iterator
 
@@ -67,8 +68,14 @@ def _flock(workdir: str) -> IO[str]:
   try:
     os.makedirs(workdir, exist_ok=True)
     lock = open(os.path.join(workdir, LOCK_FILE), "a+")
-  except OSError as e:
-    raise ValueError(f"--workdir {workdir} cannot be created or written ({e.strerror}).") from e
+  except OSError as e:  # e.g. a read-only mount of a finished run: it can still be evaluated
+    epochs = []
+    with contextlib.suppress(OSError):
+      epochs = checkpoint.saved_epochs(workdir)
+    held = (f" It holds a run saved up to epoch {max(epochs)}: scripts/eval.py --checkpoint "
+            f"{shlex.quote(workdir)} evaluates it without writing there." if epochs else "")
+    raise ValueError(f"--workdir {workdir} cannot be created or written ({e.strerror}).{held}"
+                     ) from e
   try:
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:

@@ -1109,6 +1109,21 @@ def test_workdir_that_is_a_file_is_refused(teacher_dir, tmp_path):
     train.train_and_evaluate(tiny_config("kd", teacher_dir), str(tmp_path / "notes.txt" / "run"))
 
 
+def test_a_run_that_cannot_be_written_to_is_named_as_a_run_to_evaluate(kd_one_epoch, teacher_dir,
+                                                                        tmp_path):
+  """Re-run on a read-only mount, a finished run only said its workdir "cannot be created or
+  written" (here the lock file cannot be opened: a folder stands in its place)."""
+  workdir = str(tmp_path / "my run")
+  shutil.copytree(kd_one_epoch.workdir, workdir)
+  os.remove(os.path.join(workdir, workdirs.LOCK_FILE))
+  os.makedirs(os.path.join(workdir, workdirs.LOCK_FILE))
+  with pytest.raises(ValueError, match=(
+      rf"--workdir {re.escape(workdir)} cannot be created or written \(Is a directory\)\. It "
+      rf"holds a run saved up to epoch 1: scripts/eval.py --checkpoint '{re.escape(workdir)}' "
+      "evaluates it without writing there.")):
+    train.train_and_evaluate(tiny_config("kd", teacher_dir, num_epochs=1), workdir)
+
+
 def test_default_teacher_checkpoint_follows_the_teacher_name():
   config = cifar_kd.get_config("res32x4_res8x4")
   assert config.teacher.checkpoint == "teachers/resnet32x4"
