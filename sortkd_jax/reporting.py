@@ -1,7 +1,7 @@
 """Run output: metrics.jsonl, TensorBoard events and readable console lines (process 0 only).
 
 big_vision-style: one JSON object per log period and per epoch in `<workdir>/metrics.jsonl`
-(and the teacher's, before epoch 1),
+(and one per (re)start saying what it runs on, and the teacher's, before epoch 1),
 `[train] epoch E, step S: name = value, ...` lines on the console, images/s and ETA that leave
 compilation, evaluation and checkpointing out.
 """
@@ -9,9 +9,13 @@ compilation, evaluation and checkpointing out.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import math
 import os
+import platform
+import subprocess
+import sys
 import time
 from typing import Any, Iterator
 
@@ -93,6 +97,11 @@ class Reporter:
     shown = ", ".join(f"{k} = {_fmt(v)}" for k, v in metrics.items() if v is not None)
     logging.info("[%s] epoch %d, step %d: %s", kind, epoch, step, shown)
 
+  def write_start(self, epoch: int, step: int) -> None:
+    """Records what this start (or resume, at `step`) runs on: `run_environment()`."""
+    if self._is_writer:
+      self.write("start", epoch, step, run_environment())
+
   def close(self) -> None:
     with self._failed_write_explained():
       try:
@@ -112,6 +121,46 @@ class Reporter:
       raise OSError(e.errno, f"{e.strerror}: writing the run's metrics in {self._workdir} "
                     "(metrics.jsonl, tensorboard/) failed. Once that is fixed (free space, "
                     "say), re-run the same command: it resumes after the last epoch saved.") from e
+
+
+def run_environment() -> dict[str, Any]:
+  """What a run's numbers depend on besides its config: the code (sortkd-jax's version and, run
+  from a git checkout, its commit, `-dirty` with uncommitted changes), the libraries that
+  compute (TensorFlow and tfds where the input used them), and the devices. Each resume records
+  its own: it may run elsewhere."""
+  env = {"sortkd_jax": _installed_version("sortkd-jax"), "git": _source_commit(),
+         "python": platform.python_version()}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+    env[name.replace("-", "_")] = _installed_version(name)
+  for module in ("tensorflow", "tensorflow_datasets"):  # looked up, never imported here
+    if module in sys.modules:
+      env[module] = getattr(sys.modules[module], "__version__", None)
+  device = jax.devices()[0]
+  return {**env, "platform": device.platform, "device_kind": device.device_kind,
+          "devices": jax.device_count(), "processes": jax.process_count()}
+
+
+def _installed_version(distribution: str) -> str | None:
+  try:
+    return importlib.metadata.version(distribution)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def _source_commit() -> str | None:
+  """`git describe --always --dirty` of the checkout this package runs from; None for an
+  installed copy, or without git."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if not os.path.exists(os.path.join(root, ".git")):
+    return None
+  try:
+    done = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=12"],
+                          capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  if done.returncode != 0:  # e.g. git's "dubious ownership" of another user's checkout
+    return None
+  return done.stdout.strip() or None
 
 
 def _drop_records_after(path: str, step: int) -> None:

@@ -593,6 +593,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   epoch = start_epoch
   try:
+    reporter.write_start(start_epoch, step)
     if teacher is not None and step == 0:  # the teacher's accuracy, on record with the run's
       _record_teacher(config, feed, teacher, teacher_vars, reporter)
     for epoch in range(start_epoch, config.num_epochs + 1):

@@ -163,6 +163,9 @@ def test_two_processes_train_like_one_with_four_devices(four_devices):
   # Logs: written once, by process 0, with the same numbers.
   ref, records = read_metrics(single / "run"), read_metrics(multi / "run")
   assert len(records) == len(ref)
+  start = [(r["devices"], r["processes"]) for r in records if r["kind"] == "start"]
+  assert start == [(4, 2)] and [(r["devices"], r["processes"]) for r in ref
+                                if r["kind"] == "start"] == [(4, 1)]
   epochs = _epochs(multi / "run")
   assert len(epochs) == 1 and epochs[0]["epoch"] == 1
   ref_epoch = _epochs(single / "run")[0]

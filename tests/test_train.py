@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -15,18 +16,21 @@ import types
 from unittest import mock
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
+import jaxlib
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
-from helpers import read_metrics, run_python, run_script
+from helpers import REPO, read_metrics, run_python, run_script
 from sortkd_jax import (augment, checkpoint, distributed, evaluation, imagenet_input,
                         input_pipeline, losses, methods, models, reporting, teachers, train,
                         workdirs)
@@ -120,6 +124,7 @@ def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path, monkeypatc
   records = read_metrics(str(tmp_path / "resumed"))
   assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
   assert [r["kind"] for r in records].count("teacher") == 1  # evaluated once, before epoch 1
+  assert [(r["epoch"], r["step"]) for r in records if r["kind"] == "start"] == [(1, 0), (2, 3)]
   # 3 steps per epoch in dispatches of 2 and 1, a log every 2 steps: windows end at steps 2 and
   # 4 (+1 dispatch: 5) and with each epoch (3, 6), so the resumed run logs the same windows.
   windows = {name: [(r["step"], r["loss"], r["top1"], r["lr"]) for r in read_metrics(
@@ -718,7 +723,18 @@ def test_train_script_trains_and_then_reports_the_finished_run(tmp_path):
           "--config.eval_batch_size=16", "--config.lr_decay_epochs=(1,)"]
   first = run_script("train.py", *args)
   assert first.returncode == 0, first.stderr[-2000:]
-  window, epoch = records = read_metrics(tmp_path / "run")  # a log window ends with its epoch
+  start, window, epoch = records = read_metrics(tmp_path / "run")  # a window ends with its epoch
+  git = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=12"],
+                       capture_output=True, text=True).stdout.strip()
+  with open(os.path.join(REPO, "pyproject.toml")) as f:
+    version = re.search(r'^version = "(.*)"$', f.read(), re.M)[1]
+  assert start == {"kind": "start", "epoch": 1, "step": 0, "sortkd_jax": version,
+                   "git": git if os.path.exists(os.path.join(REPO, ".git")) else None,
+                   "python": platform.python_version(), "jax": jax.__version__,
+                   "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                   "optax": optax.__version__, "orbax_checkpoint": ocp.__version__,
+                   "numpy": np.__version__, "platform": "cpu", "device_kind": "cpu",
+                   "devices": 1, "processes": 1}  # what a run's numbers depend on
   assert (window["kind"], window["step"]) == ("train", 1)
   assert (epoch["kind"], epoch["epoch"], epoch["step"], epoch["test_examples"]) == (
       "epoch", 1, 1, 16)
@@ -1097,7 +1113,7 @@ def test_teacher_with_non_finite_outputs_stops_the_run(tmp_path):
     with pytest.raises(FloatingPointError, match=r"The teacher's test loss is nan: its outputs "
                        r"are not finite, so its weights are damaged \(.*t\)"):
       train.train_and_evaluate(tiny_config("kd", str(tmp_path / "t")), workdir)
-  assert [r["kind"] for r in read_metrics(workdir)] == ["teacher"]
+  assert [r["kind"] for r in read_metrics(workdir)] == ["start", "teacher"]
 
 
 def test_workdir_that_is_a_file_is_refused(teacher_dir, tmp_path):
