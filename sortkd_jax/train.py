@@ -351,9 +351,10 @@ def epoch_plan(num_examples: int, batch_size: int, num_devices: int,
           for i in range(0, full_steps, chunk)]
   if remainder:
     plan.append((1, remainder, full_steps * batch_size))
-  if not plan:
-    raise ValueError(f"The training split has {num_examples} images, fewer than one batch of "
-                     f"{batch_size}; lower config.batch_size.")
+  if not plan:  # fewer images than devices: a smaller batch would not help
+    raise ValueError(f"The training split has {num_examples} images, fewer than the "
+                     f"{num_devices} devices, each of which takes at least one per step: train "
+                     "on more images (config.data.max_train_examples) or fewer devices.")
   return plan
 
 
@@ -415,8 +416,11 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
   plan = epoch_plan(n, batch_size, mesh.size, config.steps_per_dispatch)
   warn_if_slow_on_cpu(plan[0][0])
   steps_per_epoch = sum(k for k, _, _ in plan)
-  logging.info("%d train / %d test images, %d classes; %d steps per epoch.", n,
-               len(test_split.labels), train_split.num_classes, steps_per_epoch)
+  left_out = n - sum(k * b for k, b, _ in plan)
+  logging.info("%d train / %d test images, %d classes; %d steps per epoch%s.", n,
+               len(test_split.labels), train_split.num_classes, steps_per_epoch,
+               f" (each leaves out {left_out} images: its last batch is rounded down to a "
+               f"multiple of the {mesh.size} devices)" if left_out else "")
 
   def epoch_runner(state, teacher, teacher_vars, train_step):
     replicated = NamedSharding(mesh, P())

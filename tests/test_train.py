@@ -708,8 +708,10 @@ def test_epoch_plan_keeps_every_image_but_a_remainder_below_the_device_count():
   assert train.epoch_plan(42, 16, 1, 1) == [(1, 16, 0), (1, 16, 16), (1, 10, 32)]
   assert train.epoch_plan(100, 16, 2, 4) == [(4, 16, 0), (2, 16, 64), (1, 4, 96)]
   assert train.epoch_plan(35, 16, 4, 8) == [(2, 16, 0)]  # 3 images left: fewer than 4 devices
-  with pytest.raises(ValueError, match="fewer than one batch of 16"):
-    train.epoch_plan(3, 16, 4, 1)
+  assert train.epoch_plan(3, 16, 2, 1) == [(1, 2, 0)]  # fewer than a batch: one smaller step
+  with pytest.raises(ValueError, match="has 3 images, fewer than the 4 devices, each of which "
+                     r"takes at least one per step: train on more images \(config.data.max_train"):
+    train.epoch_plan(3, 16, 4, 1)  # a batch of 3 or less would not be divisible by 4 either
   with pytest.raises(ValueError, match="divisible"):
     train.check_divisible_by_devices(10, 4, "config.batch_size")
 
