@@ -9,6 +9,7 @@ TensorFlow is imported lazily, by `tf_and_tfds`, only when data is read, and nev
 accelerators, so the training core does not import it and it takes no GPU memory.
 """
 
+import collections
 import difflib
 import functools
 import os
@@ -218,7 +219,7 @@ def _scan_folder_split(folder: str, split: str, stamp: tuple[tuple[str, int], ..
                        ) -> tuple[Any, "tf.Tensor", "tf.Tensor"]:
   tf, _ = tf_and_tfds()
   builder = _scan_folder(folder, stamp)
-  warn_of_skipped_files(folder, split)
+  check_split_files(folder, split)
   label_id = {name: i for i, name in enumerate(builder.info.features["label"].names)}
   examples = builder._split_examples[split]
   return (builder.info.features, tf.constant([e.image_path for e in examples], tf.string),
@@ -371,15 +372,49 @@ def _split_classes(folder: str) -> dict[str, set[str]]:
           for s in os.scandir(folder) if s.is_dir()}
 
 
-def warn_of_skipped_files(folder: str, split: str) -> None:
-  """Logs the files of a split's class folders that are not images read here (e.g. .webp)."""
-  skipped = [os.path.join(class_dir.path, f.name)
-             for class_dir in os.scandir(os.path.join(folder, split)) if class_dir.is_dir()
-             for f in os.scandir(class_dir.path)
-             if f.is_file() and not f.name.lower().endswith(_IMAGE_EXTENSIONS)]
-  if skipped:
-    logging.warning("Skipping %d files of image folder %s, split %r, that are not %s, e.g. %s.",
-                    len(skipped), folder, split, "/".join(_IMAGE_EXTENSIONS), skipped[0])
+def check_split_files(folder: str, split: str) -> None:
+  """Refuses entries of a class folder that are named like images but are not files (a folder
+  `x.jpg/`: TensorFlow's reader would fail on it mid-run), and logs what of the split is not
+  read (files that are not images, e.g. .webp; files beside the class folders; sub-folders of
+  class folders) and its classes without images."""
+  not_images, loose, nested, not_files = [], [], [], []
+  images = collections.Counter()
+  for class_dir in os.scandir(os.path.join(folder, split)):
+    if not class_dir.is_dir():
+      loose.append(class_dir.path)
+      continue
+    for f in os.scandir(class_dir.path):
+      if not f.name.lower().endswith(_IMAGE_EXTENSIONS):
+        (nested if f.is_dir() else not_images).append(f.path)
+      elif f.is_file():
+        images[class_dir.name] += 1
+      else:
+        not_files.append(f.path)
+  if not_files:
+    raise ValueError(f"Image folder {folder}, split {split!r}: {len(not_files)} entries named "
+                     f"like images are not files, e.g. {sorted(not_files)[0]}; rename or remove "
+                     "them.")
+  where = f"image folder {folder}, split {split!r}"
+  if not_images:
+    logging.warning("Skipping %d files of %s that are not %s, e.g. %s.", len(not_images), where,
+                    "/".join(_IMAGE_EXTENSIONS), sorted(not_images)[0])
+  if loose:
+    logging.warning("Skipping %d files of %s that are not in a class folder, e.g. %s.",
+                    len(loose), where, sorted(loose)[0])
+  if nested:  # torchvision's ImageFolder, which mdistiller uses, reads sub-folders too
+    logging.warning("Skipping the %d sub-folders of class folders of %s, e.g. %s: only the "
+                    "images directly in a class folder are read (unlike torchvision's "
+                    "ImageFolder); move their images up to train on them.", len(nested), where,
+                    sorted(nested)[0])
+  classes = folder_classes(folder)
+  empty = [c for c in classes if not images[c]]
+  if empty:
+    logging.warning("%d of the %d classes have no images in %s: %s.", len(empty), len(classes),
+                    where, ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
+  if len(classes) == 1 and split == "train":
+    logging.warning("Image folder %s has a single class, %s: every prediction is right and "
+                    "nothing is learned. config.data.folder is the dataset's root, holding "
+                    "train/<class>/ and test/<class>/.", folder, classes[0])
 
 
 def split_image_files(folder: str, split: str) -> Iterator[tuple[str, os.DirEntry]]:

@@ -245,7 +245,7 @@ def _decode_folder_with_pil(folder: str, split: str, image_size: int,
   images, and a run the same batches. Labels index the class names sorted over all splits."""
   from PIL import Image
 
-  data_sources.warn_of_skipped_files(folder, split)  # (TF: in data_sources._scan_folder_split)
+  data_sources.check_split_files(folder, split)  # (TF: in data_sources._scan_folder_split)
   class_names = data_sources.folder_classes(folder)
   listed = sorted((class_name, f.name, f.path)
                   for class_name, f in data_sources.split_image_files(folder, split))

@@ -248,20 +248,60 @@ def test_files_that_are_not_read_are_named(tmp_path, caplog, monkeypatch, decode
   if decoder == "pillow":
     monkeypatch.setattr(ip, "_have_tensorflow", lambda: False)
   folder = _make_folder(tmp_path / "data", per_split=(("train", 2), ("test", 1)))
-  (tmp_path / "data" / "train" / "ant" / "photo.webp").write_bytes(b"RIFF")
+  train = tmp_path / "data" / "train"
+  (train / "ant" / "photo.webp").write_bytes(b"RIFF")
+  (train / "README.txt").write_text("beside the class folders")
+  os.makedirs(train / "bee" / "more")  # torchvision's ImageFolder would read it: not tfds'
+  _write_image(str(train / "bee" / "more" / "0.png"), np.zeros((32, 32, 3), np.uint8))
+  os.makedirs(train / "dog")  # an empty class, in every split
+  os.makedirs(tmp_path / "data" / "test" / "dog")
   caplog.set_level(logging.WARNING, logger="absl")
   assert len(ip.load_array_split(folder=folder, split="train",
                                  cache_dir=str(tmp_path / "c")).labels) == 6
   assert len(ip.load_array_split(folder=folder, split="test",
                                  cache_dir=str(tmp_path / "c")).labels) == 3
-  warning = (f"Skipping 1 files of image folder {folder}, split 'train', that are not "
-             ".jpg/.jpeg/.png, e.g. ")
-  assert caplog.text.count(warning) == 1 and "photo.webp" in caplog.text  # not for 'test'
+  where = f"image folder {folder}, split 'train'"
+  warnings = [
+      f"Skipping 1 files of {where} that are not .jpg/.jpeg/.png, e.g. {train}/ant/photo.webp.",
+      f"Skipping 1 files of {where} that are not in a class folder, e.g. {train}/README.txt.",
+      f"Skipping the 1 sub-folders of class folders of {where}, e.g. {train}/bee/more: only the "
+      "images directly in a class folder are read (unlike torchvision's ImageFolder); move "
+      "their images up to train on them.",
+      f"1 of the 4 classes have no images in {where}: dog."]
+  for warning in warnings:
+    assert caplog.text.count(warning) == 1, warning  # not for 'test'
+  assert "classes have no images in image folder" in caplog.text.replace(warnings[-1], "")
   if decoder == "tensorflow":
     caplog.clear()
     sources._scan_folder_split.cache_clear()
-    assert sources.split_info(folder=folder, split="train") == (6, 3)  # the streams' listing
-    assert warning in caplog.text
+    assert sources.split_info(folder=folder, split="train") == (6, 4)  # the streams' listing
+    for warning in warnings:
+      assert warning in caplog.text
+
+
+@pytest.mark.parametrize("decoder", ["tensorflow", "pillow"])
+def test_a_folder_named_like_an_image_is_refused_before_reading(tmp_path, monkeypatch, decoder):
+  if decoder == "pillow":
+    monkeypatch.setattr(ip, "_have_tensorflow", lambda: False)
+  folder = _make_folder(tmp_path / "data", per_split=(("train", 1), ("test", 1)))
+  os.makedirs(tmp_path / "data" / "test" / "cat" / "weird.jpg")
+  with pytest.raises(ValueError, match=r"split 'test': 1 entries named like images are not "
+                     r"files, e.g. .*/test/cat/weird\.jpg; rename or remove them\.$"):
+    ip.load_array_split(folder=folder, split="test", cache_dir=str(tmp_path / "c"))
+  with pytest.raises(ValueError, match="entries named like images are not files"):
+    sources.split_info(folder=folder, split="test")  # the streams' listing (ImageNet)
+
+
+def test_a_folder_of_a_single_class_is_warned_of(tmp_path, caplog):
+  os.makedirs(tmp_path / "train" / "cat")
+  os.makedirs(tmp_path / "test" / "cat")
+  for split in ("train", "test"):
+    _write_image(str(tmp_path / split / "cat" / "0.png"), np.zeros((32, 32, 3), np.uint8))
+  caplog.set_level(logging.WARNING, logger="absl")
+  for split in ("train", "test"):
+    ip.load_array_split(folder=str(tmp_path), split=split, cache_dir=str(tmp_path / "c"))
+  assert caplog.text.count(f"Image folder {tmp_path} has a single class, cat: every prediction "
+                           "is right and nothing is learned.") == 1
 
 
 def test_folder_splits_with_different_classes_are_refused(tmp_path):
@@ -628,10 +668,10 @@ def test_an_image_folder_is_listed_once_while_unchanged(tmp_path, monkeypatch, c
   scans, split_scans = [], []
   image_folder = tfds.ImageFolder
   monkeypatch.setattr(tfds, "ImageFolder", lambda root: scans.append(root) or image_folder(root))
-  warn_of_skipped_files = sources.warn_of_skipped_files
-  monkeypatch.setattr(sources, "warn_of_skipped_files",
+  check_split_files = sources.check_split_files
+  monkeypatch.setattr(sources, "check_split_files",
                       lambda folder, split: split_scans.append(split)
-                      or warn_of_skipped_files(folder, split))
+                      or check_split_files(folder, split))
   common = dict(name=None, folder=folder, global_batch_size=2, image_size=16)
   for _ in range(2):
     imagenet.imagenet_train_dataset(split="train", **common)
