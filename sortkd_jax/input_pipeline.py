@@ -23,6 +23,7 @@ from sortkd_jax import data_sources, torchvision_cifar
 
 if TYPE_CHECKING:
   import ml_collections
+  import PIL.Image
   import tensorflow as tf
 
 
@@ -255,7 +256,7 @@ def _decode_folder_with_pil(folder: str, split: str, image_size: int,
   for path, _ in data_sources.with_progress(files, where, len(files), count=lambda _: 1):
     try:
       with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"))
+        array = _pil_rgb(image)
     except (OSError, SyntaxError, ValueError):  # cut short, not an image, broken PNG chunk
       undecodable.append(path)
       continue
@@ -268,6 +269,16 @@ def _decode_folder_with_pil(folder: str, split: str, image_size: int,
     raise ValueError(f"{where}: {len(bad)} of {len(files)} images are not ({image_size}, "
                      f"{image_size}, 3), e.g. {', '.join(bad[:5])}. {_IMAGE_SIZE_HINT}")
   return np.stack(images), np.array([label for _, label in files], np.int32), class_names
+
+
+def _pil_rgb(image: "PIL.Image.Image") -> np.ndarray:
+  """An opened image as uint8 RGB, as TensorFlow decodes it: a 16-bit greyscale PNG (Pillow's
+  mode I;16, or I) keeps the high byte of each value, where `convert("RGB")` clips to 255.
+  (Pillow already reads other 16-bit PNGs as TF does.)"""
+  if image.mode == "I" or image.mode.startswith("I;16"):
+    grey = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  return np.asarray(image.convert("RGB"))
 
 
 def _folder_fingerprint(folder: str, split: str, decoder: str) -> str:

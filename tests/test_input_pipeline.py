@@ -833,6 +833,11 @@ def test_image_folder_without_tensorflow_decodes_with_pillow(tmp_path, monkeypat
     for i in range(3):
       _write_image(os.path.join(folder, split, "bee-x", f"{i:04d}.png"),
                    np.full((32, 32, 3), 250 - i, np.uint8))
+  # 16-bit PNGs: Pillow's convert("RGB") clips a greyscale one (mode I;16) to white.
+  for channels in (1, 3):
+    values = np.arange(32 * 32 * channels, dtype=np.uint16).reshape(32, 32, channels) * 61
+    tf.io.write_file(os.path.join(folder, "train", "ant", f"deep{channels}.png"),
+                     tf.io.encode_png(values))
   with_tf = ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "c1"))
   monkeypatch.setattr(ip, "_have_tensorflow", lambda: False)
   monkeypatch.setattr(tfds, "ImageFolder", None)  # any use of tfds would fail
