@@ -314,6 +314,21 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def check_same_data_sizes(epoch: int, saved_meta: dict[str, Any], sizes: dict[str, int]
+                          ) -> None:
+  """Refuses to resume on data of another size than the checkpoint's (images added to or
+  removed from `data.folder`, say) where the steps per epoch stay the same: the epochs would
+  train on other data, and the best top-1 compare tests on other images. (Checkpoints of
+  versions before 2026-11-30 record no sizes.)"""
+  changed = [f"{name.split('_')[0]} images: {saved_meta[name]} then, {now} now"
+             for name, now in sizes.items() if saved_meta.get(name, now) != now]
+  if changed:
+    raise ValueError(
+        f"The checkpoint of epoch {epoch} was trained and tested on other data ("
+        f"{'; '.join(changed)}): the data changed since. Resume with the run's own data, or "
+        "train in a new --workdir.")
+
+
 def check_steps_per_epoch(step: int, epoch: int, steps_per_epoch: int) -> None:
   """Refuses to resume when an epoch has another number of steps than when the checkpoint was
   taken: the learning-rate boundaries and the epoch-based weights (DKD's warm-up, CTKD's λ)

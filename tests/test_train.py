@@ -435,6 +435,24 @@ def test_resume_with_another_number_of_steps_per_epoch_is_refused(teacher_dir, k
   workdirs.check_steps_per_epoch(3, 1, 3)
 
 
+def test_resume_on_data_of_another_size_is_refused(teacher_dir, kd_one_epoch, tmp_path):
+  """Images added to or removed from data.folder with the steps per epoch unchanged: the
+  epochs would train on other data, and the best top-1 compare other test sets."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(kd_one_epoch.workdir, workdir)
+  config = tiny_config("kd", teacher_dir, num_epochs=2)
+  with tfds.testing.mock_data(num_examples=36):  # 36 images: 3 steps per epoch, as 40 gave
+    with pytest.raises(ValueError, match=r"^The checkpoint of epoch 1 was trained and tested on "
+                       r"other data \(train images: 40 then, 36 now\): the data changed since\. "
+                       "Resume with the run's own data, or train in a new --workdir.$"):
+      train.train_and_evaluate(config, workdir)
+  assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
+  with pytest.raises(ValueError, match=r"\(test images: 30 then, 29 now\)"):
+    workdirs.check_same_data_sizes(1, {"train_examples": 40, "test_examples": 30},
+                                   {"train_examples": 40, "test_examples": 29})
+  workdirs.check_same_data_sizes(1, {"step": 3}, {"train_examples": 36, "test_examples": 29})
+
+
 def test_a_run_stopped_before_its_first_checkpoint_does_not_bind_its_workdir(teacher_dir,
                                                                            tmp_path):
   """Only a saved epoch ties a workdir to its config: a run stopped in epoch 1 (its
