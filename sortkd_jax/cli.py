@@ -11,7 +11,7 @@ import re
 import signal
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 
@@ -119,7 +119,7 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
       apply_none_overrides(flags.FLAGS.config)
     return argv
   except (AttributeError, KeyError, TypeError) as e:  # an override of a field the config lacks
-    sys.exit(_misplaced_override(flag_args) or _unknown_field_message(e))
+    sys.exit(_misplaced_override(flag_args) or _unknown_field_message(e, args=flag_args))
   except (flags.Error, OSError) as e:
     group = re.search(r"flag --config\.([\w.]+)=(.*): Failed to parse .* as a ConfigDict", str(e))
     if group:  # e.g. --config.teacher=resnet56
@@ -283,7 +283,8 @@ def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> 
   try:
     config_flags.DEFINE_config_file("config", default, help_string, **kwargs)
   except (AttributeError, KeyError, TypeError) as e:
-    sys.exit(_misplaced_override(sys.argv[1:], default) or _unknown_field_message(e, default))
+    sys.exit(_misplaced_override(sys.argv[1:], default)
+             or _unknown_field_message(e, default, sys.argv[1:]))
   # A flag of the script, so that --help (the main module's flags) lists it.
   flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])
 
@@ -339,8 +340,10 @@ def _misplaced_override(args: list[str], default: str | None = None) -> str | No
   return None
 
 
-def _unknown_field_message(e: Exception, default: str | None = None) -> str:
-  """`default`: the config file the overrides were applied to, not named on the command line."""
+def _unknown_field_message(e: Exception, default: str | None = None,
+                           args: Sequence[str] = ()) -> str:
+  """`default`: the config file the overrides were applied to, not named on the command line;
+  `args`: the command line, where the field's whole name is (the error has its last part)."""
   if "has no attribute 'get_config'" in str(e):  # ml_collections' name for the module: no help
     return ("error: the --config file has no get_config(), so it is not a recipe: use one of "
             "configs/cifar_*.py or configs/imagenet_*.py, e.g. "
@@ -355,8 +358,13 @@ def _unknown_field_message(e: Exception, default: str | None = None) -> str:
   if name and name[1].lower() in _MDISTILLER_GROUPS:
     return (f"error: the config has no field {name[1]!r}; for mdistiller's {name[1].upper()}, "
             f"{_MDISTILLER_GROUPS[name[1].lower()]}.")
-  message = (f"error: the config has no field {name[1]!r}." if name else
-             f"error: unknown config field ({e}).")
+  if not name:
+    return f"error: unknown config field ({e})."
+  given = [m[1] for a in args for m in [re.match(rf"--config\.((?:\w+\.)*{name[1]})=", a)] if m]
+  message = f"error: the config has no field {(given or [name[1]])[0]!r}."
+  if name[1] == "num_classes":
+    return message + (" The number of classes is the data's: a folder's class folders, a tfds "
+                      "dataset's labels.")
   if default:
     message += (f" --config is {os.path.relpath(default)} by default; for a field of another "
                 "recipe (e.g. ImageNet's), pass that recipe as --config.")

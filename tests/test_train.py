@@ -1172,6 +1172,9 @@ def test_default_teacher_checkpoint_follows_the_teacher_name():
      "error: the config has no field 'num_epoch'; did you mean 'num_epochs'?"),
     (["--config=configs/cifar_kd.py:NOPE"], "error: Unknown config argument 'NOPE'"),
     (["--config=configs/nope.py"], "error: [Errno 2] No such file"),
+    (["--config=configs/cifar_kd.py", "--config.data.num_classes=10"],  # the whole name
+     "error: the config has no field 'data.num_classes'. The number of classes is the data's: a "
+     "folder's class folders, a tfds dataset's labels."),
 ])
 def test_config_errors_of_the_script_are_one_line(tmp_path, args, message):
   out = run_script("train.py", *args, f"--workdir={tmp_path}")
@@ -1190,7 +1193,7 @@ def test_override_typo_on_a_default_config_is_one_line(tmp_path, script):
   out = run_script(script, "--config.data.manual_dir=/x", cwd=tmp_path)
   assert out.returncode == 1 and "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines()[-1].startswith(
-      "error: the config has no field 'manual_dir'. --config is ")
+      "error: the config has no field 'data.manual_dir'. --config is ")
   assert "by default; for a field of another recipe (e.g. ImageNet's), pass that recipe as " \
       "--config." in out.stderr
 
