@@ -594,10 +594,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     return averages
 
   def write_window() -> None:
-    img_s, eta = reporter.throughput(step, images)
-    reporter.write("train", epoch, step, {**train_averages(sums.take_window()),
-                                          "lr": float(schedule(step - 1)), "img_per_s": img_s,
-                                          "eta_s": eta})
+    averages = train_averages(sums.take_window())  # waits for the window's steps to finish,
+    img_s, eta = reporter.throughput(step, images)  # so that their time is in this window
+    reporter.write("train", epoch, step, {**averages, "lr": float(schedule(step - 1)),
+                                          "img_per_s": img_s, "eta_s": eta})
 
   epoch = start_epoch
   try:

@@ -106,6 +106,26 @@ def test_runlocal_every_method(method, teacher_dir, tmp_path):
     assert 1.0 < epochs[-1]["train_ctkd_temperature"] < 21.0
 
 
+def test_a_throughput_window_holds_the_time_its_steps_take(tmp_path, monkeypatch):
+  """Dispatches return before their steps are done: a window's clock is read once its metrics
+  have come back (here each fetch waits 0.2 s more), else the steps' time fell into the next
+  window, and an epoch's first window showed thousands of images/s."""
+  fetch = train._MetricSums._fetch
+
+  def slow_fetch(self):
+    if self._pending:
+      time.sleep(0.2)
+    fetch(self)
+
+  monkeypatch.setattr(train._MetricSums, "_fetch", slow_fetch)
+  with tfds.testing.mock_data(num_examples=64):
+    train.train_and_evaluate(tiny_config("vanilla", None), str(tmp_path / "run"))
+  windows = [(r["step"], r["img_per_s"]) for r in read_metrics(str(tmp_path / "run"))
+             if r["kind"] == "train"]
+  assert [step for step, _ in windows] == [2, 3, 5, 6] and windows[0][1] is None
+  assert all(rate < 32 / 0.2 for _, rate in windows[1:]), windows  # at most 32 images a window
+
+
 def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path, monkeypatch, caplog):
   """Two epochs straight = epoch 1 (the shared run), then a resumed epoch 2, even after a crash
   mid-save of epoch 2: that leaves only orbax's temporary directory, which resume ignores."""
