@@ -14,6 +14,7 @@ import json
 import os
 import random
 import zipfile
+import zlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -70,6 +71,12 @@ class ArraySplit:
     if self.labels.dtype != np.int32:
       raise ValueError(f"labels must be int32 (see validate_labels); got {self.labels.dtype}.")
     validate_labels(self.labels, self.num_classes)
+
+  def crc32(self) -> int:
+    """CRC-32 of the pixels, then the labels, in order: what a resumed run checks it trains on
+    (0.1 s for CIFAR's 150 MB of train images)."""
+    return zlib.crc32(np.ascontiguousarray(self.labels),
+                      zlib.crc32(np.ascontiguousarray(self.images)))
 
 
 def load_array_split(

@@ -397,7 +397,9 @@ class _Feed:
   """How one run gets its batches: the steps of an epoch, and the test-set evaluator."""
   num_classes: int
   steps_per_epoch: int
-  sizes: dict[str, int]  # {"train_examples": per epoch, "test_examples": per evaluation}
+  # What each checkpoint records of the data, for `workdirs.check_same_data`: the train images
+  # per epoch and test images per evaluation, and, held on the device, a CRC of each split.
+  data_record: dict[str, int]
   evaluate: Callable[[evaluation.Network, PyTree], dict[str, float]]
   # (state, teacher, teacher_vars, train_step) -> ((state, epoch) -> iterator of (state,
   # metric sums, steps taken, images trained on)): built once the state exists, the step being
@@ -448,8 +450,9 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
 
   evaluate, _ = evaluation.make_test_evaluator(config, mesh, dtype=compute_dtype(config),
                                                test_split=test_split)
-  sizes = {"train_examples": n, "test_examples": len(test_split.labels)}
-  return _Feed(train_split.num_classes, steps_per_epoch, sizes, evaluate, epoch_runner)
+  data_record = {"train_examples": n, "test_examples": len(test_split.labels),
+                 "train_crc32": train_split.crc32(), "test_crc32": test_split.crc32()}
+  return _Feed(train_split.num_classes, steps_per_epoch, data_record, evaluate, epoch_runner)
 
 
 def _streaming_feed(config, mesh, batch_size) -> _Feed:
@@ -495,8 +498,9 @@ def _streaming_feed(config, mesh, batch_size) -> _Feed:
 
   evaluate, _ = evaluation.make_test_evaluator(config, mesh, dtype=compute_dtype(config))
   num_test, _ = data_sources.split_info(split=d.test_split, **source)
-  sizes = {"train_examples": n, "test_examples": min(num_test, d.max_test_examples or num_test)}
-  return _Feed(num_classes, steps_per_epoch, sizes, evaluate, epoch_runner)
+  data_record = {"train_examples": n,
+                 "test_examples": min(num_test, d.max_test_examples or num_test)}
+  return _Feed(num_classes, steps_per_epoch, data_record, evaluate, epoch_runner)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -641,7 +645,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       ckpt.save(epoch, state, {"best_top1": best_top1, "test_top1": last_top1, "step": step,
                                "arch": config.student.name, "num_classes": feed.num_classes,
                                "logits_checksum": student_checksum,
-                               "teacher_logits_checksum": teacher_checksum, **feed.sizes})
+                               "teacher_logits_checksum": teacher_checksum, **feed.data_record})
       reporter.stop_timing()
   except KeyboardInterrupt:
     _finish_interrupted(ckpt, workdir, epoch)
@@ -666,7 +670,7 @@ def _resume(ckpt: checkpoint.TrainCheckpointer, state: TrainState,
   ckpt.check_student(latest, meta, state.params["student"], state.batch_stats)
   workdirs.check_steps_per_epoch(int(distributed.to_host(state.step)), latest,
                                  feed.steps_per_epoch)
-  workdirs.check_same_data_sizes(latest, meta, feed.sizes)
+  workdirs.check_same_data(latest, meta, feed.data_record)
   workdirs.check_same_teacher(config.teacher.checkpoint, meta, teacher_checksum,
                               feed.num_classes)
   logging.info("Resuming from %s at epoch %d (best top-1 so far %.2f).", ckpt.directory,

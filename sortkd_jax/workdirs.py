@@ -314,14 +314,21 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def check_same_data_sizes(epoch: int, saved_meta: dict[str, Any], sizes: dict[str, int]
-                          ) -> None:
-  """Refuses to resume on data of another size than the checkpoint's (images added to or
-  removed from `data.folder`, say) where the steps per epoch stay the same: the epochs would
-  train on other data, and the best top-1 compare tests on other images. (Checkpoints of
-  versions before 2026-11-30 record no sizes.)"""
-  changed = [f"{name.split('_')[0]} images: {saved_meta[name]} then, {now} now"
-             for name, now in sizes.items() if saved_meta.get(name, now) != now]
+def check_same_data(epoch: int, saved_meta: dict[str, Any], data_record: dict[str, int]
+                    ) -> None:
+  """Refuses to resume on other data than the checkpoint's (`data.folder` pointed elsewhere, or
+  images added to it) where the steps per epoch stay the same: the epochs would train on other
+  data, and the best top-1 compare tests on other images. `data_record`: the image counts and,
+  for splits held on the device, their CRCs (of pixels, labels and order: a moved folder
+  resumes). Checkpoints of versions before 2026-11-30 record neither."""
+  changed = []
+  for split in ("train", "test"):
+    was, now = (saved_meta.get(f"{split}_examples"), data_record[f"{split}_examples"])
+    crcs = (saved_meta.get(f"{split}_crc32"), data_record.get(f"{split}_crc32"))
+    if was is not None and was != now:
+      changed.append(f"{split} images: {was} then, {now} now")
+    elif None not in crcs and crcs[0] != crcs[1]:
+      changed.append(f"{split} images: as many, but other pixels, labels or order")
   if changed:
     raise ValueError(
         f"The checkpoint of epoch {epoch} was trained and tested on other data ("

@@ -455,23 +455,29 @@ def test_resume_with_another_number_of_steps_per_epoch_is_refused(teacher_dir, k
   workdirs.check_steps_per_epoch(3, 1, 3)
 
 
-def test_resume_on_data_of_another_size_is_refused(teacher_dir, kd_one_epoch, tmp_path):
-  """Images added to or removed from data.folder with the steps per epoch unchanged: the
-  epochs would train on other data, and the best top-1 compare other test sets."""
+def test_resume_on_other_data_is_refused(teacher_dir, kd_one_epoch, tmp_path):
+  """data.folder may change on resume, for moved data; other data (images added, or another
+  folder) with the steps per epoch unchanged is refused: the epochs would train on other data,
+  and the best top-1 compare other test sets."""
   workdir = str(tmp_path / "run")
   shutil.copytree(kd_one_epoch.workdir, workdir)
   config = tiny_config("kd", teacher_dir, num_epochs=2)
+  refusal = (r"^The checkpoint of epoch 1 was trained and tested on other data \({}\): the data "
+             r"changed since\. Resume with the run's own data, or train in a new --workdir\.$")
   with tfds.testing.mock_data(num_examples=36):  # 36 images: 3 steps per epoch, as 40 gave
-    with pytest.raises(ValueError, match=r"^The checkpoint of epoch 1 was trained and tested on "
-                       r"other data \(train images: 40 then, 36 now\): the data changed since\. "
-                       "Resume with the run's own data, or train in a new --workdir.$"):
+    with pytest.raises(ValueError, match=refusal.format("train images: 40 then, 36 now")):
+      train.train_and_evaluate(config, workdir)
+  with tfds.testing.mock_data(num_examples=64, max_value=50):  # as many images, other pixels
+    with pytest.raises(ValueError, match=refusal.format(
+        "train images: as many, but other pixels, labels or order; test images: as many, but "
+        "other pixels, labels or order")):
       train.train_and_evaluate(config, workdir)
   assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
   with pytest.raises(ValueError, match=r"\(test images: 30 then, 29 now\)"):
-    workdirs.check_same_data_sizes(1, {"train_examples": 40, "test_examples": 30},
-                                   {"train_examples": 40, "test_examples": 29})
-  workdirs.check_same_data_sizes(1, {"step": 3}, {"train_examples": 36, "test_examples": 29})
-
+    workdirs.check_same_data(1, {"train_examples": 40, "test_examples": 30},
+                             {"train_examples": 40, "test_examples": 29})
+  workdirs.check_same_data(1, {"step": 3}, {"train_examples": 36, "test_examples": 29,
+                                            "train_crc32": 1, "test_crc32": 2})  # older versions
 
 def test_a_run_stopped_before_its_first_checkpoint_does_not_bind_its_workdir(teacher_dir,
                                                                            tmp_path):
