@@ -97,10 +97,12 @@ class Reporter:
     shown = ", ".join(f"{k} = {_fmt(v)}" for k, v in metrics.items() if v is not None)
     logging.info("[%s] epoch %d, step %d: %s", kind, epoch, step, shown)
 
-  def write_start(self, epoch: int, step: int) -> None:
-    """Records what this start (or resume, at `step`) runs on: `run_environment()`."""
+  def write_start(self, epoch: int, step: int,
+                  config_changes: dict[str, tuple[Any, Any]]) -> None:
+    """Records what this start (or resume, at `step`) runs on, `run_environment()`, and the
+    config fields it changed, `{field: (was, now)}` (config.json holds only the latest)."""
     if self._is_writer:
-      self.write("start", epoch, step, run_environment())
+      self.write("start", epoch, step, {**run_environment(), "config_changes": config_changes})
 
   def close(self) -> None:
     with self._failed_write_explained():
@@ -124,12 +126,12 @@ class Reporter:
 
 
 def run_environment() -> dict[str, Any]:
-  """What a run's numbers depend on besides its config: the code (sortkd-jax's version and, run
-  from a git checkout, its commit, `-dirty` with uncommitted changes), the libraries that
-  compute (TensorFlow and tfds where the input used them), and the devices. Each resume records
-  its own: it may run elsewhere."""
-  env = {"sortkd_jax": _installed_version("sortkd-jax"), "git": _source_commit(),
-         "python": platform.python_version()}
+  """What a run's numbers depend on besides its config: the command, the code (sortkd-jax's
+  version and, run from a git checkout, its commit, `-dirty` with uncommitted changes), the
+  libraries that compute (TensorFlow and tfds where the input used them), the devices and JAX's
+  matmul precision (TF32 or not on GPUs). Each resume records its own: it may run elsewhere."""
+  env = {"argv": sys.argv, "sortkd_jax": _installed_version("sortkd-jax"),
+         "git": _source_commit(), "python": platform.python_version()}
   for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
     env[name.replace("-", "_")] = _installed_version(name)
   for module in ("tensorflow", "tensorflow_datasets"):  # looked up, never imported here
@@ -137,7 +139,8 @@ def run_environment() -> dict[str, Any]:
       env[module] = getattr(sys.modules[module], "__version__", None)
   device = jax.devices()[0]
   return {**env, "platform": device.platform, "device_kind": device.device_kind,
-          "devices": jax.device_count(), "processes": jax.process_count()}
+          "devices": jax.device_count(), "processes": jax.process_count(),
+          "jax_default_matmul_precision": jax.config.jax_default_matmul_precision}
 
 
 def _installed_version(distribution: str) -> str | None:

@@ -547,7 +547,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   launched = time.perf_counter()
   check_config(config)
   distributed.check_same_launch(workdirs.launch_identity(config, workdir))
-  workdirs.check_resumable(config, workdir)
+  config_changes = workdirs.check_resumable(config, workdir)
   if (checkpoint.latest_saved_epoch(workdir) or 0) >= config.num_epochs:
     return _finished_run(config, workdir)
   for unreached in schedule_cut_short(config):
@@ -605,7 +605,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   epoch = start_epoch
   try:
-    reporter.write_start(start_epoch, step)
+    reporter.write_start(start_epoch, step, config_changes)
     if teacher is not None and step == 0:  # the teacher's accuracy, on record with the run's
       _record_teacher(config, feed, teacher, teacher_vars, reporter)
     for epoch in range(start_epoch, config.num_epochs + 1):

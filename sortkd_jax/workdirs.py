@@ -219,11 +219,14 @@ def run_config_of(path: str) -> dict[str, Any] | None:
   return recorded
 
 
-def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses checkpoints that were trained with another recipe."""
+def check_resumable(config: ml_collections.ConfigDict, workdir: str
+                    ) -> dict[str, tuple[Any, Any]]:
+  """Refuses checkpoints that were trained with another recipe. Returns the fields a resume
+  changes, as config.json records them, `{field: (was, now)}`: config.json is then rewritten,
+  and the run's `"kind": "start"` record keeps them."""
   saved_path = os.path.join(workdir, CONFIG_FILE)
   if checkpoint.latest_saved_epoch(workdir) is None:
-    return  # nothing trained yet (or a run stopped in its first epoch): any config may start
+    return {}  # nothing trained yet (or a run stopped in its first epoch): any config may start
   if not os.path.exists(saved_path):  # a run writes it before its first epoch
     raise FileNotFoundError(
         f"{workdir} holds checkpoints (epochs {checkpoint.saved_epochs(workdir)}) but no "
@@ -259,6 +262,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   if unread:
     logging.info("Changed fields that config.method %r does not read, taken as the config "
                  "gives them: %s.", config.method, "; ".join(unread))
+  return {k: (saved.get(k), current.get(k)) for k in sorted({*differ, *added})}
 
 
 def _unread_by_method(config: ml_collections.ConfigDict, key: str) -> bool:

@@ -144,7 +144,9 @@ def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path, monkeypatc
   records = read_metrics(str(tmp_path / "resumed"))
   assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
   assert [r["kind"] for r in records].count("teacher") == 1  # evaluated once, before epoch 1
-  assert [(r["epoch"], r["step"]) for r in records if r["kind"] == "start"] == [(1, 0), (2, 3)]
+  starts = [r for r in records if r["kind"] == "start"]
+  assert [(r["epoch"], r["step"], r["config_changes"]) for r in starts] == [
+      (1, 0, {}), (2, 3, {"num_epochs": [1, 2]})]  # config.json keeps only the latest
   # 3 steps per epoch in dispatches of 2 and 1, a log every 2 steps: windows end at steps 2 and
   # 4 (+1 dispatch: 5) and with each epoch (3, 6), so the resumed run logs the same windows.
   windows = {name: [(r["step"], r["loss"], r["top1"], r["lr"]) for r in read_metrics(
@@ -774,7 +776,9 @@ def test_train_script_trains_and_then_reports_the_finished_run(tmp_path):
                        capture_output=True, text=True).stdout.strip()
   with open(os.path.join(REPO, "pyproject.toml")) as f:
     version = re.search(r'^version = "(.*)"$', f.read(), re.M)[1]
-  assert start == {"kind": "start", "epoch": 1, "step": 0, "sortkd_jax": version,
+  assert start == {"kind": "start", "epoch": 1, "step": 0, "config_changes": {},
+                   "argv": [os.path.join(REPO, "scripts", "train.py"), *args],
+                   "jax_default_matmul_precision": None, "sortkd_jax": version,
                    "git": git if os.path.exists(os.path.join(REPO, ".git")) else None,
                    "python": platform.python_version(), "jax": jax.__version__,
                    "jaxlib": jaxlib.__version__, "flax": flax.__version__,
