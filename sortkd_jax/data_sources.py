@@ -373,11 +373,11 @@ def _split_classes(folder: str) -> dict[str, set[str]]:
 
 
 def check_split_files(folder: str, split: str) -> None:
-  """Refuses entries of a class folder that are named like images but are not files (a folder
-  `x.jpg/`: TensorFlow's reader would fail on it mid-run), and logs what of the split is not
-  read (files that are not images, e.g. .webp; files beside the class folders; sub-folders of
-  class folders) and its classes without images."""
-  not_images, loose, nested, not_files = [], [], [], []
+  """Refuses folders in a class folder that are named like images (`x.jpg/`: TensorFlow's
+  reader would fail on them mid-run), and logs what of the split is not read (files that are
+  not images, e.g. .webp; files beside the class folders; sub-folders of class folders) and
+  its classes without images."""
+  not_images, loose, nested, named_like_images = [], [], [], []
   images = collections.Counter()
   for class_dir in os.scandir(os.path.join(folder, split)):
     if not class_dir.is_dir():
@@ -386,14 +386,14 @@ def check_split_files(folder: str, split: str) -> None:
     for f in os.scandir(class_dir.path):
       if not f.name.lower().endswith(_IMAGE_EXTENSIONS):
         (nested if f.is_dir() else not_images).append(f.path)
-      elif f.is_file():
+      elif f.is_dir():
+        named_like_images.append(f.path)
+      else:  # a file, or a link that only the process reading it finds broken (TF names it)
         images[class_dir.name] += 1
-      else:
-        not_files.append(f.path)
-  if not_files:
-    raise ValueError(f"Image folder {folder}, split {split!r}: {len(not_files)} entries named "
-                     f"like images are not files, e.g. {sorted(not_files)[0]}; rename or remove "
-                     "them.")
+  if named_like_images:
+    raise ValueError(f"Image folder {folder}, split {split!r}: {len(named_like_images)} folders "
+                     f"are named like images, e.g. {sorted(named_like_images)[0]}; rename or "
+                     "remove them.")
   where = f"image folder {folder}, split {split!r}"
   if not_images:
     logging.warning("Skipping %d files of %s that are not %s, e.g. %s.", len(not_images), where,

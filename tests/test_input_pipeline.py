@@ -285,10 +285,10 @@ def test_a_folder_named_like_an_image_is_refused_before_reading(tmp_path, monkey
     monkeypatch.setattr(ip, "_have_tensorflow", lambda: False)
   folder = _make_folder(tmp_path / "data", per_split=(("train", 1), ("test", 1)))
   os.makedirs(tmp_path / "data" / "test" / "cat" / "weird.jpg")
-  with pytest.raises(ValueError, match=r"split 'test': 1 entries named like images are not "
-                     r"files, e.g. .*/test/cat/weird\.jpg; rename or remove them\.$"):
+  with pytest.raises(ValueError, match=r"split 'test': 1 folders are named like images, e\.g\. "
+                     r".*/test/cat/weird\.jpg; rename or remove them\.$"):
     ip.load_array_split(folder=folder, split="test", cache_dir=str(tmp_path / "c"))
-  with pytest.raises(ValueError, match="entries named like images are not files"):
+  with pytest.raises(ValueError, match="folders are named like images"):
     sources.split_info(folder=folder, split="test")  # the streams' listing (ImageNet)
 
 
