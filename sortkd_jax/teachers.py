@@ -256,11 +256,11 @@ def check_same_inputs(path: str, data: ml_collections.ConfigDict, *, arch: str |
 
 
 def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *, image_size: int,
-                 dtype: jnp.dtype = jnp.float32) -> tuple[nnx.Module, dict[str, Any]]:
+                 dtype: jnp.dtype = jnp.float32) -> tuple[nnx.Module, str, int | None]:
   """The frozen teacher of a run: `teacher.name` loaded from `teacher.checkpoint`, its
-  BatchNorms folded into the convolutions if `teacher.fold_batchnorm`, and its
+  BatchNorms folded into the convolutions if `teacher.fold_batchnorm`; its
   `checkpoint.logits_checksum` (of the weights as loaded), by which a resumed run knows its
-  teacher wherever its file now is."""
+  teacher wherever its file now is; and, for a run of this project, the epoch of it used."""
   check_teacher_exists(teacher)
   model, meta = load_frozen_model(teacher.checkpoint, arch=teacher.name,
                                   num_classes=num_classes, dtype=dtype)
@@ -273,4 +273,4 @@ def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *, image_
                                           nnx.to_pure_dict(stats))
   if teacher.get("fold_batchnorm"):
     models.fold_batchnorm(model, (image_size, image_size, 3))
-  return model, checksum
+  return model, checksum, meta.get("epoch")

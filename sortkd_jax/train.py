@@ -569,9 +569,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   steps_per_epoch = feed.steps_per_epoch
   optimizer = make_optimizer(config, steps_per_epoch)
   state, train_graphdef, eval_graphdef = create_train_state(config, feed.num_classes, optimizer)
-  teacher, teacher_vars, teacher_checksum = None, None, None
+  teacher, teacher_vars, teacher_checksum, teacher_epoch = None, None, None, None
   if uses_teacher:
-    teacher_model, teacher_checksum = teachers.load_teacher(
+    teacher_model, teacher_checksum, teacher_epoch = teachers.load_teacher(
         config.teacher, feed.num_classes, image_size=config.data.image_size, dtype=dtype)
     teacher, teacher_vars = evaluation.freeze(teacher_model)
 
@@ -607,7 +607,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   try:
     reporter.write_start(start_epoch, step, config_changes)
     if teacher is not None and step == 0:  # the teacher's accuracy, on record with the run's
-      _record_teacher(config, feed, teacher, teacher_vars, reporter)
+      source = os.path.abspath(os.path.expanduser(config.teacher.checkpoint))
+      _record_teacher(config, feed, teacher, teacher_vars, reporter,
+                      {"checkpoint": source, "run_epoch": teacher_epoch,
+                       "logits_checksum": teacher_checksum})
     for epoch in range(start_epoch, config.num_epochs + 1):
       epoch_start = time.perf_counter()
       if epoch > start_epoch:  # compiled by now: the epoch's first dispatch counts too
@@ -738,11 +741,13 @@ def _stop_unless_finite(loss: float, what: str, cause: str = "", *, epoch: int, 
 
 
 def _record_teacher(config: ml_collections.ConfigDict, feed: _Feed, teacher: evaluation.Network,
-                    teacher_vars: PyTree, reporter: reporting.Reporter) -> None:
-  """Logs the teacher's test accuracy at step 0, and refuses a teacher whose outputs are not
-  finite (damaged weights) before any step is taken."""
+                    teacher_vars: PyTree, reporter: reporting.Reporter,
+                    source: dict[str, Any]) -> None:
+  """Logs the teacher's test accuracy at step 0, with `source` (where it was loaded from: the
+  checkpoint, the epoch of a run, the logits checksum), and refuses a teacher whose outputs are
+  not finite (damaged weights) before any step is taken."""
   teacher_test = feed.evaluate(teacher, teacher_vars)
-  reporter.write("teacher", 0, 0, {"arch": config.teacher.name, **teacher_test})
+  reporter.write("teacher", 0, 0, {"arch": config.teacher.name, **source, **teacher_test})
   if not math.isfinite(teacher_test["test_loss"]):
     raise FloatingPointError(
         f"The teacher's test loss is {teacher_test['test_loss']}: its outputs are not finite, "

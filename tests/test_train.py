@@ -93,8 +93,10 @@ def test_runlocal_every_method(method, teacher_dir, tmp_path):
     assert np.isfinite(r["train_loss"]) and 0 <= r["test_top1"] <= 100
     assert r["test_top5"] >= r["test_top1"]
   assert any(r["kind"] == "train" for r in records)
-  teacher = [(r["arch"], r["step"]) for r in records if r["kind"] == "teacher"]
-  assert teacher == ([] if method == "vanilla" else [("resnet8", 0)])
+  teacher = [(r["arch"], r["step"], r["checkpoint"], r["run_epoch"], r["logits_checksum"])
+             for r in records if r["kind"] == "teacher"]
+  checksum = checkpoint.read_model_metadata(teacher_dir)["logits_checksum"]
+  assert teacher == ([] if method == "vanilla" else [("resnet8", 0, teacher_dir, None, checksum)])
   assert result["best_top1"] == max(r["test_top1"] for r in epochs)
   assert os.path.exists(os.path.join(workdir, "config.json"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "2"
@@ -558,14 +560,14 @@ def test_a_teacher_run_names_its_epoch_and_warns_while_it_is_unfinished(tmp_path
     checkpoint.save_model(ported, model, arch="resnet8", num_classes=10)
     assert teachers.load_frozen_model(ported)[1]["arch"] == "resnet8"
   caplog.set_level(logging.INFO, logger="absl")
-  for path, named, risk in (
-      (str(tmp_path), "epoch 2 of the run in .*, its best \\(test top-1 50.00",
+  for path, epoch, named, risk in (
+      (str(tmp_path), 2, "epoch 2 of the run in .*, its best \\(test top-1 50.00",
        "its best epoch may change"),
-      (third, "epoch 3 of the run in .* \\(test top-1 40.00", "it deletes epoch 3 once")):
+      (third, 3, "epoch 3 of the run in .* \\(test top-1 40.00", "it deletes epoch 3 once")):
     caplog.clear()
     teacher = ml_collections.ConfigDict(dict(name="resnet8", checkpoint=path,
                                              fold_batchnorm=False))
-    teachers.load_teacher(teacher, 10, image_size=32)
+    assert teachers.load_teacher(teacher, 10, image_size=32)[2] == epoch
     assert re.search("Teacher: the student of " + named, caplog.text), caplog.text
     assert f"has finished 3 of its 5 epochs; training on, {risk}" in caplog.text
     assert "export_weights.py --checkpoint " + os.path.join(str(tmp_path), "checkpoints") in (
