@@ -577,7 +577,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR),
                                       keep=config.checkpoints_to_keep)
-  state, start_epoch, best_top1 = _resume(ckpt, state, config, feed, teacher_checksum)
+  state, start_epoch, best_top1, best_epoch = _resume(ckpt, state, config, feed,
+                                                      teacher_checksum)
   workdirs.write_config(config, workdir)  # only now: a refused or failed start keeps the old one
 
   state, teacher_vars = distributed.replicate((state, teacher_vars), mesh)
@@ -638,10 +639,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                           "The student's BatchNorm running statistics have probably diverged. ",
                           epoch=epoch, step=step, ckpt=ckpt)
       last_top1 = test["test_top1"]
-      best_top1 = max(best_top1, last_top1)
+      if best_epoch is None or last_top1 >= best_top1:  # a tie: the latest, as checkpoints keep
+        best_top1, best_epoch = last_top1, epoch
       reporter.write("epoch", epoch, step, {
           **{f"train_{k}": v for k, v in epoch_metrics.items()}, **test,
-          "best_top1": best_top1, "lr": float(schedule(step - 1)),
+          "best_top1": best_top1, "best_epoch": best_epoch, "lr": float(schedule(step - 1)),
           "epoch_time_s": time.perf_counter() - epoch_start})
       student_checksum = checkpoint.logits_checksum(
           config.student.name, feed.num_classes, state.params["student"], state.batch_stats)
@@ -650,6 +652,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                "logits_checksum": student_checksum,
                                "teacher_logits_checksum": teacher_checksum, **feed.data_record})
       reporter.stop_timing()
+    reporter.write("end", epoch, step, {"best_top1": best_top1, "best_epoch": best_epoch,
+                                        "last_top1": last_top1})
   except KeyboardInterrupt:
     _finish_interrupted(ckpt, workdir, epoch)
     raise
@@ -657,18 +661,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     ckpt.close()
     reporter.close()
 
-  logging.info("Best test top-1 %.2f, last %.2f.", best_top1, last_top1)
-  return {"best_top1": best_top1, "last_top1": last_top1, "state": distributed.to_host(state)}
+  logging.info("Best test top-1 %.2f (epoch %d), last %.2f.", best_top1, best_epoch, last_top1)
+  return {"best_top1": best_top1, "best_epoch": best_epoch, "last_top1": last_top1,
+          "state": distributed.to_host(state)}
 
 
 def _resume(ckpt: checkpoint.TrainCheckpointer, state: TrainState,
             config: ml_collections.ConfigDict, feed: _Feed,
-            teacher_checksum: str | None) -> tuple[TrainState, int, float]:
-  """(state, first epoch to run, best test top-1 so far): from the latest checkpoint, once it
-  is checked to be this run's (student bits, steps per epoch, teacher), else the fresh state."""
+            teacher_checksum: str | None) -> tuple[TrainState, int, float, int | None]:
+  """(state, first epoch to run, best test top-1 so far and its epoch): from the latest
+  checkpoint, once it is checked to be this run's (student bits, steps per epoch, teacher),
+  else the fresh state."""
   latest = ckpt.latest_epoch()
   if latest is None:
-    return state, 1, 0.0
+    return state, 1, 0.0, None
   state, meta = ckpt.restore(latest, state)
   ckpt.check_student(latest, meta, state.params["student"], state.batch_stats)
   workdirs.check_steps_per_epoch(int(distributed.to_host(state.step)), latest,
@@ -678,7 +684,7 @@ def _resume(ckpt: checkpoint.TrainCheckpointer, state: TrainState,
                               feed.num_classes)
   logging.info("Resuming from %s at epoch %d (best top-1 so far %.2f).", ckpt.directory,
                latest + 1, meta["best_top1"])
-  return state, latest + 1, meta["best_top1"]
+  return state, latest + 1, meta["best_top1"], ckpt.best_epoch()
 
 
 class _MetricSums:

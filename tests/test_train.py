@@ -343,7 +343,8 @@ def test_a_streamed_batch_is_normalised_with_imagenet_statistics():
 
 def test_best_top1_is_the_best_epoch_not_the_last(teacher_dir, tmp_path, monkeypatch):
   """Epoch 2 scoring below epoch 1 (faked here) leaves best_top1 at epoch 1's, everywhere it is
-  recorded."""
+  recorded; a later epoch that ties it is the best epoch, as the checkpoints keep it (eval.py
+  and export_weights.py use that one), across a resume too."""
   make_evaluator = evaluation.make_evaluator
 
   def evaluator_scoring_50_then_40(*args, **kwargs):
@@ -354,11 +355,17 @@ def test_best_top1_is_the_best_epoch_not_the_last(teacher_dir, tmp_path, monkeyp
   workdir = str(tmp_path / "run")
   with tfds.testing.mock_data(num_examples=64):
     result = train.train_and_evaluate(tiny_config("vanilla", teacher_dir, num_epochs=2), workdir)
-  assert (result["best_top1"], result["last_top1"]) == (50.0, 40.0)
-  epochs = [r for r in read_metrics(workdir) if r["kind"] == "epoch"]
-  assert [(r["test_top1"], r["best_top1"]) for r in epochs] == [(50.0, 50.0), (40.0, 50.0)]
+    assert (result["best_top1"], result["best_epoch"], result["last_top1"]) == (50.0, 1, 40.0)
+    resumed = train.train_and_evaluate(tiny_config("vanilla", teacher_dir, num_epochs=3),
+                                       workdir)  # epoch 3 scores 50 again
+  assert (resumed["best_top1"], resumed["best_epoch"], resumed["last_top1"]) == (50.0, 3, 50.0)
+  records = read_metrics(workdir)
+  assert [(r["test_top1"], r["best_top1"], r["best_epoch"]) for r in records
+          if r["kind"] == "epoch"] == [(50.0, 50.0, 1), (40.0, 50.0, 1), (50.0, 50.0, 3)]
+  assert [(r["epoch"], r["best_top1"], r["best_epoch"], r["last_top1"]) for r in records
+          if r["kind"] == "end"] == [(2, 50.0, 1, 40.0), (3, 50.0, 3, 50.0)]
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
-  assert ckpt.read_meta(2)["best_top1"] == 50.0
+  assert ckpt.read_meta(2)["best_top1"] == 50.0 and ckpt.best_epoch() == 3
   ckpt.close()
 
 
@@ -773,7 +780,8 @@ def test_train_script_trains_and_then_reports_the_finished_run(tmp_path):
           "--config.eval_batch_size=16", "--config.lr_decay_epochs=(1,)"]
   first = run_script("train.py", *args)
   assert first.returncode == 0, first.stderr[-2000:]
-  start, window, epoch = records = read_metrics(tmp_path / "run")  # a window ends with its epoch
+  start, window, epoch, end = records = read_metrics(tmp_path / "run")  # a window ends with its
+  assert (end["kind"], end["epoch"], end["best_epoch"]) == ("end", 1, 1)  # epoch; then the end
   git = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=12"],
                        capture_output=True, text=True).stdout.strip()
   with open(os.path.join(REPO, "pyproject.toml")) as f:
