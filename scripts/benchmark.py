@@ -24,6 +24,7 @@ pipeline.
 
 import collections
 import dataclasses
+import datetime
 import functools
 import glob
 import gzip
@@ -177,6 +178,10 @@ class Bench:
   teacher: evaluation.Network | None
   teacher_vars: Any
   results: list[dict] = dataclasses.field(default_factory=list)
+  # Which code, when: a figure is read long after (reporting.run_environment's `git`).
+  git: str | None = dataclasses.field(default_factory=reporting.source_commit)
+  date: str = dataclasses.field(default_factory=lambda: datetime.datetime.now(
+      datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
   @property
   def dtype(self) -> jnp.dtype:
@@ -190,7 +195,9 @@ class Bench:
     """The setting of every measurement, in each JSON line."""
     config, distilling = self.config, methods.uses_teacher(self.config)
     return {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-            "jax": jax.__version__, "method": config.method,
+            "jax": jax.__version__, "git": self.git, "date": self.date,
+            "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+            "method": config.method,
             "sort": bool(config.sort) and distilling, "student": config.student.name,
             "teacher": config.teacher.name if distilling else None,
             "dtype": config.dtype, "batch_size": self.batch_size, "image_size": self.image_size,

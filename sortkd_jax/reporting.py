@@ -131,7 +131,7 @@ def run_environment() -> dict[str, Any]:
   libraries that compute (TensorFlow and tfds where the input used them), the devices and JAX's
   matmul precision (TF32 or not on GPUs). Each resume records its own: it may run elsewhere."""
   env = {"argv": sys.argv, "sortkd_jax": _installed_version("sortkd-jax"),
-         "git": _source_commit(), "python": platform.python_version()}
+         "git": source_commit(), "python": platform.python_version()}
   for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
     env[name.replace("-", "_")] = _installed_version(name)
   for module in ("tensorflow", "tensorflow_datasets"):  # looked up, never imported here
@@ -150,7 +150,7 @@ def _installed_version(distribution: str) -> str | None:
     return None
 
 
-def _source_commit() -> str | None:
+def source_commit() -> str | None:
   """`git describe --always --dirty` of the checkout this package runs from; None for an
   installed copy, or without git."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,10 +2,13 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 from helpers import run_script
+
+from sortkd_jax import reporting
 
 
 def test_benchmark_script_reports_every_measurement(tmp_path):
@@ -26,6 +29,7 @@ def test_benchmark_script_reports_every_measurement(tmp_path):
                    "part_student_step_without_teacher"]
   for r in records:
     assert r["images_per_s"] > 0 and r["device"] and r["jax"]
+    assert r["git"] == reporting.source_commit() and re.fullmatch(r"20\d\d-.*Z", r["date"])
   train_step = records[0]
   assert (train_step["batch_size"], train_step["steps_per_dispatch"]) == (32, 1)
   assert train_step["compile_s"] > 0 and train_step["sort"] is True
