@@ -114,8 +114,19 @@ def _config():
                        "config.json back beside checkpoints/.")
     return FLAGS.config
   config = ml_collections.ConfigDict(recorded)
-  config.update_from_flattened_dict(FLAGS["config"].override_values)
+  overrides = FLAGS["config"].override_values
+  config.update_from_flattened_dict(overrides)
   cli.apply_none_overrides(config, recipe=FLAGS.config)
+  for field in ("folder", "data_dir"):  # versions before 2026-11-29 kept them as typed
+    path = recorded.get("data", {}).get(field)
+    if (path and "://" not in path and not os.path.isabs(os.path.expanduser(path))
+        and f"data.{field}" not in overrides):
+      logging.warning(
+          "%s records data.%s as the relative path %r (older versions wrote it as given), read "
+          "from this directory as %s: if the run's data is elsewhere, pass "
+          "--config.data.%s=DIR.", os.path.join(checkpoint.workdir_of(FLAGS.checkpoint),
+                                                workdirs.CONFIG_FILE),
+          field, path, os.path.abspath(os.path.expanduser(path)), field)
   return config
 
 

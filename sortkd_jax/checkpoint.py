@@ -483,6 +483,10 @@ class TrainCheckpointer:
                     batch_stats: dict) -> None:
     """Refuses an epoch whose student does not give the logits recorded when it was saved:
     damage that orbax reads back without error."""
+    if "state_crc32" not in meta and not verifiable(meta.get("logits_checksum")):
+      logging.warning("The checkpoint of epoch %d in %s, written by an older sortkd-jax, records "
+                      "no checksum: damage that reads back without error cannot be detected.",
+                      epoch, self.directory)
     mismatch = checksum_mismatch(meta, params, batch_stats)
     if mismatch:
       raise self._unusable(epoch, "does not give the student's logits recorded when it was "

@@ -276,7 +276,13 @@ def check_same_teacher(teacher_path: str, saved_meta: dict[str, Any],
   """Refuses to resume with another teacher than the run's so far: teacher.checkpoint may
   change on resume (its files moved), the teacher's weights may not."""
   recorded = saved_meta.get("teacher_logits_checksum")
-  if checksum is None or not checkpoint.verifiable(recorded):  # no teacher, or an older run
+  if checksum is None:  # no teacher
+    return
+  if not checkpoint.verifiable(recorded):  # a run of a version before 2026-11-29
+    logging.warning(
+        "This run's checkpoints, written by an older sortkd-jax, record no teacher checksum "
+        "that can be checked: nothing tells whether %s is the teacher it was distilled from so "
+        "far. Resume only with that teacher.", teacher_path)
     return
   if not checkpoint.same_logits(recorded, checksum, num_classes):
     raise ValueError(

@@ -197,6 +197,23 @@ def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
       "CIFAR's normalisation"), imagenet.stderr[-2000:]
 
 
+def test_a_relative_data_path_of_an_older_run_is_pointed_out(tmp_path):
+  """Runs of versions before 2026-11-29 recorded data paths as typed, relative to where they
+  ran; read from elsewhere, a missing (or other) folder needed explaining."""
+  workdir = _save_run(tmp_path / "run", [30.0])
+  config = cifar_vanilla.get_config()
+  config.data.folder = "../data/cifar10_jpeg"
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort())
+  os.makedirs(tmp_path / "elsewhere")
+  out = run_script("eval.py", "--checkpoint", workdir, cwd=tmp_path / "elsewhere")
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert (f"{workdir}/config.json records data.folder as the relative path "
+          f"'../data/cifar10_jpeg' (older versions wrote it as given), read from this directory "
+          f"as {tmp_path / 'data' / 'cifar10_jpeg'}: if the run's data is elsewhere, pass "
+          "--config.data.folder=DIR.") in out.stderr
+
+
 def test_a_model_with_non_finite_outputs_is_an_error(tmp_path):
   """Its figures are printed (the loss as null), then one error line; NaN logits never count as
   correct."""

@@ -216,6 +216,28 @@ def test_resume_takes_the_teacher_moved_but_not_another_one(teacher_dir, kd_one_
   assert [r["epoch"] for r in read_metrics(workdir) if r["kind"] == "epoch"] == [1, 2]
 
 
+def test_checks_that_older_checkpoints_cannot_have_are_warned_about(teacher_dir, tmp_path,
+                                                                    caplog):
+  """Runs of early versions recorded no teacher checksum and no state checksums: resuming
+  them cannot tell another teacher or read-back damage, which is said, not passed over."""
+  caplog.set_level(logging.WARNING, logger="absl")
+  checksum = checkpoint.read_model_metadata(teacher_dir)["logits_checksum"]
+  workdirs.check_same_teacher(teacher_dir, {"teacher_logits_checksum": checksum}, checksum, 100)
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "checkpoints"))
+  _, _, params, batch_stats = train.split_student(checkpoint.load_model(teacher_dir)[0])
+  ckpt.check_student(1, {"logits_checksum": checksum, "arch": "resnet8", "num_classes": 100},
+                     params, batch_stats)
+  assert caplog.text == ""
+  workdirs.check_same_teacher(teacher_dir, {"best_top1": 3.0}, checksum, 100)
+  assert (f"record no teacher checksum that can be checked: nothing tells whether {teacher_dir} "
+          "is the teacher it was distilled from so far.") in caplog.text
+  ckpt.check_student(1, {"arch": "resnet8", "num_classes": 100}, {}, {})
+  ckpt.close()
+  assert (f"The checkpoint of epoch 1 in {tmp_path / 'checkpoints'}, written by an older "
+          "sortkd-jax, records no checksum: damage that reads back without error cannot be "
+          "detected.") in caplog.text
+
+
 def test_steps_per_dispatch_does_not_change_training(teacher_dir, kd_one_epoch, tmp_path):
   """Several steps per dispatch (the teacher run once on all their batches) = one by one."""
   assert kd_one_epoch.config.steps_per_dispatch == 2  # tiny_config's
