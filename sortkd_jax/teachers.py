@@ -256,7 +256,7 @@ def check_same_inputs(path: str, data: ml_collections.ConfigDict, *, arch: str |
 
 
 def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *, image_size: int,
-                 dtype: jnp.dtype = jnp.float32) -> tuple[nnx.Module, str, int | None]:
+                 dtype: jnp.dtype = jnp.float32) -> tuple[nnx.Module, dict[str, Any], int | None]:
   """The frozen teacher of a run: `teacher.name` loaded from `teacher.checkpoint`, its
   BatchNorms folded into the convolutions if `teacher.fold_batchnorm`; its
   `checkpoint.logits_checksum` (of the weights as loaded), by which a resumed run knows its

@@ -668,7 +668,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 def _resume(ckpt: checkpoint.TrainCheckpointer, state: TrainState,
             config: ml_collections.ConfigDict, feed: _Feed,
-            teacher_checksum: str | None) -> tuple[TrainState, int, float, int | None]:
+            teacher_checksum: dict[str, Any] | None
+            ) -> tuple[TrainState, int, float, int | None]:
   """(state, first epoch to run, best test top-1 so far and its epoch): from the latest
   checkpoint, once it is checked to be this run's (student bits, steps per epoch, teacher),
   else the fresh state."""
