@@ -1,5 +1,6 @@
 """Session set-up shared by every test module."""
 
+import os
 import tempfile
 
 import pytest
@@ -15,4 +16,23 @@ def temporary_files_under_pytest(tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(tempfile, "tempdir", where)
     patch.setenv("TMPDIR", where)
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compilation_cache_shared_by_the_run(tmp_path_factory):
+  """One JAX persistent compilation cache for the run's test processes and their subprocesses:
+  the tests compile the same tiny programs again and again (each script in a subprocess compiles
+  its steps anew), and XLA's compile time is most of their time on a CPU. Only the machine code
+  is reused; tracing, lowering and every run's work are the tests' own."""
+  import jax
+
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  where = str(root / "jax-compilation-cache")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("JAX_COMPILATION_CACHE_DIR", where)
+    patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     yield
