@@ -31,7 +31,8 @@ class Reporter:
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
     """`start_step`: the step the run (re)starts from. What an interrupted run logged after it
     is dropped, as it is about to be logged again; from step 0, that is everything (the
-    teacher's record at step 0 too)."""
+    teacher's record at step 0 too). So is an `"end"` record: a run resumed after its end (a
+    raised num_epochs) has not ended, and its start record names the change."""
     self._is_writer = jax.process_index() == 0
     self._workdir = workdir
     self._total_steps = total_steps
@@ -167,19 +168,20 @@ def source_commit() -> str | None:
 
 
 def _drop_records_after(path: str, step: int) -> None:
-  """Keeps the records up to `step`; a line cut short by a crash goes too."""
+  """Keeps the records up to `step` but the `"end"` one; a line cut short by a crash goes too."""
   if not os.path.exists(path):
     return
   with open(path) as f:
     lines = f.readlines()
 
-  def up_to_step(line: str) -> bool:
+  def keeps(line: str) -> bool:
     try:
-      return json.loads(line)["step"] <= step
+      record = json.loads(line)
+      return record["step"] <= step and record["kind"] != "end"
     except (ValueError, KeyError, TypeError):
       return False
 
-  kept = [line for line in lines if up_to_step(line)]
+  kept = [line for line in lines if keeps(line)]
   if len(kept) < len(lines):
     with open(path + ".tmp", "w") as f:
       f.writelines(kept)

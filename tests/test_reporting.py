@@ -50,6 +50,18 @@ def test_restart_drops_what_was_logged_after_the_resumed_step(tmp_path):
   assert _records(tmp_path) == [] and _tensorboard_losses(tmp_path) == []
 
 
+def test_a_run_resumed_after_its_end_loses_its_end_record(tmp_path):
+  """A finished run extended (a raised num_epochs) has not ended: its old `"end"` record, at
+  the resumed step, would say it had (and a jq `select(.kind == "end")` would print two)."""
+  first = reporting.Reporter(str(tmp_path), total_steps=16)
+  for kind, step in (("train", 4), ("epoch", 8), ("epoch", 16), ("end", 16)):
+    first.write(kind, 1 + (step - 1) // 8, step, {"loss": 1.0})
+  first.close()
+  extended = reporting.Reporter(str(tmp_path), total_steps=24, start_step=16)
+  extended.close()
+  assert _records(tmp_path) == [("train", 4, 1.0), ("epoch", 8, 1.0), ("epoch", 16, 1.0)]
+
+
 def test_throughput_and_eta_count_only_the_timed_steps(tmp_path, monkeypatch):
   clock = iter([10.0, 12.0, 13.0, 13.5])  # start, then readings
   monkeypatch.setattr(reporting.time, "perf_counter", lambda: next(clock))
