@@ -646,17 +646,48 @@ def check_run_epoch_kept(path: str) -> None:
 def load_student_from_workdir(workdir: str, *, epoch: int | None = None,
                               dtype: jnp.dtype = jnp.float32) -> tuple[nnx.Module, dict[str, Any]]:
   """The student of a training run at `epoch`, by default its best (the latest among ties), in
-  eval mode, and its metadata with that `epoch` and whether it is the `best`."""
+  eval mode, and its metadata with that `epoch` and whether it is the `best`.
+
+  A run still training deletes its best epoch once it has saved a better one, which may be while
+  that one is read (by eval.py, export_weights.py or a run using it as its teacher): the read
+  then fails, and the new best is read instead."""
+  for attempt in range(_BEST_EPOCH_READS):
+    ckpt = TrainCheckpointer(os.path.join(workdir, TRAIN_CHECKPOINT_DIR))
+    try:
+      if epoch is not None:
+        check_epoch_kept(workdir, epoch)
+      chosen = ckpt.best_epoch() if epoch is None else epoch
+      try:
+        state, meta = ckpt.restore(chosen)
+        ckpt.check_student(chosen, meta, state["params"]["student"], state["batch_stats"])
+      except ValueError:
+        if epoch is not None:
+          check_epoch_kept(workdir, epoch)  # deleted meanwhile: said as such
+        elif attempt + 1 < _BEST_EPOCH_READS and _best_epoch_now(workdir) not in (chosen, None):
+          logging.info("Epoch %d of %s was deleted while it was read, as the run saved a better "
+                       "one: reading that.", chosen, workdir)
+          continue
+        raise
+      best = ckpt.best_epoch()
+    finally:
+      ckpt.close()
+    student = models.model_from_pure_dicts(meta["arch"], meta["num_classes"],
+                                           state["params"]["student"], state["batch_stats"],
+                                           dtype=dtype)
+    return student, {**meta, "epoch": chosen, "best": chosen == best}
+
+
+# A run saves a better epoch at most once per epoch it trains, so two reads in a row that lose
+# their epoch to it would need epochs shorter than a read.
+_BEST_EPOCH_READS = 3
+
+
+def _best_epoch_now(workdir: str) -> int | None:
+  """The best epoch a run keeps now (a checkpointer lists the epochs only when it opens)."""
   ckpt = TrainCheckpointer(os.path.join(workdir, TRAIN_CHECKPOINT_DIR))
   try:
-    if epoch is not None:
-      check_epoch_kept(workdir, epoch)
-    epoch = ckpt.best_epoch() if epoch is None else epoch
-    state, meta = ckpt.restore(epoch)
-    ckpt.check_student(epoch, meta, state["params"]["student"], state["batch_stats"])
-    best = ckpt.best_epoch()
+    return ckpt.best_epoch()
+  except FileNotFoundError:
+    return None
   finally:
     ckpt.close()
-  return models.model_from_pure_dicts(meta["arch"], meta["num_classes"],
-                                      state["params"]["student"], state["batch_stats"],
-                                      dtype=dtype), {**meta, "epoch": epoch, "best": epoch == best}

@@ -25,19 +25,48 @@ def _resnet8(seed=0, nan=False):
   return model
 
 
-def _save_run(workdir, top1s):
-  """A training workdir whose epochs 1, 2, ... have these test top-1s, as the trainer saves."""
+def _save_run(workdir, top1s, first_epoch=1):
+  """A training workdir whose epochs first_epoch, ... have these test top-1s, as the trainer
+  saves them (keeping the latest two and the best)."""
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR))
-  for epoch, top1 in enumerate(top1s, 1):
+  for epoch, top1 in enumerate(top1s, first_epoch):
     _, params, stats = nnx.split(_resnet8(epoch), nnx.Param, nnx.BatchStat)
     state = {"params": {"student": nnx.to_pure_dict(params)},
              "batch_stats": nnx.to_pure_dict(stats), "step": jnp.int32(epoch)}
-    ckpt.save(epoch, state, {"best_top1": max(top1s[:epoch]), "test_top1": top1, "step": epoch,
-                             "arch": "resnet8", "num_classes": 100})
+    ckpt.save(epoch, state, {"best_top1": max(top1s[:epoch - first_epoch + 1]),
+                             "test_top1": top1, "step": epoch, "arch": "resnet8",
+                             "num_classes": 100})
   ckpt.close()
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(cifar_vanilla.get_config().to_json_best_effort())
   return str(workdir)
+
+
+def test_an_epoch_deleted_by_its_training_run_while_read_is_not_called_damaged(tmp_path,
+                                                                              monkeypatch):
+  """A run still training saves a better epoch and deletes its old best while eval.py (or
+  export_weights.py, or a run using it as its teacher) reads that one: the new best is read.
+  An epoch named by the user and deleted meanwhile is said to be gone, not damaged."""
+  workdir = _save_run(tmp_path / "run", [50.0, 40.0])  # keeps 1 (the best) and 2
+  restore = checkpoint.TrainCheckpointer.restore
+  saved_meanwhile = []  # (epoch, top1) the run saves during the next read
+
+  def restore_as_the_run_saves_a_better_epoch(self, epoch, target=None):
+    while saved_meanwhile:
+      next_epoch, top1 = saved_meanwhile.pop()
+      _save_run(workdir, [top1], first_epoch=next_epoch)
+    return restore(self, epoch, target)
+
+  monkeypatch.setattr(checkpoint.TrainCheckpointer, "restore",
+                      restore_as_the_run_saves_a_better_epoch)
+  saved_meanwhile.append((3, 60.0))  # deleting epoch 1
+  _, meta = checkpoint.load_student_from_workdir(workdir)
+  assert (meta["epoch"], meta["best"], meta["test_top1"]) == (3, True, 60.0)
+  assert checkpoint.saved_epochs(workdir) == [2, 3]
+  saved_meanwhile.append((4, 70.0))  # deleting epoch 2
+  with pytest.raises(FileNotFoundError, match=r"keeps no checkpoint of epoch 2; it keeps "
+                     r"epochs 3, 4\.$"):
+    checkpoint.load_student_from_workdir(workdir, epoch=2)
 
 
 def _last_json(out):
