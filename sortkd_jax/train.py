@@ -650,7 +650,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       ckpt.save(epoch, state, {"best_top1": best_top1, "test_top1": last_top1, "step": step,
                                "arch": config.student.name, "num_classes": feed.num_classes,
                                "logits_checksum": student_checksum,
-                               "teacher_logits_checksum": teacher_checksum, **feed.data_record})
+                               "teacher_logits_checksum": teacher_checksum,
+                               "teacher_run_epoch": teacher_epoch, **feed.data_record})
       reporter.stop_timing()
     reporter.write("end", epoch, step, {"best_top1": best_top1, "best_epoch": best_epoch,
                                         "last_top1": last_top1})

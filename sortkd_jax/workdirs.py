@@ -290,12 +290,27 @@ def check_same_teacher(teacher_path: str, saved_meta: dict[str, Any],
         f"logits checksum: {checkpoint.describe_checksum(checksum)}; the run's teacher: "
         f"{checkpoint.describe_checksum(recorded)}). teacher.checkpoint may change on resume "
         "only to where the same weights are now; for another teacher, use a new --workdir."
-        + (f" A run as teacher means its best epoch, which changes if that run trains on: "
-           f"pass the epoch this run was distilled from, if {teacher_path} still keeps it "
-           f"(epochs {checkpoint.saved_epochs(teacher_path)}), as --config.teacher.checkpoint="
-           f"{os.path.join(teacher_path, checkpoint.TRAIN_CHECKPOINT_DIR, 'EPOCH')} (the "
-           "run's log names it: 'Teacher: the student of epoch ...')."
+        + (_teacher_run_advice(teacher_path, saved_meta.get("teacher_run_epoch"))
            if checkpoint.is_train_workdir(teacher_path) else ""))
+
+
+def _teacher_run_advice(teacher_path: str, distilled_from: int | None) -> str:
+  """What to pass for a run as teacher whose best epoch has changed since this run began: the
+  epoch it was distilled from (recorded by checkpoints since 2026-11-30), if still kept."""
+  kept = checkpoint.saved_epochs(teacher_path)
+  epochs = os.path.join(teacher_path, checkpoint.TRAIN_CHECKPOINT_DIR)
+  if distilled_from is None:
+    return (" A run as teacher means its best epoch, which changes if that run trains on: pass "
+            f"the epoch this run was distilled from, if {teacher_path} still keeps it (epochs "
+            f"{kept}), as --config.teacher.checkpoint={os.path.join(epochs, 'EPOCH')} (the run's "
+            "log names it: 'Teacher: the student of epoch ...').")
+  if distilled_from in kept:
+    return (f" This run was distilled from epoch {distilled_from} of that run: pass "
+            f"--config.teacher.checkpoint={os.path.join(epochs, str(distilled_from))}.")
+  return (f" This run was distilled from epoch {distilled_from} of that run, which it no longer "
+          f"keeps (it keeps epochs {kept}), so this run cannot be resumed with its teacher. Next "
+          "time, let a teacher's run finish first, or freeze the epoch used as a file "
+          "(scripts/export_weights.py).")
 
 
 # Recorded as absolute paths: eval.py, and a run taking this one as its teacher, read the run's

@@ -192,6 +192,7 @@ def test_resume_takes_the_teacher_moved_but_not_another_one(teacher_dir, kd_one_
   _, meta = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).restore(1)
   assert meta["teacher_logits_checksum"] == checkpoint.read_model_metadata(
       teacher_dir)["logits_checksum"]
+  assert meta["teacher_run_epoch"] is None  # a ported model, not a run's epoch
   other = str(tmp_path / "other_teacher")
   checkpoint.save_model(other, models.create_model("resnet8", 100, rngs=nnx.Rngs(7)),
                         arch="resnet8", num_classes=100)
@@ -214,6 +215,26 @@ def test_resume_takes_the_teacher_moved_but_not_another_one(teacher_dir, kd_one_
     shutil.copytree(teacher_dir, moved)
     train.train_and_evaluate(tiny_config("kd", moved, num_epochs=2), workdir)
   assert [r["epoch"] for r in read_metrics(workdir) if r["kind"] == "epoch"] == [1, 2]
+
+
+def test_a_refused_run_as_teacher_names_the_epoch_the_student_was_distilled_from(teacher_dir,
+                                                                                kd_one_epoch):
+  """A run as teacher whose best epoch changed since the student began: the refusal names the
+  epoch the student's checkpoints record, to pass if that run still keeps it, else says the
+  student cannot be resumed with its teacher; checkpoints without it get the general advice."""
+  recorded = checkpoint.read_model_metadata(teacher_dir)["logits_checksum"]
+  now = {**recorded, "sum": recorded["sum"] + 100.0}  # the run's best epoch since
+  a_run = kd_one_epoch.workdir  # keeps epoch 1
+  for distilled_from, advice in (
+      (1, re.escape("This run was distilled from epoch 1 of that run: pass "
+                    f"--config.teacher.checkpoint={os.path.join(a_run, 'checkpoints', '1')}.")
+       + "$"),
+      (7, re.escape("This run was distilled from epoch 7 of that run, which it no longer keeps "
+                    "(it keeps epochs [1]), so this run cannot be resumed with its teacher.")),
+      (None, r"A run as teacher means its best epoch, .* still keeps it \(epochs \[1\]\)")):
+    with pytest.raises(ValueError, match=advice):
+      workdirs.check_same_teacher(a_run, {"teacher_logits_checksum": recorded,
+                                          "teacher_run_epoch": distilled_from}, now, 100)
 
 
 def test_checks_that_older_checkpoints_cannot_have_are_warned_about(teacher_dir, tmp_path,
