@@ -1635,12 +1635,16 @@ def test_imagenet_resume_is_bit_identical(tmp_path):
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
   config.num_epochs = 1
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  first_epoch = read_metrics(str(tmp_path / "resumed"))
+  *first_epoch, end = read_metrics(str(tmp_path / "resumed"))
+  assert (end["kind"], end["epoch"]) == ("end", 1)
   config.num_epochs = 2
   resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert int(resumed["state"].step) == 4
-  # It resumed (epoch 1's records, timings included, are the first run's), and ended the same.
-  assert read_metrics(str(tmp_path / "resumed"))[:len(first_epoch)] == first_epoch
+  # It resumed (epoch 1's records, timings included, are the first run's; its end moved to the
+  # new one), and ended the same.
+  records = read_metrics(str(tmp_path / "resumed"))
+  assert records[:len(first_epoch)] == first_epoch
+  assert [r["epoch"] for r in records if r["kind"] == "end"] == [2]
   jax.tree.map(np.testing.assert_array_equal, straight["state"], resumed["state"])
 
   # eval.py evaluates the run's best epoch through the same streamed pipeline as training;
