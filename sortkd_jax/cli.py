@@ -35,7 +35,10 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
   def run_main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    signal.signal(signal.SIGINT, _interrupt)
+    # A process started with Ctrl-C ignored (`nohup cmd &` in a script: the shell's way to
+    # spare background jobs the terminal's Ctrl-C) keeps ignoring it.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+      signal.signal(signal.SIGINT, _interrupt)
     # A path with non-ASCII characters printed to an ASCII stdout (PYTHONIOENCODING=ascii, an
     # old locale) failed the script after its work was written: escaped instead.
     sys.stdout.reconfigure(errors="backslashreplace")

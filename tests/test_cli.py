@@ -285,6 +285,24 @@ def test_help_lists_the_config_flag(script):
   assert "\n  --config: " in own, out.stdout
 
 
+def test_a_ctrl_c_the_launching_shell_ignores_stays_ignored(monkeypatch):
+  """A script's `nohup python scripts/train.py ... &` starts the run with SIGINT ignored, so a
+  Ctrl-C at the script's terminal spares it; cli.run replaced that with its own handler, and
+  the Ctrl-C ended the run."""
+  import os
+  import time
+
+  def main():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)  # a handler would have raised by now
+
+  launched_with = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    assert _run(monkeypatch, main) is None  # returned: the run went on to its end
+  finally:
+    signal.signal(signal.SIGINT, launched_with)
+
+
 def test_ctrl_c_inside_asyncio_run_is_not_absorbed(monkeypatch):
   """asyncio.run swaps Python's default SIGINT handler for one that cancels its task; a task
   that absorbs the cancellation (as library code may) then absorbed the Ctrl-C: the script
