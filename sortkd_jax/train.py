@@ -507,8 +507,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config.student` by `config.method` (+Sort), evaluating after every epoch.
 
   Re-running with the same workdir resumes from the latest checkpoint. Returns a summary:
-  best and last test top-1 and the final state (NumPy). A leading `~` is the home folder, as
-  in the data paths: a quoted `--workdir '~/runs/x'` made a folder named `~`.
+  best test top-1 and its epoch, last test top-1 and the final state (NumPy), a finished run's
+  too. A leading `~` is the home folder, as in the data paths: a quoted `--workdir '~/runs/x'`
+  made a folder named `~`.
   """
   workdir = os.path.expanduser(workdir)
   workdirs.check_place(workdir, config.data)
@@ -789,14 +790,15 @@ def _finished_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     state = create_train_state(config, meta["num_classes"], optimizer)[0]
     state, meta = ckpt.restore(latest, state)
     ckpt.check_student(latest, meta, state.params["student"], state.batch_stats)
+    best_epoch = ckpt.best_epoch()
   finally:
     ckpt.close()
   done = (f"has finished its {latest} epochs" if latest == config.num_epochs else
           f"has run {latest} epochs, more than --config.num_epochs={config.num_epochs}")
   logging.info("The run in %s %s (best top-1 %.2f); raise --config.num_epochs above %d to "
                "continue it.", workdir, done, meta["best_top1"], latest)
-  return {"best_top1": meta["best_top1"], "last_top1": meta["test_top1"],
-          "state": distributed.to_host(state)}
+  return {"best_top1": meta["best_top1"], "best_epoch": best_epoch,
+          "last_top1": meta["test_top1"], "state": distributed.to_host(state)}
 
 
 def schedule_cut_short(config: ml_collections.ConfigDict) -> list[str]:
