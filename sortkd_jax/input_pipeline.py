@@ -8,11 +8,14 @@ An image folder's decoded arrays are cached on disk. Sources and folder checks:
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import importlib.util
 import json
 import os
 import random
+import socket
+import time
 import zipfile
 import zlib
 from typing import TYPE_CHECKING
@@ -207,19 +210,48 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   else:
     images, labels, class_names = _decode_folder_with_pil(folder, split, image_size, where)
   labels = validate_labels(labels, len(class_names))
-  partial_path = f"{cache_path}.{os.getpid()}.tmp.npz"  # atomic: processes may race here
+  # Written whole, then renamed (atomic): processes may race here.
+  partial_path = f"{cache_path}.{socket.gethostname()}-{os.getpid()}{_PARTIAL_SUFFIX}"
   try:
     os.makedirs(cache_dir, exist_ok=True)
+    _remove_abandoned_partials(cache_path)
     np.savez(partial_path, images=images, labels=labels, class_names=np.array(class_names),
              fingerprint=np.array(fingerprint))
     os.replace(partial_path, cache_path)
   except OSError as e:  # e.g. a full disk: the arrays are decoded all the same
-    with contextlib.suppress(OSError):
-      os.remove(partial_path)
     logging.warning("Cannot cache the decoded %s in %s (%s); going on without the cache, so "
                     "the next run decodes it again (config.data.cache_dir sets where).", where,
                     cache_path, e.strerror or e)
+  finally:  # a Ctrl-C too
+    with contextlib.suppress(OSError):
+      os.remove(partial_path)
   return ArraySplit(images, labels, len(class_names), class_names)
+
+
+_PARTIAL_SUFFIX = ".tmp.npz"
+
+
+def _remove_abandoned_partials(cache_path: str) -> None:
+  """Removes the partial files of `cache_path` that a killed run left (SIGTERM or SIGKILL
+  skip the clean-up; each is up to the size of the cache): this host's whose process has ended,
+  and any host's untouched for a day (a writer writes on until it renames its file)."""
+  host = socket.gethostname()
+  for path in glob.glob(glob.escape(cache_path) + ".*" + _PARTIAL_SUFFIX):
+    writer_host, _, pid = path[len(cache_path) + 1:-len(_PARTIAL_SUFFIX)].rpartition("-")
+    with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+      ended = writer_host == host and pid.isdigit() and not _process_exists(int(pid))
+      if ended or time.time() - os.path.getmtime(path) > 24 * 3600:
+        os.remove(path)
+
+
+def _process_exists(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)  # signal 0: only checks
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's
+    return True
+  return True
 
 
 def _read_folder_cache(cache_path: str, fingerprint: str

@@ -162,6 +162,48 @@ def test_a_cache_that_cannot_be_written_is_skipped_and_leaves_no_partial_file(
   assert "(No space left on device); going on without the cache" in caplog.text
 
 
+def test_partial_cache_files_of_killed_runs_are_removed(tmp_path, monkeypatch):
+  """A run killed (SIGTERM, SIGKILL) while it wrote the cache left its partial file, up to the
+  cache's size, for good; one interrupted by Ctrl-C too. Partials of live writers stay."""
+  import socket
+  import time
+
+  folder = _make_folder(tmp_path / "data")
+  cache = tmp_path / "cache"
+  ip.load_array_split(folder=folder, split="train", cache_dir=str(cache))
+  (cache_name,) = os.listdir(cache)
+  os.remove(cache / cache_name)
+  ended = subprocess.Popen([sys.executable, "-c", "pass"])
+  ended.wait()
+  host = socket.gethostname()
+  partials = {
+      f"{cache_name}.{host}-{ended.pid}.tmp.npz": False,  # its process has ended
+      f"{cache_name}.{host}-{os.getppid()}.tmp.npz": True,  # still writing
+      f"{cache_name}.elsewhere-{ended.pid}.tmp.npz": True,  # another host's, recent
+      f"{cache_name}.elsewhere-1.tmp.npz": False,  # another host's, two days old
+      f"other-{cache_name}.{host}-{ended.pid}.tmp.npz": True,  # another cache's
+  }
+  for name in partials:
+    (cache / name).write_bytes(b"PK" * 1000)
+  two_days_ago = time.time() - 2 * 24 * 3600
+  os.utime(cache / f"{cache_name}.elsewhere-1.tmp.npz", (two_days_ago, two_days_ago))
+  ip.load_array_split(folder=folder, split="train", cache_dir=str(cache))
+  assert sorted(os.listdir(cache)) == sorted(
+      [cache_name] + [name for name, kept in partials.items() if kept])
+
+  def interrupted(path, **arrays):
+    with open(path, "wb") as f:
+      f.write(b"PK" * 1000)
+    raise KeyboardInterrupt
+
+  os.remove(cache / cache_name)
+  before = set(os.listdir(cache))
+  monkeypatch.setattr(ip.np, "savez", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    ip.load_array_split(folder=folder, split="train", cache_dir=str(cache))
+  assert set(os.listdir(cache)) == before
+
+
 def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog):
   """Offline, tfds' download retries for minutes: the log says so before, the error after."""
   def offline(builder, download_config):
