@@ -78,9 +78,16 @@ class TrainState:
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
                            steps_per_epoch: int) -> optax.Schedule:
-  """mdistiller's per-epoch step schedule: lr·rate^k, k = #{s : epoch > s}, epochs from 1."""
-  return optax.piecewise_constant_schedule(
-      config.lr, {int(s) * steps_per_epoch: config.lr_decay_rate for s in config.lr_decay_epochs})
+  """mdistiller's per-epoch step schedule: lr·rate^k, k = #{s : epoch > s}, epochs from 1.
+
+  Each rate is computed in Python floats, as mdistiller does, and rounded to float32 once, as
+  torch applies it: optax's piecewise_constant_schedule multiplies in float32, so 0.05·0.1 was
+  0.0050000004, not float32(0.005).
+  """
+  decays_at = jnp.array([int(s) * steps_per_epoch for s in config.lr_decay_epochs], jnp.int32)
+  rates = jnp.array([config.lr * config.lr_decay_rate**k
+                     for k in range(len(config.lr_decay_epochs) + 1)], jnp.float32)
+  return lambda step: rates[jnp.sum(step >= decays_at)]
 
 
 def make_optimizer(config: ml_collections.ConfigDict,
@@ -587,7 +594,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                steps_per_epoch=steps_per_epoch)
   run_epoch = feed.epoch_runner(state, teacher, teacher_vars, train_step)
 
-  schedule = learning_rate_schedule(config, steps_per_epoch)
+  schedule = jax.jit(learning_rate_schedule(config, steps_per_epoch))  # one program, not five
   step = int(distributed.to_host(state.step))
   reporter = reporting.Reporter(workdir, config.num_epochs * steps_per_epoch, start_step=step)
   images = 0  # trained on since this (re)start, for images/s
@@ -602,7 +609,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   def write_window() -> None:
     averages = train_averages(sums.take_window())  # waits for the window's steps to finish,
     img_s, eta = reporter.throughput(step, images)  # so that their time is in this window
-    reporter.write("train", epoch, step, {**averages, "lr": float(schedule(step - 1)),
+    reporter.write("train", epoch, step, {**averages, "lr": _written_lr(schedule(step - 1)),
                                           "img_per_s": img_s, "eta_s": eta})
 
   epoch = start_epoch
@@ -644,8 +651,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         best_top1, best_epoch = last_top1, epoch
       reporter.write("epoch", epoch, step, {
           **{f"train_{k}": v for k, v in epoch_metrics.items()}, **test,
-          "best_top1": best_top1, "best_epoch": best_epoch, "lr": float(schedule(step - 1)),
-          "epoch_time_s": time.perf_counter() - epoch_start})
+          "best_top1": best_top1, "best_epoch": best_epoch,
+          "lr": _written_lr(schedule(step - 1)), "epoch_time_s": time.perf_counter() - epoch_start})
       student_checksum = checkpoint.logits_checksum(
           config.student.name, feed.num_classes, state.params["student"], state.batch_stats)
       ckpt.save(epoch, state, {"best_top1": best_top1, "test_top1": last_top1, "step": step,
@@ -666,6 +673,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   logging.info("Best test top-1 %.2f (epoch %d), last %.2f.", best_top1, best_epoch, last_top1)
   return {"best_top1": best_top1, "best_epoch": best_epoch, "last_top1": last_top1,
           "state": distributed.to_host(state)}
+
+
+def _written_lr(lr: jax.Array) -> float:
+  """The optimizer's float32 learning rate as the shortest decimal that reads back as it:
+  0.05, as in config.json, not 0.05000000074505806 (runs grouped by lr did not match)."""
+  return float(str(np.float32(lr)))
 
 
 def _resume(ckpt: checkpoint.TrainCheckpointer, state: TrainState,

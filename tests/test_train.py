@@ -154,6 +154,8 @@ def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path, monkeypatc
   windows = {name: [(r["step"], r["loss"], r["top1"], r["lr"]) for r in read_metrics(
       str(tmp_path / name)) if r["kind"] == "train"] for name in ("straight", "resumed")}
   assert [w[0] for w in windows["straight"]] == [2, 3, 5, 6]
+  # As config.json and mdistiller's log have them, not float32's 0.05000000074505806.
+  assert [w[3] for w in windows["straight"]] == [0.05, 0.05, 0.005, 0.005]
   assert windows["resumed"] == windows["straight"]
   # Throughput leaves out only the run's first dispatch (compilation): epoch 2's first counts.
   # It counts the images trained on: the epoch's last batch has 8 (40 = 2 x 16 + 8), not 16.
@@ -1488,6 +1490,10 @@ def test_learning_rate_schedule_is_per_epoch_steps():
   assert float(schedule(150 * 782 - 1)) == pytest.approx(0.05)
   assert lr(151) == pytest.approx(0.005) and lr(180) == pytest.approx(0.005)
   assert lr(181) == pytest.approx(0.0005) and lr(211) == pytest.approx(0.00005)
+  # Exactly the float32 torch applies mdistiller's Python-float rate as (optax's schedule,
+  # multiplying in float32, was 1 ulp off after a decay).
+  assert [lr(e) for e in (1, 151, 181, 211)] == [
+      np.float32(0.05 * 0.1**k).item() for k in range(4)]
 
 
 def test_epoch_of_step_is_one_based():
