@@ -204,6 +204,20 @@ def test_partial_cache_files_of_killed_runs_are_removed(tmp_path, monkeypatch):
   assert set(os.listdir(cache)) == before
 
 
+def test_checking_a_folder_leaves_no_directory_open(tmp_path):
+  """The check reads the first image only, and left two scandir iterators open: a
+  ResourceWarning each in a notebook or under -W default."""
+  import gc
+  import warnings
+
+  folder = _make_folder(tmp_path / "data")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", ResourceWarning)
+    sources.check_folder_split(folder, "train")
+    gc.collect()
+  assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+
+
 def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog):
   """Offline, tfds' download retries for minutes: the log says so before, the error after."""
   def offline(builder, download_config):
