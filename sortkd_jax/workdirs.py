@@ -63,6 +63,11 @@ def lock(workdir: str) -> Iterator[None]:
       lock_file.close()
 
 
+def _this_process() -> str:
+  """Who holds a lock, as its file says (at each call: a forked sweep worker is its own)."""
+  return f"process {os.getpid()} on {socket.gethostname()}"
+
+
 def _flock(workdir: str) -> IO[str]:
   """`<workdir>/train.lock`, created if need be and flock-ed, saying who holds it."""
   try:
@@ -82,6 +87,8 @@ def _flock(workdir: str) -> IO[str]:
     lock.seek(0)
     holder = lock.read().strip()
     lock.close()
+    if holder == _this_process():  # a notebook's or a sweep's own earlier call, still running
+      holder += ", this very process: a call still running in another thread"
     raise ValueError(f"Another run is training in {workdir} ({holder}); wait for it to end, or "
                      "use another --workdir.") from None
   except OSError as e:  # e.g. a cluster filesystem mounted without flock support
@@ -89,7 +96,7 @@ def _flock(workdir: str) -> IO[str]:
                     lock.name, e.strerror)
   try:
     lock.truncate(0)
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.write(_this_process() + "\n")
     lock.flush()
   except OSError as e:  # e.g. a full disk; the lock is this run's, so its file may go
     with contextlib.suppress(OSError):  # closing flushes what could not be written: fails too
