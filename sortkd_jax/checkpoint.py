@@ -660,13 +660,18 @@ def load_student_from_workdir(workdir: str, *, epoch: int | None = None,
       try:
         state, meta = ckpt.restore(chosen)
         ckpt.check_student(chosen, meta, state["params"]["student"], state["batch_stats"])
-      except ValueError:
+      except ValueError as e:
         if epoch is not None:
           check_epoch_kept(workdir, epoch)  # deleted meanwhile: said as such
-        elif attempt + 1 < _BEST_EPOCH_READS and _best_epoch_now(workdir) not in (chosen, None):
-          logging.info("Epoch %d of %s was deleted while it was read, as the run saved a better "
-                       "one: reading that.", chosen, workdir)
-          continue
+        elif _best_epoch_now(workdir) not in (chosen, None):
+          if attempt + 1 < _BEST_EPOCH_READS:
+            logging.info("Epoch %d of %s was deleted while it was read, as the run saved a "
+                         "better one: reading that.", chosen, workdir)
+            continue
+          raise ValueError(
+              f"The run in {workdir} saved a better epoch, deleting its best while it was read, "
+              f"{_BEST_EPOCH_READS} times in a row (epoch {chosen} last): its epochs are shorter "
+              "than a read. Read it once it has ended.") from e
         raise
       best = ckpt.best_epoch()
     finally:

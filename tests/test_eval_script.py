@@ -49,24 +49,30 @@ def test_an_epoch_deleted_by_its_training_run_while_read_is_not_called_damaged(t
   An epoch named by the user and deleted meanwhile is said to be gone, not damaged."""
   workdir = _save_run(tmp_path / "run", [50.0, 40.0])  # keeps 1 (the best) and 2
   restore = checkpoint.TrainCheckpointer.restore
-  saved_meanwhile = []  # (epoch, top1) the run saves during the next read
+  saved_during_reads = []  # for each coming read, the (first epoch, top1s) the run saves
 
   def restore_as_the_run_saves_a_better_epoch(self, epoch, target=None):
-    while saved_meanwhile:
-      next_epoch, top1 = saved_meanwhile.pop()
-      _save_run(workdir, [top1], first_epoch=next_epoch)
+    if saved_during_reads:
+      first_epoch, top1s = saved_during_reads.pop(0)
+      _save_run(workdir, top1s, first_epoch=first_epoch)
     return restore(self, epoch, target)
 
   monkeypatch.setattr(checkpoint.TrainCheckpointer, "restore",
                       restore_as_the_run_saves_a_better_epoch)
-  saved_meanwhile.append((3, 60.0))  # deleting epoch 1
+  saved_during_reads.append((3, [60.0]))  # deleting epoch 1
   _, meta = checkpoint.load_student_from_workdir(workdir)
   assert (meta["epoch"], meta["best"], meta["test_top1"]) == (3, True, 60.0)
   assert checkpoint.saved_epochs(workdir) == [2, 3]
-  saved_meanwhile.append((4, 70.0))  # deleting epoch 2
+  saved_during_reads.append((4, [70.0]))  # deleting epoch 2
   with pytest.raises(FileNotFoundError, match=r"keeps no checkpoint of epoch 2; it keeps "
                      r"epochs 3, 4\.$"):
     checkpoint.load_student_from_workdir(workdir, epoch=2)
+  # Epochs shorter than a read: each read loses its best epoch, 4, 6 then 8, to a better one.
+  saved_during_reads.extend([(5, [10.0, 75.0]), (7, [10.0, 80.0]), (9, [10.0, 85.0])])
+  with pytest.raises(ValueError, match=r"The run in .*run saved a better epoch, deleting its "
+                     r"best while it was read, 3 times in a row \(epoch 8 last\): its epochs "
+                     r"are shorter than a read\. Read it once it has ended\.$"):
+    checkpoint.load_student_from_workdir(workdir)
 
 
 def _last_json(out):
