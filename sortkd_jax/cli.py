@@ -391,29 +391,35 @@ def quiet_library_info_logs() -> None:
 
 
 def quiet_unawaited_checkpoint_io() -> None:
-  """When one read of an orbax restore fails (an unreadable checkpoint), orbax closes its
-  event loop with TensorStore's other reads in flight; each then reports "Event loop is
-  closed" as it finishes, or, if it failed too and is garbage-collected, asyncio logs "Task
-  exception was never retrieved". A failed save leaves its other writes so ("_GatheringFuture
-  exception was never retrieved"). Each is a traceback on stderr beside the one-line error that
+  """When one read of an orbax restore fails (an unreadable checkpoint, or an epoch a live run
+  deletes), orbax closes its event loop with TensorStore's other reads in flight; each then
+  reports "Event loop is closed" as it finishes, or, if it failed too and is garbage-collected,
+  asyncio logs "Task (or Future) exception was never retrieved", or Python "Exception ignored
+  in" its coroutine. A failed save leaves its other writes so ("_GatheringFuture exception was
+  never retrieved"). Each is a traceback on stderr beside the one-line error that
   says what failed; nobody waits for those reads and writes: their reports are dropped."""
   report = sys.unraisablehook
 
   def filtered(unraisable) -> None:
     error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    if not ((isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
+            or str(error).startswith(_ORBAX_READ_FAILED)):  # a read coroutine left unfinished
       report(unraisable)
 
   sys.unraisablehook = filtered
   std_logging.getLogger("asyncio").addFilter(_unawaited_tensorstore_io)
 
 
+_ORBAX_READ_FAILED = "Encountered error while reading array index"  # orbax's wrapping
+
+
 def _unawaited_tensorstore_io(record: std_logging.LogRecord) -> bool:
   """False (drop) for asyncio's report of a failed TensorStore read or write nobody awaited."""
   error = str(record.exc_info[1]) if record.exc_info else ""
   return not (record.getMessage().startswith(("Task exception was never retrieved",
+                                              "Future exception was never retrieved",
                                               "_GatheringFuture exception was never retrieved"))
-              and ("tensorstore_spec=" in error
+              and ("tensorstore_spec=" in error or error.startswith(_ORBAX_READ_FAILED)
                    or re.match(r"[A-Z_]+: Error (reading|writing) ", error)))
 
 

@@ -31,8 +31,9 @@ def test_unawaited_failed_checkpoint_reads_and_writes_are_not_reported():
   """After an unreadable checkpoint's one-line error, a TensorStore read that failed too and
   was never awaited printed asyncio's 'Task exception was never retrieved' traceback (seen
   once, on a loaded machine); after a failed save, its other failed writes, gathered, printed
-  '_GatheringFuture exception was never retrieved' (a full disk). Other unawaited failures are
-  still reported."""
+  '_GatheringFuture exception was never retrieved' (a full disk). A best epoch a live run deleted
+  while eval.py read it printed a read's future and another's coroutine, with 60 lines of
+  TensorStore spec each. Other unawaited failures are still reported."""
   script = (
       "import asyncio, gc\n"
       "from sortkd_jax import cli\n"
@@ -47,18 +48,45 @@ def test_unawaited_failed_checkpoint_reads_and_writes_are_not_reported():
       "  loop.run_until_complete(asyncio.sleep(0.01))\n"
       "  del task\n"
       "  gc.collect()\n"
-      "for message in ('RESOURCE_EXHAUSTED: Error writing \"w/0\" in OCDBT database', 'a bug 2'):\n"
+      "for message in ('RESOURCE_EXHAUSTED: Error writing \"w/0\" in OCDBT database', 'a bug 2',\n"
+      "                'Encountered error while reading array index: (slice(0, 1, 1),). See'):\n"
       "  gathered = loop.run_until_complete(gather(message))\n"
       "  loop.run_until_complete(asyncio.sleep(0.01))\n"
       "  del gathered\n"
+      "  gc.collect()\n"
+      # Epochs a live run deletes while they are read: a read's future, another's coroutine.
+      "for message in ('NOT_FOUND: Error opening \"zarr\" driver [tensorstore_spec=\\'{}\\']',\n"
+      "                'a bug 3'):\n"
+      "  future = loop.create_future()\n"
+      "  future.set_exception(ValueError(message))\n"
+      "  del future\n"
+      "  gc.collect()\n"
+      "import types\n"
+      "@types.coroutine\n"
+      "def suspend():\n"
+      "  yield\n"
+      "async def read_then_fail(message):\n"
+      "  try:\n"
+      "    await suspend()\n"
+      "  finally:\n"
+      "    raise Exception(message)\n"
+      "for message in ('Encountered error while reading array index: (slice(0, 32, 1),).',\n"
+      "                'a bug 4'):\n"
+      "  read = read_then_fail(message)\n"
+      "  read.send(None)\n"
+      "  del read\n"
       "  gc.collect()\n"
       "loop.close()\n")
   out = run_python("-c", script)
   assert out.returncode == 0, out.stderr
   assert "OUT_OF_RANGE" not in out.stderr and "RESOURCE_EXHAUSTED" not in out.stderr
+  assert "NOT_FOUND" not in out.stderr and "reading array index" not in out.stderr
   assert "Task exception was never retrieved" in out.stderr and "ValueError: a bug" in out.stderr
   assert "_GatheringFuture exception was never retrieved" in out.stderr
   assert "ValueError: a bug 2" in out.stderr
+  assert "Future exception was never retrieved" in out.stderr and "a bug 3" in out.stderr
+  assert "Exception ignored in: <coroutine object read_then_fail" in out.stderr
+  assert "Exception: a bug 4" in out.stderr
 
 
 def test_known_error_is_one_line_and_ctrl_c_exits_130(monkeypatch):
