@@ -10,10 +10,13 @@ accelerators, so the training core does not import it and it takes no GPU memory
 """
 
 import collections
+import contextlib
 import difflib
 import functools
+import glob
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -135,7 +138,8 @@ def _prepared_builder(name: str, data_dir: str | None, download: bool,
   (by one process: several would write the same files at once)."""
   _, tfds = tf_and_tfds()
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    with _no_temporary_folders_left():
+      builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
     raise ValueError(
@@ -232,11 +236,27 @@ def _scan_folder(folder: str, stamp: tuple[tuple[str, int], ...]) -> Any:
   _, tfds = tf_and_tfds()
   start = time.perf_counter()
   logging.info("Listing the files of image folder %s.", folder)
-  builder = tfds.ImageFolder(folder)
+  with _no_temporary_folders_left():
+    builder = tfds.ImageFolder(folder)
   logging.info("Image folder %s: %s in %.1f s.", folder, ", ".join(
       f"{split} {info.num_examples:,} files" for split, info in builder.info.splits.items()),
       time.perf_counter() - start)
   return builder
+
+
+@contextlib.contextmanager
+def _no_temporary_folders_left() -> Iterator[None]:
+  """Removes the empty `/tmp/tmp*tfds` folder that a tfds builder of data not prepared (an image
+  folder's, always) makes and leaves (`DatasetInfo.initialize_from_bucket`, with GCS off): one a
+  run, thousands on a machine over time. Only empty ones made meanwhile go: rmdir leaves others."""
+  pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+  before = set(glob.glob(pattern))
+  try:
+    yield
+  finally:
+    for path in set(glob.glob(pattern)) - before:
+      with contextlib.suppress(OSError):
+        os.rmdir(path)
 
 
 def _folder_choices(name: str) -> str:

@@ -218,6 +218,19 @@ def test_checking_a_folder_leaves_no_directory_open(tmp_path):
   assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
+def test_reading_an_image_folder_leaves_no_temporary_folder(tmp_path, monkeypatch):
+  """tfds' builder of an image folder made an empty /tmp/tmp*tfds folder and left it: one a
+  run (950 on the machine this was found on). Another program's temporary folders stay."""
+  import tempfile
+
+  temp = tmp_path / "tmp"
+  (temp / "tmpotherstfds").mkdir(parents=True)  # another program's, made before
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  folder = _make_folder(tmp_path / "data")
+  ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "cache"))
+  assert [p.name for p in temp.glob("tmp*tfds")] == ["tmpotherstfds"]
+
+
 def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog):
   """Offline, tfds' download retries for minutes: the log says so before, the error after."""
   def offline(builder, download_config):
