@@ -8,6 +8,7 @@ An image folder's decoded arrays are cached on disk. Sources and folder checks:
 
 import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import importlib.util
@@ -18,7 +19,7 @@ import socket
 import time
 import zipfile
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from absl import logging
@@ -188,14 +189,51 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   where = f"image folder {folder}, split {split!r}"
 
   cached = _read_folder_cache(cache_path, fingerprint)
-  if cached is not None:
-    images, labels, class_names = cached
-    logging.info("Read %s from its cache %s (decoded before; changed files would be decoded "
-                 "again).", where, cache_path)
-    _check_image_size(images.shape, image_size, f"{where} (cached in {cache_path})")
-    return ArraySplit(images, validate_labels(labels, len(class_names)), len(class_names),
-                      class_names)
+  if cached is None:
+    with _decoding_turn(cache_path, where):
+      cached = _read_folder_cache(cache_path, fingerprint)  # decoded by the run waited for
+      if cached is None:
+        return _decode_and_cache(folder, split, decoder, fingerprint, cache_path, image_size,
+                                 where)
+  images, labels, class_names = cached
+  logging.info("Read %s from its cache %s (decoded before; changed files would be decoded "
+               "again).", where, cache_path)
+  _check_image_size(images.shape, image_size, f"{where} (cached in {cache_path})")
+  return ArraySplit(images, validate_labels(labels, len(class_names)), len(class_names),
+                    class_names)
 
+
+@contextlib.contextmanager
+def _decoding_turn(cache_path: str, where: str) -> Iterator[None]:
+  """One run at a time decodes a folder's split (a sweep's runs start together, and decoding
+  takes minutes): the others wait, then read its cache. Where the cache's folder cannot be
+  written or locked, each decodes."""
+  lock = None
+  with contextlib.suppress(OSError):
+    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+    lock = open(cache_path + ".lock", "a")
+  if lock is None:
+    yield
+    return
+  with lock:  # closing it unlocks
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info("Another run is decoding %s: waiting to read its cache %s.", where,
+                   cache_path)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError:  # a filesystem without locks
+      pass
+    try:
+      yield
+    finally:  # the cache beside it is written by now: later runs read it without waiting
+      with contextlib.suppress(OSError):
+        os.remove(lock.name)
+
+
+def _decode_and_cache(folder: str, split: str, decoder: str, fingerprint: str, cache_path: str,
+                      image_size: int, where: str) -> ArraySplit:
+  """The split decoded, then written to `cache_path` (if it can be)."""
   logging.info("Decoding %s; the arrays will be cached in %s.", where, cache_path)
   if decoder.startswith("tfds"):
     ds, _, label = data_sources.open_split(name=None, folder=folder, split=split, data_dir=None,
@@ -210,10 +248,10 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   else:
     images, labels, class_names = _decode_folder_with_pil(folder, split, image_size, where)
   labels = validate_labels(labels, len(class_names))
-  # Written whole, then renamed (atomic): processes may race here.
+  # Written whole, then renamed (atomic): where the folder cannot be locked, runs race here.
   partial_path = f"{cache_path}.{socket.gethostname()}-{os.getpid()}{_PARTIAL_SUFFIX}"
   try:
-    os.makedirs(cache_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
     _remove_abandoned_partials(cache_path)
     np.savez(partial_path, images=images, labels=labels, class_names=np.array(class_names),
              fingerprint=np.array(fingerprint))

@@ -231,6 +231,46 @@ def test_reading_an_image_folder_leaves_no_temporary_folder(tmp_path, monkeypatc
   assert [p.name for p in temp.glob("tmp*tfds")] == ["tmpotherstfds"]
 
 
+def test_runs_started_together_decode_a_folder_once(tmp_path, caplog):
+  """A sweep's runs, started together on one folder, each decoded it, on the cores they share
+  (4 runs: 26 s a split each, against 5.6 s for one): now one decodes and the others wait to
+  read its cache."""
+  import fcntl
+  import threading
+  import time
+
+  folder = _make_folder(tmp_path / "data")
+  cache = tmp_path / "cache"
+  first = ip.load_array_split(folder=folder, split="train", cache_dir=str(cache))
+  (cache_name,) = os.listdir(cache)
+  decoded = (cache / cache_name).read_bytes()
+  os.remove(cache / cache_name)
+  caplog.set_level(logging.INFO, logger="absl")
+  outcome = []
+
+  def second_run():
+    try:
+      outcome.append(ip.load_array_split(folder=folder, split="train", cache_dir=str(cache)))
+    except Exception as e:  # noqa: BLE001 (reported below)
+      outcome.append(e)
+
+  with open(cache / f"{cache_name}.lock", "a") as first_run:  # decoding it now
+    fcntl.flock(first_run, fcntl.LOCK_EX)
+    waiting = threading.Thread(target=second_run)
+    waiting.start()
+    deadline = time.monotonic() + 60
+    while "Another run is decoding" not in caplog.text and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert not outcome and waiting.is_alive()
+    (cache / cache_name).write_bytes(decoded)  # the first run's cache, written before it ends
+  waiting.join(60)
+  assert (f"Another run is decoding image folder {folder}, split 'train': waiting to read its "
+          f"cache {cache / cache_name}." in caplog.text)
+  assert "Decoding" not in caplog.text and "split 'train' from its cache" in caplog.text
+  np.testing.assert_array_equal(outcome[0].images, first.images)
+  assert os.listdir(cache) == [cache_name]  # the lock file goes with its run
+
+
 def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog):
   """Offline, tfds' download retries for minutes: the log says so before, the error after."""
   def offline(builder, download_config):
