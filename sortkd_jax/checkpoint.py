@@ -42,7 +42,7 @@ from orbax.checkpoint import checkpoint_managers as cm
 from absl import logging
 from flax import nnx
 
-from sortkd_jax import models
+from sortkd_jax import distributed, models
 
 MODEL_JSON = "sortkd_model.json"
 MODEL_FORMAT = "sortkd_model"
@@ -116,6 +116,9 @@ def logits_checksum(arch: str, num_classes: int, params: dict,
   the model's compute dtype and the platform's default (TF32 on GPUs), so that it is the same
   on every machine to rounding.
   """
+  # From the host: one program for the weights wherever they are (a restored state is on one
+  # device, a training state on all; each placement compiled its own).
+  params, batch_stats = distributed.to_host((params, batch_stats))
   with jax.default_matmul_precision("highest"):
     logits = np.asarray(_eval_logits(arch, num_classes, params, batch_stats,
                                      _checksum_input(arch)), np.float64)

@@ -185,8 +185,10 @@ def _check_same_on_every_process(tree: PyTree) -> None:
 
 
 def to_host(tree: PyTree) -> PyTree:
-  """Fetches replicated arrays (also those spanning several processes) as NumPy values."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+  """Fetches replicated arrays (also those spanning several processes) as NumPy values;
+  NumPy values stay as they are."""
+  return jax.tree.map(
+      lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x), tree)
 
 
 def sum_on_host(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:

@@ -839,3 +839,22 @@ def test_port_weights_script_errors(pth_files, tmp_path, case):
   # The trainer-file hint only where a component was taken: a teacher file has none.
   assert ("--component" in r.stderr) == (case == "wrong_component_arch")
   assert not dst.exists()
+
+
+def test_the_logits_checksum_is_one_program_wherever_the_weights_are():
+  """A restored training state is on one device, a training one on all (a mesh), ported weights
+  on the host: each placement compiled the checksum's model again (on a resume, twice)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  _, params, stats = nnx.split(models.create_model("resnet8", 7, rngs=nnx.Rngs(0)), nnx.Param,
+                               nnx.BatchStat)
+  on_host = (nnx.to_pure_dict(params), nnx.to_pure_dict(stats))
+  on_one_device = jax.device_put(on_host, jax.devices()[0])
+  on_all = jax.device_put(on_host, NamedSharding(Mesh(np.array(jax.devices()), ("data",)),
+                                                 PartitionSpec()))
+  compiled = checkpoint._eval_logits._cache_size()
+  sums = [checkpoint.logits_checksum("resnet8", 7, *weights)
+          for weights in (on_host, on_one_device, on_all)]
+  assert checkpoint._eval_logits._cache_size() == compiled + 1  # 7 classes: no other test's
+  assert sums[0] == sums[1] == sums[2]
+
