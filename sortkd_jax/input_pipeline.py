@@ -19,7 +19,7 @@ import socket
 import time
 import zipfile
 import zlib
-from typing import TYPE_CHECKING, Iterator
+from typing import IO, TYPE_CHECKING, Iterator
 
 import numpy as np
 from absl import logging
@@ -190,8 +190,9 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
 
   cached = _read_folder_cache(cache_path, fingerprint)
   if cached is None:
-    with _decoding_turn(cache_path, where):
-      cached = _read_folder_cache(cache_path, fingerprint)  # decoded by the run waited for
+    with _decoding_turn(cache_path, where) as waited:
+      if waited:  # for a process that has decoded it meanwhile
+        cached = _read_folder_cache(cache_path, fingerprint)
       if cached is None:
         return _decode_and_cache(folder, split, decoder, fingerprint, cache_path, image_size,
                                  where)
@@ -204,31 +205,46 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
 
 
 @contextlib.contextmanager
-def _decoding_turn(cache_path: str, where: str) -> Iterator[None]:
-  """One run at a time decodes a folder's split (a sweep's runs start together, and decoding
-  takes minutes): the others wait, then read its cache. Where the cache's folder cannot be
-  written or locked, each decodes."""
-  lock = None
-  with contextlib.suppress(OSError):
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    lock = open(cache_path + ".lock", "a")
-  if lock is None:
-    yield
-    return
-  with lock:  # closing it unlocks
+def _decoding_turn(cache_path: str, where: str) -> Iterator[bool]:
+  """One process at a time decodes a folder's split (a sweep's runs start together, and
+  decoding takes minutes): the others wait, then read its cache. Yields whether it waited.
+  Where the cache's folder cannot be written or locked, each decodes."""
+  lock_path, waited = cache_path + ".lock", False
+  while True:
+    lock = None
+    with contextlib.suppress(OSError):
+      os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+      lock = open(lock_path, "a")
+    if lock is None:
+      yield waited
+      return
     try:
       fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      logging.info("Another run is decoding %s: waiting to read its cache %s.", where,
-                   cache_path)
-      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not waited:
+        logging.info("Another process is decoding %s: waiting to read its cache %s.", where,
+                     cache_path)
+      waited = True
+      with contextlib.suppress(OSError):  # the lock lost (an NFS lock server): decoded here
+        fcntl.flock(lock, fcntl.LOCK_EX)
     except OSError:  # a filesystem without locks
       pass
+    if _same_file(lock, lock_path):
+      break
+    lock.close()  # its holder removed it meanwhile: a process may have locked a new one
+  with lock:  # closing it unlocks
     try:
-      yield
-    finally:  # the cache beside it is written by now: later runs read it without waiting
+      yield waited
+    finally:  # removed while locked: a process waiting on it sees that, and locks anew
       with contextlib.suppress(OSError):
-        os.remove(lock.name)
+        os.remove(lock_path)
+
+
+def _same_file(opened: IO, path: str) -> bool:
+  try:
+    return os.path.samestat(os.fstat(opened.fileno()), os.stat(path))
+  except FileNotFoundError:
+    return False
 
 
 def _decode_and_cache(folder: str, split: str, decoder: str, fingerprint: str, cache_path: str,

@@ -231,7 +231,7 @@ def test_reading_an_image_folder_leaves_no_temporary_folder(tmp_path, monkeypatc
   assert [p.name for p in temp.glob("tmp*tfds")] == ["tmpotherstfds"]
 
 
-def test_runs_started_together_decode_a_folder_once(tmp_path, caplog):
+def test_runs_started_together_decode_a_folder_once(tmp_path, monkeypatch, caplog):
   """A sweep's runs, started together on one folder, each decoded it, on the cores they share
   (4 runs: 26 s a split each, against 5.6 s for one): now one decodes and the others wait to
   read its cache."""
@@ -259,16 +259,43 @@ def test_runs_started_together_decode_a_folder_once(tmp_path, caplog):
     waiting = threading.Thread(target=second_run)
     waiting.start()
     deadline = time.monotonic() + 60
-    while "Another run is decoding" not in caplog.text and time.monotonic() < deadline:
+    while "Another process is decoding" not in caplog.text and time.monotonic() < deadline:
       time.sleep(0.05)
     assert not outcome and waiting.is_alive()
     (cache / cache_name).write_bytes(decoded)  # the first run's cache, written before it ends
   waiting.join(60)
-  assert (f"Another run is decoding image folder {folder}, split 'train': waiting to read its "
-          f"cache {cache / cache_name}." in caplog.text)
+  assert (f"Another process is decoding image folder {folder}, split 'train': waiting to read "
+          f"its cache {cache / cache_name}." in caplog.text)
   assert "Decoding" not in caplog.text and "split 'train' from its cache" in caplog.text
   np.testing.assert_array_equal(outcome[0].images, first.images)
   assert os.listdir(cache) == [cache_name]  # the lock file goes with its run
+
+  # A decoding process that failed (no cache) removes its lock file as it ends, while one waits
+  # on it and a third has locked a new one there: the waiting one must wait for the third.
+  os.remove(cache / cache_name)
+  outcome.clear()
+  checks = []
+  same_file = ip._same_file
+  monkeypatch.setattr(ip, "_same_file", lambda *a: checks.append(same_file(*a)) or checks[-1])
+  deadline = time.monotonic() + 60
+  with open(cache / f"{cache_name}.lock", "a") as failing_run:
+    fcntl.flock(failing_run, fcntl.LOCK_EX)
+    waiting = threading.Thread(target=second_run)
+    waiting.start()
+    while caplog.text.count("Another process is decoding") < 2 and time.monotonic() < deadline:
+      time.sleep(0.05)
+    os.remove(cache / f"{cache_name}.lock")
+    with open(cache / f"{cache_name}.lock", "a") as third_run:
+      fcntl.flock(third_run, fcntl.LOCK_EX)
+      failing_run.close()
+      while not (checks or outcome) and time.monotonic() < deadline:
+        time.sleep(0.05)
+      time.sleep(0.2)  # where it would go on to decode
+      assert not outcome and waiting.is_alive() and checks[0] is False
+      (cache / cache_name).write_bytes(decoded)
+  waiting.join(60)
+  assert "Decoding" not in caplog.text
+  np.testing.assert_array_equal(outcome[0].images, first.images)
 
 
 def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog):
