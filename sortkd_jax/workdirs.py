@@ -56,6 +56,7 @@ def lock(workdir: str) -> Iterator[None]:
     yield
   finally:
     if lock_file is not None:
+      _locked_here.discard((os.getpid(), os.path.realpath(workdir)))
       if lock_created and os.listdir(workdir) == [LOCK_FILE]:  # a failed start: leave nothing
         os.remove(lock_file.name)
         if created:
@@ -63,9 +64,9 @@ def lock(workdir: str) -> Iterator[None]:
       lock_file.close()
 
 
-def _this_process() -> str:
-  """Who holds a lock, as its file says (at each call: a forked sweep worker is its own)."""
-  return f"process {os.getpid()} on {socket.gethostname()}"
+# (process id, real path) of the workdirs locked by this process: a notebook's or a sweep's
+# calls from several threads (a forked worker has another process id).
+_locked_here: set[tuple[int, str]] = set()
 
 
 def _flock(workdir: str) -> IO[str]:
@@ -87,7 +88,7 @@ def _flock(workdir: str) -> IO[str]:
     lock.seek(0)
     holder = lock.read().strip()
     lock.close()
-    if holder == _this_process():  # a notebook's or a sweep's own earlier call, still running
+    if (os.getpid(), os.path.realpath(workdir)) in _locked_here:
       holder += ", this very process: a call still running in another thread"
     raise ValueError(f"Another run is training in {workdir} ({holder}); wait for it to end, or "
                      "use another --workdir.") from None
@@ -96,13 +97,14 @@ def _flock(workdir: str) -> IO[str]:
                     lock.name, e.strerror)
   try:
     lock.truncate(0)
-    lock.write(_this_process() + "\n")
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
   except OSError as e:  # e.g. a full disk; the lock is this run's, so its file may go
     with contextlib.suppress(OSError):  # closing flushes what could not be written: fails too
       lock.close()
     os.remove(lock.name)
     raise ValueError(f"--workdir {workdir} cannot be written ({e.strerror}).") from e
+  _locked_here.add((os.getpid(), os.path.realpath(workdir)))
   return lock
 
 
