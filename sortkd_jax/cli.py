@@ -35,8 +35,8 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
   def run_main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    # A process started with Ctrl-C ignored (`nohup cmd &` in a script: the shell's way to
-    # spare background jobs the terminal's Ctrl-C) keeps ignoring it.
+    # A process started with Ctrl-C ignored (`cmd &` in a script: without job control, the
+    # shell's way to spare background jobs the terminal's Ctrl-C) keeps ignoring it.
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
       signal.signal(signal.SIGINT, _interrupt)
     # A path with non-ASCII characters printed to an ASCII stdout (PYTHONIOENCODING=ascii, an

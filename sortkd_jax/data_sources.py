@@ -248,7 +248,8 @@ def _scan_folder(folder: str, stamp: tuple[tuple[str, int], ...]) -> Any:
 def _no_temporary_folders_left() -> Iterator[None]:
   """Removes the empty `/tmp/tmp*tfds` folder that a tfds builder of data not prepared (an image
   folder's, always) makes and leaves (`DatasetInfo.initialize_from_bucket`, with GCS off): one a
-  run, thousands on a machine over time. Only empty ones made meanwhile go: rmdir leaves others."""
+  run, thousands on a machine over time. Only this user's empty ones made meanwhile go (rmdir
+  leaves others); tfds fills one only with GCS on, which it is not by default."""
   pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
   before = set(glob.glob(pattern))
   try:
@@ -256,7 +257,8 @@ def _no_temporary_folders_left() -> Iterator[None]:
   finally:
     for path in set(glob.glob(pattern)) - before:
       with contextlib.suppress(OSError):
-        os.rmdir(path)
+        if os.stat(path).st_uid == os.getuid():
+          os.rmdir(path)
 
 
 def _folder_choices(name: str) -> str:

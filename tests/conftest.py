@@ -10,8 +10,8 @@ import pytest
 def temporary_files_under_pytest(tmp_path_factory):
   """Points temporary files, this process's and its subprocesses', into pytest's base temp,
   which pytest prunes: tfds 4.9.10 leaves an empty `tmp*tfds` folder behind each time it makes
-  the builder of a dataset that is not prepared (`DatasetInfo.initialize_from_bucket`), hundreds
-  per run of the suite."""
+  the builder of a dataset that is not prepared (`DatasetInfo.initialize_from_bucket`); the
+  library removes those it sees made, and the suite's tests make files of their own there."""
   where = str(tmp_path_factory.mktemp("tempfiles"))
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(tempfile, "tempdir", where)

@@ -314,9 +314,9 @@ def test_help_lists_the_config_flag(script):
 
 
 def test_a_ctrl_c_the_launching_shell_ignores_stays_ignored(monkeypatch):
-  """A script's `nohup python scripts/train.py ... &` starts the run with SIGINT ignored, so a
-  Ctrl-C at the script's terminal spares it; cli.run replaced that with its own handler, and
-  the Ctrl-C ended the run."""
+  """A script's `python scripts/train.py ... &` (no job control) starts the run with SIGINT
+  ignored, so a Ctrl-C at the script's terminal spares it; cli.run replaced that with its own
+  handler, and the Ctrl-C ended the run."""
   import os
   import time
 

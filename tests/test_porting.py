@@ -857,4 +857,3 @@ def test_the_logits_checksum_is_one_program_wherever_the_weights_are():
           for weights in (on_host, on_one_device, on_all)]
   assert checkpoint._eval_logits._cache_size() == compiled + 1  # 7 classes: no other test's
   assert sums[0] == sums[1] == sums[2]
-
