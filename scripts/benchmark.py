@@ -252,15 +252,22 @@ def setup() -> Bench:
   if streaming and FLAGS["steps-per-dispatch"].value:
     raise ValueError("ImageNet (tf.data) recipes run one step per dispatch, as the trainer does; "
                      "--steps-per-dispatch is for CIFAR recipes.")
+  batch_size = FLAGS["batch-size"].value or config.batch_size
+  n = FLAGS["num-examples"].value
   # Set before the check: config.teacher_stream_groups must divide the steps timed.
   config.steps_per_dispatch = FLAGS["steps-per-dispatch"].value or config.steps_per_dispatch
+  full_steps = n // batch_size if isinstance(batch_size, int) and batch_size > 0 else 0
+  asked = (train.default_steps_per_dispatch() if config.steps_per_dispatch is None
+           else config.steps_per_dispatch)
+  if not streaming and 0 < full_steps < asked:  # else the dispatch timed would repeat batches
+    print(f"An epoch of --num-examples {n} at batch {batch_size} has {full_steps} full steps, "
+          "the most the trainer puts in one dispatch: timing dispatches of that many.")
+    config.steps_per_dispatch = full_steps
   train.check_config(config)
   check_output_paths()  # before minutes of timing, not after
-  batch_size = FLAGS["batch-size"].value or config.batch_size
   config.dtype = FLAGS.dtype or config.dtype
   k = 1 if streaming else config.steps_per_dispatch or train.default_steps_per_dispatch()
   train.warn_if_slow_on_cpu(k)
-  n = FLAGS["num-examples"].value
   num_classes = FLAGS["num-classes"].value or models.default_num_classes(config.student.name)
   size = config.data.image_size
   dtype = train.compute_dtype(config)

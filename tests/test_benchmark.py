@@ -86,6 +86,13 @@ def test_teacher_stream_groups_divide_the_steps_per_dispatch_flag(tmp_path):
   record = json.loads(out_file.read_text())
   assert (record["steps_per_dispatch"], record["teacher_stream_groups"]) == (2, 2)
   assert "teacher in 2 stream groups" in proc.stdout
+  # More steps than an epoch of 16 images holds: the trainer's dispatch has 2 (3 repeated a batch).
+  proc = run_script(*args, "--steps-per-dispatch=3", timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  record = json.loads(out_file.read_text().splitlines()[-1])
+  assert (record["steps_per_dispatch"], record["teacher_stream_groups"]) == (2, 2)
+  assert ("An epoch of --num-examples 16 at batch 8 has 2 full steps, the most the trainer puts "
+          "in one dispatch: timing dispatches of that many.") in proc.stdout
   proc = run_script(*args, timeout=600)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "error: config.teacher_stream_groups must be a positive integer that divides the 1 steps"\
