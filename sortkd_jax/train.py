@@ -533,7 +533,10 @@ def out_of_memory_explained(config: ml_collections.ConfigDict, *,
     yield
   except jax.errors.JaxRuntimeError as e:
     first = (str(e).strip().splitlines() or [""])[0]
-    if not (first.startswith("RESOURCE_EXHAUSTED") and "memory" in first.lower()):
+    # GPU: "Out of memory while trying to allocate", or with XLA's platform allocator "Failed to
+    # allocate request for"; TPU: "Ran out of memory in memory space hbm", "Error allocating".
+    if not (first.startswith("RESOURCE_EXHAUSTED")
+            and ("memory" in first.lower() or "allocat" in first.lower())):
       raise
     evaluation_batch = f"config.eval_batch_size ({config.eval_batch_size})"
     if not training:
@@ -543,7 +546,7 @@ def out_of_memory_explained(config: ml_collections.ConfigDict, *,
                 f"config.batch_size (another recipe); in the evaluation, {evaluation_batch}")
     else:
       steps = config.steps_per_dispatch or default_steps_per_dispatch()
-      advice = (f"A dispatch ({steps} × {config.batch_size} images) holds all its steps' images "
+      advice = (f"A dispatch (up to {steps} × {config.batch_size} images) holds all its steps' images "
                 "and the teacher's activations for them at once: lower "
                 "config.steps_per_dispatch (which changes results only by float rounding), then "
                 f"config.batch_size (another recipe); in the evaluation, {evaluation_batch}")

@@ -1180,8 +1180,8 @@ def test_a_device_out_of_memory_names_the_settings_to_lower(teacher_dir, tmp_pat
   with tfds.testing.mock_data(num_examples=64), pytest.raises(RuntimeError) as err:
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert str(err.value) == (
-      f"The device ran out of memory ({_OUT_OF_MEMORY}). A dispatch (2 × 16 images) holds all "
-      "its steps' images and the teacher's activations for them at once: lower "
+      f"The device ran out of memory ({_OUT_OF_MEMORY}). A dispatch (up to 2 × 16 images) holds "
+      "all its steps' images and the teacher's activations for them at once: lower "
       "config.steps_per_dispatch (which changes results only by float rounding), then "
       "config.batch_size (another recipe); in the evaluation, config.eval_batch_size (16). "
       "config.dtype='bfloat16' halves the activations.")
@@ -1200,7 +1200,15 @@ def test_out_of_memory_advice_follows_the_pipeline_and_other_errors_pass():
   oom = jax.errors.JaxRuntimeError(_OUT_OF_MEMORY)
   default = str(raised_within(cifar_kd.get_config("res32x4_res8x4"), oom))
   steps = train.default_steps_per_dispatch()
-  assert f"A dispatch ({steps} × 64 images) holds all its steps' images" in default
+  assert f"A dispatch (up to {steps} × 64 images) holds all its steps' images" in default
+  # The forms without "Out of memory": XLA's platform allocator on GPUs, the TPU runtime's.
+  for message in ("RESOURCE_EXHAUSTED: Failed to allocate request for 176.00MiB (184549376B) on "
+                  "device ordinal 0",
+                  "RESOURCE_EXHAUSTED: Error allocating device buffer: Attempting to allocate "
+                  "6.00G. That was not possible. There are 2.50G free."):
+    explained = raised_within(cifar_kd.get_config("res32x4_res8x4"),
+                              jax.errors.JaxRuntimeError(message))
+    assert str(explained).startswith(f"The device ran out of memory ({message}). A dispatch")
   imagenet = str(raised_within(imagenet_kd.get_config("r34_r18"), oom))
   assert ("A step holds its batch of 512 images' activations: lower config.batch_size (another "
           "recipe); in the evaluation, config.eval_batch_size (500).") in imagenet
