@@ -129,8 +129,9 @@ class Reporter:
 def run_environment() -> dict[str, Any]:
   """What a run's numbers depend on besides its config: the command, the code (sortkd-jax's
   version and, run from a git checkout, its commit, `-dirty` with uncommitted changes), the
-  libraries that compute (TensorFlow and tfds where the input used them), the devices and JAX's
-  matmul precision (TF32 or not on GPUs). Each resume records its own: it may run elsewhere."""
+  libraries that compute (TensorFlow and tfds where the input used them), the devices, and what
+  decides TF32 or not on NVIDIA GPUs (JAX's default matmul precision, None: TF32 on GPUs that
+  have it; NVIDIA_TF32_OVERRIDE; XLA_FLAGS). Each resume records its own: it may run elsewhere."""
   env = {"argv": sys.argv, "sortkd_jax": _installed_version("sortkd-jax"),
          "git": source_commit(), "python": platform.python_version()}
   for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
@@ -141,7 +142,9 @@ def run_environment() -> dict[str, Any]:
   device = jax.devices()[0]
   return {**env, "platform": device.platform, "device_kind": device.device_kind,
           "devices": jax.device_count(), "processes": jax.process_count(),
-          "jax_default_matmul_precision": jax.config.jax_default_matmul_precision}
+          "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+          "nvidia_tf32_override": os.environ.get("NVIDIA_TF32_OVERRIDE"),
+          "xla_flags": os.environ.get("XLA_FLAGS")}
 
 
 def _installed_version(distribution: str) -> str | None:

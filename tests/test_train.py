@@ -824,7 +824,7 @@ def test_train_script_trains_and_then_reports_the_finished_run(tmp_path):
           f"--workdir={tmp_path / 'run'}", "--config.data.name=synthetic", "--config.num_epochs=1",
           "--config.data.max_train_examples=32", "--config.data.max_test_examples=16",
           "--config.eval_batch_size=16", "--config.lr_decay_epochs=(1,)"]
-  first = run_script("train.py", *args)
+  first = run_script("train.py", *args, env={"NVIDIA_TF32_OVERRIDE": "0"})
   assert first.returncode == 0, first.stderr[-2000:]
   start, window, epoch, end = records = read_metrics(tmp_path / "run")  # a window ends with its
   assert (end["kind"], end["epoch"], end["best_epoch"]) == ("end", 1, 1)  # epoch; then the end
@@ -840,7 +840,8 @@ def test_train_script_trains_and_then_reports_the_finished_run(tmp_path):
                    "jaxlib": jaxlib.__version__, "flax": flax.__version__,
                    "optax": optax.__version__, "orbax_checkpoint": ocp.__version__,
                    "numpy": np.__version__, "platform": "cpu", "device_kind": "cpu",
-                   "devices": 1, "processes": 1}  # what a run's numbers depend on
+                   "devices": 1, "processes": 1, "nvidia_tf32_override": "0",
+                   "xla_flags": os.environ.get("XLA_FLAGS")}  # what a run's numbers depend on
   assert (window["kind"], window["step"]) == ("train", 1)
   assert (epoch["kind"], epoch["epoch"], epoch["step"], epoch["test_examples"]) == (
       "epoch", 1, 1, 16)
