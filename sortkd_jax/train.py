@@ -874,8 +874,9 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
            else config.steps_per_dispatch or default_steps_per_dispatch())
   if not (isinstance(groups, int) and groups > 0 and steps % groups == 0):
     raise ValueError(f"config.teacher_stream_groups must be a positive integer that divides the "
-                     f"{steps} steps of a dispatch (config.steps_per_dispatch; one step with "
-                     f"data.pipeline='tf_data'), got {groups!r}.")
+                     f"{steps} steps of a dispatch (config.steps_per_dispatch, unset: 32 on "
+                     "GPUs/TPUs, 1 on CPUs; one step with data.pipeline='tf_data'), got "
+                     f"{groups!r}.")
   # Out of range, these lost epochs (0 kept the best alone, -1 broke the next save) or trained
   # on, diverging (gradient ascent, growing weights), without a word.
   ranges = {"checkpoints_to_keep": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
