@@ -43,6 +43,8 @@ CFG=configs/cifar_kd.py:res32x4_res8x4
 BENCH="timeout 150 python3 scripts/benchmark.py --config $CFG --windows 3 --window-seconds 1 --json $OUT/bench.jsonl"
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/device.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
+# The figures are of the JAX installed there; requirements.txt pins the one the CPU tests run.
+echo "requirements.txt pins $(grep -E '^jax==' requirements.txt)" | tee -a "$OUT/device.txt"
 since_start() { echo "[$(( $(date +%s) - START_S )) s]"; }
 # A warm machine keeps /tmp: no stale trace may be copied.
 rm -rf /tmp/gpu_check_trace /tmp/gpu_check_trace_streams
