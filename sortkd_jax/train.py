@@ -442,10 +442,14 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
     starts = distributed.replicate([np.int32(start) for _, _, start in plan], mesh)
     t = time.perf_counter()
     args = (state, teacher_vars, images, labels, permutation(1), starts[0])
-    compiled = {(k, b): chunk.lower(*args, num_steps=k, batch_size=b).compile()
-                for k, b, _ in plan}
-    logging.info("Compiled the train step for %d dispatch shapes in %.1f s.", len(compiled),
-                 time.perf_counter() - t)
+    if _debugging_jax():  # they re-run the step op by op, which a compiled one cannot
+      compiled = {(k, b): functools.partial(chunk, num_steps=k, batch_size=b)
+                  for k, b, _ in plan}
+    else:
+      compiled = {(k, b): chunk.lower(*args, num_steps=k, batch_size=b).compile()
+                  for k, b, _ in plan}
+      logging.info("Compiled the train step for %d dispatch shapes in %.1f s.", len(compiled),
+                   time.perf_counter() - t)
 
     def run_epoch(state, epoch):
       perm = permutation(epoch)
@@ -460,6 +464,12 @@ def _on_device_feed(config, mesh, batch_size) -> _Feed:
   data_record = {"train_examples": n, "test_examples": len(test_split.labels),
                  "train_crc32": train_split.crc32(), "test_crc32": test_split.crc32()}
   return _Feed(train_split.num_classes, steps_per_epoch, data_record, evaluate, epoch_runner)
+
+
+def _debugging_jax() -> bool:
+  """JAX's debugging switches (jax_disable_jit, jax_debug_nans, jax_debug_infs) are on."""
+  return bool(jax.config.jax_disable_jit or jax.config.jax_debug_nans
+              or jax.config.jax_debug_infs)
 
 
 def _streaming_feed(config, mesh, batch_size) -> _Feed:

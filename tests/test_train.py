@@ -348,6 +348,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher_dir, tmp_path, mo
   assert checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints")).latest_epoch() == 1
 
 
+def test_jax_debug_nans_finds_a_nan_of_the_train_step(teacher_dir, tmp_path):
+  """JAX's debugging switches re-run a step op by op, which a step compiled ahead of time cannot:
+  jax_debug_nans gave InternalFloatingPointError ('jit(_train_chunk)', 'nan'), jax_disable_jit
+  'Disable jit is not supported in the AOT path'."""
+  config = tiny_config("kd", teacher_dir, num_epochs=1, lr=1e30)
+  with jax.debug_nans(True), tfds.testing.mock_data(num_examples=64):
+    with pytest.raises(FloatingPointError, match=r"^invalid value \(nan\) encountered in "):
+      train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
 def test_nan_test_loss_stops_before_its_epoch_is_saved(teacher_dir, tmp_path, monkeypatch):
   """Evaluation uses the running statistics, which the training loss never sees: a non-finite
   test loss after epoch 2 (faked here) stops the run with epoch 1 as its latest checkpoint."""
