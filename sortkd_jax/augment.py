@@ -46,8 +46,9 @@ def sample_crop_flip(key: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Ar
   bool [B], True with probability 0.5. Public so tests can re-derive the exact crops.
   """
   offset_key, flip_key = jax.random.split(key)
-  offsets = jax.random.randint(offset_key, (batch_size, 2), 0, 2 * CIFAR_PADDING + 1)
-  flips = jax.random.bernoulli(flip_key, 0.5, (batch_size,))
+  # Explicit 32-bit draws: with jax_enable_x64 the defaults are 64-bit, other crops and flips.
+  offsets = jax.random.randint(offset_key, (batch_size, 2), 0, 2 * CIFAR_PADDING + 1, jnp.int32)
+  flips = jax.random.bernoulli(flip_key, jnp.float32(0.5), (batch_size,))
   return offsets, flips
 
 

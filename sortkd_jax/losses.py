@@ -44,7 +44,11 @@ ArrayLike = jax.typing.ArrayLike
 
 
 def _compute(x: ArrayLike) -> jax.Array:
-  """Cast to the compute dtype: at least float32 (bf16/f16 upcast), float64 kept."""
+  """Cast to the compute dtype: at least float32 (bf16/f16 upcast), float64 arrays kept. Python
+  numbers (a temperature, an epoch) are float32: with jax_enable_x64 they would be float64 and
+  promote a float32 loss."""
+  if isinstance(x, (int, float)):
+    return jnp.asarray(x, jnp.float32)
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 

@@ -54,6 +54,17 @@ def test_offsets_cover_range_and_flips_are_fair():
   assert abs(np.corrcoef(offsets[:, 0], offsets[:, 1])[0, 1]) < 0.03
 
 
+def test_crops_and_flips_do_not_depend_on_jax_enable_x64():
+  """x64's 64-bit default draws gave other crops and flips: a run resumed under it changed."""
+  key = jax.random.PRNGKey(3)
+  offsets, flips = augment.sample_crop_flip(key, 64)
+  with jax.enable_x64(True):
+    offsets_x64, flips_x64 = augment.sample_crop_flip(key, 64)
+  assert offsets_x64.dtype == jnp.int32
+  np.testing.assert_array_equal(offsets_x64, offsets)
+  np.testing.assert_array_equal(flips_x64, flips)
+
+
 def test_different_keys_give_different_augmentations():
   images = jnp.asarray(_images(64))
   a = augment.cifar_train_augment(jax.random.key(0), images)

@@ -336,6 +336,18 @@ def test_half_precision_inputs_are_computed_in_float32(dtype):
       _assert_scalar_close(got, ref)
 
 
+def test_python_numbers_keep_float32_losses_float32_under_jax_enable_x64():
+  """Under x64 a Python temperature (or epoch) became a float64 array and promoted the loss."""
+  z, v, y = (jnp.asarray(a) for a in _logits(8))
+  calls = [(losses.kd, (z, v, 4.0)), (losses.dkd, (z, v, y, 1.0, 8.0, 4.0)),
+           (losses.dkd_warmup_factor, (3, 20)), (losses.ctkd_temperature, (1.0,))]
+  want = [fn(*args) for fn, args in calls]
+  with jax.enable_x64(True):
+    got = [fn(*args) for fn, args in calls]
+  chex.assert_trees_all_equal(got, want)
+  chex.assert_type(got, jnp.float32)
+
+
 def test_temperature_may_be_traced_and_gets_gradients_from_both_sides():
   z, v, y = _logits(9, shape=(4, 20))
   t0, h = 3.0, 1e-4
