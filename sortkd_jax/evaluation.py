@@ -78,8 +78,9 @@ def _eval_batch_sums(model: Network, variables, images, labels, mask, *, batch_s
   mask = mask.astype(jnp.float32)
   logits = model(variables, x).astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return {"loss": (ce * mask).sum(), "top1": (losses.topk_correct(logits, labels, 1) * mask).sum(),
-          "top5": (losses.topk_correct(logits, labels, 5) * mask).sum(), "count": mask.sum()}
+  hits = lambda k: losses.topk_correct(logits, labels, k).astype(jnp.float32)
+  return {"loss": (ce * mask).sum(), "top1": (hits(1) * mask).sum(),
+          "top5": (hits(5) * mask).sum(), "count": mask.sum()}
 
 
 def _eval_sums(model: Network, variables, images, labels, mask, **kwargs):
