@@ -103,7 +103,10 @@ class Reporter:
     """Records what this start (or resume, at `step`) runs on, `run_environment()`, and the
     config fields it changed, `{field: (was, now)}` (config.json holds only the latest)."""
     if self._is_writer:
-      self.write("start", epoch, step, {**run_environment(), "config_changes": config_changes})
+      environment = run_environment()
+      if step > 0:
+        _warn_if_random_settings_changed(os.path.join(self._workdir, METRICS_FILE), environment)
+      self.write("start", epoch, step, {**environment, "config_changes": config_changes})
 
   def close(self) -> None:
     with self._failed_write_explained():
@@ -126,6 +129,24 @@ class Reporter:
                     "say), re-run the same command: it resumes after the last epoch saved.") from e
 
 
+# JAX's settings that change every random draw (crops, flips, epoch orders) of a run.
+RANDOM_SETTINGS = ("jax_default_prng_impl", "jax_threefry_partitionable")
+
+
+def _warn_if_random_settings_changed(path: str, environment: dict[str, Any]) -> None:
+  """A resume under other RANDOM_SETTINGS than the run's first start goes on as another run."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:  # its lines are whole: the reporter has dropped a cut one
+    first = next((r for r in map(json.loads, f) if r.get("kind") == "start"), {})
+  changed = [f"{name}={first[name]!r} -> {environment[name]!r}" for name in RANDOM_SETTINGS
+             if name in first and first[name] != environment[name]]
+  if changed:
+    logging.warning("This run started under other random-number settings of JAX (%s): from here "
+                    "on it draws other crops, flips and epoch orders than it would have; set them "
+                    "as they were to resume it exactly.", "; ".join(changed))
+
+
 def run_environment() -> dict[str, Any]:
   """What a run's numbers depend on besides its config: the command, the code (sortkd-jax's
   version and, run from a git checkout, its commit, `-dirty` with uncommitted changes), the
@@ -143,6 +164,8 @@ def run_environment() -> dict[str, Any]:
   return {**env, "platform": device.platform, "device_kind": device.device_kind,
           "devices": jax.device_count(), "processes": jax.process_count(),
           "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+          **{name: getattr(jax.config, name) for name in RANDOM_SETTINGS},
+          "jax_enable_x64": jax.config.jax_enable_x64,
           "nvidia_tf32_override": os.environ.get("NVIDIA_TF32_OVERRIDE"),
           "xla_flags": os.environ.get("XLA_FLAGS")}
 

@@ -185,6 +185,23 @@ def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path, monkeypatc
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
 
+def test_a_resume_under_other_random_number_settings_says_so(teacher_dir, kd_one_epoch, tmp_path,
+                                                             caplog):
+  """jax_threefry_partitionable (or jax_default_prng_impl) changes every draw: a run resumed
+  under another went on with other crops, flips and epoch orders, without a word."""
+  workdir = str(tmp_path / "resumed")
+  shutil.copytree(kd_one_epoch.workdir, workdir)
+  caplog.set_level(logging.WARNING, logger="absl")
+  with jax.threefry_partitionable(False), tfds.testing.mock_data(num_examples=64):
+    train.train_and_evaluate(tiny_config("kd", teacher_dir), workdir)
+  assert ("This run started under other random-number settings of JAX "
+          "(jax_threefry_partitionable=True -> False): from here on it draws other crops, flips "
+          "and epoch orders than it would have; set them as they were to resume it exactly."
+          in caplog.text)
+  starts = [r for r in read_metrics(workdir) if r["kind"] == "start"]
+  assert [r["jax_threefry_partitionable"] for r in starts] == [True, False]
+
+
 def test_resume_takes_the_teacher_moved_but_not_another_one(teacher_dir, kd_one_epoch,
                                                             tmp_path):
   """teacher.checkpoint may change on resume to where the run's teacher now is; another
@@ -851,6 +868,8 @@ def test_train_script_trains_and_then_reports_the_finished_run(tmp_path):
                    "optax": optax.__version__, "orbax_checkpoint": ocp.__version__,
                    "numpy": np.__version__, "platform": "cpu", "device_kind": "cpu",
                    "devices": 1, "processes": 1, "nvidia_tf32_override": "0",
+                   "jax_default_prng_impl": "threefry2x32", "jax_threefry_partitionable": True,
+                   "jax_enable_x64": False,
                    "xla_flags": os.environ.get("XLA_FLAGS")}  # what a run's numbers depend on
   assert (window["kind"], window["step"]) == ("train", 1)
   assert (epoch["kind"], epoch["epoch"], epoch["step"], epoch["test_examples"]) == (
