@@ -34,7 +34,10 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
 
   def run_main(argv: list[str]) -> None:
     if len(argv) > 1:
-      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+      boolean = any(a.lower() in ("true", "false") for a in argv[1:])
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}" + (
+          " (a boolean flag takes its value after =, e.g. --config.sort=false)" if boolean
+          else ""))
     # A process started with Ctrl-C ignored (`cmd &` in a script: without job control, the
     # shell's way to spare background jobs the terminal's Ctrl-C) keeps ignoring it.
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -111,19 +114,29 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
   """
   flag_args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
   rest = argv[1 + len(flag_args):]
+  spelt = _config_override_spelling(flag_args)
+  if sys.argv[1:1 + len(flag_args)] == flag_args:  # ml_collections reads the overrides there
+    sys.argv[1:1 + len(flag_args)] = spelt
+  flag_args = spelt
   instead = _mdistiller_usage(flag_args)
   if instead:
     sys.exit(f"error: {instead} (README: Coming from mdistiller).")
   try:
-    flag_args = _take_none_overrides(_last_tuple_literal_wins(_expand_tildes(flag_args)))
-    argv = flags.FLAGS([argv[0], *map(_defined_spelling, flag_args), *rest])
+    flag_args = [*map(_defined_spelling, _take_none_overrides(_last_tuple_literal_wins(
+        _expand_tildes(flag_args))))]
+    argv = flags.FLAGS([argv[0], *flag_args, *rest])
+    _check_values_given(flag_args)
     if "config" in flags.FLAGS:
       flags.FLAGS.config.to_dict()  # a config that failed to load raises only when read
       apply_none_overrides(flags.FLAGS.config)
     return argv
   except (AttributeError, KeyError, TypeError) as e:  # an override of a field the config lacks
     sys.exit(_misplaced_override(flag_args) or _unknown_field_message(e, args=flag_args))
-  except (flags.Error, OSError) as e:
+  except SyntaxError as e:  # a --config that is not Python, or a recipe of one's own
+    sys.exit(f"error: the --config file {e.filename} is not a Python recipe ({e.msg}, line "
+             f"{e.lineno}): use configs/<recipe>.py:<pair>, e.g. "
+             "--config configs/cifar_kd.py:res32x4_res8x4.")
+  except (flags.Error, OSError, ValueError) as e:
     group = re.search(r"flag --config\.([\w.]+)=(.*): Failed to parse .* as a ConfigDict", str(e))
     if group:  # e.g. --config.teacher=resnet56
       field = "name" if group[1] in ("teacher", "student") else "FIELD"
@@ -136,6 +149,34 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
     sys.exit(f"error: {last.split(': ', 1)[-1] if last.startswith('ValueError') else last}")
 
 
+def _check_values_given(args: list[str]) -> None:
+  """absl takes the argument after `--FLAG` as its value even when it is another flag:
+  `--workdir $W --config.lr=0.3` with W unset trained in a folder named `--config.lr=0.3`."""
+  for arg, following in zip(args, args[1:]):
+    name = arg.lstrip("-")
+    if (arg.startswith("-") and "=" not in arg and following.startswith("--")
+        and name in flags.FLAGS and not flags.FLAGS[name].boolean):
+      sys.exit(f"error: {arg} has no value: the argument after it, {following}, is a flag (a "
+               f"value that starts with -- goes after =, {arg}=VALUE).")
+
+
+def _config_override_spelling(args: list[str]) -> list[str]:
+  """Config overrides as the steps below and ml_collections read them: `--config.batch-size`
+  (a hyphen: ml_collections failed with a traceback) as `--config.batch_size`, `-config.X` and
+  `--no-config.X` with two dashes and `no`, and a whole tuple in the next argument,
+  `--config.X (5,)`, as `--config.X=(5,)` (else joined to earlier values of X)."""
+  spelt, args = [], list(args)
+  while args:
+    arg = args.pop(0)
+    match = re.fullmatch(r"--?(no[-_]?)?config\.([\w.-]+)(=.*)?", arg, re.DOTALL)
+    if match:
+      arg = f"--{'no' if match[1] else ''}config.{match[2].replace('-', '_')}{match[3] or ''}"
+      if not match[1] and not match[3] and args and args[0][:1] in ("(", "["):
+        arg = f"{arg}={args.pop(0)}"
+    spelt.append(arg)
+  return spelt
+
+
 _MDISTILLER_YAML = re.compile(r"(?:^|/)(cifar100|imagenet)/(?:(\w+)/)?(\w+)\.ya?ml$")
 
 
@@ -145,9 +186,11 @@ def _mdistiller_usage(args: list[str]) -> str | None:
   `tools/eval.py -m MODEL -c FILE`, or None for a command line without it."""
   for i, arg in enumerate(args):
     name, _, value = arg.partition("=")
+    if name in ("-cfg", "-config"):  # absl takes one dash too
+      name = f"-{name}"
     if name in ("--cfg", "--config") and not value and i + 1 < len(args):
       value = args[i + 1]
-    if name in ("--cfg", "--config") and re.search(r"\.ya?ml$", value):
+    if name in ("--cfg", "--config") and re.search(r"\.ya?ml(:.*)?$", value):
       return (f"the recipes are Python files, not mdistiller's YAML: instead of {value}, "
               f"--config {_recipe_for(value)}")
     if name == "--cfg":
@@ -194,7 +237,9 @@ def _defined_spelling(arg: str) -> str:
   name, sep, value = arg[2:].partition("=")
   if name in flags.FLAGS:
     return arg
-  for other in (name.replace("-", "_"), name.replace("_", "-")):
+  if re.match(r"no[-_]", name):  # --no-eval, --no_eval: absl's is --noeval
+    name = "no" + name[3:]
+  for other in (name, name.replace("-", "_"), name.replace("_", "-")):
     negated = other[2:] if other.startswith("no") else None
     if other in flags.FLAGS or (negated in flags.FLAGS and flags.FLAGS[negated].boolean):
       return f"--{other}{sep}{value}"
@@ -280,11 +325,13 @@ def define_config_flag(default: str | None, help_string: str, **kwargs: Any) -> 
     end = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
     try:
       sys.argv[1:end] = _take_none_overrides(_last_tuple_literal_wins(
-          _expand_tildes(sys.argv[1:end])))
+          _expand_tildes(_config_override_spelling(sys.argv[1:end]))))
     except flags.Error as e:
       sys.exit(f"error: {e}")
   try:
     config_flags.DEFINE_config_file("config", default, help_string, **kwargs)
+  except flags.Error as e:  # e.g. a --flagfile that does not exist, read here by ml_collections
+    sys.exit(f"error: {e}")
   except (AttributeError, KeyError, TypeError) as e:
     sys.exit(_misplaced_override(sys.argv[1:], default)
              or _unknown_field_message(e, default, sys.argv[1:]))

@@ -175,6 +175,50 @@ def test_none_and_whole_tuple_overrides(tmp_path):
   assert "did you mean 'max_test_examples'?" in done.stderr
 
 
+def test_override_spellings_that_ml_collections_reads_otherwise():
+  """A hyphen in a field's name failed with a traceback ('malformed node or string'); one dash or
+  a whole tuple in the next argument escaped the whole-tuple rule, joining (5,) and (7,)."""
+  assert cli._config_override_spelling([
+      "--config.batch-size=32", "-config.lr_decay_epochs", "(5,)", "--config.lr_decay_epochs",
+      "[7]", "--no-config.sort", "-no_config.kd.t-x", "--config.data.folder=/a-b", "--x-y=1",
+      "--config.data.folder", "(odd)"]) == [
+      "--config.batch_size=32", "--config.lr_decay_epochs=(5,)", "--config.lr_decay_epochs=[7]",
+      "--noconfig.sort", "--noconfig.kd.t_x", "--config.data.folder=/a-b", "--x-y=1",
+      "--config.data.folder=(odd)"]
+
+
+def test_command_line_slips_are_one_line_errors(tmp_path):
+  """A flag left without its value took the next flag as its value (`--workdir $W` with W unset
+  trained in a folder named after the next flag); the others were tracebacks or no hint."""
+  script = tmp_path / "show.py"
+  script.write_text("import sys\nfrom absl import flags\nfrom sortkd_jax import cli\n"
+                    "default = sys.argv.pop(1)\n"
+                    "cli.define_config_flag(None if default == '-' else default, 'a recipe')\n"
+                    "flags.DEFINE_string('workdir', None, 'a run')\n"
+                    "c = lambda: flags.FLAGS.config\n"
+                    "cli.run(lambda: print(flags.FLAGS.workdir, c().batch_size, c().sort))\n")
+  recipe = "configs/cifar_kd.py:res56_res20"
+  show = lambda *args: run_python(script, *args, env={"PYTHONPATH": "."}, timeout=60)  # noqa
+  done = show("-", "--config", recipe, "--config.batch-size", "32", "--no-config.sort",
+              "--workdir", "w")
+  assert done.returncode == 0 and done.stdout.split() == ["w", "32", "False"], done.stderr
+  for args, error in (
+      (("-", "--config", recipe, "--workdir", "--config.batch_size=32"),
+       "error: --workdir has no value: the argument after it, --config.batch_size=32, is a flag "
+       "(a value that starts with -- goes after =, --workdir=VALUE)."),
+      ((recipe, "--flagfile=/nonexistent/flags"), "error: ERROR:: Unable to open flagfile: "
+       "[Errno 2] No such file or directory: '/nonexistent/flags'"),
+      (("-", "--config", "README.md"), "error: the --config file README.md is not a Python "
+       "recipe (invalid character '⇄' (U+21C4), line 6): use configs/<recipe>.py:<pair>, e.g. "
+       "--config configs/cifar_kd.py:res32x4_res8x4."),
+      ((recipe, "--noconfig.sort=true"), "error: --noconfig.sort=true does not take an argument"),
+      ((recipe, "--config.sort", "false"), "Unexpected arguments: ['false'] (a boolean flag "
+       "takes its value after =, e.g. --config.sort=false)")):
+    done = show(*args)
+    assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == error, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_an_override_inside_a_value_or_of_a_top_level_field_in_a_group_is_named(tmp_path):
   """`--config.method.sort=True` gave a 35-line TypeError traceback, `--config.lr.x=1` said the
   config had no field 'float', `--config.kd.sort` that it had no field 'sort'."""
@@ -200,9 +244,11 @@ def test_either_spelling_of_a_flag_name_parses():
   flags.DEFINE_integer("spelling-test-size", 1, "A hyphenated flag, as benchmark.py's.")
   flags.DEFINE_boolean("spelling_test_eval", True, "An underscored one, as train.py's.")
   try:
-    cli.parse_flags_briefly(["script", "--spelling_test_size=8", "--nospelling-test-eval"])
-    assert flags.FLAGS["spelling-test-size"].value == 8
-    assert flags.FLAGS["spelling_test_eval"].value is False
+    for negation in ("--nospelling-test-eval", "--no-spelling_test_eval"):  # --no-eval too
+      flags.FLAGS["spelling_test_eval"].value = True
+      cli.parse_flags_briefly(["script", "--spelling_test_size=8", negation])
+      assert flags.FLAGS["spelling-test-size"].value == 8
+      assert flags.FLAGS["spelling_test_eval"].value is False
     for untouched in ("--spelling-test-size=3", "--config.data.max_test_examples=3",
                       "--unknown-flag", "positional"):
       assert cli._defined_spelling(untouched) == untouched
@@ -233,6 +279,10 @@ def test_either_spelling_of_a_flag_name_parses():
     (["-m", "resnet32x4", "-c", "download_ckpts/x.pth"],
      "mdistiller's tools/eval.py -m MODEL -c FILE is python scripts/eval.py --checkpoint FILE"),
     (["--model=resnet8x4", "--ckpt=student_best"], "or name it with --arch MODEL"),
+    (["-config", "configs/cifar100/kd.yaml"], "--config configs/cifar_kd.py:res32x4_res8x4"),
+    (["--config", "x.yaml:res32x4_res8x4"], "instead of x.yaml:res32x4_res8x4, --config"),
+    (["--config", "configs/cifar_kd.py", "-config.pair=wrn40_2_wrn16_2"],
+     "config.pair only records the recipe's pair"),
 ])
 def test_mdistiller_usage_says_what_to_type_instead(monkeypatch, args, expected):
   with pytest.raises(SystemExit) as exit_info:
