@@ -418,26 +418,30 @@ def test_best_top1_is_the_best_epoch_not_the_last(teacher_dir, tmp_path, monkeyp
   recorded; a later epoch that ties it is the best epoch, as the checkpoints keep it (eval.py
   and export_weights.py use that one), across a resume too."""
   make_evaluator = evaluation.make_evaluator
+  top1s = [50.0, 40.0, 45.0, 50.0]  # epochs 1 to 4, across the runs
 
-  def evaluator_scoring_50_then_40(*args, **kwargs):
-    evaluate, top1s = make_evaluator(*args, **kwargs), [50.0, 40.0]
+  def evaluator_scoring_top1s(*args, **kwargs):
+    evaluate = make_evaluator(*args, **kwargs)
     return lambda *a: {**evaluate(*a), "test_top1": top1s.pop(0)}
 
-  monkeypatch.setattr(evaluation, "make_evaluator", evaluator_scoring_50_then_40)
+  monkeypatch.setattr(evaluation, "make_evaluator", evaluator_scoring_top1s)
   workdir = str(tmp_path / "run")
+  run = lambda epochs: train.train_and_evaluate(  # noqa: E731
+      tiny_config("vanilla", teacher_dir, num_epochs=epochs), workdir)
+  summary = lambda result: (result["best_top1"], result["best_epoch"], result["last_top1"])  # noqa
   with tfds.testing.mock_data(num_examples=64):
-    result = train.train_and_evaluate(tiny_config("vanilla", teacher_dir, num_epochs=2), workdir)
-    assert (result["best_top1"], result["best_epoch"], result["last_top1"]) == (50.0, 1, 40.0)
-    resumed = train.train_and_evaluate(tiny_config("vanilla", teacher_dir, num_epochs=3),
-                                       workdir)  # epoch 3 scores 50 again
-  assert (resumed["best_top1"], resumed["best_epoch"], resumed["last_top1"]) == (50.0, 3, 50.0)
+    assert summary(run(2)) == (50.0, 1, 40.0)
+    assert summary(run(2)) == (50.0, 1, 40.0)  # the finished run, reported
+    assert summary(run(3)) == (50.0, 1, 45.0)  # resumed: the best is still epoch 1
+    assert summary(run(4)) == (50.0, 4, 50.0)  # resumed again: epoch 4 ties it
   records = read_metrics(workdir)
   assert [(r["test_top1"], r["best_top1"], r["best_epoch"]) for r in records
-          if r["kind"] == "epoch"] == [(50.0, 50.0, 1), (40.0, 50.0, 1), (50.0, 50.0, 3)]
+          if r["kind"] == "epoch"] == [(50.0, 50.0, 1), (40.0, 50.0, 1), (45.0, 50.0, 1),
+                                       (50.0, 50.0, 4)]
   assert [(r["epoch"], r["best_top1"], r["best_epoch"], r["last_top1"]) for r in records
-          if r["kind"] == "end"] == [(3, 50.0, 3, 50.0)]  # the extension moved the run's end
+          if r["kind"] == "end"] == [(4, 50.0, 4, 50.0)]  # the extension moved the run's end
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"))
-  assert ckpt.read_meta(2)["best_top1"] == 50.0 and ckpt.best_epoch() == 3
+  assert ckpt.read_meta(3)["best_top1"] == 50.0 and ckpt.best_epoch() == 4
   ckpt.close()
 
 
