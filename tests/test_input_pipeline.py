@@ -162,6 +162,13 @@ def test_a_cache_that_cannot_be_written_is_skipped_and_leaves_no_partial_file(
   assert "(No space left on device); going on without the cache" in caplog.text
 
 
+def test_the_split_checksum_covers_the_labels():
+  """What a resume checks it trains on: relabelled images are other data."""
+  images = np.arange(4 * 2 * 2 * 3, dtype=np.uint8).reshape(4, 2, 2, 3)
+  crc = lambda labels: ip.ArraySplit(images, np.array(labels, np.int32), 4).crc32()  # noqa
+  assert crc([0, 1, 2, 3]) != crc([1, 0, 2, 3])
+
+
 def test_partial_cache_files_of_killed_runs_are_removed(tmp_path, monkeypatch):
   """A run killed (SIGTERM, SIGKILL) while it wrote the cache left its partial file, up to the
   cache's size, for good; one interrupted by Ctrl-C too. Partials of live writers stay."""
@@ -182,11 +189,20 @@ def test_partial_cache_files_of_killed_runs_are_removed(tmp_path, monkeypatch):
       f"{cache_name}.elsewhere-{ended.pid}.tmp.npz": True,  # another host's, recent
       f"{cache_name}.elsewhere-1.tmp.npz": False,  # another host's, two days old
       f"other-{cache_name}.{host}-{ended.pid}.tmp.npz": True,  # another cache's
+      f"{cache_name}.{host}-4194301.tmp.npz": True,  # another user's writer, alive
   }
   for name in partials:
     (cache / name).write_bytes(b"PK" * 1000)
   two_days_ago = time.time() - 2 * 24 * 3600
   os.utime(cache / f"{cache_name}.elsewhere-1.tmp.npz", (two_days_ago, two_days_ago))
+  kill = os.kill
+
+  def kill_refused_for_another_users_process(pid, signal):
+    if pid == 4194301:  # as os.kill refuses to signal it (these tests may run as root)
+      raise PermissionError(1, "Operation not permitted")
+    return kill(pid, signal)
+
+  monkeypatch.setattr(ip.os, "kill", kill_refused_for_another_users_process)
   ip.load_array_split(folder=folder, split="train", cache_dir=str(cache))
   assert sorted(os.listdir(cache)) == sorted(
       [cache_name] + [name for name, kept in partials.items() if kept])
