@@ -966,7 +966,7 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("log_every_steps", 0, "config.log_every_steps must be a positive"),
     ("steps_per_dispatch", 0, "config.steps_per_dispatch must be a positive"),
     ("teacher_stream_groups", 3, r"teacher_stream_groups must be a positive integer that divides "
-     r"the 2 steps of a dispatch \(config.steps_per_dispatch; .*got 3"),
+     r"the 2 steps of a dispatch \(config.steps_per_dispatch, .*got 3"),
     ("teacher_stream_groups", 0, "config.teacher_stream_groups must be a positive integer"),
     ("lr_decay_epochs", ("a", "b"), r"lr_decay_epochs must be increasing positive epochs.*'a'"),
     ("lr_decay_epochs", (180, 150), "lr_decay_epochs must be increasing"),
