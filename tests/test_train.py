@@ -1994,22 +1994,34 @@ def test_a_failed_background_save_stops_the_run_before_the_next_epoch_trains(tmp
 
 
 def test_a_save_that_fills_the_disk_says_so_and_where_the_run_resumes(tmp_path):
-  ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
-  ckpt.save(1, {"w": jnp.ones(3)}, {"test_top1": 1.0, "best_top1": 1.0})
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "run"))
+  save = lambda epoch: ckpt.save(epoch, {"w": jnp.ones(3)}, {"test_top1": 1.0, "best_top1": 1.0})
+  save(1)
+  save(2)
   full = ValueError('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database: Failed to write '
                     "96 bytes to file 19: No space left on device [os_error_code='28']")
   ckpt._manager.wait_until_finished()
   with mock.patch.object(ckpt._manager, "wait_until_finished", side_effect=full):
     with pytest.raises(OSError, match=re.escape(
-        f"Saving epoch 1 in {tmp_path} failed: its filesystem is full (No space left on "
-        "device). Free space there, then re-run the same command: it resumes after epoch 1, "
+        f"Saving epoch 2 in {tmp_path / 'run'} failed: its filesystem is full (No space left on "
+        "device). Free space there, then re-run the same command: it resumes after epoch 2, "
         "the last one saved.")):
-      ckpt.save(2, {"w": jnp.ones(3)}, {"test_top1": 1.0, "best_top1": 1.0})
+      save(3)
   ckpt.close()
+  # The last epoch's save, confirmed as the run closes its checkpoints, is explained too (orbax
+  # raises a failed save once).
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "last"))
+  ckpt.save(1, {"w": jnp.ones(3)}, {"test_top1": 1.0, "best_top1": 1.0})
+  ckpt._manager.wait_until_finished()
+  with mock.patch.object(ckpt._manager, "wait_until_finished", side_effect=[full, None]):
+    with pytest.raises(OSError, match=re.escape(f"Saving epoch 1 in {tmp_path / 'last'} failed: "
+                                                "its filesystem is full")):
+      ckpt.close()
   assert checkpoint.disk_full(OSError(28, "No space left on device"))
-  wrapped = RuntimeError("save failed")
-  wrapped.__cause__ = full
-  assert checkpoint.disk_full(wrapped)
+  for link in ("__cause__", "__context__"):  # raise ... from full, or raised while handling it
+    wrapped = RuntimeError("save failed")
+    setattr(wrapped, link, full)
+    assert checkpoint.disk_full(wrapped)
   assert not checkpoint.disk_full(ValueError("File too large [os_error_code='27']"))
 
 
