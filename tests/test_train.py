@@ -797,6 +797,22 @@ def test_resume_accepts_exactly_the_documented_changes(teacher_dir, tmp_path, ca
       workdirs.check_resumable(config, str(workdir))
 
 
+def test_fields_new_since_a_run_started_are_among_its_config_changes(teacher_dir, tmp_path,
+                                                                     caplog):
+  """A run started by an older sortkd-jax takes a newer field as given; its start record says so
+  (config.json, rewritten, holds only the latest)."""
+  config = tiny_config("kd", teacher_dir)
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / "checkpoints" / "1")
+  recorded = json.loads(config.to_json_best_effort())
+  del recorded["teacher_stream_groups"]
+  (workdir / "config.json").write_text(json.dumps(recorded))
+  caplog.set_level(logging.INFO, logger="absl")
+  assert workdirs.check_resumable(config, str(workdir)) == {"teacher_stream_groups": (None, 1)}
+  assert ("Fields new since this run started, taken as the config gives them: "
+          "teacher_stream_groups=1." in caplog.text)
+
+
 # (recipe, its settings, a changed field, whether the method reads it so a resume refuses it)
 METHOD_READS = [
     ("kd", {}, "dkd.beta", False), ("kd", {}, "lskd.temperature", False),
@@ -1128,6 +1144,8 @@ def test_a_second_run_in_a_busy_workdir_is_refused(teacher_dir, tmp_path):
   import fcntl
   workdir = tmp_path / "busy"
   workdir.mkdir()
+  with workdirs.lock(str(workdir)):  # a run of this process there, ended: not the one running
+    pass
   with open(workdir / "train.lock", "w") as lock:  # what a running train_and_evaluate holds
     lock.write("process 12345 on gpu-node-7\n")
     lock.flush()
