@@ -1741,9 +1741,14 @@ def test_a_capped_imagenet_epoch_says_it_is_part_of_the_split(tmp_path, caplog):
   rather than reading as if the split held N."""
   config = _imagenet_folder_config(tmp_path)
   config.data.max_train_examples = 12  # a batch of 8 and a smaller one: 2 steps, none dropped
+  config.data.max_test_examples = 3  # of 4: what a resume checks it is evaluated on
   caplog.set_level(logging.INFO, logger="absl")
   train.train_and_evaluate(config, str(tmp_path / "run"))
   assert "12 train images per epoch (of 16), 2 classes; 2 steps per epoch." in caplog.text
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "run" / "checkpoints"))
+  assert (ckpt.read_meta(1)["train_examples"], ckpt.read_meta(1)["test_examples"]) == (12, 3)
+  ckpt.close()
+  assert [r["test_examples"] for r in read_metrics(tmp_path / "run") if r["kind"] == "epoch"] == [3]
 
 
 def test_a_capped_cifar_split_says_it_is_part_of_the_split(caplog):
