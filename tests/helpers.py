@@ -3,6 +3,7 @@
 tests/ is on sys.path through pyproject.toml's `[tool.pytest.ini_options] pythonpath`.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -22,6 +23,13 @@ def run_script(script, *args, cwd=REPO, env=None, timeout=300) -> subprocess.Com
   """scripts/SCRIPT ARGS, as `run_python` runs it (from the repository root by default)."""
   return run_python(os.path.join(REPO, "scripts", script), *args, cwd=cwd, env=env,
                     timeout=timeout)
+
+
+def corrupt_arrays(epoch_dir) -> None:
+  """Overwrites the array files of a training checkpoint's epoch folder: a damaged epoch."""
+  for path in glob.glob(os.path.join(epoch_dir, "state", "**", "d", "*"), recursive=True):
+    with open(path, "wb") as f:
+      f.write(b"not an array" * 8)
 
 
 def read_metrics(workdir) -> list[dict]:

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import cifar_vanilla
-from helpers import REPO, run_python, run_script
+from helpers import REPO, corrupt_arrays, run_python, run_script
 from sortkd_jax import checkpoint, models
 
 SYNTHETIC = ["--config", "configs/cifar_kd.py:res56_res20", "--config.data.name=synthetic",
@@ -73,6 +73,14 @@ def test_an_epoch_deleted_by_its_training_run_while_read_is_not_called_damaged(t
                      r"best while it was read, 3 times in a row \(epoch 8 last\): its epochs "
                      r"are shorter than a read\. Read it once it has ended\.$"):
     checkpoint.load_student_from_workdir(workdir)
+
+
+def test_a_damaged_epoch_named_by_the_user_is_called_damaged(tmp_path):
+  """Not taken for the best epoch of a live run, deleted as it was read, and read again."""
+  workdir = _save_run(tmp_path / "run", [50.0, 40.0])  # keeps 1 (the best) and 2
+  corrupt_arrays(os.path.join(workdir, "checkpoints", "2"))
+  with pytest.raises(ValueError, match=r"^The checkpoint of epoch 2, .*2, cannot be read "):
+    checkpoint.load_student_from_workdir(workdir, epoch=2)
 
 
 def _last_json(out):

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
-from helpers import REPO, read_metrics, run_python, run_script
+from helpers import REPO, corrupt_arrays, read_metrics, run_python, run_script
 from sortkd_jax import (augment, checkpoint, distributed, evaluation, imagenet_input,
                         input_pipeline, losses, methods, models, reporting, teachers, train,
                         workdirs)
@@ -2048,12 +2048,6 @@ def test_a_save_that_fills_the_disk_says_so_and_where_the_run_resumes(tmp_path):
   assert not checkpoint.disk_full(ValueError("File too large [os_error_code='27']"))
 
 
-def _corrupt_arrays(epoch_dir) -> None:
-  for path in glob.glob(os.path.join(epoch_dir, "state", "**", "d", "*"), recursive=True):
-    with open(path, "wb") as f:
-      f.write(b"not an array" * 8)
-
-
 def test_unreadable_checkpoint_names_the_epochs_to_fall_back_to(tmp_path):
   tmp_path = tmp_path / "my runs"  # the command it prints quotes the path
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
@@ -2061,7 +2055,7 @@ def test_unreadable_checkpoint_names_the_epochs_to_fall_back_to(tmp_path):
     ckpt.save(epoch, {"w": jnp.arange(1000.0) * epoch},
               {"test_top1": 1.0 * epoch, "best_top1": 1.0 * epoch})
   ckpt.close()
-  _corrupt_arrays(tmp_path / "2")
+  corrupt_arrays(tmp_path / "2")
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
   broken = str(tmp_path / "2")
   with pytest.raises(ValueError, match=(rf"epoch 2, {re.escape(broken)}, cannot be read .*"
@@ -2174,7 +2168,7 @@ def test_unreadable_run_is_one_error_line_in_the_scripts(kd_one_epoch, tmp_path)
   when the script exits."""
   workdir = tmp_path / "run"
   shutil.copytree(kd_one_epoch.workdir, workdir)
-  _corrupt_arrays(workdir / "checkpoints" / "1")
+  corrupt_arrays(workdir / "checkpoints" / "1")
   out = run_script("eval.py", "--checkpoint", workdir,
                    "--config", "configs/cifar_kd.py:res56_res20", "--config.data.name=synthetic")
   assert out.returncode == 1
