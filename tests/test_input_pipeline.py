@@ -245,6 +245,11 @@ def test_reading_an_image_folder_leaves_no_temporary_folder(tmp_path, monkeypatc
   folder = _make_folder(tmp_path / "data")
   ip.load_array_split(folder=folder, split="train", cache_dir=str(tmp_path / "cache"))
   assert [p.name for p in temp.glob("tmp*tfds")] == ["tmpotherstfds"]
+  # One made meanwhile by another user's run stays (root's rmdir would remove it).
+  monkeypatch.setattr(sources.os, "getuid", lambda: os.stat(temp).st_uid + 1)
+  ip.load_array_split(folder=_make_folder(tmp_path / "data2"), split="train",
+                      cache_dir=str(tmp_path / "cache"))
+  assert len(list(temp.glob("tmp*tfds"))) == 2
 
 
 def test_runs_started_together_decode_a_folder_once(tmp_path, monkeypatch, caplog):
