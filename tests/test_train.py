@@ -1825,8 +1825,10 @@ def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epo
     expected = student.eval()(torch.tensor(images).permute(0, 3, 1, 2)).numpy()
   np.testing.assert_allclose(model(images), expected, rtol=1e-4, atol=1e-4)
   assert "note" not in out.stdout
-  again = run_script("export_weights.py", "--checkpoint", kd_one_epoch.workdir, "--dst", dst)
-  assert again.returncode == 1 and "pass --overwrite" in again.stderr
+  # The same file, named with a ~ the shell left alone (quoted): the script expands it.
+  again = run_script("export_weights.py", "--checkpoint", kd_one_epoch.workdir, "--dst",
+                     "~/student_best.pth", env={"HOME": str(tmp_path)}, cwd=tmp_path)
+  assert again.returncode == 1 and "pass --overwrite" in again.stderr, again.stderr[-2000:]
   bigger = tmp_path / "run64"  # trained on 64x64 images: mdistiller's fixed 8x8 pool would fail
   shutil.copytree(kd_one_epoch.workdir, bigger)
   saved = json.loads((bigger / "config.json").read_text())
