@@ -556,8 +556,8 @@ def out_of_memory_explained(config: ml_collections.ConfigDict, *,
                 f"config.batch_size (another recipe); in the evaluation, {evaluation_batch}")
     else:
       steps = config.steps_per_dispatch or default_steps_per_dispatch()
-      advice = (f"A dispatch (up to {steps} × {config.batch_size} images) holds all its steps' images "
-                "and the teacher's activations for them at once: lower "
+      advice = (f"A dispatch (up to {steps} × {config.batch_size} images) holds all its steps' "
+                "images and the teacher's activations for them at once: lower "
                 "config.steps_per_dispatch (which changes results only by float rounding), then "
                 f"config.batch_size (another recipe); in the evaluation, {evaluation_batch}")
     raise RuntimeError(f"The device ran out of memory ({first}). {advice}. "
