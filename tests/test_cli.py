@@ -131,17 +131,23 @@ def test_verbosity_1_logs_the_traceback_of_a_known_error():
     assert ("Traceback" in done.stderr) == traceback, done.stderr
 
 
-def test_none_and_whole_tuple_overrides(tmp_path):
-  """ml_collections parses `--config.data.max_test_examples=None` as int('None')."""
+def _config_script(tmp_path, shown: str, defines: str = ""):
+  """`show(DEFAULT, *args)`: a script that defines --config (recipe DEFAULT, or none for '-')
+  and `defines`, parses `args` as the scripts do, then prints the expression `shown`."""
   script = tmp_path / "show.py"
   script.write_text("import sys\nfrom absl import flags\nfrom sortkd_jax import cli\n"
                     "default = sys.argv.pop(1)\n"
                     "cli.define_config_flag(None if default == '-' else default, 'a recipe')\n"
-                    "config = lambda: flags.FLAGS.config\n"
-                    "cli.run(lambda: print(config().data.max_test_examples, "
-                    "config().steps_per_dispatch, config().lr_decay_epochs))\n")
+                    f"{defines}config = lambda: flags.FLAGS.config\n"
+                    f"cli.run(lambda: print({shown}))\n")
+  return lambda *args: run_python(script, *args, env={"PYTHONPATH": "."}, timeout=60)
+
+
+def test_none_and_whole_tuple_overrides(tmp_path):
+  """ml_collections parses `--config.data.max_test_examples=None` as int('None')."""
+  show = _config_script(tmp_path, "config().data.max_test_examples, "
+                        "config().steps_per_dispatch, config().lr_decay_epochs")
   recipe = "configs/cifar_kd.py:res56_res20,runlocal"
-  show = lambda *args: run_python(script, *args, env={"PYTHONPATH": "."}, timeout=60)  # noqa
   for default, args in (("-", ["--config", recipe]), (recipe, [])):  # either way of loading
     done = show(default, *args, "--config.data.max_test_examples=5",
                 "--config.data.max_test_examples=None", "--config.steps_per_dispatch=None",
@@ -190,15 +196,9 @@ def test_override_spellings_that_ml_collections_reads_otherwise():
 def test_command_line_slips_are_one_line_errors(tmp_path):
   """A flag left without its value took the next flag as its value (`--workdir $W` with W unset
   trained in a folder named after the next flag); the others were tracebacks or no hint."""
-  script = tmp_path / "show.py"
-  script.write_text("import sys\nfrom absl import flags\nfrom sortkd_jax import cli\n"
-                    "default = sys.argv.pop(1)\n"
-                    "cli.define_config_flag(None if default == '-' else default, 'a recipe')\n"
-                    "flags.DEFINE_string('workdir', None, 'a run')\n"
-                    "c = lambda: flags.FLAGS.config\n"
-                    "cli.run(lambda: print(flags.FLAGS.workdir, c().batch_size, c().sort))\n")
+  show = _config_script(tmp_path, "flags.FLAGS.workdir, config().batch_size, config().sort",
+                        defines="flags.DEFINE_string('workdir', None, 'a run')\n")
   recipe = "configs/cifar_kd.py:res56_res20"
-  show = lambda *args: run_python(script, *args, env={"PYTHONPATH": "."}, timeout=60)  # noqa
   done = show("-", "--config", recipe, "--config.batch-size", "32", "--no-config.sort",
               "--workdir", "w")
   assert done.returncode == 0 and done.stdout.split() == ["w", "32", "False"], done.stderr
@@ -222,11 +222,7 @@ def test_command_line_slips_are_one_line_errors(tmp_path):
 def test_an_override_inside_a_value_or_of_a_top_level_field_in_a_group_is_named(tmp_path):
   """`--config.method.sort=True` gave a 35-line TypeError traceback, `--config.lr.x=1` said the
   config had no field 'float', `--config.kd.sort` that it had no field 'sort'."""
-  script = tmp_path / "show.py"
-  script.write_text("import sys\nfrom absl import flags\nfrom sortkd_jax import cli\n"
-                    "default = sys.argv.pop(1)\n"
-                    "cli.define_config_flag(None if default == '-' else default, 'a recipe')\n"
-                    "cli.run(lambda: print(flags.FLAGS.config.lr))\n")
+  show = _config_script(tmp_path, "config().lr")
   recipe = "configs/cifar_kd.py:res56_res20"
   for default, args in (("-", ["--config", recipe]), (recipe, [])):  # either way of loading
     for override, error in (
@@ -236,7 +232,7 @@ def test_an_override_inside_a_value_or_of_a_top_level_field_in_a_group_is_named(
                                         "of fields: --config.kd.temperature=VALUE sets it."),
         ("--config.kd.sort=True", "config.kd.sort does not exist; sort is top-level: "
                                   "--config.sort.")):
-      done = run_python(script, default, *args, override, env={"PYTHONPATH": "."}, timeout=60)
+      done = show(default, *args, override)
       assert done.returncode == 1 and done.stderr.strip() == f"error: {error}", done.stderr
 
 
