@@ -126,6 +126,15 @@ def target_index(logits: jax.Array, labels: ArrayLike) -> tuple[jax.Array, jax.A
   return index, in_range
 
 
+def out_of_range_as_nan(values: jax.Array, in_range: jax.Array) -> jax.Array:
+  """`values`, NaN where `in_range` is False: the rows of traced out-of-range labels. Concrete
+  labels were checked by `target_index`, so their values come back as they are (an eager
+  `where` with a NaN operand trips jax_debug_nans, though no NaN reaches its result)."""
+  if not isinstance(in_range, jax.core.Tracer):
+    return values
+  return jnp.where(in_range, values, jnp.nan)
+
+
 def _refuse_labels(num_classes: int, bad: ArrayLike) -> None:
   """Raises naming the (concrete) labels `bad`, if any."""
   bad = sorted({int(y) for y in np.ravel(bad)})
@@ -150,7 +159,7 @@ def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
   logits = _compute(logits)
   index, in_range = target_index(logits, labels)
   rows = optax.softmax_cross_entropy_with_integer_labels(logits, index)
-  return jnp.mean(jnp.where(in_range, rows, jnp.nan))
+  return jnp.mean(out_of_range_as_nan(rows, in_range))
 
 
 def topk_correct(logits: ArrayLike, labels: ArrayLike, k: int) -> jax.Array:
@@ -234,11 +243,11 @@ def dkd(
   log_z_target, log_z_other = _binary_log_probs(z, target)
   tckd_rows = (_kl_terms(b_v_target, log_v_target, log_z_target)
                + _kl_terms(b_v_other, log_v_other, log_z_other))
-  tckd = jnp.mean(jnp.where(in_range, tckd_rows, jnp.nan)) * t**2
+  tckd = jnp.mean(out_of_range_as_nan(tckd_rows, in_range)) * t**2
 
   offset = jnp.where(target, 1000.0, 0.0)
   nckd_rows = _kl_rows(jax.nn.log_softmax(v - offset), jax.nn.log_softmax(z - offset))
-  nckd = jnp.mean(jnp.where(in_range, nckd_rows, jnp.nan)) * t**2
+  nckd = jnp.mean(out_of_range_as_nan(nckd_rows, in_range)) * t**2
   return alpha * tckd + beta * nckd
 
 

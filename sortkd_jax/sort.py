@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sortkd_jax.losses import target_index
+from sortkd_jax.losses import out_of_range_as_nan, target_index
 
 __all__ = ["sort_teacher_logits"]
 
@@ -82,4 +82,4 @@ def sort_teacher_logits(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLi
   rotated = jnp.where(iota < r, next_down, jnp.where(iota == r, ranked[..., :1], ranked))
   # Scatter back to class order (on XLA:CPU faster than a second sort or an inverse-perm gather).
   out = jnp.put_along_axis(jnp.zeros_like(x), order, rotated, axis=axis, inplace=False)
-  return lax.stop_gradient(jnp.where(in_range[..., None], out, jnp.nan))
+  return lax.stop_gradient(out_of_range_as_nan(out, in_range[..., None]))

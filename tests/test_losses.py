@@ -336,6 +336,16 @@ def test_half_precision_inputs_are_computed_in_float32(dtype):
       _assert_scalar_close(got, ref)
 
 
+def test_eager_calls_under_jax_debug_nans_raise_no_false_alarm():
+  """With jit disabled (debugging one's own loop), jax_debug_nans tripped on the NaN placeholder
+  of out-of-range rows, `where(in_range, rows, nan)`, with every label valid."""
+  z, v, y = (jnp.asarray(a) for a in _logits(8))
+  with jax.disable_jit(), jax.debug_nans(True):
+    for call in (lambda: losses.cross_entropy(z, y), lambda: sort_teacher_logits(v, y),
+                 lambda: losses.dkd(z, v, y, 1.0, 8.0, 4.0)):
+      assert np.isfinite(np.asarray(call())).all()
+
+
 def test_python_numbers_keep_float32_losses_float32_under_jax_enable_x64():
   """Under x64 a Python temperature (or epoch) became a float64 array and promoted the loss."""
   z, v, y = (jnp.asarray(a) for a in _logits(8))
