@@ -133,7 +133,11 @@ def _check_writable_place(flag: str, path: str, what: str) -> None:
 
 def check_output_paths() -> None:
   """Fails at once on a --json or --profile path that cannot be written, which otherwise would
-  fail only after the whole benchmark has run; makes the --json file's directory."""
+  fail only after the whole benchmark has run; makes the --json file's directory. A leading `~`,
+  quoted too, is the home folder."""
+  for flag in ("json", "profile"):
+    if FLAGS[flag].value:
+      FLAGS[flag].value = os.path.expanduser(FLAGS[flag].value)
   if FLAGS.json:
     path = FLAGS.json
     if os.path.isdir(path):

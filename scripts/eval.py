@@ -56,6 +56,7 @@ def main():
   from sortkd_jax import (checkpoint, distributed, evaluation, models, porting, reporting,
                           teachers, train)
 
+  FLAGS.checkpoint = os.path.expanduser(FLAGS.checkpoint)  # quoted '~/runs/x' too
   if FLAGS.arch is not None:  # a typo is named as one, whatever the checkpoint
     models.check_name(FLAGS.arch, "--arch")
   if not os.path.exists(FLAGS.checkpoint):

@@ -32,7 +32,7 @@ FLAGS = flags.FLAGS
 def main():
   from sortkd_jax import checkpoint, porting, teachers  # noqa: PLC0415 - keep --help fast
 
-  src, dst = FLAGS.checkpoint, FLAGS.dst
+  src, dst = os.path.expanduser(FLAGS.checkpoint), FLAGS.dst  # quoted '~/runs/x' too
   if not os.path.exists(src):
     checkpoint.check_run_epoch_kept(src)
     raise FileNotFoundError(f"--checkpoint {src!r} does not exist.")

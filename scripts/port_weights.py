@@ -53,7 +53,7 @@ FLAGS = flags.FLAGS
 def main():
   from sortkd_jax import checkpoint, models, porting, teachers  # noqa: PLC0415 - keep --help fast
 
-  arch, src, dst = FLAGS.arch, FLAGS.src, FLAGS.dst
+  arch, src, dst = FLAGS.arch, os.path.expanduser(FLAGS.src), FLAGS.dst  # quoted '~/x.pth' too
   # Checked before the (possibly large) file is read.
   if arch is not None:
     models.check_name(arch, "--arch")

@@ -6,6 +6,7 @@
     bare state dict), converted on the fly, or
   * the workdir of a run of this project (e.g. `configs/cifar_vanilla.py`): its best
     checkpoint's student becomes the teacher.
+A leading `~` is the home folder there too, as written in a config file or a flagfile.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
   `component` picks the student or teacher of an mdistiller trainer file (`latest`, `best`);
   None accepts only a file holding one model.
   """
+  path = os.path.expanduser(path)
   if os.path.isfile(path):
     check_not_a_file_of_ours(path)
     from sortkd_jax import porting
@@ -210,11 +212,12 @@ def check_teacher_exists(teacher: ml_collections.ConfigDict,
                          data: ml_collections.ConfigDict | None = None) -> None:
   """Fails before any data is read if the teacher checkpoint is missing, or, given the run's
   `data`, is a run of this project that fed its images otherwise (`check_same_inputs`)."""
-  if not teacher.checkpoint or not os.path.exists(teacher.checkpoint):
-    checkpoint.check_run_epoch_kept(teacher.checkpoint or "")
+  path = os.path.expanduser(teacher.checkpoint or "")
+  if not path or not os.path.exists(path):
+    checkpoint.check_run_epoch_kept(path)
     raise FileNotFoundError(missing_teacher_message(teacher.name, teacher.checkpoint, data))
   if data is not None:
-    check_same_inputs(teacher.checkpoint, data, arch=teacher.name, role="teacher",
+    check_same_inputs(path, data, arch=teacher.name, role="teacher",
                       fix="distill from a teacher trained with this run's recipe")
 
 
@@ -262,10 +265,10 @@ def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *, image_
   `checkpoint.logits_checksum` (of the weights as loaded), by which a resumed run knows its
   teacher wherever its file now is; and, for a run of this project, the epoch of it used."""
   check_teacher_exists(teacher)
-  model, meta = load_frozen_model(teacher.checkpoint, arch=teacher.name,
-                                  num_classes=num_classes, dtype=dtype)
+  path = os.path.expanduser(teacher.checkpoint)
+  model, meta = load_frozen_model(path, arch=teacher.name, num_classes=num_classes, dtype=dtype)
   if "epoch" in meta:
-    _report_teacher_run(teacher.checkpoint, meta)
+    _report_teacher_run(path, meta)
   checksum = meta.get("logits_checksum")  # a checkpoint's, checked as it was loaded
   if not checkpoint.verifiable(checksum):
     _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)

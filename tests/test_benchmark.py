@@ -46,14 +46,18 @@ def test_benchmark_script_reports_every_measurement(tmp_path):
     ("json", "file.txt/bench.jsonl", "file.txt is a file, so the JSON file cannot be made"),
     ("profile", "file.txt", "is a file; name a directory for the trace"),
     ("profile", "file.txt/trace", "file.txt is a file, so the trace directory cannot be made"),
+    ("json", "~/file.txt/bench.jsonl", "file.txt is a file, so the JSON file cannot be made"),
 ])
 def test_unwritable_output_paths_are_refused_before_any_timing(tmp_path, flag, target, message):
-  """Otherwise the error (IsADirectoryError, a traceback) came after the whole benchmark."""
+  """Otherwise the error (IsADirectoryError, a traceback) came after the whole benchmark. A
+  quoted `~` is the home folder (it made a folder named `~`)."""
   (tmp_path / "file.txt").write_text("not a directory")
   proc = run_script(
       "benchmark.py", "--config.student.name=resnet8", "--config.teacher.name=resnet8",
       "--num-examples=32", "--batch-size=32", "--steps-per-dispatch=1", "--noeval",
-      "--windows=1", "--window-seconds=0.01", f"--{flag}={tmp_path / target}", timeout=600)
+      "--windows=1", "--window-seconds=0.01", f"--{flag}",
+      target if target.startswith("~") else tmp_path / target, env={"HOME": str(tmp_path)},
+      cwd=tmp_path, timeout=600)
   assert proc.returncode == 1 and f"error: --{flag} " in proc.stderr, proc.stderr[-3000:]
   assert message in proc.stderr and "Traceback" not in proc.stderr
   assert "train_step" not in proc.stdout  # refused before any timing

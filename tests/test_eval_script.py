@@ -301,8 +301,9 @@ def test_eval_of_a_bfloat16_run_reproduces_its_records(tmp_path):
 
 
 def test_a_tilde_after_an_equals_sign_is_the_home_folder(tmp_path):
-  """The shell expands `--checkpoint ~/m` but not `--checkpoint=~/m`: that `~` once named a
-  folder `~` in the working directory (a workdir made there, a checkpoint not found)."""
+  """The shell expands `--checkpoint ~/m` but not `--checkpoint=~/m` nor a quoted
+  `--checkpoint '~/m'`: that `~` once named a folder `~` in the working directory (a workdir
+  made there, a checkpoint not found)."""
   checkpoint.save_model(str(tmp_path / "model"), _resnet8(), arch="resnet8", num_classes=100)
   os.makedirs(tmp_path / "elsewhere")
   home = {"HOME": str(tmp_path)}
@@ -312,9 +313,9 @@ def test_a_tilde_after_an_equals_sign_is_the_home_folder(tmp_path):
                    cwd=tmp_path / "elsewhere")
   assert out.returncode == 0, out.stderr[-2000:]
   assert _last_json(out)["checkpoint"] == str(tmp_path / "model")
-  # A --config.* override, read as eval.py defines its default recipe: the same.
-  out = run_script("eval.py", "--checkpoint=~/model", "--config.data.folder=~/nodata", env=home,
-                   cwd=tmp_path / "elsewhere")
+  # Quoted; and a --config.* override, read as eval.py defines its default recipe: the same.
+  out = run_script("eval.py", "--checkpoint", "~/model", "--config.data.folder=~/nodata",
+                   env=home, cwd=tmp_path / "elsewhere")
   assert out.returncode == 1 and f"folder {tmp_path / 'nodata'}" in out.stderr, (
       out.stderr[-2000:])
   assert os.listdir(tmp_path / "elsewhere") == []

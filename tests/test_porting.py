@@ -22,6 +22,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -29,7 +30,7 @@ import torch
 from flax import nnx
 
 from helpers import REPO, run_script
-from sortkd_jax import checkpoint, models, porting
+from sortkd_jax import checkpoint, models, porting, teachers
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "porting")
 with open(os.path.join(FIXTURES, "mdistiller_state_dict_keys.json")) as _f:
@@ -222,7 +223,6 @@ def test_a_directory_is_not_a_checkpoint_file(tmp_path):
 
 def test_pth_teacher_for_data_of_another_class_count(pth_files):
   """A run or eval.py gets its class count from the data: the message says so."""
-  from sortkd_jax import teachers
   with pytest.raises(ValueError, match=(
       r"has 100 classes but the data has 10; use the data set it was trained on\. To distill on "
       r"this data, train a teacher on it first \(scripts/train.py --config "
@@ -410,7 +410,6 @@ def test_a_symbolic_link_dst_is_written_through(pth_files, tmp_path):
 
 def test_a_distiller_file_is_loaded_as_one_model_only_with_a_component(pth_files, tmp_path):
   """A teacher or eval.py path must not silently take one half of a student+teacher file."""
-  from sortkd_jax import teachers
   spaced = str(tmp_path / "my runs" / "latest.pth")  # the command it prints quotes the path
   os.makedirs(os.path.dirname(spaced))
   shutil.copy(pth_files["latest"], spaced)
@@ -709,7 +708,6 @@ def test_port_weights_script_mistakes_are_named(pth_files, tmp_path, case):
 def test_only_a_model_directory_s_own_files_are_pointed_to_it(pth_files, tmp_path):
   """Its sortkd_model.json and any file under state/ are not PyTorch files; a .pth someone put
   beside them is one."""
-  from sortkd_jax import teachers
   model = tmp_path / "model"
   checkpoint.save_model(str(model), models.create_model("resnet8", 100, rngs=nnx.Rngs(0)),
                         arch="resnet8", num_classes=100)
@@ -857,3 +855,25 @@ def test_the_logits_checksum_is_one_program_wherever_the_weights_are():
           for weights in (on_host, on_one_device, on_all)]
   assert checkpoint._eval_logits._cache_size() == compiled + 1  # 7 classes: no other test's
   assert sums[0] == sums[1] == sums[2]
+
+
+def test_a_quoted_tilde_in_a_model_path_is_the_home_folder(pth_files, tmp_path, monkeypatch):
+  """The shell leaves a quoted `--src '~/x.pth'` alone, and a config file or flagfile's
+  `teacher.checkpoint = '~/teachers/x'` too: each was "does not exist" (the outputs, such as
+  `--dst`, took `~` as home already)."""
+  monkeypatch.setenv("HOME", str(tmp_path))
+  shutil.copy(pth_files["teacher"], tmp_path / "t.pth")
+  home = {"HOME": str(tmp_path)}
+  out = run_script("port_weights.py", "--src", "~/t.pth", "--dst", "~/ported", env=home)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"Converted {tmp_path / 't.pth'}" in out.stdout
+  out = run_script("export_weights.py", "--checkpoint", "~/ported", "--dst", "~/s.pth", env=home)
+  assert out.returncode == 0 and os.path.isfile(tmp_path / "s.pth"), out.stderr[-2000:]
+  teacher = ml_collections.ConfigDict(dict(name="resnet8", checkpoint="~/ported",
+                                           fold_batchnorm=False))
+  teachers.check_teacher_exists(teacher)
+  model, _, _ = teachers.load_teacher(teacher, 100, image_size=32)
+  expected, _ = checkpoint.load_model(str(tmp_path / "ported"))
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(expected))):
+    np.testing.assert_array_equal(a, b)
+  assert teachers.load_frozen_model("~/t.pth")[1] == {"arch": "resnet8"}
