@@ -8,6 +8,7 @@ import gc
 import logging as std_logging
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -114,6 +115,9 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
   """
   flag_args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
   rest = argv[1 + len(flag_args):]
+  if rest[1:]:  # absl reads nothing after `--` as a flag: a required one after it was "None"
+    sys.exit(f"error: {shlex.join(rest[1:])} comes after `--`, which ends the flags, and this "
+             "script takes nothing else: drop the `--`.")
   spelt = _config_override_spelling(flag_args)
   if sys.argv[1:1 + len(flag_args)] == flag_args:  # ml_collections reads the overrides there
     sys.argv[1:1 + len(flag_args)] = spelt

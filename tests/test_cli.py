@@ -1,5 +1,6 @@
 """What every script shares: known errors as one line, Ctrl-C without a traceback."""
 
+import shlex
 import signal
 import sys
 
@@ -109,6 +110,18 @@ def test_a_stray_argument_is_refused_not_ignored():
   done = run_python("-c", script, "configs/cifar_kd.py", timeout=60)
   assert done.returncode != 0 and "ran" not in done.stdout
   assert "Unexpected arguments: ['configs/cifar_kd.py']" in done.stderr, done.stderr[-2000:]
+
+
+def test_flags_after_a_double_dash_are_named_not_taken_as_missing():
+  """absl reads nothing after `--` as a flag: a required flag given after it was reported as
+  "must have a value other than None", an optional one ignored."""
+  for script, args in (("train.py", ["--config", "configs/cifar_kd.py", "--", "--workdir",
+                                     "runs/x"]),
+                       ("eval.py", ["--", "--checkpoint", "my run"])):
+    done = run_script(script, *args, timeout=120)
+    assert done.returncode == 1 and done.stderr.splitlines()[-1] == (
+        f"error: {shlex.join(args[args.index('--') + 1:])} comes after `--`, which ends the "
+        "flags, and this script takes nothing else: drop the `--`."), done.stderr[-2000:]
 
 
 def test_a_path_printed_to_an_ascii_stdout_is_escaped():
@@ -248,9 +261,9 @@ def test_either_spelling_of_a_flag_name_parses():
     for untouched in ("--spelling-test-size=3", "--config.data.max_test_examples=3",
                       "--unknown-flag", "positional"):
       assert cli._defined_spelling(untouched) == untouched
-    # After "--" arguments are not flags: they stay as typed.
-    assert cli.parse_flags_briefly(["script", "--", "--spelling_test_size"])[1:] == [
-        "--spelling_test_size"]
+    # After "--" arguments are not flags, nor respelt: named as typed.
+    with pytest.raises(SystemExit, match="error: --spelling_test_size comes after `--`"):
+      cli.parse_flags_briefly(["script", "--", "--spelling_test_size"])
   finally:
     delattr(flags.FLAGS, "spelling-test-size")
     delattr(flags.FLAGS, "spelling_test_eval")
