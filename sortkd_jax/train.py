@@ -44,7 +44,6 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.experimental.compute_on import compute_on
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sortkd_jax import augment
@@ -236,7 +235,7 @@ def _steps_beside_teacher(state: TrainState, teacher_vars, xs: jax.Array, ys: ja
   """
   split = lambda a: a.reshape(groups, -1, *a.shape[1:])
   xs, ys = split(xs), split(ys)
-  targets_on_side_stream = compute_on("gpu_stream:1")(jax.jit(targets))
+  targets_on_side_stream = _gpu_stream_annotation()("gpu_stream:1")(jax.jit(targets))
   ts, hits = targets(teacher_vars, xs[0], ys[0])
 
   def group(carry, inputs):
@@ -250,6 +249,17 @@ def _steps_beside_teacher(state: TrainState, teacher_vars, xs: jax.Array, ys: ja
                                             (xs[:-1], ys[:-1], xs[1:], ys[1:]))
   state, last = student_steps(state, xs[-1], ys[-1], ts)
   return state, jax.tree.map(lambda m, l: m.sum(0) + l, metrics, last), hits
+
+
+def _gpu_stream_annotation() -> Callable[[str], Any] | None:
+  """`jax.experimental.compute_on.compute_on`, or None in a JAX without it. It is experimental
+  (JAX's development has since reshaped it) and only `config.teacher_stream_groups` needs it:
+  imported only then, the trainer runs on any JAX."""
+  try:
+    from jax.experimental.compute_on import compute_on  # noqa: PLC0415
+  except ImportError:
+    return None
+  return compute_on
 
 
 def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_sharding,
@@ -887,6 +897,10 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
                      f"{steps} steps of a dispatch (config.steps_per_dispatch, unset: 32 on "
                      "GPUs/TPUs, 1 on CPUs; one step with data.pipeline='tf_data'), got "
                      f"{groups!r}.")
+  if groups > 1 and _gpu_stream_annotation() is None:
+    raise ValueError(f"config.teacher_stream_groups={groups} needs "
+                     f"jax.experimental.compute_on.compute_on, which JAX {jax.__version__} does "
+                     "not have: leave it at 1.")
   # Out of range, these lost epochs (0 kept the best alone, -1 broke the next save) or trained
   # on, diverging (gradient ascent, growing weights), without a word.
   ranges = {"checkpoints_to_keep": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import types
 from unittest import mock
@@ -304,6 +305,24 @@ def test_folding_the_teacher_changes_training_only_by_rounding(teacher_dir, kd_o
     unfolded = train.train_and_evaluate(config, str(tmp_path / "unfolded"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                unfolded["state"], kd_one_epoch.result["state"])
+
+
+def test_a_jax_without_the_gpu_stream_api_trains_and_refuses_only_the_streams(monkeypatch):
+  """`jax.experimental.compute_on.compute_on` is experimental (JAX's own development has
+  reshaped it): imported with the trainer, a JAX without it could not train at all."""
+  without = ("import sys, types\n"
+             "sys.modules['jax.experimental.compute_on'] = types.ModuleType('without')\n")
+  done = run_python("-c", without + "import sortkd_jax.train; print('imported')", timeout=120)
+  assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
+  monkeypatch.setitem(sys.modules, "jax.experimental.compute_on", types.ModuleType("without"))
+  config = cifar_kd.get_config("res56_res20,runlocal")
+  config.steps_per_dispatch, config.teacher_stream_groups = 4, 1
+  train.check_config(config)
+  config.teacher_stream_groups = 2
+  with pytest.raises(ValueError, match=re.escape(
+      "config.teacher_stream_groups=2 needs jax.experimental.compute_on.compute_on, which JAX "
+      f"{jax.__version__} does not have: leave it at 1.")):
+    train.check_config(config)
 
 
 def test_teacher_on_a_second_stream_changes_training_only_by_rounding():
