@@ -1,18 +1,21 @@
 """What every script shares: known errors as one line, Ctrl-C without a traceback."""
 
+import logging as std_logging
 import shlex
 import signal
 import sys
 
 import pytest
-from absl import flags
+from absl import flags, logging
 
 from helpers import run_python, run_script
 from sortkd_jax import cli
 
 
 def _run(monkeypatch, main, **kwargs):
-  """cli.run(main)'s exit status; os._exit (Ctrl-C) is caught as ("os._exit", status)."""
+  """cli.run(main)'s exit status; os._exit (Ctrl-C) is caught as ("os._exit", status). What
+  cli.run sets for the whole process, as a script's start does, is undone: absl's INFO level,
+  left on, put another test's set-up lines in its caplog."""
   def exit_now(code):  # os._exit would end pytest too
     raise SystemExit(("os._exit", code))
 
@@ -20,11 +23,17 @@ def _run(monkeypatch, main, **kwargs):
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # cli.run filters it
   monkeypatch.setattr(cli.os, "_exit", exit_now)
   sigint = signal.getsignal(signal.SIGINT)  # cli.run installs its own
+  verbosity = logging.get_verbosity()
+  log_filters = [(log, list(log.filters)) for log in (
+      logging.get_absl_handler(), std_logging.getLogger("asyncio"))]
   try:
     with pytest.raises(SystemExit) as exit_info:
       cli.run(main, **kwargs)
   finally:
     signal.signal(signal.SIGINT, sigint)
+    logging.set_verbosity(verbosity)
+    for log, filters in log_filters:
+      log.filters[:] = filters
   return exit_info.value.code
 
 

@@ -319,6 +319,24 @@ def test_runs_started_together_decode_a_folder_once(tmp_path, monkeypatch, caplo
   np.testing.assert_array_equal(outcome[0].images, first.images)
 
 
+def test_an_unreadable_cache_is_decoded_anew_and_said_so(tmp_path, caplog):
+  """A cache cut short (a full disk, a copy interrupted) is not an error: the folder is decoded
+  again and the cache rewritten."""
+  folder = _make_folder(tmp_path / "data")
+  cache = tmp_path / "cache"
+  first = ip.load_array_split(folder=folder, split="train", cache_dir=str(cache))
+  (cache_name,) = os.listdir(cache)
+  (cache / cache_name).write_bytes((cache / cache_name).read_bytes()[:100])
+  caplog.set_level(logging.INFO, logger="absl")
+  caplog.clear()
+  again = ip.load_array_split(folder=folder, split="train", cache_dir=str(cache))
+  assert caplog.text.count(f"Ignoring the unreadable cache {cache / cache_name} (") == 1
+  assert "Decoding image folder" in caplog.text
+  np.testing.assert_array_equal(again.images, first.images)
+  with np.load(cache / cache_name) as rewritten:
+    np.testing.assert_array_equal(rewritten["images"], first.images)
+
+
 def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog):
   """Offline, tfds' download retries for minutes: the log says so before, the error after."""
   def offline(builder, download_config):
