@@ -30,6 +30,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import inspect
 import itertools
 import math
 import os
@@ -235,7 +236,7 @@ def _steps_beside_teacher(state: TrainState, teacher_vars, xs: jax.Array, ys: ja
   """
   split = lambda a: a.reshape(groups, -1, *a.shape[1:])
   xs, ys = split(xs), split(ys)
-  targets_on_side_stream = _gpu_stream_annotation()("gpu_stream:1")(jax.jit(targets))
+  targets_on_side_stream = _on_gpu_stream()(jax.jit(targets))
   ts, hits = targets(teacher_vars, xs[0], ys[0])
 
   def group(carry, inputs):
@@ -251,15 +252,24 @@ def _steps_beside_teacher(state: TrainState, teacher_vars, xs: jax.Array, ys: ja
   return state, jax.tree.map(lambda m, l: m.sum(0) + l, metrics, last), hits
 
 
-def _gpu_stream_annotation() -> Callable[[str], Any] | None:
-  """`jax.experimental.compute_on.compute_on`, or None in a JAX without it. It is experimental
-  (JAX's development has since reshaped it) and only `config.teacher_stream_groups` needs it:
-  imported only then, the trainer runs on any JAX."""
+def _on_gpu_stream() -> Callable[[Callable], Callable] | None:
+  """A wrapper that puts a function's computation on GPU stream 1 (other backends ignore it), or
+  None in a JAX without one. It is JAX's experimental `jax.experimental.compute_on`, reshaped
+  between versions: the context manager `compute_on(type)`; `compute_on2(f, *, compute_type,
+  out_memory_spaces)` beside it (0.10.2, the pinned version); that function alone, named
+  `compute_on` (later versions). Imported only for `config.teacher_stream_groups`, so that the
+  trainer runs on any JAX."""
   try:
-    from jax.experimental.compute_on import compute_on  # noqa: PLC0415
+    from jax.experimental import compute_on as api  # noqa: PLC0415
   except ImportError:
     return None
-  return compute_on
+  for name in ("compute_on2", "compute_on"):
+    wrap = getattr(api, name, None)
+    if wrap is not None and "out_memory_spaces" in inspect.signature(wrap).parameters:
+      return wrap(compute_type="gpu_stream:1", out_memory_spaces=jax.memory.Space.Device)
+  if hasattr(api, "compute_on"):
+    return api.compute_on("gpu_stream:1")  # a context manager, used as a decorator
+  return None
 
 
 def _train_batch(state: TrainState, teacher_vars, images, labels, *, batch_sharding,
@@ -897,10 +907,10 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
                      f"{steps} steps of a dispatch (config.steps_per_dispatch, unset: 32 on "
                      "GPUs/TPUs, 1 on CPUs; one step with data.pipeline='tf_data'), got "
                      f"{groups!r}.")
-  if groups > 1 and _gpu_stream_annotation() is None:
-    raise ValueError(f"config.teacher_stream_groups={groups} needs "
-                     f"jax.experimental.compute_on.compute_on, which JAX {jax.__version__} does "
-                     "not have: leave it at 1.")
+  if groups > 1 and _on_gpu_stream() is None:
+    raise ValueError(f"config.teacher_stream_groups={groups} needs jax.experimental.compute_on "
+                     f"(a GPU stream annotation), which JAX {jax.__version__} does not have: "
+                     "leave it at 1.")
   # Out of range, these lost epochs (0 kept the best alone, -1 broke the next save) or trained
   # on, diverging (gradient ascent, growing weights), without a word.
   ranges = {"checkpoints_to_keep": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),

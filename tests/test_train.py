@@ -307,21 +307,37 @@ def test_folding_the_teacher_changes_training_only_by_rounding(teacher_dir, kd_o
                unfolded["state"], kd_one_epoch.result["state"])
 
 
-def test_a_jax_without_the_gpu_stream_api_trains_and_refuses_only_the_streams(monkeypatch):
-  """`jax.experimental.compute_on.compute_on` is experimental (JAX's own development has
-  reshaped it): imported with the trainer, a JAX without it could not train at all."""
+def test_the_gpu_stream_api_of_each_jax_version_is_used_and_its_absence_refused(monkeypatch):
+  """`jax.experimental.compute_on` is experimental and JAX reshapes it: the context manager
+  `compute_on`, then `compute_on2(f, *, compute_type, out_memory_spaces)` beside it (0.10.2),
+  later that function alone as `compute_on`, with which `compute_on("gpu_stream:1")` failed as
+  the step was traced. Imported with the trainer, a JAX without the module could not train."""
   without = ("import sys, types\n"
              "sys.modules['jax.experimental.compute_on'] = types.ModuleType('without')\n")
   done = run_python("-c", without + "import sortkd_jax.train; print('imported')", timeout=120)
   assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
-  monkeypatch.setitem(sys.modules, "jax.experimental.compute_on", types.ModuleType("without"))
+  from jax.experimental import compute_on as pinned
   config = cifar_kd.get_config("res56_res20,runlocal")
-  config.steps_per_dispatch, config.teacher_stream_groups = 4, 1
+  config.steps_per_dispatch, config.teacher_stream_groups = 4, 2
+  def installed(module):
+    monkeypatch.setitem(sys.modules, "jax.experimental.compute_on", module)
+    monkeypatch.setattr(jax.experimental, "compute_on", module)
+
+  for api in ({"compute_on": pinned.compute_on, "compute_on2": pinned.compute_on2},
+              {"compute_on": pinned.compute_on2}, {"compute_on": pinned.compute_on}):
+    installed(types.SimpleNamespace(**api))
+    train.check_config(config)
+    doubled = train._on_gpu_stream()(jax.jit(lambda x: 2 * x))
+    program = jax.jit(lambda x: doubled(x) + 1).lower(jnp.float32(1))
+    assert '_xla_stream_annotation = "1"' in program.as_text(), api
+    assert float(program.compile()(jnp.float32(1))) == 3.0
+  installed(types.ModuleType("without"))
+  config.teacher_stream_groups = 1
   train.check_config(config)
   config.teacher_stream_groups = 2
   with pytest.raises(ValueError, match=re.escape(
-      "config.teacher_stream_groups=2 needs jax.experimental.compute_on.compute_on, which JAX "
-      f"{jax.__version__} does not have: leave it at 1.")):
+      "config.teacher_stream_groups=2 needs jax.experimental.compute_on (a GPU stream "
+      f"annotation), which JAX {jax.__version__} does not have: leave it at 1.")):
     train.check_config(config)
 
 
