@@ -369,8 +369,8 @@ def _misplaced_override(args: list[str], default: str | None = None) -> str | No
       recipe = args[i + 1]
     elif arg.startswith("--config="):
       recipe = arg.partition("=")[2]
-  from ml_collections.config_flags.config_flags import ConfigFileFlagParser
-  try:
+  try:  # ml_collections' own parser, an internal path: the check is skipped if it moves
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser  # noqa: PLC0415
     config = ConfigFileFlagParser(name="config").parse(recipe)
   except Exception:  # noqa: BLE001 - no recipe to check against: ml_collections' message
     return None

@@ -140,7 +140,7 @@ def _prepared_builder(name: str, data_dir: str | None, download: bool,
   try:
     with _no_temporary_folders_left():
       builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
+  except tfds.core.DatasetNotFoundError:
     close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
     raise ValueError(
         f"Unknown tfds dataset {name!r}" + (f" (did you mean {', '.join(close)}?)" if close

@@ -61,7 +61,8 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
         "sh -c '... --process_id=$OMPI_COMM_WORLD_RANK' (README, several hosts).")
   # JAX's preemption service would take SIGTERM over, and nothing here acts on its notices: a
   # `kill` or a scheduler's SIGTERM must end a multi-process run as it ends a single process.
-  jax.config.update("jax_enable_preemption_service", False)
+  if "jax_enable_preemption_service" in jax.config.values:  # an option JAX may drop
+    jax.config.update("jax_enable_preemption_service", False)
   if coordinator_address:
     if process_id == 0 and "JAX_COORDINATOR_BIND_ADDRESS" not in os.environ:  # else binds there
       _check_coordinator_port_free(int(port))

@@ -77,7 +77,7 @@ def _eval_batch_sums(model: Network, variables, images, labels, mask, *, batch_s
                                        batch_sharding)
   mask = mask.astype(jnp.float32)
   logits = model(variables, x).astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  ce = optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
   hits = lambda k: losses.topk_correct(logits, labels, k).astype(jnp.float32)
   return {"loss": (ce * mask).sum(), "top1": (hits(1) * mask).sum(),
           "top5": (hits(5) * mask).sum(), "count": mask.sum()}

@@ -158,7 +158,7 @@ def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
   """Mean softmax cross-entropy at temperature 1, no label smoothing (spec §8.1)."""
   logits = _compute(logits)
   index, in_range = target_index(logits, labels)
-  rows = optax.softmax_cross_entropy_with_integer_labels(logits, index)
+  rows = optax.losses.softmax_cross_entropy_with_integer_labels(logits, index)
   return jnp.mean(out_of_range_as_nan(rows, in_range))
 
 

@@ -164,7 +164,7 @@ def run_environment() -> dict[str, Any]:
   return {**env, "platform": device.platform, "device_kind": device.device_kind,
           "devices": jax.device_count(), "processes": jax.process_count(),
           "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
-          **{name: getattr(jax.config, name) for name in RANDOM_SETTINGS},
+          **{name: jax.config.values.get(name) for name in RANDOM_SETTINGS},  # transient flags
           "jax_enable_x64": jax.config.jax_enable_x64,
           "nvidia_tf32_override": os.environ.get("NVIDIA_TF32_OVERRIDE"),
           "xla_flags": os.environ.get("XLA_FLAGS")}
