@@ -275,5 +275,18 @@ def load_teacher(teacher: ml_collections.ConfigDict, num_classes: int, *, image_
     checksum = checkpoint.logits_checksum(teacher.name, num_classes, nnx.to_pure_dict(params),
                                           nnx.to_pure_dict(stats))
   if teacher.get("fold_batchnorm"):
-    models.fold_batchnorm(model, (image_size, image_size, 3))
+    _fold_if_possible(model, teacher.name, image_size)
   return model, checksum, meta.get("epoch")
+
+
+def _fold_if_possible(model: nnx.Module, name: str, image_size: int) -> None:
+  """Folding is a speed-up only (the logits change by rounding), read from JAX's traced
+  programs: where it fails (a model traced in nested programs, or a JAX whose internals it
+  reads have moved) the teacher runs unfolded, said so, rather than not at all."""
+  try:
+    models.fold_batchnorm(model, (image_size, image_size, 3))
+  except Exception as e:  # noqa: BLE001 - the model is unchanged: see fold_batchnorm
+    logging.warning("Cannot fold the BatchNorms of the teacher %s into its convolutions (%s: "
+                    "%s); it runs unfolded, with the same logits but for rounding, slower on "
+                    "GPUs (config.teacher.fold_batchnorm=False skips the attempt).", name,
+                    type(e).__name__, e)

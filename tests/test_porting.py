@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ import pytest
 import torch
 from flax import nnx
 
-from helpers import REPO, run_script
+from helpers import REPO, run_python, run_script
 from sortkd_jax import checkpoint, models, porting, teachers
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "porting")
@@ -122,6 +123,32 @@ def test_folding_refuses_a_model_it_cannot_trace_layer_by_layer():
   with pytest.raises(NotImplementedError, match="fold_batchnorm=False"):
     models.fold_batchnorm(model, (32, 32, 3))
   jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
+
+def test_a_teacher_that_cannot_be_folded_runs_unfolded(tmp_path, monkeypatch, caplog):
+  """Folding reads JAX's traced programs through JAX internals (jax.extend.core), which a JAX
+  may move: the run's teacher is then loaded unfolded, with a warning, instead of the run
+  failing, and the models package imports all the same."""
+  moved = ("import sys, types, jax.extend.core as core\n"
+           "moved = types.ModuleType('moved')\n"
+           "moved.__dict__.update({k: v for k, v in vars(core).items() if k != 'Literal'})\n"
+           "sys.modules['jax.extend.core'] = moved\n")
+  done = run_python("-c", moved + "import sortkd_jax.models; print('imported')", timeout=120)
+  assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
+  model = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))
+  checkpoint.save_model(str(tmp_path / "teacher"), model, arch="resnet8", num_classes=10)
+  moved = types.ModuleType("moved")
+  moved.__dict__.update({k: v for k, v in vars(jax.extend.core).items() if k != "Literal"})
+  monkeypatch.setitem(sys.modules, "jax.extend.core", moved)
+  teacher = ml_collections.ConfigDict(dict(name="resnet8", checkpoint=str(tmp_path / "teacher"),
+                                           fold_batchnorm=True))
+  loaded, _, _ = teachers.load_teacher(teacher, 10, image_size=32)
+  assert ("Cannot fold the BatchNorms of the teacher resnet8 into its convolutions (ImportError: "
+          in caplog.text and "it runs unfolded" in caplog.text)
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  model.eval()
+  np.testing.assert_array_equal(loaded(images), model(images))
+  assert any(isinstance(m, models.layers.BatchNorm) for _, m in nnx.iter_graph(loaded))
+
 
 # --------------------------------------------------------------------------------------
 # port_state_dict: strictness and conveniences.

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.extend.core import Literal
 
 from sortkd_jax.models.layers import BatchNorm
 
@@ -59,8 +58,12 @@ def conv_batchnorm_pairs(model: nnx.Module, image_shape: tuple[int, ...]
 
   Found from one traced forward pass, with nothing compiled: every conv output and BatchNorm
   input goes through a marker (an identity, `lax.optimization_barrier`), and in the traced
-  program a foldable conv's marked output has one reader, its BatchNorm's marker.
+  program a foldable conv's marked output has one reader, its BatchNorm's marker. (The traced
+  program's classes are JAX internals, imported here only: if a JAX moves them, folding fails
+  and a teacher runs unfolded, `teachers.load_teacher`.)
   """
+  from jax.extend.core import Literal  # noqa: PLC0415
+
   markers: list = []  # the module of each marker, in trace order
 
   def mark(module, x):
@@ -96,23 +99,23 @@ def _f64(variable: nnx.Variable) -> np.ndarray:
 
 def fold_batchnorm(model: nnx.Module, image_shape: tuple[int, ...]) -> int:
   """Folds, in place, every eval-mode BatchNorm that directly follows a convolution into it;
-  returns how many were folded. `image_shape` is one input image's (H, W, C)."""
+  returns how many were folded. `image_shape` is one input image's (H, W, C). Raises, with
+  the model unchanged, where the pairs or their places cannot be found."""
   model.eval()
-  pairs = conv_batchnorm_pairs(model, image_shape)
   parents = {}  # id(child module) -> (parent, attribute name or list index)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module):
       children = enumerate(node) if isinstance(node, nnx.List) else vars(node).items()
       for key, child in children:
         parents.setdefault(id(child), (node, key))
-  for conv, bn in pairs:  # in float64 NumPy: exact to float32, and no device op to compile
+  pairs = [(conv, bn, *parents[id(bn)]) for conv, bn in conv_batchnorm_pairs(model, image_shape)]
+  for conv, bn, parent, key in pairs:  # in float64 NumPy: exact to float32, no device op
     inv = _f64(bn.scale) / np.sqrt(_f64(bn.var) + bn.epsilon)
     bias = _f64(bn.bias) + ((_f64(conv.bias) if conv.use_bias else 0.0) - _f64(bn.mean)) * inv
     dtype = conv.kernel[...].dtype
     conv.kernel[...] = jax.device_put((_f64(conv.kernel) * inv).astype(dtype))
     conv.bias = nnx.Param(jax.device_put(bias.astype(dtype)))
     conv.use_bias = True
-    parent, key = parents[id(bn)]
     if isinstance(parent, nnx.List):
       parent[key] = _Identity()
     else:
