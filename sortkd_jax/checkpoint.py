@@ -395,13 +395,18 @@ class TrainCheckpointer:
     self.directory = os.path.abspath(directory)
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(keep), cm.BestN(get_metric_fn=lambda m: m["test_top1"], n=1)])
+    handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item, handler, save, restore in (
+        ("state", ocp.StandardCheckpointHandler(), ocp.args.StandardSave, ocp.args.StandardRestore),
+        ("meta", ocp.JsonCheckpointHandler(), ocp.args.JsonSave, ocp.args.JsonRestore)):
+      handlers.add(item, save, handler)
+      handlers.add(item, restore, handler)
     # best_fn makes orbax write each step's metrics, so the policy still sees the epochs
     # saved before a restart (without them it keeps those forever).
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             preservation_policy=policy, best_fn=lambda m: m["test_top1"], best_mode="max"),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+        handler_registry=handlers)
     self._unconfirmed = None  # the epoch of a background save not yet known to have succeeded
 
   def latest_epoch(self) -> int | None:
@@ -450,7 +455,7 @@ class TrainCheckpointer:
     without one, as the saved nested dicts (e.g. to read a run's student). Refuses a state
     that does not read back bit for bit as saved (checkpoints of older versions unchecked)."""
     try:
-      metadata = self._manager.item_metadata(epoch)["state"]
+      metadata = self._manager.metadata(epoch).item_metadata["state"]
     except Exception as e:
       raise self._unreadable(epoch, e) from e
     if metadata is None:  # orbax's word for a state without its metadata file
@@ -459,10 +464,10 @@ class TrainCheckpointer:
     saved = metadata.tree
     if target is not None:
       self._check_layout(epoch, saved, target)
-    tree = saved if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
       restored = self._manager.restore(epoch, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_local_target(tree)), meta=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(_local_target(saved if target is None else target)),
+          meta=ocp.args.JsonRestore()))
     except Exception as e:
       raise self._unreadable(epoch, e) from e
     recorded = restored.meta.get("state_crc32")
