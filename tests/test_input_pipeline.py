@@ -267,6 +267,7 @@ def test_runs_started_together_decode_a_folder_once(tmp_path, monkeypatch, caplo
   decoded = (cache / cache_name).read_bytes()
   os.remove(cache / cache_name)
   caplog.set_level(logging.INFO, logger="absl")
+  caplog.clear()  # of the set-up's decoding, logged where INFO is on already
   outcome = []
 
   def second_run():
