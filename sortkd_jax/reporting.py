@@ -194,7 +194,9 @@ def source_commit() -> str | None:
 
 
 def _drop_records_after(path: str, step: int) -> None:
-  """Keeps the records up to `step` but the `"end"` one; a line cut short by a crash goes too."""
+  """Keeps the records up to `step` but the `"end"` one; a line cut short by a crash goes too.
+  A complete record that lacks only its newline is kept and given one: the next record would
+  otherwise be written onto its line."""
   if not os.path.exists(path):
     return
   with open(path) as f:
@@ -207,8 +209,8 @@ def _drop_records_after(path: str, step: int) -> None:
     except (ValueError, KeyError, TypeError):
       return False
 
-  kept = [line for line in lines if keeps(line)]
-  if len(kept) < len(lines):
+  kept = [line.rstrip("\n") + "\n" for line in lines if keeps(line)]
+  if kept != lines:
     with open(path + ".tmp", "w") as f:
       f.writelines(kept)
     os.replace(path + ".tmp", path)

@@ -50,6 +50,20 @@ def test_restart_drops_what_was_logged_after_the_resumed_step(tmp_path):
   assert _records(tmp_path) == [] and _tensorboard_losses(tmp_path) == []
 
 
+def test_a_record_cut_short_of_its_newline_alone_is_kept_and_ended(tmp_path):
+  """A crash between a record and its newline left a whole record that the resumed run's next
+  one was written onto: one line of two objects, which every JSON-lines reader refuses."""
+  first = reporting.Reporter(str(tmp_path), total_steps=100)
+  first.write("train", 1, 4, {"loss": 1.0})
+  first.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"kind": "epoch", "epoch": 1, "step": 8, "loss": 1.0}))  # no newline
+  resumed = reporting.Reporter(str(tmp_path), total_steps=100, start_step=8)
+  resumed.write("train", 2, 12, {"loss": 2.0})
+  resumed.close()
+  assert _records(tmp_path) == [("train", 4, 1.0), ("epoch", 8, 1.0), ("train", 12, 2.0)]
+
+
 def test_a_run_resumed_after_its_end_loses_its_end_record(tmp_path):
   """A finished run extended (a raised num_epochs) has not ended: its old `"end"` record, at
   the resumed step, would say it had (and a jq `select(.kind == "end")` would print two)."""
