@@ -263,7 +263,8 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
       info = json.load(f)
   except (OSError, ValueError) as e:
     raise ValueError(f"{meta_file!r} is unreadable ({e}). {how}") from e
-  if info.get("format") != MODEL_FORMAT or "arch" not in info or "num_classes" not in info:
+  if (not isinstance(info, dict) or info.get("format") != MODEL_FORMAT or "arch" not in info
+      or "num_classes" not in info):
     raise ValueError(f"{meta_file!r} is not a sortkd model description. {how}")
   return info
 

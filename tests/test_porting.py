@@ -518,6 +518,21 @@ def test_pth_errors(pth_files, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("content,message", [
+    ("{broken", "is unreadable"), ('{"format": "other"}', "is not a sortkd model description"),
+    ("[]", "is not a sortkd model description"), ("null", "is not a sortkd model description")])
+def test_a_damaged_model_description_is_named(tmp_path, content, message):
+  """JSON that is not an object (`[]`, `null`) raised AttributeError: a traceback in place of
+  the scripts' one-line error."""
+  dst = tmp_path / "model"
+  checkpoint.save_model(str(dst), models.create_model("resnet8", 10, rngs=nnx.Rngs(0)),
+                        arch="resnet8", num_classes=10)
+  (dst / checkpoint.MODEL_JSON).write_text(content)
+  with pytest.raises(ValueError, match=re.escape(f"{dst / checkpoint.MODEL_JSON}'") + ".* "
+                     + message):
+    checkpoint.load_model(str(dst))
+
+
 def test_save_load_model(tmp_path, monkeypatch):
   # vgg11: nnx.List containers with gaps (block2.0, .1, .3, .4) must survive orbax.
   sd, x, ref = fixture("vgg11")
