@@ -284,6 +284,7 @@ def check_same_teacher(teacher_path: str, saved_meta: dict[str, Any],
                        checksum: dict[str, Any] | None, num_classes: int) -> None:
   """Refuses to resume with another teacher than the run's so far: teacher.checkpoint may
   change on resume (its files moved), the teacher's weights may not."""
+  teacher_path = os.path.expanduser(teacher_path)
   recorded = saved_meta.get("teacher_logits_checksum")
   if checksum is None:  # no teacher
     return

@@ -237,11 +237,12 @@ def test_resume_takes_the_teacher_moved_but_not_another_one(teacher_dir, kd_one_
   assert [r["epoch"] for r in read_metrics(workdir) if r["kind"] == "epoch"] == [1, 2]
 
 
-def test_a_refused_run_as_teacher_names_the_epoch_the_student_was_distilled_from(teacher_dir,
-                                                                                kd_one_epoch):
+def test_a_refused_run_as_teacher_names_the_epoch_the_student_was_distilled_from(
+    teacher_dir, kd_one_epoch, monkeypatch):
   """A run as teacher whose best epoch changed since the student began: the refusal names the
   epoch the student's checkpoints record, to pass if that run still keeps it, else says the
-  student cannot be resumed with its teacher; checkpoints without it get the general advice."""
+  student cannot be resumed with its teacher; checkpoints without it get the general advice,
+  and a run named with a `~` (a config file's) the same."""
   recorded = checkpoint.read_model_metadata(teacher_dir)["logits_checksum"]
   now = {**recorded, "sum": recorded["sum"] + 100.0}  # the run's best epoch since
   a_run = kd_one_epoch.workdir  # keeps epoch 1
@@ -255,6 +256,11 @@ def test_a_refused_run_as_teacher_names_the_epoch_the_student_was_distilled_from
     with pytest.raises(ValueError, match=advice):
       workdirs.check_same_teacher(a_run, {"teacher_logits_checksum": recorded,
                                           "teacher_run_epoch": distilled_from}, now, 100)
+  monkeypatch.setenv("HOME", os.path.dirname(a_run))
+  with pytest.raises(ValueError, match=re.escape(
+      f"--config.teacher.checkpoint={os.path.join(a_run, 'checkpoints', '1')}.")):
+    workdirs.check_same_teacher(f"~/{os.path.basename(a_run)}", {
+        "teacher_logits_checksum": recorded, "teacher_run_epoch": 1}, now, 100)
 
 
 def test_checks_that_older_checkpoints_cannot_have_are_warned_about(teacher_dir, tmp_path,
