@@ -399,6 +399,44 @@ def test_pth_component_selection(pth_files):
   assert not np.any(t["fc.weight"]) and np.any(s["fc.weight"])
 
 
+@pytest.mark.parametrize("case,expected", [
+    ("state_dict entry", None), ("whole module, trusted", None),
+    ("module as 'model', trusted", None), ("non-tensor extras", None),
+    ("no state dict", "holds no state dict (expected a 'model' entry or a dict of tensors; "
+                      "found ['epoch', 'acc'])"),
+    ("a tensor", "holds no state dict (expected a 'model' entry or a dict of tensors; found "
+                 "Tensor)"),
+    ("student only", "is a distiller checkpoint without a 'teacher' component (found "
+                     "['student'])"),
+    ("extras only", "the state dict is empty")])
+def test_the_containers_of_a_state_dict_in_pth_files(tmp_path, case, expected):
+  """The shapes trainers save a state dict in: read, or named with what the file holds."""
+  from mdistiller_torch import TorchCifarResNet
+  model = TorchCifarResNet(8, 10)
+  sd = model.state_dict()
+  saved, component, trust = {
+      "state_dict entry": ({"state_dict": sd, "epoch": 3}, None, False),
+      "whole module, trusted": (model, None, True),
+      "module as 'model', trusted": ({"model": model}, None, True),
+      "non-tensor extras": ({"model": {**sd, "note": "hello", "n": 3}}, None, False),
+      "no state dict": ({"epoch": 3, "acc": 0.5}, None, False),
+      "a tensor": (torch.zeros(3), None, False),
+      "student only": ({"model": {f"module.student.{k}": v for k, v in sd.items()}}, "teacher",
+                       False),
+      "extras only": ({"model": {"note": "hello"}}, None, False)}[case]
+  path = str(tmp_path / "file.pth")
+  torch.save(saved, path)
+  if expected is not None:
+    with pytest.raises(porting.TorchFileError, match=re.escape(f"{path!r}") + ".*"
+                       + re.escape(expected)):
+      porting.load_torch_state_dict(path, component, trust_pickle=trust)
+    return
+  read = porting.load_torch_state_dict(path, component, trust_pickle=trust)
+  assert read.keys() == sd.keys()
+  for key, value in sd.items():
+    np.testing.assert_array_equal(read[key], value.numpy())
+
+
 def test_a_component_of_a_file_holding_one_model_is_refused(pth_files):
   """It would be recorded as the ported model's origin (port_weights.py's metadata)."""
   with pytest.raises(porting.TorchFileError, match="holds one model, not a trainer's student "
