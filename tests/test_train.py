@@ -1870,6 +1870,11 @@ def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epo
   again = run_script("export_weights.py", "--checkpoint", kd_one_epoch.workdir, "--dst",
                      "~/student_best.pth", env={"HOME": str(tmp_path)}, cwd=tmp_path)
   assert again.returncode == 1 and "pass --overwrite" in again.stderr, again.stderr[-2000:]
+  dst.write_bytes(b"an older file")
+  again = run_script("export_weights.py", "--checkpoint", kd_one_epoch.workdir, "--dst", dst,
+                     "--overwrite")
+  assert again.returncode == 0, again.stderr[-2000:]
+  student.load_state_dict(torch.load(dst, weights_only=True)["model"])  # replaced, whole
   bigger = tmp_path / "run64"  # trained on 64x64 images: mdistiller's fixed 8x8 pool would fail
   shutil.copytree(kd_one_epoch.workdir, bigger)
   saved = json.loads((bigger / "config.json").read_text())
