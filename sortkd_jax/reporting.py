@@ -135,9 +135,7 @@ RANDOM_SETTINGS = ("jax_default_prng_impl", "jax_threefry_partitionable")
 
 def _warn_if_random_settings_changed(path: str, environment: dict[str, Any]) -> None:
   """A resume under other RANDOM_SETTINGS than the run's first start goes on as another run."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:  # its lines are whole: the reporter has dropped a cut one
+  with open(path) as f:  # the reporter opened it, and dropped a cut last line
     first = next((r for r in map(json.loads, f) if r.get("kind") == "start"), {})
   changed = [f"{name}={first[name]!r} -> {environment[name]!r}" for name in RANDOM_SETTINGS
              if name in first and first[name] != environment[name]]
