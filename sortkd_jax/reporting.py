@@ -23,6 +23,7 @@ import jax
 from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class Reporter:
@@ -49,7 +50,7 @@ class Reporter:
         from tensorboardX import SummaryWriter
         # Named by its purge step too: tensorboardX names files by the second, and a restart
         # within it may then replace only a file whose events it hides anyway.
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+        self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
                                  purge_step=kept_up_to + 1, filename_suffix=f".{kept_up_to + 1}")
       except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard events are written.")

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import pwd
 import shlex
 import socket
 from typing import IO, Any, Iterator
@@ -41,6 +42,7 @@ def lock(workdir: str) -> Iterator[None]:
     created = not os.path.exists(workdir)
     lock_created = not os.path.exists(os.path.join(workdir, LOCK_FILE))
     try:
+      _check_run_folders_writable(workdir)
       lock_file = _flock(workdir)
     except ValueError as e:
       refusal = e
@@ -69,11 +71,37 @@ def lock(workdir: str) -> Iterator[None]:
 _locked_here: set[tuple[int, str]] = set()
 
 
+def _check_run_folders_writable(workdir: str) -> None:
+  """Refuses a run whose checkpoint or TensorBoard folders this user cannot write in (another
+  user's, say): the run would fail at its first save, an epoch later, or when it removes an old
+  epoch, after the next one was saved."""
+  for name in (checkpoint.TRAIN_CHECKPOINT_DIR, reporting.TENSORBOARD_DIR):
+    for folder, _, _ in os.walk(os.path.join(workdir, name)):
+      if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder} of the run in {workdir} cannot be written by this user (it "
+                         f"belongs to {_owner(folder)}), and the run saves and removes files "
+                         "there: have that changed (chown, chmod), or use another --workdir.")
+
+
+def _owner(path: str) -> str:
+  uid = os.stat(path).st_uid
+  try:
+    return pwd.getpwuid(uid).pw_name
+  except KeyError:  # a user id the system has no name for (e.g. from another machine)
+    return f"user id {uid}"
+
+
 def _flock(workdir: str) -> IO[str]:
   """`<workdir>/train.lock`, created if need be and flock-ed, saying who holds it."""
+  path = os.path.join(workdir, LOCK_FILE)
   try:
     os.makedirs(workdir, exist_ok=True)
-    lock = open(os.path.join(workdir, LOCK_FILE), "a+")
+    try:
+      lock = open(path, "a+")
+    except PermissionError:
+      if not (os.path.isfile(path) and os.access(workdir, os.W_OK | os.X_OK)):
+        raise
+      lock = open(path)  # another user's, from an earlier start: flock needs no write access
   except OSError as e:  # e.g. a read-only mount of a finished run: it can still be evaluated
     epochs = []
     with contextlib.suppress(OSError):
@@ -96,9 +124,10 @@ def _flock(workdir: str) -> IO[str]:
     logging.warning("Cannot lock %s (%s): a second run in this workdir would go unnoticed.",
                     lock.name, e.strerror)
   try:
-    lock.truncate(0)
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
+    if lock.writable():
+      lock.truncate(0)
+      lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+      lock.flush()
   except OSError as e:  # e.g. a full disk; the lock is this run's, so its file may go
     with contextlib.suppress(OSError):  # closing flushes what could not be written: fails too
       lock.close()

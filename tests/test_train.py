@@ -1218,6 +1218,52 @@ def test_a_refused_run_leaves_the_running_ones_workdir_alone(teacher_dir, tmp_pa
   holder[0].close()
 
 
+def test_a_lock_file_of_another_user_still_locks_a_writable_workdir(tmp_path, monkeypatch):
+  """A colleague resuming a shared run found its train.lock (left, 644, by the first start)
+  not writable, and was told the workdir "cannot be created or written"; flock needs only
+  read access, so the lock still keeps out a second run."""
+  import errno
+  workdir = tmp_path / "shared"
+  workdir.mkdir()
+  (workdir / "train.lock").write_text("process 7 on gpu-node-1\n")
+
+  def open_as_another_user(path, mode="r", *args):  # (the tests run as root, who may write)
+    if os.path.basename(path) == "train.lock" and mode != "r":
+      raise PermissionError(errno.EACCES, "Permission denied", path)
+    return open(path, mode, *args)
+
+  monkeypatch.setattr(workdirs, "open", open_as_another_user, raising=False)
+  with workdirs.lock(str(workdir)):
+    with pytest.raises(ValueError, match=r"Another run is training in .*shared \(process 7 on "
+                       r"gpu-node-1, this very process"):
+      with workdirs.lock(str(workdir)):
+        pass
+  assert (workdir / "train.lock").read_text() == "process 7 on gpu-node-1\n"
+
+
+@pytest.mark.parametrize("folder", ["checkpoints", "checkpoints/1/state", "tensorboard"])
+def test_run_folders_this_user_cannot_write_are_refused_before_training(
+    folder, kd_one_epoch, teacher_dir, tmp_path, monkeypatch):
+  """A resumed run whose checkpoints/ was another user's trained a whole epoch before its save
+  failed (and orbax then held the process for 5 minutes); one whose old epoch it could not
+  remove failed after saving the next one; TensorBoard's folder failed after compiling."""
+  import pwd
+  workdir = str(tmp_path / "run")
+  shutil.copytree(kd_one_epoch.workdir, workdir)
+  not_writable, access = os.path.join(workdir, folder), os.access
+  monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+      os.path.abspath(path) != not_writable and access(path, mode, **kw)))
+  metrics = open(os.path.join(workdir, "metrics.jsonl")).read()
+  owner = pwd.getpwuid(os.stat(not_writable).st_uid).pw_name
+  with tfds.testing.mock_data(num_examples=64), pytest.raises(ValueError, match=(
+      rf"^{re.escape(not_writable)} of the run in {re.escape(workdir)} cannot be written by "
+      rf"this user \(it belongs to {owner}\), and the run saves and removes files there: have "
+      r"that changed \(chown, chmod\), or use another --workdir\.$")):
+    train.train_and_evaluate(tiny_config("kd", teacher_dir, num_epochs=2), workdir)
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics
+  assert checkpoint.saved_epochs(workdir) == [1]
+
+
 def test_a_workdir_on_a_full_disk_is_refused_leaving_nothing(tmp_path, monkeypatch):
   """The lock file's first write failed with a bare `[Errno 28] No space left on device`,
   leaving the lock file and the new workdir behind."""
