@@ -219,10 +219,10 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
   }
   os.makedirs(parent, exist_ok=True)
   tmp = temp_beside(path, directory=True)
-  set_aside = None
+  set_aside = trash = None
   with full_disk_explained(path):
     try:
-      os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stick to the final directory
+      os.chmod(tmp, as_umask_allows(0o777))
       with _finishing_before_interrupt():  # else orbax's thread wrote on into a deleted `tmp`
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, MODEL_STATE_DIR), tree)
@@ -233,7 +233,11 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
       if os.path.exists(path):  # overwrite: move the old one aside, then swap in
         trash = temp_beside(path, directory=True, tag="old")
         set_aside = os.path.join(trash, "old")
-        os.rename(path, set_aside)
+        try:
+          os.rename(path, set_aside)
+        except PermissionError as e:  # a folder moves only with write access to it
+          raise PermissionError(e.errno, f"{e.strerror}: {path} cannot be replaced by this "
+                                "user; choose another destination.") from None
         os.rename(tmp, path)
         shutil.rmtree(trash, ignore_errors=True)
       else:
@@ -241,7 +245,8 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
     except BaseException:  # Ctrl-C too: the old model stays at `path`
       if set_aside and not os.path.exists(path) and os.path.exists(set_aside):
         os.rename(set_aside, path)
-        os.rmdir(os.path.dirname(set_aside))
+      if trash:  # empty by now, or holding the replaced model
+        shutil.rmtree(trash, ignore_errors=True)
       shutil.rmtree(tmp, ignore_errors=True)
       raise
   return info
@@ -343,6 +348,14 @@ def temp_beside(path: str, *, directory: bool, tag: str = "tmp") -> str:
     return tmp
   except OSError as e:
     raise OSError(e.errno, f"cannot write {path} in {parent}: {e.strerror}") from None
+
+
+def as_umask_allows(mode: int) -> int:
+  """`mode` as the process's umask leaves it for a new file or folder: `temp_beside`'s 0600 or
+  0700 would stick to what is renamed into place, and a group could not read or replace it."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return mode & ~umask
 
 
 # ----------------------------------------------------------------------------- training runs

@@ -342,9 +342,7 @@ def save_torch_file(path: str | os.PathLike, model: nnx.Module) -> int:
     try:
       with open(tmp, "wb") as f:
         f.write(serialized.getbuffer())
-      umask = os.umask(0)
-      os.umask(umask)
-      os.chmod(tmp, 0o666 & ~umask)  # as a new file gets: mkstemp's 0600 would stick
+      os.chmod(tmp, checkpoint.as_umask_allows(0o666))
       os.replace(tmp, path)
     except BaseException:
       os.remove(tmp)

@@ -354,6 +354,43 @@ def test_a_model_directory_on_a_full_disk_is_named_and_the_old_one_kept(tmp_path
   assert checkpoint.load_model(str(dst))[1]["arch"] == "resnet8"
 
 
+def test_a_model_directory_this_user_cannot_replace_is_named_and_nothing_left(tmp_path,
+                                                                           monkeypatch):
+  """`--overwrite` of another user's directory (which moves only with write access to it)
+  said `[Errno 13] Permission denied: 'dst' -> '.dst.old-x/old'` and left `.dst.old-x/`."""
+  model = porting.port_state_dict("resnet8", fixture("resnet8")[0])
+  dst = str(tmp_path / "teacher")
+  checkpoint.save_model(dst, model, arch="resnet8", num_classes=100)
+  rename = os.rename
+
+  def rename_as_another_user(src, target):  # (the tests run as root, who may move it)
+    if src == dst:
+      raise PermissionError(13, "Permission denied", src, target)
+    rename(src, target)
+
+  monkeypatch.setattr(os, "rename", rename_as_another_user)
+  with pytest.raises(PermissionError, match=re.escape(
+      f"[Errno 13] Permission denied: {dst} cannot be replaced by this user; choose another "
+      "destination.")):
+    checkpoint.save_model(dst, model, arch="resnet8", num_classes=100, overwrite=True)
+  assert os.listdir(tmp_path) == ["teacher"]
+  assert checkpoint.load_model(dst)[1]["arch"] == "resnet8"
+
+
+def test_a_model_directory_gets_the_permissions_the_umask_allows(tmp_path):
+  """Always 0755 before: under a group's umask 002 its members could not replace it."""
+  model = models.create_model("resnet8", 10, rngs=nnx.Rngs(0))
+  was = os.umask(0o002)
+  try:
+    checkpoint.save_model(str(tmp_path / "shared"), model, arch="resnet8", num_classes=10)
+    os.umask(0o077)
+    checkpoint.save_model(str(tmp_path / "own"), model, arch="resnet8", num_classes=10)
+  finally:
+    os.umask(was)
+  assert os.stat(tmp_path / "shared").st_mode & 0o777 == 0o775
+  assert os.stat(tmp_path / "own").st_mode & 0o777 == 0o700
+
+
 def _umask():
   mask = os.umask(0)
   os.umask(mask)
@@ -592,7 +629,7 @@ def test_save_load_model(tmp_path, monkeypatch):
   np.testing.assert_allclose(checksum["sum"], logits.sum(), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(checksum["projection"], np.sum(
       logits * np.random.default_rng(1).standard_normal(logits.shape)), rtol=1e-5, atol=1e-4)
-  assert os.stat(dst).st_mode & 0o777 == 0o755  # not mkdtemp's 0700: a teacher may be shared
+  assert os.stat(dst).st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700: may be shared
   assert all(b.use_running_average for _, b in nnx.iter_modules(loaded)
              if isinstance(b, models.BatchNorm))
   for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(loaded))):
