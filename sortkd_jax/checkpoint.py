@@ -25,10 +25,12 @@ import fnmatch
 import functools
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import zlib
@@ -80,6 +82,54 @@ def state_crc32(state: Any) -> dict[str, int]:
     host = np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
     return zlib.crc32(np.ascontiguousarray(host))
   return {path: crc(leaf) for path, leaf in _leaves_by_path(state).items()}
+
+
+def owner(path: str) -> str:
+  """The name of the user `path` belongs to."""
+  uid = os.stat(path).st_uid
+  try:
+    return pwd.getpwuid(uid).pw_name
+  except KeyError:  # a user id the system has no name for (e.g. from another machine)
+    return f"user id {uid}"
+
+
+def _not_readable_here(path: str) -> str | None:
+  """Why this user cannot read `path` or a file or folder in it (another user's, say), or
+  None: said in place of damage when a read fails (orbax words an unreadable folder as a
+  missing or different structure)."""
+  entries = [path] if os.path.exists(path) else []
+  for root, dirs, files in os.walk(path):  # (it lists a folder it cannot enter, not its files)
+    entries += [os.path.join(root, name) for name in dirs + files]
+  for entry in entries:
+    if not os.access(entry, os.R_OK | (os.X_OK if os.path.isdir(entry) else 0)):
+      return (f"{entry} is not readable by this user (it belongs to {owner(entry)}): have that "
+              "changed (chmod, chown)")
+  return None
+
+
+def _drop_late_tensorstore_reports() -> None:
+  """Made before orbax reads or writes: after a failed one, TensorStore finishes the
+  operations orbax abandoned and hands each result to orbax's event loop, closed by then; each
+  reports "Event loop is closed" as unraisable, from a TensorStore thread, possibly before the
+  failure is even raised. Noise, and Python 3.11 formats a report by parsing source, which can
+  race the main thread's compiling (a SystemError there). Those reports are dropped; any other
+  is reported."""
+  if getattr(sys.unraisablehook, "drops_late_tensorstore_reports", False):
+    return
+  report = sys.unraisablehook
+
+  def hook(unraisable: Any) -> None:
+    tb = unraisable.exc_traceback
+    first = tb.tb_frame.f_code.co_name if tb else None
+    while tb is not None and tb.tb_next is not None:
+      tb = tb.tb_next
+    if not (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and first == "call_soon_threadsafe" and tb.tb_frame.f_code.co_name == "_check_closed"):
+      report(unraisable)
+
+  hook.drops_late_tensorstore_reports = True
+  sys.unraisablehook = hook
 
 
 def _failed_read(e: Exception) -> str:
@@ -224,6 +274,7 @@ def save_model(path: str | os.PathLike, model: nnx.Module, *, arch: str, num_cla
     try:
       os.chmod(tmp, as_umask_allows(0o777))
       with _finishing_before_interrupt():  # else orbax's thread wrote on into a deleted `tmp`
+        _drop_late_tensorstore_reports()
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, MODEL_STATE_DIR), tree)
         ckptr.wait_until_finished()
@@ -267,7 +318,9 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
     with open(meta_file) as f:
       info = json.load(f)
   except (OSError, ValueError) as e:
-    raise ValueError(f"{meta_file!r} is unreadable ({e}). {how}") from e
+    why = _not_readable_here(meta_file)
+    raise ValueError(f"{meta_file!r} is unreadable ({e}). " + (f"{why}." if why else how)
+                     ) from e
   if (not isinstance(info, dict) or info.get("format") != MODEL_FORMAT or "arch" not in info
       or "num_classes" not in info):
     raise ValueError(f"{meta_file!r} is not a sortkd model description. {how}")
@@ -288,14 +341,15 @@ def load_model(path: str | os.PathLike, *,
   _, params, stats = nnx.split(models.abstract_model(info["arch"], info["num_classes"]),
                                nnx.Param, nnx.BatchStat)
   target = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
+  _drop_late_tensorstore_reports()
   ckptr = ocp.StandardCheckpointer()
   try:
     restored = ckptr.restore(os.path.join(path, MODEL_STATE_DIR), _local_target(target))
   except Exception as e:
     raise ValueError(
         f"Could not restore the weights in {path!r} as a {info['arch']} with "
-        f"{info['num_classes']} classes ({_failed_read(e)}). Re-create it with "
-        "scripts/port_weights.py.") from e
+        f"{info['num_classes']} classes ({_failed_read(e)}). "
+        f"{_not_readable_here(path) or 'Re-create it with scripts/port_weights.py'}.") from e
   finally:
     ckptr.close()
   mismatch = checksum_mismatch(info, restored["params"], restored["batch_stats"])
@@ -422,6 +476,7 @@ class TrainCheckpointer:
             preservation_policy=policy, best_fn=lambda m: m["test_top1"], best_mode="max"),
         handler_registry=handlers)
     self._unconfirmed = None  # the epoch of a background save not yet known to have succeeded
+    _drop_late_tensorstore_reports()
 
   def latest_epoch(self) -> int | None:
     return self._manager.latest_step()
@@ -519,6 +574,10 @@ class TrainCheckpointer:
 
   def _unusable(self, epoch: int, reason: str) -> ValueError:
     broken = os.path.join(self.directory, str(epoch))
+    not_readable = _not_readable_here(broken)
+    if not_readable:  # not damaged: setting it aside would hide a good epoch
+      return ValueError(f"The checkpoint of epoch {epoch}, {broken}, cannot be read: "
+                        f"{not_readable}.")
     others = [s for s in self._manager.all_steps() if s != epoch]
     fallback = ("No other epoch is kept." if not others else
                 f"To use the other kept epochs ({', '.join(map(str, others))}), move it out "

@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import json
 import os
-import pwd
 import shlex
 import socket
 from typing import IO, Any, Iterator
@@ -79,16 +78,9 @@ def _check_run_folders_writable(workdir: str) -> None:
     for folder, _, _ in os.walk(os.path.join(workdir, name)):
       if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{folder} of the run in {workdir} cannot be written by this user (it "
-                         f"belongs to {_owner(folder)}), and the run saves and removes files "
-                         "there: have that changed (chown, chmod), or use another --workdir.")
-
-
-def _owner(path: str) -> str:
-  uid = os.stat(path).st_uid
-  try:
-    return pwd.getpwuid(uid).pw_name
-  except KeyError:  # a user id the system has no name for (e.g. from another machine)
-    return f"user id {uid}"
+                         f"belongs to {checkpoint.owner(folder)}), and the run saves and removes "
+                         "files there: have that changed (chown, chmod), or use another "
+                         "--workdir.")
 
 
 def _flock(workdir: str) -> IO[str]:

@@ -4,6 +4,7 @@ named, and a model with non-finite outputs is an error, not a result."""
 import json
 import math
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +82,77 @@ def test_a_damaged_epoch_named_by_the_user_is_called_damaged(tmp_path):
   corrupt_arrays(os.path.join(workdir, "checkpoints", "2"))
   with pytest.raises(ValueError, match=r"^The checkpoint of epoch 2, .*2, cannot be read "):
     checkpoint.load_student_from_workdir(workdir, epoch=2)
+
+
+def test_a_checkpoint_this_user_cannot_read_is_not_called_damaged(tmp_path, monkeypatch):
+  """Another user's epoch or model that this one may not read was called damaged, and the
+  advice was to set the epoch aside (hiding a good best epoch of a shared run) or to port the
+  model again; orbax words an unreadable folder as a missing _METADATA or another structure.
+  (The tests run as root, who reads anything: the files are damaged and os.access denied.)"""
+  import glob
+  import pwd
+  workdir = _save_run(tmp_path / "run", [50.0, 40.0])  # keeps 1 (the best) and 2
+  model_dir = str(tmp_path / "model")
+  checkpoint.save_model(model_dir, _resnet8(), arch="resnet8", num_classes=100)
+  for epoch_dir in (os.path.join(workdir, "checkpoints", "2"), model_dir):
+    corrupt_arrays(epoch_dir)
+  array = sorted(glob.glob(os.path.join(workdir, "checkpoints", "2", "state", "**", "d", "*"),
+                           recursive=True))[0]
+  denied = {array, os.path.join(model_dir, "state"), os.path.join(model_dir, "sortkd_model.json")}
+  access = os.access
+  monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+      os.path.abspath(path) not in denied and access(path, mode, **kw)))
+  me = pwd.getpwuid(os.getuid()).pw_name
+
+  def not_readable(path):
+    return (rf"{re.escape(path)} is not readable by this user \(it belongs to {me}\): have that "
+            r"changed \(chmod, chown\)\.$")
+
+  with pytest.raises(ValueError, match=rf"^The checkpoint of epoch 2, .*2, cannot be read: "
+                     rf"{not_readable(array)}"):
+    checkpoint.load_student_from_workdir(workdir, epoch=2)
+  with pytest.raises(ValueError, match=rf"^Could not restore the weights in .*model.* \(.*\)\. "
+                     rf"{not_readable(os.path.join(model_dir, 'state'))}"):
+    checkpoint.load_model(model_dir)
+
+  def open_as_another_user(path, *args):
+    if path in denied:
+      raise PermissionError(13, "Permission denied", path)
+    return open(path, *args)
+
+  monkeypatch.setattr(checkpoint, "open", open_as_another_user, raising=False)
+  meta_file = os.path.join(model_dir, "sortkd_model.json")
+  with pytest.raises(ValueError, match=r"sortkd_model.json' is unreadable \(\[Errno 13\] "
+                     rf"Permission denied: .*\)\. {not_readable(meta_file)}"):
+    checkpoint.read_model_metadata(model_dir)
+
+
+def test_reads_abandoned_by_a_failed_restore_report_nothing_later(tmp_path):
+  """TensorStore finished the reads orbax abandoned and reported "Event loop is closed" from
+  its threads, dozens of times, in whatever ran next; pytest's formatting of them there once
+  crashed the run's last import with `SystemError: AST constructor recursion depth mismatch`.
+  Other unraisable reports are still made. (In a fresh process: another test's abandoned
+  reads may report at any time.)"""
+  workdir = _save_run(tmp_path / "run", [50.0, 40.0])
+  corrupt_arrays(os.path.join(workdir, "checkpoints", "2"))
+  out = run_python("-c", f"""
+import gc, sys, time, types
+reported = []
+sys.unraisablehook = lambda unraisable: reported.append(repr(unraisable.exc_value))
+from sortkd_jax import checkpoint
+for _ in range(3):
+  try:
+    checkpoint.load_student_from_workdir({workdir!r}, epoch=2)
+  except ValueError as e:
+    assert "cannot be read" in str(e), e
+time.sleep(0.5)
+gc.collect()
+sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError, exc_traceback=None,
+                   exc_value=RuntimeError("raised elsewhere"), err_msg=None, object=None))
+print(reported)
+""")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[\"RuntimeError('raised elsewhere')\"]"
 
 
 def _last_json(out):
