@@ -162,11 +162,12 @@ def _prepared_builder(name: str, data_dir: str | None, download: bool,
     try:
       builder.download_and_prepare(download_config=config)
     except Exception as err:
+      why = (f"{where} cannot be written by this user (a shared one?): prepare it elsewhere"
+             if isinstance(err, PermissionError) else "Offline? Prepare it where there is internet")
       raise RuntimeError(
           f"Could not download and prepare tfds dataset {name!r} under data_dir="
-          f"{where} ({type(err).__name__}: {err}). Offline? "
-          f"Prepare it where there is internet (`tfds build {name} --data_dir=DIR`) and pass "
-          f"--config.data.data_dir=DIR, or {_folder_choices(name)}.") from err
+          f"{where} ({type(err).__name__}: {err}). {why} (`tfds build {name} --data_dir=DIR`) "
+          f"and pass --config.data.data_dir=DIR, or {_folder_choices(name)}.") from err
   return builder
 
 

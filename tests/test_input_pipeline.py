@@ -354,6 +354,20 @@ def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog
                    r"after minutes of retries: Ctrl-C, and pass --config.data.folder", caplog.text)
 
 
+def test_a_data_dir_this_user_cannot_write_is_not_called_offline(tmp_path, monkeypatch):
+  """A lab's shared, read-only data_dir without the dataset was met with "Offline?"."""
+  def not_writable(builder, download_config):
+    raise PermissionError(13, "Permission denied", str(tmp_path / "cifar100"))
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", not_writable)
+  with pytest.raises(RuntimeError, match=(
+      rf"under data_dir={re.escape(str(tmp_path))} \(PermissionError: \[Errno 13\] Permission "
+      rf"denied: .*\)\. {re.escape(str(tmp_path))} cannot be written by this user \(a shared "
+      r"one\?\): prepare it elsewhere \(`tfds build cifar100 --data_dir=DIR`\) and pass "
+      r"--config.data.data_dir=DIR, or ")):
+    ip.load_array_split(name="cifar100", split="test", data_dir=str(tmp_path), download=True)
+
+
 def test_tfds_without_tensorflow_says_what_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` fails
   # As on the first call (it is cached).
