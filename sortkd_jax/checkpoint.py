@@ -488,6 +488,11 @@ class TrainCheckpointer:
     with _finishing_before_interrupt():
       self._wait_for_save()
       with self._failed_save_explained(epoch):
+        if os.path.isdir(self.directory) and not os.access(self.directory, os.W_OK | os.X_OK):
+          # (made unwritable since the run started): orbax's own failure to create the epoch's
+          # folder left its threads waiting 5 minutes for it before the process could exit
+          raise PermissionError(errno.EACCES, "this user cannot write in it (it belongs to "
+                                f"{owner(self.directory)})", self.directory)
         self._manager.save(epoch, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             metrics={"test_top1": meta["test_top1"]})

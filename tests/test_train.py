@@ -1264,6 +1264,34 @@ def test_run_folders_this_user_cannot_write_are_refused_before_training(
   assert checkpoint.saved_epochs(workdir) == [1]
 
 
+def test_a_save_into_a_folder_made_unwritable_meanwhile_fails_leaving_no_waiting_thread(
+    tmp_path, monkeypatch):
+  """Made unwritable while the run trained (or remounted read-only), orbax's failure to make
+  the epoch's folder left its threads waiting 300 s for it: the process printed its error,
+  then took 5 minutes to exit."""
+  import pwd
+  import threading
+  directory = str(tmp_path / "checkpoints")
+  ckpt = checkpoint.TrainCheckpointer(directory)
+  state, meta = {"w": np.arange(4.0)}, {"test_top1": 1.0}
+  ckpt.save(1, state, meta)
+  ckpt.check_background_save()
+  ckpt._wait_for_save()
+  access = os.access
+  monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+      os.path.abspath(path) != directory and access(path, mode, **kw)))
+  threads_before = set(threading.enumerate())
+  owner = pwd.getpwuid(os.stat(directory).st_uid).pw_name
+  with pytest.raises(OSError, match=re.escape(
+      f"Saving epoch 2 in {directory} failed: PermissionError: [Errno 13] this user cannot write "
+      f"in it (it belongs to {owner}): '{directory}'. Once that is fixed, re-run the same "
+      "command: it resumes after epoch 1, the last one saved.")):
+    ckpt.save(2, state, meta)
+  ckpt.close()
+  assert os.listdir(directory) == ["1"]
+  assert [t for t in set(threading.enumerate()) - threads_before if t.is_alive()] == []
+
+
 def test_a_workdir_on_a_full_disk_is_refused_leaving_nothing(tmp_path, monkeypatch):
   """The lock file's first write failed with a bare `[Errno 28] No space left on device`,
   leaving the lock file and the new workdir behind."""
