@@ -106,7 +106,7 @@ def open_split(
   if name is None:
     raise ValueError("Pass a tfds dataset `name` (e.g. 'imagenet2012') or an image `folder`.")
   builder = _prepared_builder(name, data_dir, download, manual_dir)
-  return _open_tfds_split(builder, data_dir, split, **shard)
+  return _open_tfds_split(builder, split, **shard)
 
 
 def _open_folder_split(folder: str, split: str, *, decoders, shuffle_seed: int | None,
@@ -148,15 +148,14 @@ def _prepared_builder(name: str, data_dir: str | None, download: bool,
         + f". Use a tfds name such as cifar100 or imagenet2012, {SYNTHETIC!r} (CIFAR "
         "configs), or --config.data.folder=DIR.") from None
   if (download or manual_dir) and not builder.is_prepared():
+    where = builder.data_dir_root  # data_dir, else $TFDS_DATA_DIR or ~/tensorflow_datasets
     if jax.process_count() > 1:
       raise ValueError(
-          f"tfds dataset {name!r} is not prepared under data_dir="
-          f"{data_dir or '~/tensorflow_datasets'}; prepare it once before a multi-process "
-          f"run: `tfds build {name} --data_dir=DIR"
+          f"tfds dataset {name!r} is not prepared under data_dir={where}; prepare it once "
+          f"before a multi-process run: `tfds build {name} --data_dir=DIR"
           + (f" --manual_dir={manual_dir}`" if manual_dir else "`")
           + ", then pass --config.data.data_dir=DIR.")
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    where = data_dir or "~/tensorflow_datasets"
     logging.info("Preparing tfds dataset %r under %s (once). Offline, its download fails only "
                  "after minutes of retries: Ctrl-C, and %s.", name, where, _folder_choices(name))
     try:
@@ -171,13 +170,13 @@ def _prepared_builder(name: str, data_dir: str | None, download: bool,
   return builder
 
 
-def _open_tfds_split(builder: Any, data_dir: str | None, split: str, *, decoders,
+def _open_tfds_split(builder: Any, split: str, *, decoders,
                      shuffle_seed: int | None, max_examples: int | None, process_index: int,
                      process_count: int) -> tuple["tf.data.Dataset", int, Any]:
   """`open_split` of a prepared tfds dataset: this process's sub-split, read in part (or,
   under a `max_examples` cap, the split's first ones, then sharded)."""
   _, tfds = tf_and_tfds()
-  full = _tfds_as_dataset(builder, data_dir, split=split, decoders=decoders)
+  full = _tfds_as_dataset(builder, split=split, decoders=decoders)
   if max_examples is not None:  # a smoke-test cap: the split's first ones, then sharded
     full = full.take(max_examples)
   total = _split_size(full, split, process_count)
@@ -185,7 +184,7 @@ def _open_tfds_split(builder: Any, data_dir: str | None, split: str, *, decoders
     local = full.shard(process_count, process_index)
   else:
     local = _tfds_as_dataset(
-        builder, data_dir,
+        builder,
         split=tfds.split_for_jax_process(split, process_index=process_index,
                                          process_count=process_count),
         decoders=decoders,
@@ -281,7 +280,7 @@ def _split_size(ds: "tf.data.Dataset", split: str, process_count: int) -> int:
   return total
 
 
-def _tfds_as_dataset(builder: Any, data_dir: str | None, **kwargs: Any) -> Any:
+def _tfds_as_dataset(builder: Any, **kwargs: Any) -> Any:
   """`builder.as_dataset`, turning tfds' "could not find data" into guidance."""
   try:
     return builder.as_dataset(**kwargs)
@@ -289,10 +288,10 @@ def _tfds_as_dataset(builder: Any, data_dir: str | None, **kwargs: Any) -> Any:
     if builder.is_prepared():
       raise
     raise FileNotFoundError(
-        f"tfds dataset {builder.name!r} is not prepared under data_dir="
-        f"{data_dir or '~/tensorflow_datasets (tfds default)'}. Either prepare it once where "
-        f"there is internet (`tfds build {builder.name} --data_dir=DIR`; ImageNet needs "
-        "`--manual_dir` holding the ILSVRC2012 tars) and pass --config.data.data_dir=DIR, or "
+        f"tfds dataset {builder.name!r} is not prepared under data_dir={builder.data_dir_root}. "
+        f"Either prepare it once where there is internet (`tfds build {builder.name} "
+        "--data_dir=DIR`; ImageNet needs `--manual_dir` holding the ILSVRC2012 tars) and pass "
+        "--config.data.data_dir=DIR, or "
         f"{_folder_choices(builder.name)}."
     ) from err
 

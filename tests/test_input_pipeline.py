@@ -368,6 +368,30 @@ def test_a_data_dir_this_user_cannot_write_is_not_called_offline(tmp_path, monke
     ip.load_array_split(name="cifar100", split="test", data_dir=str(tmp_path), download=True)
 
 
+def test_messages_name_the_data_dir_tfds_reads_from_the_environment(tmp_path, monkeypatch,
+                                                                     caplog):
+  """Clusters set TFDS_DATA_DIR, which tfds reads when no data_dir is given: the messages named
+  ~/tensorflow_datasets instead, where nothing was looked for."""
+  shared = str(tmp_path / "shared_tfds")
+  monkeypatch.setenv("TFDS_DATA_DIR", shared)
+  monkeypatch.setattr(tfds.core.constants, "DATA_DIR", shared)  # as read at tfds' import
+  caplog.set_level(logging.INFO, logger="absl")
+  with pytest.raises(FileNotFoundError, match=(
+      rf"'cifar100' is not prepared under data_dir={re.escape(shared)}\. Either")):
+    ip.load_array_split(name="cifar100", split="test", download=False)
+
+  def offline(builder, download_config):
+    raise ConnectionError("no network")
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+  with pytest.raises(RuntimeError, match=rf"under data_dir={re.escape(shared)} \(Connection"):
+    ip.load_array_split(name="cifar100", split="test", download=True)
+  assert f"Preparing tfds dataset 'cifar100' under {shared} (once)" in caplog.text
+  assert "~/tensorflow_datasets" not in caplog.text
+  monkeypatch.setattr(sources.jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=rf"not prepared under data_dir={re.escape(shared)}; "):
+    ip.load_array_split(name="cifar100", split="test", download=True)
+
+
 def test_tfds_without_tensorflow_says_what_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` fails
   # As on the first call (it is cached).
