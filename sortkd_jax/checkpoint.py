@@ -488,11 +488,7 @@ class TrainCheckpointer:
     with _finishing_before_interrupt():
       self._wait_for_save()
       with self._failed_save_explained(epoch):
-        if os.path.isdir(self.directory) and not os.access(self.directory, os.W_OK | os.X_OK):
-          # (made unwritable since the run started): orbax's own failure to create the epoch's
-          # folder left its threads waiting 5 minutes for it before the process could exit
-          raise PermissionError(errno.EACCES, "this user cannot write in it (it belongs to "
-                                f"{owner(self.directory)})", self.directory)
+        _check_folders_can_be_made_in(self.directory)
         self._manager.save(epoch, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             metrics={"test_top1": meta["test_top1"]})
@@ -676,6 +672,21 @@ def _finishing_before_interrupt() -> Iterator[None]:
     _interrupt_delivered = False
   else:
     deliver(held_back, None)
+
+
+def _check_folders_can_be_made_in(directory: str) -> None:
+  """Raises what making a folder in `directory` meets: made unwritable since the run started,
+  remounted read-only, a full disk or quota. orbax's own failure to make an epoch's folder
+  left its threads waiting 5 minutes for it before the process could exit."""
+  if not os.path.isdir(directory):
+    return
+  if not os.access(directory, os.W_OK | os.X_OK):
+    raise PermissionError(errno.EACCES, "this user cannot write in it (it belongs to "
+                          f"{owner(directory)})", directory)
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".folder-check-", dir=directory))
+  except OSError as e:
+    raise OSError(e.errno, e.strerror, directory) from e
 
 
 @contextlib.contextmanager

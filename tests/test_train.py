@@ -1,5 +1,6 @@
 """End-to-end tests of the main job on tfds mock data: every method, resume, errors, schedules."""
 
+import errno
 import glob
 import itertools
 import json
@@ -1287,6 +1288,40 @@ def test_a_save_into_a_folder_made_unwritable_meanwhile_fails_leaving_no_waiting
       f"in it (it belongs to {owner}): '{directory}'. Once that is fixed, re-run the same "
       "command: it resumes after epoch 1, the last one saved.")):
     ckpt.save(2, state, meta)
+  ckpt.close()
+  assert os.listdir(directory) == ["1"]
+  assert [t for t in set(threading.enumerate()) - threads_before if t.is_alive()] == []
+
+
+@pytest.mark.parametrize("code,said", [
+    (errno.ENOSPC, "its filesystem is full (No space left on device). Free space there, then"),
+    (errno.EROFS, "OSError: [Errno 30] Read-only file system: '{directory}'. Once that is fixed,"),
+    (errno.EDQUOT, "OSError: [Errno 122] Disk quota exceeded: '{directory}'. Once that is fixed,"),
+])
+def test_a_save_whose_folder_cannot_be_made_fails_leaving_no_waiting_thread(
+    tmp_path, monkeypatch, code, said):
+  """A full disk, a quota or a read-only remount failed orbax's making of the epoch's folder in
+  a background thread, and its other threads waited 300 s for that folder: the run printed its
+  error, then took 5 minutes (and a page of orbax's tracebacks) to exit."""
+  import threading
+  directory = str(tmp_path / "checkpoints")
+  ckpt = checkpoint.TrainCheckpointer(directory)
+  state, meta = {"w": np.arange(4.0)}, {"test_top1": 1.0}
+  ckpt.save(1, state, meta)
+  ckpt._wait_for_save()
+  mkdir = os.mkdir
+
+  def failing_mkdir(path, *args, **kwargs):
+    if os.path.dirname(os.path.abspath(path)) == directory:
+      raise OSError(code, os.strerror(code), path)
+    return mkdir(path, *args, **kwargs)
+  monkeypatch.setattr(os, "mkdir", failing_mkdir)
+  threads_before = set(threading.enumerate())
+  with pytest.raises(OSError, match=re.escape(
+      f"Saving epoch 2 in {directory} failed: {said.format(directory=directory)} re-run the "
+      "same command: it resumes after epoch 1, the last one saved.")):
+    ckpt.save(2, state, meta)
+    ckpt._wait_for_save()
   ckpt.close()
   assert os.listdir(directory) == ["1"]
   assert [t for t in set(threading.enumerate()) - threads_before if t.is_alive()] == []
