@@ -476,6 +476,7 @@ class TrainCheckpointer:
             preservation_policy=policy, best_fn=lambda m: m["test_top1"], best_mode="max"),
         handler_registry=handlers)
     self._unconfirmed = None  # the epoch of a background save not yet known to have succeeded
+    self._save_failed = False
     _drop_late_tensorstore_reports()
 
   def latest_epoch(self) -> int | None:
@@ -512,6 +513,7 @@ class TrainCheckpointer:
     try:
       yield
     except Exception as e:
+      self._save_failed = True
       kept = _epoch_folders(self.directory)
       resume = (f"it resumes after epoch {kept[-1]}, the last one saved" if kept
                 else "with no epoch saved, it starts again from epoch 1")
@@ -622,7 +624,11 @@ class TrainCheckpointer:
       try:
         self._wait_for_save()
       finally:
-        self._manager.close()
+        if self._save_failed:  # raised once, explained: orbax's close raises it again, bare
+          with contextlib.suppress(Exception):
+            self._manager.close()
+        else:
+          self._manager.close()
 
 
 # Set when a held-back Ctrl-C has been delivered, until a save completes uninterrupted: the

@@ -1327,6 +1327,40 @@ def test_a_save_whose_folder_cannot_be_made_fails_leaving_no_waiting_thread(
   assert [t for t in set(threading.enumerate()) - threads_before if t.is_alive()] == []
 
 
+@pytest.mark.parametrize("found_by", ["close", "check_background_save"])
+def test_a_save_failed_in_the_background_is_explained_once(tmp_path, monkeypatch, found_by):
+  """The disk filled during epoch 2's background save: once the failure was raised, explained
+  (at the next epoch's check, or as the trainer closed its checkpoints), orbax's close raised it
+  again, bare, in its place: the run ended with `error: [Errno 28] No space left on device`
+  alone (seen on a full tmpfs)."""
+  from etils import epath
+  directory = str(tmp_path / "checkpoints")
+  ckpt = checkpoint.TrainCheckpointer(directory)
+  state, meta = {"w": np.arange(4.0)}, {"test_top1": 1.0}
+  ckpt.save(1, state, meta)
+  ckpt._wait_for_save()
+  write_text = epath.Path.write_text
+
+  def full_disk(self, *args, **kwargs):  # orbax's metadata write, in a save thread
+    if str(self).startswith(os.path.join(directory, "2")):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write_text(self, *args, **kwargs)
+  monkeypatch.setattr(epath.Path, "write_text", full_disk)
+  monkeypatch.setattr(type(epath.Path(directory)), "write_text", full_disk)
+  ckpt.save(2, state, meta)
+  with pytest.raises(OSError, match=re.escape(
+      f"Saving epoch 2 in {directory} failed: its filesystem is full (No space left on device). "
+      "Free space there, then re-run the same command: it resumes after epoch 1, the last one "
+      "saved.")):
+    try:
+      if found_by == "check_background_save":
+        while ckpt._manager.is_saving_in_progress():
+          time.sleep(0.05)
+        ckpt.check_background_save()
+    finally:
+      ckpt.close()  # as the trainer's `finally` does
+
+
 def test_a_workdir_on_a_full_disk_is_refused_leaving_nothing(tmp_path, monkeypatch):
   """The lock file's first write failed with a bare `[Errno 28] No space left on device`,
   leaving the lock file and the new workdir behind."""
