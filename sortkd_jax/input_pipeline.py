@@ -32,7 +32,6 @@ if TYPE_CHECKING:
   import tensorflow as tf
 
 
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "sortkd_jax")
 _IMAGE_SIZE_HINT = "Set config.data.image_size to match, or resize the images beforehand."
 
 
@@ -103,7 +102,7 @@ def load_array_split(
     Decoding takes a while (12 s for CIFAR-10's 50,000 JPEGs on two cores, 0.7 s from the
     cache), so the arrays are cached as
     `<cache_dir>/<folder name>-<split>-<decoder>-<hash of the absolute path>.npz` (default
-    cache_dir `~/.cache/sortkd_jax`; decoder: TensorFlow's, or Pillow's without TensorFlow)
+    cache_dir `default_cache_dir()`; decoder: TensorFlow's, or Pillow's without TensorFlow)
     and reused while the split's file count, total size, newest mtime and the class list are
     unchanged.
   * `name`: a tfds dataset with 'image' and 'label' features, e.g. 'cifar100', already prepared
@@ -170,6 +169,13 @@ def load_splits(data: "ml_collections.ConfigDict",
   return splits
 
 
+def default_cache_dir() -> str:
+  """`$XDG_CACHE_HOME/sortkd_jax`, else `~/.cache/sortkd_jax`: the XDG convention pip and torch
+  follow, so that a cluster's small home quota is spared as for them."""
+  xdg = os.environ.get("XDG_CACHE_HOME", "")
+  return os.path.join(xdg if os.path.isabs(xdg) else os.path.join("~", ".cache"), "sortkd_jax")
+
+
 def _load_folder_split(folder: str, split: str, cache_dir: str | None,
                        image_size: int) -> ArraySplit:
   """Image-folder branch of `load_array_split`, with the decoded-array cache."""
@@ -178,7 +184,7 @@ def _load_folder_split(folder: str, split: str, cache_dir: str | None,
   # its own cache all the same. (Caches named "pillow" hold an older order: not read.)
   decoder = "tfds-exact-idct" if _have_tensorflow() else "pillow-tfds-order"
   fingerprint = _folder_fingerprint(folder, split, decoder)
-  cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
+  cache_dir = os.path.expanduser(cache_dir or default_cache_dir())
   if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
     raise ValueError(f"The cache directory {cache_dir!r} (config.data.cache_dir) is a file.")
   # The digest tells folders apart: the name keeps a readable prefix, within the 255 bytes a

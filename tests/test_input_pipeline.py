@@ -140,6 +140,20 @@ def test_a_folder_with_a_long_or_a_non_utf8_name(tmp_path):
     ip.load_array_split(folder=latin1, split="train", cache_dir=str(cache))
 
 
+def test_the_default_cache_follows_xdg_cache_home(tmp_path, monkeypatch):
+  """Clusters point XDG_CACHE_HOME at scratch space (home quotas are small), and pip and torch
+  follow it: the decoded arrays went to ~/.cache all the same."""
+  folder = _make_folder(tmp_path / "data", per_split=(("train", 1),))
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "scratch"))
+  ip.load_array_split(folder=folder, split="train")
+  assert len(os.listdir(tmp_path / "scratch" / "sortkd_jax")) == 1
+  assert not os.path.exists(tmp_path / "home")
+  monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # invalid by the XDG spec: ignored
+  ip.load_array_split(folder=folder, split="train")
+  assert len(os.listdir(tmp_path / "home" / ".cache" / "sortkd_jax")) == 1
+
+
 def test_a_cache_that_cannot_be_written_is_skipped_and_leaves_no_partial_file(
     tmp_path, monkeypatch, caplog):
   """A full disk under the cache stopped training, and each try left a partial file there that
