@@ -30,7 +30,8 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
   SIGTERM keeps its default, an immediate exit: handled as Ctrl-C, a run would first finish the
   steps it has queued on the device (minutes on a CPU), and checkpoints survive a kill anyway.
   In a multi-process run any error ends this process at once (status 1), which ends the others'
-  waits for it, instead of JAX's 5-minute shutdown barrier.
+  waits for it, instead of JAX's 5-minute shutdown barrier; so does an error that leaves
+  threads of the work waiting (orbax's, after some failed saves), which the exit would wait for.
   """
 
   def run_main(argv: list[str]) -> None:
@@ -51,6 +52,7 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
     quiet_library_info_logs()
     quiet_unawaited_checkpoint_io()
     redeliver_dropped_interrupts()
+    threads_before = set(threading.enumerate())
     try:
       main()
       return
@@ -73,6 +75,11 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
       # which wait for this one in a collective: leaving at once ends their collective too.
       print(f"{message} ({process}; another process's failure shows here as a failed "
             "collective or a lost connection: see every process's output)", file=sys.stderr)
+      _exit_now(1)
+    if any(t.is_alive() and not t.daemon for t in set(threading.enumerate()) - threads_before):
+      # Left waiting, e.g. orbax's threads for the folder of a save that failed to make it: the
+      # interpreter's exit would wait for them (5 minutes) after the error was printed.
+      print(message, file=sys.stderr)
       _exit_now(1)
     gc.collect()  # with the error gone, what it held (orbax's pending reads) ends quietly now
     sys.exit(message)

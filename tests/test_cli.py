@@ -37,6 +37,27 @@ def _run(monkeypatch, main, **kwargs):
   return exit_info.value.code
 
 
+def test_an_error_that_leaves_threads_waiting_exits_at_once(monkeypatch, capsys):
+  """When orbax failed to make a folder of a save, its other threads waited 5 minutes for it:
+  the error was printed, then the interpreter's exit waited for them. Threads that were alive
+  before the work began are not its own, and do not count."""
+  import threading
+  release = threading.Event()
+  before = threading.Thread(target=release.wait, args=(60,))
+  before.start()
+
+  def main():
+    threading.Thread(target=release.wait, args=(60,), name="waiting_for_a_folder").start()
+    raise OSError("Saving epoch 2 failed")
+
+  try:
+    assert _run(monkeypatch, lambda: (_ for _ in ()).throw(OSError("bad"))) == "error: bad"
+    assert _run(monkeypatch, main) == ("os._exit", 1)
+  finally:
+    release.set()
+  assert capsys.readouterr().err.endswith("error: Saving epoch 2 failed\n")
+
+
 def test_unawaited_failed_checkpoint_reads_and_writes_are_not_reported():
   """After an unreadable checkpoint's one-line error, a TensorStore read that failed too and
   was never awaited printed asyncio's 'Task exception was never retrieved' traceback (seen
