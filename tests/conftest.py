@@ -1,11 +1,18 @@
 """Session set-up shared by every test module."""
 
 import gc
+import importlib.util
 import os
 import sys
 import tempfile
 
 import pytest
+
+# PyTorch's CUDA builds bring triton, which torch.optim imports on its first use; loaded after
+# TensorFlow, triton's library crashed the test process (SIGSEGV; triton 3.7.1, tensorflow
+# 2.21.0), while loaded first it lives beside it. The CPU builds have no triton.
+if importlib.util.find_spec("triton") is not None:
+  importlib.import_module("triton")
 
 
 @pytest.fixture(autouse=True, scope="session")
