@@ -3,6 +3,7 @@
 import gc
 import importlib.util
 import os
+import signal
 import sys
 import tempfile
 
@@ -45,6 +46,16 @@ def compilation_cache_shared_by_the_run(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     yield
+
+
+@pytest.fixture
+def python_sigint_handler():
+  """Python's own SIGINT handler (a KeyboardInterrupt) for a test that sends itself Ctrl-C. A
+  process started with SIGINT ignored (`pytest ... &` in a script, as under nohup) inherits
+  that, Python leaves it so, and such a test's Ctrl-C was ignored: it failed."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
 
 
 @pytest.hookimpl(tryfirst=True)

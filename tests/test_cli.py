@@ -420,6 +420,7 @@ def test_a_ctrl_c_the_launching_shell_ignores_stays_ignored(monkeypatch):
     signal.signal(signal.SIGINT, launched_with)
 
 
+@pytest.mark.usefixtures("python_sigint_handler")
 def test_ctrl_c_inside_asyncio_run_is_not_absorbed(monkeypatch):
   """asyncio.run swaps Python's default SIGINT handler for one that cancels its task; a task
   that absorbs the cancellation (as library code may) then absorbed the Ctrl-C: the script
@@ -440,6 +441,7 @@ def test_ctrl_c_inside_asyncio_run_is_not_absorbed(monkeypatch):
   assert _run(monkeypatch, main) == ("os._exit", 130)
 
 
+@pytest.mark.usefixtures("python_sigint_handler")
 def test_ctrl_c_in_a_garbage_collector_callback_is_not_dropped(monkeypatch):
   """Python drops an exception raised in a gc callback (JAX registers one), KeyboardInterrupt
   too: a Ctrl-C landing there let the run carry on. cli.run signals it again."""

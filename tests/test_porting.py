@@ -608,6 +608,7 @@ def test_a_damaged_model_description_is_named(tmp_path, content, message):
     checkpoint.load_model(str(dst))
 
 
+@pytest.mark.usefixtures("python_sigint_handler")
 def test_save_load_model(tmp_path, monkeypatch):
   # vgg11: nnx.List containers with gaps (block2.0, .1, .3, .4) must survive orbax.
   sd, x, ref = fixture("vgg11")

@@ -2094,6 +2094,7 @@ def test_checkpoints_beyond_latest_and_best_are_deleted_across_restarts(tmp_path
   assert checkpoint.TrainCheckpointer(str(tmp_path)).best_epoch() == 1
 
 
+@pytest.mark.usefixtures("python_sigint_handler")
 def test_ctrl_c_lets_the_save_in_flight_and_its_deletions_finish(tmp_path, monkeypatch):
   """Ctrl-C while orbax's save thread deletes an epoch no longer kept: the KeyboardInterrupt
   comes once that save is complete. Raised inside orbax's wait, it left the epoch half deleted
