@@ -14,9 +14,9 @@ A method is a function `(config, z, v, y, epoch, params) -> {name: scalar}` in `
 student logits z, Sort-corrected teacher logits v, labels y, the 1-based epoch and the trainable
 parameters it adds beside the student's (`init_params`: CTKD's θ; empty for the others). Its
 terms come already weighted; the trainer sums them and logs each as `loss_<name>`, with
-`logged_values` beside them. Its hyperparameters are the config group named after it, and for
-LSKD and CTKD also the group of their base loss (`kd`, `dkd`; configs/common.py gives every
-recipe every group); `unread_fields` lists the groups it does not read, which a resume may change.
+`logged_values` beside them. Its hyperparameters are the config group named after it and, for
+LSKD and CTKD, `lskd` or their base loss's group as `unread_fields` says (configs/common.py
+gives every recipe every group); a resume may change the groups a method does not read.
 """
 
 from __future__ import annotations
@@ -42,15 +42,17 @@ def uses_teacher(config: ml_collections.ConfigDict) -> bool:
 
 def unread_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The config groups and fields that `config.method` never reads, so that a resumed run may
-  change them: the other methods' hyperparameter groups (LSKD and CTKD read their base loss's
-  too), and without a teacher the teacher group and `sort`."""
+  change them: the other methods' hyperparameter groups, and without a teacher the teacher
+  group and `sort`. LSKD, and CTKD with `standardize`, weigh KD by `lskd`'s fields but DKD by
+  `dkd`'s, scaled; CTKD without it reads its base loss's group."""
   read = {config.method}
-  if config.method == "lskd" and config.lskd.base == "dkd":
-    read.add("dkd")
-  if config.method == "ctkd":
-    read.add(config.ctkd.base)
-    if config.ctkd.standardize:  # LSKD's weights on that base, with the learned τ
+  if config.method in ("lskd", "ctkd"):
+    base = config[config.method].base
+    standardized = config.method == "lskd" or config.ctkd.standardize
+    if standardized:
       read.add("lskd")
+    if base == "dkd" or not standardized:
+      read.add(base)
   unread = sorted(set(_REGISTRY) - {"vanilla"} - read)
   return tuple(unread) if uses_teacher(config) else (*unread, "teacher", "sort")
 

@@ -110,3 +110,34 @@ def test_a_new_method_is_checked_for_its_group_and_scalar_terms(monkeypatch):
   with pytest.raises(ValueError, match=r"'nkd' must give scalar loss terms, got shapes "
                      r"\{'ce': \(\), 'nkd': \(2,\)\}"):
     methods.loss_terms(config, logits, logits, labels, jnp.float32(1.0))
+
+
+@pytest.mark.parametrize("name", sorted(COMBINATIONS))
+def test_unread_fields_are_the_groups_that_do_not_change_the_loss(name):
+  """A resume may change the groups `unread_fields` names: none of their fields may change the
+  loss, and each group it leaves out must have one that does (else a resume refused a change
+  that would not matter: a CTKD run over LSKD's KD was refused a change of `kd.*`)."""
+  module, overrides = COMBINATIONS[name]
+  config = module.get_config("res32x4_res8x4")
+  for key, value in overrides.items():
+    group, field = key.split(".")
+    config[group][field] = value
+  rng = np.random.default_rng(0)
+  z, v = (jnp.asarray(3 * rng.standard_normal((8, 100)), jnp.float32) for _ in range(2))
+  y = jnp.asarray(rng.integers(0, 100, 8))
+
+  def loss(config):
+    terms = methods.loss_terms(config, z, v, y, jnp.float32(EPOCH),
+                               {"ctkd_theta": jnp.float32(THETA)})
+    return float(sum(terms.values()))
+
+  unchanged = loss(config)
+  unread = methods.unread_fields(config)
+  for group in ("kd", "dkd", "lskd", "ctkd"):
+    changes_loss = []
+    for field, value in config[group].items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        changed = ml_collections.ConfigDict(config.to_dict())
+        changed[group][field] = type(value)(value * 2 + 1)
+        changes_loss.append(loss(changed) != unchanged)
+    assert any(changes_loss) == (group not in unread), (group, unread)
