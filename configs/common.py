@@ -78,7 +78,8 @@ def _base_config(method: str, pair: str, teacher: str, student: str) -> ml_colle
   # name: a tfds dataset; folder: torchvision's cifar-100-python/ (mdistiller's data) or an
   # image folder with train/<class>/ and test/<class>/.
   # max_*_examples (smoke tests): on_device keeps the split's first N; tf_data shortens each
-  # epoch to N examples of the whole, shuffled train split (and evaluates the first N).
+  # epoch to ceil(N / batch_size) batches of the whole, shuffled train split (and evaluates the
+  # first N).
   c.data = ml_collections.ConfigDict(dict(
       name="cifar100", data_dir=_optional(str), folder=_optional(str), cache_dir=_optional(str),
       image_size=32, train_split="train", test_split="test", download=True,

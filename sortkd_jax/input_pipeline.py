@@ -103,8 +103,8 @@ def load_array_split(
     cache), so the arrays are cached as
     `<cache_dir>/<folder name>-<split>-<decoder>-<hash of the absolute path>.npz` (default
     cache_dir `default_cache_dir()`; decoder: TensorFlow's, or Pillow's without TensorFlow)
-    and reused while the split's file count, total size, newest mtime and the class list are
-    unchanged.
+    and reused while every file's class, name, size and mtime and the class list are unchanged
+    (`_folder_fingerprint`).
   * `name`: a tfds dataset with 'image' and 'label' features, e.g. 'cifar100', already prepared
     under `data_dir` (tfds' default when None). Nothing is downloaded unless `download=True`:
     offline, tfds retries for minutes before failing.

@@ -627,7 +627,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                steps_per_epoch=steps_per_epoch)
   run_epoch = feed.epoch_runner(state, teacher, teacher_vars, train_step)
 
-  schedule = jax.jit(learning_rate_schedule(config, steps_per_epoch))  # one program, not five
+  schedule = jax.jit(learning_rate_schedule(config, steps_per_epoch))  # one program, not one per op
   step = int(distributed.to_host(state.step))
   reporter = reporting.Reporter(workdir, config.num_epochs * steps_per_epoch, start_step=step)
   images = 0  # trained on since this (re)start, for images/s
