@@ -345,7 +345,8 @@ def profile_train_step(bench: Bench, run_once: Callable[[], None]) -> None:
 
 def time_eval(bench: Bench, student_state: train.TrainState) -> None:
   """The trainer's test evaluation of the student: the whole-split evaluator (CIFAR, up to
-  10,000 images) or the per-batch one (tf.data), over two device batches of its own."""
+  10,000 images in whole batches) or the per-batch one (tf.data), over two device batches of its
+  own."""
   config, mesh, size = bench.config, bench.mesh, bench.image_size
   if bench.streaming:
     rng = np.random.default_rng(1)
@@ -358,7 +359,11 @@ def time_eval(bench: Bench, student_state: train.TrainState) -> None:
     evaluate = evaluation.make_streaming_evaluator(mesh, lambda: iter(eval_batches),
                                                    dtype=bench.dtype)
   else:
-    n_eval = min(bench.num_examples, 10_000)
+    # Whole batches: the evaluator pads the last one, and its padding is computed but would not
+    # be counted (the trainer's 10,000 test images at its batch of 1,000 have none).
+    available = min(bench.num_examples, 10_000)
+    b = evaluation.eval_batch_size(config.eval_batch_size, mesh.size, available)
+    n_eval = available // b * b or available  # fewer than b: one batch, padded to the devices
     evaluate = evaluation.make_evaluator(mesh, bench.images_np[:n_eval],
                                          bench.labels_np[:n_eval], config.eval_batch_size,
                                          dtype=bench.dtype)
@@ -374,22 +379,36 @@ def time_eval(bench: Bench, student_state: train.TrainState) -> None:
                eval_images=n_eval, first_call_s=first, **stats)
 
 
-def time_parts(bench: Bench) -> None:
-  """The step's parts on their own, each at the size the trainer runs it: augmentation per
-  step; the teacher and its targets (Sort) once per dispatch; the step without a teacher.
-  Inputs are arguments, so XLA cannot fold them away."""
+def step_parts(bench: Bench) -> dict[str, tuple[Callable, tuple, int]]:
+  """The parts of the step that `--breakdown` times alone, as (jitted function, arguments,
+  images per call), each at the size the trainer runs it: augmentation per step; the teacher
+  and its targets (Sort) once per dispatch. Their batches are split over the devices as the
+  trainer's are (the CIFAR split itself is on every device); inputs are arguments, so XLA cannot
+  fold them away."""
   config, k, batch_size = bench.config, bench.steps_per_dispatch, bench.batch_size
-  teacher, teacher_vars, images = bench.teacher, bench.teacher_vars, bench.images
-  m = batch_size if bench.streaming else min(bench.num_examples, k * batch_size)
-  x = augment.normalize(images[:m], *augment.PIPELINE_STATS[config.data.pipeline], bench.dtype)
+  teacher, teacher_vars = bench.teacher, bench.teacher_vars
+  split = lambda a, count: jax.device_put(a[:count], NamedSharding(bench.mesh, P("data")))
+  m = batch_size if bench.streaming else k * batch_size
+  x = augment.normalize(split(bench.images, m), *augment.PIPELINE_STATS[config.data.pipeline],
+                        bench.dtype)
   parts = {}
   if not bench.streaming:  # tf.data crops and flips on the host
     parts["augment"] = (jax.jit(lambda imgs: augment.cifar_train_augment(
-        jax.random.PRNGKey(0), imgs, dtype=bench.dtype)), (images[:batch_size],), batch_size)
+        jax.random.PRNGKey(0), imgs, dtype=bench.dtype)), (split(bench.images, batch_size),),
+        batch_size)
   if teacher is not None:
     parts["teacher_forward"] = (jax.jit(teacher), (teacher_vars, x), m)
     parts["teacher_targets"] = (jax.jit(functools.partial(methods.teacher_targets, config)),
-                                (teacher(teacher_vars, x), bench.labels[:m]), m)
+                                (teacher(teacher_vars, x), split(bench.labels, m)), m)
+  return parts
+
+
+def time_parts(bench: Bench) -> None:
+  """`step_parts` and the step without a teacher, each timed alone (windows of half
+  --window-seconds)."""
+  config, k, batch_size, teacher = (bench.config, bench.steps_per_dispatch, bench.batch_size,
+                                    bench.teacher)
+  parts = step_parts(bench)
   for name, (fn, args, count) in parts.items():
     fn(*args).block_until_ready()
     stats = timed_windows(lambda: fn(*args).block_until_ready(), count, FLAGS.windows,
@@ -420,7 +439,8 @@ def time_input_pipeline(bench: Bench) -> None:
   t = time.perf_counter()
   next(batches)
   first = time.perf_counter() - t
-  stats = timed_windows(lambda: next(batches), bench.batch_size, FLAGS.windows,
+  local_batch = len(next(batches)["image"])  # the global batch's share of this process
+  stats = timed_windows(lambda: next(batches), local_batch, FLAGS.windows,
                         FLAGS["window-seconds"].value)
   bench.report("input_pipeline", host_cpus=os.cpu_count(), first_call_s=first, **stats)
 

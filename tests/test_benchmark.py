@@ -3,10 +3,11 @@
 import json
 import os
 import re
+import textwrap
 
 import numpy as np
 import pytest
-from helpers import run_script
+from helpers import run_python, run_script
 
 from sortkd_jax import reporting
 
@@ -18,7 +19,7 @@ def test_benchmark_script_reports_every_measurement(tmp_path):
   proc = run_script(
       "benchmark.py", "--config", "configs/cifar_kd.py:res56_res20",
       "--config.student.name=resnet8", "--config.teacher.name=resnet8",
-      "--config.eval_batch_size=64", "--config.steps_per_dispatch=2", "--num-examples=256",
+      "--config.eval_batch_size=96", "--config.steps_per_dispatch=2", "--num-examples=256",
       "--batch-size=32", "--steps_per_dispatch=1", "--windows=2", "--window-seconds=0.05",
       "--breakdown", f"--json={out_file}", f"--profile={tmp_path / 'trace'}", timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,8 +38,29 @@ def test_benchmark_script_reports_every_measurement(tmp_path):
   assert profile["op_ms_per_call"] > 0 and profile["ops_per_call"] > 10
   assert any("conv" in name for name, _, _ in profile["top_ops"])
   assert os.path.exists(profile["trace"])
-  assert records[2]["eval_images"] == 256
+  # Whole eval batches: 256 images at 96 are 3 batches, 32 of whose 96 last images (padding)
+  # were computed but not counted.
+  assert (records[2]["eval_images"], records[2]["eval_batch_size"]) == (192, 96)
   assert "train_step" in proc.stdout and "images/s" in proc.stdout  # the readable table
+
+
+def test_the_parts_of_the_step_are_split_over_the_devices_as_the_trainer_splits_them():
+  """--breakdown's parts on the replicated CIFAR split ran the whole batch on every device,
+  where the trainer gives each device its share."""
+  proc = run_python("-c", textwrap.dedent("""
+      import sys
+      sys.argv = ["benchmark.py", "--config.student.name=resnet8", "--config.teacher.name=resnet8",
+                  "--num-examples=32", "--batch-size=8", "--steps-per-dispatch=2"]
+      sys.path.insert(0, "scripts")
+      import benchmark, jax
+      benchmark.FLAGS(sys.argv)
+      for name, (fn, args, count) in benchmark.step_parts(benchmark.setup()).items():
+        out = jax.tree.leaves(fn(*args))[0]
+        print(name, count, out.shape[0], [s.data.shape[0] for s in out.addressable_shards])
+      """), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines() == ["augment 8 8 [4, 4]", "teacher_forward 16 16 [8, 8]",
+                                      "teacher_targets 16 16 [8, 8]"]
 
 
 @pytest.mark.parametrize("flag,target,message", [
