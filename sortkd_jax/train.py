@@ -887,8 +887,8 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
   if config.steps_per_dispatch is not None:
     sizes["steps_per_dispatch"] = config.steps_per_dispatch
   sizes.update({f"data.{key}": config.data[key] for key in ("image_size", "max_train_examples",
-                                                            "max_test_examples")
-                if config.data[key] is not None})
+                                                            "max_test_examples", "shuffle_buffer")
+                if config.data.get(key) is not None})
   for key, value in sizes.items():
     if not (isinstance(value, int) and value > 0):
       raise ValueError(f"config.{key} must be a positive integer, got {value!r}.")
@@ -899,6 +899,14 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
                      f"'--config.lr_decay_epochs=(150,180,210)', got {decay!r}.")
   if not training:
     return
+  # JAX's keys keep the low 32 bits of a seed: 2**32 trained as 0 did, and -1 as 2**32 - 1.
+  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not (
+      0 <= config.seed < 2**32):
+    raise ValueError(f"config.seed must be an integer in [0, 2**32), got {config.seed!r}.")
+  if config.data.pipeline == "tf_data" and (config.steps_per_dispatch or 1) > 1:
+    raise ValueError("config.steps_per_dispatch is for the on-device (CIFAR) data: the tf_data "
+                     "pipeline runs one step per dispatch, got "
+                     f"{config.steps_per_dispatch}. Leave it unset.")
   groups = config.teacher_stream_groups
   steps = (1 if config.data.pipeline == "tf_data"
            else config.steps_per_dispatch or default_steps_per_dispatch())

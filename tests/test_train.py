@@ -929,7 +929,8 @@ def test_train_script_trains_and_then_reports_the_finished_run(tmp_path):
                    "jaxlib": jaxlib.__version__, "flax": flax.__version__,
                    "optax": optax.__version__, "orbax_checkpoint": ocp.__version__,
                    "numpy": np.__version__, "platform": "cpu", "device_kind": "cpu",
-                   "devices": 1, "processes": 1, "nvidia_tf32_override": "0",
+                   "devices": jax.device_count(),  # 1, or as a developer's XLA_FLAGS set
+                   "processes": 1, "nvidia_tf32_override": "0",
                    "jax_default_prng_impl": "threefry2x32", "jax_threefry_partitionable": True,
                    "jax_enable_x64": False,
                    "xla_flags": os.environ.get("XLA_FLAGS")}  # what a run's numbers depend on
@@ -1050,6 +1051,9 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     ("lr", math.inf, "config.lr must be a finite number, got inf"),
     ("weight_decay", -1.0, "config.weight_decay must be at least 0, got -1.0"),
     ("momentum", 1.0, r"config.momentum must be in \[0, 1\), got 1.0"),
+    # JAX's keys keep 32 bits of the seed: these trained as seeds 0 and 2**32 - 1 did.
+    ("seed", 2**32, r"config.seed must be an integer in \[0, 2\*\*32\), got 4294967296"),
+    ("seed", -1, r"config.seed must be an integer in \[0, 2\*\*32\), got -1"),
 ])
 def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message):
   method = "lskd" if key.startswith("lskd") else "kd"
@@ -1061,8 +1065,27 @@ def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message
 
 def test_the_edges_of_the_valid_ranges_are_accepted(teacher_dir):
   """A constant lr (decay rate 1) and a loss term switched off (weight 0)."""
-  for key, value in (("lr_decay_rate", 1.0), ("kd.ce_weight", 0.0), ("kd.kd_weight", 0.0)):
+  for key, value in (("lr_decay_rate", 1.0), ("kd.ce_weight", 0.0), ("kd.kd_weight", 0.0),
+                     ("seed", 2**32 - 1)):
     train.check_config(tiny_config("kd", teacher_dir, **{key: value}))
+
+
+def test_a_bad_setting_of_the_tf_data_pipeline_fails_early():
+  """A shuffle buffer of 0 failed in TensorFlow after the teacher's evaluation (minutes on
+  ImageNet), and steps per dispatch, which that pipeline does not read, were silently ignored."""
+  from configs import imagenet_kd
+  config = imagenet_kd.get_config("r34_r18,runlocal")
+  train.check_config(config)
+  config.steps_per_dispatch = 1
+  train.check_config(config)
+  config.steps_per_dispatch = 4
+  with pytest.raises(ValueError, match="config.steps_per_dispatch is for the on-device .CIFAR. "
+                     "data: the tf_data pipeline runs one step per dispatch, got 4"):
+    train.check_config(config)
+  config.steps_per_dispatch = None
+  config.data.shuffle_buffer = 0
+  with pytest.raises(ValueError, match="config.data.shuffle_buffer must be a positive integer"):
+    train.check_config(config)
 
 
 def test_a_run_shorter_than_its_recipes_schedule_is_pointed_out():
