@@ -437,9 +437,8 @@ def time_input_pipeline(bench: Bench) -> None:
       global_batch_size=bench.batch_size, split=d.train_split, shuffle_buffer=d.shuffle_buffer,
       image_size=d.image_size, **data_sources.stream_source(d)).as_numpy_iterator()
   t = time.perf_counter()
-  next(batches)
-  first = time.perf_counter() - t
   local_batch = len(next(batches)["image"])  # the global batch's share of this process
+  first = time.perf_counter() - t
   stats = timed_windows(lambda: next(batches), local_batch, FLAGS.windows,
                         FLAGS["window-seconds"].value)
   bench.report("input_pipeline", host_cpus=os.cpu_count(), first_call_s=first, **stats)
