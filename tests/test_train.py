@@ -794,7 +794,7 @@ def _another_value(value):
   return "/elsewhere"  # a path or a name (None too)
 
 
-# README ("A workdir resumes only with its own config: ..."): what a resumed run may change.
+# README ("Resuming"): what a resumed run may change.
 RESUMABLE = ("pair", "num_epochs", "log_every_steps", "steps_per_dispatch", "eval_batch_size",
              "teacher_stream_groups", "checkpoints_to_keep", "data.folder", "data.data_dir",
              "data.cache_dir", "data.manual_dir", "data.download", "teacher.checkpoint",
