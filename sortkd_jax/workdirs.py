@@ -170,17 +170,19 @@ def _lacking_run_fields(recorded: Any) -> list[str]:
 
 
 def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
-  """Refuses a blank workdir and a filesystem root; a path where checkpoints cannot be
-  written (`checkpoint.unwritable_checkpoint_place`); one at or inside the data folder the run
-  reads (its checkpoints/ and tensorboard/ would become class folders of an image folder); one
-  holding a config.json that is not a run's, which the run would write over (say, a model
-  folder); and one holding a metrics.jsonl without a config.json, which a fresh start would
+  """Refuses a blank workdir and a filesystem root; one inside another run's checkpoints/ or
+  tensorboard/; a path where checkpoints cannot be written
+  (`checkpoint.unwritable_checkpoint_place`); one at or inside the data folder the run reads (its
+  checkpoints/ and tensorboard/ would become class folders of an image folder); one holding a
+  config.json that is not a run's, which the run would write over (say, a model folder); and one
+  holding a metrics.jsonl without a config.json, which a fresh start would
   empty (no run of ours writes the first without the second)."""
   if not workdir.strip():
     raise ValueError(f"--workdir {workdir!r} is blank; name a directory.")
   real = os.path.realpath(workdir)
   if os.path.dirname(real) == real:
     raise ValueError(f"--workdir {workdir} is the filesystem root; name a directory for the run.")
+  _check_not_inside_a_run(workdir, real)
   unwritable = checkpoint.unwritable_checkpoint_place(workdir)
   if unwritable:
     raise ValueError(f"--workdir {workdir!r} {unwritable}; choose another --workdir.")
@@ -206,6 +208,20 @@ def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
       raise ValueError(f"--workdir {workdir} is inside the data folder {data.folder} that the "
                        "run reads (its files would be read as part of the data); choose a "
                        "directory outside it.")
+
+
+def _check_not_inside_a_run(workdir: str, real: str) -> None:
+  """Refuses a workdir inside another run's checkpoints/ (whose epochs that run deletes as it
+  trains on) or tensorboard/ (where TensorBoard would show both runs' events as one)."""
+  below = real
+  while os.path.dirname(below) != below:
+    run = os.path.dirname(below)
+    if (os.path.basename(below) in (checkpoint.TRAIN_CHECKPOINT_DIR, reporting.TENSORBOARD_DIR)
+        and any(os.path.isfile(os.path.join(run, f)) for f in (CONFIG_FILE, LOCK_FILE))):
+      raise ValueError(f"--workdir {workdir} is inside the {os.path.basename(below)}/ folder of "
+                       f"the training run {run}, which that run manages (it deletes old "
+                       "epochs as it trains on); choose a directory outside it.")
+    below = run
 
 
 def _check_workdir_kind(workdir: str) -> None:

@@ -1170,6 +1170,27 @@ def test_a_workdir_inside_the_image_folder_or_blank_is_refused(teacher_dir, tmp_
   assert not os.path.exists(" ")
 
 
+def test_a_workdir_inside_another_runs_checkpoints_or_tensorboard_is_refused(teacher_dir, tmp_path):
+  """A run started in `<run>/checkpoints/1` trained and saved there, and the outer run deleted
+  it with its epoch 1 as it trained on; one in `<run>/tensorboard` mixed the two runs' events.
+  A folder named checkpoints outside a run is a workdir like any other."""
+  run = tmp_path / "run"
+  os.makedirs(run / "checkpoints" / "1")
+  os.makedirs(run / "tensorboard")
+  (run / "config.json").write_text(tiny_config("kd", teacher_dir).to_json_best_effort())
+  before = sorted(str(p) for p in run.rglob("*"))
+  for inside, folder in ((run / "checkpoints" / "1", "checkpoints"),
+                        (run / "checkpoints", "checkpoints"),
+                        (run / "checkpoints" / "new", "checkpoints"),
+                        (run / "tensorboard" / "x", "tensorboard")):
+    with pytest.raises(ValueError, match=f"--workdir {inside} is inside the {folder}/ folder of "
+                                         f"the training run {run}, "):
+      train.train_and_evaluate(tiny_config("kd", teacher_dir), str(inside))
+  assert sorted(str(p) for p in run.rglob("*")) == before
+  os.makedirs(tmp_path / "checkpoints")  # not a run's
+  workdirs.check_place(str(tmp_path / "checkpoints" / "x"), tiny_config("kd", teacher_dir).data)
+
+
 def test_a_workdir_where_checkpoints_cannot_be_read_back_is_refused(teacher_dir, tmp_path):
   """Below a folder such as `exp[3]` the run trained, saved, reported its best epoch, and no
   checkpoint of it could be read (orbax globs its own path); a name that is not UTF-8 failed
