@@ -40,7 +40,8 @@ from absl import flags, logging  # noqa: E402
 
 from sortkd_jax import cli  # noqa: E402
 
-cli.define_config_flag(os.path.join(REPO, "configs", "cifar_vanilla.py"),
+DEFAULT_RECIPE = "configs/cifar_vanilla.py"
+cli.define_config_flag(os.path.join(REPO, DEFAULT_RECIPE),
                        "Recipe whose data section names the test split.")
 flags.DEFINE_string("checkpoint", None, "Workdir, ported checkpoint directory or .pth file.")
 flags.DEFINE_string("arch", None, "Architecture of a .pth file (default: the one whose keys "
@@ -114,8 +115,16 @@ def _config():
                        "run's recipe as --config (with its --config.* flags), or put its "
                        "config.json back beside checkpoints/.")
     return FLAGS.config
-  config = ml_collections.ConfigDict(recorded)
   overrides = FLAGS["config"].override_values
+  recorded, added = workdirs.with_missing_fields(recorded, FLAGS.config)
+  added = [k for k in added if k not in overrides]
+  if added:
+    logging.warning(
+        "%s lacks %s (an older sortkd-jax wrote it, or it was edited): taken as %s gives them; "
+        "if the run's differ, pass them as --config.FIELD=VALUE.",
+        os.path.join(checkpoint.workdir_of(FLAGS.checkpoint), workdirs.CONFIG_FILE),
+        ", ".join(added), DEFAULT_RECIPE)
+  config = ml_collections.ConfigDict(recorded)
   config.update_from_flattened_dict(overrides)
   cli.apply_none_overrides(config, recipe=FLAGS.config)
   for field in ("folder", "data_dir"):  # versions before 2026-11-29 kept them as typed

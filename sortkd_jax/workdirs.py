@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import os
@@ -167,6 +168,26 @@ def _lacking_run_fields(recorded: Any) -> list[str]:
   one) lacks."""
   flat = _flat(recorded) if isinstance(recorded, dict) else {}
   return [k for k in ("method", "student.name", "data.name", "seed") if k not in flat]
+
+
+def with_missing_fields(recorded: dict[str, Any], recipe: ml_collections.ConfigDict
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`recorded` (a run's config.json) completed with the fields it lacks, as `recipe` gives
+  them, and those fields: a config.json from before they were added to the recipes (or edited
+  by hand) still describes its run, and reading it must not fail on a missing field."""
+  have = _flat(recorded)
+  added = {k: v for k, v in _flat(json.loads(recipe.to_json_best_effort())).items()
+           if k not in have}
+  completed = copy.deepcopy(recorded)
+  for key, value in added.items():
+    *groups, name = key.split(".")
+    node = completed
+    for group in groups:
+      if not isinstance(node.get(group), dict):  # absent, or null
+        node[group] = {}
+      node = node[group]
+    node[name] = value
+  return completed, added
 
 
 def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:

@@ -329,6 +329,25 @@ def test_a_relative_data_path_of_an_older_run_is_pointed_out(tmp_path):
           "--config.data.folder=DIR.") in out.stderr
 
 
+def test_a_run_config_lacking_fields_is_completed_from_the_default_recipe(tmp_path):
+  """A config.json from before a field was added to the recipes, or edited, lacking fields that
+  evaluation reads ended in a traceback (AttributeError, KeyError): they are taken from the
+  default recipe, and said to be."""
+  workdir = _save_run(tmp_path / "run", [30.0])
+  recorded = json.loads(cifar_vanilla.get_config().to_json_best_effort())
+  del recorded["data"]["pipeline"], recorded["eval_batch_size"], recorded["dtype"]
+  recorded["teacher"] = None
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(recorded, f)
+  out = run_script("eval.py", "--checkpoint", workdir, *SYNTHETIC[2:])
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert _last_json(out)["test_examples"] == 64 and _last_json(out)["dtype"] == "float32"
+  assert (f"{workdir}/config.json lacks teacher.name, teacher.checkpoint, "
+          "teacher.fold_batchnorm, data.pipeline, dtype (an older sortkd-jax wrote it, or it was "
+          "edited): taken as configs/cifar_vanilla.py gives them") in out.stderr  # not the
+  # eval_batch_size it lacks too: the command line gives that
+
+
 def test_a_model_with_non_finite_outputs_is_an_error(tmp_path):
   """Its figures are printed (the loss as null), then one error line; NaN logits never count as
   correct."""
