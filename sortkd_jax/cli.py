@@ -4,6 +4,7 @@ known errors (bad input, a diverged run) reported as one `error:` line, not a tr
 from __future__ import annotations
 
 import _thread
+import functools
 import gc
 import logging as std_logging
 import os
@@ -153,11 +154,57 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
       field = "name" if group[1] in ("teacher", "student") else "FIELD"
       sys.exit(f"error: config.{group[1]} is a group of fields, not a value: set one of them, "
                f"e.g. --config.{group[1]}.{field}={group[2]}.")
+    boolean = re.search(r"flag (--config\.[\w.]+=.*): \('Non-boolean argument", str(e))
+    if boolean:  # absl's message is a tuple's repr
+      sys.exit(f"error: {boolean[1]}: a boolean field takes true or false (or t/f, 1/0).")
+    if isinstance(e, flags.UnrecognizedFlagError) and _config_field(e.flagname) is not None:
+      sys.exit(f"error: unknown flag --{e.flagname}: config fields are set as "
+               f"--config.{_config_field(e.flagname)}=VALUE.")
     while isinstance(e.__cause__ or e.__context__, (flags.Error, OSError)):
       e = e.__cause__ or e.__context__  # the first failure, e.g. the missing config file
+    unread = re.search(r"(?:^|Failed loading config file .*)\[Errno \d+\] ([^:\n]+): "
+                       r"'([^'\n]*)'$", str(e), re.S)
+    if unread and isinstance(e, OSError) and unread[2] in _config_files(flag_args):
+      # (ml_collections' own report names the flag config_config)
+      sys.exit(f"error: the --config file {unread[2]}: {unread[1].lower()}; use "
+               "configs/<recipe>.py:<pair>, e.g. --config configs/cifar_kd.py:res32x4_res8x4"
+               f"{_recipes_here()}.")
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     last = lines[-1] if lines else type(e).__name__
     sys.exit(f"error: {last.split(': ', 1)[-1] if last.startswith('ValueError') else last}")
+
+
+def _config_field(flag_name: str) -> str | None:
+  """The config field that a bare flag such as `--lr` or `--nosort` names, if any."""
+  try:
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+  except Exception:  # the config failed to load: nothing to compare with
+    return None
+  for name in (flag_name, flag_name.removeprefix("no")):
+    field = name.replace("-", "_")
+    try:
+      if config is not None and field and not field.startswith("config."):
+        functools.reduce(lambda group, key: group[key], field.split("."), config)
+        return field
+    except (KeyError, TypeError, AttributeError):
+      continue
+  return None
+
+
+def _config_files(args: Sequence[str]) -> list[str]:
+  """The files that `--config FILE[:ARG]` flags name, as given and with `~` expanded."""
+  values = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+  values += [value for flag, value in zip(args, args[1:]) if flag == "--config"]
+  files = [value.split(":", 1)[0] for value in values]
+  return files + [os.path.expanduser(f) for f in files]
+
+
+def _recipes_here() -> str:
+  """`; the recipes: configs/cifar_kd.py, ...` where this checkout's configs/ is, else ''."""
+  where = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  names = sorted(n for n in (os.listdir(where) if os.path.isdir(where) else [])
+                 if n.endswith(".py") and n.startswith(("cifar_", "imagenet_")))
+  return f"; the recipes: {', '.join(f'configs/{n}' for n in names)}" if names else ""
 
 
 def _check_values_given(args: list[str]) -> None:

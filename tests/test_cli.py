@@ -262,6 +262,35 @@ def test_command_line_slips_are_one_line_errors(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_a_bare_field_flag_a_missing_recipe_or_a_non_boolean_is_explained(tmp_path):
+  """`--lr=0.1` said only "Unknown command line flag 'lr'"; a --config file that is missing
+  or a folder gave Python's errno text without the flag; `--config.sort=maybe` absl's tuple."""
+  show = _config_script(tmp_path, "config().lr")
+  recipe = "configs/cifar_kd.py:res56_res20"
+  recipes = "; the recipes: configs/cifar_ctkd.py, configs/cifar_dkd.py, configs/cifar_kd.py, "
+  for args, error in (
+      ((recipe, "--lr=0.1"), "error: unknown flag --lr: config fields are set as "
+       "--config.lr=VALUE."),
+      (("-", "--config", recipe, "--nosort"), "error: unknown flag --nosort: config fields are "
+       "set as --config.sort=VALUE."),
+      (("-", "--config", recipe, "--kd.temperature=3"), "error: unknown flag --kd.temperature: "
+       "config fields are set as --config.kd.temperature=VALUE."),
+      ((recipe, "--config.sort=maybe"), "error: --config.sort=maybe: a boolean field takes true "
+       "or false (or t/f, 1/0)."),
+      (("-", "--config", "configs/cifar_kd"), "error: the --config file configs/cifar_kd: no such "
+       "file or directory; use configs/<recipe>.py:<pair>, e.g. --config "
+       f"configs/cifar_kd.py:res32x4_res8x4{recipes}"),
+      (("-", "--config=configs:x"), "error: the --config file configs: is a directory; use "
+       f"configs/<recipe>.py:<pair>, e.g. --config configs/cifar_kd.py:res32x4_res8x4{recipes}")):
+    done = show(*args)
+    assert done.returncode != 0 and done.stderr.strip().splitlines()[-1].startswith(error), (
+        done.stderr)
+    assert "Traceback" not in done.stderr
+  unknown = show(recipe, "--foo=1")  # not a field: absl's own message
+  assert unknown.stderr.strip().splitlines()[-1].startswith("error: Unknown command line flag "
+                                                            "'foo'"), unknown.stderr
+
+
 def test_an_override_inside_a_value_or_of_a_top_level_field_in_a_group_is_named(tmp_path):
   """`--config.method.sort=True` gave a 35-line TypeError traceback, `--config.lr.x=1` said the
   config had no field 'float', `--config.kd.sort` that it had no field 'sort'."""
