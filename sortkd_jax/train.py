@@ -882,6 +882,10 @@ def check_config(config: ml_collections.ConfigDict, *, training: bool = True) ->
     raise ValueError("config.data.pipeline='tf_data' is the ImageNet recipes' stream (random-"
                      "resized crops, data.shuffle_buffer, data.manual_dir); this config's data "
                      "is CIFAR-sized: keep 'on_device', or use a configs/imagenet_*.py recipe.")
+  for key in ("folder", "data_dir", "cache_dir", "manual_dir"):  # `--config.data.folder=`
+    value = config.data.get(key)
+    if isinstance(value, str) and not value.strip():  # read as the current folder
+      raise ValueError(f"config.data.{key} is empty: name a folder, or leave it unset (None).")
   sizes = {key: config[key] for key in ("batch_size", "eval_batch_size", "num_epochs",
                                         "log_every_steps")}
   if config.steps_per_dispatch is not None:

@@ -1054,6 +1054,9 @@ def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
     # JAX's keys keep 32 bits of the seed: these trained as seeds 0 and 2**32 - 1 did.
     ("seed", 2**32, r"config.seed must be an integer in \[0, 2\*\*32\), got 4294967296"),
     ("seed", -1, r"config.seed must be an integer in \[0, 2\*\*32\), got -1"),
+    # `--config.data.folder=` read the current folder, and named it, not the empty flag.
+    ("data.folder", "", r"config.data.folder is empty: name a folder, or leave it unset \(None\)"),
+    ("data.cache_dir", " ", "config.data.cache_dir is empty"),
 ])
 def test_bad_config_values_fail_early(teacher_dir, tmp_path, key, value, message):
   method = "lskd" if key.startswith("lskd") else "kd"
