@@ -171,11 +171,12 @@ def imagenet_config(arg: str | None, method: str) -> ml_collections.ConfigDict:
       base="kd", standardize=False, t_start=1.0, t_end=20.0, init=1.0, ramp_epochs=5))
   c.log_every_steps = 100
 
-  if runlocal:  # a CPU smoke test: small crops, a few images.
+  if runlocal:  # a CPU smoke test: small crops, a few images, one epoch at a constant lr.
     c.data.update(image_size=64, shuffle_buffer=64, max_train_examples=16, max_test_examples=10)
     c.batch_size = 8
     c.eval_batch_size = 8
     c.num_epochs = 1
-    c.lr_decay_epochs = (1,)
+    c.lr_decay_epochs = ()
+    c.ctkd.ramp_epochs = 1
     c.log_every_steps = 1
   return c

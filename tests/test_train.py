@@ -1091,6 +1091,16 @@ def test_a_bad_setting_of_the_tf_data_pipeline_fails_early():
     train.check_config(config)
 
 
+def test_no_smoke_test_warns_that_it_cuts_its_recipes_schedule_short():
+  """`:runlocal` is the recipes' own short run: it warned, on ImageNet, of an lr decay after its
+  only epoch and of CTKD's 5-epoch ramp."""
+  from configs import imagenet_ctkd, imagenet_dkd, imagenet_kd, imagenet_lskd
+  for module in (cifar_vanilla, cifar_kd, cifar_dkd, cifar_lskd, cifar_ctkd, imagenet_kd,
+                 imagenet_dkd, imagenet_lskd, imagenet_ctkd):
+    pair = "r34_r18" if module.__name__.startswith("configs.imagenet") else "res56_res20"
+    assert train.schedule_cut_short(module.get_config(f"{pair},runlocal")) == [], module
+
+
 def test_a_run_shorter_than_its_recipes_schedule_is_pointed_out():
   """mdistiller says nothing: `--config.num_epochs=100` on a 240-epoch recipe trained at a
   constant lr, and a 10-epoch DKD run never gave DKD's loss its full weight."""
