@@ -164,6 +164,8 @@ def _data_source(data) -> str:
   """Where a config's test split is read from, in words."""
   if data.get("folder"):
     return f"the folder {_resolved(data['folder'])}"
+  if data.get("name") == "synthetic":
+    return "synthetic (random) data"
   where = f" in {_resolved(data['data_dir'])}" if data.get("data_dir") else ""
   return f"tfds {data.get('name')!r}{where}"
 

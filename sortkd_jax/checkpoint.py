@@ -312,6 +312,10 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(f"No model checkpoint directory at {path!r}. {how}")
   meta_file = os.path.join(path, MODEL_JSON)
   if not os.path.isfile(meta_file) or not os.path.isdir(os.path.join(path, MODEL_STATE_DIR)):
+    model_dir = _model_directory_above(path)
+    if model_dir is not None:
+      raise ValueError(f"{path!r} is inside the model checkpoint {model_dir!r}: pass that "
+                       "directory.")
     raise ValueError(f"{path!r} is not a sortkd model checkpoint (no {MODEL_JSON} and "
                      f"{MODEL_STATE_DIR}/). {how}")
   try:
@@ -325,6 +329,16 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
       or "num_classes" not in info):
     raise ValueError(f"{meta_file!r} is not a sortkd model description. {how}")
   return info
+
+
+def _model_directory_above(path: str) -> str | None:
+  """The `save_model` directory that `path` lies inside, if any (say, its state/)."""
+  below = os.path.abspath(path)
+  while os.path.dirname(below) != below:
+    below = os.path.dirname(below)
+    if os.path.isfile(os.path.join(below, MODEL_JSON)):
+      return below
+  return None
 
 
 def load_model(path: str | os.PathLike, *,

@@ -102,7 +102,10 @@ def open_split(
     return _open_folder_split(folder, split, **shard)
   if name == SYNTHETIC:
     raise ValueError("data.name='synthetic' is random CIFAR-shaped data for the on-device "
-                     "pipeline (the CIFAR configs), not for tf.data streams (ImageNet).")
+                     "pipeline (the CIFAR configs), not for tf.data streams (ImageNet): use a "
+                     "configs/cifar_*.py recipe, or give an image folder, "
+                     "--config.data.folder=DIR (scripts/benchmark.py times an ImageNet recipe's "
+                     "step on random data without one).")
   if name is None:
     raise ValueError("Pass a tfds dataset `name` (e.g. 'imagenet2012') or an image `folder`.")
   builder = _prepared_builder(name, data_dir, download, manual_dir)

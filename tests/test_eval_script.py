@@ -170,6 +170,7 @@ def _not_json(name):
     ("run_without_checkpoints", "has no checkpoint yet: no epoch finished"),
     ("checkpoints_folder", "is inside the training run"),
     ("image_folder", "is not a sortkd model checkpoint"),
+    ("inside_a_model", "is inside the model checkpoint"),  # its state/, not "make one"
     ("run_file", "is a file of the training run in"),  # not "a PyTorch file damaged"
 ])
 def test_a_wrong_checkpoint_fails_before_the_data_is_read(tmp_path, kind, message):
@@ -178,7 +179,9 @@ def test_a_wrong_checkpoint_fails_before_the_data_is_read(tmp_path, kind, messag
   run = tmp_path / "run"
   path = {"missing": tmp_path / "none", "run_without_epoch": run,
           "run_without_checkpoints": run, "checkpoints_folder": run / "checkpoints",
-          "image_folder": tmp_path / "images", "run_file": run / "config.json"}[kind]
+          "image_folder": tmp_path / "images", "run_file": run / "config.json",
+          "inside_a_model": tmp_path / "model" / "state"}[kind]
+  checkpoint.save_model(tmp_path / "model", _resnet8(), arch="resnet8", num_classes=100)
   os.makedirs(tmp_path / "images")
   (tmp_path / "images" / "0.jpg").write_bytes(b"\xff\xd8\xff")
   os.makedirs(run)
@@ -271,8 +274,8 @@ def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
   assert (result["epoch"], result["arch"], result["test_examples"]) == (1, "resnet8", 64)
   assert "Evaluating epoch 1 of the run" in out.stderr and ", its best" in out.stderr
   # --config's data is not the run's: said at once, before the data is read.
-  assert (f"The run in {workdir} was trained on tfds 'cifar100'; --config evaluates it on tfds "
-          "'synthetic' (leave --config out") in out.stderr
+  assert (f"The run in {workdir} was trained on tfds 'cifar100'; --config evaluates it on "
+          "synthetic (random) data (leave --config out") in out.stderr
   # One kept epoch, as mdistiller's epoch_N: that epoch's student (another seed, another loss).
   named = run_script("eval.py", "--checkpoint", os.path.join(workdir, "checkpoints", "3"),
                      *SYNTHETIC)

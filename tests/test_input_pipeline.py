@@ -1121,6 +1121,15 @@ def test_multi_process_runs_do_not_prepare_tfds_datasets(tmp_path, monkeypatch):
   assert sources.split_info(**source) == (7, 2)
 
 
+def test_synthetic_data_on_a_tf_data_recipe_says_what_to_use_instead():
+  """It said only what synthetic data is not for."""
+  with pytest.raises(ValueError, match=r"not for tf.data streams \(ImageNet\): use a "
+                     r"configs/cifar_\*.py recipe, or give an image folder, "
+                     r"--config.data.folder=DIR \(scripts/benchmark.py times"):
+    sources.open_split(name="synthetic", folder=None, split="train", data_dir=None,
+                       download=False)
+
+
 def test_synthetic_test_images_are_not_the_train_images():
   """Each synthetic split has a seed of its own: a test split repeating the train split's first
   images would score training images as test ones."""
