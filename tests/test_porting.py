@@ -910,6 +910,21 @@ def test_port_weights_warns_of_a_model_whose_logits_are_not_finite(tmp_path):
           "infinite weights" in r.stderr)
 
 
+def test_a_pth_file_that_does_not_fit_is_named_beside_the_architecture_asked_for(pth_files,
+                                                                                tmp_path):
+  """A teacher's or eval.py's .pth that did not fit said "Cannot port the state dict into
+  'resnet20'" without naming the file, or where resnet20 came from."""
+  with pytest.raises(ValueError, match=re.escape(
+      f"{pth_files['teacher']} does not fit the requested resnet20 (--config.teacher.name of a "
+      "teacher, --arch of eval.py).\nCannot port the state dict into 'resnet20'")):
+    teachers.load_frozen_model(pth_files["teacher"], arch="resnet20")
+  junk = str(tmp_path / "junk.pth")
+  torch.save({"a": torch.zeros(1)}, junk)
+  with pytest.raises(ValueError, match=f"^{re.escape(junk)}: No architecture has exactly the 1 "
+                                       "keys of this state dict"):
+    teachers.load_frozen_model(junk)
+
+
 def test_eval_script_reads_a_pth_file_as_its_architecture(pth_files):
   """eval.py on a .pth with --arch: the numbers of the ported model on the same images."""
   from sortkd_jax import distributed, evaluation, input_pipeline
