@@ -38,9 +38,9 @@ def run(main: Callable[[], None], errors: tuple[type[Exception], ...] = KNOWN_ER
   def run_main(argv: list[str]) -> None:
     if len(argv) > 1:
       boolean = any(a.lower() in ("true", "false") for a in argv[1:])
-      raise app.UsageError(f"Unexpected arguments: {argv[1:]}" + (
-          " (a boolean flag takes its value after =, e.g. --config.sort=false)" if boolean
-          else ""))
+      sys.exit(f"error: unexpected arguments {argv[1:]}: " + (
+          "a boolean flag takes its value after =, e.g. --config.sort=false." if boolean
+          else "this script takes flags only (--help lists them)."))
     # A process started with Ctrl-C ignored (`cmd &` in a script: without job control, the
     # shell's way to spare background jobs the terminal's Ctrl-C) keeps ignoring it.
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -154,6 +154,11 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
       field = "name" if group[1] in ("teacher", "student") else "FIELD"
       sys.exit(f"error: config.{group[1]} is a group of fields, not a value: set one of them, "
                f"e.g. --config.{group[1]}.{field}={group[2]}.")
+    unclosed = re.search(r"flag (--config\.[\w.]+)=(.*): Error while parsing string: .* as tuple",
+                         str(e))
+    if unclosed:  # ml_collections' advice, to quote it, would make it a string
+      sys.exit(f"error: {unclosed[1]}={unclosed[2]} is not a tuple: write it whole, in matching "
+               f"brackets, e.g. {unclosed[1]}=(150,180,210).")
     boolean = re.search(r"flag (--config\.[\w.]+=.*): \('Non-boolean argument", str(e))
     if boolean:  # absl's message is a tuple's repr
       sys.exit(f"error: {boolean[1]}: a boolean field takes true or false (or t/f, 1/0).")
