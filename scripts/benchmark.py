@@ -276,9 +276,10 @@ def setup() -> Bench:
   size = config.data.image_size
   dtype = train.compute_dtype(config)
   mesh = distributed.make_mesh()
-  train.check_divisible_by_devices(batch_size, mesh.size, "the batch size")
+  train.check_divisible_by_devices(batch_size, mesh.size, "--batch-size")
   if n < batch_size:
-    raise ValueError(f"--num-examples {n} is smaller than the batch size {batch_size}.")
+    raise ValueError(f"--num-examples {n} is smaller than the batch size {batch_size}: raise it "
+                     "to at least the batch size, or lower --batch-size.")
   if streaming and FLAGS.input:  # the data must be there before minutes of timing
     try:
       data_sources.split_info(split=config.data.train_split,

@@ -42,8 +42,12 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   open_mpi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit) and any(v is None for v in explicit):
+    lacking = [f"--{name}" for name, v in zip(("coordinator_address", "num_processes",
+                                               "process_id"), explicit) if v is None]
     raise ValueError("A multi-process launch by flags needs all of --coordinator_address, "
-                     "--num_processes and --process_id (SLURM and Open MPI need none).")
+                     f"--num_processes and --process_id; {' and '.join(lacking)} "
+                     f"{'is' if len(lacking) == 1 else 'are'} missing "
+                     "(SLURM and Open MPI need none).")
   if num_processes is not None and not 0 <= process_id < num_processes:
     raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}.")
   if coordinator_address:

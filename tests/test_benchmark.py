@@ -98,6 +98,10 @@ def test_a_bad_config_is_refused_as_the_trainer_refuses_it():
   proc = run_script("benchmark.py", "--config.method=kdd", "--noeval", timeout=600)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "error: Unknown config.method 'kdd'" in proc.stderr
+  proc = run_script("benchmark.py", "--batch-size=8", "--num-examples=4", "--noeval", timeout=600)
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+      "error: --num-examples 4 is smaller than the batch size 8: raise it to at least the batch "
+      "size, or lower --batch-size."), proc.stderr[-3000:]
 
 
 def test_teacher_stream_groups_divide_the_steps_per_dispatch_flag(tmp_path):

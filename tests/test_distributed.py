@@ -11,8 +11,11 @@ from sortkd_jax import distributed
 
 
 def test_incomplete_multi_process_flags_are_refused():
-  with pytest.raises(ValueError, match="needs all of --coordinator_address"):
+  with pytest.raises(ValueError, match="needs all of --coordinator_address, --num_processes "
+                     "and --process_id; --coordinator_address is missing"):
     distributed.maybe_initialize(None, 2, 0)
+  with pytest.raises(ValueError, match="; --coordinator_address and --process_id are missing"):
+    distributed.maybe_initialize(None, 2, None)
   with pytest.raises(ValueError, match=r"--process_id must be in \[0, 2\)"):
     distributed.maybe_initialize("localhost:12355", 2, 2)
   with pytest.raises(ValueError, match="must be HOST:PORT"):
