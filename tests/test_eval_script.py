@@ -201,7 +201,8 @@ def test_an_arch_typo_is_named_as_one_for_a_directory_too(tmp_path):
   out = run_script("eval.py", "--checkpoint", model, "--arch", "resnet_8", *SYNTHETIC,
                    timeout=120)
   assert out.returncode == 1 and out.stderr.splitlines()[-1].startswith(
-      "error: Unknown --arch 'resnet_8'. Valid names: resnet8, "), out.stderr[-2000:]
+      "error: Unknown --arch 'resnet_8' (did you mean 'resnet8'?). Valid names: resnet8, "), (
+          out.stderr[-2000:])
 
 
 def test_a_run_without_its_config_json_needs_a_config(tmp_path):

@@ -65,8 +65,14 @@ def test_state_paths_are_the_torch_keys(name):
 
 
 def test_create_model_contract():
-  with pytest.raises(ValueError, match="Valid names: resnet8, .*imagenet_MobileNetV1"):
+  with pytest.raises(ValueError, match=r"Unknown model name 'resnet9'\. Valid names: resnet8, "
+                     ".*imagenet_MobileNetV1"):
     models.create_model("resnet9", rngs=nnx.Rngs(0))
+  for typed, meant in (("mobilenetv2", "MobileNetV2"), ("wrn40_2", "wrn_40_2"),
+                       ("ImageNet-ResNet18", "imagenet_ResNet18")):  # as spelt elsewhere
+    with pytest.raises(ValueError, match=f"Unknown model name '{typed}' \\(did you mean "
+                       f"'{meant}'\\?\\)\\. Valid names: resnet8, "):
+      models.check_name(typed)
   for bad in (0, 10.0, True):
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
       models.create_model("resnet8", bad, rngs=nnx.Rngs(0))

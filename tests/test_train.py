@@ -1568,7 +1568,7 @@ def test_default_teacher_checkpoint_follows_the_teacher_name():
     (["--config=configs/cifar_kd.py:res56_res20", "--config.num_epoch=3"],
      "error: the config has no field 'num_epoch'; did you mean 'num_epochs'?"),
     (["--config=configs/cifar_kd.py:NOPE"], "error: Unknown config argument 'NOPE'"),
-    (["--config=configs/nope.py"], "error: [Errno 2] No such file"),
+    (["--config=configs/nope.py"], "error: the --config file configs/nope.py: no such file"),
     (["--config=configs/cifar_kd.py", "--config.data.num_classes=10"],  # the whole name
      "error: the config has no field 'data.num_classes'. The number of classes is the data's: a "
      "folder's class folders, a tfds dataset's labels."),

@@ -49,9 +49,13 @@ assert set(MODEL_NAMES) == set(_REGISTRY), sorted(set(MODEL_NAMES) ^ set(_REGIST
 
 
 def check_name(name: str, what: str = "model name") -> None:
-  """Fails for a name that is not in the zoo, listing the valid ones."""
+  """Fails for a name that is not in the zoo, listing the valid ones, and naming the one it
+  spells otherwise (case, `_` or `-`: mdistiller's `wrn_40_2` typed as `wrn40_2`)."""
   if name not in _REGISTRY:
-    raise ValueError(f"Unknown {what} {name!r}. Valid names: {', '.join(MODEL_NAMES)}.")
+    spelling = lambda n: n.lower().replace("_", "").replace("-", "")
+    meant = [n for n in MODEL_NAMES if spelling(n) == spelling(str(name))]
+    hint = f" (did you mean {meant[0]!r}?)" if meant else ""
+    raise ValueError(f"Unknown {what} {name!r}{hint}. Valid names: {', '.join(MODEL_NAMES)}.")
 
 
 def default_num_classes(name: str) -> int:
