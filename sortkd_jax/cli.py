@@ -153,7 +153,7 @@ def parse_flags_briefly(argv: list[str]) -> list[str]:
     if group:  # e.g. --config.teacher=resnet56
       field = "name" if group[1] in ("teacher", "student") else "FIELD"
       sys.exit(f"error: config.{group[1]} is a group of fields, not a value: set one of them, "
-               f"e.g. --config.{group[1]}.{field}={group[2]}.")
+               f"e.g. --config.{group[1]}.{field}={group[2]}{_fields_of(group[1])}.")
     unclosed = re.search(r"flag (--config\.[\w.]+)=(.*): Error while parsing string: .* as tuple",
                          str(e))
     if unclosed:  # ml_collections' advice, to quote it, would make it a string
@@ -202,6 +202,17 @@ def _config_files(args: Sequence[str]) -> list[str]:
   values += [value for flag, value in zip(args, args[1:]) if flag == "--config"]
   files = [value.split(":", 1)[0] for value in values]
   return files + [os.path.expanduser(f) for f in files]
+
+
+def _fields_of(group: str) -> str:
+  """` (its fields: a, b)` for a group of the loaded config, else ''."""
+  try:
+    fields = flags.FLAGS["config"].value
+    for key in group.split("."):
+      fields = fields[key]
+    return f" (its fields: {', '.join(fields.keys())})"
+  except Exception:  # no config loaded, or not a group: the message stands without the list
+    return ""
 
 
 def _recipes_here() -> str:

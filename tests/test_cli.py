@@ -371,7 +371,8 @@ def test_mdistiller_usage_says_what_to_type_instead(monkeypatch, args, expected)
     ("--config.SOLVER.LR=0.1", "for mdistiller's SOLVER, its fields are top-level here: "
                                "--config.lr,"),
     ("--config.teacher=resnet56", "config.teacher is a group of fields, not a value: set one "
-                                  "of them, e.g. --config.teacher.name=resnet56."),
+                                  "of them, e.g. --config.teacher.name=resnet56 (its fields: "
+                                  "checkpoint, fold_batchnorm, name)."),
     ("--config.kd.temprature=3", "no field 'temprature'; did you mean 'temperature'?"),
 ])
 def test_config_overrides_in_mdistillers_names_say_ours(override, expected):
