@@ -64,6 +64,16 @@ def test_state_paths_are_the_torch_keys(name):
   assert models.count_params(model) == PARAM_COUNTS[name]
 
 
+def test_images_too_small_for_an_architecture_are_named_so():
+  """vgg8 on 4-pixel images pooled a 1×1 map to nothing: an IndexError traceback in a
+  BatchNorm further on."""
+  model = models.create_model("vgg8", 10, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="A 1×1 feature map is smaller than its 2×2 pooling "
+                     "window: the images are too small for this architecture"):
+    model(jnp.zeros((2, 4, 4, 3)))
+  assert model(jnp.zeros((2, 8, 8, 3))).shape == (2, 10)  # the smallest that pools to 1×1
+
+
 def test_create_model_contract():
   with pytest.raises(ValueError, match=r"Unknown model name 'resnet9'\. Valid names: resnet8, "
                      ".*imagenet_MobileNetV1"):

@@ -321,8 +321,20 @@ class BatchNorm(nnx.Module):
 relu = jax.nn.relu
 
 
+def _check_poolable(x: jax.Array, kernel: int, padding: int) -> None:
+  """A feature map smaller than the pooling window (images too small for the architecture)
+  pooled to nothing: a traceback further on, or a mean over nothing, a NaN loss."""
+  height, width = x.shape[1] + 2 * padding, x.shape[2] + 2 * padding
+  if min(height, width) < kernel:
+    raise ValueError(
+        f"A {x.shape[1]}×{x.shape[2]} feature map is smaller than its {kernel}×{kernel} pooling "
+        "window: the images are too small for this architecture (in a run, "
+        "config.data.image_size); use larger ones, e.g. its native size.")
+
+
 def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
   """torch ``MaxPool2d``: padding never wins (−∞)."""
+  _check_poolable(x, kernel, padding)
   p = padding
   return jax.lax.reduce_window(
       x, np.array(-np.inf, x.dtype), jax.lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1),
@@ -331,6 +343,7 @@ def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Ar
 
 def avg_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
   """torch ``AvgPool2d`` with ``count_include_pad=True``: always divide by kernel²."""
+  _check_poolable(x, kernel, padding)
   p = padding
   # The init value must be a concrete 0 so that JAX lowers this to reduce_window_sum,
   # which (unlike a generic reduce_window) is differentiable.
@@ -343,6 +356,7 @@ def avg_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Ar
 def global_avg_pool(x: jax.Array) -> jax.Array:
   """[B, H, W, C] → [B, C]. Every head pool of the zoo reduces to 1×1 at its native
   input size (spec §9, item 3), where this equals the fixed-kernel torch pool."""
+  _check_poolable(x, 1, 0)
   return jnp.mean(x, axis=(1, 2))
 
 
