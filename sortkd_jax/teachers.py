@@ -96,17 +96,20 @@ def load_frozen_model(path: str, *, arch: str | None = None, num_classes: int | 
     check_not_a_file_of_ours(path)
     from sortkd_jax import porting
     state_dict = porting.load_torch_state_dict(path, component)
+    named = f"the requested {arch} (--config.teacher.name of a teacher, --arch of eval.py)"
+    if arch is None:
+      try:
+        arch = porting.infer_arch(state_dict)
+      except porting.PortingError as e:
+        raise ValueError(f"{path}: {e}") from e
+      named = f"{arch} (the architecture whose keys it holds)"
     try:
-      named = (f"the requested {arch} (--config.teacher.name of a teacher, --arch of eval.py)"
-               if arch else None)
-      arch = arch or porting.infer_arch(state_dict)
-      named = named or f"{arch} (the architecture whose keys it holds)"
       model = porting.port_state_dict(arch, state_dict, num_classes=num_classes, dtype=dtype)
     except porting.PortingError as e:
       if e.checkpoint_classes is not None:  # a class-count mismatch: say what to set
         check_num_classes(path, arch, e.checkpoint_classes, num_classes)
         raise
-      raise ValueError(f"{path} does not fit {named}.\n{e}" if named else f"{path}: {e}") from e
+      raise ValueError(f"{path} does not fit {named}.\n{e}") from e
     return model, {"arch": arch}
   in_run = checkpoint.run_epoch_folder(path)
   if in_run is not None:  # one kept epoch of a run

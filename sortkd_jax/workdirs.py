@@ -203,7 +203,7 @@ def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
   real = os.path.realpath(workdir)
   if os.path.dirname(real) == real:
     raise ValueError(f"--workdir {workdir} is the filesystem root; name a directory for the run.")
-  _check_not_inside_a_run(workdir, real)
+  _check_outside_other_runs(workdir, real)
   unwritable = checkpoint.unwritable_checkpoint_place(workdir)
   if unwritable:
     raise ValueError(f"--workdir {workdir!r} {unwritable}; choose another --workdir.")
@@ -231,7 +231,7 @@ def check_place(workdir: str, data: ml_collections.ConfigDict) -> None:
                        "directory outside it.")
 
 
-def _check_not_inside_a_run(workdir: str, real: str) -> None:
+def _check_outside_other_runs(workdir: str, real: str) -> None:
   """Refuses a workdir inside another run's checkpoints/ (whose epochs that run deletes as it
   trains on) or tensorboard/ (where TensorBoard would show both runs' events as one)."""
   below = real
