@@ -471,9 +471,13 @@ class TrainCheckpointer:
   teacher's logits checksums, the CRC-32 of every array of the state). Saves are asynchronous
   and atomic: orbax writes into a temporary directory and renames it when complete, so a crash
   during a save leaves the previous checkpoint as the latest valid one.
+
+  `delete_unfinished_saves`: removes the temporary directories that saves cut short by a kill
+  left, which orbax otherwise keeps for good. Only for the run holding the workdir's lock: a
+  reader of a live run would delete the save in progress.
   """
 
-  def __init__(self, directory: str, keep: int = 2):
+  def __init__(self, directory: str, keep: int = 2, *, delete_unfinished_saves: bool = False):
     self.directory = os.path.abspath(directory)
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(keep), cm.BestN(get_metric_fn=lambda m: m["test_top1"], n=1)])
@@ -487,7 +491,8 @@ class TrainCheckpointer:
     # saved before a restart (without them it keeps those forever).
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
-            preservation_policy=policy, best_fn=lambda m: m["test_top1"], best_mode="max"),
+            preservation_policy=policy, best_fn=lambda m: m["test_top1"], best_mode="max",
+            cleanup_tmp_directories=delete_unfinished_saves),
         handler_registry=handlers)
     self._unconfirmed = None  # the epoch of a background save not yet known to have succeeded
     self._save_failed = False

@@ -617,7 +617,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     teacher, teacher_vars = evaluation.freeze(teacher_model)
 
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_DIR),
-                                      keep=config.checkpoints_to_keep)
+                                      keep=config.checkpoints_to_keep,
+                                      delete_unfinished_saves=True)
   state, start_epoch, best_top1, best_epoch = _resume(ckpt, state, config, feed,
                                                       teacher_checksum)
   workdirs.write_config(config, workdir)  # only now: a refused or failed start keeps the old one

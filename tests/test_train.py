@@ -132,7 +132,8 @@ def test_a_throughput_window_holds_the_time_its_steps_take(tmp_path, monkeypatch
 
 def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path, monkeypatch, caplog):
   """Two epochs straight = epoch 1 (the shared run), then a resumed epoch 2, even after a crash
-  mid-save of epoch 2: that leaves only orbax's temporary directory, which resume ignores."""
+  mid-save of epoch 2: that leaves only orbax's temporary directory, which resume ignores (and
+  deletes)."""
   # The reporter's clock moves 1 s per reading, so images/s is the images counted per window.
   monkeypatch.setattr(reporting, "time", types.SimpleNamespace(
       perf_counter=itertools.count().__next__))
@@ -145,6 +146,7 @@ def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path, monkeypatc
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   jax.tree.map(np.testing.assert_array_equal, straight["state"], resumed["state"])
+  assert sorted(os.listdir(ckpt_dir)) == ["1", "2"]
   records = read_metrics(str(tmp_path / "resumed"))
   assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
   assert [r["kind"] for r in records].count("teacher") == 1  # evaluated once, before epoch 1
@@ -642,8 +644,11 @@ def test_a_run_used_as_a_teacher_gives_its_best_epoch_not_its_latest(tmp_path):
     ckpt.save(epoch, {"params": {"student": scaled}, "batch_stats": batch_stats},
               {"test_top1": top1, "best_top1": 50.0, "arch": "resnet8", "num_classes": 10})
   ckpt.close()
+  saving = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1234"  # the run saves epoch 4
+  os.makedirs(saving)
   loaded, meta = teachers.load_frozen_model(str(tmp_path), arch="resnet8", num_classes=10)
   assert (meta["arch"], meta["epoch"], meta["best"]) == ("resnet8", 2, True)
+  assert saving.is_dir()  # a reader leaves a save in progress alone
   np.testing.assert_array_equal(loaded.fc.kernel[...], 2 * params["fc"]["kernel"])
   teacher = ml_collections.ConfigDict(dict(name="resnet8", checkpoint=str(tmp_path),
                                            fold_batchnorm=False))
