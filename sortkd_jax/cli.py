@@ -196,22 +196,30 @@ def _config_field(flag_name: str) -> str | None:
   return None
 
 
+def _config_values(args: Sequence[str]) -> list[str]:
+  """The `FILE[:ARG]` of each `--config` flag."""
+  values = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+  return values + [value for flag, value in zip(args, args[1:]) if flag == "--config"]
+
+
 def _config_files(args: Sequence[str]) -> list[str]:
   """The files that `--config FILE[:ARG]` flags name, as given and with `~` expanded."""
-  values = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
-  values += [value for flag, value in zip(args, args[1:]) if flag == "--config"]
-  files = [value.split(":", 1)[0] for value in values]
+  files = [value.split(":", 1)[0] for value in _config_values(args)]
   return files + [os.path.expanduser(f) for f in files]
 
 
-def _fields_of(group: str) -> str:
-  """` (its fields: a, b)` for a group of the loaded config, else ''."""
+def _fields_of(group: str, recipe: str | None = None) -> str:
+  """` (its fields: a, b)` for a group ('' for the top level) of the loaded config, or of the
+  recipe `recipe` (FILE[:ARG]) loaded again without overrides, as one that failed is not kept;
+  else ''."""
+  from ml_collections.config_flags import config_flags
   try:
-    fields = flags.FLAGS["config"].value
-    for key in group.split("."):
+    fields = (config_flags.ConfigFileFlagParser(name="config").parse(os.path.expanduser(recipe))
+              if recipe else flags.FLAGS["config"].value)
+    for key in filter(None, group.split(".")):
       fields = fields[key]
     return f" (its fields: {', '.join(fields.keys())})"
-  except Exception:  # no config loaded, or not a group: the message stands without the list
+  except Exception:  # no config, or not a group: the message stands without the list
     return ""
 
 
@@ -485,10 +493,13 @@ def _unknown_field_message(e: Exception, default: str | None = None,
   if not name:
     return f"error: unknown config field ({e})."
   given = [m[1] for a in args for m in [re.match(rf"--config\.((?:\w+\.)*{name[1]})=", a)] if m]
-  message = f"error: the config has no field {(given or [name[1]])[0]!r}."
+  field = (given or [name[1]])[0]
   if name[1] == "num_classes":
-    return message + (" The number of classes is the data's: a folder's class folders, a tfds "
-                      "dataset's labels.")
+    return (f"error: the config has no field {field!r}. The number of classes is the data's: a "
+            "folder's class folders, a tfds dataset's labels.")
+  group = field.rpartition(".")[0]
+  message = (f"error: {f'config.{group}' if group else 'the config'} has no field "
+             f"{name[1]!r}{_fields_of(group, (_config_values(args) or [default])[-1])}.")
   if default:
     message += (f" --config is {os.path.relpath(default)} by default; for a field of another "
                 "recipe (e.g. ImageNet's), pass that recipe as --config.")

@@ -1577,6 +1577,11 @@ def test_default_teacher_checkpoint_follows_the_teacher_name():
     (["--config=configs/cifar_kd.py", "--config.data.num_classes=10"],  # the whole name
      "error: the config has no field 'data.num_classes'. The number of classes is the data's: a "
      "folder's class folders, a tfds dataset's labels."),
+    (["--config=configs/cifar_kd.py", "--config.kd.tau=2"],  # no near name: the group's fields
+     "error: config.kd has no field 'tau' (its fields: ce_weight, kd_weight, temperature)."),
+    (["--config", "configs/cifar_dkd.py:vgg13_vgg8", "--config.zzqq=1"],
+     "error: the config has no field 'zzqq' (its fields: batch_size, checkpoints_to_keep, ctkd, "
+     "data, dkd, "),
 ])
 def test_config_errors_of_the_script_are_one_line(tmp_path, args, message):
   out = run_script("train.py", *args, f"--workdir={tmp_path}")
@@ -1595,7 +1600,7 @@ def test_override_typo_on_a_default_config_is_one_line(tmp_path, script):
   out = run_script(script, "--config.data.manual_dir=/x", cwd=tmp_path)
   assert out.returncode == 1 and "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines()[-1].startswith(
-      "error: the config has no field 'data.manual_dir'. --config is ")
+      "error: config.data has no field 'manual_dir' (its fields: cache_dir, data_dir, ")
   assert "by default; for a field of another recipe (e.g. ImageNet's), pass that recipe as " \
       "--config." in out.stderr
 
