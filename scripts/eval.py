@@ -74,10 +74,11 @@ def main():
   # The model before the data: a wrong path fails in seconds, not after the data is read.
   model, meta = teachers.load_frozen_model(FLAGS.checkpoint, arch=FLAGS.arch,
                                            component=FLAGS.component, dtype=dtype)
-  teachers.check_same_inputs(FLAGS.checkpoint, config.data, arch=meta["arch"], role="model",
-                             fix="evaluate it with the recipe it was trained with (a run "
-                             "without --config: by its config.json)")
   epoch = meta.get("epoch")  # a run's, so that the figures trace to a checkpoint
+  teachers.check_same_inputs(FLAGS.checkpoint, config.data, arch=meta["arch"], role="model",
+                             fix="evaluate it with the recipe it was trained with" + (
+                                 " (a run without --config: by its config.json)"
+                                 if epoch is not None else ""))
   if epoch is not None:
     logging.info("Evaluating epoch %d of the run in %s%s (test top-1 %.2f when saved).",
                  epoch, checkpoint.workdir_of(FLAGS.checkpoint),

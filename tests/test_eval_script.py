@@ -314,6 +314,18 @@ def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
   assert imagenet.stderr.splitlines()[-1].startswith(
       f"error: The model's run in {workdir} was trained on the 'on_device' pipeline, with "
       "CIFAR's normalisation"), imagenet.stderr[-2000:]
+  assert imagenet.stderr.rstrip().endswith(
+      "evaluate it with the recipe it was trained with (a run without --config: by its "
+      "config.json).")
+  # A ported model has no run config.json: warned of the pipeline, not pointed to one.
+  ported = str(tmp_path / "ported")
+  checkpoint.save_model(ported, _resnet8(), arch="resnet8", num_classes=100)
+  imagenet = run_script("eval.py", "--checkpoint", ported, "--config",
+                        "configs/imagenet_kd.py:r34_r18,runlocal",
+                        f"--config.data.folder={os.path.join(workdir, 'nodata')}")
+  assert imagenet.returncode == 1 and "Traceback" not in imagenet.stderr, imagenet.stderr[-2000:]
+  assert "unless it was trained so, its logits are off (evaluate it with the recipe it was " \
+      "trained with)." in imagenet.stderr, imagenet.stderr[-2000:]
 
 
 def test_a_relative_data_path_of_an_older_run_is_pointed_out(tmp_path):
