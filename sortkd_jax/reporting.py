@@ -178,16 +178,21 @@ def _installed_version(distribution: str) -> str | None:
 
 def source_commit() -> str | None:
   """`git describe --always --dirty` of the checkout this package runs from; None for an
-  installed copy, or without git."""
+  installed copy, or without git.
+
+  A checkout of another user's (a lab's shared one) is read too: git refuses repositories of
+  other owners unless they are "safe directories", lest their config run commands, and this
+  one's code is running already."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if not os.path.exists(os.path.join(root, ".git")):
     return None
   try:
-    done = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=12"],
+    done = subprocess.run(["git", "-c", "safe.directory=*", "-C", root, "describe",
+                           "--always", "--dirty", "--abbrev=12"],
                           capture_output=True, text=True, timeout=10)
   except (OSError, subprocess.SubprocessError):
     return None
-  if done.returncode != 0:  # e.g. git's "dubious ownership" of another user's checkout
+  if done.returncode != 0:
     return None
   return done.stdout.strip() or None
 

@@ -129,3 +129,14 @@ def test_a_full_disk_names_the_run_s_metrics_and_what_to_do(tmp_path):
     reporter.write("train", 1, 1, {"loss": 1.0})
   with pytest.raises(OSError, match="No space left on device: writing the run's metrics"):
     reporter.close()  # closing flushes the line that could not be written: the same failure
+
+
+def test_the_commit_of_another_user_s_checkout_is_recorded(monkeypatch):
+  """git refuses a checkout of another owner (a lab's shared one) as "dubious": runs from it
+  recorded no commit. GIT_TEST_ASSUME_DIFFERENT_OWNER is git's own way to test that case."""
+  ours = reporting.source_commit()
+  monkeypatch.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")
+  assert reporting.source_commit() == ours
+  root = os.path.dirname(os.path.dirname(os.path.abspath(reporting.__file__)))
+  if os.path.exists(os.path.join(root, ".git")):  # a checkout (CI's clone), not an installed copy
+    assert ours is not None
