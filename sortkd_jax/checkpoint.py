@@ -474,11 +474,16 @@ class TrainCheckpointer:
 
   `delete_unfinished_saves`: removes the temporary directories that saves cut short by a kill
   left, which orbax otherwise keeps for good. Only for the run holding the workdir's lock: a
-  reader of a live run would delete the save in progress.
+  reader of a live run would delete the save in progress. (orbax's own option does it in a
+  thread that nothing waits for before the first save: a run stopped sooner kept them, and its
+  exit printed the thread's traceback.)
   """
 
   def __init__(self, directory: str, keep: int = 2, *, delete_unfinished_saves: bool = False):
     self.directory = os.path.abspath(directory)
+    if delete_unfinished_saves and jax.process_index() == 0:  # the process that renames saves
+      for unfinished in ocp.path.step.all_temporary_paths(self.directory):
+        shutil.rmtree(unfinished.get(), ignore_errors=True)
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(keep), cm.BestN(get_metric_fn=lambda m: m["test_top1"], n=1)])
     handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -491,8 +496,7 @@ class TrainCheckpointer:
     # saved before a restart (without them it keeps those forever).
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
-            preservation_policy=policy, best_fn=lambda m: m["test_top1"], best_mode="max",
-            cleanup_tmp_directories=delete_unfinished_saves),
+            preservation_policy=policy, best_fn=lambda m: m["test_top1"], best_mode="max"),
         handler_registry=handlers)
     self._unconfirmed = None  # the epoch of a background save not yet known to have succeeded
     self._save_failed = False

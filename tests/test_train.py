@@ -139,7 +139,7 @@ def test_resume_is_bit_identical(teacher_dir, kd_one_epoch, tmp_path, monkeypatc
       perf_counter=itertools.count().__next__))
   shutil.copytree(kd_one_epoch.workdir, tmp_path / "resumed")
   ckpt_dir = os.path.join(tmp_path / "resumed", "checkpoints")
-  os.makedirs(os.path.join(ckpt_dir, "2.orbax-checkpoint-tmp-1234", "state"))
+  os.makedirs(os.path.join(ckpt_dir, "2.orbax-checkpoint-tmp", "state"))  # as orbax 0.12 names it
   assert checkpoint.TrainCheckpointer(ckpt_dir).latest_epoch() == 1
   config = tiny_config("kd", teacher_dir)
   with tfds.testing.mock_data(num_examples=64):
@@ -610,6 +610,23 @@ def test_resume_on_other_data_is_refused(teacher_dir, kd_one_epoch, tmp_path):
                              {"train_examples": 40, "test_examples": 29})
   workdirs.check_same_data(1, {"step": 3}, {"train_examples": 36, "test_examples": 29,
                                             "train_crc32": 1, "test_crc32": 2})  # older versions
+
+def test_a_run_stopped_before_its_first_save_still_deletes_the_unfinished_ones(tmp_path):
+  """The temporary directories of saves a kill cut short (orbax 0.12's `N.orbax-checkpoint-tmp`)
+  are gone when the run's checkpointer is made, not after its first save: a run that stops
+  sooner (a NaN, a Ctrl-C) deletes them too, and its exit prints no traceback."""
+  ckpt_dir = tmp_path / "checkpoints"
+  ckpt = checkpoint.TrainCheckpointer(str(ckpt_dir))
+  ckpt.save(1, {"w": jnp.ones(3)}, {"test_top1": 1.0, "best_top1": 1.0})
+  ckpt.close()
+  os.makedirs(ckpt_dir / "2.orbax-checkpoint-tmp" / "state")
+  os.makedirs(ckpt_dir / "3.orbax-checkpoint-tmp-1234")
+  out = run_python("-c", "import sys; from sortkd_jax import checkpoint; checkpoint."
+                   "TrainCheckpointer(sys.argv[1], delete_unfinished_saves=True).close()",
+                   ckpt_dir)
+  assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert sorted(os.listdir(ckpt_dir)) == ["1"]
+
 
 def test_a_run_stopped_before_its_first_checkpoint_does_not_bind_its_workdir(teacher_dir,
                                                                            tmp_path):
