@@ -90,6 +90,9 @@ def main():
   network, variables = evaluation.freeze(model)
   with train.out_of_memory_explained(config, training=False):
     metrics = evaluate(network, distributed.replicate(variables, mesh))
+  logging.info("Test top-1 %.2f, top-5 %.2f, loss %.4f (%s images of split %r).",
+               metrics["test_top1"], metrics["test_top5"], metrics["test_loss"],
+               f"{metrics['test_examples']:,}", config.data.test_split)
   print(reporting.json_line({"checkpoint": FLAGS.checkpoint, "arch": meta["arch"],
                             "epoch": epoch, "split": config.data.test_split,
                             "dtype": config.dtype, **metrics}), flush=True)

@@ -274,6 +274,8 @@ def test_eval_of_a_run_names_the_epoch_it_evaluates(tmp_path):
   result = _last_json(out)
   assert (result["epoch"], result["arch"], result["test_examples"]) == (1, "resnet8", 64)
   assert "Evaluating epoch 1 of the run" in out.stderr and ", its best" in out.stderr
+  assert (f"Test top-1 {result['test_top1']:.2f}, top-5 {result['test_top5']:.2f}, loss "
+          f"{result['test_loss']:.4f} (64 images of split 'test').") in out.stderr  # for people
   # --config's data is not the run's: said at once, before the data is read.
   assert (f"The run in {workdir} was trained on tfds 'cifar100'; --config evaluates it on "
           "synthetic (random) data (leave --config out") in out.stderr
