@@ -50,9 +50,6 @@ def main():
   if os.path.exists(folder) and not os.path.isdir(folder):
     raise NotADirectoryError(f"The folder of --dst {dst!r}, {folder}, is a file: choose another "
                              "path.")
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"The folder of --dst {dst!r}, {folder}, does not exist; create it "
-                            "first.")
   if os.path.exists(dst):
     if not FLAGS.overwrite:
       raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it.")

@@ -327,7 +327,8 @@ def save_torch_file(path: str | os.PathLike, model: nnx.Module) -> int:
   """Writes ``model`` as mdistiller's ``student_best`` holds a student: ``{"model":
   state_dict}``, torch layout, with the ``num_batches_tracked`` buffers (0: torch's
   BatchNorm2d uses it only without a momentum) that a strict ``load_state_dict`` expects.
-  The file appears whole or not at all. Returns the number of tensors written."""
+  The file appears whole or not at all, its folder made if need be (as `save_model` makes a
+  model's). Returns the number of tensors written."""
   torch = _import_torch()
   state_dict = {}
   for key, value in export_state_dict(model).items():
@@ -337,6 +338,7 @@ def save_torch_file(path: str | os.PathLike, model: nnx.Module) -> int:
   serialized = io.BytesIO()  # written by Python: torch's writer words ENOSPC "unexpected pos"
   torch.save({"model": state_dict}, serialized)
   path = checkpoint.write_target(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = checkpoint.temp_beside(path, directory=False)
   with checkpoint.full_disk_explained(path):
     try:

@@ -2117,13 +2117,16 @@ def test_export_script_writes_the_best_student_as_mdistiller_loads_it(kd_one_epo
           "normalise its inputs with these") in out.stdout
   errors = {"is PyTorch already": (dst, tmp_path / "x.pth"),
             "does not exist.": (tmp_path / "typo", tmp_path / "x.pth"),
-            "folder of --dst .* does not exist": (kd_one_epoch.workdir, tmp_path / "no" / "x.pth"),
             "names a directory; give the file": (kd_one_epoch.workdir, f"{tmp_path / 'new'}/"),
             "--dst is empty: name the file": (kd_one_epoch.workdir, "")}
   for message, (src, to) in errors.items():
     out = run_script("export_weights.py", "--checkpoint", src, "--dst", to)
     assert not os.path.exists(tmp_path / "new")  # was written as a file named 'new'
     assert out.returncode == 1 and re.search(message, out.stderr.splitlines()[-1]), out.stderr
+  # A new folder is made, as port_weights.py makes the folders of its --dst.
+  out = run_script("export_weights.py", "--checkpoint", kd_one_epoch.workdir, "--dst",
+                   tmp_path / "exports" / "kd" / "student.pth")
+  assert out.returncode == 0 and (tmp_path / "exports" / "kd" / "student.pth").is_file(), out.stderr
 
 
 def test_export_replaces_no_file_of_its_checkpoint_nor_writes_for_a_damaged_run(
