@@ -330,7 +330,9 @@ def test_a_long_legal_name_is_written_and_a_failure_names_the_path(tmp_path):
   assert sorted(os.listdir(tmp_path)) == [long_name.name, f"{long_name.name}.pth"]
   missing = tmp_path / "gone" / "student.pth"
   with pytest.raises(OSError, match=f"cannot write {missing} in {missing.parent}: No such"):
-    porting.save_torch_file(missing, model)
+    checkpoint.temp_beside(str(missing), directory=False)
+  porting.save_torch_file(missing, model)  # which makes the folder first, as save_model does
+  assert os.listdir(missing.parent) == ["student.pth"]
 
 
 def test_a_model_directory_on_a_full_disk_is_named_and_the_old_one_kept(tmp_path, monkeypatch):
