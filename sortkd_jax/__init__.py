@@ -1,6 +1,36 @@
 """sortkd_jax: logit knowledge distillation with the Sort teacher-logit correction, in JAX."""
 
-from sortkd_jax import losses
-from sortkd_jax.sort import sort_teacher_logits
+import importlib.metadata
+import os
+
+_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+def _turn_off_ynn_fusions_of_jaxlib_0_10() -> None:
+  """Turns off XLA:CPU's YNNPACK fusions under jaxlib 0.10, before JAX starts a backend.
+
+  With them, jaxlib 0.10.2 computed some training-step gradients wrongly on two CPU threads and
+  right on one: a ResNet block's convolution weight gradient 11% off, deterministically (a
+  2-core AVX-512 Xeon, 2026-12-02; tests/test_reference_step.py failed there). Without them
+  the step matches float64 PyTorch and ran no slower on that machine. XLA reads XLA_FLAGS once,
+  when JAX starts its first backend, and aborts on a flag it does not know: the flag is added
+  only for jaxlib 0.10.x (0.10.0 and 0.10.2 have it), never over a value already given, and
+  only GPU-irrelevant XLA:CPU options change.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if _YNN_FLAG in flags:
+    return
+  try:
+    version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return
+  if version.split(".")[:2] == ["0", "10"]:
+    os.environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}=".strip()
+
+
+_turn_off_ynn_fusions_of_jaxlib_0_10()
+
+from sortkd_jax import losses  # noqa: E402  (after the flag: importing it may start JAX)
+from sortkd_jax.sort import sort_teacher_logits  # noqa: E402
 
 __all__ = ["losses", "sort_teacher_logits"]
