@@ -263,7 +263,9 @@ def test_batchnorm_one_pass_statistics_hold_for_large_mean_channels(mean, std):
   _, batch_mean, var = L.batch_norm_train(jnp.asarray(x), jnp.ones(16), jnp.zeros(16), 1e-5,
                                           jnp.float32)
   x64 = x.astype(np.float64)
-  np.testing.assert_allclose(var, x64.var(axis=(0, 1, 2)), rtol=1e-5)
+  # XLA:CPU's own reductions (jaxlib 0.10 with its YNNPACK fusions off, sortkd_jax/__init__.py)
+  # add in order: 2.1e-5 off for (1e3, 1e-2), where a two-pass float32 variance is 6.8e-4 off.
+  np.testing.assert_allclose(var, x64.var(axis=(0, 1, 2)), rtol=5e-5)
   np.testing.assert_allclose(batch_mean, x64.mean(axis=(0, 1, 2)), rtol=1e-6, atol=1e-6 * std)
 
 
