@@ -7,26 +7,32 @@
   python scripts/eval.py --checkpoint teachers/imagenet_ResNet34 --config configs/imagenet_kd.py
   (a CPU trial: --config.data.max_test_examples=N, as the whole split at 224 px takes long)
 
-`--checkpoint` is a training workdir (its best epoch) or one kept epoch of it
-(`<workdir>/checkpoints/<epoch>`, as mdistiller's `epoch_N`), a directory from
-scripts/port_weights.py, or a PyTorch file (its architecture found from its keys, or named by
-`--arch`; `--component` picks the model of an mdistiller trainer file that holds a student and
-a teacher). The config
-only supplies the data and its pipeline (CIFAR on the device, ImageNet streamed:
+`--checkpoint` is one of:
+- a training workdir (its best epoch), or one kept epoch of it (`<workdir>/checkpoints/<epoch>`,
+  as mdistiller's `epoch_N`);
+- a directory from scripts/port_weights.py;
+- a PyTorch file: its architecture is found from its keys, or named by `--arch`; `--component`
+  picks the model of an mdistiller trainer file that holds a student and a teacher.
+
+The config only supplies the data and its pipeline (CIFAR on the device, ImageNet streamed:
 `--config.data.folder=DIR`, `--config.data.data_dir=DIR`, ...), the evaluation batch size and
-the compute dtype. A training workdir without `--config` is evaluated as its run evaluated it,
-by its config.json (data, batch, dtype: a bf16 run's figures come out exactly, to rounding
-for runs made before the classifier computed in float32, 2026-11-30), with the
-`--config.*` overrides applied (e.g. `--config.dtype=float32`); those are checked against the
-default recipe (cifar_vanilla.py) first, so an ImageNet-only field (`data.manual_dir`,
-`data.shuffle_buffer`) needs the run's recipe as `--config`. A run copied without its
-config.json is refused until `--config` names its recipe. With `--config`, a run is
-evaluated on that config's data: a warning names both when they differ, and a run trained on
-the other pipeline (CIFAR's normalisation, or ImageNet's) is refused. Prints one JSON line:
-checkpoint, arch, epoch (of a training workdir: its best, the latest among ties, or the one
-named; else null), split, dtype, test loss, top-1, top-5 and the number of examples counted. The
-checkpoint is read before the data, so a wrong path fails at once. A non-finite test loss
-(damaged or diverged weights) is printed as null, then reported as an error (exit status 1).
+the compute dtype.
+- A training workdir without `--config` is evaluated as its run evaluated it, by its
+  config.json (data, batch, dtype: a bf16 run's figures come out exactly, to rounding for runs
+  made before the classifier computed in float32, 2026-11-30), with the `--config.*` overrides
+  applied (e.g. `--config.dtype=float32`). Those are checked against the default recipe
+  (cifar_vanilla.py) first, so an ImageNet-only field (`data.manual_dir`,
+  `data.shuffle_buffer`) needs the run's recipe as `--config`.
+- A run copied without its config.json is refused until `--config` names its recipe.
+- With `--config`, a run is evaluated on that config's data: a warning names both when they
+  differ, and a run trained on the other pipeline (CIFAR's normalisation, or ImageNet's) is
+  refused.
+
+Logs the test top-1, top-5 and loss, and prints one JSON line for scripts: checkpoint, arch, epoch
+(of a training workdir: its best, the latest among ties, or the one named; else null), split,
+dtype, test loss, top-1, top-5 and the number of examples counted. The checkpoint is read before
+the data, so a wrong path fails at once. A non-finite test loss (damaged or diverged weights) is
+printed as null, then reported as an error (exit status 1).
 """
 
 import math
