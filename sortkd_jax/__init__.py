@@ -12,10 +12,10 @@ def _turn_off_ynn_fusions_of_jaxlib_0_10() -> None:
   With them, jaxlib 0.10.2 computed some training-step gradients wrongly on two CPU threads and
   right on one: a ResNet block's convolution weight gradient 11% off, deterministically (a
   2-core AVX-512 Xeon, 2026-12-02; tests/test_reference_step.py failed there). Without them
-  the step matches float64 PyTorch and ran no slower on that machine. XLA reads XLA_FLAGS once,
-  when JAX starts its first backend, and aborts on a flag it does not know: the flag is added
-  only for jaxlib 0.10.x (0.10.0 and 0.10.2 have it), never over a value already given, and
-  only GPU-irrelevant XLA:CPU options change.
+  the step matches float64 PyTorch, and it ran faster on that machine (README: Speed). XLA
+  reads XLA_FLAGS once, when JAX starts its first backend, and aborts on a flag it does not
+  know: the flag is added only for jaxlib 0.10.x (0.10.0 and 0.10.2 have it), and never over a
+  value already given. It sets an XLA:CPU option only; GPU programs compile as before.
   """
   flags = os.environ.get("XLA_FLAGS", "")
   if _YNN_FLAG in flags:
