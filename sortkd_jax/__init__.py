@@ -2,6 +2,8 @@
 
 import importlib.metadata
 import os
+import sys
+import warnings
 
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
@@ -15,7 +17,8 @@ def _turn_off_ynn_fusions_of_jaxlib_0_10() -> None:
   the step matches float64 PyTorch, and it ran faster on that machine (README: Speed). XLA
   reads XLA_FLAGS once, when JAX starts its first backend, and aborts on a flag it does not
   know: the flag is added only for jaxlib 0.10.x (0.10.0 and 0.10.2 have it), and never over a
-  value already given. It sets an XLA:CPU option only; GPU programs compile as before.
+  value already given. It sets an XLA:CPU option only; GPU programs compile as before. A CPU
+  backend already started, by JAX code run before this import, keeps them: that gets a warning.
   """
   flags = os.environ.get("XLA_FLAGS", "")
   if _YNN_FLAG in flags:
@@ -24,8 +27,24 @@ def _turn_off_ynn_fusions_of_jaxlib_0_10() -> None:
     version = importlib.metadata.version("jaxlib")
   except importlib.metadata.PackageNotFoundError:
     return
-  if version.split(".")[:2] == ["0", "10"]:
-    os.environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}=".strip()
+  if version.split(".")[:2] != ["0", "10"]:
+    return
+  os.environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}=".strip()
+  if _cpu_backend_already_started():
+    warnings.warn(
+        "JAX ran on the CPU before sortkd_jax was imported, so XLA:CPU keeps its YNNPACK "
+        "fusions, with which jaxlib 0.10 computed some training-step gradients wrongly on "
+        "several CPU threads. Import sortkd_jax before running any JAX code, or start Python "
+        f"with XLA_FLAGS='{_YNN_FLAG}='.", RuntimeWarning)
+
+
+def _cpu_backend_already_started() -> bool:
+  """Whether JAX has started its backends (a private function of jaxlib 0.10's JAX) on CPU."""
+  if "jax" not in sys.modules:
+    return False
+  import jax  # already imported: this starts nothing
+  from jax._src import xla_bridge
+  return xla_bridge.backends_are_initialized() and jax.default_backend() == "cpu"
 
 
 _turn_off_ynn_fusions_of_jaxlib_0_10()

@@ -223,3 +223,29 @@ def test_importing_the_package_turns_off_the_ynn_fusions_of_jaxlib_0_10():
   chosen = f"{given} --xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
   result = run_python("-c", _FLAGS_AND_FUSIONS, env={"XLA_FLAGS": chosen})
   assert result.stdout.splitlines() == [chosen, "True"], result.stderr
+
+
+_COMPUTE_THEN_IMPORT = """
+import warnings
+import jax.numpy as jnp
+jnp.ones(3).block_until_ready()
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter("always")
+  import sortkd_jax
+print([str(warning.message) for warning in caught if warning.category is RuntimeWarning])
+"""
+
+
+def test_importing_the_package_after_jax_ran_on_the_cpu_warns_that_ynn_fusions_stay_on():
+  """JAX code run before the import has started XLA:CPU with its fusions: the flag comes too
+  late, and the user learns how to have it, unless the flag was given already."""
+  result = run_python("-c", _COMPUTE_THEN_IMPORT, env={"XLA_FLAGS": ""})
+  assert result.returncode == 0, result.stderr
+  if importlib.metadata.version("jaxlib").split(".")[:2] != ["0", "10"]:
+    assert result.stdout.strip() == "[]"
+    return
+  assert "JAX ran on the CPU before sortkd_jax was imported" in result.stdout
+  assert "XLA_FLAGS='--xla_cpu_experimental_ynn_fusion_type='" in result.stdout
+  given = "--xla_cpu_experimental_ynn_fusion_type="
+  result = run_python("-c", _COMPUTE_THEN_IMPORT, env={"XLA_FLAGS": given})
+  assert result.stdout.strip() == "[]", result.stderr
