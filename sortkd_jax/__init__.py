@@ -39,7 +39,8 @@ def _turn_off_ynn_fusions_of_jaxlib_0_10() -> None:
 
 
 def _cpu_backend_already_started() -> bool:
-  """Whether JAX has started its backends (a private function of jaxlib 0.10's JAX) on CPU."""
+  """Whether JAX has started its backends, CPU the default (by a private function of jax 0.10,
+  asked only under that version)."""
   if "jax" not in sys.modules:
     return False
   import jax  # already imported: this starts nothing
