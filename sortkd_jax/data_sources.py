@@ -16,8 +16,11 @@ import functools
 import glob
 import os
 import re
+import socket
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -158,9 +161,16 @@ def _prepared_builder(name: str, data_dir: str | None, download: bool,
           f"before a multi-process run: `tfds build {name} --data_dir=DIR"
           + (f" --manual_dir={manual_dir}`" if manual_dir else "`")
           + ", then pass --config.data.data_dir=DIR.")
+    elsewhere = (f"(`tfds build {name} --data_dir=DIR`) and pass --config.data.data_dir=DIR, or "
+                 f"{_folder_choices(name)}")
+    unreachable = None if manual_dir else _unreachable_download_host(builder)
+    if unreachable:
+      raise RuntimeError(
+          f"Cannot download tfds dataset {name!r} to prepare it under data_dir={where}: "
+          f"{unreachable}. Offline? Prepare it where there is internet {elsewhere}.")
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    logging.info("Preparing tfds dataset %r under %s (once). Offline, its download fails only "
-                 "after minutes of retries: Ctrl-C, and %s.", name, where, _folder_choices(name))
+    logging.info("Preparing tfds dataset %r under %s (once). Should its download stall (tfds "
+                 "retries for minutes): Ctrl-C, and %s.", name, where, _folder_choices(name))
     try:
       builder.download_and_prepare(download_config=config)
     except Exception as err:
@@ -168,9 +178,33 @@ def _prepared_builder(name: str, data_dir: str | None, download: bool,
              if isinstance(err, PermissionError) else "Offline? Prepare it where there is internet")
       raise RuntimeError(
           f"Could not download and prepare tfds dataset {name!r} under data_dir="
-          f"{where} ({type(err).__name__}: {err}). {why} (`tfds build {name} --data_dir=DIR`) "
-          f"and pass --config.data.data_dir=DIR, or {_folder_choices(name)}.") from err
+          f"{where} ({type(err).__name__}: {err}). {why} {elsewhere}.") from err
   return builder
+
+
+def _unreachable_download_host(builder: Any, timeout_s: float = 15.0) -> str | None:
+  """Why a host of `builder`'s downloads cannot be reached from here, or None: offline, tfds
+  retries each download for 3.5 minutes before it fails. Nothing is checked behind a proxy
+  (tfds goes through it) or for datasets downloaded by hand."""
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    return None
+  proxies = urllib.request.getproxies()
+  hosts = {}
+  for url in getattr(builder, "url_infos", None) or {}:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ("http", "https") and parts.hostname:
+      if ((proxies.get(parts.scheme) or proxies.get("all"))
+          and not urllib.request.proxy_bypass(parts.hostname)):
+        return None
+      hosts[parts.hostname] = parts.port or (443 if parts.scheme == "https" else 80)
+  for host, port in hosts.items():
+    try:
+      socket.create_connection((host, port), timeout=timeout_s).close()
+    except socket.gaierror as e:
+      return f"this machine cannot look up {host} ({e})"
+    except OSError as e:
+      return f"this machine cannot connect to {host}:{port} ({str(e) or type(e).__name__})"
+  return None
 
 
 def _open_tfds_split(builder: Any, split: str, *, decoders,

@@ -4,6 +4,7 @@ import functools
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -353,10 +354,12 @@ def test_an_unreadable_cache_is_decoded_anew_and_said_so(tmp_path, caplog):
 
 
 def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog):
-  """Offline, tfds' download retries for minutes: the log says so before, the error after."""
+  """Where the download host answered and the download failed later (tfds retries for minutes):
+  the log says so before, the error after."""
   def offline(builder, download_config):
     raise ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
 
+  monkeypatch.setattr(sources, "_unreachable_download_host", lambda builder: None)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
   caplog.set_level(logging.INFO, logger="absl")
   with pytest.raises(RuntimeError, match=(
@@ -364,8 +367,66 @@ def test_a_failed_download_says_what_to_do_offline(tmp_path, monkeypatch, caplog
       r"\(ConnectionError: Failed to resolve 'www.cs.toronto.edu'\)\. Offline\? .*"
       r"--config.data.folder=DIR: torchvision's CIFAR folder")):
     ip.load_array_split(name="cifar100", split="test", data_dir=str(tmp_path), download=True)
-  assert re.search(r"Preparing tfds dataset 'cifar100' under .* Offline, its download fails only "
-                   r"after minutes of retries: Ctrl-C, and pass --config.data.folder", caplog.text)
+  assert re.search(r"Preparing tfds dataset 'cifar100' under .* Should its download stall \(tfds "
+                   r"retries for minutes\): Ctrl-C, and pass --config.data.folder", caplog.text)
+
+
+@pytest.mark.parametrize("failure, reason", [
+    (socket.gaierror(-2, "Name or service not known"),
+     "cannot look up www.cs.toronto.edu ([Errno -2] Name or service not known)"),
+    (TimeoutError(), "cannot connect to www.cs.toronto.edu:443 (TimeoutError)"),
+    (ConnectionRefusedError(111, "Connection refused"),
+     "cannot connect to www.cs.toronto.edu:443 ([Errno 111] Connection refused)"),
+])
+def test_offline_a_download_fails_in_seconds_not_after_minutes_of_retries(
+    tmp_path, monkeypatch, failure, reason):
+  """Offline, tfds retried the download for 3.5 minutes before it failed: now its host is tried
+  once first, and tfds is not started."""
+  tried = []
+  def no_network(address, timeout):
+    tried.append((address, timeout))
+    raise failure
+  def prepare(builder, download_config):
+    raise AssertionError("tfds started its download")
+
+  for proxy in ("http_proxy", "https_proxy", "all_proxy"):
+    for name in (proxy, proxy.upper()):
+      monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(socket, "create_connection", no_network)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
+  with pytest.raises(RuntimeError, match=(
+      r"Cannot download tfds dataset 'cifar100' to prepare it under data_dir=" + re.escape(
+          f"{tmp_path}: this machine {reason}. Offline? Prepare it where there is internet "
+          "(`tfds build cifar100 --data_dir=DIR`) and pass --config.data.data_dir=DIR, or pass "
+          "--config.data.folder=DIR: torchvision's CIFAR folder"))):
+    ip.load_array_split(name="cifar100", split="test", data_dir=str(tmp_path), download=True)
+  assert tried == [(("www.cs.toronto.edu", 443), 15.0)]
+
+  # Behind a proxy tfds connects through it: nothing is tried here, tfds downloads.
+  for proxy in ("https_proxy", "ALL_PROXY"):
+    tried.clear()
+    with monkeypatch.context() as env:
+      env.setenv(proxy, "http://proxy.example:3128")
+      with pytest.raises(RuntimeError, match="Could not download and prepare .* tfds started"):
+        ip.load_array_split(name="cifar100", split="test", data_dir=str(tmp_path),
+                            download=True)
+    assert tried == [], proxy
+
+
+def test_a_reachable_download_host_lets_tfds_download(tmp_path, monkeypatch):
+  class Connection:
+    def close(self):
+      pass
+  started = []
+  def prepare(builder, download_config):
+    started.append(builder.name)
+    raise ConnectionError("reset mid-way")
+
+  monkeypatch.setattr(socket, "create_connection", lambda address, timeout: Connection())
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
+  with pytest.raises(RuntimeError, match=r"\(ConnectionError: reset mid-way\)"):
+    ip.load_array_split(name="cifar100", split="test", data_dir=str(tmp_path), download=True)
+  assert started == ["cifar100"]
 
 
 def test_a_data_dir_this_user_cannot_write_is_not_called_offline(tmp_path, monkeypatch):
@@ -373,6 +434,7 @@ def test_a_data_dir_this_user_cannot_write_is_not_called_offline(tmp_path, monke
   def not_writable(builder, download_config):
     raise PermissionError(13, "Permission denied", str(tmp_path / "cifar100"))
 
+  monkeypatch.setattr(sources, "_unreachable_download_host", lambda builder: None)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", not_writable)
   with pytest.raises(RuntimeError, match=(
       rf"under data_dir={re.escape(str(tmp_path))} \(PermissionError: \[Errno 13\] Permission "
@@ -396,6 +458,7 @@ def test_messages_name_the_data_dir_tfds_reads_from_the_environment(tmp_path, mo
 
   def offline(builder, download_config):
     raise ConnectionError("no network")
+  monkeypatch.setattr(sources, "_unreachable_download_host", lambda builder: None)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
   with pytest.raises(RuntimeError, match=rf"under data_dir={re.escape(shared)} \(Connection"):
     ip.load_array_split(name="cifar100", split="test", download=True)
