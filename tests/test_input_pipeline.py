@@ -412,6 +412,12 @@ def test_offline_a_download_fails_in_seconds_not_after_minutes_of_retries(
                             download=True)
     assert tried == [], proxy
 
+  # tfds.testing.mock_data prepares nothing: it reads without a download.
+  with tfds.testing.mock_data(num_examples=3):
+    split = ip.load_array_split(name="cifar100", split="test", data_dir=str(tmp_path),
+                                download=True)
+  assert len(split.labels) == 3 and tried == []
+
 
 def test_a_reachable_download_host_lets_tfds_download(tmp_path, monkeypatch):
   class Connection:
