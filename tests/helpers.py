@@ -4,8 +4,10 @@ tests/ is on sys.path through pyproject.toml's `[tool.pytest.ini_options] python
 """
 
 import glob
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -23,6 +25,64 @@ def run_script(script, *args, cwd=REPO, env=None, timeout=300) -> subprocess.Com
   """scripts/SCRIPT ARGS, as `run_python` runs it (from the repository root by default)."""
   return run_python(os.path.join(REPO, "scripts", script), *args, cwd=cwd, env=env,
                     timeout=timeout)
+
+
+SCRIPTS = ("train", "eval", "benchmark", "port_weights", "export_weights")
+
+
+def script_commands(text: str) -> list[tuple[str, str]]:
+  """(script, arguments) of each command of this project's scripts in a shell script or
+  Markdown `text`, its `NAME=value` variables substituted: continued lines and code spans that
+  wrap joined, comment lines and fenced code skipped, a code span's command ending with it."""
+  text = text.replace("\\\n", " ")
+  text = re.sub(r"```.*?```", "", text, flags=re.S)  # Markdown's fenced code: no commands
+  text = re.sub(r"`[^`]+`", lambda m: m[0] if "\n\n" in m[0] else m[0].replace("\n", " "), text)
+  variables = dict(re.findall(r'^\s*(\w+)="?([^"\n]*)"?$', text, re.M))
+  commands = []
+  for line in text.splitlines():
+    if line.lstrip().startswith("#"):
+      continue
+    while line != (line := re.sub(r"\$(\w+)", lambda m: variables.get(m[1], m[0]), line)):
+      pass  # a variable may hold another ($BENCH holds $CFG)
+    commands += re.findall(rf"(?:^|(?<=[\s`(]))(?:scripts/)?({'|'.join(SCRIPTS)})\.py"
+                           r"(?=[\s`]|$)([^`\n]*)", line)
+  return commands
+
+
+def check_script_command(script: str, args: str, recipes: list) -> None:
+  """Asserts that `python scripts/SCRIPT.py ARGS`, as a document or script writes it, passes
+  only flags the script defines (in either spelling, as the scripts take them), a `--config
+  configs/FILE.py[:PAIR]` that exists, and `--config.FIELD`s of that recipe (of one of
+  `recipes` where the command names none: its own default or a placeholder)."""
+  with open(os.path.join(REPO, "scripts", f"{script}.py")) as f:
+    source = f.read()
+  defined = set(re.findall(r'DEFINE_\w+\("([\w-]+)"', source)) | {"help", "helpfull"}
+  defined |= {f"no{flag}" for flag in re.findall(r'DEFINE_bool(?:ean)?\("([\w-]+)"', source)}
+  if "define_config_flag(" in source:
+    defined.add("config")
+  named = re.search(r"--config[ =]configs/(\w+)\.py(?::(\S+))?", args)
+  if named:  # an unknown pair raises, naming the known ones
+    recipes = [importlib.import_module(f"configs.{named[1]}").get_config(named[2])]
+  for flag in re.findall(r"""(?:^|[\s"'\[])--([\w.-]+)""", args):
+    if flag.startswith("config."):
+      assert "config" in defined, (script, args)
+      if flag[len("config."):].isupper():  # a placeholder: --config.FIELD=VALUE
+        continue
+      assert any(has_config_field(recipe, flag[len("config."):]) for recipe in recipes), (
+          script, args, flag)
+    else:
+      assert flag.replace("_", "-") in {d.replace("_", "-") for d in defined}, (script, flag)
+
+
+def has_config_field(recipe, field: str) -> bool:
+  """Whether `A.B` (dashes for underscores allowed, as on the command line) is a field of the
+  config `recipe`."""
+  group = recipe
+  for key in field.replace("-", "_").split("."):
+    if not hasattr(group, "keys") or key not in group:
+      return False
+    group = group[key]
+  return True
 
 
 def corrupt_arrays(epoch_dir) -> None:

@@ -7,7 +7,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import run_python, run_script
+from helpers import REPO, check_script_command, run_python, run_script, script_commands
 
 from sortkd_jax import reporting
 
@@ -171,8 +171,8 @@ def test_benchmark_of_an_imagenet_recipe_times_the_step_and_the_input_pipeline(t
 def test_gpu_check_script_is_valid_bash():
   """scripts/gpu_check.sh runs only on a GPU machine; here at least it must parse."""
   import subprocess
-  proc = subprocess.run(["bash", "-n", "scripts/gpu_check.sh"], cwd=os.path.dirname(
-      os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
+  proc = subprocess.run(["bash", "-n", "scripts/gpu_check.sh"], cwd=REPO, capture_output=True,
+                        text=True)
   assert proc.returncode == 0, proc.stderr
 
 
@@ -180,30 +180,9 @@ def test_gpu_check_script_passes_only_flags_and_fields_that_exist():
   """A flag or config field renamed here would fail the device call (a scarce, timed one) after
   minutes of set-up: every flag that scripts/gpu_check.sh passes to benchmark.py and train.py is
   one they define, and every `--config.FIELD` a field of the recipe it goes with."""
-  import importlib
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  script = open(os.path.join(root, "scripts", "gpu_check.sh")).read().replace("\\\n", " ")
-  variables = dict(re.findall(r'^(\w+)="?([^"\n]*)"?$', script, re.M))
-  commands = []
-  for line in script.splitlines():
-    while re.search(r"\$(\w+)", line) and line != (line := re.sub(
-        r"\$(\w+)", lambda m: variables.get(m[1], m[0]), line)):
-      pass  # $BENCH holds $CFG
-    called = re.search(r"scripts/(benchmark|train)\.py (.*)", line)
-    if called and not line.lstrip().startswith("#"):
-      commands.append((called[1], called[2]))
+  with open(os.path.join(REPO, "scripts", "gpu_check.sh")) as f:
+    commands = script_commands(f.read())
   assert {name for name, _ in commands} == {"benchmark", "train"} and len(commands) >= 10
   for name, args in commands:
-    source = open(os.path.join(root, "scripts", f"{name}.py")).read()
-    defined = set(re.findall(r'DEFINE_\w+\("([\w-]+)"', source)) | {"config"}
-    defined |= {f"no{flag}" for flag in re.findall(r'DEFINE_bool(?:ean)?\("([\w-]+)"', source)}
-    module, arg = re.search(r"--config configs/(\w+)\.py:(\S+)", args).groups()
-    recipe = importlib.import_module(f"configs.{module}").get_config(arg)
-    for flag in re.findall(r"(?<!\S)--([\w.-]+)", args):
-      if flag.startswith("config."):
-        group = recipe
-        for key in flag.split(".")[1:]:
-          assert key in group, (name, args, flag)
-          group = group[key]
-      else:  # either spelling, as the scripts take
-        assert flag.replace("_", "-") in {d.replace("_", "-") for d in defined}, (name, flag)
+    assert re.search(r"--config configs/\w+\.py:\S+", args), args
+    check_script_command(name, args, recipes=[])

@@ -1,5 +1,10 @@
-"""The README's code for users' own training loops runs as written, and does what it says."""
+"""The README's code for users' own training loops runs as written, and does what it says; the
+commands, recipes, config fields and model names it and the scripts' and recipes' docstrings
+give exist."""
 
+import ast
+import glob
+import importlib
 import os
 import re
 
@@ -7,16 +12,19 @@ import jax
 import numpy as np
 from flax import nnx
 
-from helpers import REPO
-from sortkd_jax import losses, sort_teacher_logits
+from helpers import REPO, check_script_command, has_config_field, script_commands
+from sortkd_jax import losses, models, sort_teacher_logits
 
 SECTION = "## Sort and the losses in your own training loop"
 
 
-def _readme_block(section: str) -> str:
+def _readme() -> str:
   with open(os.path.join(REPO, "README.md")) as f:
-    text = f.read()
-  after = text[text.index(section):]
+    return f.read()
+
+
+def _readme_block(section: str) -> str:
+  after = _readme()[_readme().index(section):]
   return re.search(r"```python\n(.*?)```", after, re.S)[1]
 
 
@@ -48,3 +56,56 @@ def test_own_training_loop_snippet():
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), stats(student), student_stats)
   assert all(jax.tree.leaves(moved))
   jax.tree.map(np.testing.assert_array_equal, stats(teacher), teacher_stats)
+
+
+def _every_recipe() -> list:
+  """Each recipe file's config for its default pair."""
+  names = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(REPO, "configs",
+                                                                              "*.py")))
+  names = [name for name in names if name not in ("__init__", "common")]
+  assert len(names) >= 9, names
+  return [importlib.import_module(f"configs.{name}").get_config() for name in names]
+
+
+def test_documented_commands_pass_flags_recipes_and_fields_that_exist():
+  """A flag, recipe, pair or config field renamed in the code and not in the README would leave
+  users a command that fails as written."""
+  commands = script_commands(_readme())
+  assert {name for name, _ in commands} == {"train", "eval", "benchmark", "port_weights",
+                                            "export_weights"}
+  assert sum(bool(args.strip()) for _, args in commands) >= 30
+  recipes = _every_recipe()
+  for name, args in commands:
+    check_script_command(name, args, recipes)
+    for arch in re.findall(r"--(?:arch[ =]|config\.(?:student|teacher)\.name=)([\w-]+)", args):
+      if not arch.isupper():  # a placeholder: NAME
+        models.check_name(arch)
+
+
+def test_docstring_commands_of_scripts_and_recipes_exist():
+  """Each script's docstring shows how to run it, and each recipe's how to launch it."""
+  recipes = _every_recipe()
+  for folder, expected in (("scripts", None), ("configs", "train")):
+    for path in sorted(glob.glob(os.path.join(REPO, folder, "*.py"))):
+      name = os.path.basename(path)[:-3]
+      if name in ("__init__", "common"):
+        continue
+      with open(path) as f:
+        commands = script_commands(ast.get_docstring(ast.parse(f.read())) or "")
+      assert (expected or name) in {script for script, _ in commands}, path
+      for script, args in commands:
+        check_script_command(script, args, recipes)
+        if folder == "configs" and script == "train":
+          assert f"--config configs/{name}.py:" in args, (path, args)
+
+
+def test_documented_recipes_and_config_fields_exist():
+  """Every `configs/FILE.py:PAIR` and `config.FIELD` the README's prose names exists."""
+  text = _readme()
+  for module, pair in re.findall(r"configs/(\w+)\.py:(\w+)", text):
+    importlib.import_module(f"configs.{module}").get_config(pair)  # an unknown pair raises
+  recipes = _every_recipe()
+  fields = set(re.findall(r"config\.((?:[a-z0-9_-]+\.)*[a-z0-9_-]+)", text)) - {"json", "yaml"}
+  assert len(fields) >= 25, fields
+  for field in fields:
+    assert any(has_config_field(recipe, field) for recipe in recipes), field
