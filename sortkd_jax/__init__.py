@@ -17,8 +17,10 @@ def _turn_off_ynn_fusions_of_jaxlib_0_10() -> None:
   the step matches float64 PyTorch, and it ran faster on that machine (README: Speed). XLA
   reads XLA_FLAGS once, when JAX starts its first backend, and aborts on a flag it does not
   know: the flag is added only for jaxlib 0.10.x (0.10.0 and 0.10.2 have it), and never over a
-  value already given. It sets an XLA:CPU option only; GPU programs compile as before. A CPU
-  backend already started, by JAX code run before this import, keeps them: that gets a warning.
+  value already given; jaxlib 0.11.2 and 0.12.0, whose fusions gave the same gradients on one
+  thread and two on that Xeon, are left alone (README: Install). It sets an XLA:CPU option
+  only; GPU programs compile as before. A CPU backend already started, by JAX code run before
+  this import, keeps them: that gets a warning.
   """
   flags = os.environ.get("XLA_FLAGS", "")
   if _YNN_FLAG in flags:
