@@ -109,3 +109,17 @@ def test_documented_recipes_and_config_fields_exist():
   assert len(fields) >= 25, fields
   for field in fields:
     assert any(has_config_field(recipe, field) for recipe in recipes), field
+
+
+def test_documented_paths_exist():
+  """Every file or folder of this repository the README names (`configs/imagenet_{kd,dkd}.py`
+  standing for both) exists; mdistiller's own paths, its YAML configs, are not ours."""
+  named = set()
+  for path in re.findall(r"(?<![\w/.~-])((?:sortkd_jax|configs|scripts|tests|docs|benchmarks|"
+                         r"\.ci)/[\w./{},-]*\w}?[\w.]*)", _readme()):
+    braces = re.search(r"{([\w,]+)}", path)
+    named |= ({path.replace(braces[0], part) for part in braces[1].split(",")} if braces
+              else {path})
+  named = {path for path in named if not path.endswith(".yaml")}
+  assert len(named) >= 40 and "configs/imagenet_lskd.py" in named, sorted(named)
+  assert [path for path in sorted(named) if not os.path.exists(os.path.join(REPO, path))] == []
