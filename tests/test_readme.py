@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from helpers import REPO, check_script_command, has_config_field, script_commands
+from helpers import REPO, SCRIPTS, check_script_command, has_config_field, script_commands
 from sortkd_jax import losses, models, sort_teacher_logits
 
 SECTION = "## Sort and the losses in your own training loop"
@@ -24,7 +24,8 @@ def _readme() -> str:
 
 
 def _readme_block(section: str) -> str:
-  after = _readme()[_readme().index(section):]
+  text = _readme()
+  after = text[text.index(section):]
   return re.search(r"```python\n(.*?)```", after, re.S)[1]
 
 
@@ -58,13 +59,18 @@ def test_own_training_loop_snippet():
   jax.tree.map(np.testing.assert_array_equal, stats(teacher), teacher_stats)
 
 
-def _every_recipe() -> list:
-  """Each recipe file's config for its default pair."""
+def _recipe_names() -> list[str]:
+  """The module names of configs/'s recipe files."""
   names = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(REPO, "configs",
                                                                               "*.py")))
   names = [name for name in names if name not in ("__init__", "common")]
   assert len(names) >= 9, names
-  return [importlib.import_module(f"configs.{name}").get_config() for name in names]
+  return names
+
+
+def _every_recipe() -> list:
+  """Each recipe file's config for its default pair."""
+  return [importlib.import_module(f"configs.{name}").get_config() for name in _recipe_names()]
 
 
 def test_documented_commands_pass_flags_recipes_and_fields_that_exist():
@@ -84,19 +90,18 @@ def test_documented_commands_pass_flags_recipes_and_fields_that_exist():
 
 def test_docstring_commands_of_scripts_and_recipes_exist():
   """Each script's docstring shows how to run it, and each recipe's how to launch it."""
+  assert sorted(SCRIPTS) == sorted(os.path.basename(path)[:-3] for path in glob.glob(
+      os.path.join(REPO, "scripts", "*.py")))  # the scripts script_commands finds
   recipes = _every_recipe()
-  for folder, expected in (("scripts", None), ("configs", "train")):
-    for path in sorted(glob.glob(os.path.join(REPO, folder, "*.py"))):
-      name = os.path.basename(path)[:-3]
-      if name in ("__init__", "common"):
-        continue
-      with open(path) as f:
+  for folder, names in (("scripts", SCRIPTS), ("configs", _recipe_names())):
+    for name in names:
+      with open(os.path.join(REPO, folder, f"{name}.py")) as f:
         commands = script_commands(ast.get_docstring(ast.parse(f.read())) or "")
-      assert (expected or name) in {script for script, _ in commands}, path
+      assert (name if folder == "scripts" else "train") in {script for script, _ in commands}
       for script, args in commands:
         check_script_command(script, args, recipes)
         if folder == "configs" and script == "train":
-          assert f"--config configs/{name}.py:" in args, (path, args)
+          assert f"--config configs/{name}.py:" in args, (name, args)
 
 
 def test_documented_recipes_and_config_fields_exist():
