@@ -46,16 +46,25 @@ IMAGENET_PAIRS = {
 }
 
 
-def parse_arg(arg: str | None, pairs: dict, default: str) -> tuple[str, bool]:
-  """Splits `PAIR[,runlocal]` and checks the pair name."""
+def parse_arg(arg: str | None, pairs: dict, default: str,
+              models: tuple[str, ...] = ()) -> tuple[str, bool]:
+  """Splits `PAIR[,runlocal]` (or `MODEL[,runlocal]`, MODEL one of `models`) and checks the
+  name."""
   parts = [p for p in (arg or default).split(",") if p]
-  pair = parts[0] if parts and parts[0] != "runlocal" else default
-  unknown = [p for p in parts if p not in (pair, "runlocal")]
-  if pair not in pairs or unknown:
-    raise ValueError(
-        f"Unknown config argument {arg!r}. Use PAIR or PAIR,runlocal with PAIR one of: "
-        f"{', '.join(sorted(pairs))}.")
-  return pair, "runlocal" in parts
+  name = parts[0] if parts and parts[0] != "runlocal" else default
+  unknown = [p for p in parts if p not in (name, "runlocal")]
+  if (name not in pairs and name not in models) or unknown:
+    usage = "PAIR or PAIR,runlocal with PAIR"
+    if models:
+      usage = f"MODEL or MODEL,runlocal with MODEL one of: {', '.join(models)}; or {usage}"
+    raise ValueError(f"Unknown config argument {arg!r}. Use {usage} one of: "
+                     f"{', '.join(sorted(pairs))}.")
+  return name, "runlocal" in parts
+
+
+def _cifar_student_lr(student: str) -> float:
+  """The pairs' lr for a CIFAR student: 0.01 for MobileNetV2 and the ShuffleNets, else 0.05."""
+  return next((p["lr"] for p in CIFAR_PAIRS.values() if p["student"] == student), 0.05)
 
 
 def _optional(field_type: type) -> ml_collections.FieldReference:
@@ -63,9 +72,10 @@ def _optional(field_type: type) -> ml_collections.FieldReference:
   return ml_collections.FieldReference(None, field_type=field_type)
 
 
-def _base_config(method: str, pair: str, teacher: str, student: str) -> ml_collections.ConfigDict:
+def _base_config(method: str, pair: str | None, teacher: str, student: str
+                 ) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.pair = pair
+  c.pair = pair  # None: a recipe argument naming a model, not a pair
   c.method = method
   c.sort = True
   c.teacher = ml_collections.ConfigDict(dict(name=teacher))
@@ -99,10 +109,16 @@ def _base_config(method: str, pair: str, teacher: str, student: str) -> ml_colle
   return c
 
 
-def cifar_config(arg: str | None, method: str) -> ml_collections.ConfigDict:
-  """The CIFAR-100 recipe of mdistiller (spec §7.1–7.5) for one pair and method."""
-  pair, runlocal = parse_arg(arg, CIFAR_PAIRS, "res32x4_res8x4")
-  p = CIFAR_PAIRS[pair]
+def cifar_config(arg: str | None, method: str,
+                 models: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """The CIFAR-100 recipe of mdistiller (spec §7.1–7.5) for one pair and method. An argument
+  naming one of `models` instead (cifar_vanilla.py) makes that model the student, at its lr,
+  and names no pair; the teacher fields are then the default pair's."""
+  default = "res32x4_res8x4"
+  name, runlocal = parse_arg(arg, CIFAR_PAIRS, default, models)
+  pair = name if name in CIFAR_PAIRS else None
+  p = CIFAR_PAIRS[pair] if pair else dict(CIFAR_PAIRS[default], student=name,
+                                            lr=_cifar_student_lr(name))
   c = _base_config(method, pair, p["teacher"], p["student"])
 
   # Optimiser and schedule: SGD(0.9), coupled wd on every student parameter, per-epoch steps.

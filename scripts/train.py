@@ -4,8 +4,9 @@
 
 Recipes: configs/cifar_{vanilla,kd,dkd,lskd,ctkd}.py and configs/imagenet_{kd,dkd,lskd,ctkd}.py,
 each taking a teacher_student pair after the colon (an unknown one lists them; README: Configs
-and pairs). Any config field can be overridden, e.g. `--config.sort=False
---config.data.folder=DIR`; a short trial: `--config.data.max_train_examples=N`.
+and pairs); cifar_vanilla.py also a model to train, e.g. `:resnet32x4` for a teacher. Any
+config field can be overridden, e.g. `--config.sort=False --config.data.folder=DIR`; a short
+trial: `--config.data.max_train_examples=N`.
 Several hosts: under SLURM or Open MPI 4 (detected) launch one process per GPU; otherwise one per
 host, each passing `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (README).
 """

@@ -58,9 +58,9 @@ def missing_teacher_message(name: str, path: str,
 
 def _teacher_recipe(name: str) -> str:
   """The flags of a plain cross-entropy run training a `name` model, e.g. as a teacher."""
-  recipe = ("configs/imagenet_kd.py --config.method=vanilla" if name.startswith("imagenet_")
-            else "configs/cifar_vanilla.py")
-  return f"--config {recipe} --config.student.name={name}"
+  if name.startswith("imagenet_"):
+    return f"--config configs/imagenet_kd.py --config.method=vanilla --config.student.name={name}"
+  return f"--config configs/cifar_vanilla.py:{name}"
 
 
 def _data_flags(name: str, data: ml_collections.ConfigDict | None) -> str:

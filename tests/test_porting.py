@@ -253,7 +253,7 @@ def test_pth_teacher_for_data_of_another_class_count(pth_files):
   with pytest.raises(ValueError, match=(
       r"has 100 classes but the data has 10; use the data set it was trained on\. To distill on "
       r"this data, train a teacher on it first \(scripts/train.py --config "
-      r"configs/cifar_vanilla.py --config.student.name=resnet8 with this data")):
+      r"configs/cifar_vanilla.py:resnet8 with this data")):
     teachers.load_frozen_model(pth_files["teacher"], arch="resnet8", num_classes=10)
 
 

@@ -32,7 +32,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import cifar_ctkd, cifar_dkd, cifar_kd, cifar_lskd, cifar_vanilla, common
-from helpers import REPO, corrupt_arrays, read_metrics, run_python, run_script
+from helpers import (REPO, check_script_command, corrupt_arrays, read_metrics, run_python,
+                     run_script, script_commands)
 from sortkd_jax import (augment, checkpoint, distributed, evaluation, imagenet_input,
                         input_pipeline, losses, methods, models, reporting, teachers, train,
                         workdirs)
@@ -994,8 +995,8 @@ def test_missing_teacher_says_where_teachers_come_from(tmp_path):
   config = tiny_config("kd", str(tmp_path / "nowhere"))
   with tfds.testing.mock_data(num_examples=64):
     with pytest.raises(FileNotFoundError, match="mdistiller publishes no resnet8 teacher; train "
-                       "one with\n  python scripts/train.py --config configs/cifar_vanilla.py "
-                       "--config.student.name=resnet8"):
+                       "one with\n  python scripts/train.py --config configs/cifar_vanilla.py:"
+                       "resnet8 "):
       train.train_and_evaluate(config, str(tmp_path / "run"))
   # Published teachers: the conversion of mdistiller's file, or of torchvision's for ImageNet.
   message = teachers.missing_teacher_message
@@ -1011,17 +1012,25 @@ def test_missing_teacher_says_where_teachers_come_from(tmp_path):
   assert "and pass" not in message("resnet56", "teachers/resnet56")
   # A teacher to train: on this run's data, not on its recipe's default.
   data = common.cifar_config("res56_res20", "kd").data
-  assert "--config.student.name=resnet8 --workdir" in message("resnet8", "x", data)
+  assert "configs/cifar_vanilla.py:resnet8 --workdir" in message("resnet8", "x", data)
   data.folder = "data/cifar10"
-  assert ("--config.student.name=resnet8 --config.data.folder=data/cifar10 --workdir runs/"
+  assert ("configs/cifar_vanilla.py:resnet8 --config.data.folder=data/cifar10 --workdir runs/"
           "resnet8" in message("resnet8", "x", data))
   data.folder = "my data/cifar 10"  # the command holds it as one word: quoted
-  assert ("--config.student.name=resnet8 '--config.data.folder=my data/cifar 10' --workdir runs/"
-          "resnet8" in message("resnet8", "x", data))
+  assert ("configs/cifar_vanilla.py:resnet8 '--config.data.folder=my data/cifar 10' --workdir "
+          "runs/resnet8" in message("resnet8", "x", data))
   assert "--dst 'my teachers/r56'\n" in message("resnet56", "my teachers/r56")
   data.update(folder=None, name="synthetic", data_dir="/tfds")
   assert ("resnet8 --config.data.name=synthetic --config.data.data_dir=/tfds --workdir" in
           message("resnet8", "x", data))
+  # Each command the messages give runs as written: its recipe, argument and flags exist.
+  commands = [command for name in ("resnet8", "resnet56", "ShuffleV1", "imagenet_ResNet18",
+                                   "imagenet_ResNet34")
+              for command in script_commands(message(name, "gone/x.pth", data))]
+  assert len(commands) == 5 and {script for script, _ in commands} == {"train", "port_weights"}
+  for script, args in commands:
+    check_script_command(script, args, [])
+    assert "configs/cifar_vanilla.py:" not in args or "student.name" not in args, args
 
 
 def test_teacher_of_wrong_architecture_is_refused(teacher_dir, tmp_path):
@@ -1629,6 +1638,27 @@ def test_unknown_pair_lists_the_pairs():
   for module, arg in ((cifar_kd, "res56_res20,runlcal"), (imagenet_kd, "r34_r18,foo")):
     with pytest.raises(ValueError, match="Unknown config argument"):  # not a silent full run
       module.get_config(arg)
+
+
+def test_vanilla_recipe_trains_a_named_model():
+  """Teachers and baselines: `cifar_vanilla.py:resnet32x4` trains resnet32x4 (it was
+  `:res32x4_res8x4 --config.student.name=resnet32x4`), at its pairs' lr; a pair still names its
+  student."""
+  by_flag = cifar_vanilla.get_config("res32x4_res8x4")
+  by_flag.student.name, by_flag.pair = "resnet32x4", None
+  assert cifar_vanilla.get_config("resnet32x4") == by_flag
+  small = cifar_vanilla.get_config("ShuffleV1,runlocal")
+  assert (small.student.name, small.lr, small.batch_size, small.method, small.sort) == (
+      "ShuffleV1", 0.01, 16, "vanilla", False)
+  assert cifar_vanilla.get_config("res32x4_shuv1").student.name == "ShuffleV1"
+  assert cifar_vanilla.get_config().student.name == "resnet8x4"  # vanilla.yaml's
+  with pytest.raises(ValueError, match="MODEL one of: resnet8, .*, ResNet18; or PAIR"):
+    cifar_vanilla.get_config("resnet33")
+  with pytest.raises(ValueError, match="imagenet_ResNet34 is an ImageNet model: train it with "
+                     "--config configs/imagenet_kd.py --config.method=vanilla"):
+    cifar_vanilla.get_config("imagenet_ResNet34,runlocal")
+  with pytest.raises(ValueError, match="Unknown config argument"):
+    cifar_kd.get_config("resnet32x4")  # distillation names a pair
 
 
 def test_every_config_and_pair_builds():
