@@ -79,9 +79,8 @@ if [ "${EXTRAS:-0}" = 1 ]; then
       --dtype bfloat16 --noinput --noeval --windows 3 --window-seconds 1 --json "$OUT/bench.jsonl" 2>&1 | tail -n 3
   # Issue #3's figure: eval-mode forward of resnet32x4 at batch 256 (the eval_student line).
   echo "-- eval forward resnet32x4 $(since_start)"
-  timeout 150 python3 scripts/benchmark.py --config configs/cifar_vanilla.py:res32x4_res8x4 \
-      --config.student.name=resnet32x4 --config.eval_batch_size=256 --batch-size 256 \
-      --windows 3 --window-seconds 1 --json "$OUT/bench.jsonl" 2>&1 | tail -n 5
+  timeout 150 python3 scripts/benchmark.py --config configs/cifar_vanilla.py:resnet32x4 \
+      --config.eval_batch_size=256 --batch-size 256 --windows 3 --window-seconds 1 --json "$OUT/bench.jsonl" 2>&1 | tail -n 5
   echo "extras done $(since_start)"
   exit 0
 fi
