@@ -10,6 +10,8 @@ Sources: docs/methods.md and §7 of docs/mdistiller_spec.md.
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 # teacher -> student pairs of the Sort-KD / DKD CIFAR-100 tables.
@@ -54,10 +56,13 @@ def parse_arg(arg: str | None, pairs: dict, default: str,
   name = parts[0] if parts and parts[0] != "runlocal" else default
   unknown = [p for p in parts if p not in (name, "runlocal")]
   if (name not in pairs and name not in models) or unknown:
+    close = (difflib.get_close_matches(unknown[0], ["runlocal"]) if unknown else
+             difflib.get_close_matches(name, [*pairs, *models], n=3))
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
     usage = "PAIR or PAIR,runlocal with PAIR"
     if models:
       usage = f"MODEL or MODEL,runlocal with MODEL one of: {', '.join(models)}; or {usage}"
-    raise ValueError(f"Unknown config argument {arg!r}. Use {usage} one of: "
+    raise ValueError(f"Unknown config argument {arg!r}{hint}. Use {usage} one of: "
                      f"{', '.join(sorted(pairs))}.")
   return name, "runlocal" in parts
 

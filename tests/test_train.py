@@ -1638,6 +1638,10 @@ def test_unknown_pair_lists_the_pairs():
   for module, arg in ((cifar_kd, "res56_res20,runlcal"), (imagenet_kd, "r34_r18,foo")):
     with pytest.raises(ValueError, match="Unknown config argument"):  # not a silent full run
       module.get_config(arg)
+  with pytest.raises(ValueError, match=r"'res56_res20,runlcal' \(did you mean runlocal\?\)"):
+    cifar_kd.get_config("res56_res20,runlcal")
+  with pytest.raises(ValueError, match=r"'r34_r19' \(did you mean r34_r18\?\)"):
+    imagenet_kd.get_config("r34_r19")
 
 
 def test_vanilla_recipe_trains_a_named_model():
@@ -1654,6 +1658,8 @@ def test_vanilla_recipe_trains_a_named_model():
   assert cifar_vanilla.get_config().student.name == "resnet8x4"  # vanilla.yaml's
   with pytest.raises(ValueError, match="MODEL one of: resnet8, .*, ResNet18; or PAIR"):
     cifar_vanilla.get_config("resnet33")
+  with pytest.raises(ValueError, match=r"'wrn40_2' \(did you mean wrn_40_2, "):  # a pair's spelling
+    cifar_vanilla.get_config("wrn40_2")
   with pytest.raises(ValueError, match="imagenet_ResNet34 is an ImageNet model: train it with "
                      "--config configs/imagenet_kd.py --config.method=vanilla"):
     cifar_vanilla.get_config("imagenet_ResNet34,runlocal")
